@@ -1,0 +1,2 @@
+"""lit_sahs: safety-head detectors."""
+__version__ = "0.1.0"
