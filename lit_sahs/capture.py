@@ -1,0 +1,87 @@
+"""HeadCapture: read every attention head's output at the first-token position.
+
+A forward pre-hook on each attention output projection sees the concatenated head outputs
+[batch, seq, heads*head_dim] before they are mixed; slicing the first-token column and
+reshaping gives [batch, heads, head_dim] per layer. Inside `generate`, only the first call
+(the prefill) is recorded: each hook removes itself after it fires once, so decode steps run
+hook-free.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lit_sahs.errors import LitSahsError
+from lit_sahs.heads import Geometry, HeadSet
+from lit_sahs.targets import sites
+from lit_sahs.targets.prompting import FIRST_TOKEN_INDEX
+
+
+class HeadCapture:
+    """Context manager; after the forward, `activations()` gives [batch, layers, heads, head_dim]
+    (all heads) or `selected()` [batch, k, head_dim] for the HeadSet given.
+
+    Hooks are always removed on exit, also when the forward raised.
+    """
+
+    def __init__(self, model: nn.Module, heads: Optional[HeadSet] = None, geometry: Optional[Geometry] = None):
+        self.model = model
+        self.geometry = geometry or sites.geometry(model)
+        self.heads = heads.validate(self.geometry) if heads is not None else None
+        self.layers = self.heads.layers if self.heads is not None else tuple(range(self.geometry.num_layers))
+        self._projs = sites.output_projections(model)
+        self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._records: dict[int, torch.Tensor] = {}
+
+    def _hook(self, layer: int):
+        g = self.geometry
+
+        def hook(module, args):
+            x = args[0]
+            # clone: a view would keep the whole [batch, seq, width] input alive
+            self._records[layer] = x[:, FIRST_TOKEN_INDEX, :].reshape(x.shape[0], g.num_heads, g.head_dim).clone()
+            handle = self._handles.pop(layer, None)
+            if handle is not None:
+                handle.remove()  # only the prefill is recorded; decode steps run hook-free
+
+        return hook
+
+    def __enter__(self) -> "HeadCapture":
+        self._records.clear()
+        for layer in self.layers:
+            self._handles[layer] = self._projs[layer].register_forward_pre_hook(self._hook(layer))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def complete(self) -> bool:
+        return all(layer in self._records for layer in self.layers)
+
+    def _check(self) -> None:
+        if not self.complete:
+            missing = [l for l in self.layers if l not in self._records]
+            raise LitSahsError(f"no activations captured for layers {missing}: run a forward inside the capture")
+
+    def activations(self) -> torch.Tensor:
+        """[batch, layers, heads, head_dim] for all layers (requires a capture without a HeadSet)."""
+        self._check()
+        if self.heads is not None and len(self.layers) != self.geometry.num_layers:
+            raise LitSahsError("this capture hooked only the HeadSet's layers: use selected()")
+        return torch.stack([self._records[l] for l in range(self.geometry.num_layers)], dim=1)
+
+    def selected(self, heads: Optional[HeadSet] = None) -> torch.Tensor:
+        """[batch, k, head_dim] for `heads` (default: the capture's HeadSet), in HeadSet order."""
+        self._check()
+        heads = heads or self.heads
+        if heads is None:
+            raise LitSahsError("selected() needs a HeadSet")
+        return torch.stack([self._records[l][:, h] for l, h in heads], dim=1)

@@ -1,0 +1,152 @@
+"""Assembling a dataset: load base prompts, dedupe across sources, balance the classes, apply attacks.
+
+Balance and dedupe happen on *base* prompts, before attacks: every attack is then applied to the same
+harmful and benign bases, so each attack's slice is itself balanced and a detector cannot separate the
+classes by template.
+"""
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from typing import Iterable, Optional, Sequence
+
+from lit_sahs.data.attacks import apply_attacks, get_attack
+from lit_sahs.data.samples import BENIGN, MALICIOUS, Sample, normalise_text
+from lit_sahs.data.sources import load_source, source_label
+from lit_sahs.errors import LitSahsError
+
+DEFAULT_HARMFUL = ("advbench", "harmbench")
+DEFAULT_BENIGN = ("truthfulqa", "healthsearchqa", "sharegpt")  # generic + hard negatives (health) + real chat
+
+
+def _dedupe_key(sample: Sample) -> tuple[str, str]:
+    # image is part of the key: one text over different images is different input to a vision target
+    return normalise_text(sample.text), sample.image or ""
+
+
+def dedupe(samples: Iterable[Sample]) -> list[Sample]:
+    """Drop repeats of a prompt (same normalised text and image), keeping the first, across sources.
+
+    A prompt that appears with BOTH labels (e.g. one dataset calls it harmful, another benign) is
+    dropped entirely: any label we kept would be wrong for one of its sources, and a contradictory
+    pair would only teach the detector noise.
+    """
+    samples = list(samples)
+    labels: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for s in samples:
+        labels[_dedupe_key(s)].add(s.label)
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for s in samples:
+        key = _dedupe_key(s)
+        if len(labels[key]) == 1 and key not in seen:
+            seen.add(key)
+            out.append(s)
+    return out
+
+
+def even_split(sizes: Sequence[int], total: int) -> list[int]:
+    """Share `total` as evenly as possible over bins of the given sizes; a bin that runs out passes
+    its share on to the others (so a small source does not shrink the whole class)."""
+    quotas = [0] * len(sizes)
+    remaining = total
+    open_bins = [i for i, n in enumerate(sizes) if n > 0]
+    while remaining > 0 and open_bins:
+        share, extra = divmod(remaining, len(open_bins))
+        for rank, i in enumerate(open_bins):
+            give = min(sizes[i] - quotas[i], share + (rank < extra))
+            quotas[i] += give
+            remaining -= give
+        open_bins = [i for i in open_bins if quotas[i] < sizes[i]]
+    return quotas
+
+
+def _check_side(names: Sequence[str], expected: int, side: str) -> None:
+    """A packaged source listed on the wrong side is almost certainly a typo-level mistake: say so."""
+    other = "benign" if side == "harmful" else "harmful"
+    for name in names:
+        label = source_label(name)
+        if label is not None and label != expected:
+            raise LitSahsError(f"source {name!r} is {other}, but it is listed under {side}=; move it to {other}=")
+
+
+def _by_source(samples: Sequence[Sample]) -> dict[str, list[Sample]]:
+    groups: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        groups[s.source].append(s)
+    return dict(groups)
+
+
+def _pick(samples: Sequence[Sample], quota: int, seed: int) -> list[Sample]:
+    """A seeded, even-ish draw over the sources of one class."""
+    groups = _by_source(samples)
+    quotas = even_split([len(g) for g in groups.values()], quota)
+    picked = []
+    for (source, group), q in zip(groups.items(), quotas):
+        picked += random.Random(f"{seed}|{source}|pick").sample(group, q)
+    return picked
+
+
+def _class_quotas(n_harmful: int, n_benign: int, n_attacks: int, limit: Optional[int], balance: bool) -> tuple[int, int]:
+    """Base prompts per class: equal when balanced, and at most limit / attacks in total."""
+    if balance:
+        k = min(n_harmful, n_benign)
+        if limit is not None:
+            k = min(k, limit // (2 * n_attacks))
+        return k, k
+    if limit is None:
+        return n_harmful, n_benign
+    h, b = even_split([n_harmful, n_benign], limit // n_attacks)
+    return h, b
+
+
+def build_dataset(
+    harmful: Sequence[str] = DEFAULT_HARMFUL,
+    benign: Sequence[str] = DEFAULT_BENIGN,
+    attacks: Sequence[str] = ("plain",),
+    limit: Optional[int] = None,
+    seed: int = 0,
+    balance: bool = True,
+) -> list[Sample]:
+    """Labelled, attacked samples ready for extraction; the same arguments give the same list, in order.
+
+    Sources are packaged names or `file:<path>` (a user file may hold both labels). `limit` caps the
+    number of output samples, split evenly over classes and attacks.
+    """
+    harmful, benign = _as_tuple(harmful), _as_tuple(benign)
+    attacks = tuple(dict.fromkeys(_as_tuple(attacks)))
+    if not harmful and not benign:
+        raise LitSahsError("no sources given; name at least one harmful and one benign source, e.g. harmful=advbench benign=truthfulqa")
+    if limit is not None and limit < 1:
+        raise LitSahsError(f"limit must be a positive number of samples, got {limit}")
+    _check_side(harmful, MALICIOUS, "harmful")
+    _check_side(benign, BENIGN, "benign")
+    for name in attacks:
+        get_attack(name)  # fail on a typo before loading anything
+    if not attacks:
+        raise LitSahsError("no attacks given; use at least attacks=plain")
+
+    pool = dedupe(s for name in dict.fromkeys(harmful + benign) for s in load_source(name))
+    harm = [s for s in pool if s.label == MALICIOUS]
+    ben = [s for s in pool if s.label == BENIGN]
+    n_h, n_b = _class_quotas(len(harm), len(ben), len(attacks), limit, balance)
+    bases = _pick(harm, n_h, seed) + _pick(ben, n_b, seed)
+    random.Random(f"{seed}|order").shuffle(bases)
+    out = apply_attacks(bases, attacks, seed=seed)
+    if not out:
+        raise LitSahsError(_empty_reason(len(harm), len(ben), len(attacks), limit, balance))
+    return out
+
+
+def _empty_reason(n_harmful: int, n_benign: int, n_attacks: int, limit: Optional[int], balance: bool) -> str:
+    if balance and (n_harmful == 0 or n_benign == 0):
+        missing = "harmful" if n_harmful == 0 else "benign"
+        return f"the dataset is empty: no {missing} prompts to balance against; add a {missing} source or pass balance=False"
+    if limit is not None:
+        return f"the dataset is empty: limit={limit} is too small for {n_attacks} attack(s) x 2 classes; use limit >= {2 * n_attacks}"
+    return "the dataset is empty: the sources yielded no prompts after deduplication; check the source names"
+
+
+def _as_tuple(names) -> tuple[str, ...]:
+    """Accept one name as a plain string too (a CLI or YAML config often passes one)."""
+    return (names,) if isinstance(names, str) else tuple(names or ())

