@@ -11,18 +11,27 @@ from pathlib import Path
 from lit_sahs.errors import LitSahsError
 
 
-def package_dir(package: str, pip_name: str | None = None) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        pip_name = pip_name or package.replace("_", "-")
-        raise LitSahsError(f"package {package!r} is not installed: run `pip install --no-deps {pip_name}` "
-                           "(or `bash scripts/setup.sh`)")
-    return Path(list(spec.submodule_search_locations)[0])
+def _pip_name(package: str) -> str:
+    return package.replace("_", "-")
 
 
-def package_file(package: str, relpath: str, pip_name: str | None = None) -> Path:
-    path = package_dir(package, pip_name) / relpath
+def package_dir(package: str) -> Path:
+    """Directory of an installed package, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if not locations:
+        raise LitSahsError(f"package {package!r} is not installed; install it with: "
+                           f"pip install --no-deps {_pip_name(package)} (or run bash scripts/setup.sh)")
+    return Path(locations[0])
+
+
+def package_file(package: str, *parts: str) -> Path:
+    """A file inside an installed package; a missing one usually means another package version."""
+    path = package_dir(package).joinpath(*parts)
     if not path.exists():
-        raise LitSahsError(f"{relpath} is missing from package {package!r} ({path}): reinstall it with "
-                           f"`pip install --no-deps --force-reinstall {pip_name or package.replace('_', '-')}`")
+        raise LitSahsError(f"data file {path} is missing from package {package!r}; reinstall it with: "
+                           f"pip install --no-deps --force-reinstall {_pip_name(package)}")
     return path

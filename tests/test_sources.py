@@ -25,7 +25,7 @@ def test_package_dir_finds_package_without_importing_it():
 
 
 def test_missing_package_names_the_install_command():
-    with pytest.raises(LitSahsError, match=r"pip install --no-deps no_such_pkg_xyz"):
+    with pytest.raises(LitSahsError, match=r"pip install --no-deps no-such-pkg-xyz"):
         package_dir("no_such_pkg_xyz")
 
 

