@@ -2,6 +2,7 @@
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from lit_sahs.data.protocol import build_dataset, dedupe, even_split
@@ -98,3 +99,36 @@ def test_bad_arguments_raise():
         build_dataset(harmful=("advbench",), benign=("mmlu",), attacks=("plain", "dan"), limit=3)
     with pytest.raises(LitSahsError, match="positive"):
         build_dataset(harmful=("advbench",), benign=("mmlu",), limit=0)
+
+
+def _rows(n_bases=40, families=("plain", "dan", "pliny")):
+    rows = []
+    for b in range(n_bases):
+        for f in families:
+            rows.append({"id": f"{b}-{f}", "base_id": str(b), "label": b % 2, "attack_family": f,
+                         "source": "src_a" if b < n_bases // 2 else "src_b"})
+    return rows
+
+
+def test_split_holds_out_whole_families_and_keeps_bases_together():
+    from lit_sahs.data.protocol import split_rows
+
+    rows = _rows()
+    sp = split_rows(rows, held_out_families=["dan"], seed=1)
+    assert {rows[i]["attack_family"] for i in sp["test"]} == {"dan"}
+    assert len(sp["test"]) == 40
+    train_bases = {rows[i]["base_id"] for i in sp["train"]}
+    val_bases = {rows[i]["base_id"] for i in sp["val"]}
+    assert not train_bases & val_bases
+    assert sorted(np.concatenate([sp["train"], sp["val"], sp["test"]])) == list(range(len(rows)))
+
+
+def test_split_errors_on_unknown_family_and_single_class():
+    from lit_sahs.data.protocol import split_rows
+
+    rows = _rows()
+    with pytest.raises(LitSahsError, match="held-out attack family 'nope'"):
+        split_rows(rows, held_out_families=["nope"])
+    one_class = [dict(r, label=1) for r in rows]
+    with pytest.raises(LitSahsError, match="only malicious"):
+        split_rows(one_class, held_out_sources=["src_b"])

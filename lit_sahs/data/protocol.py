@@ -150,3 +150,55 @@ def _empty_reason(n_harmful: int, n_benign: int, n_attacks: int, limit: Optional
 def _as_tuple(names) -> tuple[str, ...]:
     """Accept one name as a plain string too (a CLI or YAML config often passes one)."""
     return (names,) if isinstance(names, str) else tuple(names or ())
+
+
+# ---------------------------------------------------------------- splits
+
+SPLITS = ("train", "val", "test")
+
+
+def split_rows(rows: Sequence[dict], held_out_families: Sequence[str] = (), held_out_sources: Sequence[str] = (),
+               val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0) -> dict[str, "np.ndarray"]:
+    """Row positions for train / val / test.
+
+    With held-out attack families or sources, test is exactly the rows of those families or sources
+    (zero-shot: the detector never sees them); otherwise test is a random `test_fraction` of base
+    prompts. Val is a random `val_fraction` of the remaining base prompts. Splitting by `base_id`
+    keeps a base prompt and its attacked versions on one side of the train/val (and random test)
+    boundary. Unknown held-out names, an empty or single-class split are errors.
+    """
+    import numpy as np
+
+    held_out_families, held_out_sources = _as_tuple(held_out_families), _as_tuple(held_out_sources)
+    families = {r.get("attack_family", "plain") for r in rows}
+    sources = {r.get("source", "") for r in rows}
+    for name, known, what in [(f, families, "attack family") for f in held_out_families] + \
+                             [(s, sources, "source") for s in held_out_sources]:
+        if name not in known:
+            raise LitSahsError(f"held-out {what} {name!r} has no rows in this data; present: {sorted(known)}")
+
+    def bucket(key: str, salt: str) -> float:
+        return random.Random(f"{seed}|{salt}|{key}").random()
+
+    assign = []
+    for r in rows:
+        base = r.get("base_id") or r["id"]
+        if held_out_families or held_out_sources:
+            is_test = r.get("attack_family", "plain") in held_out_families or r.get("source") in held_out_sources
+        else:
+            is_test = bucket(base, "test") < test_fraction
+        if is_test:
+            assign.append("test")
+        else:
+            assign.append("val" if bucket(base, "val") < val_fraction else "train")
+    assign = np.array(assign)
+    out = {name: np.flatnonzero(assign == name) for name in SPLITS}
+    labels = np.array([int(r["label"]) for r in rows])
+    for name in SPLITS:
+        present = set(labels[out[name]].tolist())
+        if not present:
+            raise LitSahsError(f"the {name} split is empty ({len(rows)} rows): use more data or other fractions")
+        if len(present) < 2:
+            raise LitSahsError(f"the {name} split has only {'malicious' if 1 in present else 'benign'} samples: "
+                               "a detector needs both classes; add sources of the other class or change the split")
+    return out
