@@ -85,3 +85,52 @@ class HeadCapture:
         if heads is None:
             raise LitSahsError("selected() needs a HeadSet")
         return torch.stack([self._records[l][:, h] for l, h in heads], dim=1)
+
+
+class ResidualCapture:
+    """Context manager recording, in the same forward as HeadCapture, what the baselines need:
+    the last-layer residual stream at the first-token position and the prompt's mean token
+    negative log-likelihood (for a perplexity filter), computed from the final norm's output
+    row by row so that the full [batch, seq, vocab] logits never exist at once."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._norm = sites.final_norm(model)
+        self._handle = None
+        self.residual: Optional[torch.Tensor] = None
+        self._normed: Optional[torch.Tensor] = None
+
+    def _hook(self, module, args, output):
+        if self.residual is None:  # prefill only
+            self.residual = args[0][:, FIRST_TOKEN_INDEX, :].clone()
+            self._normed = output if torch.is_tensor(output) else output[0]
+
+    def __enter__(self) -> "ResidualCapture":
+        self.residual, self._normed = None, None
+        self._handle = self._norm.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def prompt_nll(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   ignore_ids: tuple[int, ...] = ()) -> torch.Tensor:
+        """Mean NLL per prompt of each real token given the tokens before it. `ignore_ids` (e.g.
+        image placeholder tokens) are not scored."""
+        if self._normed is None:
+            raise LitSahsError("no forward ran inside ResidualCapture")
+        head = self.model.get_output_embeddings()
+        out = []
+        for b in range(input_ids.shape[0]):
+            keep = attention_mask[b].bool()
+            h, ids = self._normed[b][keep], input_ids[b][keep]
+            logits = head(h[:-1]).float()
+            nll = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")
+            scored = torch.ones_like(nll, dtype=torch.bool)
+            for t in ignore_ids:
+                scored &= ids[1:] != t
+            out.append(nll[scored].mean() if scored.any() else nll.new_tensor(float("nan")))
+        self._normed = None
+        return torch.stack(out)

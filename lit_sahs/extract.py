@@ -8,6 +8,7 @@ duplicates rows.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
-from lit_sahs.capture import HeadCapture
+from lit_sahs.capture import HeadCapture, ResidualCapture
 from lit_sahs.data.samples import Sample
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.errors import LitSahsError
@@ -56,8 +57,10 @@ class HeadExtractor(L.LightningModule):
     """Runs the target on a batch of Samples and returns their index rows and head activations
     [batch, layers, heads, head_dim] at the first-token position."""
 
-    def __init__(self, target: str | Target = "smollm2-135m-instruct", dtype: str = "float32"):
+    def __init__(self, target: str | Target = "smollm2-135m-instruct", dtype: str = "float32",
+                 baselines: bool = True):
         super().__init__()
+        self.baselines = baselines
         self.target = target if isinstance(target, Target) else load_target(target, dtype=dtype)
         self.target_model = self.target.model  # registered as a submodule so Lightning places it on the device
 
@@ -67,12 +70,18 @@ class HeadExtractor(L.LightningModule):
     def predict_step(self, batch: list[Sample], batch_idx: int) -> dict[str, Any]:
         enc = prompting.encode(self.target, [s.text for s in batch], [s.image for s in batch], [s.id for s in batch])
         enc = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in enc.items()}
-        with HeadCapture(self.target_model, geometry=self.target.geometry) as cap:
+        with HeadCapture(self.target_model, geometry=self.target.geometry) as cap, \
+                ResidualCapture(self.target_model) if self.baselines else contextlib.nullcontext() as res:
             # logits_to_keep=1: only the last position's logits; the full [batch, seq, vocab] is the
             # largest tensor of a forward (Qwen's vocabulary is 152k)
             self.target_model(**enc, logits_to_keep=1, use_cache=False)
-        return {"rows": [s.index_row() for s in batch],
-                "activations": cap.activations().to(torch.float16).cpu()}
+        out = {"rows": [s.index_row() for s in batch], "activations": cap.activations().to(torch.float16).cpu()}
+        if self.baselines:  # what the residual-stream probe and the perplexity filter read
+            image_token = getattr(self.target_model.config, "image_token_id", None)
+            nll = res.prompt_nll(enc["input_ids"], enc["attention_mask"],
+                                 (image_token,) if image_token is not None else ())
+            out["extras"] = {"residual": res.residual.to(torch.float16).cpu(), "prompt_nll": nll.float().cpu()}
+        return out
 
 
 class StoreWriter(BasePredictionWriter):
@@ -86,6 +95,7 @@ class StoreWriter(BasePredictionWriter):
         self.store: Optional[ActivationStore] = None
         self._rows: list[dict] = []
         self._acts: list[torch.Tensor] = []
+        self._extras: dict[str, list[torch.Tensor]] = {}
         self.rows_written = 0
 
     def setup(self, trainer, pl_module, stage=None) -> None:
@@ -96,6 +106,8 @@ class StoreWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         self._rows.extend(prediction["rows"])
         self._acts.append(prediction["activations"])
+        for k, v in prediction.get("extras", {}).items():
+            self._extras.setdefault(k, []).append(v)
         if len(self._rows) >= self.block_rows:
             self.flush(trainer.global_rank)
 
@@ -106,9 +118,10 @@ class StoreWriter(BasePredictionWriter):
         if not self._rows:
             return
         acts = torch.cat(self._acts)
-        if self.store.write_block(self._rows, acts, rank=rank):
+        extras = {k: torch.cat(v) for k, v in self._extras.items()}
+        if self.store.write_block(self._rows, acts, rank=rank, extras=extras):
             self.rows_written += len(self._rows)
-        self._rows, self._acts = [], []
+        self._rows, self._acts, self._extras = [], [], {}
 
 
 def pending_samples(samples: Sequence[Sample], store_path: str | Path, target: Target) -> list[Sample]:

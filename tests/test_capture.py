@@ -96,3 +96,21 @@ def test_llava_image_prompts_batched_equals_single(tiny_llava, tmp_path):
 def test_image_for_text_only_target_is_an_error(smollm2, tmp_path):
     with pytest.raises(LitSahsError, match="text-only"):
         prompting.encode(smollm2, ["hi"], [str(tmp_path / "x.png")])
+
+
+def test_residual_and_prompt_nll_match_the_model(smollm2):
+    from lit_sahs.capture import ResidualCapture
+
+    batch = prompting.encode(smollm2, PROMPTS)
+    with torch.no_grad(), ResidualCapture(smollm2.model) as res:
+        smollm2.model(**batch)
+    nll = res.prompt_nll(batch["input_ids"], batch["attention_mask"])
+    for i, text in enumerate(PROMPTS):  # the model's own loss on the unpadded prompt
+        single = prompting.encode(smollm2, [text])
+        with torch.no_grad():
+            loss = smollm2.model(**single, labels=single["input_ids"]).loss
+        torch.testing.assert_close(nll[i], loss, atol=1e-4, rtol=1e-4)
+    # residual: input of the final norm at the first-token position, i.e. the last decoder layer's output
+    with torch.no_grad():
+        h = smollm2.model.model(**{k: v for k, v in batch.items()}).last_hidden_state  # normed
+    torch.testing.assert_close(smollm2.model.model.norm(res.residual), h[:, -1], atol=1e-4, rtol=1e-4)

@@ -33,6 +33,8 @@ Layout
           zarr.json                 zarr v3 array [n, L, H, D] float16, chunks (n, 1, 1, D)
           c/<0>/<l>/<h>/0           one chunk file per (layer, head)
           index.jsonl               the block's n index rows (Sample.index_row()), same order
+          extra-<name>.npy          optional per-row extras (e.g. the last-layer residual and the
+                                    prompt's mean token NLL for the baselines), [n, ...]
         .tmp-<uuid>/                a block being written (or left by a killed writer)
         .tmp-<uuid>.lock            flock held by the live writer of that temp block
 
@@ -325,8 +327,10 @@ class ActivationStore:
                 seq = max(seq, int(m.group(1)))
         return f"b{seq + 1:06d}-r{rank:04d}-{uuid.uuid4().hex[:12]}"
 
-    def write_block(self, rows: Sequence[dict], activations: Any, rank: int = 0) -> str | None:
-        """Commit one block: rows (Sample.index_row() dicts) with activations [n, L, H, D].
+    def write_block(self, rows: Sequence[dict], activations: Any, rank: int = 0,
+                    extras: dict[str, Any] | None = None) -> str | None:
+        """Commit one block: rows (Sample.index_row() dicts) with activations [n, L, H, D] and
+        optional per-row `extras` {name: array [n, ...]} committed in the same block.
 
         Rows whose id is already committed (or repeated within `rows`) are dropped first, so a
         resumed extraction never duplicates. Returns the block name, or None if nothing was new."""
@@ -339,6 +343,12 @@ class ActivationStore:
                 f"{want} = [rows, layers, heads, head_dim]: pass one [L, H, D] slice per row for the target "
                 f"{self.fingerprint.name!r}"
             )
+        extras = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+                  for k, v in (extras or {}).items()}
+        for k, v in extras.items():
+            if not re.fullmatch(r"[a-z0-9_]+", k) or v.shape[:1] != (len(rows),):
+                raise LitSahsError(f"extra {k!r} must be named [a-z0-9_]+ and have one entry per row "
+                                   f"({len(rows)}), got shape {v.shape}")
         if not isinstance(rank, int) or rank < 0:
             raise LitSahsError(f"write_block rank must be a non-negative int, got {rank!r}")
         for r in rows:
@@ -375,6 +385,8 @@ class ActivationStore:
             tmp.mkdir()
             try:
                 self._write_block_files(tmp, rows, arr, rank)
+                for k, v in extras.items():
+                    np.save(tmp / f"extra-{k}.npy", np.ascontiguousarray(v[keep]), allow_pickle=False)
                 os.rename(tmp, self.blocks_dir / name)  # the commit point
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)  # best effort; a hard kill leaves it for open()
@@ -491,6 +503,28 @@ class ActivationStore:
             data = self._read_block(block, heads, self._selector(block, uniq))
             out[where] = data[inv]
         return out
+
+    def extra_names(self) -> list[str]:
+        """Extras present in every committed block."""
+        names = None
+        for block in self._blocks:
+            have = {p.name[len("extra-"):-len(".npy")] for p in block.path.glob("extra-*.npy")}
+            names = have if names is None else names & have
+        return sorted(names or ())
+
+    def read_extra(self, name: str, rows: Sequence[int] | None = None) -> np.ndarray:
+        """A per-row extra in reading order ([n, ...]); `rows` picks positions of `index()`."""
+        parts = []
+        for block in self._blocks:
+            path = block.path / f"extra-{name}.npy"
+            if not path.exists():
+                raise LitSahsError(f"block {block.name} of {self.path} has no extra {name!r} "
+                                   f"(present in all blocks: {self.extra_names()}): re-extract into a new store")
+            parts.append(np.load(path, allow_pickle=False)[block.keep])
+        if not parts:
+            raise LitSahsError(f"activation store {self.path} is empty: {_EXTRACT_HINT}")
+        out = np.concatenate(parts)
+        return out if rows is None else out[np.asarray(rows, dtype=np.int64)]
 
     def iter_blocks(self, heads: HeadSet | None = None) -> Iterator[tuple[list[dict], np.ndarray]]:
         """Stream (index rows, activations) one block at a time, in reading order, de-duplicated;

@@ -72,3 +72,17 @@ def geometry(model: nn.Module) -> Geometry:
     if width % num_heads:
         raise LitSahsError(f"attention output width {width} is not divisible by {num_heads} heads")
     return Geometry(num_layers=len(projs), num_heads=int(num_heads), head_dim=width // int(num_heads))
+
+
+_FINAL_NORM_PATHS = ("model.language_model.norm", "model.text_model.norm", "language_model.model.norm",
+                     "model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm")
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm after the last decoder layer: its input is the last-layer residual stream and its
+    output is what the LM head reads."""
+    for path in _FINAL_NORM_PATHS:
+        norm = _get(model, path)
+        if isinstance(norm, nn.Module):
+            return norm
+    raise LitSahsError(f"cannot find the final norm of {type(model).__name__}: add its path to lit_sahs/targets/sites.py")
