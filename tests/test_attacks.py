@@ -89,3 +89,13 @@ def test_unknown_attack_lists_known_names():
         get_attack("pyrit:nope")
     with pytest.raises(LitSahsError, match="no attacks given"):
         apply_attacks([HARMFUL], [])
+
+
+def test_max_chars_picks_templates_that_fit():
+    from lit_sahs.data.samples import Sample
+
+    bases = [Sample.make(f"How do I bake bread number {i}?", 0, source="unit") for i in range(20)]
+    capped = apply_attacks(bases, ["pyrit", "dan"], seed=0, max_chars=1500)
+    assert all(len(s.text) <= 1500 for s in capped if s.attack == "pyrit")
+    free = apply_attacks(bases, ["pyrit"], seed=0)
+    assert max(len(s.text) for s in free) > 1500  # the cap changed something

@@ -132,3 +132,12 @@ def test_split_errors_on_unknown_family_and_single_class():
     one_class = [dict(r, label=1) for r in rows]
     with pytest.raises(LitSahsError, match="only malicious"):
         split_rows(one_class, held_out_sources=["src_b"])
+
+
+def test_train_families_restricts_train_and_val_only():
+    from lit_sahs.data.protocol import split_rows
+
+    rows = _rows()
+    sp = split_rows(rows, held_out_families=["dan"], train_families=["plain"], seed=0)
+    assert {rows[i]["attack_family"] for i in np.concatenate([sp["train"], sp["val"]])} == {"plain"}
+    assert {rows[i]["attack_family"] for i in sp["test"]} == {"dan"}

@@ -52,10 +52,15 @@ class Attack:
     family: str
     variants: Callable[[], Sequence[Variant]]  # lazy: reading 650 templates is paid only when used
 
-    def apply(self, sample: Sample, seed: int = 0) -> Sample:
+    def apply(self, sample: Sample, seed: int = 0, max_chars: int | None = None) -> Sample:
+        """`max_chars` restricts the choice to variants whose attacked prompt fits (CPU budgets);
+        when none fits, all stay eligible."""
         if self.name == "plain":
             return sample
         variants = self.variants()
+        if max_chars is not None and len(variants) > 1:
+            fitting = [v for v in variants if len(v.render(sample.text)) <= max_chars]
+            variants = fitting or variants
         if len(variants) == 1:
             variant = variants[0]
         else:
@@ -200,7 +205,8 @@ def _known_summary() -> str:
     return f"{', '.join(ATTACKS)}, {pyrit}"
 
 
-def apply_attacks(samples: Iterable[Sample], attack_names: Sequence[str], seed: int = 0) -> list[Sample]:
+def apply_attacks(samples: Iterable[Sample], attack_names: Sequence[str], seed: int = 0,
+                  max_chars: int | None = None) -> list[Sample]:
     """Every named attack applied to every sample, attack by attack, in input order.
 
     All names are checked before any work, so a typo fails fast instead of after a long run.
@@ -211,4 +217,4 @@ def apply_attacks(samples: Iterable[Sample], attack_names: Sequence[str], seed: 
     if not attacks:
         raise LitSahsError(f"no attacks given; name at least one, e.g. plain (known: {_known_summary()})")
     samples = list(samples)
-    return [attack.apply(s, seed) for attack in attacks for s in samples]
+    return [attack.apply(s, seed, max_chars) for attack in attacks for s in samples]

@@ -107,11 +107,13 @@ def build_dataset(
     limit: Optional[int] = None,
     seed: int = 0,
     balance: bool = True,
+    max_chars: Optional[int] = None,
 ) -> list[Sample]:
     """Labelled, attacked samples ready for extraction; the same arguments give the same list, in order.
 
     Sources are packaged names or `file:<path>` (a user file may hold both labels). `limit` caps the
-    number of output samples, split evenly over classes and attacks.
+    number of output samples, split evenly over classes and attacks. `max_chars` makes the
+    attacks that pick a template per sample pick one whose attacked prompt fits (for CPU budgets).
     """
     harmful, benign = _as_tuple(harmful), _as_tuple(benign)
     attacks = tuple(dict.fromkeys(_as_tuple(attacks)))
@@ -132,7 +134,7 @@ def build_dataset(
     n_h, n_b = _class_quotas(len(harm), len(ben), len(attacks), limit, balance)
     bases = _pick(harm, n_h, seed) + _pick(ben, n_b, seed)
     random.Random(f"{seed}|order").shuffle(bases)
-    out = apply_attacks(bases, attacks, seed=seed)
+    out = apply_attacks(bases, attacks, seed=seed, max_chars=max_chars)
     if not out:
         raise LitSahsError(_empty_reason(len(harm), len(ben), len(attacks), limit, balance))
     return out
@@ -158,7 +160,8 @@ SPLITS = ("train", "val", "test")
 
 
 def split_rows(rows: Sequence[dict], held_out_families: Sequence[str] = (), held_out_sources: Sequence[str] = (),
-               val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0) -> dict[str, "np.ndarray"]:
+               val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0,
+               train_families: Sequence[str] = ()) -> dict[str, "np.ndarray"]:
     """Row positions for train / val / test.
 
     With held-out attack families or sources, test is exactly the rows of those families or sources
@@ -170,9 +173,10 @@ def split_rows(rows: Sequence[dict], held_out_families: Sequence[str] = (), held
     import numpy as np
 
     held_out_families, held_out_sources = _as_tuple(held_out_families), _as_tuple(held_out_sources)
+    train_families = _as_tuple(train_families)
     families = {r.get("attack_family", "plain") for r in rows}
     sources = {r.get("source", "") for r in rows}
-    for name, known, what in [(f, families, "attack family") for f in held_out_families] + \
+    for name, known, what in [(f, families, "attack family") for f in held_out_families + train_families] + \
                              [(s, sources, "source") for s in held_out_sources]:
         if name not in known:
             raise LitSahsError(f"held-out {what} {name!r} has no rows in this data; present: {sorted(known)}")
@@ -189,6 +193,8 @@ def split_rows(rows: Sequence[dict], held_out_families: Sequence[str] = (), held
             is_test = bucket(base, "test") < test_fraction
         if is_test:
             assign.append("test")
+        elif train_families and r.get("attack_family", "plain") not in train_families:
+            assign.append("none")
         else:
             assign.append("val" if bucket(base, "val") < val_fraction else "train")
     assign = np.array(assign)

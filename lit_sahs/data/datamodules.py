@@ -1,0 +1,567 @@
+"""DataModules that feed detectors: selected heads' activations, labels and attack families.
+
+Two sources, one batch format:
+
+* ``CachedActivationDataModule`` reads an ActivationStore made by ``extract``;
+* ``LiveActivationDataModule`` runs the target on the fly (and can write what it computes
+  through to a store, so a later run can use the cached module on it).
+
+Contract (detectors rely on it)
+-------------------------------
+Right after ``__init__`` (cheap: manifest + index, or the loaded target): ``head_set``
+(HeadSet), ``geometry``, ``fingerprint``, ``families`` (sorted attack family names present).
+After ``setup("fit")``: ``normalisation`` = (mean, std), float32 tensors [k, D] fitted on the
+TRAIN split only (population std, floored at ``NORM_EPS``). Batches are dicts:
+
+* ``x``      float32 [B, k, D]  raw (un-normalised) activations, heads in HeadSet order;
+* ``y``      float32 [B]        1 malicious, 0 benign;
+* ``family`` long [B]           index into ``families``;
+* ``row``    long [B]           position of the sample in ``split_rows(<split>)``, so
+                                predictions can be joined back to their index rows whatever
+                                order shuffling or workers produced.
+
+``predict_dataloader`` is the test split. ``split_rows(name)`` gives a split's index rows.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Sequence, Union
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from lit_sahs.data.protocol import DEFAULT_BENIGN, DEFAULT_HARMFUL, SPLITS, split_rows as _split_rows
+from lit_sahs.data.store import ActivationStore
+from lit_sahs.errors import LitSahsError
+from lit_sahs.heads import Geometry, HeadSet, TargetFingerprint
+
+NORM_EPS = 1e-6  # std floor: a constant head dimension must not divide by zero
+
+
+# ---------------------------------------------------------------- shared helpers
+
+def _names(x: Union[str, Sequence[str], None]) -> tuple[str, ...]:
+    """A CLI/YAML value as names: 'a,b', ['a', 'b'] or None."""
+    if x is None:
+        return ()
+    if isinstance(x, str):
+        return tuple(n.strip() for n in x.split(",") if n.strip())
+    return tuple(str(n).strip() for n in x if str(n).strip())
+
+
+def resolve_heads(fingerprint: TargetFingerprint, heads: Union[str, HeadSet, Sequence, None] = None,
+                  ranking: Optional[str] = None, top_k: int = 8, all_heads: bool = False) -> HeadSet:
+    """The HeadSet a DataModule serves: explicit ``heads`` > ``ranking`` top-k > ``all_heads``.
+    A ranking must have been made for the same target; every head must lie inside the geometry."""
+    if heads is not None and not (isinstance(heads, str) and not heads.strip()):
+        if isinstance(heads, HeadSet):
+            head_set = heads
+        elif isinstance(heads, str):
+            head_set = HeadSet.parse(heads)
+        else:
+            head_set = HeadSet(heads)
+        if not len(head_set):
+            raise LitSahsError("the HeadSet given with --data.heads is empty: name at least one 'layer.head'")
+    elif ranking:
+        from lit_sahs.locate import HeadRanking  # late: locate is a sibling stage, not a data dependency
+
+        r = HeadRanking.load(ranking)
+        r.fingerprint.check(fingerprint, f"head ranking {ranking}")
+        head_set = r.top_k(int(top_k))
+    elif all_heads:
+        head_set = HeadSet.all(fingerprint.geometry)
+    else:
+        raise LitSahsError("no heads chosen: pass --data.heads 'layer.head,...' or --data.ranking ranking.json "
+                           "(run `python -m lit_sahs locate` first), or --data.all_heads true")
+    return head_set.validate(fingerprint.geometry)
+
+
+class RunningMoments:
+    """Streaming per-feature mean and population variance (Chan et al. merge of batch moments, float64),
+    so normalisation over any number of rows needs memory for one block only."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.n = 0
+        self.mean = torch.zeros(shape, dtype=torch.float64)
+        self.m2 = torch.zeros(shape, dtype=torch.float64)
+
+    def update(self, x: Union[np.ndarray, torch.Tensor]) -> None:
+        x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).detach().to("cpu", torch.float64)
+        m = x.shape[0]
+        if m == 0:
+            return
+        bmean = x.mean(0)
+        bm2 = ((x - bmean) ** 2).sum(0)
+        total = self.n + m
+        delta = bmean - self.mean
+        self.mean += delta * (m / total)
+        self.m2 += bm2 + delta ** 2 * (self.n * m / total)
+        self.n = total
+
+    def result(self, eps: float = NORM_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.n == 0:
+            raise LitSahsError("cannot fit normalisation: the train split has no rows")
+        std = (self.m2 / self.n).sqrt().clamp_min(eps)
+        return self.mean.float(), std.float()
+
+
+def _check_split_name(name: str) -> str:
+    if name not in SPLITS:
+        raise LitSahsError(f"unknown split {name!r}: use one of {', '.join(SPLITS)}")
+    return name
+
+
+def _identity(batch):
+    return batch
+
+
+# ---------------------------------------------------------------- cached (store) datasets
+
+class _MemorySplit(Dataset):
+    """One split of activations held in RAM (fp16, exactly the stored values); batches are gathered
+    in one indexing op via ``__getitems__``."""
+
+    def __init__(self, x: torch.Tensor, positions: np.ndarray, labels: np.ndarray, family: np.ndarray):
+        self.x = x  # [N_all, k, D] float16, all rows of the store
+        self.positions = torch.as_tensor(positions, dtype=torch.long)
+        self.labels = torch.as_tensor(labels[positions], dtype=torch.float32)
+        self.family = torch.as_tensor(family[positions], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        i = torch.as_tensor(idx, dtype=torch.long)
+        return {"x": self.x[self.positions[i]].float(), "y": self.labels[i], "family": self.family[i], "row": i}
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        b = self.__getitems__([i])
+        return {k: v[0] for k, v in b.items()}
+
+
+def _block_ranges(store: ActivationStore) -> list[tuple[int, int]]:
+    """[start, stop) row positions of each committed block in the store's reading order. Reading whole
+    blocks (or subsets of one) touches each block's chunks once."""
+    blocks = getattr(store, "_blocks", None)
+    if blocks is None:  # pragma: no cover - a store without block bookkeeping: fixed-size ranges
+        n = len(store)
+        return [(s, min(s + 4096, n)) for s in range(0, n, 4096)]
+    return [(b.offset, b.offset + len(b.keep)) for b in blocks if len(b.keep)]
+
+
+class _StreamSplit(IterableDataset):
+    """One split streamed from the store block by block: a worker (of ``num_workers``) reads every
+    ``num_workers``-th block that holds rows of this split, keeps only the split's rows, shuffles them
+    within its block buffer (train), and yields ready batches, so memory is one block + one batch."""
+
+    def __init__(self, store: ActivationStore, head_set: HeadSet, positions: np.ndarray, labels: np.ndarray,
+                 family: np.ndarray, batch_size: int, shuffle: bool, seed: int, num_workers: int):
+        self._store: Optional[ActivationStore] = store
+        self.store_path = str(store.path)
+        self.expected_ids = store.ids()  # a worker re-opens the store and checks it still reads the same
+        self.head_set = head_set
+        self.positions = np.asarray(positions, dtype=np.int64)  # sorted, global row positions
+        self.labels = torch.as_tensor(labels[self.positions], dtype=torch.float32)
+        self.family = torch.as_tensor(family[self.positions], dtype=torch.long)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.num_workers = max(1, int(num_workers))
+        self._epoch = 0
+        # per block: the split-local indices (into self.positions) it holds; blocks without any skipped
+        self.blocks: list[np.ndarray] = []
+        for start, stop in _block_ranges(store):
+            lo, hi = np.searchsorted(self.positions, [start, stop])
+            if hi > lo:
+                self.blocks.append(np.arange(lo, hi, dtype=np.int64))
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_store"] = None  # workers open their own handle
+        return state
+
+    def _open(self) -> ActivationStore:
+        if self._store is None:
+            store = ActivationStore.open(self.store_path)
+            if store.ids()[: len(self.expected_ids)] != self.expected_ids:
+                raise LitSahsError(f"activation store {self.store_path} changed while it was being read "
+                                   "(blocks were added or removed): restart the run")
+            self._store = store
+        return self._store
+
+    def _worker_blocks(self, worker: int, workers: int) -> list[np.ndarray]:
+        return self.blocks[worker::workers]
+
+    def __len__(self) -> int:
+        return sum(math.ceil(sum(len(b) for b in self._worker_blocks(w, self.num_workers)) / self.batch_size)
+                   for w in range(self.num_workers))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        blocks = self._worker_blocks(worker, workers)
+        rng = None
+        if self.shuffle:
+            # in a worker, info.seed is drawn per epoch from the loader's generator; in-process we count epochs
+            rng = np.random.default_rng([info.seed] if info is not None else [self.seed, self._epoch])
+            self._epoch += 1
+            blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+        store = self._open()
+        buf_x: list[np.ndarray] = []
+        buf_i: list[np.ndarray] = []
+        held = 0
+        for local in blocks:
+            if rng is not None:
+                local = local[rng.permutation(len(local))]
+            buf_x.append(store.read(self.head_set, rows=self.positions[local]))
+            buf_i.append(local)
+            held += len(local)
+            while held >= self.batch_size:
+                x, i = np.concatenate(buf_x), np.concatenate(buf_i)
+                yield self._batch(x[: self.batch_size], i[: self.batch_size])
+                buf_x, buf_i = [x[self.batch_size:]], [i[self.batch_size:]]
+                held -= self.batch_size
+        if held:
+            yield self._batch(np.concatenate(buf_x), np.concatenate(buf_i))
+
+    def _batch(self, x: np.ndarray, local: np.ndarray) -> dict[str, torch.Tensor]:
+        i = torch.from_numpy(local)
+        return {"x": torch.from_numpy(np.ascontiguousarray(x)).float(), "y": self.labels[i],
+                "family": self.family[i], "row": i}
+
+
+# ---------------------------------------------------------------- cached DataModule
+
+class CachedActivationDataModule(L.LightningDataModule):
+    """Selected heads' activations from an ActivationStore, split by held-out families / sources.
+
+    Heads: ``heads`` ('3.1,5.0') > ``ranking`` (HeadRanking JSON, its ``top_k``) > ``all_heads``.
+    If the selected heads of all rows fit in ``max_memory_mb`` they are loaded into RAM (fp16);
+    otherwise each split streams from disk block by block. Both modes serve the same rows and
+    values; only the batch order of the shuffled train split differs.
+    """
+
+    def __init__(
+        self,
+        store: str,
+        heads: Optional[str] = None,
+        ranking: Optional[str] = None,
+        top_k: int = 8,
+        all_heads: bool = False,
+        held_out_families: list[str] = [],  # noqa: B006 - copied, never mutated; a list reads well in YAML
+        held_out_sources: list[str] = [],  # noqa: B006
+        train_families: list[str] = [],  # noqa: B006 - only these families in train/val (zero-shot matrix)
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
+        batch_size: int = 256,
+        seed: int = 0,
+        max_memory_mb: int = 2048,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise LitSahsError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise LitSahsError(f"num_workers must be >= 0, got {num_workers}")
+        self.store_path = str(store)
+        self.store = ActivationStore.open(store)
+        self.fingerprint: TargetFingerprint = self.store.fingerprint
+        self.geometry: Geometry = self.store.geometry
+        self.head_set: HeadSet = resolve_heads(self.fingerprint, heads, ranking, top_k, all_heads)
+        self.held_out_families = _names(held_out_families)
+        self.held_out_sources = _names(held_out_sources)
+        self.train_families = _names(train_families)
+        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
+        self.batch_size, self.seed, self.num_workers = int(batch_size), int(seed), int(num_workers)
+        self.max_memory_mb = max_memory_mb
+
+        self._rows = self.store.index()
+        if not self._rows:
+            raise LitSahsError(f"activation store {store} holds no rows: run `python -m lit_sahs extract ...` first")
+        self.families: list[str] = sorted({r.get("attack_family", "plain") for r in self._rows})
+        fam_idx = {f: i for i, f in enumerate(self.families)}
+        self._family = np.asarray([fam_idx[r.get("attack_family", "plain")] for r in self._rows], dtype=np.int64)
+        self._labels = np.asarray([int(r["label"]) for r in self._rows], dtype=np.float32)
+
+        need = len(self._rows) * len(self.head_set) * self.geometry.head_dim * 2  # fp16 in RAM
+        self.in_memory: bool = need <= max_memory_mb * 2 ** 20
+        self.normalisation: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._x: Optional[torch.Tensor] = None
+        self._splits: Optional[dict[str, np.ndarray]] = None
+
+    # ------------------------------------------------------------ splits
+    @property
+    def splits(self) -> dict[str, np.ndarray]:
+        """Row positions (into the store's index) of train / val / test."""
+        if self._splits is None:
+            self._splits = _split_rows(self._rows, self.held_out_families, self.held_out_sources,
+                                       self.val_fraction, self.test_fraction, self.seed,
+                                       train_families=self.train_families)
+        return self._splits
+
+    def split_rows(self, name: str) -> list[dict]:
+        """Index rows of a split, in the order a batch's ``row`` refers to."""
+        return [dict(self._rows[i]) for i in self.splits[_check_split_name(name)]]
+
+    # ------------------------------------------------------------ setup
+    def setup(self, stage: Optional[str] = None) -> None:
+        splits = self.splits
+        need_norm = self.normalisation is None and stage in (None, "fit")
+        need_load = self.in_memory and self._x is None
+        if not (need_norm or need_load):
+            return
+        train = np.zeros(len(self._rows), dtype=bool)
+        train[splits["train"]] = True
+        moments = RunningMoments((len(self.head_set), self.geometry.head_dim))
+        parts, offset = [], 0
+        for rows, acts in self.store.iter_blocks(self.head_set):  # one block in memory at a time
+            if need_norm:
+                moments.update(acts[train[offset:offset + len(rows)]])
+            if need_load:
+                parts.append(acts)
+            offset += len(rows)
+        if offset != len(self._rows):
+            raise LitSahsError(f"activation store {self.store_path} changed while it was being read: restart the run")
+        if need_norm:
+            self.normalisation = moments.result()
+        if need_load:
+            self._x = torch.from_numpy(np.concatenate(parts))
+
+    # ------------------------------------------------------------ loaders
+    def _dataset(self, name: str, shuffle: bool):
+        positions = self.splits[name]
+        if self.in_memory:
+            if self._x is None:
+                self.setup("validate")  # loads rows only
+            return _MemorySplit(self._x, positions, self._labels, self._family)
+        return _StreamSplit(self.store, self.head_set, positions, self._labels, self._family, self.batch_size,
+                            shuffle, self.seed, self.num_workers)
+
+    def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
+        ds = self._dataset(name, shuffle)
+        common = {"num_workers": self.num_workers, "persistent_workers": False,
+                  "pin_memory": torch.cuda.is_available()}
+        if isinstance(ds, _StreamSplit):
+            gen = torch.Generator().manual_seed(self.seed) if shuffle else None
+            return DataLoader(ds, batch_size=None, generator=gen, **common)
+        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, generator=gen, collate_fn=_identity,
+                          **common)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+# ---------------------------------------------------------------- live DataModule
+
+class _LiveSplit(IterableDataset):
+    """One split of Samples; each batch runs the target (in the loading process, num_workers=0)."""
+
+    def __init__(self, dm: "LiveActivationDataModule", name: str, shuffle: bool):
+        self.dm, self.name, self.shuffle = dm, name, shuffle
+        self.positions = dm.splits[name]
+        self._epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.positions) / self.dm.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        order = np.arange(len(self.positions))
+        if self.shuffle:
+            order = np.random.default_rng([self.dm.seed, self._epoch]).permutation(len(order))
+            self._epoch += 1
+        try:
+            for start in range(0, len(order), self.dm.batch_size):
+                local = order[start:start + self.dm.batch_size]
+                yield self.dm._batch(self.positions[local], local)
+        finally:
+            self.dm.flush()
+
+
+class LiveActivationDataModule(L.LightningDataModule):
+    """Runs the target on labelled prompts on the fly and serves the same batches as
+    CachedActivationDataModule, without a store (or writing one through, see ``write_through``).
+
+    ``target`` is a target name / path (loaded on ``device``: cuda when available, else cpu) or an
+    already loaded ``Target``. Prompts come from ``harmful``/``benign`` sources and ``attacks`` via
+    build_dataset, or from a user JSONL/CSV ``data`` file (attacks applied to it, first ``limit``).
+    """
+
+    def __init__(
+        self,
+        target: str = "smollm2-135m-instruct",  # or a loaded lit_sahs.targets.Target
+        harmful: Union[str, list[str]] = ",".join(DEFAULT_HARMFUL),
+        benign: Union[str, list[str]] = ",".join(DEFAULT_BENIGN),
+        attacks: Union[str, list[str]] = "plain",
+        data: Optional[str] = None,
+        limit: Optional[int] = 400,
+        heads: Optional[str] = None,
+        ranking: Optional[str] = None,
+        top_k: int = 8,
+        all_heads: bool = False,
+        held_out_families: list[str] = [],  # noqa: B006
+        held_out_sources: list[str] = [],  # noqa: B006
+        train_families: list[str] = [],  # noqa: B006 - only these families in train/val (zero-shot matrix)
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
+        batch_size: int = 8,
+        write_through: Optional[str] = None,
+        block_rows: int = 256,
+        dtype: str = "float32",
+        device: Optional[str] = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        from lit_sahs.data.attacks import apply_attacks
+        from lit_sahs.data.protocol import build_dataset
+        from lit_sahs.data.sources import load_user_file
+        from lit_sahs.targets import Target, load_target
+
+        if batch_size < 1:
+            raise LitSahsError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(target, Target):
+            self.target = target
+        else:
+            self.target = load_target(str(target), dtype=dtype,
+                                      device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.fingerprint: TargetFingerprint = self.target.fingerprint
+        self.geometry: Geometry = self.target.geometry
+        self.head_set: HeadSet = resolve_heads(self.fingerprint, heads, ranking, top_k, all_heads)
+        self.held_out_families = _names(held_out_families)
+        self.held_out_sources = _names(held_out_sources)
+        self.train_families = _names(train_families)
+        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
+        self.batch_size, self.seed, self.block_rows = int(batch_size), int(seed), int(block_rows)
+
+        if data:
+            samples = apply_attacks(load_user_file(data), _names(attacks), seed=self.seed)
+            if limit is not None:
+                samples = samples[:limit]
+        else:
+            samples = build_dataset(harmful=_names(harmful), benign=_names(benign), attacks=_names(attacks),
+                                    limit=limit, seed=self.seed)
+        if not samples:
+            raise LitSahsError("no samples: check --data.data / sources, attacks and --data.limit")
+        self.samples = samples
+        self._rows = [s.index_row() for s in samples]
+        self.families: list[str] = sorted({r.get("attack_family", "plain") for r in self._rows})
+        fam_idx = {f: i for i, f in enumerate(self.families)}
+        self._family = torch.as_tensor([fam_idx[r.get("attack_family", "plain")] for r in self._rows],
+                                       dtype=torch.long)
+        self._labels = torch.as_tensor([int(r["label"]) for r in self._rows], dtype=torch.float32)
+        self._splits: Optional[dict[str, np.ndarray]] = None
+        self.normalisation: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+        self.write_through = write_through
+        self.store: Optional[ActivationStore] = None
+        self._written: set[str] = set()
+        self._buf_rows: list[dict] = []
+        self._buf_acts: list[torch.Tensor] = []
+        if write_through:
+            from lit_sahs.extract import prompt_format
+            from lit_sahs.targets import prompting
+
+            self.store = ActivationStore.create_or_open(write_through, self.fingerprint, prompting.POSITION_RULE,
+                                                        prompt_format(self.target))
+            self._written = self.store.written_ids()
+
+    # ------------------------------------------------------------ splits
+    @property
+    def splits(self) -> dict[str, np.ndarray]:
+        if self._splits is None:
+            self._splits = _split_rows(self._rows, self.held_out_families, self.held_out_sources,
+                                       self.val_fraction, self.test_fraction, self.seed,
+                                       train_families=self.train_families)
+        return self._splits
+
+    def split_rows(self, name: str) -> list[dict]:
+        return [dict(self._rows[i]) for i in self.splits[_check_split_name(name)]]
+
+    # ------------------------------------------------------------ running the target
+    @torch.no_grad()
+    def capture(self, positions: Sequence[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Selected heads [B, k, D] (float32, cpu) for the samples at `positions`, and all heads
+        [B, L, H, D] when writing through (else None). Only the needed layers are hooked."""
+        from lit_sahs.capture import HeadCapture
+        from lit_sahs.targets import prompting
+
+        batch = [self.samples[int(i)] for i in positions]
+        enc = prompting.encode(self.target, [s.text for s in batch], [s.image for s in batch],
+                               [s.id for s in batch])
+        device = self.target.device
+        enc = {k: v.to(device) if torch.is_tensor(v) else v for k, v in enc.items()}
+        full = self.store is not None
+        with HeadCapture(self.target.model, heads=None if full else self.head_set, geometry=self.geometry) as cap:
+            self.target.model(**enc, logits_to_keep=1, use_cache=False)
+        x = cap.selected(self.head_set).float().cpu()
+        return x, (cap.activations().to(torch.float16).cpu() if full else None)
+
+    def _batch(self, positions: np.ndarray, local: np.ndarray) -> dict[str, torch.Tensor]:
+        x, full = self.capture(positions)
+        if full is not None:
+            self._write(positions, full)
+        pos = torch.as_tensor(positions, dtype=torch.long)
+        return {"x": x, "y": self._labels[pos], "family": self._family[pos],
+                "row": torch.as_tensor(local, dtype=torch.long)}
+
+    def _write(self, positions: np.ndarray, full: torch.Tensor) -> None:
+        keep = [j for j, i in enumerate(positions) if self._rows[int(i)]["id"] not in self._written]
+        for j in keep:
+            self._written.add(self._rows[int(positions[j])]["id"])
+        if keep:
+            self._buf_rows += [self._rows[int(positions[j])] for j in keep]
+            self._buf_acts.append(full[keep])
+        if len(self._buf_rows) >= self.block_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit buffered write-through rows to the store (called at the end of every pass)."""
+        if self.store is None or not self._buf_rows:
+            return
+        rows, acts = self._buf_rows, torch.cat(self._buf_acts)
+        self._buf_rows, self._buf_acts = [], []
+        self.store.write_block(rows, acts)
+
+    # ------------------------------------------------------------ setup / loaders
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.normalisation is not None or stage not in (None, "fit"):
+            return
+        moments = RunningMoments((len(self.head_set), self.geometry.head_dim))
+        train = self.splits["train"]
+        try:
+            for start in range(0, len(train), self.batch_size):
+                pos = train[start:start + self.batch_size]
+                x, full = self.capture(pos)
+                moments.update(x)
+                if full is not None:
+                    self._write(pos, full)
+        finally:
+            self.flush()
+        self.normalisation = moments.result()
+
+    def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
+        # the target runs in the loading process: workers would each need a copy of it
+        return DataLoader(_LiveSplit(self, name, shuffle), batch_size=None, num_workers=0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")

@@ -1,0 +1,160 @@
+"""Detector artifacts without pickle: detector.safetensors (tensors) + detector.json (everything else).
+
+    save_detector(detector, "out/det")      # out/det/detector.{safetensors,json}, written atomically
+    det = load_detector("out/det")          # or ".../detector.json", or a Lightning .ckpt
+
+A directory is written under a temporary name beside its destination and renamed into
+place, so a reader never sees half an artifact. A .ckpt is read with
+``torch.load(weights_only=True)``, which refuses any pickle that names a non-tensor global.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import lit_sahs
+from lit_sahs.detectors.base import CHECKPOINT_KEY, SafetyDetector
+from lit_sahs.detectors.registry import DETECTORS, detector_class
+from lit_sahs.errors import LitSahsError
+
+WEIGHTS_FILE = "detector.safetensors"
+META_FILE = "detector.json"
+FORMAT = "lit_sahs.detector"
+FORMAT_VERSION = 1
+
+
+def detector_metadata(detector: SafetyDetector) -> dict[str, Any]:
+    meta = detector.metadata()
+    hparams = dict(detector.hparams)
+    try:
+        json.dumps(hparams, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise LitSahsError(f"detector hyper-parameters are not plain JSON values ({e}): use numbers, strings and lists") from e
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "class": f"{type(detector).__module__}.{type(detector).__qualname__}",
+        "hparams": hparams,
+        "threshold": float(detector.threshold),
+        **meta,
+        "lit_sahs_version": lit_sahs.__version__,
+    }
+
+
+def save_detector(detector: SafetyDetector, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write `directory`/detector.safetensors and detector.json atomically; returns the directory."""
+    if detector.family not in DETECTORS or DETECTORS[detector.family] is not type(detector):
+        raise LitSahsError(f"{type(detector).__name__} is not a registered detector family: add it to DETECTORS")
+    meta = detector_metadata(detector)
+    dest = Path(directory)
+    if dest.exists() and not overwrite:
+        raise LitSahsError(f"{dest} already exists: choose another directory or pass overwrite=True")
+    if dest.exists() and not (dest / META_FILE).is_file():
+        raise LitSahsError(f"{dest} exists and is not a detector artifact: refusing to replace it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in detector.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "detector": detector.family})
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
+        for f in (WEIGHTS_FILE, META_FILE):
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if dest.exists():
+            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _load_state(detector: SafetyDetector, state: dict[str, torch.Tensor], source: Path) -> None:
+    try:
+        detector.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        raise LitSahsError(f"{source} does not fit its own description ({first}): the artifact is corrupt, re-save it") from e
+
+
+def _from_artifact(directory: Path, map_location: str | torch.device) -> SafetyDetector:
+    meta_path, weights_path = directory / META_FILE, directory / WEIGHTS_FILE
+    for p in (meta_path, weights_path):
+        if not p.is_file():
+            raise LitSahsError(f"{p} is missing: {directory} is not a complete detector artifact (save it with save_detector)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LitSahsError(f"{meta_path} is not valid JSON ({e}): the artifact is corrupt, re-save it") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise LitSahsError(f"{meta_path} is not a lit_sahs detector description")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise LitSahsError(f"{meta_path} has format version {meta.get('format_version')}: upgrade lit_sahs to read it")
+    cls = detector_class(str(meta.get("detector")))
+    detector = _instantiate(cls, meta.get("hparams", {}), meta_path)
+    detector.bind_from_metadata(meta)
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LitSahsError(f"{weights_path} cannot be read ({e}): the artifact is corrupt, re-save it") from e
+    _load_state(detector, state, weights_path)
+    thr = meta.get("threshold")
+    if thr is not None and not math.isclose(float(thr), float(detector.threshold), rel_tol=0, abs_tol=1e-9):
+        raise LitSahsError(f"{directory}: threshold in {META_FILE} and {WEIGHTS_FILE} disagree: the artifact is corrupt")
+    return detector.to(map_location).eval()
+
+
+def _instantiate(cls: type[SafetyDetector], hparams: Any, source: Path) -> SafetyDetector:
+    if not isinstance(hparams, dict):
+        raise LitSahsError(f"{source}: hyper-parameters are not a mapping: the artifact is corrupt")
+    try:
+        return cls(**hparams)
+    except TypeError as e:
+        raise LitSahsError(f"{source}: hyper-parameters do not fit {cls.__name__} ({e}): was it written by another lit_sahs version?") from e
+
+
+def _from_checkpoint(path: Path, map_location: str | torch.device) -> SafetyDetector:
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError... all mean "not loadable safely"
+        first = (str(e).strip().splitlines() or [repr(e)])[0]
+        raise LitSahsError(
+            f"{path} cannot be loaded as a plain-tensor checkpoint ({type(e).__name__}: {first[:200]}): "
+            "only checkpoints without arbitrary Python objects are accepted; export it with save_detector"
+        ) from e
+    if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:
+        raise LitSahsError(f"{path} is not a lit_sahs detector checkpoint (no {CHECKPOINT_KEY!r} metadata)")
+    meta = ckpt[CHECKPOINT_KEY]
+    cls = detector_class(str(meta.get("detector")))
+    detector = _instantiate(cls, ckpt.get("hyper_parameters", {}), path)
+    detector.bind_from_metadata(meta)
+    _load_state(detector, ckpt["state_dict"], path)
+    return detector.to(map_location).eval()
+
+
+def load_detector(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SafetyDetector:
+    """Load a detector (eval mode) from an artifact directory, its detector.json/.safetensors, or a .ckpt."""
+    p = Path(path)
+    if not p.exists():
+        raise LitSahsError(f"{p} does not exist: pass a directory written by save_detector or a Lightning .ckpt")
+    if p.is_dir():
+        return _from_artifact(p, map_location)
+    if p.name in (META_FILE, WEIGHTS_FILE):
+        return _from_artifact(p.parent, map_location)
+    if p.suffix == ".ckpt":
+        return _from_checkpoint(p, map_location)
+    raise LitSahsError(f"{p} is neither a detector directory nor a .ckpt: pass a directory written by save_detector")

@@ -1,0 +1,285 @@
+"""Detection metrics: the operating-point numbers a deployment cares about, next to AUROC.
+
+AUROC hides what matters for a guard: how many attacks are caught while almost no benign
+prompt is refused. So every report carries TPR at 1% and 5% FPR and FPR at 95% TPR, and
+accuracy / F1 / TPR / FPR at the detector's own calibrated threshold.
+
+Scores are probabilities (or any monotone score for the rank metrics); labels are 1 for
+malicious, 0 for benign. A metric that a single-class set cannot define (AUROC of a group
+with no benign prompts, TPR of a group with no malicious ones) is NaN, never a crash and
+never a misleading 0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
+from torchmetrics.utilities import dim_zero_cat
+
+from lit_sahs.errors import LitSahsError
+
+NAN = float("nan")
+
+
+# --------------------------------------------------------------------------- functional
+
+
+def _check(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    preds = torch.as_tensor(preds).detach().flatten().to(torch.float64)
+    target = torch.as_tensor(target).detach().flatten()
+    if preds.shape != target.shape:
+        raise LitSahsError(f"scores have {preds.numel()} values but labels have {target.numel()}: pass one label per score")
+    if torch.isnan(preds).any():
+        raise LitSahsError("scores contain NaN: check the detector input for NaN activations")
+    if target.numel() and not bool(((target == 0) | (target == 1)).all()):
+        raise LitSahsError("labels must be 0 (benign) or 1 (malicious)")
+    return preds, target.to(torch.long)
+
+
+def _roc_points(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """(fpr, tpr) at every distinct threshold, flagging `score >= threshold`, starting at (0, 0)."""
+    order = torch.argsort(preds, descending=True, stable=True)
+    p, t = preds[order], target[order]
+    tps = torch.cumsum(t, 0).to(torch.float64)
+    fps = torch.cumsum(1 - t, 0).to(torch.float64)
+    # keep only the last index of each run of tied scores: a threshold cannot split ties
+    last = torch.ones_like(p, dtype=torch.bool)
+    last[:-1] = p[1:] != p[:-1]
+    tps, fps = tps[last], fps[last]
+    zero = torch.zeros(1, dtype=torch.float64)
+    n_pos, n_neg = float(t.sum()), float((1 - t).sum())
+    return torch.cat([zero, fps / n_neg]), torch.cat([zero, tps / n_pos])
+
+
+def tpr_at_fpr(preds: Tensor, target: Tensor, max_fpr: float) -> float:
+    """Highest TPR over thresholds whose FPR is at most `max_fpr` (NaN without both classes)."""
+    preds, target = _check(preds, target)
+    n_pos = int(target.sum())
+    if n_pos == 0 or n_pos == target.numel():
+        return NAN
+    fpr, tpr = _roc_points(preds, target)
+    return float(tpr[fpr <= max_fpr + 1e-12].max())
+
+
+def fpr_at_tpr(preds: Tensor, target: Tensor, min_tpr: float) -> float:
+    """Lowest FPR over thresholds whose TPR is at least `min_tpr` (NaN without both classes)."""
+    preds, target = _check(preds, target)
+    n_pos = int(target.sum())
+    if n_pos == 0 or n_pos == target.numel():
+        return NAN
+    fpr, tpr = _roc_points(preds, target)
+    return float(fpr[tpr >= min_tpr - 1e-12].min())
+
+
+def _at_threshold(preds: Tensor, target: Tensor, threshold: float) -> dict[str, float]:
+    flags = (preds >= threshold).long()
+    tp = int(((flags == 1) & (target == 1)).sum())
+    fp = int(((flags == 1) & (target == 0)).sum())
+    fn = int(((flags == 0) & (target == 1)).sum())
+    tn = int(((flags == 0) & (target == 0)).sum())
+    n = tp + fp + fn + tn
+    return {
+        "accuracy": (tp + tn) / n if n else NAN,
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else NAN,
+        "tpr": tp / (tp + fn) if tp + fn else NAN,
+        "fpr": fp / (fp + tn) if fp + tn else NAN,
+    }
+
+
+def calibrate_threshold(benign_scores: Tensor, target_fpr: float) -> float:
+    """A probability threshold that flags at most `target_fpr` of `benign_scores` (flag = score >= t).
+
+    It sits halfway between the highest benign score that must stay unflagged and the next
+    higher distinct benign score, so it flags as many as the budget allows without splitting ties.
+    """
+    s = torch.as_tensor(benign_scores).detach().flatten().to(torch.float64)
+    if s.numel() == 0:
+        raise LitSahsError("cannot calibrate the threshold: the validation split has no benign samples; add benign prompts to it")
+    if not 0.0 <= target_fpr < 1.0:
+        raise LitSahsError(f"target_fpr must lie in [0, 1), got {target_fpr}")
+    s, _ = torch.sort(s, descending=True)
+    allowed = int(math.floor(target_fpr * s.numel() + 1e-9))
+    v = s[allowed]  # the highest benign score that must not be flagged
+    above = s[s > v]
+    upper = float(above.min()) if above.numel() else 1.0
+    t = (float(v) + upper) / 2.0
+    if t <= float(v):  # v == 1.0 or no representable midpoint
+        t = math.nextafter(float(v), math.inf)
+    return t
+
+
+def compute_report(
+    scores: Tensor | Sequence[float],
+    labels: Tensor | Sequence[int],
+    groups: Sequence[str] | None = None,
+    threshold: float = 0.5,
+) -> dict[str, dict[str, float | int]]:
+    """Metrics overall and per group (e.g. per attack or source) on arbitrary labelled data.
+
+    Returns {"overall": {...}, "<group>": {...}}; each entry holds n, n_malicious, n_benign and
+    auroc, auprc, tpr_at_1fpr, tpr_at_5fpr, fpr_at_95tpr, accuracy, f1, tpr, fpr (the last four
+    at `threshold`). Undefined values (a single-class group) are NaN.
+    """
+    preds, target = _check(torch.as_tensor(scores), torch.as_tensor(labels))
+    if preds.numel() == 0:
+        raise LitSahsError("compute_report got no scores: the evaluation data is empty")
+    out: dict[str, dict[str, Any]] = {"overall": _report_one(preds, target, threshold)}
+    if groups is not None:
+        groups = list(groups)
+        if len(groups) != preds.numel():
+            raise LitSahsError(f"{len(groups)} group names for {preds.numel()} scores: pass one group per score")
+        for name in sorted(set(groups), key=str):
+            if name == "overall":
+                raise LitSahsError("a group may not be called 'overall': rename it")
+            mask = torch.tensor([g == name for g in groups], dtype=torch.bool)
+            out[str(name)] = _report_one(preds[mask], target[mask], threshold)
+    return out
+
+
+def _report_one(preds: Tensor, target: Tensor, threshold: float) -> dict[str, float | int]:
+    n_pos = int(target.sum())
+    n = int(target.numel())
+    both = 0 < n_pos < n
+    rep: dict[str, float | int] = {"n": n, "n_malicious": n_pos, "n_benign": n - n_pos}
+    if both:
+        rep["auroc"] = float(BinaryAUROC()(preds.float(), target))
+        rep["auprc"] = float(BinaryAveragePrecision()(preds.float(), target))
+    else:
+        rep["auroc"] = rep["auprc"] = NAN
+    rep["tpr_at_1fpr"] = tpr_at_fpr(preds, target, 0.01)
+    rep["tpr_at_5fpr"] = tpr_at_fpr(preds, target, 0.05)
+    rep["fpr_at_95tpr"] = fpr_at_tpr(preds, target, 0.95)
+    rep.update(_at_threshold(preds, target, threshold))
+    return rep
+
+
+# --------------------------------------------------------------------------- modular
+
+
+class _ScoreMetric(Metric):
+    """Keeps every (score, label) pair (a `cat` state, gathered across processes)."""
+
+    is_differentiable = False
+    higher_is_better: bool | None = None
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # torchmetrics rejects unknown keyword arguments here
+        self.add_state("preds", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        preds, target = _check(preds, target)
+        self.preds.append(preds.to(self.device))
+        self.target.append(target.to(self.device))
+
+    def _cat(self) -> tuple[Tensor, Tensor]:
+        if not self.preds:
+            return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+        return dim_zero_cat(self.preds), dim_zero_cat(self.target)
+
+
+class ScoreCollector(_ScoreMetric):
+    """compute() -> every (score, label) seen, gathered across processes."""
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        return self._cat()
+
+
+class TPRAtFPR(_ScoreMetric):
+    """True-positive rate at the best threshold whose false-positive rate is at most `max_fpr`."""
+
+    higher_is_better = True
+
+    def __init__(self, max_fpr: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= float(max_fpr) <= 1.0:
+            raise LitSahsError(f"max_fpr must lie in [0, 1], got {max_fpr}")
+        self.max_fpr = float(max_fpr)
+
+    def compute(self) -> Tensor:
+        return torch.tensor(tpr_at_fpr(*self._cat(), self.max_fpr))
+
+
+class FPRAtTPR(_ScoreMetric):
+    """False-positive rate at the best threshold whose true-positive rate is at least `min_tpr`."""
+
+    higher_is_better = False
+
+    def __init__(self, min_tpr: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= float(min_tpr) <= 1.0:
+            raise LitSahsError(f"min_tpr must lie in [0, 1], got {min_tpr}")
+        self.min_tpr = float(min_tpr)
+
+    def compute(self) -> Tensor:
+        return torch.tensor(fpr_at_tpr(*self._cat(), self.min_tpr))
+
+
+class AtThreshold(_ScoreMetric):
+    """accuracy, f1, tpr or fpr with flag = score >= `threshold`.
+
+    The threshold is read at compute time, so a detector can recalibrate it at the end of a
+    validation epoch and report the epoch's numbers at the threshold it will deploy with.
+    """
+
+    KINDS = ("accuracy", "f1", "tpr", "fpr")
+
+    def __init__(self, kind: str, threshold: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if kind not in self.KINDS:
+            raise LitSahsError(f"unknown thresholded metric {kind!r}: use one of {', '.join(self.KINDS)}")
+        self.kind = kind
+        self.threshold = float(threshold)
+
+    def compute(self) -> Tensor:
+        preds, target = self._cat()
+        return torch.tensor(_at_threshold(preds, target, self.threshold)[self.kind])
+
+
+class _DefinedAUROC(BinaryAUROC):
+    """BinaryAUROC that is NaN (not 0 with a warning) when a set holds one class only."""
+
+    def compute(self) -> Tensor:
+        target = dim_zero_cat(self.target) if self.target else torch.zeros(0)
+        if target.numel() == 0 or target.min() == target.max():
+            return torch.tensor(NAN)
+        return super().compute()
+
+
+class _DefinedAP(BinaryAveragePrecision):
+    def compute(self) -> Tensor:
+        target = dim_zero_cat(self.target) if self.target else torch.zeros(0)
+        if target.numel() == 0 or target.min() == target.max():
+            return torch.tensor(NAN)
+        return super().compute()
+
+
+def detection_metrics(threshold: float = 0.5, prefix: str | None = None) -> MetricCollection:
+    """auroc, auprc, accuracy, f1, tpr, fpr (at `threshold`), tpr_at_1fpr, tpr_at_5fpr, fpr_at_95tpr."""
+    return MetricCollection(
+        {
+            "auroc": _DefinedAUROC(),
+            "auprc": _DefinedAP(),
+            "accuracy": AtThreshold("accuracy", threshold),
+            "f1": AtThreshold("f1", threshold),
+            "tpr": AtThreshold("tpr", threshold),
+            "fpr": AtThreshold("fpr", threshold),
+            "tpr_at_1fpr": TPRAtFPR(0.01),
+            "tpr_at_5fpr": TPRAtFPR(0.05),
+            "fpr_at_95tpr": FPRAtTPR(0.95),
+        },
+        prefix=prefix,
+        compute_groups=False,
+    )
+
+
+def set_threshold(collection: MetricCollection, threshold: float) -> None:
+    """Point every thresholded metric of `collection` at `threshold` (read at compute time)."""
+    for m in collection.values():
+        if isinstance(m, AtThreshold):
+            m.threshold = float(threshold)

@@ -1,0 +1,64 @@
+"""Figures, one small function each. Every function draws on its own Figure (no pyplot state, so it
+is safe in threads and never opens a window), renders with the Agg backend, and writes the file
+atomically (temp file in the same directory, then os.replace), returning the path."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from lit_sahs.errors import LitSahsError
+
+
+def _save(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    try:
+        FigureCanvasAgg(fig)
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def head_heatmap(auroc, path: str | Path, title: str = "per-head probe AUROC", top_k: int = 8) -> Path:
+    """Layers x heads heatmap of `auroc` [L, H] with a colour bar; the top_k heads (by value) are
+    boxed and numbered by rank. NaN cells (unscored heads) are left blank."""
+    a = np.asarray(auroc, dtype=np.float64)
+    if a.ndim != 2 or a.size == 0:
+        raise LitSahsError(f"head_heatmap needs a [layers, heads] array, got shape {a.shape}")
+    L, H = a.shape
+    fig = Figure(figsize=(2.2 + 0.45 * H, 1.6 + 0.24 * L))
+    ax = fig.add_subplot()
+    finite = a[np.isfinite(a)]
+    vmin = min(0.5, float(finite.min())) if finite.size else 0.5
+    im = ax.imshow(np.ma.masked_invalid(a), cmap="viridis", vmin=vmin, vmax=1.0, aspect="auto",
+                   interpolation="nearest", origin="lower")
+    fig.colorbar(im, ax=ax, label="AUROC")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(H))
+    ax.set_yticks(range(0, L, max(1, L // 15)))
+    ax.set_title(title, fontsize=9)
+    k = min(max(int(top_k), 0), finite.size)
+    if k:
+        flat = np.where(np.isfinite(a), a, -np.inf).ravel()
+        best = np.argsort(-flat, kind="stable")[:k]
+        for rank, i in enumerate(best, 1):
+            l, h = divmod(int(i), H)
+            ax.add_patch(_box(h, l))
+            ax.text(h, l, str(rank), ha="center", va="center", fontsize=7, color="red", fontweight="bold")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _box(x: float, y: float):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5)
