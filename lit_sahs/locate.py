@@ -59,7 +59,7 @@ class HeadRanking:
 # Every (layer, head) gets its own L2-regularised logistic regression on its head_dim features. The
 # G = L*H problems are independent, so they are solved as ONE batched model: weights [G, D+1] (the
 # last column is the bias), fitted by damped Newton (IRLS) with a per-head backtracking line search.
-# Each iteration is a handful of batched einsums plus one batched Cholesky solve of [G, D+1, D+1]
+# Each iteration is a handful of batched matrix products plus one batched solve of [G, D+1, D+1]
 # Hessians; no Python loop over heads. Per head the objective is
 #
 #     mean_i BCE(sigmoid(w . x_i + b), y_i) + (l2 / 2) * ||w||^2      (bias not penalised)
@@ -182,42 +182,45 @@ def fit_head_probes(
     w = torch.zeros(G, D + 1, device=device, dtype=dtype)
     z = torch.zeros(G, n, device=device, dtype=dtype)  # train logits, kept in step with w
     f = _loss(z, yt, w, l2)
-    idx = torch.arange(G, device=device)  # heads still being optimised; converged heads drop out
+    # Working set: heads still being optimised, with their rows of X gathered once. Converged heads stay
+    # in it (not moving) until at most half of it is live; then it is compacted (one gather).
+    work = torch.arange(G, device=device)
+    Xw, XTw = X, XT
+    live = torch.ones(G, dtype=torch.bool, device=device)
     it = 0
     for it in range(1, max_iter + 1):
-        whole = idx.numel() == G
-        Xa, XTa = (X, XT) if whole else (X[idx], XT[idx])
-        za, wa = z[idx], w[idx]
+        za, wa, fa = z[work], w[work], f[work]
         p = torch.sigmoid(za)
-        grad = torch.bmm(XTa, (p - yt).unsqueeze(-1)).squeeze(-1) / n + reg * wa
-        hess = torch.bmm(XTa * (p * (1 - p) / n).unsqueeze(1), Xa) + ridge  # IRLS: X' diag(p(1-p)/n) X + l2
-        chol, info = torch.linalg.cholesky_ex(hess)
+        grad = torch.bmm(XTw, (p - yt).unsqueeze(-1)).squeeze(-1) / n + reg * wa
+        hess = torch.bmm(XTw * (p * (1 - p) / n).unsqueeze(1), Xw) + ridge  # IRLS: X' diag(p(1-p)/n) X + l2
+        d, info = torch.linalg.solve_ex(hess, grad)  # one batched LU solve (faster here than Cholesky + solve)
         if bool((info != 0).any()):  # numerically singular: more jitter
-            chol = torch.linalg.cholesky(hess + 1e-4 * torch.eye(D + 1, device=device, dtype=dtype))
-        d = -torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)  # Newton direction [g, D+1]
+            d = torch.linalg.solve(hess + 1e-4 * torch.eye(D + 1, device=device, dtype=dtype), grad)
+        d = -d  # Newton direction [w, D+1]
         decrement = -(grad * d).sum(-1)  # squared Newton decrement: twice the predicted loss drop
         # Step: the full Newton step where it satisfies Armijo (nearly always); heads where it does not
         # backtrack together, trying every step size at once and keeping each head's largest good one.
-        xd = torch.bmm(Xa, d.unsqueeze(-1)).squeeze(-1)
-        fa = f[idx]
+        xd = torch.bmm(Xw, d.unsqueeze(-1)).squeeze(-1)
         f_new = _loss(za + xd, yt, wa + d, l2)
         t = torch.ones_like(decrement)
-        bad = torch.nonzero(f_new > fa - 1e-4 * decrement).squeeze(-1)
+        bad = torch.nonzero(live & (f_new > fa - 1e-4 * decrement)).squeeze(-1)
         if bad.numel():
             f_try = _loss(za[bad] + steps * xd[bad], yt, wa[bad] + steps * d[bad], l2)  # [T, b]
             ok = f_try <= fa[bad] - 1e-4 * steps.view(-1, 1) * decrement[bad]
             pick = ok.to(torch.int8).argmax(0)  # first (largest) acceptable step per head
             t[bad] = torch.where(ok.any(0), steps.view(-1)[pick], torch.zeros_like(pick, dtype=dtype))
             f_new[bad] = f_try.gather(0, pick.unsqueeze(0)).squeeze(0)
-        move = (decrement >= tol) & (t > 0)  # converged, or at the optimum up to rounding: stay put
-        t = torch.where(move, t, torch.zeros_like(t)).unsqueeze(-1)
-        w[idx] = wa + t * d
-        z[idx] = za + t * xd
-        f[idx] = torch.where(move, f_new, fa)
-        idx = idx[move]
-        if idx.numel() == 0:
+        live = live & (decrement >= tol) & (t > 0)  # converged, or at the optimum up to rounding: stay put
+        t = torch.where(live, t, torch.zeros_like(t)).unsqueeze(-1)
+        w[work] = wa + t * d
+        z[work] = za + t * xd
+        f[work] = torch.where(live, f_new, fa)
+        n_live = int(live.sum())
+        if n_live == 0:
             break
-    del X, XT
+        if 2 * n_live <= work.numel():
+            work, Xw, XTw, live = work[live], Xw[live], XTw[live], live[live]
+    del X, XT, Xw, XTw
 
     Xe = design(xe)
     ze = torch.einsum("gnd,gd->gn", Xe, w)  # [G, M]
