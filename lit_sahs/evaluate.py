@@ -33,18 +33,18 @@ def detector_scores(detector: SafetyDetector, x: np.ndarray | torch.Tensor, batc
 
 
 def split_reports(detector: SafetyDetector, dm, split: str = "test", baselines: Sequence[str] = BASELINES,
-                  group_key: str = "attack_family") -> dict[str, dict]:
-    """{method: compute_report(...)} on one split of a CachedActivationDataModule: the detector
-    (`heads`) and each baseline, trained on the same train rows."""
+                  group_key: str = "attack_family") -> tuple[dict[str, dict], dict[str, np.ndarray], np.ndarray]:
+    """On one split of a CachedActivationDataModule: ({method: compute_report(...)}, {method: scores},
+    labels) for the detector (`heads`) and each baseline, trained on the same train rows."""
     rows = dm.splits[split]
     index = dm.split_rows(split)
     y = np.array([int(r["label"]) for r in index])
     groups = [str(r.get(group_key, "")) for r in index]
-    probs = detector_scores(detector, dm.store.read(detector.head_set, rows=rows))
-    reports = {"heads": compute_report(probs, y, groups, float(detector.threshold))}
-    for name, scores in baseline_scores(dm.store, dm.splits["train"], rows, baselines, seed=dm.seed).items():
-        reports[name] = compute_report(scores, y, groups, 0.5)
-    return reports
+    scores = {"heads": detector_scores(detector, dm.store.read(detector.head_set, rows=rows))}
+    scores.update(baseline_scores(dm.store, dm.splits["train"], rows, baselines, seed=dm.seed))
+    reports = {name: compute_report(s, y, groups, float(detector.threshold) if name == "heads" else 0.5)
+               for name, s in scores.items()}
+    return reports, scores, y
 
 
 def _fmt(v) -> str:

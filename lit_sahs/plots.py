@@ -62,3 +62,52 @@ def _box(x: float, y: float):
     from matplotlib.patches import Rectangle
 
     return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5)
+
+
+def roc_curves(scores: dict, labels, path: str | Path, title: str = "ROC on held-out rows") -> Path:
+    """One ROC curve per method (detector and baselines) on the same rows, log-scaled FPR so the
+    low-FPR region a guard runs in is visible."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    labels = np.asarray(labels)
+    fig = Figure(figsize=(5.5, 4.5))
+    ax = fig.add_subplot()
+    for name, s in scores.items():
+        if len(set(labels.tolist())) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(labels, np.asarray(s))
+        ax.plot(np.maximum(fpr, 1e-3), tpr, label=f"{name} (AUROC {roc_auc_score(labels, s):.3f})")
+    ax.set_xscale("log")
+    ax.set_xlim(1e-3, 1)
+    ax.set_ylim(0, 1.01)
+    ax.axvline(0.01, color="grey", lw=0.5, ls=":")
+    ax.axvline(0.05, color="grey", lw=0.5, ls=":")
+    ax.set_xlabel("false-positive rate (benign flagged)")
+    ax.set_ylabel("true-positive rate (malicious flagged)")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def family_matrix(matrix, rows, cols, path: str | Path, title: str = "zero-shot AUROC (train family × test family)") -> Path:
+    """Train-family × test-family AUROC heatmap with the values written in the cells."""
+    import numpy as np
+
+    m = np.asarray(matrix, dtype=float)
+    fig = Figure(figsize=(1.2 + 1.0 * len(cols), 1.0 + 0.6 * len(rows)))
+    ax = fig.add_subplot()
+    im = ax.imshow(np.ma.masked_invalid(m), vmin=0.5, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("test family")
+    ax.set_ylabel("train family")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if np.isfinite(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if m[i, j] < 0.8 else "black")
+    fig.colorbar(im, ax=ax, label="AUROC")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

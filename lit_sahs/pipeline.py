@@ -1,0 +1,81 @@
+"""What `fit` does before and after training when a config asks for it: extract the store if rows
+are missing, locate heads if the ranking is missing, and after fitting report and export."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from lit_sahs.errors import LitSahsError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HARMFUL = "advbench,harmbench,donotanswer,past_tense"
+DEFAULT_BENIGN = "truthfulqa,nq_open,mmlu,commonsenseqa,openbookqa,healthsearchqa,medicationqa,sharegpt"
+DEFAULT_ATTACKS = "plain,pyrit,dan,inthewild"
+
+
+def names(text) -> tuple[str, ...]:
+    if text is None:
+        return ()
+    if isinstance(text, (list, tuple)):
+        return tuple(str(t).strip() for t in text if str(t).strip())
+    return tuple(n.strip() for n in str(text).split(",") if n.strip())
+
+
+@dataclass
+class Prepare:
+    """Extraction settings for `fit`: when `target` is set, samples missing from `data.store` are
+    extracted first (a complete store is reused as it is)."""
+
+    target: Optional[str] = None
+    harmful: str = DEFAULT_HARMFUL
+    benign: str = DEFAULT_BENIGN
+    attacks: str = DEFAULT_ATTACKS
+    data: Optional[str] = None
+    limit: Optional[int] = 400
+    max_chars: Optional[int] = None
+    seed: int = 0
+    batch_size: int = 8
+    dtype: str = "float32"
+
+
+def build_samples(p: Prepare):
+    from lit_sahs.data.attacks import apply_attacks
+    from lit_sahs.data.protocol import build_dataset
+    from lit_sahs.data.sources import load_user_file
+
+    if p.data:
+        samples = apply_attacks(load_user_file(p.data), names(p.attacks), seed=p.seed, max_chars=p.max_chars)
+        return samples[: p.limit] if p.limit is not None else samples
+    return build_dataset(harmful=names(p.harmful), benign=names(p.benign), attacks=names(p.attacks),
+                         limit=p.limit, seed=p.seed, max_chars=p.max_chars)
+
+
+def ensure_store(p: Prepare, store: str, trainer_kwargs: Optional[dict] = None) -> dict:
+    from lit_sahs.extract import run_extraction
+
+    result = run_extraction(p.target, build_samples(p), store, batch_size=p.batch_size, dtype=p.dtype,
+                            trainer_kwargs=trainer_kwargs or {"accelerator": "auto", "devices": 1})
+    log.warning("store %s: %s", store, json.dumps(result))
+    return result
+
+
+def ensure_ranking(store: str, ranking: str, held_out_families=(), held_out_sources=(), val_fraction=0.2,
+                   test_fraction=0.2, seed=0, top_k: int = 8) -> Path:
+    """Locate heads on the store's train split (scored on val) unless the ranking exists."""
+    from lit_sahs.locate import HeadRanking, locate, save_ranking_outputs
+
+    path = Path(ranking)
+    if path.exists():
+        return path
+    if path.suffix != ".json":
+        raise LitSahsError(f"ranking path {ranking} must end in .json")
+    result = locate(store, held_out_families=names(held_out_families), held_out_sources=names(held_out_sources),
+                    val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    json_path, png_path = save_ranking_outputs(result, path.parent, top_k=top_k)
+    if json_path != path:
+        HeadRanking.load(json_path).save(path)
+    return path

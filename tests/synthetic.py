@@ -1,0 +1,43 @@
+"""A small activation store with planted signal, for tests that need a store but not a target."""
+from __future__ import annotations
+
+import numpy as np
+
+from lit_sahs.data.samples import Sample
+from lit_sahs.data.store import ActivationStore
+from lit_sahs.heads import Geometry, TargetFingerprint
+
+GEOM = Geometry(num_layers=4, num_heads=3, head_dim=8)
+FP = TargetFingerprint("synthetic-target", GEOM, "c" * 64)
+FAMILIES = ("plain", "dan", "pliny")
+SIGNAL_HEADS = ((2, 1), (3, 0))
+
+HARMFUL_WORDS = ["bomb", "poison", "steal", "hack", "weapon"]
+BENIGN_WORDS = ["bread", "garden", "poem", "history", "math"]
+
+
+def make_store(path, n_base: int = 60, seed: int = 0, families=FAMILIES, extras: bool = True) -> ActivationStore:
+    rng = np.random.default_rng(seed)
+    rows, acts = [], []
+    for i in range(n_base):
+        label = i % 2
+        word = (HARMFUL_WORDS if label else BENIGN_WORDS)[i % 5]
+        for fam in families:
+            s = Sample(id=f"s{i}-{fam}", text=f"[{fam} template] tell me about {word} number {i}", label=label,
+                       source="src_a" if i % 3 else "src_b", attack=fam, attack_family=fam, base_id=f"b{i}")
+            rows.append(s.index_row())
+            a = rng.standard_normal(GEOM.shape)
+            for l, h in SIGNAL_HEADS:
+                a[l, h, :3] += 2.5 * (2 * label - 1)
+            acts.append(a)
+    acts = np.stack(acts)
+    store = ActivationStore.create_or_open(path, FP, "rule", {"fmt": 1})
+    for start in range(0, len(rows), 64):
+        sl = slice(start, start + 64)
+        ex = None
+        if extras:
+            n = len(rows[sl])
+            ex = {"residual": rng.standard_normal((n, 16)).astype(np.float16),
+                  "prompt_nll": rng.random(n).astype(np.float32)}
+        store.write_block(rows[sl], acts[sl], extras=ex)
+    return store

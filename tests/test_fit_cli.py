@@ -1,0 +1,119 @@
+"""`python -m lit_sahs fit/locate/evaluate` end to end on a synthetic store (no target needed)."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lit_sahs.cli import main
+from synthetic import SIGNAL_HEADS, make_store
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # mlruns/ and artifacts/ land here
+    make_store(tmp_path / "store")
+    return tmp_path
+
+
+def write_config(workdir: Path, model: dict, data_extra: dict | None = None) -> Path:
+    cfg = {
+        "seed_everything": 0,
+        "mlflow": {"experiment": "unit", "tracking_uri": f"sqlite:///{workdir}/mlruns/mlflow.db"},
+        "output_dir": str(workdir / "out"),
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 8, "enable_progress_bar": False,
+                    "default_root_dir": str(workdir / "root"), "log_every_n_steps": 1,
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(workdir / "ckpt"), "monitor": "val/auroc",
+                                                 "mode": "max", "filename": "best"}}]},
+        "model": model,
+        "data": {"class_path": "lit_sahs.data.datamodules.CachedActivationDataModule",
+                 "init_args": {"store": str(workdir / "store"), "ranking": str(workdir / "store" / "ranking.json"),
+                               "top_k": 2, "held_out_families": ["pliny"], "batch_size": 64, **(data_extra or {})}},
+    }
+    path = workdir / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_fit_locates_fits_tests_and_tracks(workdir, capsys):
+    cfg = write_config(workdir, {"class_path": "lit_sahs.detectors.LogisticDetector", "init_args": {"l2": 0.001}})
+    code, out, err = run(["fit", "--config", str(cfg)], capsys)
+    assert code == 0, err[-2000:]
+    ranking = json.loads((workdir / "store" / "ranking.json").read_text())
+    assert {(s["layer"], s["head"]) for s in ranking["scores"][:2]} == set(SIGNAL_HEADS)
+    assert (workdir / "store" / "heads.png").exists()
+    report = json.loads((workdir / "out" / "report.json").read_text())
+    assert set(report) == {"heads", "tfidf", "residual", "perplexity"}
+    assert report["heads"]["overall"]["auroc"] > 0.95  # planted signal in the held-out family too
+    assert set(report["heads"]) == {"overall", "pliny"}  # only the held-out family is tested
+    assert "| pliny |" in out and "heads auroc" in out
+    assert (workdir / "out" / "detector" / "detector.safetensors").exists()
+    assert (workdir / "out" / "roc.png").read_bytes()[:4] == b"\x89PNG"
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{workdir}/mlruns/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["unit"])
+    assert len(runs) == 1
+    run_ = runs.iloc[0]
+    assert run_["metrics.val/auroc"] > 0.95
+    assert "metrics.report/heads/pliny/auroc" in runs.columns
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_["run_id"])}
+    assert {"detector", "report.md", "roc.png", "ranking.json", "heads.png"} <= arts
+
+
+def test_sparse_detector_keeps_the_signal_heads(workdir, capsys):
+    cfg = write_config(workdir, {"class_path": "lit_sahs.detectors.SparseHeadDetector",
+                                 "init_args": {"group_lasso": 0.05}},
+                       {"ranking": None, "all_heads": True})
+    code, out, err = run(["fit", "--config", str(cfg), "--trainer.max_epochs", "40"], capsys)
+    assert code == 0, err[-2000:]
+    heads = json.loads((workdir / "out" / "heads.json").read_text())
+    kept = {(h["layer"], h["head"]) for h in heads if h.get("selected")}
+    assert kept == set(SIGNAL_HEADS)
+
+
+def test_quickstart_config_parses(capsys):
+    code, out, err = run(["fit", "--config", str(Path(__file__).parents[1] / "configs" / "quickstart.yaml"),
+                          "--print_config"], capsys)
+    assert code == 0, err
+    cfg = yaml.safe_load(out)
+    assert cfg["model"]["class_path"] == "lit_sahs.detectors.LogisticDetector"
+    assert cfg["prepare"]["target"] == "smollm2-135m-instruct"
+    assert cfg["data"]["init_args"]["held_out_families"] == ["dan"]
+
+
+def test_locate_and_zero_shot_commands(workdir, capsys):
+    db = f"sqlite:///{workdir}/mlruns/mlflow.db"
+    code, out, err = run(["locate", "--store", str(workdir / "store"), "--tracking_uri", db], capsys)
+    assert code == 0, err
+    assert "2.1" in out.split("top 8 heads")[1].split(",")[0] or "3.0" in out.split("top 8 heads")[1].split(",")[0]
+    code, out, err = run(["evaluate", "--store", str(workdir / "store"), "--top_k", "2", "--max_epochs", "5",
+                          "--tracking_uri", db], capsys)
+    assert code == 0, err[-2000:]
+    csv = (workdir / "store" / "zero_shot" / "matrix_heads.csv").read_text().splitlines()
+    assert csv[0] == "train\\test,dan,plain,pliny"
+    assert len(csv) == 5 and csv[-1].startswith("all others,")
+    values = [float(v) for line in csv[1:] for v in line.split(",")[1:] if v]
+    assert min(values) > 0.9  # planted signal transfers across families
+    assert (workdir / "store" / "zero_shot" / "matrix_heads.png").exists()
+    assert (workdir / "store" / "zero_shot" / "matrix_tfidf.csv").exists()
+
+
+def test_bad_input_is_one_error_line(workdir, capsys):
+    code, _, err = run(["evaluate", "--store", str(workdir / "store"), "--families", "plain,nosuch",
+                        "--tracking_uri", f"sqlite:///{workdir}/mlruns/mlflow.db"], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error:") and "nosuch" in err
+    cfg = write_config(workdir, {"class_path": "lit_sahs.detectors.LogisticDetector"},
+                       {"held_out_families": ["nosuch"]})
+    code, _, err = run(["fit", "--config", str(cfg)], capsys)
+    assert code == 2 and "nosuch" in err.strip().splitlines()[-1]
+    assert not (workdir / "out").exists()
