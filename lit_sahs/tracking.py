@@ -45,7 +45,8 @@ def log_artifacts(logger, paths: Iterable[str | Path], artifact_path: Optional[s
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            client.log_artifacts(run_id, str(p), artifact_path=artifact_path)
+            sub = f"{artifact_path}/{p.name}" if artifact_path else p.name  # keep the directory's name
+            client.log_artifacts(run_id, str(p), artifact_path=sub)
         elif p.exists():
             client.log_artifact(run_id, str(p), artifact_path=artifact_path)
 

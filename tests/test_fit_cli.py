@@ -72,13 +72,14 @@ def test_fit_locates_fits_tests_and_tracks(workdir, capsys):
 
 def test_sparse_detector_keeps_the_signal_heads(workdir, capsys):
     cfg = write_config(workdir, {"class_path": "lit_sahs.detectors.SparseHeadDetector",
-                                 "init_args": {"group_lasso": 0.05}},
+                                 "init_args": {"group_lasso": 0.05, "selection_threshold": 0.5}},
                        {"ranking": None, "all_heads": True})
     code, out, err = run(["fit", "--config", str(cfg), "--trainer.max_epochs", "40"], capsys)
     assert code == 0, err[-2000:]
     heads = json.loads((workdir / "out" / "heads.json").read_text())
     kept = {(h["layer"], h["head"]) for h in heads if h.get("selected")}
     assert kept == set(SIGNAL_HEADS)
+    assert {(h["layer"], h["head"]) for h in heads[:2]} == set(SIGNAL_HEADS)  # strongest first
 
 
 def test_quickstart_config_parses(capsys):
@@ -109,7 +110,7 @@ def test_locate_and_zero_shot_commands(workdir, capsys):
 
 
 def test_bad_input_is_one_error_line(workdir, capsys):
-    code, _, err = run(["evaluate", "--store", str(workdir / "store"), "--families", "plain,nosuch",
+    code, _, err = run(["evaluate", "--store", str(workdir / "store"), "--heads", "2.1,3.0", "--families", "plain,nosuch",
                         "--tracking_uri", f"sqlite:///{workdir}/mlruns/mlflow.db"], capsys)
     assert code == 2 and err.strip().splitlines()[-1].startswith("error:") and "nosuch" in err
     cfg = write_config(workdir, {"class_path": "lit_sahs.detectors.LogisticDetector"},

@@ -166,7 +166,8 @@ def split_rows(rows: Sequence[dict], held_out_families: Sequence[str] = (), held
 
     With held-out attack families or sources, test is exactly the rows of those families or sources
     (zero-shot: the detector never sees them); otherwise test is a random `test_fraction` of base
-    prompts. Val is a random `val_fraction` of the remaining base prompts. Splitting by `base_id`
+    prompts. Val is a random `val_fraction` of the remaining base prompts. Both random choices are
+    stratified by label. Splitting by `base_id`
     keeps a base prompt and its attacked versions on one side of the train/val (and random test)
     boundary. Unknown held-out names, an empty or single-class split are errors.
     """
@@ -184,19 +185,35 @@ def split_rows(rows: Sequence[dict], held_out_families: Sequence[str] = (), held
     def bucket(key: str, salt: str) -> float:
         return random.Random(f"{seed}|{salt}|{key}").random()
 
+    def pick(bases: dict[str, int], fraction: float, salt: str) -> set[str]:
+        """A `fraction` of the base prompts of each class (stratified; at least one per class when
+        the class has two or more, so small data still gets both classes on each side)."""
+        chosen = set()
+        for label in (0, 1):
+            group = sorted((b for b, y in bases.items() if y == label), key=lambda b: (bucket(b, salt), b))
+            k = int(round(fraction * len(group)))
+            if fraction > 0 and len(group) >= 2:
+                k = min(max(k, 1), len(group) - 1)
+            chosen.update(group[:k])
+        return chosen
+
+    base_of = [r.get("base_id") or r["id"] for r in rows]
+    base_label = {b: int(r["label"]) for b, r in zip(base_of, rows)}
+    explicit = bool(held_out_families or held_out_sources)
+    test_bases = set() if explicit else pick(base_label, test_fraction, "test")
+    is_test = [(r.get("attack_family", "plain") in held_out_families or r.get("source") in held_out_sources)
+               if explicit else base_of[i] in test_bases for i, r in enumerate(rows)]
+    pool = {b: base_label[b] for i, b in enumerate(base_of) if not is_test[i]
+            and not (train_families and rows[i].get("attack_family", "plain") not in train_families)}
+    val_bases = pick(pool, val_fraction, "val")
     assign = []
-    for r in rows:
-        base = r.get("base_id") or r["id"]
-        if held_out_families or held_out_sources:
-            is_test = r.get("attack_family", "plain") in held_out_families or r.get("source") in held_out_sources
-        else:
-            is_test = bucket(base, "test") < test_fraction
-        if is_test:
+    for i, r in enumerate(rows):
+        if is_test[i]:
             assign.append("test")
         elif train_families and r.get("attack_family", "plain") not in train_families:
             assign.append("none")
         else:
-            assign.append("val" if bucket(base, "val") < val_fraction else "train")
+            assign.append("val" if base_of[i] in val_bases else "train")
     assign = np.array(assign)
     out = {name: np.flatnonzero(assign == name) for name in SPLITS}
     labels = np.array([int(r["label"]) for r in rows])
