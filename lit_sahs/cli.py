@@ -195,8 +195,33 @@ def cmd_evaluate(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"extract": cmd_extract, "locate": cmd_locate,
-                                                    "evaluate": cmd_evaluate}
+# name -> a function taking argv and returning the exit status, or "module:function" for commands
+# that live beside their stage (imported only when used, so `--help` stays fast)
+COMMANDS: dict[str, Callable[[list[str]], int] | str] = {
+    "extract": cmd_extract,
+    "locate": cmd_locate,
+    "evaluate": cmd_evaluate,
+    "tune": "lit_sahs.tune:main",
+    "register": "lit_sahs.registry:main",
+    "guard": "lit_sahs.guard:main",
+    "screen": "lit_sahs.screen:main",
+    "ablate": "lit_sahs.ablate:main",
+}
+
+
+def _command(name: str) -> Callable[[list[str]], int]:
+    fn = COMMANDS[name]
+    if isinstance(fn, str):
+        import importlib
+
+        module, attr = fn.split(":")
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            raise LitSahsError(f"command {name!r} is not available in this version of lit_sahs") from None
+    return fn
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -220,7 +245,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"usage: python -m lit_sahs {{{names}}} [--help] ...")
         sys.exit(0)
     try:
-        sys.exit(COMMANDS[argv[0]](argv[1:]))
+        sys.exit(_command(argv[0])(argv[1:]))
     except LitSahsError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
