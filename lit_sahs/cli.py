@@ -131,6 +131,8 @@ def evaluate_parser() -> ArgumentParser:
     p.add_argument("--detector_family", default="logistic", help="logistic, mlp or sparse")
     p.add_argument("--families", default="", help="restrict the matrix to these families")
     p.add_argument("--min_rows", type=int, default=20)
+    p.add_argument("--relocate", type=bool, default=True,
+                   help="rank heads again inside each fit on its training families only (no test leakage)")
     p.add_argument("--max_epochs", type=int, default=30)
     p.add_argument("--out", default=None, help="output directory for the matrix (default <store>/zero_shot)")
     p.add_argument("--seed", type=int, default=0)
@@ -170,7 +172,8 @@ def cmd_evaluate(argv: list[str]) -> int:
 
     ranking = a.ranking or (None if a.heads else os.path.join(a.store, "ranking.json"))
     result = ev.zero_shot(a.store, ranking=ranking, heads=a.heads, top_k=a.top_k, detector=a.detector_family,
-                          families=names(a.families), min_rows=a.min_rows, max_epochs=a.max_epochs, seed=a.seed)
+                          families=names(a.families), min_rows=a.min_rows, max_epochs=a.max_epochs, seed=a.seed,
+                          relocate=a.relocate)
     out = a.out or os.path.join(a.store, "zero_shot")
     from lit_sahs.plots import family_matrix
 
@@ -179,9 +182,10 @@ def cmd_evaluate(argv: list[str]) -> int:
         paths.append(ev.atomic_write_text(os.path.join(out, f"matrix_{method}.csv"), ev.matrix_csv(result, method)))
     paths.append(family_matrix(result["matrix"]["heads"], result["rows"], result["families"],
                                os.path.join(out, "matrix_heads.png"),
-                               title=f"zero-shot AUROC, {a.detector_family} on {len(result['head_set'])} heads"))
+                               title=f"zero-shot AUROC, {a.detector_family} on top-{a.top_k} heads"))
     with start_run(a.experiment, a.tracking_uri, run_name="zero-shot"):
-        mlflow.log_params({"store": a.store, "ranking": ranking, "top_k": a.top_k, "detector": a.detector_family})
+        mlflow.log_params({"store": a.store, "ranking": ranking, "top_k": a.top_k, "detector": a.detector_family,
+                           "relocate": a.relocate})
         for method, v in result["mean_held_out_auroc"].items():
             mlflow.log_metric(f"mean_held_out_auroc/{method}", v)
         for p in paths:

@@ -89,8 +89,11 @@ def fit_detector(detector: SafetyDetector, dm, max_epochs: int = 30, callbacks=N
     return detector
 
 
+MIN_PER_CLASS = 5  # fewer rows of a class than this make an AUROC cell noise: it is left empty
+
+
 def _auroc(scores: np.ndarray, y: np.ndarray) -> float:
-    if len(set(y.tolist())) < 2:
+    if min(int((y == 1).sum()), int((y == 0).sum())) < MIN_PER_CLASS:
         return float("nan")
     return float(compute_report(scores, y)["overall"]["auroc"])
 
@@ -114,12 +117,15 @@ def eligible_families(rows: Sequence[dict], min_rows: int = 20) -> tuple[list[st
 def zero_shot(store: str, ranking: Optional[str] = None, heads: Optional[str] = None, top_k: int = 8,
               detector: str = "logistic", detector_args: Optional[dict] = None, families: Sequence[str] = (),
               min_rows: int = 20, max_epochs: int = 30, baselines: Sequence[str] = BASELINES, seed: int = 0,
-              progress: bool = True) -> dict:
+              progress: bool = True, relocate: bool = True) -> dict:
     """Train on one attack family, test on each other family (the matrix), plus leave-one-family-out
     (train on all the others, test on it). Returns matrices of AUROC for the detector and baselines.
 
     Cell [i, j]: trained on family i, AUROC on family j; the diagonal is family i's own validation
-    rows (in distribution). Row `all others`: trained on every other family.
+    rows (in distribution). Row `all others`: trained on every other family. With `relocate`
+    (default) each fit ranks heads again on its own training families only, so head selection never
+    sees a test family either; otherwise the given ranking or heads are used for every fit. Cells with
+    fewer than MIN_PER_CLASS rows of either class are left empty.
     """
     from tqdm import tqdm
 
@@ -141,18 +147,27 @@ def zero_shot(store: str, ranking: Optional[str] = None, heads: Optional[str] = 
     methods = ["heads"] + list(baselines)
     matrix = {m: np.full((len(fams) + 1, len(fams)), np.nan) for m in methods}
     cls = detector_class(detector)
+
+    def fold_heads(train_fams, test_fams):
+        if not relocate or heads is not None:
+            return {"heads": heads, "ranking": ranking}
+        from lit_sahs.locate import locate
+
+        rk = locate(probe.store, held_out_families=test_fams, train_families=train_fams, seed=seed)
+        return {"heads": rk.top_k(top_k), "ranking": None}
+
     bar = tqdm(total=2 * len(fams), desc="zero-shot fits", disable=not progress)
     for i, train_fam in enumerate(fams):  # one family -> every other family
         others = [f for f in fams if f != train_fam]
-        dm = CachedActivationDataModule(store, heads=heads, ranking=ranking, top_k=top_k, seed=seed,
-                                        train_families=[train_fam], held_out_families=others)
+        dm = CachedActivationDataModule(store, top_k=top_k, seed=seed, train_families=[train_fam],
+                                        held_out_families=others, **fold_heads([train_fam], others))
         det = fit_detector(cls(**(detector_args or {})), dm, max_epochs=max_epochs)
         _fill_row(matrix, i, fams, det, dm, labels, fam_of, baselines, train_fam)
         bar.update()
     for j, test_fam in enumerate(fams):  # every other family -> this one
         others = [f for f in fams if f != test_fam]
-        dm = CachedActivationDataModule(store, heads=heads, ranking=ranking, top_k=top_k, seed=seed,
-                                        train_families=others, held_out_families=[test_fam])
+        dm = CachedActivationDataModule(store, top_k=top_k, seed=seed, train_families=others,
+                                        held_out_families=[test_fam], **fold_heads(others, [test_fam]))
         det = fit_detector(cls(**(detector_args or {})), dm, max_epochs=max_epochs)
         rows = dm.splits["test"]
         matrix["heads"][len(fams), j] = _auroc(detector_scores(det, dm.store.read(det.head_set, rows=rows)), labels[rows])
@@ -162,7 +177,8 @@ def zero_shot(store: str, ranking: Optional[str] = None, heads: Optional[str] = 
     bar.close()
     loo = {m: float(np.nanmean(matrix[m][len(fams)])) for m in methods if not np.isnan(matrix[m][len(fams)]).all()}
     return {"families": fams, "rows": fams + ["all others"], "skipped": skipped, "matrix": matrix,
-            "mean_held_out_auroc": loo, "head_set": probe.head_set.to_list()}
+            "mean_held_out_auroc": loo, "top_k": top_k, "relocate": relocate and heads is None,
+            "head_set": None if relocate and heads is None else probe.head_set.to_list()}
 
 
 def _fill_row(matrix, i, fams, det, dm, labels, fam_of, baselines, train_fam) -> None:

@@ -279,6 +279,7 @@ def locate(
     max_iter: int = DEFAULT_MAX_ITER,
     device: str = "cpu",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    train_families: Sequence[str] = (),
 ) -> HeadRanking:
     """Rank every (layer, head) of an ActivationStore (or a store path) by its probe's AUROC on the
     VAL split of `split_rows`; probes are fitted on the train split, and the test split (held-out
@@ -295,7 +296,8 @@ def locate(
     rows = store.index()
     if not rows:
         raise LitSahsError(f"activation store {store.path} has no rows: run `python -m lit_sahs extract ...` first")
-    split = split_rows(rows, held_out_families, held_out_sources, val_fraction, test_fraction, seed)
+    split = split_rows(rows, held_out_families, held_out_sources, val_fraction, test_fraction, seed,
+                       train_families=train_families)
     labels = np.asarray([int(r["label"]) for r in rows], dtype=np.int64)
     tr, va = split["train"], split["val"]
     pick = np.concatenate([tr, va])
@@ -323,6 +325,7 @@ def locate(
         "split": {
             "held_out_families": list(held_out_families if not isinstance(held_out_families, str) else [held_out_families]),
             "held_out_sources": list(held_out_sources if not isinstance(held_out_sources, str) else [held_out_sources]),
+            "train_families": list(train_families if not isinstance(train_families, str) else [train_families]),
             "val_fraction": val_fraction,
             "test_fraction": test_fraction,
             "seed": seed,
