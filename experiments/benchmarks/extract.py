@@ -50,18 +50,23 @@ def time_forward(model, batch, capture: bool) -> float:
 
 
 def main() -> None:
+    import functools
+
+    global print
+    print = functools.partial(print, flush=True)  # progress is visible when piped
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", default="smollm2-135m-instruct")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--ram_sizes", default="64,256", help="dataset sizes for the peak-RAM runs")
+    ap.add_argument("--max_chars", type=int, default=1200, help="longest attacked prompt (template choice)")
     args = ap.parse_args()
 
     target = load_target(args.target)
     n = args.batch_size * args.batches
     samples = build_dataset(harmful=("advbench",), benign=("truthfulqa", "sharegpt"), attacks=("plain", "pyrit"),
-                            limit=n, seed=0)
+                            limit=n, seed=0, max_chars=args.max_chars)
     batches = [prompting.encode(target, [s.text for s in samples[i:i + args.batch_size]])
                for i in range(0, len(samples), args.batch_size)]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
