@@ -134,3 +134,87 @@ class ResidualCapture:
             out.append(nll[scored].mean() if scored.any() else nll.new_tensor(float("nan")))
         self._normed = None
         return torch.stack(out)
+
+
+ABLATION_MODES = ("zero", "mean")
+
+
+class HeadAblation:
+    """Context manager that switches heads off during every forward it wraps (a plain forward,
+    or the prefill *and* every decode step of `generate`).
+
+    A forward pre-hook on each affected layer's attention output projection rewrites the input
+    ``[batch, seq, heads*head_dim]`` at every position as ``x * keep + fill``: ``keep`` is 0 on
+    the ablated heads' slices and 1 elsewhere, ``fill`` is 0 (``mode="zero"``) or the head's mean
+    output (``mode="mean"``, ``means[i]`` of shape [head_dim] for the i-th head of the HeadSet,
+    e.g. the mean over benign rows of a store; see ``lit_sahs.ablate.benign_means``). Two
+    elementwise ops, no indexing and no host sync, so decode steps stay cheap.
+
+    Enter it *before* a HeadCapture to capture what the ablated model computes (the captured
+    slice of a zero-ablated head is then zero). Hooks are always removed on exit.
+    """
+
+    def __init__(self, model: nn.Module, heads: HeadSet, mode: str = "zero", means: Optional[torch.Tensor] = None,
+                 geometry: Optional[Geometry] = None):
+        if mode not in ABLATION_MODES:
+            raise LitSahsError(f"unknown ablation mode {mode!r}: use one of {', '.join(ABLATION_MODES)}")
+        if not isinstance(heads, HeadSet):
+            heads = HeadSet(heads)
+        self.model = model
+        self.geometry = geometry or sites.geometry(model)
+        self.heads = heads.validate(self.geometry)
+        self.mode = mode
+        g = self.geometry
+        if mode == "mean":
+            if means is None:
+                raise LitSahsError("mean ablation needs the heads' mean outputs: pass means [k, head_dim] "
+                                   "(lit_sahs.ablate.benign_means(store, heads) computes them from a store)")
+            means = torch.as_tensor(means, dtype=torch.float32)
+            if tuple(means.shape) != (len(heads), g.head_dim):
+                raise LitSahsError(f"means have shape {tuple(means.shape)} but {len(heads)} heads of dim {g.head_dim} "
+                                   f"need ({len(heads)}, {g.head_dim}), in HeadSet order")
+            if not torch.isfinite(means).all():
+                raise LitSahsError("ablation means contain NaN or inf: check the store they came from")
+        self.means = means
+        self._projs = sites.output_projections(model)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _layer_tensors(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._tensors.get(layer)
+        if cached is not None and cached[0].device == like.device and cached[0].dtype == like.dtype:
+            return cached
+        g = self.geometry
+        keep = torch.ones(g.num_heads, g.head_dim, dtype=like.dtype, device=like.device)
+        fill = torch.zeros(g.num_heads, g.head_dim, dtype=like.dtype, device=like.device)
+        for i, (l, h) in enumerate(self.heads):
+            if l != layer:
+                continue
+            keep[h] = 0
+            if self.mode == "mean":
+                fill[h] = self.means[i].to(device=like.device, dtype=like.dtype)
+        cached = (keep.reshape(-1), fill.reshape(-1))
+        self._tensors[layer] = cached
+        return cached
+
+    def _hook(self, layer: int):
+        def hook(module, args):
+            x = args[0]
+            keep, fill = self._layer_tensors(layer, x)
+            return (x * keep + fill,) + tuple(args[1:])
+
+        return hook
+
+    def __enter__(self) -> "HeadAblation":
+        self.remove()
+        for layer in self.heads.layers:
+            self._handles.append(self._projs[layer].register_forward_pre_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

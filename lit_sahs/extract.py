@@ -77,9 +77,7 @@ class HeadExtractor(L.LightningModule):
             self.target_model(**enc, logits_to_keep=1, use_cache=False)
         out = {"rows": [s.index_row() for s in batch], "activations": cap.activations().to(torch.float16).cpu()}
         if self.baselines:  # what the residual-stream probe and the perplexity filter read
-            image_token = getattr(self.target_model.config, "image_token_id", None)
-            nll = res.prompt_nll(enc["input_ids"], enc["attention_mask"],
-                                 (image_token,) if image_token is not None else ())
+            nll = res.prompt_nll(enc["input_ids"], enc["attention_mask"], prompting.image_token_ids(self.target))
             out["extras"] = {"residual": res.residual.to(torch.float16).cpu(), "prompt_nll": nll.float().cpu()}
         return out
 
@@ -125,13 +123,21 @@ class StoreWriter(BasePredictionWriter):
 
 
 def pending_samples(samples: Sequence[Sample], store_path: str | Path, target: Target) -> list[Sample]:
-    """Samples not yet in the store (all of them when the store does not exist yet)."""
+    """Samples not yet in the store (all of them when the store does not exist yet), each id once:
+    two samples with one id are the same input (e.g. two requests that a visual attack renders
+    into the same image under the same text), so the first is kept."""
+    seen: set[str] = set()
+    unique = []
+    for s in samples:
+        if s.id not in seen:
+            seen.add(s.id)
+            unique.append(s)
     if not (Path(store_path) / "manifest.json").exists():
-        return list(samples)
+        return unique
     store = ActivationStore.create_or_open(store_path, target.fingerprint, prompting.POSITION_RULE,
                                            prompt_format(target))
     done = store.written_ids()
-    return [s for s in samples if s.id not in done]
+    return [s for s in unique if s.id not in done]
 
 
 def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: str | Path,
@@ -142,6 +148,12 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
     if not samples:
         raise LitSahsError("no samples to extract: check the sources, attacks and --limit")
     module = HeadExtractor(target, dtype=dtype)
+    if not module.target.is_vision_language:  # fail before the store is created, not mid-run
+        bad = next((s for s in samples if s.image), None)
+        if bad is not None:
+            raise LitSahsError(f"sample {bad.id} (attack {bad.attack}) has an image but target "
+                               f"{module.target.name!r} is text-only: use a vision-language target "
+                               "(e.g. tiny-llava) or drop the image attacks and image rows")
     todo = pending_samples(samples, store_path, module.target)
     skipped = len(samples) - len(todo)
     if not todo:

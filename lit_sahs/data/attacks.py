@@ -180,14 +180,33 @@ _FIXED: dict[str, Attack] = {
 ATTACKS: tuple[str, ...] = tuple(_FIXED)  # plus pyrit:<template> for every usable pyrit template
 
 
+# Attacks defined in other modules register here; the visual attacks (figstep, mmsb,
+# unrelated_image: prompts with rendered or natural images) live in visual_attacks.py.
+_REGISTERED: dict[str, Attack] = {}
+
+
+def register_attack(attack: Attack) -> Attack:
+    """Make `attack` known to get_attack / apply_attacks / build_dataset by its name."""
+    _REGISTERED[attack.name] = attack
+    return attack
+
+
+def _registered() -> dict[str, Attack]:
+    import lit_sahs.data.visual_attacks  # noqa: F401  (importing registers the visual attacks)
+
+    return _REGISTERED
+
+
 def list_attacks() -> list[str]:
     """Every attack name, including one `pyrit:<stem>` per usable template (reads the pyrit package)."""
-    return list(ATTACKS) + sorted(pyrit_templates())
+    return list(ATTACKS) + list(_registered()) + sorted(pyrit_templates())
 
 
 def get_attack(name: str) -> Attack:
     if name in _FIXED:
         return _FIXED[name]
+    if name in _registered():
+        return _REGISTERED[name]
     if name.startswith(PYRIT_PREFIX):
         variant = pyrit_templates().get(name)
         if variant is not None:
@@ -202,7 +221,8 @@ def _known_summary() -> str:
         pyrit = f"{PYRIT_PREFIX}<template> ({len(names)} templates, e.g. {example})"
     except LitSahsError:
         pyrit = f"{PYRIT_PREFIX}<template> (needs: pip install --no-deps pyrit)"
-    return f"{', '.join(ATTACKS)}, {pyrit}"
+    extra = f"; with images: {', '.join(_registered())}" if _registered() else ""
+    return f"{', '.join(ATTACKS)}, {pyrit}{extra}"
 
 
 def apply_attacks(samples: Iterable[Sample], attack_names: Sequence[str], seed: int = 0,

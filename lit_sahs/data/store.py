@@ -37,6 +37,10 @@ Layout
                                     prompt's mean token NLL for the baselines), [n, ...]
         .tmp-<uuid>/                a block being written (or left by a killed writer)
         .tmp-<uuid>.lock            flock held by the live writer of that temp block
+      images/
+        <sha256>.<ext>              every distinct prompt image, once, named by the sha256 of its
+                                    bytes; index rows with an image record ``image_sha256`` and
+                                    ``image_file`` (``images/<sha256>.<ext>``, relative to the store)
 
 Block names sort as ``b<seq>-r<rank>-<uuid>``: ``seq`` counts the rank's own blocks, so
 the reading order (blocks by name, rows in block order) is deterministic for a given
@@ -49,6 +53,7 @@ file reads as NaN instead of silently as zeros; finite values are required on wr
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -79,6 +84,8 @@ INDEX = "index.jsonl"
 TMP_PREFIX = ".tmp-"
 DTYPE = "float16"
 INDEX_FIELDS = ("id", "label", "source", "attack", "attack_family", "category", "image", "base_id", "text")
+IMAGES = "images"
+IMAGE_FIELDS = ("image_sha256", "image_file")  # added by write_block to rows that have an image
 _BLOCK_RE = re.compile(r"^b(\d{6,})-r(\d{4,})-([0-9a-f]+)$")
 _EXTRACT_HINT = "run `python -m lit_sahs extract ...` first"
 
@@ -191,7 +198,8 @@ class ActivationStore:
                 "fingerprint": fingerprint.to_dict(),
                 "geometry": fingerprint.geometry.to_dict(),
                 "dtype": DTYPE,
-                "layout": {"array": "[n, layer, head, head_dim]", "chunks": "(n, 1, 1, head_dim)"},
+                "layout": {"array": "[n, layer, head, head_dim]", "chunks": "(n, 1, 1, head_dim)",
+                           "images": "images/<sha256>.<ext>, one file per distinct image"},
                 "position_rule": position_rule,
                 "prompt_format": _jsonable(prompt_format),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -291,6 +299,14 @@ class ActivationStore:
         for lock in self.blocks_dir.glob(TMP_PREFIX + "*.lock"):  # orphan lock files
             if not lock.with_name(lock.name[: -len(".lock")]).exists() and not self._writer_alive(lock):
                 lock.unlink(missing_ok=True)
+        import time
+
+        for p in self.images_dir.glob(TMP_PREFIX + "*"):  # image copies a killed writer left half-done
+            try:
+                if time.time() - p.stat().st_mtime > 3600:
+                    p.unlink(missing_ok=True)
+            except OSError:
+                pass
 
     @staticmethod
     def _writer_alive(lock: Path) -> bool:
@@ -357,6 +373,7 @@ class ActivationStore:
             missing = [k for k in ("label",) if k not in r]
             if missing:
                 raise LitSahsError(f"index row {r['id']!r} lacks {missing}: pass Sample.index_row() dicts")
+        rows = self._store_images(rows)
         done = self.written_ids()
         keep, seen = [], set()
         for i, r in enumerate(rows):
@@ -396,6 +413,54 @@ class ActivationStore:
             lock_path.unlink(missing_ok=True)
         self.refresh()
         return name
+
+    # ------------------------------------------------------------------ images
+    @property
+    def images_dir(self) -> Path:
+        return self.path / IMAGES
+
+    def _store_images(self, rows: list[dict]) -> list[dict]:
+        """Copy each row's image into ``images/`` under its content hash (once per distinct image,
+        before the block that refers to it commits) and record the hash in the row. A file already
+        there is not written again, so an image shared by many rows or attacks is stored once."""
+        out = []
+        for r in rows:
+            src = r.get("image") if isinstance(r, dict) else None
+            if not src:
+                out.append(r)
+                continue
+            if r.get("image_sha256") and r.get("image_file") and (self.path / r["image_file"]).is_file():
+                out.append(r)  # already stored (rows read back from another store)
+                continue
+            try:
+                data = Path(src).read_bytes()
+            except OSError as e:
+                raise LitSahsError(f"sample {r.get('id')}: image {src} cannot be read ({e.strerror or e}): "
+                                   "the store keeps a copy of every image") from None
+            sha = hashlib.sha256(data).hexdigest()
+            ext = Path(src).suffix.lower()
+            if not re.fullmatch(r"\.[a-z0-9]{1,5}", ext):
+                ext = ".img"
+            rel = f"{IMAGES}/{sha}{ext}"
+            dest = self.path / rel
+            if not dest.is_file() or dest.stat().st_size != len(data):
+                self.images_dir.mkdir(exist_ok=True)
+                tmp = self.images_dir / f"{TMP_PREFIX}{sha}.{uuid.uuid4().hex}"
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, dest)  # same content from two writers: either rename wins
+                finally:
+                    tmp.unlink(missing_ok=True)
+            out.append({**r, "image_sha256": sha, "image_file": rel})
+        return out
+
+    def image_path(self, row: dict) -> Path | None:
+        """The store's copy of a row's image (None for rows without one)."""
+        rel = row.get("image_file")
+        return self.path / rel if rel else None
 
     def _write_block_files(self, tmp: Path, rows: list[dict], arr: np.ndarray, rank: int) -> None:
         n, (L, H, D) = arr.shape[0], self.geometry.shape

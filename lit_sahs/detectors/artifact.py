@@ -2,10 +2,13 @@
 
     save_detector(detector, "out/det")      # out/det/detector.{safetensors,json}, written atomically
     det = load_detector("out/det")          # or ".../detector.json", or a Lightning .ckpt
+    det = load_detector("models:/name@champion")   # MLflow registry (models:/name/3) or runs:/<id>/detector
 
 A directory is written under a temporary name beside its destination and renamed into
 place, so a reader never sees half an artifact. A .ckpt is read with
 ``torch.load(weights_only=True)``, which refuses any pickle that names a non-tensor global.
+A models:/ or runs:/ URI is downloaded by lit_sahs.registry and must be a safetensors + JSON
+directory: from a registry, nothing pickled is read at all.
 """
 from __future__ import annotations
 
@@ -147,7 +150,13 @@ def _from_checkpoint(path: Path, map_location: str | torch.device) -> SafetyDete
 
 
 def load_detector(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SafetyDetector:
-    """Load a detector (eval mode) from an artifact directory, its detector.json/.safetensors, or a .ckpt."""
+    """Load a detector (eval mode) from an artifact directory, its detector.json/.safetensors, a .ckpt,
+    or an MLflow URI: models:/<name>/<version>, models:/<name>@<alias>, runs:/<run_id>/<path>
+    (tracking/registry URI from MLFLOW_TRACKING_URI, default the SQLite store in mlruns/)."""
+    if isinstance(path, str) and path.startswith(("models:/", "runs:/")):
+        from lit_sahs.registry import load_uri  # late: the registry needs mlflow, plain loads do not
+
+        return load_uri(path, map_location)
     p = Path(path)
     if not p.exists():
         raise LitSahsError(f"{p} does not exist: pass a directory written by save_detector or a Lightning .ckpt")
