@@ -1,0 +1,439 @@
+"""The MLflow model registry for detectors: `python -m lit_sahs register` and models:/ URIs.
+
+    python -m lit_sahs register --detector runs:/<run_id>/detector --name smollm2-guard --alias champion
+    python -m lit_sahs register --study quickstart-smollm2 --name smollm2-guard   # the study's refit
+    load_detector("models:/smollm2-guard@champion")     # or models:/smollm2-guard/3, runs:/<id>/detector
+
+A registered version points at a detector artifact (detector.safetensors + detector.json,
+written by save_detector). Loading downloads that directory and reads it with safetensors and
+json only: a registry entry that holds anything else (a pickle, an MLflow pyfunc/pytorch
+flavour, a .ckpt) is refused before any byte of it is interpreted, so a detector someone else
+registered cannot run code on the machine that loads it.
+
+A registered model belongs to one target: its first version records the target fingerprint
+(tag ``lit_sahs.target_fingerprint``) and a detector for another target is refused. Each
+version carries tags for the target, the HeadSet, the detector family and the source run's
+metrics. Registration either completes (version created, READY, tagged, alias set) or leaves
+nothing behind: a model or run it created is deleted again on any failure.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+from lit_sahs.errors import LitSahsError
+
+log = logging.getLogger(__name__)
+
+TAG_FINGERPRINT = "lit_sahs.target_fingerprint"
+TAG_TARGET = "lit_sahs.target"
+TAG_GEOMETRY = "lit_sahs.geometry"
+TAG_HEADS = "lit_sahs.head_set"
+TAG_FAMILY = "lit_sahs.detector"
+TAG_THRESHOLD = "lit_sahs.threshold"
+TAG_METRICS = "lit_sahs.metrics"
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+?)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))/?$")
+RUN_URI = re.compile(r"^runs:/(?P<run_id>[0-9a-zA-Z]+)(?:/(?P<path>.*))?$")
+ALIAS = re.compile(r"^[A-Za-z0-9_\-]{1,255}$")
+# metrics copied from the source run into version tags (all of them go into lit_sahs.metrics)
+KEY_METRICS = ("mean_held_out_auroc", "mean_tpr_at_1fpr", "min_held_out_auroc", "refit_test/auroc",
+               "refit_test/tpr_at_1fpr", "threshold")
+
+
+def is_uri(path: Any) -> bool:
+    return isinstance(path, str) and (path.startswith("models:/") or path.startswith("runs:/"))
+
+
+def parse_model_uri(uri: str) -> tuple[str, Optional[str], Optional[str]]:
+    """models:/<name>/<version>, models:/<name>/latest or models:/<name>@<alias> -> (name, version, alias)."""
+    m = MODEL_URI.match(uri.strip())
+    if not m:
+        raise LitSahsError(f"{uri!r} is not a registry URI: use models:/<name>/<version> or models:/<name>@<alias>")
+    return m["name"], m["version"], m["alias"]
+
+
+def _tracking_uri(tracking_uri: Optional[str]) -> str:
+    from lit_sahs.tune import absolute_uri
+
+    return absolute_uri(tracking_uri)
+
+
+def client(tracking_uri: Optional[str] = None):
+    from mlflow import MlflowClient
+
+    from lit_sahs.tune import probe_database
+
+    uri = _tracking_uri(tracking_uri)
+    registry = os.environ.get("MLFLOW_REGISTRY_URI") or uri
+    probe_database(uri, "the MLflow tracking store")
+    if registry != uri:
+        probe_database(registry, "the MLflow model registry")
+    return MlflowClient(tracking_uri=uri, registry_uri=registry)
+
+
+def _redact(uri: str) -> str:
+    from lit_sahs.tune import redact
+
+    return redact(uri)
+
+
+def _msg(e: BaseException) -> str:
+    text = str(getattr(e, "message", None) or e).strip()
+    return (text.splitlines() or [type(e).__name__])[0][:300]
+
+
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
+
+
+# ---------------------------------------------------------------- resolving and loading
+
+def registered_model(c, name: str, where: str):
+    """The RegisteredModel `name`, or a LitSahsError naming the models that exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_registered_model(name)
+    except MlflowException as e:
+        if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(e).lower():
+            raise LitSahsError(f"the model registry at {_redact(where)} failed: {_msg(e)}") from None
+    try:
+        names = sorted(m.name for m in c.search_registered_models(max_results=50))
+    except Exception:  # noqa: BLE001
+        names = []
+    raise LitSahsError(f"registered model {name!r} does not exist in {_redact(where)}"
+                       + (f" (registered: {', '.join(names)})" if names else " (the registry is empty)")
+                       + ": register one with `python -m lit_sahs register --name ...` or set MLFLOW_TRACKING_URI")
+
+
+def resolve_version(uri: str, tracking_uri: Optional[str] = None):
+    """The ModelVersion a models:/ URI names (version number, 'latest' or @alias)."""
+    from mlflow.exceptions import MlflowException
+
+    name, version, alias = parse_model_uri(uri)
+    c = client(tracking_uri)
+    where = os.environ.get("MLFLOW_REGISTRY_URI") or _tracking_uri(tracking_uri)
+    try:
+        registered_model(c, name, where)
+    except LitSahsError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an unreachable registry
+        raise LitSahsError(f"cannot reach the model registry at {_redact(where)}: {_msg(e)}") from None
+    versions = sorted((v.version for v in c.search_model_versions(f"name='{name}'")), key=int)
+    try:
+        if alias is not None:
+            return c.get_model_version_by_alias(name, alias)
+        if version == "latest":
+            if not versions:
+                raise LitSahsError(f"registered model {name!r} has no versions")
+            return c.get_model_version(name, versions[-1])
+        if not version.isdigit():
+            raise LitSahsError(f"{uri!r}: the version must be a number, 'latest', or use models:/{name}@<alias>")
+        return c.get_model_version(name, version)
+    except MlflowException:
+        aliases = sorted(c.get_registered_model(name).aliases or {})
+        what = f"alias {alias!r}" if alias is not None else f"version {version}"
+        raise LitSahsError(f"registered model {name!r} has no {what} (versions: {versions or 'none'}; "
+                           f"aliases: {aliases or 'none'})") from None
+
+
+def _download(uri: str, dst: str | os.PathLike, tracking_uri: Optional[str] = None):
+    """(downloaded path, detector directory inside it, ModelVersion or None). Nothing is loaded here."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from lit_sahs.detectors.artifact import META_FILE, WEIGHTS_FILE
+
+    turi = _tracking_uri(tracking_uri)
+    mv = None
+    if uri.startswith("models:/"):
+        mv = resolve_version(uri, tracking_uri)
+        source = client(tracking_uri).get_model_version_download_uri(mv.name, mv.version)
+    elif RUN_URI.match(uri):
+        source = uri
+        if not (RUN_URI.match(uri)["path"] or "").strip("/"):  # the run's root: MLflow wants a path, use its location
+            try:
+                source = client(tracking_uri).get_run(RUN_URI.match(uri)["run_id"]).info.artifact_uri
+            except Exception as e:  # noqa: BLE001
+                raise LitSahsError(f"cannot find run {uri} in {_redact(turi)}: {_msg(e)}") from None
+    else:
+        raise LitSahsError(f"{uri!r} is not a registry or run URI: use models:/<name>/<version>, "
+                           "models:/<name>@<alias> or runs:/<run_id>/<path>")
+    try:
+        with _no_progress_bar():
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
+                                                             tracking_uri=turi))
+    except MlflowException as e:
+        raise LitSahsError(f"cannot download {uri} ({source}): {_msg(e)}") from None
+    except OSError as e:
+        raise LitSahsError(f"cannot download {uri} ({source}): {e}") from None
+    for d in ([local, local / "detector"] if local.is_dir() else []):
+        if d.is_dir() and (d / META_FILE).is_file() and (d / WEIGHTS_FILE).is_file():
+            return local, d, mv
+    found = (sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())[:10] if local.is_dir()
+             else [local.name])
+    raise LitSahsError(f"{uri} holds no lit_sahs detector artifact ({META_FILE} + {WEIGHTS_FILE}); found {found}. "
+                       "Only safetensors + JSON detectors are loaded: pickles, .ckpt files and MLflow model "
+                       "flavours are refused because loading them could run code")
+
+
+def download_detector(uri: str, dst: str | os.PathLike, tracking_uri: Optional[str] = None) -> Path:
+    """Download the detector directory a models:/ or runs:/ URI points at into `dst`; returns the
+    directory holding detector.json and detector.safetensors. Nothing is loaded here."""
+    return _download(uri, dst, tracking_uri)[1]
+
+
+def load_uri(uri: str, map_location="cpu", tracking_uri: Optional[str] = None):
+    """Load a detector from models:/... or runs:/... (safetensors + JSON only, never unpickled)."""
+    from lit_sahs.detectors.artifact import _from_artifact
+
+    tmp = tempfile.mkdtemp(prefix="lit_sahs-detector-")
+    try:
+        _, directory, mv = _download(uri, tmp, tracking_uri)
+        det = _from_artifact(directory, map_location)
+        want = (mv.tags or {}).get(TAG_FINGERPRINT) if mv is not None else None
+        if want and want != det.fingerprint.weights_hash:
+            raise LitSahsError(f"{uri}: the artifact's target ({det.fingerprint.weights_hash[:24]}) differs from the "
+                               f"version's {TAG_FINGERPRINT} tag ({want[:24]}): the registry entry is inconsistent")
+        return det
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- registering
+
+def _detector_tags(det) -> dict[str, str]:
+    fp = det.fingerprint
+    return {TAG_FINGERPRINT: fp.weights_hash, TAG_TARGET: fp.name,
+            TAG_GEOMETRY: "x".join(str(v) for v in fp.geometry.shape),
+            TAG_HEADS: ",".join(f"{l}.{h}" for l, h in det.head_set), TAG_FAMILY: det.family,
+            TAG_THRESHOLD: f"{float(det.threshold):.6g}"}
+
+
+def _run_metrics(c, run_id: str) -> dict[str, float]:
+    try:
+        return dict(c.get_run(run_id).data.metrics)
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+def _check_alias(alias: Optional[str]) -> None:
+    if alias is None:
+        return
+    if not ALIAS.match(alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise LitSahsError(f"alias {alias!r} is not allowed: use letters, digits, '_' or '-' (not 'latest' or 'v<number>')")
+
+
+def _parse_tags(tags: Optional[list[str] | dict]) -> dict[str, str]:
+    if not tags:
+        return {}
+    if isinstance(tags, dict):
+        return {str(k): str(v) for k, v in tags.items()}
+    if isinstance(tags, str):
+        tags = [t for t in tags.split(",") if t.strip()]
+    out = {}
+    for t in tags:
+        k, sep, v = str(t).partition("=")
+        if not sep or not k.strip():
+            raise LitSahsError(f"tag {t!r} must be key=value")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def study_refit(study: str, storage: str) -> dict:
+    """The refit record (`lit_sahs.best_refit`) that `tune` stored in a study."""
+    from lit_sahs.tune import REFIT_ATTR, open_storage, redact
+
+    st = open_storage(storage, heartbeat_interval=None)
+    try:
+        sid = st.get_study_id_from_name(study)
+    except KeyError:
+        names = sorted(s.study_name for s in st.get_all_studies())
+        raise LitSahsError(f"no study {study!r} in {redact(storage)} (studies: {names or 'none'})") from None
+    info = st.get_study_user_attrs(sid).get(REFIT_ATTR)
+    if not info:
+        raise LitSahsError(f"study {study!r} has no refit detector yet: run `python -m lit_sahs tune ... --refit true`")
+    return info
+
+
+def register_detector(detector: str, name: str, alias: Optional[str] = None, tags: Optional[dict] = None,
+                      description: Optional[str] = None, tracking_uri: Optional[str] = None,
+                      experiment: str = "registry", metrics: Optional[dict] = None) -> dict:
+    """Register `detector` (a save_detector directory, .ckpt, runs:/ or models:/ URI) as a new version of
+    `name`; set `alias` on it. Returns {name, version, uri, alias_uri, source, run_id, tags}.
+    On any failure nothing it created stays in the registry or tracking store."""
+    from lit_sahs.detectors import load_detector, save_detector
+    from lit_sahs.tracking import artifact_location
+
+    if not name or not re.fullmatch(r"[^/@:]{1,255}", name):
+        raise LitSahsError(f"registered model name {name!r} is not allowed: no '/', '@' or ':'")
+    _check_alias(alias)
+    user_tags = _parse_tags(tags)
+    turi = _tracking_uri(tracking_uri)
+    c = client(tracking_uri)
+
+    # 1. the detector must load (safetensors + JSON) before the registry is touched
+    det = load_detector(detector)
+    src_run: Optional[str] = None
+    src_path: Optional[str] = None
+    if isinstance(detector, str) and RUN_URI.match(detector):
+        m = RUN_URI.match(detector)
+        src_run, src_path = m["run_id"], (m["path"] or "").strip("/")
+        sub = Path(tempfile.mkdtemp(prefix="lit_sahs-check-"))
+        try:  # the version must point at the artifact directory itself, not a folder above it
+            local, directory, _ = _download(detector, sub, tracking_uri)
+            if directory != local:
+                src_path = f"{src_path}/{directory.name}".strip("/")
+        finally:
+            shutil.rmtree(sub, ignore_errors=True)
+    tags_v = _detector_tags(det)
+    run_metrics = dict(metrics or {})
+    if src_run:
+        run_metrics = {**_run_metrics(c, src_run), **run_metrics}
+
+    # 2. the registered model: new, or one that holds detectors for the same target
+    from mlflow.exceptions import MlflowException
+
+    created_model = created_run = None
+    created_version = None
+    try:
+        try:
+            existing = c.get_registered_model(name)
+        except MlflowException as e:
+            if "not found" not in str(e).lower() and getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+                raise LitSahsError(f"the model registry at {_redact(turi)} failed: {_msg(e)}") from None
+            existing = None
+        except Exception as e:  # noqa: BLE001 - unreachable registry
+            raise LitSahsError(f"cannot reach the model registry at {_redact(turi)}: {_msg(e)}") from None
+        if existing is not None:
+            fp = (existing.tags or {}).get(TAG_FINGERPRINT)
+            if fp is None and c.search_model_versions(f"name='{name}'"):
+                raise LitSahsError(f"registered model {name!r} exists but holds no lit_sahs detectors: choose another name")
+            if fp is not None and fp != det.fingerprint.weights_hash:
+                raise LitSahsError(
+                    f"registered model {name!r} holds detectors for target {(existing.tags or {}).get(TAG_TARGET)!r} "
+                    f"(weights {fp[:24]}) but this detector was made for {det.fingerprint.name!r} "
+                    f"(weights {det.fingerprint.weights_hash[:24]}): register it under another name")
+        else:
+            c.create_registered_model(name, tags={TAG_FINGERPRINT: det.fingerprint.weights_hash,
+                                                  TAG_TARGET: det.fingerprint.name,
+                                                  TAG_GEOMETRY: tags_v[TAG_GEOMETRY]},
+                                      description=description)
+            created_model = name
+        if existing is not None and TAG_FINGERPRINT not in (existing.tags or {}):
+            c.set_registered_model_tag(name, TAG_FINGERPRINT, det.fingerprint.weights_hash)
+            c.set_registered_model_tag(name, TAG_TARGET, det.fingerprint.name)
+
+        # 3. where the version's files live: the source run's artifact, or a run made here
+        if src_run:
+            source, run_id = f"runs:/{src_run}/{src_path}" if src_path else f"runs:/{src_run}", src_run
+        else:
+            exp = c.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else c.create_experiment(
+                experiment, artifact_location=artifact_location(experiment, turi))
+            run_id = c.create_run(exp_id, run_name=f"register-{name}",
+                                  tags={"lit_sahs.kind": "register", "lit_sahs.source": str(detector)}).info.run_id
+            created_run = run_id
+            with tempfile.TemporaryDirectory() as tmp:
+                art = save_detector(det, Path(tmp) / "detector")
+                c.log_artifacts(run_id, str(art), artifact_path="detector")
+            c.set_terminated(run_id)
+            source = f"runs:/{run_id}/detector"
+
+        # 4. the version, its tags and alias
+        metric_tags = {f"metric.{k}": f"{v:.6g}" for k, v in run_metrics.items() if k in KEY_METRICS}
+        vtags = {**tags_v, **metric_tags, **user_tags}
+        if run_metrics:
+            vtags[TAG_METRICS] = json.dumps({k: round(float(v), 6) for k, v in sorted(run_metrics.items())})[:4900]
+        mv = c.create_model_version(name, source=source, run_id=run_id, tags=vtags, description=description)
+        created_version = mv.version
+        deadline = time.monotonic() + 120
+        while mv.status != "READY":
+            if mv.status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
+                raise LitSahsError(f"model version {name}/{mv.version} did not become READY ({mv.status}: "
+                                   f"{mv.status_message})")
+            time.sleep(0.5)
+            mv = c.get_model_version(name, mv.version)
+        if alias:
+            c.set_registered_model_alias(name, alias, mv.version)
+    except BaseException as e:
+        _rollback(c, name, created_model, created_version, created_run)
+        if isinstance(e, (LitSahsError, KeyboardInterrupt)):
+            raise
+        raise LitSahsError(f"registering {detector} as {name!r} failed ({type(e).__name__}: {_msg(e)}); "
+                           "nothing was registered") from None
+    return {"name": name, "version": int(mv.version), "uri": f"models:/{name}/{mv.version}",
+            "alias": alias, "alias_uri": f"models:/{name}@{alias}" if alias else None, "source": source,
+            "run_id": run_id, "tags": vtags, "tracking_uri": _redact(turi)}
+
+
+def _rollback(c, name: str, created_model: Optional[str], created_version: Optional[str],
+              created_run: Optional[str]) -> None:
+    for what, fn in (("version", lambda: created_version and c.delete_model_version(name, created_version)),
+                     ("model", lambda: created_model and c.delete_registered_model(created_model)),
+                     ("run", lambda: created_run and c.delete_run(created_run))):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - best effort; report what could not be removed
+            log.warning("could not remove the %s created before the failure: %s", what, _msg(e))
+
+
+# ---------------------------------------------------------------- command line
+
+def register_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    p = ArgumentParser(prog="python -m lit_sahs register",
+                       description="Put a detector in the MLflow model registry (name, version, alias, tags).")
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_argument("--detector", default=None,
+                   help="detector directory, .ckpt, runs:/<run_id>/detector or models:/ URI")
+    p.add_argument("--study", default=None, help="register the refit detector of this tune study instead")
+    p.add_argument("--storage", default=None, help="the study's storage URL (default: tune's default SQLite file)")
+    p.add_argument("--name", required=True, help="registered model name")
+    p.add_argument("--alias", default=None, help="alias to point at the new version, e.g. champion")
+    p.add_argument("--tag", type=Union[str, list[str]], default=[],
+                   help="extra version tags: key=value[,key=value...] (or a YAML list)")
+    p.add_argument("--description", default=None)
+    p.add_argument("--tracking_uri", default=None, help="MLflow tracking/registry URI (default sqlite in mlruns/)")
+    p.add_argument("--experiment", default="registry", help="experiment for the run that holds a local detector's files")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    a = register_parser().parse_args(argv)
+    if bool(a.detector) == bool(a.study):
+        raise LitSahsError("give exactly one of --detector (a detector or URI) and --study (a tune study's refit)")
+    detector = a.detector
+    extra = {}
+    if a.study:
+        from lit_sahs.tune import DEFAULT_STORAGE
+
+        info = study_refit(a.study, a.storage or DEFAULT_STORAGE)
+        detector = info["detector"]
+        extra = {"optuna.study": a.study, "optuna.trial": str(info.get("trial"))}
+    for noisy in ("mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    out = register_detector(detector, a.name, alias=a.alias, tags={**extra, **_parse_tags(a.tag)},
+                            description=a.description, tracking_uri=a.tracking_uri, experiment=a.experiment)
+    print(f"registered {out['uri']}" + (f" (alias {out['alias_uri']})" if out["alias"] else "")
+          + f" from {out['source']}; target {out['tags'][TAG_TARGET]}, heads {out['tags'][TAG_HEADS]}")
+    print(json.dumps(out))
+    return 0
