@@ -152,7 +152,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     if a.detector or a.data:
         if not (a.detector and a.data):
             raise LitSahsError("scoring a file needs both --detector and --data")
-        report = ev.score_file(a.detector, a.data, target=a.target)
+        report = ev.score_file(a.detector, a.data, target=a.target, tracking_uri=a.tracking_uri)
         text = json.dumps(report, indent=1)
         if a.json:
             ev.atomic_write_text(a.json, text + "\n")

@@ -211,7 +211,7 @@ def matrix_csv(result: dict, method: str) -> str:
 # ---------------------------------------------------------------- scoring a user file
 
 def score_file(detector_path: str, data: str, target: Optional[str] = None, batch_size: int = 8,
-               device: str = "cpu", group_key: str = "attack") -> dict:
+               device: str = "cpu", group_key: str = "attack", tracking_uri: Optional[str] = None) -> dict:
     """Load a detector and the target named in it, score every prompt of a user JSONL/CSV, and
     report overall and per-attack metrics."""
     from lit_sahs.capture import HeadCapture
@@ -219,7 +219,7 @@ def score_file(detector_path: str, data: str, target: Optional[str] = None, batc
     from lit_sahs.detectors import load_detector
     from lit_sahs.targets import load_target, prompting
 
-    det = load_detector(detector_path)
+    det = load_detector(detector_path, tracking_uri=tracking_uri)
     samples = load_user_file(data)
     if not samples:
         raise LitSahsError(f"{data} holds no prompts")

@@ -149,14 +149,15 @@ def _from_checkpoint(path: Path, map_location: str | torch.device) -> SafetyDete
     return detector.to(map_location).eval()
 
 
-def load_detector(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SafetyDetector:
+def load_detector(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                  tracking_uri: str | None = None) -> SafetyDetector:
     """Load a detector (eval mode) from an artifact directory, its detector.json/.safetensors, a .ckpt,
     or an MLflow URI: models:/<name>/<version>, models:/<name>@<alias>, runs:/<run_id>/<path>
-    (tracking/registry URI from MLFLOW_TRACKING_URI, default the SQLite store in mlruns/)."""
+    (tracking/registry URI: `tracking_uri`, else MLFLOW_TRACKING_URI, else the SQLite store in mlruns/)."""
     if isinstance(path, str) and path.startswith(("models:/", "runs:/")):
         from lit_sahs.registry import load_uri  # late: the registry needs mlflow, plain loads do not
 
-        return load_uri(path, map_location)
+        return load_uri(path, map_location, tracking_uri)
     p = Path(path)
     if not p.exists():
         raise LitSahsError(f"{p} does not exist: pass a directory written by save_detector or a Lightning .ckpt")
