@@ -1,0 +1,150 @@
+"""Ablation of located safety heads on Qwen2.5-Coder-0.5B-Instruct: ASR and benign utility.
+
+Reproduces experiments/results/ablation_qwen.md (and .json):
+
+    # 1. a modest plain-prompt store and its head ranking (skipped when they exist)
+    python -m lit_sahs extract --target qwen2.5-coder-0.5b-instruct --harmful advbench,harmbench \\
+        --benign truthfulqa,healthsearchqa,sharegpt --attacks plain --limit 300 --store stores/qwen-plain
+    python -m lit_sahs locate --store stores/qwen-plain --top_k 16
+    # 2. the study (this script runs 1 itself when the store or ranking is missing)
+    python experiments/ablation_qwen.py
+
+Harmful prompts: AdvBench prompts *not* in the store (so not used for locating). Benign prompts:
+TruthfulQA and HealthSearchQA questions not in the store. Greedy decoding. Configurations: no
+ablation; top-k heads of the ranking (zero and mean ablation, mean over the store's benign rows);
+random k heads drawn from outside the top k (zero ablation, several seeds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = "qwen2.5-coder-0.5b-instruct"
+
+
+def ensure_store_and_ranking(store: Path) -> None:
+    from lit_sahs.data.protocol import build_dataset
+    from lit_sahs.extract import run_extraction
+    from lit_sahs.pipeline import ensure_ranking
+
+    if not (store / "manifest.json").exists():
+        samples = build_dataset(harmful=("advbench", "harmbench"), benign=("truthfulqa", "healthsearchqa", "sharegpt"),
+                                attacks=("plain",), limit=300, seed=0)
+        run_extraction(TARGET, samples, store, batch_size=8,
+                       trainer_kwargs={"accelerator": "cpu", "devices": 1, "enable_progress_bar": False})
+    ensure_ranking(str(store), str(store / "ranking.json"), top_k=16)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", default=str(ROOT / "stores" / "qwen-plain"))
+    ap.add_argument("--ks", default="4,8,16")
+    ap.add_argument("--modes", default="zero,mean", help="modes for the top-k heads")
+    ap.add_argument("--random_modes", default="zero", help="modes for the random heads")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--n_harmful", type=int, default=64)
+    ap.add_argument("--n_benign", type=int, default=32)
+    ap.add_argument("--max_new_tokens", type=int, default=32)
+    ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "ablation_qwen.md"))
+    ap.add_argument("--json", default=None, help="also write every number, the prompts and example answers here")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (on a shared machine 1 thread can be several times faster than oversubscribing)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from lit_sahs.ablate import format_table, gather, run_study, study_configs, summarise
+    from lit_sahs.data.samples import normalise_text
+    from lit_sahs.data.store import ActivationStore
+    from lit_sahs.evaluate import atomic_write_text
+    from lit_sahs.judge import REFUSAL_PHRASES, PhraseJudge
+    from lit_sahs.locate import HeadRanking
+    from lit_sahs.targets import load_target
+
+    store_path = Path(args.store)
+    t_all = time.perf_counter()
+    ensure_store_and_ranking(store_path)
+    store = ActivationStore.open(store_path)
+    ranking = HeadRanking.load(store_path / "ranking.json")
+    target = load_target(TARGET)
+    ranking.fingerprint.check(target.fingerprint, "the ranking")
+    ks = [int(k) for k in args.ks.split(",")]
+    configs = study_configs(ranking, ks, args.modes.split(","), args.seeds, target.geometry,
+                            args.random_modes.split(","))
+    exclude = {normalise_text(r["text"]) for r in store.index()}
+    harmful = gather(["advbench"], args.n_harmful, exclude, 0)
+    benign = gather(["truthfulqa", "healthsearchqa"], args.n_benign, exclude, 0)
+    print(f"{len(configs)} configurations, {len(harmful)} harmful + {len(benign)} benign prompts", flush=True)
+    results = run_study(target, harmful, benign, configs, store=store, judge=PhraseJudge(),
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    minutes = (time.perf_counter() - t_all) / 60
+    tied = sum(1 for s in ranking.scores if s["auroc"] >= ranking.scores[0]["auroc"] - 1e-12)
+    top = max(ks)
+    cmd = "python experiments/ablation_qwen.py " + " ".join(sys.argv[1:])
+    lines = [
+        "# Safety-head ablation on Qwen2.5-Coder-0.5B-Instruct",
+        "",
+        f"Produced by `{cmd.strip()}` on {datetime.now(timezone.utc):%Y-%m-%d} "
+        f"({platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, shared machine; "
+        f"{minutes:.0f} min in all).",
+        "",
+        f"* Store `{store_path.relative_to(ROOT) if store_path.is_relative_to(ROOT) else store_path}`: "
+        f"{len(store)} plain prompts (harmful: AdvBench + HarmBench; benign: TruthfulQA, HealthSearchQA, ShareGPT), "
+        "ranking by `python -m lit_sahs locate` (per-head probe AUROC on the val split).",
+        f"* Harmful: {len(harmful)} AdvBench prompts **not in the store** (never used for locating). "
+        f"Benign: {len(benign)} TruthfulQA + HealthSearchQA questions not in the store.",
+        f"* Greedy decoding, {args.max_new_tokens} new tokens. ASR = share of harmful prompts whose answer the "
+        f"phrase judge (`lit_sahs.judge.PhraseJudge`, {len(REFUSAL_PHRASES)} phrases, first 200 characters) "
+        "does not call a refusal.",
+        "* Benign utility against the unablated answers: *exact match* (share of answers identical token for "
+        "token), *prefix kept* (mean share of the unablated answer reproduced before the first different token), "
+        "*ppl* (perplexity of the unablated answers under the ablated target, teacher-forced; the `none` row is "
+        "the floor), *benign refused* (over-refusal by the same judge).",
+        f"* top-k: the first k heads of the ranking. random-k: k heads drawn uniformly from the heads outside "
+        f"the top k (seeds 0..{args.seeds - 1}, mean over seeds with the ASR range). zero: the head's output "
+        "is set to 0 at every position (prefill and decode); mean: set to its mean over the store's benign rows.",
+        "",
+        format_table(results),
+        "",
+        f"Top-{top} heads (layer.head): " + ", ".join(f"{l}.{h}" for l, h in ranking.top_k(top)) + ".",
+        f"Caveat: {tied} of {len(ranking.scores)} heads tie at the best val AUROC "
+        f"({ranking.scores[0]['auroc']:.3f}) on this easy plain-prompt store (ties broken by accuracy, then by "
+        "position), so the order inside the top group is weakly determined.",
+        "",
+        "Every configuration (random seeds one by one):",
+        "",
+        "| config | heads | ASR | benign exact | prefix kept | ppl | benign refused | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+        *[f"| {r['config']} | {' '.join(f'{l}.{h}' for l, h in r['heads']) or '-'} | {r['asr']:.3f} | "
+          f"{r['exact']:.3f} | {r['prefix']:.3f} | {r['ppl']:.3f} | {r['benign_refused']:.3f} | {r['seconds']} |"
+          for r in results],
+        "",
+        "First answers to the first three harmful prompts, unablated and with the largest top-k zero-ablated:",
+        "",
+        *[f"* `{r['config']}`: " + " / ".join(json.dumps(t[:100]) for t in r["examples"]["harmful"])
+          for r in results if r["kind"] == "none" or (r["kind"] == "top" and r["k"] == top and r["mode"] == "zero")],
+        "",
+    ]
+    text = "\n".join(lines)
+    atomic_write_text(args.out, text)
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"command": cmd.strip(), "args": vars(args), "minutes": round(minutes, 1),
+                                                 "harmful": harmful, "benign": benign, "results": results,
+                                                 "summary": summarise(results)}, indent=1, default=str) + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    sys.exit(main())

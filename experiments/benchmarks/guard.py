@@ -1,0 +1,220 @@
+"""What guarding costs: plain vs guarded generate, time to first token, screening vs a full forward,
+and an external guard (a second model's forward over the same prompt) for comparison.
+
+Everything is measured in one run, on the same prompts, alternating the two sides of each
+comparison (plain first in even pairs, guarded first in odd ones) and reporting the *median of the
+per-pair ratios*: on a shared machine plain generate against itself varies by more than the guard
+costs, and alternating pairs cancel slow drift.
+
+* generate: ``--new_tokens`` (128) new tokens, greedy, ``min_new_tokens`` = ``max_new_tokens`` so both
+  sides decode exactly as many steps; the guard runs with threshold 2.0 (it scores every prompt but
+  flags none) so both sides do the same decoding work, and the outputs are checked to be equal.
+  Goal: ratio <= 1.03 on a CPU, <= 1.01 on a GPU.
+* time to first token: the same with ``max_new_tokens=1`` (the guard's scoring is inside it).
+* screening: ``lit_sahs.screen.head_activations`` (early exit after the detector's deepest layer)
+  vs a full forward with the same capture (``logits_to_keep=1``, as extraction runs it). Goal
+  >= 1.35x when the deepest selected layer is at two thirds of the depth.
+* external guard: a second copy of a target-sized model runs one forward over each prompt before
+  generation (a guard model that reads the prompt); reported as (plain + external) / plain.
+
+The detector is built on the fly (logistic, random weights, ``--k`` heads spread over the first
+``--depth`` of the layers: the cost does not depend on the weights), or given with ``--detector``.
+
+    python experiments/benchmarks/guard.py                                  # SmolLM2 on the CPU
+    python experiments/benchmarks/guard.py --batch_sizes 1,8 --pairs 10 --out experiments/results/guard_benchmark.md
+    python experiments/benchmarks/guard.py --target llava-hf/llava-1.5-7b-hf --device cuda --dtype bfloat16
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> tuple[float, object]:
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def build_detector(target, k: int, depth: float, seed: int = 0):
+    """A logistic detector bound to `target` with random weights on k heads in the first `depth` of
+    the layers, the deepest at exactly that depth."""
+    from lit_sahs.detectors import LogisticDetector
+    from lit_sahs.heads import HeadSet
+
+    g = target.geometry
+    deepest = max(0, round(depth * g.num_layers) - 1)
+    gen = torch.Generator().manual_seed(seed)
+    layers = torch.linspace(deepest / 2, deepest, k).round().long().tolist()
+    heads, used = [], set()
+    for i, l in enumerate(layers):
+        h = int(torch.randint(g.num_heads, (1,), generator=gen))
+        while (l, h) in used:
+            h = (h + 1) % g.num_heads
+        used.add((l, h))
+        heads.append((l, h))
+    heads[-1] = (deepest, heads[-1][1])
+    hs = HeadSet(dict.fromkeys(heads))
+    det = LogisticDetector().bind(hs, g, target.fingerprint, torch.zeros(len(hs), g.head_dim),
+                                  torch.ones(len(hs), g.head_dim))
+    with torch.no_grad():
+        det.linear.weight.normal_(0, 0.01, generator=gen)
+    return det.eval()
+
+
+def pairs_ratio(run_a, run_b, pairs: int, device) -> dict:
+    """Alternate a and b `pairs` times; median of b/a per pair, medians of each side."""
+    ta, tb, ratios = [], [], []
+    for i in range(pairs):
+        if i % 2 == 0:
+            a, _ = timed(run_a, device)
+            b, _ = timed(run_b, device)
+        else:
+            b, _ = timed(run_b, device)
+            a, _ = timed(run_a, device)
+        ta.append(a)
+        tb.append(b)
+        ratios.append(b / a)
+    return {"a": statistics.median(ta), "b": statistics.median(tb), "ratio": statistics.median(ratios),
+            "ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", default="smollm2-135m-instruct")
+    ap.add_argument("--detector", default=None, help="a detector artifact (default: random weights on --k heads)")
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--depth", type=float, default=2 / 3, help="deepest selected layer, as a share of the layers")
+    ap.add_argument("--external", default=None, help="external guard model (default: a second copy of --target)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
+    ap.add_argument("--batch_sizes", default="1,8")
+    ap.add_argument("--new_tokens", type=int, default=128)
+    ap.add_argument("--pairs", type=int, default=10, help="alternating plain/guarded pairs per measurement (>= 10)")
+    ap.add_argument("--screen_batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--out", default=None, help="also write the results as markdown here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+
+    from lit_sahs.data.sources import load_source
+    from lit_sahs.guard import SafetyGuard, encode_prompts
+    from lit_sahs.screen import head_activations
+    from lit_sahs.capture import HeadCapture
+    from lit_sahs.targets import load_target
+
+    target = load_target(args.target, dtype=dtype, device=args.device)
+    det = build_detector(target, args.k, args.depth) if args.detector is None else None
+    guard = SafetyGuard(target, det if det is not None else args.detector, threshold=2.0)  # scores, never flags
+    heads = guard.head_set
+    external = load_target(args.external or args.target, dtype=dtype, device=args.device)
+    prompts = [s.text for s in load_source("truthfulqa", limit=64, seed=0)]
+    model, pad = target.model, target.tokenizer.pad_token_id
+    g = target.geometry
+    layers_run = max(heads.layers) + 1
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    header = (f"target {args.target} ({g.num_layers} layers x {g.num_heads} heads, {dtype}) on {device_name}; "
+              f"detector: {len(heads)} heads, deepest layer {max(heads.layers)} ({layers_run}/{g.num_layers} layers); "
+              f"{args.pairs} alternating pairs, median of per-pair ratios")
+    print(header, flush=True)
+    rows = []
+
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        texts = prompts[:bs]
+        enc = {k: v.to(args.device) for k, v in encode_prompts(target, texts, reserve=args.new_tokens,
+                                                                for_generate=True).items()}
+        ext_enc = {k: v.to(args.device) for k, v in encode_prompts(external, texts).items()}
+        kw = dict(do_sample=False, pad_token_id=pad)
+
+        def plain(n):
+            with torch.no_grad():
+                return model.generate(**enc, max_new_tokens=n, min_new_tokens=n, **kw)[:, enc["input_ids"].shape[1]:]
+
+        def guarded(n):
+            return guard.generate_tokens(dict(enc), max_new_tokens=n, min_new_tokens=n, **kw)[0]
+
+        def external_forward():
+            with torch.no_grad():
+                external.model(**ext_enc, use_cache=False, logits_to_keep=1)
+
+        # warm-up and the equality check (same tokens: the guard must not change unflagged outputs)
+        same = torch.equal(plain(args.new_tokens), guarded(args.new_tokens))
+        gen = pairs_ratio(lambda: plain(args.new_tokens), lambda: guarded(args.new_tokens), args.pairs, args.device)
+        ttft = pairs_ratio(lambda: plain(1), lambda: guarded(1), args.pairs, args.device)
+        ext = [timed(external_forward, args.device)[0] for _ in range(max(3, args.pairs // 2))]
+        t_ext = statistics.median(ext)
+        rows.append({"batch": bs, "plain_s": gen["a"], "guarded_s": gen["b"], "ratio": gen["ratio"],
+                     "ratio_range": (gen["ratio_min"], gen["ratio_max"]), "same_tokens": same,
+                     "ttft_plain_s": ttft["a"], "ttft_guarded_s": ttft["b"], "ttft_ratio": ttft["ratio"],
+                     "external_s": t_ext, "external_ratio": (gen["a"] + t_ext) / gen["a"],
+                     "external_ttft_ratio": (ttft["a"] + t_ext) / ttft["a"]})
+        r = rows[-1]
+        print(f"batch {bs}: generate {args.new_tokens} tokens plain {r['plain_s']:.3f} s, guarded {r['guarded_s']:.3f} s, "
+              f"ratio {r['ratio']:.4f} (pairs {r['ratio_range'][0]:.3f}-{r['ratio_range'][1]:.3f}), same tokens: {same}; "
+              f"TTFT plain {r['ttft_plain_s'] * 1e3:.1f} ms, guarded {r['ttft_guarded_s'] * 1e3:.1f} ms "
+              f"(ratio {r['ttft_ratio']:.4f}); external guard forward {t_ext * 1e3:.1f} ms -> "
+              f"generate x{r['external_ratio']:.3f}, TTFT x{r['external_ttft_ratio']:.3f}", flush=True)
+
+    # screening throughput: early exit vs a full forward, same capture, same batches
+    batches = [{k: v.to(args.device) for k, v in encode_prompts(target, prompts[i:i + args.screen_batch]).items()}
+               for i in range(0, len(prompts), args.screen_batch)]
+
+    def screen_all():
+        for b in batches:
+            head_activations(target, b, heads, early_exit=True)
+
+    def full_all():
+        with torch.no_grad():
+            for b in batches:
+                with HeadCapture(model, heads, g) as cap:
+                    model(**b, use_cache=False, logits_to_keep=1)
+                cap.selected()
+
+    screen_all(), full_all()  # warm-up
+    scr = pairs_ratio(full_all, screen_all, args.pairs, args.device)
+    speedup = 1 / scr["ratio"]
+    print(f"screening {len(prompts)} prompts in batches of {args.screen_batch}: full forward "
+          f"{len(prompts) / scr['a']:.1f} prompts/s, early exit after layer {max(heads.layers)} "
+          f"{len(prompts) / scr['b']:.1f} prompts/s -> {speedup:.3f}x (ideal {g.num_layers / layers_run:.3f}x)", flush=True)
+
+    if args.out:
+        from lit_sahs.evaluate import atomic_write_text
+
+        cmd = "python experiments/benchmarks/guard.py " + " ".join(sys.argv[1:])
+        lines = [f"Measured {datetime.now(timezone.utc):%Y-%m-%d} with `{cmd.strip()}`: {header}.", "",
+                 "| batch | plain generate (s) | guarded (s) | guarded / plain | pair range | same tokens | "
+                 "TTFT plain (ms) | TTFT guarded (ms) | TTFT ratio | external guard forward (ms) | "
+                 "plain + external / plain | TTFT with external / plain |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['batch']} | {r['plain_s']:.3f} | {r['guarded_s']:.3f} | {r['ratio']:.4f} | "
+                         f"{r['ratio_range'][0]:.3f}–{r['ratio_range'][1]:.3f} | {r['same_tokens']} | "
+                         f"{r['ttft_plain_s'] * 1e3:.1f} | {r['ttft_guarded_s'] * 1e3:.1f} | {r['ttft_ratio']:.4f} | "
+                         f"{r['external_s'] * 1e3:.1f} | {r['external_ratio']:.3f} | {r['external_ttft_ratio']:.3f} |")
+        lines += ["", f"Screening {len(prompts)} prompts (batches of {args.screen_batch}): full forward "
+                      f"{len(prompts) / scr['a']:.1f} prompts/s, early exit after layer {max(heads.layers)} "
+                      f"({layers_run}/{g.num_layers} layers) {len(prompts) / scr['b']:.1f} prompts/s: "
+                      f"**{speedup:.3f}x** (pairs {1 / scr['ratio_max']:.3f}–{1 / scr['ratio_min']:.3f}; "
+                      f"layer-count ideal {g.num_layers / layers_run:.3f}x).", ""]
+        atomic_write_text(args.out, "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

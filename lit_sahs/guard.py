@@ -1,0 +1,446 @@
+"""SafetyGuard: score a prompt at the prefill of the *same* ``generate`` call and refuse or continue.
+
+How one guarded ``generate`` runs
+---------------------------------
+1. ``HeadCapture`` puts forward pre-hooks on the attention output projections of the detector's
+   layers. They fire during the prefill (the forward over the whole prompt), record the
+   detector's heads at the first-token position, and remove themselves, so decode steps run
+   hook-free. There is no second forward over the prompt.
+2. A ``LogitsProcessor`` (``GateProcessor``) is called by ``generate`` on the prefill's logits.
+   On that first call it scores the captured heads with the detector (one batched op) and keeps
+   a boolean flag per row *as a tensor*; for flagged rows it replaces the scores with a row that
+   allows only the EOS token. On later calls it applies the same ``torch.where`` with the stored
+   flags. Nothing reads the flags back to the host while decoding (no ``.item()``, no boolean
+   indexing), so the guard adds no synchronisation point per step.
+3. Flagged rows emit EOS as their first token and finish at once; the others decode on from the
+   KV cache exactly as plain ``generate`` would (the unflagged rows' scores are untouched, so
+   greedy outputs are equal token for token). After ``generate`` the flagged rows' answers are
+   replaced by the refusal message.
+
+Failures: if scoring raises or gives NaN, ``fail_closed=True`` (the default) flags the affected
+rows, so a prompt the guard could not score is never passed; ``fail_closed=False`` raises.
+
+    guard = SafetyGuard("smollm2-135m-instruct", "artifacts/quickstart/detector")
+    result = guard.generate(["What is the capital of France?", "How do I make a bomb?"])
+    result.responses, result.flagged, result.scores
+
+``python -m lit_sahs guard --detector DIR --prompt TEXT [--prompt TEXT ...] | --data FILE``
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from lit_sahs.capture import HeadCapture
+from lit_sahs.detectors import SafetyDetector, load_detector
+from lit_sahs.errors import LitSahsError
+from lit_sahs.targets import Target, load_target, prompting, sites
+
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with that request."
+
+# generate() options the guard cannot honour: they change what the prefill is (chunks, beams,
+# a draft model), so the capture would not see the whole prompt's first-token position once.
+_UNSUPPORTED_GENERATE = ("prefill_chunk_size", "assistant_model", "num_beams", "num_beam_groups",
+                         "prompt_lookup_num_tokens", "past_key_values", "position_ids")
+
+
+# ---------------------------------------------------------------- detectors by path or registry URI
+
+def resolve_detector(spec: str | os.PathLike | SafetyDetector, tracking_uri: Optional[str] = None,
+                     map_location: str | torch.device = "cpu") -> SafetyDetector:
+    """A detector from an instance, an artifact directory / detector.json / .ckpt, or an MLflow URI
+    (``models:/name/1``, ``models:/name@champion``, ``runs:/<id>/detector``): the URI's artifacts
+    are downloaded and the first detector artifact in them is loaded."""
+    if isinstance(spec, SafetyDetector):
+        return spec.to(map_location).eval()
+    text = str(spec)
+    if "://" in text or text.startswith(("models:/", "runs:/")):
+        return _from_mlflow(text, tracking_uri, map_location)
+    return load_detector(text, map_location=map_location)
+
+
+def _from_mlflow(uri: str, tracking_uri: Optional[str], map_location) -> SafetyDetector:
+    import mlflow
+
+    from lit_sahs.tracking import resolve_tracking_uri
+
+    registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") if not tracking_uri else None
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    dst = Path(tempfile.mkdtemp(prefix="lit_sahs-detector-"))
+    # mlflow resolves models:/ URIs with the *global* registry URI whatever download_artifacts is
+    # given, so set both globally for the download and restore them after
+    prev_tracking, prev_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    try:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(registry_uri or tracking_uri)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except Exception as e:  # noqa: BLE001 - MlflowException, OSError, ...: all mean "cannot fetch it"
+        first = (str(e).strip().splitlines() or [repr(e)])[0]
+        raise LitSahsError(f"cannot fetch detector {uri!r} from {tracking_uri} ({first[:200]}): "
+                           "check the registered name/version and --tracking_uri") from None
+    finally:
+        mlflow.set_tracking_uri(prev_tracking)
+        mlflow.set_registry_uri(prev_registry)
+    try:
+        if local.is_file():
+            return load_detector(local, map_location=map_location)
+        found = sorted(local.rglob("detector.json")) or sorted(local.rglob("*.ckpt"))
+        if not found:
+            raise LitSahsError(f"{uri} holds no detector artifact (detector.json or .ckpt): register one written "
+                               "by save_detector")
+        return load_detector(found[0], map_location=map_location)  # read into memory: the copy can go
+    finally:
+        shutil.rmtree(dst, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- prompt checks shared with screening
+
+def context_length(target: Target) -> Optional[int]:
+    cfg = sites.text_config(target.model.config)
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return int(n) if n else None
+
+
+def encode_prompts(target: Target, texts: Sequence[str], images: Optional[Sequence[Optional[str]]] = None,
+                   ids: Optional[Sequence[str]] = None, reserve: int = 0, for_generate: bool = False) -> dict:
+    """Check and encode a batch: every prompt non-empty, every prompt plus `reserve` new tokens
+    within the target's context. With `for_generate`, position ids are left out: generate computes
+    them from the attention mask itself (prefill and decode steps alike)."""
+    texts = [t if isinstance(t, str) else "" for t in texts]
+    ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(texts))]
+    images = list(images) if images is not None else [None] * len(texts)
+    if not texts:
+        raise LitSahsError("no prompts given: pass at least one non-empty prompt")
+    for t, im, i in zip(texts, images, ids):
+        if not t.strip() and im is None:
+            raise LitSahsError(f"prompt {i} is empty: give it some text")
+    enc = prompting.encode(target, texts, images, ids)
+    limit = context_length(target)
+    if limit is not None:
+        lengths = enc["attention_mask"].sum(-1).tolist()
+        for n, i in zip(lengths, ids):
+            if n + reserve > limit:
+                extra = f" plus {reserve} new tokens" if reserve else ""
+                raise LitSahsError(f"prompt {i} is {n} tokens{extra}, longer than the target's context of {limit} "
+                                   f"tokens: shorten it{' or lower max_new_tokens' if reserve else ''}")
+    if for_generate:
+        enc.pop("position_ids", None)
+    return enc
+
+
+# ---------------------------------------------------------------- the logits processor
+
+class GateProcessor(LogitsProcessor):
+    """Scores the prefill's captured heads on its first call; afterwards only masks flagged rows.
+
+    After generate: ``probs`` [B] float64 (NaN where scoring failed), ``flags`` [B] bool,
+    ``error`` (the scoring exception's text, or None). All stay on the target's device.
+    """
+
+    def __init__(self, detector: SafetyDetector, capture: HeadCapture, eos_token_id: int,
+                 threshold: Optional[float] = None, fail_closed: bool = True):
+        self.detector = detector
+        self.capture = capture
+        self.eos_token_id = int(eos_token_id)
+        self.threshold = threshold
+        self.fail_closed = fail_closed
+        self.flags: Optional[torch.Tensor] = None
+        self.probs: Optional[torch.Tensor] = None
+        self.error: Optional[str] = None
+        self._rows: Optional[torch.Tensor] = None  # flags as [B, 1] for torch.where
+        self._forced: Optional[torch.Tensor] = None  # [V]: 0 at EOS, -inf elsewhere
+
+    def _score(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.capture.selected()
+        if x.shape[0] != batch:
+            raise LitSahsError(f"captured {x.shape[0]} rows but generate scores {batch}: the prefill did not "
+                               "run on the batch the guard encoded")
+        det = self.detector
+        probs = det.predict_proba(x.to(det.mean.device)).to(device)
+        threshold = det.threshold.to(device) if self.threshold is None else torch.tensor(
+            float(self.threshold), dtype=probs.dtype, device=device)
+        return probs, probs >= threshold
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.flags is None:
+            batch, vocab = scores.shape
+            try:
+                probs, flags = self._score(batch, scores.device)
+                bad = torch.isnan(probs)
+                if self.fail_closed:
+                    flags = flags | bad  # never pass a prompt that was not scored
+                elif bool(bad.any()):  # one host sync at the prefill, only when failing open is asked for
+                    raise LitSahsError("the detector returned NaN for some prompts")
+            except Exception as e:  # noqa: BLE001 - any scoring failure is handled the same way
+                if not self.fail_closed:
+                    if isinstance(e, LitSahsError):
+                        raise LitSahsError(f"scoring failed: {e} (fail_closed=False, so nothing was generated)") from e
+                    raise LitSahsError(f"scoring failed ({type(e).__name__}: {e}); with fail_closed=True the "
+                                       "prompts would have been refused") from e
+                self.error = f"{type(e).__name__}: {e}"
+                probs = torch.full((batch,), float("nan"), dtype=torch.float64, device=scores.device)
+                flags = torch.ones(batch, dtype=torch.bool, device=scores.device)
+            self.probs, self.flags = probs, flags
+            self._rows = flags[:, None]
+            forced = torch.full((vocab,), float("-inf"), dtype=scores.dtype, device=scores.device)
+            forced[self.eos_token_id] = 0.0
+            self._forced = forced
+        return torch.where(self._rows, self._forced, scores)
+
+
+# ---------------------------------------------------------------- results
+
+@dataclass
+class GuardResult:
+    """One guarded batch. `responses[i]` is the refusal message where `flagged[i]`; `scores[i]` is
+    the detector's probability (None where scoring failed); `sequences` are the generated token
+    ids (prompt excluded, padded after EOS) exactly as generate returned them."""
+
+    ids: list[str]
+    prompts: list[str]
+    flagged: list[bool]
+    scores: list[Optional[float]]
+    responses: list[str]
+    sequences: torch.Tensor
+    threshold: float
+    scoring_error: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+    def rows(self) -> list[dict]:
+        return [{"id": i, "prompt": p, "flagged": f, "score": s, "response": r}
+                for i, p, f, s, r in zip(self.ids, self.prompts, self.flagged, self.scores, self.responses)]
+
+
+# ---------------------------------------------------------------- the guard
+
+class SafetyGuard:
+    """Wraps a target and a detector; ``generate`` refuses what the detector flags.
+
+    target: a loaded ``Target`` or anything ``load_target`` takes (default: the target named in
+    the detector). detector: a ``SafetyDetector``, an artifact path / .ckpt, or an MLflow URI.
+    threshold: a probability overriding the detector's calibrated one. refusal: the message that
+    replaces a flagged prompt's answer. fail_closed: refuse prompts whose scoring failed (default)
+    instead of raising.
+    """
+
+    def __init__(self, target: Target | str | None, detector: SafetyDetector | str | os.PathLike,
+                 refusal: str = DEFAULT_REFUSAL, fail_closed: bool = True, threshold: Optional[float] = None,
+                 tracking_uri: Optional[str] = None, device: Optional[str | torch.device] = None):
+        det = resolve_detector(detector, tracking_uri=tracking_uri)
+        if not det.is_bound:
+            raise LitSahsError("the detector is not fitted: fit it or load a saved one")
+        if not isinstance(target, Target):
+            target = load_target(target or det.fingerprint.name, device=device or "cpu")
+        det.check_target(target.fingerprint)
+        det.head_set.validate(target.geometry)
+        if threshold is not None and not (isinstance(threshold, (int, float)) and not math.isnan(threshold)):
+            raise LitSahsError(f"threshold must be a probability, got {threshold!r}")
+        self.target = target
+        self.detector = det.to(target.device).eval()
+        self.refusal = str(refusal)
+        self.fail_closed = bool(fail_closed)
+        self.threshold = None if threshold is None else float(threshold)
+
+    @property
+    def head_set(self):
+        return self.detector.head_set
+
+    @property
+    def effective_threshold(self) -> float:
+        return float(self.detector.threshold) if self.threshold is None else self.threshold
+
+    def _eos_token_id(self, kwargs: dict) -> int:
+        eos = kwargs.get("eos_token_id", None)
+        if eos is None:
+            eos = getattr(self.target.model.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = self.target.tokenizer.eos_token_id
+        if isinstance(eos, torch.Tensor):
+            eos = eos.flatten().tolist()
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0] if eos else None
+        if eos is None:
+            raise LitSahsError("the target has no EOS token: the guard ends a flagged answer with EOS; "
+                               "pass eos_token_id=...")
+        return int(eos)
+
+    def generate_tokens(self, enc: dict, **generate_kwargs) -> tuple[torch.Tensor, GateProcessor]:
+        """Guarded ``model.generate`` on an encoded batch (``encode_prompts(..., for_generate=True)``).
+        Returns (generated ids without the prompt, the processor holding ``probs``/``flags``)."""
+        bad = [k for k in _UNSUPPORTED_GENERATE if k in generate_kwargs and generate_kwargs[k] not in (None, 1)]
+        if bad:
+            raise LitSahsError(f"guarded generate does not support {bad}: the detector scores one plain prefill")
+        if "position_ids" in enc:
+            raise LitSahsError("pass generate no position_ids (it computes them from the attention mask): "
+                               "encode with for_generate=True")
+        model = self.target.model
+        enc = {k: v.to(self.target.device) if torch.is_tensor(v) else v for k, v in enc.items()}
+        procs = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
+        generate_kwargs.setdefault("pad_token_id", self.target.tokenizer.pad_token_id)
+        with torch.no_grad(), HeadCapture(model, self.head_set, self.target.geometry) as cap:
+            gate = GateProcessor(self.detector, cap, self._eos_token_id(generate_kwargs), self.threshold,
+                                 self.fail_closed)
+            procs.append(gate)
+            out = model.generate(**enc, logits_processor=procs, **generate_kwargs)
+        if gate.flags is None:  # generate never produced a token (max_new_tokens=0)
+            raise LitSahsError("generate produced no token, so the guard never scored the prompt: "
+                               "use max_new_tokens >= 1")
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        return sequences[:, enc["input_ids"].shape[1]:], gate
+
+    def generate(self, texts: Sequence[str], images: Optional[Sequence[Optional[str]]] = None,
+                 ids: Optional[Sequence[str]] = None, max_new_tokens: int = 128, **generate_kwargs) -> GuardResult:
+        """Generate for a batch of prompts; flagged prompts get the refusal message."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if max_new_tokens < 1:
+            raise LitSahsError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if generate_kwargs.get("num_return_sequences", 1) not in (None, 1):
+            raise LitSahsError("the guard returns one answer per prompt: leave num_return_sequences at 1")
+        ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(texts))]
+        enc = encode_prompts(self.target, texts, images, ids, reserve=max_new_tokens, for_generate=True)
+        generate_kwargs.setdefault("do_sample", False)
+        new, gate = self.generate_tokens(enc, max_new_tokens=max_new_tokens, **generate_kwargs)
+        flags = gate.flags.cpu().tolist()
+        probs = gate.probs.cpu().tolist()
+        tok = self.target.tokenizer
+        responses = [self.refusal if f else tok.decode(row, skip_special_tokens=True).strip()
+                     for f, row in zip(flags, new.cpu())]
+        return GuardResult(ids=ids, prompts=list(texts), flagged=[bool(f) for f in flags],
+                           scores=[None if math.isnan(p) else float(p) for p in probs], responses=responses,
+                           sequences=new, threshold=self.effective_threshold, scoring_error=gate.error)
+
+
+# ---------------------------------------------------------------- command line
+
+def read_prompts(path: str | os.PathLike) -> list[dict]:
+    """Prompts from a .jsonl/.ndjson (``text``; optional ``id``, ``image`` relative to the file,
+    ``label``), a .csv with the same columns, or a .txt (one prompt a line)."""
+    import csv
+
+    p = Path(path)
+    if not p.is_file():
+        raise LitSahsError(f"prompt file {p} does not exist")
+    suffix = p.suffix.lower()
+    rows: list[dict] = []
+    if suffix == ".txt":
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                rows.append({"id": str(n), "text": line})
+    elif suffix in (".jsonl", ".ndjson"):
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LitSahsError(f"{p} line {n} is not JSON ({e.msg})") from None
+            if not isinstance(d, dict) or "text" not in d:
+                raise LitSahsError(f"{p} line {n} has no 'text' field")
+            rows.append({**d, "id": str(d.get("id", n))})
+    elif suffix == ".csv":
+        with open(p, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "text" not in reader.fieldnames:
+                raise LitSahsError(f"{p} has no 'text' column")
+            for n, d in enumerate(reader, 2):
+                rows.append({k: v for k, v in d.items() if v not in (None, "")} | {"id": str(d.get("id") or n)})
+    else:
+        raise LitSahsError(f"prompt file {p} has unsupported type {suffix!r}: use .jsonl, .csv or .txt")
+    for r in rows:
+        if not isinstance(r["text"], str):
+            raise LitSahsError(f"{p}: prompt {r['id']} has a non-text 'text' field")
+        if r.get("image"):
+            img = Path(r["image"])
+            r["image"] = str(img if img.is_absolute() else p.parent / img)
+        else:
+            r["image"] = None
+    if not rows:
+        raise LitSahsError(f"{p} holds no prompts")
+    return rows
+
+
+def gather_prompts(prompt: Optional[Sequence[str]], data: Optional[str], image: Optional[Sequence[str]] = None) -> list[dict]:
+    if bool(prompt) == bool(data):
+        raise LitSahsError("give prompts with --prompt TEXT (repeatable) or --data FILE, not both")
+    if data:
+        return read_prompts(data)
+    images = list(image or [])
+    if images and len(images) != len(prompt):
+        raise LitSahsError(f"--image given {len(images)} times for {len(prompt)} prompts: give one per prompt or none")
+    return [{"id": str(i), "text": t, "image": images[i] if images else None} for i, t in enumerate(prompt)]
+
+
+def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
+    from lit_sahs.evaluate import atomic_write_text
+
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def guard_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    p = ArgumentParser(prog="python -m lit_sahs guard",
+                       description="Generate with a detector guarding each prompt: flagged prompts get a refusal, "
+                                   "scored from the prefill of the same generate call.")
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_argument("--detector", required=True, help="detector artifact dir, .ckpt or MLflow URI (models:/name/1)")
+    p.add_argument("--target", default=None, help="target (default: the one named in the detector)")
+    p.add_argument("--prompt", type=str, default=None, action="append",
+                   help="a prompt (repeat for a batch)")
+    p.add_argument("--image", type=str, default=None, action="append",
+                   help="an image path per --prompt (vision-language targets)")
+    p.add_argument("--data", default=None, help=".jsonl/.csv (text[, id, image]) or .txt of prompts")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--refusal", default=DEFAULT_REFUSAL, help="the answer given to a flagged prompt")
+    p.add_argument("--fail_closed", type=bool, default=True, help="refuse prompts whose scoring failed (else error)")
+    p.add_argument("--threshold", type=Optional[float], default=None, help="override the detector's threshold")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="write one JSON line per prompt here (default: stdout)")
+    p.add_argument("--tracking_uri", default=None, help="MLflow tracking URI for models:/ detectors")
+    return p
+
+
+def _flatten(values) -> list:
+    out = []
+    for v in values or []:
+        out.extend(v if isinstance(v, (list, tuple)) else [v])
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    a = guard_parser().parse_args(argv)
+    rows = gather_prompts(_flatten(a.prompt), a.data, _flatten(a.image))
+    if a.batch_size < 1:
+        raise LitSahsError(f"batch_size must be >= 1, got {a.batch_size}")
+    det = resolve_detector(a.detector, tracking_uri=a.tracking_uri)
+    target = load_target(a.target or det.fingerprint.name, dtype=a.dtype, device=a.device)
+    guard = SafetyGuard(target, det, refusal=a.refusal, fail_closed=a.fail_closed, threshold=a.threshold)
+    out = []
+    for i in range(0, len(rows), a.batch_size):
+        chunk = rows[i:i + a.batch_size]
+        res = guard.generate([r["text"] for r in chunk], [r["image"] for r in chunk], [r["id"] for r in chunk],
+                             max_new_tokens=a.max_new_tokens)
+        out.extend(res.rows())
+        if res.scoring_error:
+            print(f"warning: scoring failed ({res.scoring_error}): the batch was refused (fail-closed)",
+                  file=sys.stderr)
+    if a.out:
+        write_jsonl(a.out, out)
+        print(json.dumps({"out": a.out, "prompts": len(out), "flagged": sum(r["flagged"] for r in out)}))
+    else:
+        for r in out:
+            print(json.dumps(r, ensure_ascii=False))
+    return 0
