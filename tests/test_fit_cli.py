@@ -55,7 +55,10 @@ def test_fit_locates_fits_tests_and_tracks(workdir, capsys):
     assert report["heads"]["overall"]["auroc"] > 0.95  # planted signal in the held-out family too
     assert set(report["heads"]) == {"overall", "pliny"}  # only the held-out family is tested
     assert "| pliny |" in out and "heads auroc" in out
-    assert (workdir / "out" / "detector" / "detector.safetensors").exists()
+    from lit_sahs.detectors import load_detector
+
+    exported = load_detector(workdir / "out" / "detector")  # a LightningCLI-built detector reloads
+    assert exported.head_set is not None and len(exported.head_set) == 2
     assert (workdir / "out" / "roc.png").read_bytes()[:4] == b"\x89PNG"
 
     import mlflow

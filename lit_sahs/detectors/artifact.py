@@ -35,9 +35,14 @@ FORMAT = "lit_sahs.detector"
 FORMAT_VERSION = 1
 
 
+def _init_args(hparams) -> dict[str, Any]:
+    """Constructor arguments only: LightningCLI adds bookkeeping keys such as `_class_path`."""
+    return {k: v for k, v in dict(hparams).items() if not str(k).startswith("_")}
+
+
 def detector_metadata(detector: SafetyDetector) -> dict[str, Any]:
     meta = detector.metadata()
-    hparams = dict(detector.hparams)
+    hparams = _init_args(detector.hparams)
     try:
         json.dumps(hparams, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -125,7 +130,7 @@ def _instantiate(cls: type[SafetyDetector], hparams: Any, source: Path) -> Safet
     if not isinstance(hparams, dict):
         raise LitSahsError(f"{source}: hyper-parameters are not a mapping: the artifact is corrupt")
     try:
-        return cls(**hparams)
+        return cls(**_init_args(hparams))
     except TypeError as e:
         raise LitSahsError(f"{source}: hyper-parameters do not fit {cls.__name__} ({e}): was it written by another lit_sahs version?") from e
 
