@@ -163,3 +163,12 @@ def test_ablate_cli(smollm2, tmp_path, capsys):
         main(["ablate", "--target", "smollm2-135m-instruct", "--heads", "30.0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and err[-1].startswith("error:") and "outside the target's geometry" in err[-1]
+
+
+def test_ablate_config_parses():
+    from pathlib import Path
+
+    from lit_sahs.ablate import ablate_parser
+
+    cfg = ablate_parser().parse_args(["--config", str(Path(__file__).parents[1] / "configs" / "ablate.yaml")])
+    assert cfg.store == "stores/qwen-plain" and str(cfg.ks) == "4,8,16" and cfg.seeds == 3
