@@ -31,9 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -58,49 +56,12 @@ _UNSUPPORTED_GENERATE = ("prefill_chunk_size", "assistant_model", "num_beams", "
 
 def resolve_detector(spec: str | os.PathLike | SafetyDetector, tracking_uri: Optional[str] = None,
                      map_location: str | torch.device = "cpu") -> SafetyDetector:
-    """A detector from an instance, an artifact directory / detector.json / .ckpt, or an MLflow URI
-    (``models:/name/1``, ``models:/name@champion``, ``runs:/<id>/detector``): the URI's artifacts
-    are downloaded and the first detector artifact in them is loaded."""
+    """A detector from an instance, an artifact directory / detector.json / .ckpt, or a registry URI
+    (``models:/name/1``, ``models:/name@champion``, ``runs:/<id>/detector``; fetched by
+    ``lit_sahs.registry``, which loads only safetensors + JSON artifacts)."""
     if isinstance(spec, SafetyDetector):
         return spec.to(map_location).eval()
-    text = str(spec)
-    if "://" in text or text.startswith(("models:/", "runs:/")):
-        return _from_mlflow(text, tracking_uri, map_location)
-    return load_detector(text, map_location=map_location)
-
-
-def _from_mlflow(uri: str, tracking_uri: Optional[str], map_location) -> SafetyDetector:
-    import mlflow
-
-    from lit_sahs.tracking import resolve_tracking_uri
-
-    registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") if not tracking_uri else None
-    tracking_uri = resolve_tracking_uri(tracking_uri)
-    dst = Path(tempfile.mkdtemp(prefix="lit_sahs-detector-"))
-    # mlflow resolves models:/ URIs with the *global* registry URI whatever download_artifacts is
-    # given, so set both globally for the download and restore them after
-    prev_tracking, prev_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    try:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(registry_uri or tracking_uri)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
-    except Exception as e:  # noqa: BLE001 - MlflowException, OSError, ...: all mean "cannot fetch it"
-        first = (str(e).strip().splitlines() or [repr(e)])[0]
-        raise LitSahsError(f"cannot fetch detector {uri!r} from {tracking_uri} ({first[:200]}): "
-                           "check the registered name/version and --tracking_uri") from None
-    finally:
-        mlflow.set_tracking_uri(prev_tracking)
-        mlflow.set_registry_uri(prev_registry)
-    try:
-        if local.is_file():
-            return load_detector(local, map_location=map_location)
-        found = sorted(local.rglob("detector.json")) or sorted(local.rglob("*.ckpt"))
-        if not found:
-            raise LitSahsError(f"{uri} holds no detector artifact (detector.json or .ckpt): register one written "
-                               "by save_detector")
-        return load_detector(found[0], map_location=map_location)  # read into memory: the copy can go
-    finally:
-        shutil.rmtree(dst, ignore_errors=True)
+    return load_detector(str(spec), map_location=map_location, tracking_uri=tracking_uri)
 
 
 # ---------------------------------------------------------------- prompt checks shared with screening

@@ -195,24 +195,18 @@ def test_vision_language_guard(tiny_llava, tmp_path):
     assert res.responses[1] == "No."
 
 
-def test_detector_from_the_mlflow_registry(smollm2, detector, tmp_path):
-    import mlflow
-
+def test_detector_from_the_mlflow_registry(smollm2, detector, tmp_path, monkeypatch):
     from lit_sahs.guard import resolve_detector
+    from lit_sahs.registry import register_detector
 
+    monkeypatch.chdir(tmp_path)  # the default artifact root (mlruns/) lands here
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     path = save_detector(detector, tmp_path / "det")
-    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    exp = client.create_experiment("guard-test", artifact_location=(tmp_path / "artifacts").as_uri())
-    run = client.create_run(exp)
-    client.log_artifacts(run.info.run_id, str(path), artifact_path="detector")
-    client.set_terminated(run.info.run_id)
-    client.create_registered_model("guard-det")
-    client.create_model_version("guard-det", f"runs:/{run.info.run_id}/detector", run.info.run_id)
-    loaded = resolve_detector("models:/guard-det/1", tracking_uri=uri)
+    register_detector(str(path), "guard-det", alias="champion", tracking_uri=uri)
+    loaded = resolve_detector("models:/guard-det@champion", tracking_uri=uri)
     assert loaded.head_set == detector.head_set
     torch.testing.assert_close(loaded.linear.weight, detector.linear.weight)
     res = SafetyGuard(smollm2, "models:/guard-det/1", tracking_uri=uri).generate(PROMPTS[:2], max_new_tokens=2)
     assert res.flagged == [True, False]
-    with pytest.raises(LitSahsError, match="cannot fetch detector"):
+    with pytest.raises(LitSahsError, match="no-such-detector"):
         resolve_detector("models:/no-such-detector/1", tracking_uri=uri)
