@@ -22,7 +22,10 @@ The detector is built on the fly (logistic, random weights, ``--k`` heads spread
 
     python experiments/benchmarks/guard.py                                  # SmolLM2 on the CPU
     python experiments/benchmarks/guard.py --batch_sizes 1,8 --pairs 10 --out experiments/results/guard_benchmark.md
-    python experiments/benchmarks/guard.py --target llava-hf/llava-1.5-7b-hf --device cuda --dtype bfloat16
+    python experiments/benchmarks/guard.py --target random-llava-1.5-7b --device cuda --dtype bfloat16
+
+`random-llava-1.5-7b` is the LLaVA-1.5-7B architecture with random weights, built on the device
+(no download); `--tokenizer DIR` gives it a saved tokenizer where the packaged SmolLM2 one is absent.
 """
 from __future__ import annotations
 
@@ -106,6 +109,8 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=10, help="alternating plain/guarded pairs per measurement (>= 10)")
     ap.add_argument("--screen_batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="saved tokenizer directory for --target random-llava-1.5-7b (default: SmolLM2's)")
     ap.add_argument("--out", default=None, help="also write the results as markdown here")
     args = ap.parse_args()
     if args.threads:
@@ -116,7 +121,15 @@ def main() -> int:
     from lit_sahs.guard import SafetyGuard, encode_prompts
     from lit_sahs.screen import head_activations
     from lit_sahs.capture import HeadCapture
-    from lit_sahs.targets import load_target
+    from lit_sahs.targets import load_target as load
+    from lit_sahs.targets.registry import (LLAVA_15_7B_TEXT, LLAVA_15_7B_VISION, RANDOM_LLAVA_7B, parse_dtype,
+                                           random_llava_target)
+
+    def load_target(name, dtype, device):
+        if name == RANDOM_LLAVA_7B and args.tokenizer:
+            return random_llava_target(name, LLAVA_15_7B_TEXT, LLAVA_15_7B_VISION, dtype=parse_dtype(dtype),
+                                       device=device, tokenizer=args.tokenizer)
+        return load(name, dtype=dtype, device=device)
 
     target = load_target(args.target, dtype=dtype, device=args.device)
     det = build_detector(target, args.k, args.depth) if args.detector is None else None

