@@ -8,7 +8,10 @@ costs, and alternating pairs cancel slow drift.
 
 * generate: ``--new_tokens`` (128) new tokens, greedy, ``min_new_tokens`` = ``max_new_tokens`` so both
   sides decode exactly as many steps; the guard runs with threshold 2.0 (it scores every prompt but
-  flags none) so both sides do the same decoding work, and the outputs are checked to be equal.
+  flags none) so both sides do the same decoding work. The outputs are compared row by row with a
+  plain run, next to plain against itself (bf16 kernels on a GPU need not repeat bit for bit, and
+  with near-tied logits a greedy path can then fork), and the first step's raw logits of plain and
+  guarded are compared (max absolute difference).
   Goal: ratio <= 1.03 on a CPU, <= 1.01 on a GPU.
 * time to first token: the same with ``max_new_tokens=1`` (the guard's scoring is inside it).
 * screening: ``lit_sahs.screen.head_activations`` (early exit after the detector's deepest layer)
@@ -76,6 +79,19 @@ def build_detector(target, k: int, depth: float, seed: int = 0):
     with torch.no_grad():
         det.linear.weight.normal_(0, 0.01, generator=gen)
     return det.eval()
+
+
+def prefill_logit_diff(model, enc: dict, heads, geometry) -> tuple[float, float]:
+    """Max |difference| of the prefill's last-position logits: bare vs bare, bare vs under the
+    guard's HeadCapture (the only thing the guard adds to the prefill)."""
+    from lit_sahs.capture import HeadCapture
+
+    with torch.no_grad():
+        a = model(**enc, logits_to_keep=1).logits.float()
+        b = model(**enc, logits_to_keep=1).logits.float()
+        with HeadCapture(model, heads, geometry):
+            c = model(**enc, logits_to_keep=1).logits.float()
+    return float((a - b).abs().max()), float((a - c).abs().max())
 
 
 def pairs_ratio(run_a, run_b, pairs: int, device) -> dict:
@@ -166,20 +182,26 @@ def main() -> int:
             with torch.no_grad():
                 external.model(**ext_enc, use_cache=False, logits_to_keep=1)
 
-        # warm-up and the equality check (same tokens: the guard must not change unflagged outputs)
-        same = torch.equal(plain(args.new_tokens), guarded(args.new_tokens))
+        # warm-up, then the equality checks: the guard must not change unflagged outputs
+        plain(args.new_tokens), guarded(args.new_tokens)
+        ref = plain(args.new_tokens)
+        same_plain = int((plain(args.new_tokens) == ref).all(1).sum())
+        same = int((guarded(args.new_tokens) == ref).all(1).sum())
+        logit_diff = prefill_logit_diff(model, enc, heads, g)
         gen = pairs_ratio(lambda: plain(args.new_tokens), lambda: guarded(args.new_tokens), args.pairs, args.device)
         ttft = pairs_ratio(lambda: plain(1), lambda: guarded(1), args.pairs, args.device)
         ext = [timed(external_forward, args.device)[0] for _ in range(max(3, args.pairs // 2))]
         t_ext = statistics.median(ext)
         rows.append({"batch": bs, "plain_s": gen["a"], "guarded_s": gen["b"], "ratio": gen["ratio"],
                      "ratio_range": (gen["ratio_min"], gen["ratio_max"]), "same_tokens": same,
+                     "same_plain": same_plain, "logit_diff": logit_diff,
                      "ttft_plain_s": ttft["a"], "ttft_guarded_s": ttft["b"], "ttft_ratio": ttft["ratio"],
                      "external_s": t_ext, "external_ratio": (gen["a"] + t_ext) / gen["a"],
                      "external_ttft_ratio": (ttft["a"] + t_ext) / ttft["a"]})
         r = rows[-1]
         print(f"batch {bs}: generate {args.new_tokens} tokens plain {r['plain_s']:.3f} s, guarded {r['guarded_s']:.3f} s, "
-              f"ratio {r['ratio']:.4f} (pairs {r['ratio_range'][0]:.3f}-{r['ratio_range'][1]:.3f}), same tokens: {same}; "
+              f"ratio {r['ratio']:.4f} (pairs {r['ratio_range'][0]:.3f}-{r['ratio_range'][1]:.3f}), rows equal to plain: guarded {same}/{bs}, plain again {same_plain}/{bs}; "
+              f"prefill logits max |diff| plain/plain {logit_diff[0]:.3g}, plain/captured {logit_diff[1]:.3g}; "
               f"TTFT plain {r['ttft_plain_s'] * 1e3:.1f} ms, guarded {r['ttft_guarded_s'] * 1e3:.1f} ms "
               f"(ratio {r['ttft_ratio']:.4f}); external guard forward {t_ext * 1e3:.1f} ms -> "
               f"generate x{r['external_ratio']:.3f}, TTFT x{r['external_ttft_ratio']:.3f}", flush=True)
@@ -211,13 +233,15 @@ def main() -> int:
 
         cmd = "python experiments/benchmarks/guard.py " + " ".join(sys.argv[1:])
         lines = [f"Measured {datetime.now(timezone.utc):%Y-%m-%d} with `{cmd.strip()}`: {header}.", "",
-                 "| batch | plain generate (s) | guarded (s) | guarded / plain | pair range | same tokens | "
+                 "| batch | plain generate (s) | guarded (s) | guarded / plain | pair range | rows = plain: guarded, plain again | "
+                 "prefill logits max abs diff: plain/plain, plain/captured | "
                  "TTFT plain (ms) | TTFT guarded (ms) | TTFT ratio | external guard forward (ms) | "
                  "plain + external / plain | TTFT with external / plain |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['batch']} | {r['plain_s']:.3f} | {r['guarded_s']:.3f} | {r['ratio']:.4f} | "
-                         f"{r['ratio_range'][0]:.3f}–{r['ratio_range'][1]:.3f} | {r['same_tokens']} | "
+                         f"{r['ratio_range'][0]:.3f}–{r['ratio_range'][1]:.3f} | {r['same_tokens']}/{r['batch']}, {r['same_plain']}/{r['batch']} | "
+                         f"{r['logit_diff'][0]:.3g}, {r['logit_diff'][1]:.3g} | "
                          f"{r['ttft_plain_s'] * 1e3:.1f} | {r['ttft_guarded_s'] * 1e3:.1f} | {r['ttft_ratio']:.4f} | "
                          f"{r['external_s'] * 1e3:.1f} | {r['external_ratio']:.3f} | {r['external_ttft_ratio']:.3f} |")
         lines += ["", f"Screening {len(prompts)} prompts (batches of {args.screen_batch}): full forward "
