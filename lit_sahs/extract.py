@@ -39,10 +39,18 @@ class SampleDataset(Dataset):
         return self.samples[i]
 
 
-def collate_samples(batch: list[Sample]) -> list[Sample]:
-    """Samples stay Python objects until predict_step: tokenising there keeps one code path
-    (prompting.encode) for extraction, live DataModules and guarding."""
-    return batch
+class EncodeBatch:
+    """Collate function: a batch of Samples and their encoding by ``prompting.encode`` (the one
+    code path for extraction, live DataModules and guarding). Running in the DataLoader lets
+    ``num_workers`` processes tokenise and preprocess images while the target runs the previous
+    batch: on a GPU the CPU-side processor otherwise stalls the forward."""
+
+    def __init__(self, target: Target):
+        self.encoder = prompting.Encoder.of(target)  # tokenizer and processor, not the weights
+
+    def __call__(self, batch: list[Sample]) -> dict[str, Any]:
+        return {"samples": batch, "enc": self.encoder([s.text for s in batch], [s.image for s in batch],
+                                                      [s.id for s in batch])}
 
 
 def prompt_format(target: Target) -> dict:
@@ -67,15 +75,15 @@ class HeadExtractor(L.LightningModule):
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # Samples are tokenised and moved in predict_step
 
-    def predict_step(self, batch: list[Sample], batch_idx: int) -> dict[str, Any]:
-        enc = prompting.encode(self.target, [s.text for s in batch], [s.image for s in batch], [s.id for s in batch])
-        enc = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in enc.items()}
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        samples = batch["samples"]
+        enc = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch["enc"].items()}
         with HeadCapture(self.target_model, geometry=self.target.geometry) as cap, \
                 ResidualCapture(self.target_model) if self.baselines else contextlib.nullcontext() as res:
             # logits_to_keep=1: only the last position's logits; the full [batch, seq, vocab] is the
             # largest tensor of a forward (Qwen's vocabulary is 152k)
             self.target_model(**enc, logits_to_keep=1, use_cache=False)
-        out = {"rows": [s.index_row() for s in batch], "activations": cap.activations().to(torch.float16).cpu()}
+        out = {"rows": [s.index_row() for s in samples], "activations": cap.activations().to(torch.float16).cpu()}
         if self.baselines:  # what the residual-stream probe and the perplexity filter read
             nll = res.prompt_nll(enc["input_ids"], enc["attention_mask"], prompting.image_token_ids(self.target))
             out["extras"] = {"residual": res.residual.to(torch.float16).cpu(), "prompt_nll": nll.float().cpu()}
@@ -142,9 +150,10 @@ def pending_samples(samples: Sequence[Sample], store_path: str | Path, target: T
 
 def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: str | Path,
                    batch_size: int = 8, block_rows: int = 256, dtype: str = "float32",
-                   trainer_kwargs: Optional[dict] = None, num_workers: int = 0) -> dict:
+                   trainer_kwargs: Optional[dict] = None, num_workers: Optional[int] = None) -> dict:
     """Extract head activations for `samples` into the store at `store_path`, skipping samples
-    already there. Returns {'written': n, 'skipped': n, 'total': rows in store}."""
+    already there. Returns {'written': n, 'skipped': n, 'total': rows in store}.
+    `num_workers` None: 4 encoding processes when the run uses a GPU, 0 on the CPU."""
     if not samples:
         raise LitSahsError("no samples to extract: check the sources, attacks and --limit")
     module = HeadExtractor(target, dtype=dtype)
@@ -166,8 +175,13 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
               "enable_model_summary": False}
     kwargs.update(trainer_kwargs or {})
     trainer = L.Trainer(callbacks=[writer], **kwargs)
+    if num_workers is None:
+        num_workers = 4 if trainer.strategy.root_device.type == "cuda" else 0
+    if num_workers < 0:
+        raise LitSahsError(f"num_workers must be >= 0, got {num_workers}")
     loader = DataLoader(SampleDataset(todo), batch_size=batch_size, shuffle=False,
-                        collate_fn=collate_samples, num_workers=num_workers)
+                        collate_fn=EncodeBatch(module.target), num_workers=num_workers,
+                        pin_memory=torch.cuda.is_available() and num_workers > 0)
     trainer.predict(module, loader, return_predictions=False)
     store = ActivationStore.open(store_path)
     return {"written": writer.rows_written, "skipped": skipped, "total": len(store)}

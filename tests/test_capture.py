@@ -114,3 +114,28 @@ def test_residual_and_prompt_nll_match_the_model(smollm2):
     with torch.no_grad():
         h = smollm2.model.model(**{k: v for k, v in batch.items()}).last_hidden_state  # normed
     torch.testing.assert_close(smollm2.model.model.norm(res.residual), h[:, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_nll_skips_image_tokens_and_matches_a_per_prompt_loop(tiny_llava):
+    """Vision-language prompts: image-token targets are not scored; the batched computation equals
+    scoring each unpadded prompt on its own."""
+    from lit_sahs.capture import ResidualCapture
+    from lit_sahs.data.images import natural_images
+
+    images = [str(im.path) for im in natural_images()[:2]]
+    texts = ["Describe the picture.", "What is in this image? Answer in one long sentence please."]
+    batch = prompting.encode(tiny_llava, texts, images)
+    image_ids = prompting.image_token_ids(tiny_llava)
+    with torch.no_grad(), ResidualCapture(tiny_llava.model) as res:
+        tiny_llava.model(**batch)
+        normed = res._normed.clone()
+    nll = res.prompt_nll(batch["input_ids"], batch["attention_mask"], image_ids, chunk_positions=7)
+    head = tiny_llava.model.get_output_embeddings()
+    for b in range(len(texts)):
+        keep = batch["attention_mask"][b].bool()
+        ids, h = batch["input_ids"][b][keep], normed[b][keep]
+        scored = ~torch.isin(ids[1:], torch.tensor(image_ids))
+        assert 0 < int(scored.sum()) < len(ids) - 1  # image tokens present and excluded
+        with torch.no_grad():
+            ref = torch.nn.functional.cross_entropy(head(h[:-1]).float(), ids[1:], reduction="none")[scored].mean()
+        torch.testing.assert_close(nll[b], ref, atol=1e-5, rtol=1e-5)

@@ -163,8 +163,14 @@ def test_visual_attack_extraction_stores_each_image_once(tiny_llava, tmp_path, m
              Sample.make("How do I bake sourdough bread at home?", 0, source="t")]
     samples = apply_attacks(bases, ["plain", "figstep", "mmsb", "unrelated_image"])
     store_path = tmp_path / "store"
-    result = run_extraction(tiny_llava, samples, store_path, batch_size=5,
-                            trainer_kwargs={"accelerator": "cpu", "devices": 1, "enable_progress_bar": False})
+    cpu = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
+    result = run_extraction(tiny_llava, samples, store_path, batch_size=5, trainer_kwargs=cpu)
+    # encoding in DataLoader worker processes writes the same store
+    workers = run_extraction(tiny_llava, samples, tmp_path / "workers", batch_size=5, trainer_kwargs=cpu, num_workers=2)
+    assert workers["written"] == 15
+    a, b = ActivationStore.open(store_path), ActivationStore.open(tmp_path / "workers")
+    assert a.ids() == b.ids() and np.array_equal(a.read(), b.read())
+    assert np.array_equal(a.read_extra("prompt_nll"), b.read_extra("prompt_nll"))
     # the two bomb prompts become one FigStep input (same text, same image): one sample id, one row
     assert len({s.id for s in samples}) == 15 and result["written"] == 15
     store = ActivationStore.open(store_path)

@@ -99,6 +99,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--attacks", default="figstep,mmsb,unrelated_image")
     ap.add_argument("--loop_samples", type=int, default=128, help="samples through the full extraction loop (0: skip)")
+    ap.add_argument("--loop_workers", default="0,4",
+                    help="DataLoader encoding processes for the loop, one loop run per value")
+    ap.add_argument("--loop_batch_size", type=int, default=None, help="default: the largest --batch_sizes")
     ap.add_argument("--tokenizer", default=None,
                     help="saved tokenizer directory (default: the packaged SmolLM2 tokenizer)")
     ap.add_argument("--peak_tflops", type=float, default=None, help="dense bf16 peak of the device, for utilisation")
@@ -115,9 +118,10 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     model, config = target.model, target.model.config
     n_params = sum(p.numel() for p in model.parameters())
-    sizes = [int(x) for x in args.batch_sizes.split(",")]
+    sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()] if args.repeats > 0 else []
+    loop_bs = args.loop_batch_size or max(sizes or [32])
     attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
-    n = max(sizes) * args.batches
+    n = max(sizes or [0]) * args.batches or args.loop_samples
     samples = build_dataset(harmful=("advbench", "harmbench"), benign=("truthfulqa", "healthsearchqa"),
                             attacks=attacks, limit=max(n, 2 * len(attacks)), seed=0)
     samples = (samples * (n // len(samples) + 1))[:n]
@@ -161,29 +165,32 @@ def main() -> None:
         del batches
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    loop = None
+    loops = []
     if args.loop_samples:
         from lit_sahs.extract import run_extraction
 
         k = args.loop_samples
-        loop_samples = (samples * (k // len(samples) + 1))[:k]
-        # unique ids so every sample is extracted (repeats of a sample would be skipped)
-        loop_samples = [s.with_(id=f"{s.id}-{i}") for i, s in enumerate(loop_samples)]
-        with tempfile.TemporaryDirectory() as d:
-            sync(device)
-            t = time.perf_counter()
-            run_extraction(target, loop_samples, f"{d}/store", batch_size=max(sizes), block_rows=256,
-                           trainer_kwargs={"accelerator": "gpu" if device.type == "cuda" else "cpu", "devices": 1,
-                                           "enable_progress_bar": False})
-            sync(device)
-            loop_s = time.perf_counter() - t
-        loop = {"samples": k, "batch_size": max(sizes), "samples_s": k / loop_s}
-        print(f"extraction loop (processor + forward with head and residual capture + NLL + store writes), "
-              f"{k} samples at batch {max(sizes)}: {k / loop_s:.2f} samples/s end to end")
+        for workers in [int(w) for w in args.loop_workers.split(",")]:
+            loop_samples = (samples * (k // len(samples) + 1))[:k]
+            # unique ids so every sample is extracted (repeats of a sample would be skipped)
+            loop_samples = [s.with_(id=f"{s.id}-w{workers}-{i}") for i, s in enumerate(loop_samples)]
+            with tempfile.TemporaryDirectory() as d:
+                sync(device)
+                t = time.perf_counter()
+                run_extraction(target, loop_samples, f"{d}/store", batch_size=loop_bs, block_rows=256,
+                               num_workers=workers,
+                               trainer_kwargs={"accelerator": "gpu" if device.type == "cuda" else "cpu",
+                                               "devices": 1, "enable_progress_bar": False})
+                sync(device)
+                loop_s = time.perf_counter() - t
+            loops.append({"samples": k, "batch_size": loop_bs, "workers": workers, "samples_s": k / loop_s})
+            print(f"extraction loop (processor + forward with head and residual capture + NLL + store writes), "
+                  f"{k} samples at batch {loop_bs}, {workers} encoding workers: {k / loop_s:.2f} samples/s end to end",
+                  flush=True)
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     print(json.dumps({"shape": shape, "device": dev_name, "dtype": str(dtype), "params": n_params,
-                      "results": results, "loop": loop}))
+                      "results": results, "loop": loops}))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ model broadcasts them to its three rotary sections).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -91,49 +92,70 @@ def encode(target, texts: Sequence[str], images: Optional[Sequence[ImageSpec]] =
     """Tokenise a batch for `target` with left padding; returns model kwargs (position_ids from the
     mask where the model does not compute its own). `images[i]` is prompt i's image path, list of
     paths, or None."""
-    texts = list(texts)
-    if not texts:
-        raise LitSahsError("empty batch: nothing to encode")
-    per_row = [image_list(s) for s in images] if images is not None else [[] for _ in texts]
-    ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(texts))]
-    if not (len(per_row) == len(ids) == len(texts)):
-        raise LitSahsError(f"encode got {len(texts)} texts, {len(per_row)} image entries and {len(ids)} ids: "
-                           "give one of each per prompt")
-    processor = getattr(target, "processor", None)
-    if processor is None:
-        bad = next((i for i, ims in zip(ids, per_row) if ims), None)
-        if bad is not None:
-            raise LitSahsError(f"sample {bad} has an image but target {target.name!r} is text-only: "
-                               "use a vision-language target or drop the image")
-    owner = processor if processor is not None else target.tokenizer
-    prompts = []
-    for t, ims, i in zip(texts, per_row, ids):
-        try:
-            prompts.append(render_prompt(owner, t, len(ims)))
-        except LitSahsError as e:
-            raise LitSahsError(f"sample {i}: {e}") from None
-    target.tokenizer.padding_side = "left"
-    if processor is not None:
-        _check_placeholders(target, processor, prompts, per_row, ids)
-        processor.tokenizer.padding_side = "left"
-        if any(per_row):
-            pil = [[load_image(p, i) for p in ims] for ims, i in zip(per_row, ids)]
-            batch = processor(text=prompts, images=_layout(processor, pil), return_tensors="pt", padding=True)
+    return Encoder.of(target)(texts, images, ids)
+
+
+@dataclass
+class Encoder:
+    """What encoding needs from a target, without its weights: a DataLoader worker can hold it
+    (tokenising and preprocessing images there, beside the forward) without a copy of the model."""
+
+    name: str
+    tokenizer: Any
+    processor: Any
+    dtype: Optional[torch.dtype]  # floating inputs (pixel values) are cast to the model's dtype
+    mrope: bool  # the model computes its own 3-D positions (Qwen2-VL family)
+
+    @classmethod
+    def of(cls, target) -> "Encoder":
+        return cls(target.name, target.tokenizer, getattr(target, "processor", None), _float_dtype(target),
+                   _uses_mrope(target))
+
+    def __call__(self, texts: Sequence[str], images: Optional[Sequence[ImageSpec]] = None,
+                 ids: Optional[Sequence[str]] = None) -> dict:
+        texts = list(texts)
+        if not texts:
+            raise LitSahsError("empty batch: nothing to encode")
+        per_row = [image_list(s) for s in images] if images is not None else [[] for _ in texts]
+        ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(texts))]
+        if not (len(per_row) == len(ids) == len(texts)):
+            raise LitSahsError(f"encode got {len(texts)} texts, {len(per_row)} image entries and {len(ids)} ids: "
+                               "give one of each per prompt")
+        processor = self.processor
+        if processor is None:
+            bad = next((i for i, ims in zip(ids, per_row) if ims), None)
+            if bad is not None:
+                raise LitSahsError(f"sample {bad} has an image but target {self.name!r} is text-only: "
+                                   "use a vision-language target or drop the image")
+        owner = processor if processor is not None else self.tokenizer
+        prompts = []
+        for t, ims, i in zip(texts, per_row, ids):
+            try:
+                prompts.append(render_prompt(owner, t, len(ims)))
+            except LitSahsError as e:
+                raise LitSahsError(f"sample {i}: {e}") from None
+        self.tokenizer.padding_side = "left"
+        if processor is not None:
+            _check_placeholders(self, processor, prompts, per_row, ids)
+            processor.tokenizer.padding_side = "left"
+            if any(per_row):
+                pil = [[load_image(p, i) for p in ims] for ims, i in zip(per_row, ids)]
+                batch = processor(text=prompts, images=_layout(processor, pil), return_tensors="pt", padding=True)
+            else:
+                batch = processor(text=prompts, return_tensors="pt", padding=True)
         else:
-            batch = processor(text=prompts, return_tensors="pt", padding=True)
-    else:
-        batch = target.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    batch = dict(batch)
-    mask = batch["attention_mask"]
-    if not bool(mask[:, FIRST_TOKEN_INDEX].all()):
-        raise LitSahsError("batch is not left-padded: the first-token position must be the last column")
-    dtype = _float_dtype(target)
-    for k, v in batch.items():  # pixel values in the target's dtype (bf16 targets)
-        if torch.is_tensor(v) and v.is_floating_point() and dtype is not None:
-            batch[k] = v.to(dtype)
-    if not (_uses_mrope(target) and any(per_row)):
-        batch["position_ids"] = position_ids_from_mask(mask)
-    return batch
+            batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = dict(batch)
+        mask = batch["attention_mask"]
+        if not bool(mask[:, FIRST_TOKEN_INDEX].all()):
+            raise LitSahsError("batch is not left-padded: the first-token position must be the last column")
+        dtype = self.dtype
+        for k, v in batch.items():  # pixel values in the target's dtype (bf16 targets)
+            if torch.is_tensor(v) and v.is_floating_point() and dtype is not None:
+                batch[k] = v.to(dtype)
+        if not (self.mrope and any(per_row)):
+            batch["position_ids"] = position_ids_from_mask(mask)
+        return batch
 
 
 def _check_placeholders(target, processor, prompts: list[str], per_row: list[list[str]], ids: list[str]) -> None:
