@@ -287,37 +287,26 @@ class SafetyGuard:
 def read_prompts(path: str | os.PathLike) -> list[dict]:
     """Prompts from a .jsonl/.ndjson (``text``; optional ``id``, ``image`` relative to the file,
     ``label``), a .csv with the same columns, or a .txt (one prompt a line)."""
-    import csv
+    from lit_sahs.data.sources import csv_rows, jsonl_rows
 
     p = Path(path)
     if not p.is_file():
         raise LitSahsError(f"prompt file {p} does not exist")
     suffix = p.suffix.lower()
-    rows: list[dict] = []
     if suffix == ".txt":
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                rows.append({"id": str(n), "text": line})
+        numbered = [(n, {"text": line}) for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+                    if line.strip()]
     elif suffix in (".jsonl", ".ndjson"):
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LitSahsError(f"{p} line {n} is not JSON ({e.msg})") from None
-            if not isinstance(d, dict) or "text" not in d:
-                raise LitSahsError(f"{p} line {n} has no 'text' field")
-            rows.append({**d, "id": str(d.get("id", n))})
+        numbered = list(jsonl_rows(p, ("text",)))
     elif suffix == ".csv":
-        with open(p, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "text" not in reader.fieldnames:
-                raise LitSahsError(f"{p} has no 'text' column")
-            for n, d in enumerate(reader, 2):
-                rows.append({k: v for k, v in d.items() if v not in (None, "")} | {"id": str(d.get("id") or n)})
+        numbered = [(n, {k: v for k, v in d.items() if v not in (None, "")}) for n, d in csv_rows(p, ("text",))]
     else:
         raise LitSahsError(f"prompt file {p} has unsupported type {suffix!r}: use .jsonl, .csv or .txt")
+    rows: list[dict] = []
+    for n, d in numbered:
+        if "text" not in d:
+            raise LitSahsError(f"{p}, line {n}: no 'text' field")
+        rows.append({**d, "id": str(d["id"]) if d.get("id") not in (None, "") else str(n)})
     for r in rows:
         if not isinstance(r["text"], str):
             raise LitSahsError(f"{p}: prompt {r['id']} has a non-text 'text' field")
@@ -349,29 +338,35 @@ def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
 
 
 def guard_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ArgumentParser
 
     p = ArgumentParser(prog="python -m lit_sahs guard",
                        description="Generate with a detector guarding each prompt: flagged prompts get a refusal, "
                                    "scored from the prefill of the same generate call.")
-    p.add_argument("--config", action=ActionConfigFile)
-    p.add_argument("--detector", required=True, help="detector artifact dir, .ckpt or MLflow URI (models:/name/1)")
-    p.add_argument("--target", default=None, help="target (default: the one named in the detector)")
-    p.add_argument("--prompt", type=str, default=None, action="append",
-                   help="a prompt (repeat for a batch)")
-    p.add_argument("--image", type=str, default=None, action="append",
-                   help="an image path per --prompt (vision-language targets)")
-    p.add_argument("--data", default=None, help=".jsonl/.csv (text[, id, image]) or .txt of prompts")
+    add_detector_prompt_args(p, data_help=".jsonl/.csv (text[, id, image]) or .txt of prompts")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--refusal", default=DEFAULT_REFUSAL, help="the answer given to a flagged prompt")
     p.add_argument("--fail_closed", type=bool, default=True, help="refuse prompts whose scoring failed (else error)")
+    p.add_argument("--out", default=None, help="write one JSON line per prompt here (default: stdout)")
+    return p
+
+
+def add_detector_prompt_args(p, data_help: str) -> None:
+    """The arguments `guard` and `screen` share: a detector, its target, the prompts, where it runs."""
+    from jsonargparse import ActionConfigFile
+
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_argument("--detector", required=True, help="detector artifact dir, .ckpt or MLflow URI (models:/name/1)")
+    p.add_argument("--target", default=None, help="target (default: the one named in the detector)")
+    p.add_argument("--prompt", type=str, default=None, action="append", help="a prompt (repeat for a batch)")
+    p.add_argument("--image", type=str, default=None, action="append",
+                   help="an image path per --prompt (vision-language targets)")
+    p.add_argument("--data", default=None, help=data_help)
     p.add_argument("--threshold", type=Optional[float], default=None, help="override the detector's threshold")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None, help="write one JSON line per prompt here (default: stdout)")
     p.add_argument("--tracking_uri", default=None, help="MLflow tracking URI for models:/ detectors")
-    return p
 
 
 def _flatten(values) -> list:

@@ -155,24 +155,17 @@ class Screener:
 # ---------------------------------------------------------------- command line
 
 def screen_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ArgumentParser
+
+    from lit_sahs.guard import add_detector_prompt_args
 
     p = ArgumentParser(prog="python -m lit_sahs screen",
                        description="Score prompts with a detector without generating (the target runs only up to "
                                    "the detector's deepest layer).")
-    p.add_argument("--config", action=ActionConfigFile)
-    p.add_argument("--detector", required=True, help="detector artifact dir, .ckpt or MLflow URI (models:/name/1)")
-    p.add_argument("--target", default=None, help="target (default: the one named in the detector)")
-    p.add_argument("--prompt", type=str, default=None, action="append", help="a prompt (repeatable)")
-    p.add_argument("--image", type=str, default=None, action="append", help="an image path per --prompt")
-    p.add_argument("--data", default=None, help=".jsonl/.csv (text[, id, image, label]) or .txt of prompts")
+    add_detector_prompt_args(p, data_help=".jsonl/.csv (text[, id, image, label]) or .txt of prompts")
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--threshold", type=Optional[float], default=None, help="override the detector's threshold")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="write one JSON line per prompt (id, score, flagged) here")
     p.add_argument("--passed", default=None, help="write the rows that were NOT flagged here (bulk filtering)")
-    p.add_argument("--tracking_uri", default=None, help="MLflow tracking URI for models:/ detectors")
     return p
 
 

@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 
@@ -18,3 +19,39 @@ def tiny_llava():
     from lit_sahs.targets import load_target
 
     return load_target("tiny-llava")
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `python -m lit_sahs ...` in-process: (exit code, stdout, stderr)."""
+    from lit_sahs.cli import main
+
+    def run(argv):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        out = capsys.readouterr()
+        return exc.value.code, out.out, out.err
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory):
+    """An MLflow SQLite database with its tables made once (creating them takes seconds); tests copy it."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_workdir(tmp_path, monkeypatch, empty_mlflow_db):
+    """A working directory whose default tracking URI (sqlite:///mlruns/mlflow.db) is a fresh copy
+    of the empty database, with no tracking URI inherited from the environment."""
+    (tmp_path / "mlruns").mkdir()
+    shutil.copy(empty_mlflow_db, tmp_path / "mlruns" / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    return tmp_path

@@ -5,15 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_sahs.cli import main
 from synthetic import SIGNAL_HEADS, make_store
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 @pytest.fixture
@@ -43,9 +35,9 @@ def write_config(workdir: Path, model: dict, data_extra: dict | None = None) -> 
     return path
 
 
-def test_fit_locates_fits_tests_and_tracks(workdir, capsys):
+def test_fit_locates_fits_tests_and_tracks(workdir, cli):
     cfg = write_config(workdir, {"class_path": "lit_sahs.detectors.LogisticDetector", "init_args": {"l2": 0.001}})
-    code, out, err = run(["fit", "--config", str(cfg)], capsys)
+    code, out, err = cli(["fit", "--config", str(cfg)])
     assert code == 0, err[-2000:]
     ranking = json.loads((workdir / "store" / "ranking.json").read_text())
     assert {(s["layer"], s["head"]) for s in ranking["scores"][:2]} == set(SIGNAL_HEADS)
@@ -73,11 +65,11 @@ def test_fit_locates_fits_tests_and_tracks(workdir, capsys):
     assert {"detector", "report.md", "roc.png", "ranking.json", "heads.png"} <= arts
 
 
-def test_sparse_detector_keeps_the_signal_heads(workdir, capsys):
+def test_sparse_detector_keeps_the_signal_heads(workdir, cli):
     cfg = write_config(workdir, {"class_path": "lit_sahs.detectors.SparseHeadDetector",
                                  "init_args": {"group_lasso": 0.05, "selection_threshold": 0.5}},
                        {"ranking": None, "all_heads": True})
-    code, out, err = run(["fit", "--config", str(cfg), "--trainer.max_epochs", "40"], capsys)
+    code, out, err = cli(["fit", "--config", str(cfg), "--trainer.max_epochs", "40"])
     assert code == 0, err[-2000:]
     heads = json.loads((workdir / "out" / "heads.json").read_text())
     kept = {(h["layer"], h["head"]) for h in heads if h.get("selected")}
@@ -85,9 +77,9 @@ def test_sparse_detector_keeps_the_signal_heads(workdir, capsys):
     assert {(h["layer"], h["head"]) for h in heads[:2]} == set(SIGNAL_HEADS)  # strongest first
 
 
-def test_quickstart_config_parses(capsys):
-    code, out, err = run(["fit", "--config", str(Path(__file__).parents[1] / "configs" / "quickstart.yaml"),
-                          "--print_config"], capsys)
+def test_quickstart_config_parses(cli):
+    code, out, err = cli(["fit", "--config", str(Path(__file__).parents[1] / "configs" / "quickstart.yaml"),
+                          "--print_config"])
     assert code == 0, err
     cfg = yaml.safe_load(out)
     assert cfg["model"]["class_path"] == "lit_sahs.detectors.LogisticDetector"
@@ -95,13 +87,13 @@ def test_quickstart_config_parses(capsys):
     assert cfg["data"]["init_args"]["held_out_families"] == ["dan"]
 
 
-def test_locate_and_zero_shot_commands(workdir, capsys):
+def test_locate_and_zero_shot_commands(workdir, cli):
     db = f"sqlite:///{workdir}/mlruns/mlflow.db"
-    code, out, err = run(["locate", "--store", str(workdir / "store"), "--tracking_uri", db], capsys)
+    code, out, err = cli(["locate", "--store", str(workdir / "store"), "--tracking_uri", db])
     assert code == 0, err
     assert "2.1" in out.split("top 8 heads")[1].split(",")[0] or "3.0" in out.split("top 8 heads")[1].split(",")[0]
-    code, out, err = run(["evaluate", "--store", str(workdir / "store"), "--top_k", "2", "--max_epochs", "5",
-                          "--tracking_uri", db], capsys)
+    code, out, err = cli(["evaluate", "--store", str(workdir / "store"), "--top_k", "2", "--max_epochs", "5",
+                          "--tracking_uri", db])
     assert code == 0, err[-2000:]
     csv = (workdir / "store" / "zero_shot" / "matrix_heads.csv").read_text().splitlines()
     assert csv[0] == "train\\test,dan,plain,pliny"
@@ -112,12 +104,12 @@ def test_locate_and_zero_shot_commands(workdir, capsys):
     assert (workdir / "store" / "zero_shot" / "matrix_tfidf.csv").exists()
 
 
-def test_bad_input_is_one_error_line(workdir, capsys):
-    code, _, err = run(["evaluate", "--store", str(workdir / "store"), "--heads", "2.1,3.0", "--families", "plain,nosuch",
-                        "--tracking_uri", f"sqlite:///{workdir}/mlruns/mlflow.db"], capsys)
+def test_bad_input_is_one_error_line(workdir, cli):
+    code, _, err = cli(["evaluate", "--store", str(workdir / "store"), "--heads", "2.1,3.0", "--families", "plain,nosuch",
+                        "--tracking_uri", f"sqlite:///{workdir}/mlruns/mlflow.db"])
     assert code == 2 and err.strip().splitlines()[-1].startswith("error:") and "nosuch" in err
     cfg = write_config(workdir, {"class_path": "lit_sahs.detectors.LogisticDetector"},
                        {"held_out_families": ["nosuch"]})
-    code, _, err = run(["fit", "--config", str(cfg)], capsys)
+    code, _, err = cli(["fit", "--config", str(cfg)])
     assert code == 2 and "nosuch" in err.strip().splitlines()[-1]
     assert not (workdir / "out").exists()

@@ -1,44 +1,21 @@
 """`python -m lit_sahs tune` on a synthetic store with a SQLite study and MLflow store."""
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from lit_sahs.cli import main
 from lit_sahs.errors import LitSahsError
 from synthetic import FAMILIES, SIGNAL_HEADS, make_store
 
 ROOT = Path(__file__).parents[1]
 
 
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
-@pytest.fixture(scope="module")
-def empty_mlflow_db(tmp_path_factory):
-    """An MLflow SQLite database with its tables made once (creating them takes seconds); tests copy it."""
-    from mlflow import MlflowClient
-
-    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def workdir(tmp_path, monkeypatch, empty_mlflow_db):
-    (tmp_path / "mlruns").mkdir()
-    shutil.copy(empty_mlflow_db, tmp_path / "mlruns" / "mlflow.db")
-    monkeypatch.chdir(tmp_path)  # optuna/, mlruns/ and artifacts/ land here
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    make_store(tmp_path / "store")
-    return tmp_path
+def workdir(mlflow_workdir):
+    make_store(mlflow_workdir / "store")  # optuna/, mlruns/ and artifacts/ land beside it
+    return mlflow_workdir
 
 
 def config(workdir: Path, **over) -> Path:
@@ -78,10 +55,10 @@ def load_study(workdir, name="syn"):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{workdir}/optuna/studies.db")
 
 
-def test_study_nests_trials_in_mlflow_refits_and_registers(workdir, capsys):
+def test_study_nests_trials_in_mlflow_refits_and_registers(workdir, cli):
     import mlflow
 
-    code, out, err = run(["tune", "--config", str(config(workdir))], capsys)
+    code, out, err = cli(["tune", "--config", str(config(workdir))])
     assert code == 0, err[-3000:]
     result = json.loads(out.strip().splitlines()[-1])
     assert result["families"] == sorted(FAMILIES)
@@ -127,9 +104,9 @@ def test_study_nests_trials_in_mlflow_refits_and_registers(workdir, capsys):
 
     local = load_detector(workdir / "artifacts" / "tune" / "syn" / "detector")
     assert {tuple(h) for h in local.head_set.to_list()} & set(SIGNAL_HEADS)
-    code, out, err = run(["register", "--study", "syn", "--storage", f"sqlite:///{workdir}/optuna/studies.db",
+    code, out, err = cli(["register", "--study", "syn", "--storage", f"sqlite:///{workdir}/optuna/studies.db",
                           "--name", "syn-guard", "--alias", "champion",
-                          "--tracking_uri", f"sqlite:///{workdir}/mlruns/mlflow.db"], capsys)
+                          "--tracking_uri", f"sqlite:///{workdir}/mlruns/mlflow.db"])
     assert code == 0, err[-2000:]
     reg = json.loads(out.strip().splitlines()[-1])
     assert reg["source"] == f"runs:/{refit_id}/detector" and reg["version"] == 1
@@ -142,19 +119,19 @@ def test_study_nests_trials_in_mlflow_refits_and_registers(workdir, capsys):
     assert np.allclose(detector_scores(reg_det, x), detector_scores(local, x))
 
     # a second worker run joins the same study and parent run; n_trials 0 only refits
-    code, out, err = run(["tune", "--config", str(config(workdir, n_trials=1, refit=False))], capsys)
+    code, out, err = cli(["tune", "--config", str(config(workdir, n_trials=1, refit=False))])
     assert code == 0, err[-2000:]
     again = json.loads(out.strip().splitlines()[-1])
     assert again["created"] is False and again["parent_run_id"] == parent and again["ran_here"] == 1
     assert len(load_study(workdir).trials) == 5
 
 
-def test_pruned_trials_are_recorded(workdir, capsys):
+def test_pruned_trials_are_recorded(workdir, cli):
     import mlflow
 
     cfg = config(workdir, n_trials=2, pruner={"name": "threshold", "lower": 1.01},
                  space={"detector": ["logistic"], "k": {"low": 1, "high": 4}})
-    code, out, err = run(["tune", "--config", str(cfg)], capsys)
+    code, out, err = cli(["tune", "--config", str(cfg)])
     assert code == 0, err[-2000:]
     study = load_study(workdir)
     assert [t.state.name for t in study.trials] == ["PRUNED", "PRUNED"]
@@ -166,16 +143,15 @@ def test_pruned_trials_are_recorded(workdir, capsys):
     assert set(trials["status"]) == {"KILLED"} and set(trials["tags.optuna.state"]) == {"PRUNED"}
 
 
-def test_changed_search_space_or_objective_is_refused(workdir, capsys):
-    code, _, err = run(["tune", "--config", str(config(workdir, n_trials=1, refit=False))], capsys)
+def test_changed_search_space_or_objective_is_refused(workdir, cli):
+    code, _, err = cli(["tune", "--config", str(config(workdir, n_trials=1, refit=False))])
     assert code == 0, err[-2000:]
     space = yaml.safe_load((workdir / "tune.yaml").read_text())["space"]
     space["k"] = {"low": 1, "high": 8}
-    code, _, err = run(["tune", "--config", str(config(workdir, n_trials=1, refit=False, space=space))], capsys)
+    code, _, err = cli(["tune", "--config", str(config(workdir, n_trials=1, refit=False, space=space))])
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("error:") and "search space" in last and "k" in last
-    code, _, err = run(["tune", "--config", str(config(workdir, n_trials=1, refit=False, families=["dan", "plain"]))],
-                       capsys)
+    code, _, err = cli(["tune", "--config", str(config(workdir, n_trials=1, refit=False, families=["dan", "plain"]))])
     last = err.strip().splitlines()[-1]
     assert code == 2 and "objective" in last and "families" in last
     assert len(load_study(workdir).trials) == 1  # nothing ran against the mismatched settings
@@ -187,18 +163,18 @@ def test_changed_search_space_or_objective_is_refused(workdir, capsys):
     ("nosuchdb://host/db", "not a usable"),
     ("optuna.db", "not a database URL"),
 ])
-def test_bad_storage_is_one_clear_error(workdir, capsys, storage, expect):
-    code, _, err = run(["tune", "--config", str(config(workdir)), "--storage", storage], capsys)
+def test_bad_storage_is_one_clear_error(workdir, cli, storage, expect):
+    code, _, err = cli(["tune", "--config", str(config(workdir)), "--storage", storage])
     lines = err.strip().splitlines()
     assert code == 2 and lines[-1].startswith("error:") and expect in lines[-1], err[-2000:]
     assert "s3cret-pw" not in err  # passwords never reach messages
 
 
-def test_unreachable_tracking_store_is_one_error_and_creates_no_study(workdir, capsys):
+def test_unreachable_tracking_store_is_one_error_and_creates_no_study(workdir, cli):
     import optuna
 
-    code, _, err = run(["tune", "--config", str(config(workdir)),
-                        "--tracking_uri", "postgresql://lit:s3cret-pw@127.0.0.1:1/mlflow"], capsys)
+    code, _, err = cli(["tune", "--config", str(config(workdir)),
+                        "--tracking_uri", "postgresql://lit:s3cret-pw@127.0.0.1:1/mlflow"])
     last = err.strip().splitlines()[-1]
     assert code == 2 and "cannot reach the MLflow tracking store" in last and "s3cret-pw" not in err
     assert optuna.study.get_all_study_names(f"sqlite:///{workdir}/optuna/studies.db") == []
@@ -211,8 +187,8 @@ def test_unreachable_tracking_store_is_one_error_and_creates_no_study(workdir, c
     ({"detector": ["logistic"]}, "'k'"),
     ({"detector": ["mlp"], "k": 2, "mlp.lr": {"low": 0.0, "high": 0.1, "log": True}}, "log scale"),
 ])
-def test_bad_search_space_is_refused_before_the_study(workdir, capsys, space, expect):
-    code, _, err = run(["tune", "--config", str(config(workdir, space=space))], capsys)
+def test_bad_search_space_is_refused_before_the_study(workdir, cli, space, expect):
+    code, _, err = cli(["tune", "--config", str(config(workdir, space=space))])
     assert code == 2 and expect in err.strip().splitlines()[-1], err[-2000:]
     assert not (workdir / "optuna" / "studies.db").exists()
 

@@ -15,11 +15,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
-from lit_sahs.capture import HeadCapture
+from capture_timing import alternate_bare_and_capture
 from lit_sahs.data.protocol import build_dataset
 from lit_sahs.targets import load_target, prompting
 
@@ -35,18 +34,6 @@ run_extraction(target, samples, store, batch_size=bs, block_rows=64,
 print(json.dumps({"n": len(samples), "seconds": time.perf_counter() - t,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
-
-
-def time_forward(model, batch, capture: bool) -> float:
-    t = time.perf_counter()
-    with torch.no_grad():
-        if capture:
-            with HeadCapture(model) as cap:
-                model(**batch, logits_to_keep=1, use_cache=False)
-            cap.activations().to(torch.float16)
-        else:
-            model(**batch, logits_to_keep=1, use_cache=False)
-    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -67,21 +54,15 @@ def main() -> None:
     batches = [prompting.encode(target, [s.text for s in samples[i:i + args.batch_size]])
                for i in range(0, len(samples), args.batch_size)]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    for b in batches[:1]:  # warm-up
-        time_forward(target.model, b, False), time_forward(target.model, b, True)
-    bare, captured = [], []
-    for _ in range(args.repeats):  # alternate so drift hits both equally
-        bare.append(sum(time_forward(target.model, b, False) for b in batches))
-        captured.append(sum(time_forward(target.model, b, True) for b in batches))
-    mb, mc = statistics.median(bare), statistics.median(captured)
-    ratios = sorted(c / b for b, c in zip(bare, captured))
+    t = alternate_bare_and_capture(target.model, batches, args.repeats)
+    mb, mc, ratios = t["bare"], t["captured"], t["ratios"]
     print(f"target {args.target}: {len(samples)} prompts, {tokens} tokens, batch {args.batch_size}, "
           f"{args.repeats} alternating repeats, torch threads {torch.get_num_threads()}")
     print(f"bare forward      median {mb:.3f}s  ({len(samples) / mb:.1f} prompts/s)")
     print(f"under HeadCapture median {mc:.3f}s  ({len(samples) / mc:.1f} prompts/s)")
     print(f"capture/bare ratio of medians {mc / mb:.4f} (goal <= 1.02); per-repeat ratios "
           f"min {ratios[0]:.4f} median {statistics.median(ratios):.4f} max {ratios[-1]:.4f}")
-    for size in [int(x) for x in args.ram_sizes.split(",")]:
+    for size in [int(x) for x in args.ram_sizes.split(",") if x.strip()]:
         with tempfile.TemporaryDirectory() as d:
             out = subprocess.run([sys.executable, "-c", CHILD, str(size), args.target, f"{d}/store",
                                   str(args.batch_size)], capture_output=True, text=True, check=True)

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 
 import torch
 
-from lit_sahs.capture import HeadCapture
+from capture_timing import alternate_bare_and_capture, sync
 from lit_sahs.data.protocol import build_dataset
 from lit_sahs.targets import prompting
 from lit_sahs.targets.registry import LLAVA_15_7B_TEXT, LLAVA_15_7B_VISION, random_llava_target
@@ -42,25 +41,6 @@ SMALL_TEXT = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, n
 SMALL_VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                     projection_dim=128)
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def forward_seconds(model, batch: dict, capture: bool, device: torch.device) -> float:
-    sync(device)
-    t = time.perf_counter()
-    with torch.no_grad():
-        if capture:
-            with HeadCapture(model) as cap:
-                model(**batch, logits_to_keep=1, use_cache=False)
-            cap.activations().to(torch.float16)
-        else:
-            model(**batch, logits_to_keep=1, use_cache=False)
-    sync(device)
-    return time.perf_counter() - t
 
 
 def batch_flops(config, batch: dict) -> float:
@@ -141,14 +121,8 @@ def main() -> None:
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         padded = sum(b["input_ids"].numel() for b in batches)
         flops = sum(batch_flops(config, b) for b in batches)
-        for b in batches[:1]:  # warm-up (kernels, allocator)
-            forward_seconds(model, b, False, device), forward_seconds(model, b, True, device)
-        bare, captured = [], []
-        for _ in range(args.repeats):
-            bare.append(sum(forward_seconds(model, b, False, device) for b in batches))
-            captured.append(sum(forward_seconds(model, b, True, device) for b in batches))
-        mb, mc = statistics.median(bare), statistics.median(captured)
-        ratios = sorted(c / b for b, c in zip(bare, captured))
+        t = alternate_bare_and_capture(model, batches, args.repeats, device)
+        mb, mc, ratios = t["bare"], t["captured"], t["ratios"]
         m = len(chunks) * bs
         row = {"batch_size": bs, "samples": m, "mean_tokens": tokens / m, "padded_tokens": padded / m,
                "bare_samples_s": m / mb, "capture_samples_s": m / mc, "capture_over_bare": mc / mb,

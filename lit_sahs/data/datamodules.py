@@ -232,9 +232,61 @@ class _StreamSplit(IterableDataset):
                 "family": self.family[i], "row": i}
 
 
+# ---------------------------------------------------------------- shared DataModule plumbing
+
+class _SplitDataModule(L.LightningDataModule):
+    """What both DataModules share: index rows with their labels and attack families, the
+    protocol's train / val / test split of them, and the four loaders over ``_loader``."""
+
+    def _init_rows(self, rows: list[dict], held_out_families, held_out_sources, train_families,
+                   val_fraction: float, test_fraction: float, batch_size: int, seed: int) -> None:
+        if batch_size < 1:
+            raise LitSahsError(f"batch_size must be >= 1, got {batch_size}")
+        self._rows = rows
+        self.held_out_families = _names(held_out_families)
+        self.held_out_sources = _names(held_out_sources)
+        self.train_families = _names(train_families)
+        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.families: list[str] = sorted({r.get("attack_family", "plain") for r in rows})
+        fam_idx = {f: i for i, f in enumerate(self.families)}
+        self._family = np.asarray([fam_idx[r.get("attack_family", "plain")] for r in rows], dtype=np.int64)
+        self._labels = np.asarray([int(r["label"]) for r in rows], dtype=np.float32)
+        self._splits: Optional[dict[str, np.ndarray]] = None
+        self.normalisation: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    @property
+    def splits(self) -> dict[str, np.ndarray]:
+        """Row positions (into the index rows) of train / val / test."""
+        if self._splits is None:
+            self._splits = _split_rows(self._rows, self.held_out_families, self.held_out_sources,
+                                       self.val_fraction, self.test_fraction, self.seed,
+                                       train_families=self.train_families)
+        return self._splits
+
+    def split_rows(self, name: str) -> list[dict]:
+        """Index rows of a split, in the order a batch's ``row`` refers to."""
+        return [dict(self._rows[i]) for i in self.splits[_check_split_name(name)]]
+
+    def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
 # ---------------------------------------------------------------- cached DataModule
 
-class CachedActivationDataModule(L.LightningDataModule):
+class CachedActivationDataModule(_SplitDataModule):
     """Selected heads' activations from an ActivationStore, split by held-out families / sources.
 
     Heads: ``heads`` ('3.1,5.0') > ``ranking`` (HeadRanking JSON, its ``top_k``) > ``all_heads``.
@@ -261,8 +313,6 @@ class CachedActivationDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ):
         super().__init__()
-        if batch_size < 1:
-            raise LitSahsError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise LitSahsError(f"num_workers must be >= 0, got {num_workers}")
         self.store_path = str(store)
@@ -270,40 +320,15 @@ class CachedActivationDataModule(L.LightningDataModule):
         self.fingerprint: TargetFingerprint = self.store.fingerprint
         self.geometry: Geometry = self.store.geometry
         self.head_set: HeadSet = resolve_heads(self.fingerprint, heads, ranking, top_k, all_heads)
-        self.held_out_families = _names(held_out_families)
-        self.held_out_sources = _names(held_out_sources)
-        self.train_families = _names(train_families)
-        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
-        self.batch_size, self.seed, self.num_workers = int(batch_size), int(seed), int(num_workers)
-        self.max_memory_mb = max_memory_mb
-
-        self._rows = self.store.index()
-        if not self._rows:
+        rows = self.store.index()
+        if not rows:
             raise LitSahsError(f"activation store {store} holds no rows: run `python -m lit_sahs extract ...` first")
-        self.families: list[str] = sorted({r.get("attack_family", "plain") for r in self._rows})
-        fam_idx = {f: i for i, f in enumerate(self.families)}
-        self._family = np.asarray([fam_idx[r.get("attack_family", "plain")] for r in self._rows], dtype=np.int64)
-        self._labels = np.asarray([int(r["label"]) for r in self._rows], dtype=np.float32)
-
+        self._init_rows(rows, held_out_families, held_out_sources, train_families, val_fraction, test_fraction,
+                        batch_size, seed)
+        self.num_workers, self.max_memory_mb = int(num_workers), max_memory_mb
         need = len(self._rows) * len(self.head_set) * self.geometry.head_dim * 2  # fp16 in RAM
         self.in_memory: bool = need <= max_memory_mb * 2 ** 20
-        self.normalisation: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._x: Optional[torch.Tensor] = None
-        self._splits: Optional[dict[str, np.ndarray]] = None
-
-    # ------------------------------------------------------------ splits
-    @property
-    def splits(self) -> dict[str, np.ndarray]:
-        """Row positions (into the store's index) of train / val / test."""
-        if self._splits is None:
-            self._splits = _split_rows(self._rows, self.held_out_families, self.held_out_sources,
-                                       self.val_fraction, self.test_fraction, self.seed,
-                                       train_families=self.train_families)
-        return self._splits
-
-    def split_rows(self, name: str) -> list[dict]:
-        """Index rows of a split, in the order a batch's ``row`` refers to."""
-        return [dict(self._rows[i]) for i in self.splits[_check_split_name(name)]]
 
     # ------------------------------------------------------------ setup
     def setup(self, stage: Optional[str] = None) -> None:
@@ -350,18 +375,6 @@ class CachedActivationDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, generator=gen, collate_fn=_identity,
                           **common)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
 
 # ---------------------------------------------------------------- live DataModule
 
@@ -389,7 +402,7 @@ class _LiveSplit(IterableDataset):
             self.dm.flush()
 
 
-class LiveActivationDataModule(L.LightningDataModule):
+class LiveActivationDataModule(_SplitDataModule):
     """Runs the target on labelled prompts on the fly and serves the same batches as
     CachedActivationDataModule, without a store (or writing one through, see ``write_through``).
 
@@ -428,8 +441,6 @@ class LiveActivationDataModule(L.LightningDataModule):
         from lit_sahs.data.sources import load_user_file
         from lit_sahs.targets import Target, load_target
 
-        if batch_size < 1:
-            raise LitSahsError(f"batch_size must be >= 1, got {batch_size}")
         if isinstance(target, Target):
             self.target = target
         else:
@@ -438,30 +449,22 @@ class LiveActivationDataModule(L.LightningDataModule):
         self.fingerprint: TargetFingerprint = self.target.fingerprint
         self.geometry: Geometry = self.target.geometry
         self.head_set: HeadSet = resolve_heads(self.fingerprint, heads, ranking, top_k, all_heads)
-        self.held_out_families = _names(held_out_families)
-        self.held_out_sources = _names(held_out_sources)
-        self.train_families = _names(train_families)
-        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
-        self.batch_size, self.seed, self.block_rows = int(batch_size), int(seed), int(block_rows)
+        self.block_rows = int(block_rows)
+        if batch_size < 1:  # before running anything
+            raise LitSahsError(f"batch_size must be >= 1, got {batch_size}")
 
         if data:
-            samples = apply_attacks(load_user_file(data), _names(attacks), seed=self.seed)
+            samples = apply_attacks(load_user_file(data), _names(attacks), seed=seed)
             if limit is not None:
                 samples = samples[:limit]
         else:
             samples = build_dataset(harmful=_names(harmful), benign=_names(benign), attacks=_names(attacks),
-                                    limit=limit, seed=self.seed)
+                                    limit=limit, seed=seed)
         if not samples:
             raise LitSahsError("no samples: check --data.data / sources, attacks and --data.limit")
         self.samples = samples
-        self._rows = [s.index_row() for s in samples]
-        self.families: list[str] = sorted({r.get("attack_family", "plain") for r in self._rows})
-        fam_idx = {f: i for i, f in enumerate(self.families)}
-        self._family = torch.as_tensor([fam_idx[r.get("attack_family", "plain")] for r in self._rows],
-                                       dtype=torch.long)
-        self._labels = torch.as_tensor([int(r["label"]) for r in self._rows], dtype=torch.float32)
-        self._splits: Optional[dict[str, np.ndarray]] = None
-        self.normalisation: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._init_rows([s.index_row() for s in samples], held_out_families, held_out_sources, train_families,
+                        val_fraction, test_fraction, batch_size, seed)
 
         self.write_through = write_through
         self.store: Optional[ActivationStore] = None
@@ -475,18 +478,6 @@ class LiveActivationDataModule(L.LightningDataModule):
             self.store = ActivationStore.create_or_open(write_through, self.fingerprint, prompting.POSITION_RULE,
                                                         prompt_format(self.target))
             self._written = self.store.written_ids()
-
-    # ------------------------------------------------------------ splits
-    @property
-    def splits(self) -> dict[str, np.ndarray]:
-        if self._splits is None:
-            self._splits = _split_rows(self._rows, self.held_out_families, self.held_out_sources,
-                                       self.val_fraction, self.test_fraction, self.seed,
-                                       train_families=self.train_families)
-        return self._splits
-
-    def split_rows(self, name: str) -> list[dict]:
-        return [dict(self._rows[i]) for i in self.splits[_check_split_name(name)]]
 
     # ------------------------------------------------------------ running the target
     @torch.no_grad()
@@ -511,8 +502,8 @@ class LiveActivationDataModule(L.LightningDataModule):
         x, full = self.capture(positions)
         if full is not None:
             self._write(positions, full)
-        pos = torch.as_tensor(positions, dtype=torch.long)
-        return {"x": x, "y": self._labels[pos], "family": self._family[pos],
+        return {"x": x, "y": torch.from_numpy(self._labels[positions]),
+                "family": torch.from_numpy(self._family[positions]),
                 "row": torch.as_tensor(local, dtype=torch.long)}
 
     def _write(self, positions: np.ndarray, full: torch.Tensor) -> None:
@@ -553,15 +544,3 @@ class LiveActivationDataModule(L.LightningDataModule):
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
         # the target runs in the loading process: workers would each need a copy of it
         return DataLoader(_LiveSplit(self, name, shuffle), batch_size=None, num_workers=0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")

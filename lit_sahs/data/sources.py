@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import yaml
 
@@ -227,9 +227,9 @@ def load_user_file(path) -> list[Sample]:
         raise LitSahsError(f"user data file {path} does not exist; pass an existing .jsonl or .csv file")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        rows = _jsonl_rows(path)
+        rows = jsonl_rows(path)
     elif suffix == ".csv":
-        rows = _csv_rows(path)
+        rows = csv_rows(path)
     else:
         raise LitSahsError(f"user data file {path} has unsupported type {suffix!r}; use .jsonl or .csv")
     samples = list(_unique(_user_sample(path, lineno, row) for lineno, row in rows))
@@ -238,7 +238,13 @@ def load_user_file(path) -> list[Sample]:
     return samples
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+def _columns(columns: Sequence[str]) -> str:
+    return " and ".join(f"`{c}`" for c in columns)
+
+
+def jsonl_rows(path: Path, columns: Sequence[str] = ("text", "label")) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; `columns` only words the errors
+    (each reader checks its own fields)."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -248,15 +254,17 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
             except json.JSONDecodeError as e:
                 raise LitSahsError(f"{path}, line {lineno}: invalid JSON ({e.msg}); write one JSON object per line") from None
             if not isinstance(row, dict):
-                raise LitSahsError(f"{path}, line {lineno}: expected a JSON object with `text` and `label`")
+                raise LitSahsError(f"{path}, line {lineno}: expected a JSON object with {_columns(columns)}")
             yield lineno, row
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
+def csv_rows(path: Path, columns: Sequence[str] = ("text", "label")) -> Iterator[tuple[int, dict]]:
+    """(line number, row) for each row of a CSV file whose header names every one of `columns`."""
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
-        if not reader.fieldnames or "text" not in reader.fieldnames or "label" not in reader.fieldnames:
-            raise LitSahsError(f"{path}, line 1: the CSV header must name `text` and `label` columns, got {reader.fieldnames}")
+        if not reader.fieldnames or any(c not in reader.fieldnames for c in columns):
+            raise LitSahsError(f"{path}, line 1: the CSV header must name {_columns(columns)} "
+                               f"column{'s' if len(columns) > 1 else ''}, got {reader.fieldnames}")
         for row in reader:
             yield reader.line_num, row
 
