@@ -6,7 +6,6 @@ attack families / sources), or another family altogether in the zero-shot matrix
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import uuid
@@ -45,6 +44,30 @@ def split_reports(detector: SafetyDetector, dm, split: str = "test", baselines: 
     reports = {name: compute_report(s, y, groups, float(detector.threshold) if name == "heads" else 0.5)
                for name, s in scores.items()}
     return reports, scores, y
+
+
+def benign_flags_by_source(scores: np.ndarray, rows: Sequence[dict], threshold: float) -> dict[str, dict]:
+    """Share of each source's benign prompts flagged at `threshold`, highest first: the
+    false-positive rate a deployment would see on that kind of traffic (hard negatives such as
+    health questions or real chat are where a detector that learned the wrong cue shows it)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) != len(rows):
+        raise LitSahsError(f"{len(scores)} scores for {len(rows)} rows: pass one score per row")
+    by: dict[str, list[float]] = {}
+    for sc, r in zip(scores, rows):
+        if int(r["label"]) == 0:
+            by.setdefault(str(r.get("source", "")), []).append(float(sc))
+    out = {src: {"n": len(v), "flagged": int(sum(x >= threshold for x in v)),
+                 "fpr": float(np.mean([x >= threshold for x in v])), "median_score": float(np.median(v))}
+           for src, v in by.items()}
+    return dict(sorted(out.items(), key=lambda kv: (-kv[1]["fpr"], kv[0])))
+
+
+def format_benign_table(flags: dict[str, dict], threshold: float) -> str:
+    lines = [f"Benign prompts flagged at the calibrated threshold {threshold:.3f}, by source:", "",
+             "| source | benign n | flagged | FPR | median score |", "|---|---|---|---|---|"]
+    lines += [f"| {s} | {d['n']} | {d['flagged']} | {d['fpr']:.3f} | {d['median_score']:.3f} |" for s, d in flags.items()]
+    return "\n".join(lines)
 
 
 def _fmt(v) -> str:

@@ -74,12 +74,16 @@ class SahsCLI(LightningCLI):
         out = Path(self._cfg.output_dir or Path("artifacts") / self._cfg.mlflow.experiment)
         reports, scores, labels = ev.split_reports(model, dm, "test", self._cfg.baselines)
         table = ev.format_table(reports)
+        threshold = float(model.threshold)
+        benign = ev.benign_flags_by_source(scores["heads"], dm.split_rows("test"), threshold)
+        benign_table = ev.format_benign_table(benign, threshold)
         detector_dir = save_detector(model, out / "detector", overwrite=True)
         ev.atomic_write_text(out / "report.json", json.dumps(reports, indent=1, default=float) + "\n")
-        ev.atomic_write_text(out / "report.md", table + "\n")
+        ev.atomic_write_text(out / "benign_fpr.json", json.dumps(benign, indent=1) + "\n")
+        ev.atomic_write_text(out / "report.md", table + "\n\n" + benign_table + "\n")
         roc = roc_curves(scores, labels, out / "roc.png",
                          title=f"test split ({', '.join(dm.held_out_families) or 'random'} held out)")
-        extra = [detector_dir, out / "report.json", out / "report.md", roc]
+        extra = [detector_dir, out / "report.json", out / "benign_fpr.json", out / "report.md", roc]
         ranking = getattr(dm, "ranking_path", None) or self._get(self.config, "data.init_args.ranking", default=None)
         if ranking and Path(ranking).exists():
             extra += [Path(ranking), Path(ranking).with_name("heads.png")]
@@ -95,6 +99,7 @@ class SahsCLI(LightningCLI):
         print(f"\nTest split (held-out families: {held}), {len(model.head_set)} heads; "
               f"heads = {type(model).__name__} at its calibrated threshold, baselines on the same rows:\n")
         print(table)
+        print("\n" + benign_table)
         print(f"\ndetector: {detector_dir}\nreport:   {out / 'report.md'}, ROC curves {roc}")
 
 

@@ -76,3 +76,17 @@ def test_jsonl_line_without_label_is_refused(real_detector, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert exc.value.code == 2 and "line 2" in err
     assert not (tmp_path / "o.json").exists()
+
+
+def test_benign_flags_by_source_counts_only_benign_rows_at_the_threshold():
+    from lit_sahs.errors import LitSahsError
+    from lit_sahs.evaluate import benign_flags_by_source
+
+    rows = [{"label": 0, "source": "chat"}, {"label": 0, "source": "chat"}, {"label": 0, "source": "health"},
+            {"label": 1, "source": "health"}, {"label": 0, "source": "chat"}]
+    flags = benign_flags_by_source([0.9, 0.1, 0.6, 0.99, 0.5], rows, threshold=0.5)
+    assert list(flags) == ["health", "chat"]  # highest false-positive rate first
+    assert flags["health"] == {"n": 1, "flagged": 1, "fpr": 1.0, "median_score": 0.6}  # the malicious row is not counted
+    assert flags["chat"]["n"] == 3 and flags["chat"]["flagged"] == 2  # a score equal to the threshold is flagged
+    with pytest.raises(LitSahsError, match="one score per row"):
+        benign_flags_by_source([0.1], rows, 0.5)

@@ -47,6 +47,10 @@ def test_fit_locates_fits_tests_and_tracks(workdir, cli):
     assert report["heads"]["overall"]["auroc"] > 0.95  # planted signal in the held-out family too
     assert set(report["heads"]) == {"overall", "pliny"}  # only the held-out family is tested
     assert "| pliny |" in out and "heads auroc" in out
+    benign = json.loads((workdir / "out" / "benign_fpr.json").read_text())
+    assert set(benign) == {"src_a", "src_b"} and all(0 <= d["fpr"] <= 1 for d in benign.values())
+    assert sum(d["n"] for d in benign.values()) == report["heads"]["overall"]["n_benign"]
+    assert "by source" in (workdir / "out" / "report.md").read_text()
     from lit_sahs.detectors import load_detector
 
     exported = load_detector(workdir / "out" / "detector")  # a LightningCLI-built detector reloads
