@@ -71,7 +71,6 @@ DEFAULT_SPACE: dict[str, Any] = {
     "mlp.lr": {"low": 1e-4, "high": 3e-2, "log": True},
     "mlp.weight_decay": {"low": 1e-5, "high": 1e-1, "log": True},
     "sparse.group_lasso": {"low": 1e-3, "high": 0.3, "log": True},
-    "sparse.lr": {"low": 1e-2, "high": 1.0, "log": True},
 }
 
 
@@ -97,7 +96,7 @@ def tune_parser():
                    help="stop once the study holds this many finished trials, whoever ran them")
     p.add_argument("--timeout", type=Optional[float], default=None, help="seconds this worker may optimise")
     p.add_argument("--seed", type=int, default=0, help="data split seed; also seeds the sampler of the creating worker")
-    p.add_argument("--max_epochs", type=Union[int, dict[str, int]], default={"logistic": 5, "mlp": 40, "sparse": 40},
+    p.add_argument("--max_epochs", type=Union[int, dict[str, int]], default={"logistic": 5, "mlp": 40, "sparse": 5},
                    help="epochs per fit: a number, or one per detector family")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--val_fraction", type=float, default=0.2)
@@ -145,7 +144,7 @@ class TuneConfig:
     study_trials: Optional[int] = None
     timeout: Optional[float] = None
     seed: int = 0
-    max_epochs: Union[int, dict] = field(default_factory=lambda: {"logistic": 5, "mlp": 40, "sparse": 40})
+    max_epochs: Union[int, dict] = field(default_factory=lambda: {"logistic": 5, "mlp": 40, "sparse": 5})
     batch_size: int = 64
     val_fraction: float = 0.2
     test_fraction: float = 0.2
