@@ -141,3 +141,15 @@ def test_train_families_restricts_train_and_val_only():
     sp = split_rows(rows, held_out_families=["dan"], train_families=["plain"], seed=0)
     assert {rows[i]["attack_family"] for i in np.concatenate([sp["train"], sp["val"]])} == {"plain"}
     assert {rows[i]["attack_family"] for i in sp["test"]} == {"dan"}
+
+
+def test_a_source_listed_after_its_superset_is_an_error_and_before_it_is_kept():
+    with pytest.raises(LitSahsError, match="'sharegpt_instructions' adds no prompts"):
+        build_dataset(harmful=["advbench"], benign=["sharegpt", "sharegpt_instructions"], limit=20)
+    samples = build_dataset(harmful=["advbench"], benign=["sharegpt_instructions", "sharegpt"], limit=40)
+    by_source = {}
+    for s in samples:
+        by_source.setdefault(s.source, []).append(s)
+    assert len(by_source["sharegpt_instructions"]) == len(by_source["sharegpt"]) == 10
+    instructions = {s.id for s in load_source("sharegpt_instructions")}
+    assert not {s.id for s in by_source["sharegpt"]} & instructions  # the rest of ShareGPT, disjoint

@@ -37,7 +37,7 @@ def test_missing_file_inside_package_names_the_file():
 def test_registry_splits_names_by_label():
     assert set(HARMFUL_SOURCES) == {"advbench", "harmbench", "donotanswer", "past_tense"}
     assert {"truthfulqa", "nq_open", "mmlu", "commonsenseqa", "openbookqa", "healthsearchqa", "medicationqa",
-            "sharegpt"} <= set(BENIGN_SOURCES)
+            "sharegpt", "sharegpt_instructions"} <= set(BENIGN_SOURCES)
     assert set(SOURCES) == set(HARMFUL_SOURCES) | set(BENIGN_SOURCES)
 
 
@@ -105,6 +105,18 @@ def test_sharegpt_yields_short_nonempty_first_user_turns():
     samples = load_source("sharegpt")
     assert len(samples) > 1000
     assert all(0 < len(s.text) <= sources.SHAREGPT_MAX_CHARS for s in samples)
+
+
+def test_sharegpt_instructions_are_the_imperative_subset_of_sharegpt():
+    instructions = load_source("sharegpt_instructions")
+    every = {s.id for s in load_source("sharegpt")}
+    assert len(instructions) > 1000 and {s.id for s in instructions} <= every
+    assert all(s.label == 0 and s.source == "sharegpt_instructions" for s in instructions)
+    first = {s.text.split()[0].lower() for s in instructions}
+    assert {"write", "create", "explain"} <= first and not first & {"what", "how", "why", "is", "i"}
+    match = sources._INSTRUCTION.match
+    assert match("Can you please write a poem") and match("Give me a recipe for banana bread")
+    assert not match("What is the capital of France?") and not match("Writers often ...")
 
 
 # ---------------------------------------------------------------- user files

