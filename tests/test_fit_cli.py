@@ -117,3 +117,15 @@ def test_bad_input_is_one_error_line(workdir, cli):
     code, _, err = cli(["fit", "--config", str(cfg)])
     assert code == 2 and "nosuch" in err.strip().splitlines()[-1]
     assert not (workdir / "out").exists()
+
+
+def test_guard_config_parses_and_its_sources_assemble(cli):
+    from lit_sahs.data.protocol import build_dataset
+
+    code, out, err = cli(["fit", "--config", str(Path(__file__).parents[1] / "configs" / "guard.yaml"), "--print_config"])
+    assert code == 0, err
+    prep = yaml.safe_load(out)["prepare"]
+    benign = [n.strip() for n in prep["benign"].split(",")]
+    assert "sharegpt_instructions" in benign
+    samples = build_dataset(harmful=prep["harmful"].split(","), benign=benign, attacks=["plain"], limit=120)
+    assert {"sharegpt_instructions", "sharegpt"} <= {s.source for s in samples}  # the subset keeps its prompts
