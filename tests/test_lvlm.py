@@ -248,3 +248,21 @@ def test_image_samples_on_a_text_only_target_fail_before_the_store_exists(smollm
     with pytest.raises(LitSahsError, match=r"sample \w+ \(attack figstep\) has an image but target .* is text-only"):
         run_extraction(smollm2, samples, tmp_path / "store", trainer_kwargs={"accelerator": "cpu", "devices": 1})
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("name", ["tiny_llava", "tiny_qwen2_vl"])
+def test_batch_encoder_pickles_for_spawned_workers(name, image_paths, request):
+    """DataLoader workers started by spawn/forkserver receive the collate function by pickle: it
+    must carry the tokenizer and processor (not the weights) and encode exactly as before."""
+    import pickle
+
+    from lit_sahs.data.samples import Sample
+    from lit_sahs.extract import EncodeBatch
+
+    target = request.getfixturevalue(name)
+    batch = [Sample.make(t, 0, source="t", image=im) for t, im in zip(TEXTS, image_paths)]
+    collate = EncodeBatch(target)
+    blob = pickle.dumps(collate)
+    assert len(blob) < 20 * 2 ** 20  # no model weights inside
+    a, b = collate(batch)["enc"], pickle.loads(blob)(batch)["enc"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))

@@ -339,14 +339,30 @@ def image_only_qwen2_vl_processor(image_processor, tokenizer, chat_template: Opt
     """A Qwen2VLProcessor without its video processor: transformers' video processors need
     torchvision, which an image-only extraction does not (the processor reads the signature of
     __init__ to know its parts, hence the subclass)."""
-    from transformers import Qwen2VLProcessor
+    return _image_only_qwen2_vl_class()(image_processor=image_processor, tokenizer=tokenizer,
+                                        chat_template=chat_template)
 
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
-    return ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                     chat_template=chat_template)
+def _image_only_qwen2_vl_class():
+    """The subclass, defined on first use (transformers loads lazily) as a module attribute, so
+    that it pickles: DataLoader workers started by spawn or forkserver receive the processor."""
+    cls = globals().get("ImageOnlyQwen2VLProcessor")
+    if cls is None:
+        from transformers import Qwen2VLProcessor
+
+        class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+            def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+                super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+        ImageOnlyQwen2VLProcessor.__qualname__ = "ImageOnlyQwen2VLProcessor"
+        cls = globals()["ImageOnlyQwen2VLProcessor"] = ImageOnlyQwen2VLProcessor
+    return cls
+
+
+def __getattr__(name: str):
+    if name == "ImageOnlyQwen2VLProcessor":  # unpickling in a fresh process
+        return _image_only_qwen2_vl_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _tiny_qwen2_vl(dtype: torch.dtype) -> Target:
