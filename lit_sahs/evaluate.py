@@ -32,18 +32,28 @@ def detector_scores(detector: SafetyDetector, x: np.ndarray | torch.Tensor, batc
 
 
 def split_reports(detector: SafetyDetector, dm, split: str = "test", baselines: Sequence[str] = BASELINES,
-                  group_key: str = "attack_family") -> tuple[dict[str, dict], dict[str, np.ndarray], np.ndarray]:
+                  group_key: str = "attack_family"
+                  ) -> tuple[dict[str, dict], dict[str, np.ndarray], np.ndarray, dict[str, float]]:
     """On one split of a CachedActivationDataModule: ({method: compute_report(...)}, {method: scores},
-    labels) for the detector (`heads`) and each baseline, trained on the same train rows."""
-    rows = dm.splits[split]
+    labels, {method: threshold}) for the detector (`heads`) and each baseline, trained on the same
+    train rows. Each baseline's threshold is calibrated like the detector's (its validation benign
+    scores, the detector's target FPR), so the at-threshold TPR/FPR of all methods compare."""
+    from lit_sahs.detectors.metrics import calibrate_threshold
+
+    rows, val = dm.splits[split], dm.splits["val"]
     index = dm.split_rows(split)
     y = np.array([int(r["label"]) for r in index])
+    y_val = np.array([int(r["label"]) for r in dm.split_rows("val")])
     groups = [str(r.get(group_key, "")) for r in index]
     scores = {"heads": detector_scores(detector, dm.store.read(detector.head_set, rows=rows))}
-    scores.update(baseline_scores(dm.store, dm.splits["train"], rows, baselines, seed=dm.seed))
-    reports = {name: compute_report(s, y, groups, float(detector.threshold) if name == "heads" else 0.5)
-               for name, s in scores.items()}
-    return reports, scores, y
+    thresholds = {"heads": float(detector.threshold)}
+    target_fpr = float(getattr(detector.hparams, "target_fpr", 0.05))
+    for name, both in baseline_scores(dm.store, dm.splits["train"], np.concatenate([val, rows]), baselines,
+                                      seed=dm.seed).items():
+        scores[name] = both[len(val):]
+        thresholds[name] = calibrate_threshold(torch.as_tensor(both[:len(val)][y_val == 0]), target_fpr)
+    reports = {name: compute_report(sc, y, groups, thresholds[name]) for name, sc in scores.items()}
+    return reports, scores, y, thresholds
 
 
 def benign_flags_by_source(scores: np.ndarray, rows: Sequence[dict], threshold: float) -> dict[str, dict]:
@@ -63,10 +73,17 @@ def benign_flags_by_source(scores: np.ndarray, rows: Sequence[dict], threshold: 
     return dict(sorted(out.items(), key=lambda kv: (-kv[1]["fpr"], kv[0])))
 
 
-def format_benign_table(flags: dict[str, dict], threshold: float) -> str:
-    lines = [f"Benign prompts flagged at the calibrated threshold {threshold:.3f}, by source:", "",
-             "| source | benign n | flagged | FPR | median score |", "|---|---|---|---|---|"]
-    lines += [f"| {s} | {d['n']} | {d['flagged']} | {d['fpr']:.3f} | {d['median_score']:.3f} |" for s, d in flags.items()]
+def format_benign_table(flags: dict[str, dict[str, dict]], thresholds: dict[str, float]) -> str:
+    """`flags`: {method: benign_flags_by_source(...)}; one row per source, FPR per method."""
+    methods = list(flags)
+    sources = list(flags[methods[0]])
+    lines = ["Benign prompts flagged at each method's calibrated threshold ("
+             + ", ".join(f"{m} {thresholds[m]:.3g}" for m in methods) + "), by source:", "",
+             "| source | benign n | " + " | ".join(f"{m} FPR" for m in methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for src in sources:
+        cells = [f"{flags[m][src]['fpr']:.3f}" if src in flags[m] else "—" for m in methods]
+        lines.append(f"| {src} | {flags[methods[0]][src]['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

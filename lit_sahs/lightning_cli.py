@@ -72,11 +72,11 @@ class SahsCLI(LightningCLI):
         best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
         trainer.test(model, datamodule=dm, ckpt_path=best, verbose=False)  # loads the best weights into model
         out = Path(self._cfg.output_dir or Path("artifacts") / self._cfg.mlflow.experiment)
-        reports, scores, labels = ev.split_reports(model, dm, "test", self._cfg.baselines)
+        reports, scores, labels, thresholds = ev.split_reports(model, dm, "test", self._cfg.baselines)
         table = ev.format_table(reports)
-        threshold = float(model.threshold)
-        benign = ev.benign_flags_by_source(scores["heads"], dm.split_rows("test"), threshold)
-        benign_table = ev.format_benign_table(benign, threshold)
+        test_rows = dm.split_rows("test")
+        benign = {m: ev.benign_flags_by_source(sc, test_rows, thresholds[m]) for m, sc in scores.items()}
+        benign_table = ev.format_benign_table(benign, thresholds)
         detector_dir = save_detector(model, out / "detector", overwrite=True)
         ev.atomic_write_text(out / "report.json", json.dumps(reports, indent=1, default=float) + "\n")
         ev.atomic_write_text(out / "benign_fpr.json", json.dumps(benign, indent=1) + "\n")
@@ -97,7 +97,8 @@ class SahsCLI(LightningCLI):
             trainer.logger.log_metrics({k.replace(" ", "_"): v for k, v in flat.items()})
         held = ", ".join(dm.held_out_families) or "none"
         print(f"\nTest split (held-out families: {held}), {len(model.head_set)} heads; "
-              f"heads = {type(model).__name__} at its calibrated threshold, baselines on the same rows:\n")
+              f"heads = {type(model).__name__}, baselines trained on the same rows, every threshold "
+              f"calibrated on validation benign prompts:\n")
         print(table)
         print("\n" + benign_table)
         print(f"\ndetector: {detector_dir}\nreport:   {out / 'report.md'}, ROC curves {roc}")
