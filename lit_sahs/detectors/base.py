@@ -212,6 +212,20 @@ class SafetyDetector(L.LightningModule):
             return batch[0], (batch[1] if len(batch) > 1 else None), (batch[2] if len(batch) > 2 else None)
         return batch, None, None
 
+    def gather_epoch(self, batch: Any, batch_idx: int) -> tuple[Tensor, Tensor] | None:
+        """For full-batch solvers: collect the epoch's training batches; on its last batch return
+        them concatenated (raw activations, labels), before that None."""
+        x, y, _ = self._batch(batch)
+        if y is None:
+            raise LitSahsError("training batches need labels 'y' (1 malicious, 0 benign)")
+        if batch_idx == 0:
+            self._epoch_batches: list[tuple[Tensor, Tensor]] = []
+        self._epoch_batches.append((x.detach(), y.detach()))
+        if not (self.trainer.is_last_batch or batch_idx + 1 >= self.trainer.num_training_batches):
+            return None
+        batches, self._epoch_batches = self._epoch_batches, []
+        return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
     def training_loss(self, x: Tensor, y: Tensor) -> Tensor:
         logits = self(x)
         return F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype)) + self.penalty()

@@ -74,22 +74,13 @@ class LogisticDetector(SafetyDetector):
         if self.hparams.optimizer == "lbfgs" and self.trainer.world_size > 1:
             raise LitSahsError("the full-batch LBFGS logistic detector runs in one process: set optimizer='adam' for DDP")
 
-    def on_train_epoch_start(self) -> None:
-        self._full_batch = []
-
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         if self.automatic_optimization:
             return super().training_step(batch, batch_idx)
-        x, y, _ = self._batch(batch)
-        if y is None:
-            raise LitSahsError("training batches need labels 'y' (1 malicious, 0 benign)")
-        self._full_batch.append((x.detach(), y.detach()))
-        n_batches = self.trainer.num_training_batches
-        if not (self.trainer.is_last_batch or batch_idx + 1 >= n_batches):
+        epoch = self.gather_epoch(batch, batch_idx)
+        if epoch is None:
             return None
-        X = torch.cat([b[0] for b in self._full_batch])
-        Y = torch.cat([b[1] for b in self._full_batch])
-        self._full_batch = []
+        X, Y = epoch
         opt = self.optimizers()
 
         def closure() -> Tensor:

@@ -111,21 +111,14 @@ class SparseHeadDetector(SafetyDetector):
         if self.hparams.solver == "fista" and self.trainer.world_size > 1:
             raise LitSahsError("the full-batch FISTA sparse detector runs in one process: set solver='sgd' for DDP")
 
-    def on_train_epoch_start(self) -> None:
-        self._full_batch: list[tuple[Tensor, Tensor]] = []
-
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         if self.automatic_optimization:
             return super().training_step(batch, batch_idx)
-        x, y, _ = self._batch(batch)
-        if y is None:
-            raise LitSahsError("training batches need labels 'y' (1 malicious, 0 benign)")
-        self._full_batch.append((x.detach(), y.detach()))
-        if not (self.trainer.is_last_batch or batch_idx + 1 >= self.trainer.num_training_batches):
+        epoch = self.gather_epoch(batch, batch_idx)
+        if epoch is None:
             return None
-        z = torch.cat([(b[0].to(self.mean.dtype) - self.mean) / self.std for b in self._full_batch])
-        y_all = torch.cat([b[1] for b in self._full_batch]).to(z.dtype)
-        self._full_batch = []
+        z = (epoch[0].to(self.mean.dtype) - self.mean) / self.std
+        y_all = epoch[1].to(z.dtype)
         loss = self.fista(z, y_all, self.hparams.prox_steps)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=z.shape[0])
         return None
