@@ -45,6 +45,9 @@ class SafetyDetector(L.LightningModule):
     family: ClassVar[str] = ""
 
     default_lr: ClassVar[float] = 1e-3
+    # Full-batch families switch automatic_optimization off and implement fit_full_batch; this
+    # names the setting that trains them on mini-batches instead (for DDP).
+    mini_batch_setting: ClassVar[str] = ""
 
     def __init__(self, lr: float | None = None, weight_decay: float = 0.0, target_fpr: float = 0.05) -> None:
         super().__init__()
@@ -212,12 +215,9 @@ class SafetyDetector(L.LightningModule):
             return batch[0], (batch[1] if len(batch) > 1 else None), (batch[2] if len(batch) > 2 else None)
         return batch, None, None
 
-    def gather_epoch(self, batch: Any, batch_idx: int) -> tuple[Tensor, Tensor] | None:
-        """For full-batch solvers: collect the epoch's training batches; on its last batch return
-        them concatenated (raw activations, labels), before that None."""
-        x, y, _ = self._batch(batch)
-        if y is None:
-            raise LitSahsError("training batches need labels 'y' (1 malicious, 0 benign)")
+    def _gather_epoch(self, x: Tensor, y: Tensor, batch_idx: int) -> tuple[Tensor, Tensor] | None:
+        """Collect the epoch's training batches; on its last batch return them concatenated
+        (raw activations, labels), before that None."""
         if batch_idx == 0:
             self._epoch_batches: list[tuple[Tensor, Tensor]] = []
         self._epoch_batches.append((x.detach(), y.detach()))
@@ -226,17 +226,34 @@ class SafetyDetector(L.LightningModule):
         batches, self._epoch_batches = self._epoch_batches, []
         return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
+    def fit_full_batch(self, x: Tensor, y: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Full-batch families: fit on the whole epoch's raw activations and labels; return the loss."""
+        raise NotImplementedError
+
+    def on_fit_start(self) -> None:
+        if not self.automatic_optimization and self.trainer.world_size > 1:
+            raise LitSahsError(f"the full-batch {type(self).__name__} runs in one process: "
+                               f"set {self.mini_batch_setting} for DDP")
+
     def training_loss(self, x: Tensor, y: Tensor) -> Tensor:
         logits = self(x)
         return F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype)) + self.penalty()
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        """Mini-batch families return the batch loss; full-batch ones (automatic_optimization off)
+        gather the epoch and fit it at its last batch, before validation sees the epoch's weights."""
         x, y, _ = self._batch(batch)
         if y is None:
             raise LitSahsError("training batches need labels 'y' (1 malicious, 0 benign)")
-        loss = self.training_loss(x, y)
+        if self.automatic_optimization:
+            loss = self.training_loss(x, y)
+        else:
+            epoch = self._gather_epoch(x, y, batch_idx)
+            if epoch is None:
+                return None
+            loss, x = self.fit_full_batch(*epoch), epoch[0]
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
-        return loss
+        return loss if self.automatic_optimization else None
 
     def _eval_step(self, batch: Any, metrics: nn.ModuleDict, stage: str) -> None:
         x, y, fam = self._batch(batch)

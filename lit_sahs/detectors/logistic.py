@@ -1,7 +1,7 @@
 """LogisticDetector: L2-regularised logistic regression on the concatenated selected heads."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,7 @@ class LogisticDetector(SafetyDetector):
 
     family = "logistic"
     default_lr = 1e-2
+    mini_batch_setting = "optimizer='adam'"
 
     def __init__(
         self,
@@ -70,27 +71,15 @@ class LogisticDetector(SafetyDetector):
             )
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.hparams.weight_decay)
 
-    def on_fit_start(self) -> None:
-        if self.hparams.optimizer == "lbfgs" and self.trainer.world_size > 1:
-            raise LitSahsError("the full-batch LBFGS logistic detector runs in one process: set optimizer='adam' for DDP")
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        if self.automatic_optimization:
-            return super().training_step(batch, batch_idx)
-        epoch = self.gather_epoch(batch, batch_idx)
-        if epoch is None:
-            return None
-        X, Y = epoch
+    def fit_full_batch(self, x: Tensor, y: Tensor) -> Tensor:
         opt = self.optimizers()
 
         def closure() -> Tensor:
             opt.zero_grad()
-            loss = self.training_loss(X, Y)
+            loss = self.training_loss(x, y)
             self.manual_backward(loss)
             return loss
 
         opt.step(closure=closure)
         with torch.no_grad():
-            loss = self.training_loss(X, Y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=X.shape[0])
-        return None
+            return self.training_loss(x, y)

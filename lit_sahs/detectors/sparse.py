@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 class SparseHeadDetector(SafetyDetector):
     family = "sparse"
     default_lr = 0.1
+    mini_batch_setting = "solver='sgd'"
 
     def __init__(
         self,
@@ -107,21 +108,9 @@ class SparseHeadDetector(SafetyDetector):
 
     # ------------------------------------------------------------------ full-batch solver
 
-    def on_fit_start(self) -> None:
-        if self.hparams.solver == "fista" and self.trainer.world_size > 1:
-            raise LitSahsError("the full-batch FISTA sparse detector runs in one process: set solver='sgd' for DDP")
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        if self.automatic_optimization:
-            return super().training_step(batch, batch_idx)
-        epoch = self.gather_epoch(batch, batch_idx)
-        if epoch is None:
-            return None
-        z = (epoch[0].to(self.mean.dtype) - self.mean) / self.std
-        y_all = epoch[1].to(z.dtype)
-        loss = self.fista(z, y_all, self.hparams.prox_steps)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=z.shape[0])
-        return None
+    def fit_full_batch(self, x: Tensor, y: Tensor) -> Tensor:
+        z = (x.to(self.mean.dtype) - self.mean) / self.std
+        return self.fista(z, y.to(z.dtype), self.hparams.prox_steps)
 
     def _smooth(self, z: Tensor, y: Tensor, w: Tensor, b: Tensor) -> Tensor:
         logits = torch.einsum("bkd,kd->b", z, w) + b
