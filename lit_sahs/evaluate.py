@@ -67,9 +67,11 @@ def benign_flags_by_source(scores: np.ndarray, rows: Sequence[dict], threshold: 
     for sc, r in zip(scores, rows):
         if int(r["label"]) == 0:
             by.setdefault(str(r.get("source", "")), []).append(float(sc))
-    out = {src: {"n": len(v), "flagged": int(sum(x >= threshold for x in v)),
-                 "fpr": float(np.mean([x >= threshold for x in v])), "median_score": float(np.median(v))}
-           for src, v in by.items()}
+    out = {}
+    for src, v in by.items():
+        flagged = np.asarray(v) >= threshold
+        out[src] = {"n": len(v), "flagged": int(flagged.sum()), "fpr": float(flagged.mean()),
+                    "median_score": float(np.median(v))}
     return dict(sorted(out.items(), key=lambda kv: (-kv[1]["fpr"], kv[0])))
 
 

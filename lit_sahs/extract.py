@@ -73,7 +73,7 @@ class HeadExtractor(L.LightningModule):
         self.target_model = self.target.model  # registered as a submodule so Lightning places it on the device
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return batch  # Samples are tokenised and moved in predict_step
+        return batch  # the collate function encoded it; predict_step moves the tensors
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         samples = batch["samples"]
@@ -156,6 +156,8 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
     `num_workers` None: 4 encoding processes when the run uses a GPU, 0 on the CPU."""
     if not samples:
         raise LitSahsError("no samples to extract: check the sources, attacks and --limit")
+    if num_workers is not None and num_workers < 0:  # before loading the target
+        raise LitSahsError(f"num_workers must be >= 0, got {num_workers}")
     module = HeadExtractor(target, dtype=dtype)
     if not module.target.is_vision_language:  # fail before the store is created, not mid-run
         bad = next((s for s in samples if s.image), None)
@@ -177,8 +179,6 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
     trainer = L.Trainer(callbacks=[writer], **kwargs)
     if num_workers is None:
         num_workers = 4 if trainer.strategy.root_device.type == "cuda" else 0
-    if num_workers < 0:
-        raise LitSahsError(f"num_workers must be >= 0, got {num_workers}")
     loader = DataLoader(SampleDataset(todo), batch_size=batch_size, shuffle=False,
                         collate_fn=EncodeBatch(module.target), num_workers=num_workers,
                         pin_memory=torch.cuda.is_available() and num_workers > 0)

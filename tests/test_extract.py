@@ -83,6 +83,7 @@ def run_cli(argv, capsys):
     (["extract", "--target", "no-such-target"], "unknown target 'no-such-target'"),
     (["extract", "--harmful", "nosuchsource"], "nosuchsource"),
     (["extract", "--attacks", "plain,nosuchattack"], "nosuchattack"),
+    (["extract", "--num_workers", "-1", "--limit", "8"], "num_workers must be >= 0"),
     (["frobnicate"], "unknown command"),
 ])
 def test_bad_names_give_one_error_line(argv, needle, capsys, tmp_path):
