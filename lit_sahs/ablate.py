@@ -341,7 +341,7 @@ def ablate_parser():
 def main(argv: Optional[list[str]] = None) -> int:
     from lit_sahs.data.samples import normalise_text
     from lit_sahs.data.store import ActivationStore
-    from lit_sahs.evaluate import atomic_write_text
+    from lit_sahs.io import atomic_write_text
     from lit_sahs.locate import HeadRanking
     from lit_sahs.pipeline import names
 

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from lit_sahs.errors import LitSahsError
+from lit_sahs.io import atomic_write_text
 
 DEFAULT_HARMFUL = "advbench,harmbench,donotanswer,past_tense"
 DEFAULT_BENIGN = "truthfulqa,nq_open,mmlu,commonsenseqa,openbookqa,healthsearchqa,medicationqa,sharegpt"
@@ -158,7 +159,7 @@ def cmd_evaluate(argv: list[str]) -> int:
         report = ev.score_file(a.detector, a.data, target=a.target, tracking_uri=a.tracking_uri)
         text = json.dumps(report, indent=1)
         if a.json:
-            ev.atomic_write_text(a.json, text + "\n")
+            atomic_write_text(a.json, text + "\n")
         with start_run(a.experiment, a.tracking_uri, run_name="score-file"):
             mlflow.log_params({"detector": a.detector, "data": a.data})
             for group, m in [("overall", report["overall"])] + list(report["per_attack"].items()):
@@ -182,7 +183,7 @@ def cmd_evaluate(argv: list[str]) -> int:
 
     paths = []
     for method in result["matrix"]:
-        paths.append(ev.atomic_write_text(os.path.join(out, f"matrix_{method}.csv"), ev.matrix_csv(result, method)))
+        paths.append(atomic_write_text(os.path.join(out, f"matrix_{method}.csv"), ev.matrix_csv(result, method)))
     paths.append(family_matrix(result["matrix"]["heads"], result["rows"], result["families"],
                                os.path.join(out, "matrix_heads.png"),
                                title=f"zero-shot AUROC, {a.detector_family} on top-{a.top_k} heads"))

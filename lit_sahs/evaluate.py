@@ -18,6 +18,7 @@ import torch
 from lit_sahs.baselines import BASELINES, baseline_scores
 from lit_sahs.detectors import SafetyDetector, compute_report, detector_class
 from lit_sahs.errors import LitSahsError
+from lit_sahs.io import atomic_write_text
 
 REPORT_METRICS = ("auroc", "auprc", "tpr_at_1fpr", "tpr_at_5fpr", "fpr_at_95tpr", "n")
 
@@ -106,15 +107,6 @@ def format_table(reports: dict[str, dict], metrics: Sequence[str] = ("auroc", "t
         cells = [g, str(n)] + [_fmt(reports[m].get(g, {}).get(k)) for m in methods for k in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 # ---------------------------------------------------------------- fitting helpers

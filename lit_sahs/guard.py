@@ -332,7 +332,7 @@ def gather_prompts(prompt: Optional[Sequence[str]], data: Optional[str], image: 
 
 
 def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
-    from lit_sahs.evaluate import atomic_write_text
+    from lit_sahs.io import atomic_write_text
 
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 

@@ -1,10 +1,9 @@
 """`python -m lit_sahs fit|validate|test|predict`: LightningCLI over the detector families and
 DataModules, with the quickstart's extra steps: extract and locate before fitting when the config
-asks for them, and after fitting a test report with baselines, the exported detector artifact
-and MLflow artifacts."""
+asks for them. The Trainer's family defaults and what `fit` writes afterwards (test report with
+baselines, detector artifact, MLflow artifacts) come from the engine, as for a fit from Python."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +12,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from lit_sahs.baselines import BASELINES
 from lit_sahs.detectors import SafetyDetector
+from lit_sahs.engine import Engine, family_defaults
 from lit_sahs.pipeline import Prepare, ensure_ranking, ensure_store
 
 
@@ -61,47 +61,22 @@ class SahsCLI(LightningCLI):
             kwargs["logger"] = make_logger(mlcfg.experiment, mlcfg.tracking_uri, run_name=self.subcommand)
         return super().instantiate_trainer(**kwargs)
 
-    def after_fit(self) -> None:
-        from lit_sahs import evaluate as ev
-        from lit_sahs.detectors import save_detector
-        from lit_sahs.plots import roc_curves
-        from lit_sahs.tracking import log_artifacts
+    def _engine(self) -> Engine:
+        if self.subcommand != "fit":
+            return Engine()
+        out = self._cfg.output_dir or Path("artifacts") / self._cfg.mlflow.experiment
+        return Engine(output_dir=out, baselines=self._cfg.baselines)
 
-        trainer, model, dm = self.trainer, self.model, self.datamodule
-        ckpt = trainer.checkpoint_callback
-        best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
-        trainer.test(model, datamodule=dm, ckpt_path=best, verbose=False)  # loads the best weights into model
-        out = Path(self._cfg.output_dir or Path("artifacts") / self._cfg.mlflow.experiment)
-        reports, scores, labels, thresholds = ev.split_reports(model, dm, "test", self._cfg.baselines)
-        table = ev.format_table(reports)
-        test_rows = dm.split_rows("test")
-        benign = {m: ev.benign_flags_by_source(sc, test_rows, thresholds[m]) for m, sc in scores.items()}
-        benign_table = ev.format_benign_table(benign, thresholds)
-        detector_dir = save_detector(model, out / "detector", overwrite=True)
-        ev.atomic_write_text(out / "report.json", json.dumps(reports, indent=1, default=float) + "\n")
-        ev.atomic_write_text(out / "benign_fpr.json", json.dumps(benign, indent=1) + "\n")
-        ev.atomic_write_text(out / "report.md", table + "\n\n" + benign_table + "\n")
-        roc = roc_curves(scores, labels, out / "roc.png",
-                         title=f"test split ({', '.join(dm.held_out_families) or 'random'} held out)")
-        extra = [detector_dir, out / "report.json", out / "benign_fpr.json", out / "report.md", roc]
-        ranking = getattr(dm, "ranking_path", None) or self._get(self.config, "data.init_args.ranking", default=None)
-        if ranking and Path(ranking).exists():
-            extra += [Path(ranking), Path(ranking).with_name("heads.png")]
-        log_artifacts(trainer.logger, extra)
-        if hasattr(model, "head_report"):
-            ev.atomic_write_text(out / "heads.json", json.dumps(model.head_report(), indent=1) + "\n")
-            log_artifacts(trainer.logger, [out / "heads.json"])
-        if trainer.logger is not None and hasattr(trainer.logger, "log_metrics"):
-            flat = {f"report/{m}/{g}/{k}": float(v) for m, rep in reports.items() for g, d in rep.items()
-                    for k, v in d.items() if isinstance(v, (int, float)) and v == v}
-            trainer.logger.log_metrics({k.replace(" ", "_"): v for k, v in flat.items()})
-        held = ", ".join(dm.held_out_families) or "none"
-        print(f"\nTest split (held-out families: {held}), {len(model.head_set)} heads; "
-              f"heads = {type(model).__name__}, baselines trained on the same rows, every threshold "
-              f"calibrated on validation benign prompts:\n")
-        print(table)
-        print("\n" + benign_table)
-        print(f"\ndetector: {detector_dir}\nreport:   {out / 'report.md'}, ROC curves {roc}")
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
+        """The engine's part of the Trainer: the family's trainer defaults where the config leaves a
+        setting unset, and for `fit` the report and export callbacks."""
+        for key, value in family_defaults(self.model).items():
+            if config.get(key) is None:
+                config[key] = value
+        return super()._instantiate_trainer(config, list(callbacks) + self._engine().report_callbacks())
+
+    def after_fit(self) -> None:
+        Engine.test_best(self.trainer, self.model, self.datamodule)
 
 
 def run_lightning_cli(argv: list[str]) -> None:

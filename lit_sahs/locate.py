@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from lit_sahs.errors import LitSahsError
+from lit_sahs.io import atomic_write_json
 from lit_sahs.heads import HeadSet, TargetFingerprint
 
 
@@ -36,9 +37,7 @@ class HeadRanking:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        atomic_write_json(path, self.to_dict())
         return path
 
     @classmethod

@@ -8,56 +8,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from lit_sahs.data.protocol import SampleSpec, names
 from lit_sahs.errors import LitSahsError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HARMFUL = "advbench,harmbench,donotanswer,past_tense"
-DEFAULT_BENIGN = "truthfulqa,nq_open,mmlu,commonsenseqa,openbookqa,healthsearchqa,medicationqa,sharegpt"
-DEFAULT_ATTACKS = "plain,pyrit,dan,inthewild"
-
-
-def names(text) -> tuple[str, ...]:
-    if text is None:
-        return ()
-    if isinstance(text, (list, tuple)):
-        return tuple(str(t).strip() for t in text if str(t).strip())
-    return tuple(n.strip() for n in str(text).split(",") if n.strip())
-
 
 @dataclass
-class Prepare:
+class Prepare(SampleSpec):
     """Extraction settings for `fit`: when `target` is set, samples missing from `data.store` are
     extracted first (a complete store is reused as it is)."""
 
     target: Optional[str] = None
-    harmful: str = DEFAULT_HARMFUL
-    benign: str = DEFAULT_BENIGN
-    attacks: str = DEFAULT_ATTACKS
-    data: Optional[str] = None
-    limit: Optional[int] = 400
-    max_chars: Optional[int] = None
-    seed: int = 0
     batch_size: int = 8
     dtype: str = "float32"
-
-
-def build_samples(p: Prepare):
-    from lit_sahs.data.attacks import apply_attacks
-    from lit_sahs.data.protocol import build_dataset
-    from lit_sahs.data.sources import load_user_file
-
-    if p.data:
-        samples = apply_attacks(load_user_file(p.data), names(p.attacks), seed=p.seed, max_chars=p.max_chars)
-        return samples[: p.limit] if p.limit is not None else samples
-    return build_dataset(harmful=names(p.harmful), benign=names(p.benign), attacks=names(p.attacks),
-                         limit=p.limit, seed=p.seed, max_chars=p.max_chars)
 
 
 def ensure_store(p: Prepare, store: str, trainer_kwargs: Optional[dict] = None) -> dict:
     from lit_sahs.extract import run_extraction
 
-    result = run_extraction(p.target, build_samples(p), store, batch_size=p.batch_size, dtype=p.dtype,
+    result = run_extraction(p.target, p.build(), store, batch_size=p.batch_size, dtype=p.dtype,
                             trainer_kwargs=trainer_kwargs or {"accelerator": "auto", "devices": 1})
     log.warning("store %s: %s", store, json.dumps(result))
     return result

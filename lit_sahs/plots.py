@@ -12,18 +12,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lit_sahs.errors import LitSahsError
+from lit_sahs.io import atomic_file
 
 
 def _save(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    try:
+    with atomic_file(path) as tmp:
         FigureCanvasAgg(fig)
         fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from lit_sahs.errors import LitSahsError
+from lit_sahs.tracking import absolute_uri, mlflow_client, no_artifact_progress_bar, redact, study_refit
 
 log = logging.getLogger(__name__)
 
@@ -60,47 +61,9 @@ def parse_model_uri(uri: str) -> tuple[str, Optional[str], Optional[str]]:
     return m["name"], m["version"], m["alias"]
 
 
-def _tracking_uri(tracking_uri: Optional[str]) -> str:
-    from lit_sahs.tune import absolute_uri
-
-    return absolute_uri(tracking_uri)
-
-
-def client(tracking_uri: Optional[str] = None):
-    from mlflow import MlflowClient
-
-    from lit_sahs.tune import probe_database
-
-    uri = _tracking_uri(tracking_uri)
-    registry = os.environ.get("MLFLOW_REGISTRY_URI") or uri
-    probe_database(uri, "the MLflow tracking store")
-    if registry != uri:
-        probe_database(registry, "the MLflow model registry")
-    return MlflowClient(tracking_uri=uri, registry_uri=registry)
-
-
-def _redact(uri: str) -> str:
-    from lit_sahs.tune import redact
-
-    return redact(uri)
-
-
 def _msg(e: BaseException) -> str:
     text = str(getattr(e, "message", None) or e).strip()
     return (text.splitlines() or [type(e).__name__])[0][:300]
-
-
-@contextlib.contextmanager
-def _no_progress_bar() -> Iterator[None]:
-    old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
 
 
 # ---------------------------------------------------------------- resolving and loading
@@ -113,12 +76,12 @@ def registered_model(c, name: str, where: str):
         return c.get_registered_model(name)
     except MlflowException as e:
         if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(e).lower():
-            raise LitSahsError(f"the model registry at {_redact(where)} failed: {_msg(e)}") from None
+            raise LitSahsError(f"the model registry at {redact(where)} failed: {_msg(e)}") from None
     try:
         names = sorted(m.name for m in c.search_registered_models(max_results=50))
     except Exception:  # noqa: BLE001
         names = []
-    raise LitSahsError(f"registered model {name!r} does not exist in {_redact(where)}"
+    raise LitSahsError(f"registered model {name!r} does not exist in {redact(where)}"
                        + (f" (registered: {', '.join(names)})" if names else " (the registry is empty)")
                        + ": register one with `python -m lit_sahs register --name ...` or set MLFLOW_TRACKING_URI")
 
@@ -128,14 +91,14 @@ def resolve_version(uri: str, tracking_uri: Optional[str] = None):
     from mlflow.exceptions import MlflowException
 
     name, version, alias = parse_model_uri(uri)
-    c = client(tracking_uri)
-    where = os.environ.get("MLFLOW_REGISTRY_URI") or _tracking_uri(tracking_uri)
+    c = mlflow_client(tracking_uri)
+    where = os.environ.get("MLFLOW_REGISTRY_URI") or absolute_uri(tracking_uri)
     try:
         registered_model(c, name, where)
     except LitSahsError:
         raise
     except Exception as e:  # noqa: BLE001 - an unreachable registry
-        raise LitSahsError(f"cannot reach the model registry at {_redact(where)}: {_msg(e)}") from None
+        raise LitSahsError(f"cannot reach the model registry at {redact(where)}: {_msg(e)}") from None
     versions = sorted((v.version for v in c.search_model_versions(f"name='{name}'")), key=int)
     try:
         if alias is not None:
@@ -161,23 +124,23 @@ def _download(uri: str, dst: str | os.PathLike, tracking_uri: Optional[str] = No
 
     from lit_sahs.detectors.artifact import META_FILE, WEIGHTS_FILE
 
-    turi = _tracking_uri(tracking_uri)
+    turi = absolute_uri(tracking_uri)
     mv = None
     if uri.startswith("models:/"):
         mv = resolve_version(uri, tracking_uri)
-        source = client(tracking_uri).get_model_version_download_uri(mv.name, mv.version)
+        source = mlflow_client(tracking_uri).get_model_version_download_uri(mv.name, mv.version)
     elif RUN_URI.match(uri):
         source = uri
         if not (RUN_URI.match(uri)["path"] or "").strip("/"):  # the run's root: MLflow wants a path, use its location
             try:
-                source = client(tracking_uri).get_run(RUN_URI.match(uri)["run_id"]).info.artifact_uri
+                source = mlflow_client(tracking_uri).get_run(RUN_URI.match(uri)["run_id"]).info.artifact_uri
             except Exception as e:  # noqa: BLE001
-                raise LitSahsError(f"cannot find run {uri} in {_redact(turi)}: {_msg(e)}") from None
+                raise LitSahsError(f"cannot find run {uri} in {redact(turi)}: {_msg(e)}") from None
     else:
         raise LitSahsError(f"{uri!r} is not a registry or run URI: use models:/<name>/<version>, "
                            "models:/<name>@<alias> or runs:/<run_id>/<path>")
     try:
-        with _no_progress_bar():
+        with no_artifact_progress_bar():
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
                                                              tracking_uri=turi))
     except MlflowException as e:
@@ -257,22 +220,6 @@ def _parse_tags(tags: Optional[list[str] | dict]) -> dict[str, str]:
     return out
 
 
-def study_refit(study: str, storage: str) -> dict:
-    """The refit record (`lit_sahs.best_refit`) that `tune` stored in a study."""
-    from lit_sahs.tune import REFIT_ATTR, open_storage, redact
-
-    st = open_storage(storage, heartbeat_interval=None)
-    try:
-        sid = st.get_study_id_from_name(study)
-    except KeyError:
-        names = sorted(s.study_name for s in st.get_all_studies())
-        raise LitSahsError(f"no study {study!r} in {redact(storage)} (studies: {names or 'none'})") from None
-    info = st.get_study_user_attrs(sid).get(REFIT_ATTR)
-    if not info:
-        raise LitSahsError(f"study {study!r} has no refit detector yet: run `python -m lit_sahs tune ... --refit true`")
-    return info
-
-
 def register_detector(detector: str, name: str, alias: Optional[str] = None, tags: Optional[dict] = None,
                       description: Optional[str] = None, tracking_uri: Optional[str] = None,
                       experiment: str = "registry", metrics: Optional[dict] = None) -> dict:
@@ -286,8 +233,8 @@ def register_detector(detector: str, name: str, alias: Optional[str] = None, tag
         raise LitSahsError(f"registered model name {name!r} is not allowed: no '/', '@' or ':'")
     _check_alias(alias)
     user_tags = _parse_tags(tags)
-    turi = _tracking_uri(tracking_uri)
-    c = client(tracking_uri)
+    turi = absolute_uri(tracking_uri)
+    c = mlflow_client(tracking_uri)
 
     # 1. the detector must load (safetensors + JSON) before the registry is touched
     det = load_detector(detector)
@@ -318,10 +265,10 @@ def register_detector(detector: str, name: str, alias: Optional[str] = None, tag
             existing = c.get_registered_model(name)
         except MlflowException as e:
             if "not found" not in str(e).lower() and getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
-                raise LitSahsError(f"the model registry at {_redact(turi)} failed: {_msg(e)}") from None
+                raise LitSahsError(f"the model registry at {redact(turi)} failed: {_msg(e)}") from None
             existing = None
         except Exception as e:  # noqa: BLE001 - unreachable registry
-            raise LitSahsError(f"cannot reach the model registry at {_redact(turi)}: {_msg(e)}") from None
+            raise LitSahsError(f"cannot reach the model registry at {redact(turi)}: {_msg(e)}") from None
         if existing is not None:
             fp = (existing.tags or {}).get(TAG_FINGERPRINT)
             if fp is None and c.search_model_versions(f"name='{name}'"):
@@ -381,7 +328,7 @@ def register_detector(detector: str, name: str, alias: Optional[str] = None, tag
                            "nothing was registered") from None
     return {"name": name, "version": int(mv.version), "uri": f"models:/{name}/{mv.version}",
             "alias": alias, "alias_uri": f"models:/{name}@{alias}" if alias else None, "source": source,
-            "run_id": run_id, "tags": vtags, "tracking_uri": _redact(turi)}
+            "run_id": run_id, "tags": vtags, "tracking_uri": redact(turi)}
 
 
 def _rollback(c, name: str, created_model: Optional[str], created_version: Optional[str],
@@ -424,9 +371,7 @@ def main(argv: list[str]) -> int:
     detector = a.detector
     extra = {}
     if a.study:
-        from lit_sahs.tune import DEFAULT_STORAGE
-
-        info = study_refit(a.study, a.storage or DEFAULT_STORAGE)
+        info = study_refit(a.study, a.storage)
         detector = info["detector"]
         extra = {"optuna.study": a.study, "optuna.trial": str(info.get("trial"))}
     for noisy in ("mlflow", "alembic"):

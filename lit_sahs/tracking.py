@@ -1,16 +1,30 @@
-"""MLflow tracking: where runs go, the Lightning logger, artifacts.
+"""Tracking and storage: the one module that knows MLflow and Optuna URIs.
 
-Default store: a SQLite database inside mlruns/ (the model registry needs a database backend),
-artifacts under mlruns/artifacts. Any tracking URI (a server, PostgreSQL) replaces it.
+Where runs go (default: a SQLite database inside mlruns/, since the model registry needs a
+database backend, artifacts under mlruns/artifacts; any tracking URI — a server, PostgreSQL —
+replaces it), password redaction for every message that shows a URI, a short connection probe
+so an unreachable server is one clear error, the Optuna RDB storage opener, an MLflow client
+wrapper without global state (`Tracker`), the Lightning logger and artifact logging.
+`registry` and `tune` depend on this module, never on each other.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import re
+import time
+import warnings
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
+
+from lit_sahs.errors import LitSahsError
 
 DEFAULT_DIR = Path("mlruns")
 DEFAULT_TRACKING_URI = f"sqlite:///{DEFAULT_DIR}/mlflow.db"
+DEFAULT_STORAGE = f"sqlite:///{DEFAULT_DIR}/optuna.db"  # Optuna studies
+REFIT_ATTR = "lit_sahs.best_refit"  # study user attribute: the refit detector of a tune study
+_CREDENTIALS = re.compile(r"^(?P<scheme>[A-Za-z][\w+.-]*://)(?P<user>[^:/@]*):(?P<pw>.*)@(?P<rest>[^@]*)$")
 
 
 def resolve_tracking_uri(uri: Optional[str] = None) -> str:
@@ -25,6 +39,195 @@ def artifact_location(experiment: str, uri: str) -> Optional[str]:
     if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
         return (DEFAULT_DIR / "artifacts" / experiment).resolve().as_uri()
     return None
+
+
+def redact(url: str) -> str:
+    """A storage / tracking URL with its password hidden (for messages, tags and logs). The password
+    runs to the last '@' of the address, so an unencoded '@' inside it is hidden too."""
+    m = _CREDENTIALS.match(str(url))
+    if not m:
+        return str(url)
+    return f"{m['scheme']}{m['user']}:***@{m['rest']}"
+
+
+def absolute_uri(tracking_uri: Optional[str]) -> str:
+    """The MLflow tracking URI to use, with a relative SQLite path made absolute: MLflow caches one store
+    per URI string, so a relative path would keep pointing at the folder of the first use."""
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = uri[len("sqlite:///"):]
+        if path and not path.startswith(":memory:"):
+            uri = "sqlite:///" + str(Path(path).resolve())
+    return uri
+
+
+def first_line(e: BaseException) -> str:
+    text = str(getattr(e, "orig", None) or e).strip()
+    return (text.splitlines() or [type(e).__name__])[0][:300]
+
+
+def probe_database(url: str, what: str) -> None:
+    """Connect once to a server database URL (PostgreSQL, MySQL, SQL Server) with a short timeout, so an
+    unreachable server is one clear error at once (MLflow alone retries for about a minute and a half)."""
+    if not url.split(":", 1)[0].startswith(("postgresql", "mysql", "mssql")):
+        return
+    import sqlalchemy
+    import sqlalchemy.exc
+    from sqlalchemy.pool import NullPool
+
+    engine = None
+    try:
+        args = {"connect_timeout": 10} if url.startswith("postgresql") else {}
+        engine = sqlalchemy.create_engine(url, connect_args=args, poolclass=NullPool)
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.OperationalError as e:
+        raise LitSahsError(f"cannot reach {what} {redact(url)}: {first_line(e)}; check the URL, that the server "
+                           "is running and accepts this user") from None
+    except ModuleNotFoundError as e:
+        raise LitSahsError(f"{what} {redact(url)} needs the database driver {e.name!r}: "
+                           f"pip install {'psycopg2-binary' if 'psycopg2' in str(e.name) else 'psycopg[binary]' if 'psycopg' in str(e.name) else e.name}") from None
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as e:
+        raise LitSahsError(f"{what} {redact(url)} is not a usable database URL: {first_line(e)}") from None
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
+def open_storage(url: str, heartbeat_interval: Optional[int] = 60):
+    """Optuna RDBStorage for `url` (tables created on first use); any failure is one LitSahsError."""
+    import optuna
+    import sqlalchemy.exc
+
+    if not url or "://" not in url:
+        raise LitSahsError(f"storage {url!r} is not a database URL: use sqlite:///path.db or "
+                           "postgresql+psycopg2://user:password@host:port/db")
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[-1]
+        if path and path != ":memory:" and url.startswith("sqlite:///"):
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise LitSahsError(f"cannot create the folder of storage {url}: {e}") from None
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    elif url.startswith("postgresql"):
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+    kwargs: dict[str, Any] = {}
+    if heartbeat_interval:
+        kwargs = {"heartbeat_interval": int(heartbeat_interval), "grace_period": 3 * int(heartbeat_interval)}
+    last: Optional[BaseException] = None
+    for attempt in range(4):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
+            last = e  # two workers creating the tables of a fresh database at once: the loser retries
+            time.sleep(0.5 + attempt)
+        except sqlalchemy.exc.OperationalError as e:
+            raise LitSahsError(f"cannot reach the study storage {redact(url)}: {first_line(e)}; check the URL, "
+                               "that the server is running and accepts this user") from None
+        except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError) as e:
+            raise LitSahsError(f"storage {redact(url)} is not a usable SQLAlchemy URL: {first_line(e)}") from None
+        except ModuleNotFoundError as e:
+            raise LitSahsError(f"storage {redact(url)} needs the database driver {e.name!r}: "
+                               f"pip install {'psycopg2-binary' if 'psycopg2' in str(e.name) else 'psycopg[binary]' if 'psycopg' in str(e.name) else e.name}") from None
+        except sqlalchemy.exc.SQLAlchemyError as e:
+            raise LitSahsError(f"study storage {redact(url)} failed: {first_line(e)}") from None
+    raise LitSahsError(f"study storage {redact(url)} could not be initialised: {first_line(last)}")
+
+
+def mlflow_client(tracking_uri: Optional[str] = None):
+    """An MlflowClient for the tracking URI (and MLFLOW_REGISTRY_URI when set), probed first."""
+    from mlflow import MlflowClient
+
+    uri = absolute_uri(tracking_uri)
+    registry = os.environ.get("MLFLOW_REGISTRY_URI") or uri
+    probe_database(uri, "the MLflow tracking store")
+    if registry != uri:
+        probe_database(registry, "the MLflow model registry")
+    return MlflowClient(tracking_uri=uri, registry_uri=registry)
+
+
+@contextlib.contextmanager
+def no_artifact_progress_bar() -> Iterator[None]:
+    old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
+
+
+def study_refit(study: str, storage: Optional[str] = None) -> dict:
+    """The refit record (REFIT_ATTR) that `tune` stored in a study."""
+    storage = storage or DEFAULT_STORAGE
+    st = open_storage(storage, heartbeat_interval=None)
+    try:
+        sid = st.get_study_id_from_name(study)
+    except KeyError:
+        names = sorted(s.study_name for s in st.get_all_studies())
+        raise LitSahsError(f"no study {study!r} in {redact(storage)} (studies: {names or 'none'})") from None
+    info = st.get_study_user_attrs(sid).get(REFIT_ATTR)
+    if not info:
+        raise LitSahsError(f"study {study!r} has no refit detector yet: run `python -m lit_sahs tune ... --refit true`")
+    return info
+
+
+class Tracker:
+    """MLflow through a client (no global active run: trials of one process never share state)."""
+
+    def __init__(self, tracking_uri: Optional[str], experiment: str):
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.uri = absolute_uri(tracking_uri)
+        probe_database(self.uri, "the MLflow tracking store")
+        try:
+            self.client = MlflowClient(self.uri, self.uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                try:
+                    exp_id = self.client.create_experiment(experiment,
+                                                           artifact_location=artifact_location(experiment, self.uri))
+                except mlflow.exceptions.MlflowException:  # another worker created it first
+                    exp = self.client.get_experiment_by_name(experiment)
+                    if exp is None:
+                        raise
+                    exp_id = exp.experiment_id
+            else:
+                exp_id = exp.experiment_id
+        except LitSahsError:
+            raise
+        except Exception as e:  # noqa: BLE001 - MlflowException, SQLAlchemy errors, connection errors
+            raise LitSahsError(f"cannot use the MLflow tracking store {redact(self.uri)}: {first_line(e)}") from None
+        self.experiment_id = exp_id
+
+    def create_run(self, name: str, tags: dict, parent: Optional[str] = None) -> str:
+        tags = {k: str(v) for k, v in tags.items()}
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+
+    def log(self, run_id: str, params: Optional[dict] = None, metrics: Optional[dict] = None,
+            step: int = 0, tags: Optional[dict] = None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()
+              if v is not None and math.isfinite(float(v))]
+        ps = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+        ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(ms), 1), 900):  # MLflow's batch limit is 1000 metrics
+            self.client.log_batch(run_id, metrics=ms[i:i + 900], params=ps if i == 0 else [],
+                                  tags=ts if i == 0 else [])
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
 
 
 def make_logger(experiment: str = "lit_sahs", tracking_uri: Optional[str] = None, run_name: Optional[str] = None,

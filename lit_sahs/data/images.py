@@ -34,6 +34,7 @@ import PIL
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
 from lit_sahs.errors import LitSahsError
+from lit_sahs.io import atomic_write_bytes
 from lit_sahs.packages import package_dir
 
 RENDER_VERSION = 1  # bump when rendering changes, so cached renders are not reused
@@ -232,20 +233,6 @@ def image_cache_dir() -> Path:
         d = cache_root() / "images"
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory and rename: readers never see half a file, and
-    two writers of the same content-addressed file both succeed."""
-    tmp = path.with_name(f".tmp-{path.name}.{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_image(image: Image.Image, fmt: str = "PNG") -> tuple[str, str]:

@@ -8,15 +8,53 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from typing import Iterable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Union
 
 from lit_sahs.data.attacks import apply_attacks, get_attack
 from lit_sahs.data.samples import BENIGN, MALICIOUS, Sample, normalise_text
 from lit_sahs.data.sources import FILE_PREFIX, load_source, source_label
 from lit_sahs.errors import LitSahsError
 
-DEFAULT_HARMFUL = ("advbench", "harmbench")
-DEFAULT_BENIGN = ("truthfulqa", "healthsearchqa", "sharegpt")  # generic + hard negatives (health) + real chat
+# The data every command uses unless told otherwise (the one place these lists live): four harmful
+# request collections; generic questions, hard negatives (health, medication) and real chat.
+DEFAULT_HARMFUL = ("advbench", "harmbench", "donotanswer", "past_tense")
+DEFAULT_BENIGN = ("truthfulqa", "nq_open", "mmlu", "commonsenseqa", "openbookqa", "healthsearchqa", "medicationqa",
+                  "sharegpt")
+DEFAULT_ATTACKS = ("plain", "pyrit", "dan", "inthewild")
+
+
+def names(value: Union[str, Sequence[str], None]) -> tuple[str, ...]:
+    """Comma-separated names ("a,b"), a list of names, or None -> a tuple of non-empty names."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    return tuple(n.strip() for n in items if n.strip())
+
+
+@dataclass
+class SampleSpec:
+    """Which prompts to use: packaged sources (comma-separated names or file:path) or one user
+    file (`data`, JSONL/CSV with text,label,...), the attacks applied to every base prompt, how many."""
+
+    harmful: str = ",".join(DEFAULT_HARMFUL)
+    benign: str = ",".join(DEFAULT_BENIGN)
+    attacks: str = ",".join(DEFAULT_ATTACKS)
+    data: Optional[str] = None
+    limit: Optional[int] = 400
+    max_chars: Optional[int] = None
+    seed: int = 0
+
+    def build(self) -> list[Sample]:
+        """The labelled, attacked samples (the same spec gives the same list)."""
+        from lit_sahs.data.sources import load_user_file
+
+        if self.data:
+            samples = apply_attacks(load_user_file(self.data), names(self.attacks), seed=self.seed,
+                                    max_chars=self.max_chars)
+            return samples[: self.limit] if self.limit is not None else samples
+        return build_dataset(harmful=names(self.harmful), benign=names(self.benign), attacks=names(self.attacks),
+                             limit=self.limit, seed=self.seed, max_chars=self.max_chars)
 
 
 def _dedupe_key(sample: Sample) -> tuple[str, str]:
@@ -128,11 +166,11 @@ def build_dataset(
     if not attacks:
         raise LitSahsError("no attacks given; use at least attacks=plain")
 
-    names = list(dict.fromkeys(harmful + benign))
-    loaded = {name: load_source(name) for name in names}
-    pool = dedupe(s for name in names for s in loaded[name])
+    listed = list(dict.fromkeys(harmful + benign))
+    loaded = {name: load_source(name) for name in listed}
+    pool = dedupe(s for name in listed for s in loaded[name])
     kept = {s.source for s in pool}
-    for name in names:  # ids are content-based: a subset source listed after its superset keeps nothing
+    for name in listed:  # ids are content-based: a subset source listed after its superset keeps nothing
         if loaded[name] and not name.startswith(FILE_PREFIX) and name not in kept:
             raise LitSahsError(f"source {name!r} adds no prompts: each of them is already in a source listed "
                                f"before it (the same text is one sample); list {name!r} first or drop one of them")
@@ -156,9 +194,9 @@ def _empty_reason(n_harmful: int, n_benign: int, n_attacks: int, limit: Optional
     return "the dataset is empty: the sources yielded no prompts after deduplication; check the source names"
 
 
-def _as_tuple(names) -> tuple[str, ...]:
-    """Accept one name as a plain string too (a CLI or YAML config often passes one)."""
-    return (names,) if isinstance(names, str) else tuple(names or ())
+def _as_tuple(value) -> tuple[str, ...]:
+    """Accept one name or a comma-separated string too (a CLI or YAML config often passes one)."""
+    return names(value)
 
 
 # ---------------------------------------------------------------- splits

@@ -70,6 +70,7 @@ from zarr.storage import LocalStore
 
 import lit_sahs
 from lit_sahs.errors import LitSahsError
+from lit_sahs.io import TMP_PREFIX, atomic_write_bytes, atomic_write_json
 from lit_sahs.heads import Geometry, HeadSet, TargetFingerprint
 
 try:  # POSIX: a dead writer's lock is released by the kernel, so we can tell stale temp blocks
@@ -81,7 +82,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 BLOCKS = "blocks"
 INDEX = "index.jsonl"
-TMP_PREFIX = ".tmp-"
 DTYPE = "float16"
 INDEX_FIELDS = ("id", "label", "source", "attack", "attack_family", "category", "image", "base_id", "text")
 IMAGES = "images"
@@ -93,33 +93,6 @@ _EXTRACT_HINT = "run `python -m lit_sahs extract ...` first"
 def _jsonable(x: Any) -> Any:
     """Normalise through JSON so tuples/lists and key order compare equal after a round trip."""
     return json.loads(json.dumps(x, sort_keys=True))
-
-
-def _atomic_write_json(path: Path, obj: Any, exclusive: bool = False) -> bool:
-    """Write JSON via a temp file. exclusive=True: only if `path` is absent (returns False if it
-    already exists); otherwise os.replace."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        if exclusive:
-            try:
-                os.link(tmp, path)  # atomic create-if-absent: concurrent ranks cannot clobber
-            except FileExistsError:
-                return False
-            except OSError:  # filesystem without hard links
-                if path.exists():
-                    return False
-                os.replace(tmp, path)
-                return True
-        else:
-            os.replace(tmp, path)
-        return True
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _to_float16(activations: Any) -> np.ndarray:
@@ -204,7 +177,7 @@ class ActivationStore:
                 "prompt_format": _jsonable(prompt_format),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
-            _atomic_write_json(path / MANIFEST, manifest, exclusive=True)  # another rank may have won
+            atomic_write_json(path / MANIFEST, manifest, exclusive=True, indent=2, sort_keys=True)  # another rank may have won
         store = cls.open(path)
         try:
             store.fingerprint.check(fingerprint, f"activation store {path}")
@@ -445,15 +418,7 @@ class ActivationStore:
             dest = self.path / rel
             if not dest.is_file() or dest.stat().st_size != len(data):
                 self.images_dir.mkdir(exist_ok=True)
-                tmp = self.images_dir / f"{TMP_PREFIX}{sha}.{uuid.uuid4().hex}"
-                try:
-                    with open(tmp, "wb") as f:
-                        f.write(data)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(tmp, dest)  # same content from two writers: either rename wins
-                finally:
-                    tmp.unlink(missing_ok=True)
+                atomic_write_bytes(dest, data)  # same content from two writers: either rename wins
             out.append({**r, "image_sha256": sha, "image_file": rel})
         return out
 

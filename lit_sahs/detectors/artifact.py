@@ -28,6 +28,7 @@ import lit_sahs
 from lit_sahs.detectors.base import CHECKPOINT_KEY, SafetyDetector
 from lit_sahs.detectors.registry import DETECTORS, detector_class
 from lit_sahs.errors import LitSahsError
+from lit_sahs.io import atomic_dir
 
 WEIGHTS_FILE = "detector.safetensors"
 META_FILE = "detector.json"
@@ -68,27 +69,13 @@ def save_detector(detector: SafetyDetector, directory: str | os.PathLike, overwr
         raise LitSahsError(f"{dest} already exists: choose another directory or pass overwrite=True")
     if dest.exists() and not (dest / META_FILE).is_file():
         raise LitSahsError(f"{dest} exists and is not a detector artifact: refusing to replace it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in detector.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in detector.state_dict().items()}
+
+    def build(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "detector": detector.family})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
-        for f in (WEIGHTS_FILE, META_FILE):
-            with open(tmp / f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+
+    return atomic_dir(dest, build, replace=True)
 
 
 def _load_state(detector: SafetyDetector, state: dict[str, torch.Tensor], source: Path) -> None:

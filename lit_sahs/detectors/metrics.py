@@ -56,7 +56,12 @@ def _roc_points(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def tpr_at_fpr(preds: Tensor, target: Tensor, max_fpr: float) -> float:
-    """Highest TPR over thresholds whose FPR is at most `max_fpr` (NaN without both classes)."""
+    """Highest TPR over thresholds whose FPR is at most `max_fpr` (NaN without both classes).
+
+    Not torchmetrics' BinarySensitivityAtSpecificity: it compares float32 specificities with the
+    bound, so an operating point exactly at the budget (3 false positives in 343 at 3/343) can be
+    missed and the TPR reported as 0 instead of 1 (5 of 1,140 such cases in a sweep); here the
+    ROC points are float64 and the bound has a tolerance."""
     preds, target = _check(preds, target)
     n_pos = int(target.sum())
     if n_pos == 0 or n_pos == target.numel():
@@ -143,17 +148,10 @@ def compute_report(
 def _report_one(preds: Tensor, target: Tensor, threshold: float) -> dict[str, float | int]:
     n_pos = int(target.sum())
     n = int(target.numel())
-    both = 0 < n_pos < n
     rep: dict[str, float | int] = {"n": n, "n_malicious": n_pos, "n_benign": n - n_pos}
-    if both:
-        rep["auroc"] = float(BinaryAUROC()(preds.float(), target))
-        rep["auprc"] = float(BinaryAveragePrecision()(preds.float(), target))
-    else:
-        rep["auroc"] = rep["auprc"] = NAN
-    rep["tpr_at_1fpr"] = tpr_at_fpr(preds, target, 0.01)
-    rep["tpr_at_5fpr"] = tpr_at_fpr(preds, target, 0.05)
-    rep["fpr_at_95tpr"] = fpr_at_tpr(preds, target, 0.95)
-    rep.update(_at_threshold(preds, target, threshold))
+    coll = detection_metrics(threshold)
+    coll.update(preds, target)
+    rep.update({k: float(v) for k, v in coll.compute().items()})
     return rep
 
 
@@ -259,23 +257,30 @@ class _DefinedAP(BinaryAveragePrecision):
         return super().compute()
 
 
+# The report's columns, defined once: every report (the Lightning loops' logged metrics,
+# compute_report behind fit / evaluate / screen / tune) is this collection computed on a set of
+# (score, label) pairs. Adding a metric to every report is one entry here.
+METRIC_FACTORIES: dict[str, Any] = {
+    "auroc": lambda threshold: _DefinedAUROC(),
+    "auprc": lambda threshold: _DefinedAP(),
+    "tpr_at_1fpr": lambda threshold: TPRAtFPR(0.01),
+    "tpr_at_5fpr": lambda threshold: TPRAtFPR(0.05),
+    "fpr_at_95tpr": lambda threshold: FPRAtTPR(0.95),
+    "accuracy": lambda threshold: AtThreshold("accuracy", threshold),
+    "f1": lambda threshold: AtThreshold("f1", threshold),
+    "tpr": lambda threshold: AtThreshold("tpr", threshold),
+    "fpr": lambda threshold: AtThreshold("fpr", threshold),
+}
+COUNT_COLUMNS = ("n", "n_malicious", "n_benign")
+# threshold-free columns (rank metrics and operating points) and those at the calibrated threshold
+SCORE_COLUMNS = tuple(k for k in METRIC_FACTORIES if k not in AtThreshold.KINDS)
+THRESHOLD_COLUMNS = tuple(k for k in METRIC_FACTORIES if k in AtThreshold.KINDS)
+
+
 def detection_metrics(threshold: float = 0.5, prefix: str | None = None) -> MetricCollection:
-    """auroc, auprc, accuracy, f1, tpr, fpr (at `threshold`), tpr_at_1fpr, tpr_at_5fpr, fpr_at_95tpr."""
-    return MetricCollection(
-        {
-            "auroc": _DefinedAUROC(),
-            "auprc": _DefinedAP(),
-            "accuracy": AtThreshold("accuracy", threshold),
-            "f1": AtThreshold("f1", threshold),
-            "tpr": AtThreshold("tpr", threshold),
-            "fpr": AtThreshold("fpr", threshold),
-            "tpr_at_1fpr": TPRAtFPR(0.01),
-            "tpr_at_5fpr": TPRAtFPR(0.05),
-            "fpr_at_95tpr": FPRAtTPR(0.95),
-        },
-        prefix=prefix,
-        compute_groups=False,
-    )
+    """Every report column (METRIC_FACTORIES) as one torchmetrics collection."""
+    return MetricCollection({name: make(threshold) for name, make in METRIC_FACTORIES.items()},
+                            prefix=prefix, compute_groups=False)
 
 
 def set_threshold(collection: MetricCollection, threshold: float) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import gguf
 
 from lit_sahs.errors import LitSahsError
+from lit_sahs.io import atomic_dir, atomic_file, atomic_write_text
 
 
 def cache_root() -> Path:
@@ -44,12 +45,6 @@ def file_sha256(path: Path) -> str:
     return digest
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def verify_gguf(path: Path) -> None:
     """A GGUF is whole when it parses and its last tensor ends exactly at the end of the file."""
     try:
@@ -72,16 +67,12 @@ def assemble_parts(parts: list[Path], dest: Path) -> Path:
     if missing:
         raise LitSahsError(f"missing model chunk files {missing}: run `bash scripts/setup.sh`")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.name}")
-    try:
+    with atomic_file(dest) as tmp:
         with open(tmp, "wb") as out:
             for p in parts:
                 with open(p, "rb") as f:
                     shutil.copyfileobj(f, out, 1 << 22)
         verify_gguf(tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -93,18 +84,4 @@ def dequantized_dir(gguf_path: Path) -> tuple[Path, str]:
 
 def publish_dir(build, dest: Path) -> Path:
     """Run build(tmp_dir) and rename the result to dest; a crash leaves no `dest`."""
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.name}")
-    try:
-        tmp.mkdir()
-        build(tmp)
-        (tmp / "lit_sahs_complete.json").write_text(json.dumps({"complete": True}))
-        os.rename(tmp, dest)
-    except OSError:
-        if not dest.exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return atomic_dir(dest, build, marker="lit_sahs_complete.json")

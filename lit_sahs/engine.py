@@ -1,0 +1,126 @@
+"""The engine: the one place that builds a Lightning Trainer and fits a detector.
+
+Every fit goes through `Engine` — the CLI's `fit` (LightningCLI hands its trainer settings and
+callbacks here), the zero-shot and source folds of `evaluate`, the folds and refit of `tune`,
+extraction's predict loop — so a fit from Python writes what the CLI writes:
+
+    result = Engine(output_dir="artifacts/mine", max_epochs=15).fit(LogisticDetector(), datamodule)
+    result.detector, result.reports["heads"]["overall"]["auroc"], result.paths
+
+Trainer settings come, in rising priority, from `BASE_TRAINER`, the model family's
+`trainer_defaults` (a LightningModule class attribute, e.g. full-batch detectors need few epochs)
+and the caller's keyword arguments. What happens after training is Lightning callbacks
+(`lit_sahs.reporting`): with an `output_dir` the engine tests the best checkpoint on the test
+split, and `TestReport` writes report.md / report.json / benign_fpr.json / roc.png, `ExportDetector`
+the safetensors artifact, and both attach their files to the MLflow run when the logger is one.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import lightning as L
+
+# what every fit starts from; a family's trainer_defaults and the caller override it
+BASE_TRAINER: dict[str, Any] = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+                                "enable_progress_bar": False, "enable_model_summary": False,
+                                "num_sanity_val_steps": 0}
+
+
+def family_defaults(model: L.LightningModule | type) -> dict[str, Any]:
+    """The Trainer settings a model family declares (`trainer_defaults` class attribute)."""
+    return dict(getattr(model, "trainer_defaults", {}) or {})
+
+
+@dataclass
+class FitResult:
+    detector: L.LightningModule
+    trainer: L.Trainer
+    val_metrics: dict[str, float] = field(default_factory=dict)
+    reports: dict[str, dict] = field(default_factory=dict)  # method -> compute_report(...) on the test split
+    paths: dict[str, Path] = field(default_factory=dict)     # what the report callbacks wrote
+
+
+class Engine:
+    """Builds Trainers and runs fit (+ test report and export when `output_dir` is given).
+
+    validate_once: validate (and calibrate the threshold) only after the last epoch — what
+    evaluation folds and tune trials want, since per-epoch validation costs more than training
+    these small detectors; the CLI's `fit` validates every epoch for its checkpoint callback.
+    """
+
+    def __init__(self, output_dir: Optional[str | Path] = None, baselines: Optional[Sequence[str]] = None,
+                 validate_once: bool = False, quiet: bool = True, callbacks: Sequence[L.Callback] = (),
+                 **trainer_kwargs: Any):
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.baselines = baselines
+        self.validate_once = validate_once
+        self.quiet = quiet
+        self.callbacks = list(callbacks)
+        self.trainer_kwargs = trainer_kwargs
+
+    # ------------------------------------------------------------------ trainers
+
+    def trainer_settings(self, model: L.LightningModule | type | None = None, **overrides: Any) -> dict[str, Any]:
+        kw = {**BASE_TRAINER, **(family_defaults(model) if model is not None else {}), **self.trainer_kwargs,
+              **overrides}
+        kw = {k: v for k, v in kw.items() if v is not None}
+        if self.validate_once and kw.get("max_epochs"):
+            kw["check_val_every_n_epoch"] = int(kw["max_epochs"])
+        return kw
+
+    def report_callbacks(self) -> list[L.Callback]:
+        """The callbacks that write the test report and the artifact into output_dir."""
+        if self.output_dir is None:
+            return []
+        from lit_sahs.reporting import ExportDetector, TestReport
+
+        return [TestReport(self.output_dir, baselines=self.baselines), ExportDetector(self.output_dir)]
+
+    def trainer(self, model: L.LightningModule | type | None = None, callbacks: Sequence[L.Callback] = (),
+                **overrides: Any) -> L.Trainer:
+        kw = self.trainer_settings(model, **overrides)
+        kw["callbacks"] = list(kw.get("callbacks") or []) + self.callbacks + list(callbacks) + self.report_callbacks()
+        return L.Trainer(**kw)
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, model: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: Optional[str] = None,
+            **overrides: Any) -> FitResult:
+        """Fit `model` on the DataModule's train split (validating on val); with an output_dir, then
+        test the best checkpoint and write the report and the artifact."""
+        trainer = self.trainer(model, **overrides)
+        with warnings.catch_warnings():
+            if self.quiet:
+                warnings.simplefilter("ignore")
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        result = FitResult(model, trainer, val_metrics=val)
+        if self.output_dir is not None:
+            self.test_best(trainer, model, datamodule, result)
+        return result
+
+    @staticmethod
+    def test_best(trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule,
+                  result: Optional[FitResult] = None) -> FitResult:
+        """Test the best checkpoint (the last weights without a checkpoint callback); the report
+        callbacks run at the end of this test and leave their results on the FitResult."""
+        ckpt = trainer.checkpoint_callback
+        best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+        result = result or FitResult(model, trainer)
+        for cb in trainer.callbacks:
+            collect = getattr(cb, "collect", None)
+            if collect is not None:
+                collect(result)
+        return result
+
+
+def fit_detector(detector: L.LightningModule, datamodule: L.LightningDataModule, max_epochs: Optional[int] = None,
+                 **trainer_kwargs: Any) -> L.LightningModule:
+    """Fit quietly (no logger, no checkpoint, one validation after the last epoch) and return the detector."""
+    return Engine(validate_once=True, max_epochs=max_epochs, **trainer_kwargs).fit(detector, datamodule).detector

@@ -1,0 +1,100 @@
+"""What a fit writes after training, as Lightning callbacks (the engine and the CLI add them alike).
+
+TestReport      at the end of the test loop: the detector and the baselines on the test split
+                (per attack family, thresholds calibrated on validation benign prompts), the benign
+                false-positive rate per source, ROC curves -> report.md, report.json,
+                benign_fpr.json, roc.png; printed, logged to the MLflow run.
+ExportDetector  at the end of the test loop: the detector artifact (safetensors + JSON) and, for
+                head-selecting families, heads.json; logged to the MLflow run.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import lightning as L
+
+from lit_sahs.io import atomic_write_text
+
+
+def _log_files(trainer: L.Trainer, paths: Sequence[Path]) -> None:
+    from lit_sahs.tracking import log_artifacts
+
+    log_artifacts(trainer.logger, [p for p in paths if p is not None])
+
+
+class TestReport(L.Callback):
+    """Writes the test report into `output_dir` each time the test loop ends."""
+
+    def __init__(self, output_dir: str | Path, baselines: Optional[Sequence[str]] = None, verbose: bool = True,
+                 ranking: Optional[str | Path] = None):
+        from lit_sahs.baselines import BASELINES
+
+        self.output_dir = Path(output_dir)
+        self.baselines = list(BASELINES if baselines is None else baselines)
+        self.verbose = verbose
+        self.ranking = ranking
+        self.reports: dict[str, dict] = {}
+        self.paths: dict[str, Path] = {}
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lit_sahs import evaluate as ev
+        from lit_sahs.plots import roc_curves
+
+        dm, out = trainer.datamodule, self.output_dir
+        reports, scores, labels, thresholds = ev.split_reports(pl_module, dm, "test", self.baselines)
+        table = ev.format_table(reports)
+        test_rows = dm.split_rows("test")
+        benign = {m: ev.benign_flags_by_source(sc, test_rows, thresholds[m]) for m, sc in scores.items()}
+        benign_table = ev.format_benign_table(benign, thresholds)
+        held = ", ".join(getattr(dm, "held_out_families", ()) or getattr(dm, "held_out_sources", ())) or "random"
+        self.paths = {
+            "report.json": atomic_write_text(out / "report.json", json.dumps(reports, indent=1, default=float) + "\n"),
+            "benign_fpr.json": atomic_write_text(out / "benign_fpr.json", json.dumps(benign, indent=1) + "\n"),
+            "report.md": atomic_write_text(out / "report.md", table + "\n\n" + benign_table + "\n"),
+            "roc.png": roc_curves(scores, labels, out / "roc.png", title=f"test split ({held} held out)"),
+        }
+        self.reports = reports
+        ranking = self.ranking or getattr(dm, "ranking_path", None)
+        extra = [Path(ranking), Path(ranking).with_name("heads.png")] if ranking and Path(ranking).exists() else []
+        _log_files(trainer, list(self.paths.values()) + extra)
+        logger = trainer.logger
+        if logger is not None and hasattr(logger, "log_metrics"):
+            flat = {f"report/{m}/{g}/{k}".replace(" ", "_"): float(v) for m, rep in reports.items()
+                    for g, d in rep.items() for k, v in d.items() if isinstance(v, (int, float)) and v == v}
+            logger.log_metrics(flat)
+        if self.verbose:
+            print(f"\nTest split (held out: {held}), {len(pl_module.head_set)} heads; heads = "
+                  f"{type(pl_module).__name__}, baselines trained on the same rows, every threshold calibrated "
+                  f"on validation benign prompts:\n")
+            print(table)
+            print("\n" + benign_table)
+            print(f"\nreport:   {self.paths['report.md']}, ROC curves {self.paths['roc.png']}")
+
+    def collect(self, result: Any) -> None:
+        result.reports = self.reports
+        result.paths.update(self.paths)
+
+
+class ExportDetector(L.Callback):
+    """Saves the tested detector as `output_dir`/detector (safetensors + JSON, replaced atomically)."""
+
+    def __init__(self, output_dir: str | Path, verbose: bool = True):
+        self.output_dir = Path(output_dir)
+        self.verbose = verbose
+        self.paths: dict[str, Path] = {}
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lit_sahs.detectors import save_detector
+
+        self.paths = {"detector": save_detector(pl_module, self.output_dir / "detector", overwrite=True)}
+        if hasattr(pl_module, "head_report"):
+            self.paths["heads.json"] = atomic_write_text(self.output_dir / "heads.json",
+                                                         json.dumps(pl_module.head_report(), indent=1) + "\n")
+        _log_files(trainer, list(self.paths.values()))
+        if self.verbose:
+            print(f"detector: {self.paths['detector']}")
+
+    def collect(self, result: Any) -> None:
+        result.paths.update(self.paths)
