@@ -21,10 +21,11 @@ Text-only prompts (vision-language targets can be ablated with ``HeadAblation`` 
 """
 from __future__ import annotations
 
-import json
 import math
 import random
+import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -36,6 +37,7 @@ from lit_sahs.capture import ABLATION_MODES, HeadAblation
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import HeadSet
 from lit_sahs.judge import Judge, judge_responses, load_judge
+from lit_sahs.runtime import encode_prompts
 from lit_sahs.targets import Target, load_target, prompting
 
 
@@ -121,8 +123,6 @@ def trim_answer(ids: Sequence[int], eos: set[int]) -> list[int]:
 def generate_answers(target: Target, texts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 16,
                      ablation: Optional[HeadAblation] = None) -> list[list[int]]:
     """Greedy answers (token ids, trimmed after EOS), under `ablation` when given."""
-    from lit_sahs.guard import encode_prompts
-
     eos = _eos_ids(target)
     order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
     answers: list[Optional[list[int]]] = [None] * len(texts)
@@ -130,22 +130,13 @@ def generate_answers(target: Target, texts: Sequence[str], max_new_tokens: int =
         idx = order[start:start + batch_size]
         enc = encode_prompts(target, [texts[i] for i in idx], reserve=max_new_tokens, for_generate=True)
         enc = {k: v.to(target.device) for k, v in enc.items()}
-        ctx = ablation if ablation is not None else _null()
-        with ctx:
+        with ablation if ablation is not None else nullcontext():
             out = target.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                         pad_token_id=target.tokenizer.pad_token_id)
         new = out[:, enc["input_ids"].shape[1]:].cpu().tolist()
         for i, row in zip(idx, new):
             answers[i] = trim_answer(row, eos)
     return answers
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 @torch.no_grad()
@@ -172,8 +163,7 @@ def answer_nll(target: Target, texts: Sequence[str], answers: Sequence[Sequence[
             ids[b, width - len(r):] = torch.tensor(r)
             mask[b, width - len(r):] = 1
         a_max = max(len(answers[i]) for i in idx)
-        ctx = ablation if ablation is not None else _null()
-        with ctx:
+        with ablation if ablation is not None else nullcontext():
             logits = target.model(input_ids=ids.to(target.device), attention_mask=mask.to(target.device),
                                   position_ids=prompting.position_ids_from_mask(mask).to(target.device),
                                   use_cache=False, logits_to_keep=a_max + 1).logits
@@ -307,83 +297,87 @@ def gather(names: Sequence[str], n: int, exclude: set[str], seed: int) -> list[s
 
 # ---------------------------------------------------------------- command line
 
-def ablate_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
+def ablate_command(store: Optional[str] = None, ranking: Optional[str] = None, heads: Optional[str] = None,
+                   target: Optional[str] = None, ks: str = "4,8,16", modes: str = "zero",
+                   random_modes: Optional[str] = None, seeds: int = 3, harmful: str = "advbench",
+                   benign: str = "truthfulqa,healthsearchqa", n_harmful: int = 64, n_benign: int = 32,
+                   hold_out_store: bool = True, max_new_tokens: int = 48, batch_size: int = 16,
+                   judge: str = "phrases", judge_chars: int = 200, seed: int = 0, dtype: str = "float32",
+                   device: str = "cpu", out: Optional[str] = None, json: Optional[str] = None) -> int:
+    """ASR and benign utility with the top-k safety heads, random heads or no heads ablated.
 
-    p = ArgumentParser(prog="python -m lit_sahs ablate",
-                       description="ASR and benign utility with the top-k safety heads, random heads or no heads ablated.")
-    p.add_argument("--config", action=ActionConfigFile)
-    p.add_argument("--store", default=None, help="activation store: its ranking, benign means and prompts to hold out")
-    p.add_argument("--ranking", default=None, help="head ranking JSON (default <store>/ranking.json)")
-    p.add_argument("--heads", default=None, help="ablate this HeadSet ('3.1,5.0') instead of ranking top-k")
-    p.add_argument("--target", default=None, help="target (default: the store's / ranking's target)")
-    p.add_argument("--ks", default="4,8,16", help="comma-separated head counts")
-    p.add_argument("--modes", default="zero", help="comma-separated: zero, mean")
-    p.add_argument("--random_modes", default=None, help="modes for random heads (default: --modes)")
-    p.add_argument("--seeds", type=int, default=3, help="random head sets per k and mode")
-    p.add_argument("--harmful", default="advbench", help="comma-separated harmful sources (ASR)")
-    p.add_argument("--benign", default="truthfulqa,healthsearchqa", help="comma-separated benign sources (utility)")
-    p.add_argument("--n_harmful", type=int, default=64)
-    p.add_argument("--n_benign", type=int, default=32)
-    p.add_argument("--hold_out_store", type=bool, default=True, help="skip prompts that are in the store")
-    p.add_argument("--max_new_tokens", type=int, default=48)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--judge", default="phrases", help="'phrases' or 'package.module:callable' (prompts, responses) -> refused")
-    p.add_argument("--judge_chars", type=int, default=200, help="the phrase judge reads this many leading characters")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None, help="write the markdown table here")
-    p.add_argument("--json", default=None, help="write every configuration's numbers here")
-    return p
+    Args:
+        store: activation store: its ranking, benign means and prompts to hold out
+        ranking: head ranking JSON (default <store>/ranking.json)
+        heads: ablate this HeadSet ('3.1,5.0') instead of ranking top-k
+        target: target (default: the store's / ranking's target)
+        ks: comma-separated head counts
+        modes: comma-separated: zero, mean
+        random_modes: modes for random heads (default: --modes)
+        seeds: random head sets per k and mode
+        harmful: comma-separated harmful sources (ASR)
+        benign: comma-separated benign sources (utility)
+        n_harmful: harmful prompts (held out from the store)
+        n_benign: benign prompts (held out from the store)
+        hold_out_store: skip prompts that are in the store
+        max_new_tokens: greedy tokens per answer
+        batch_size: prompts per generate call
+        judge: 'phrases' or 'package.module:callable' (prompts, responses) -> refused
+        judge_chars: the phrase judge reads this many leading characters
+        seed: seed of the prompt draw
+        dtype: the target's dtype: float32, bfloat16 or float16
+        device: where the target runs, e.g. cpu or cuda
+        out: write the markdown table here
+        json: write every configuration's numbers here
+    """
+    args = dict(locals())  # every option, recorded in the --json file
+    from lit_sahs.data.protocol import names
+    from lit_sahs.data.samples import normalise_text
+    from lit_sahs.data.store import ActivationStore
+    from lit_sahs.io import atomic_write_json, atomic_write_text
+    from lit_sahs.locate import HeadRanking
+
+    if n_harmful < 1 or n_benign < 1 or max_new_tokens < 1 or batch_size < 1 or seeds < 0:
+        raise LitSahsError("n_harmful, n_benign, max_new_tokens and batch_size must be >= 1, seeds >= 0")
+    store_ = ActivationStore.open(store) if store else None
+    rk = None
+    if heads is None:
+        if ranking is None and store_ is None:
+            raise LitSahsError("give --store (with its ranking.json), --ranking or --heads")
+        rk = HeadRanking.load(ranking or Path(store) / "ranking.json")
+    fp = rk.fingerprint if rk is not None else (store_.fingerprint if store_ is not None else None)
+    if target is None and fp is None:
+        raise LitSahsError("--heads without --store needs --target")
+    tgt = load_target(target or fp.name, dtype=dtype, device=device)
+    for what, f in (("the ranking", rk.fingerprint if rk else None),
+                    ("the store", store_.fingerprint if store_ else None)):
+        if f is not None:
+            f.check(tgt.fingerprint, what)
+    mode_list = names(modes)
+    if "mean" in mode_list + names(random_modes) and store_ is None:
+        raise LitSahsError("mean ablation takes the benign mean from a store: give --store")
+    if heads is not None:
+        hs = HeadSet.parse(heads).validate(tgt.geometry)
+        configs = [AblationConfig("none")] + [AblationConfig(f"heads {m}", hs, m, "heads") for m in mode_list]
+    else:
+        configs = study_configs(rk, [int(k) for k in names(ks)], mode_list, seeds, tgt.geometry,
+                                names(random_modes) if random_modes else None)
+    exclude = {normalise_text(r["text"]) for r in store_.index()} if (store_ is not None and hold_out_store) else set()
+    results = run_study(tgt, gather(names(harmful), n_harmful, exclude, seed),
+                        gather(names(benign), n_benign, exclude, seed), configs, store=store_,
+                        judge=load_judge(judge, first_chars=judge_chars), max_new_tokens=max_new_tokens,
+                        batch_size=batch_size)
+    table = format_table(results)
+    print(table)
+    if out:
+        atomic_write_text(out, table + "\n")
+    if json:
+        atomic_write_json(json, {"args": args, "target": tgt.fingerprint.to_dict(), "results": results},
+                          indent=1, default=str)
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from lit_sahs.data.samples import normalise_text
-    from lit_sahs.data.store import ActivationStore
-    from lit_sahs.io import atomic_write_text
-    from lit_sahs.locate import HeadRanking
-    from lit_sahs.pipeline import names
+    from lit_sahs.commands import run_command
 
-    a = ablate_parser().parse_args(argv)
-    if a.n_harmful < 1 or a.n_benign < 1 or a.max_new_tokens < 1 or a.batch_size < 1 or a.seeds < 0:
-        raise LitSahsError("n_harmful, n_benign, max_new_tokens and batch_size must be >= 1, seeds >= 0")
-    store = ActivationStore.open(a.store) if a.store else None
-    ranking = None
-    if a.heads is None:
-        if a.ranking is None and store is None:
-            raise LitSahsError("give --store (with its ranking.json), --ranking or --heads")
-        ranking = HeadRanking.load(a.ranking or Path(a.store) / "ranking.json")
-    fp = ranking.fingerprint if ranking is not None else (store.fingerprint if store is not None else None)
-    if a.target is None and fp is None:
-        raise LitSahsError("--heads without --store needs --target")
-    target = load_target(a.target or fp.name, dtype=a.dtype, device=a.device)
-    for what, f in (("the ranking", ranking.fingerprint if ranking else None),
-                    ("the store", store.fingerprint if store else None)):
-        if f is not None:
-            f.check(target.fingerprint, what)
-    modes = names(a.modes)
-    if "mean" in modes + names(a.random_modes or "") and store is None:
-        raise LitSahsError("mean ablation takes the benign mean from a store: give --store")
-    if a.heads is not None:
-        hs = HeadSet.parse(a.heads).validate(target.geometry)
-        configs = [AblationConfig("none")] + [AblationConfig(f"heads {m}", hs, m, "heads") for m in modes]
-    else:
-        ks = [int(k) for k in names(a.ks)]
-        configs = study_configs(ranking, ks, modes, a.seeds, target.geometry,
-                                names(a.random_modes) if a.random_modes else None)
-    exclude = {normalise_text(r["text"]) for r in store.index()} if (store is not None and a.hold_out_store) else set()
-    harmful = gather(names(a.harmful), a.n_harmful, exclude, a.seed)
-    benign = gather(names(a.benign), a.n_benign, exclude, a.seed)
-    judge = load_judge(a.judge, first_chars=a.judge_chars)
-    results = run_study(target, harmful, benign, configs, store=store, judge=judge,
-                        max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
-    table = format_table(results)
-    print(table)
-    if a.out:
-        atomic_write_text(a.out, table + "\n")
-    if a.json:
-        atomic_write_text(a.json, json.dumps({"args": {k: v for k, v in vars(a).items() if k != "config"},
-                                              "target": target.fingerprint.to_dict(), "results": results},
-                                             indent=1, default=str) + "\n")
-    return 0
+    return run_command(ablate_command, sys.argv[1:] if argv is None else argv, prog="python -m lit_sahs ablate")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from lit_sahs.baselines import BASELINES, baseline_scores
-from lit_sahs.detectors import SafetyDetector, compute_report, detector_class
+from lit_sahs.detectors import SafetyDetector, compute_report
 from lit_sahs.errors import LitSahsError
 from lit_sahs.io import atomic_write_text
 
@@ -109,139 +109,6 @@ def format_table(reports: dict[str, dict], metrics: Sequence[str] = ("auroc", "t
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- fitting helpers
-
-def fit_detector(detector: SafetyDetector, dm, max_epochs: int = 30, callbacks=None, logger=False,
-                 enable_progress_bar: bool = False) -> SafetyDetector:
-    """Fit on the DataModule's train split, validating (and calibrating the threshold) on val."""
-    import lightning as L
-
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=logger,
-                        enable_checkpointing=False, enable_progress_bar=enable_progress_bar,
-                        enable_model_summary=False, callbacks=callbacks or [], num_sanity_val_steps=0)
-    trainer.fit(detector, datamodule=dm)
-    return detector
-
-
-MIN_PER_CLASS = 5  # fewer rows of a class than this make an AUROC cell noise: it is left empty
-
-
-def _auroc(scores: np.ndarray, y: np.ndarray) -> float:
-    if min(int((y == 1).sum()), int((y == 0).sum())) < MIN_PER_CLASS:
-        return float("nan")
-    return float(compute_report(scores, y)["overall"]["auroc"])
-
-
-def eligible_families(rows: Sequence[dict], min_rows: int = 20) -> tuple[list[str], dict[str, str]]:
-    """Families with both classes and at least `min_rows` rows; the others with the reason."""
-    by = {}
-    for r in rows:
-        by.setdefault(r.get("attack_family", "plain"), []).append(int(r["label"]))
-    keep, skipped = [], {}
-    for fam, labels in sorted(by.items()):
-        if len(set(labels)) < 2:
-            skipped[fam] = "single class"
-        elif len(labels) < min_rows:
-            skipped[fam] = f"only {len(labels)} rows"
-        else:
-            keep.append(fam)
-    return keep, skipped
-
-
-def zero_shot(store: str, ranking: Optional[str] = None, heads: Optional[str] = None, top_k: int = 8,
-              detector: str = "logistic", detector_args: Optional[dict] = None, families: Sequence[str] = (),
-              min_rows: int = 20, max_epochs: int = 30, baselines: Sequence[str] = BASELINES, seed: int = 0,
-              progress: bool = True, relocate: bool = True) -> dict:
-    """Train on one attack family, test on each other family (the matrix), plus leave-one-family-out
-    (train on all the others, test on it). Returns matrices of AUROC for the detector and baselines.
-
-    Cell [i, j]: trained on family i, AUROC on family j; the diagonal is family i's own validation
-    rows (in distribution). Row `all others`: trained on every other family. With `relocate`
-    (default) each fit ranks heads again on its own training families only, so head selection never
-    sees a test family either; otherwise the given ranking or heads are used for every fit. Cells with
-    fewer than MIN_PER_CLASS rows of either class are left empty.
-    """
-    from tqdm import tqdm
-
-    from lit_sahs.data.datamodules import CachedActivationDataModule
-
-    probe = CachedActivationDataModule(store, heads=heads, ranking=ranking, top_k=top_k, seed=seed)
-    fams, skipped = eligible_families(probe.store.index(), min_rows)
-    if families:
-        unknown = [f for f in families if f not in fams]
-        if unknown:
-            raise LitSahsError(f"families {unknown} are not usable here (eligible: {fams}; skipped: {skipped})")
-        fams = list(families)
-    if len(fams) < 2:
-        raise LitSahsError(f"the zero-shot matrix needs two attack families with both classes and >= {min_rows} "
-                           f"rows; this store has {fams} (skipped: {skipped}): extract with more attacks")
-    index = probe.store.index()
-    labels = np.array([int(r["label"]) for r in index])
-    fam_of = np.array([r.get("attack_family", "plain") for r in index])
-    methods = ["heads"] + list(baselines)
-    matrix = {m: np.full((len(fams) + 1, len(fams)), np.nan) for m in methods}
-    cls = detector_class(detector)
-
-    def fold_heads(train_fams, test_fams):
-        if not relocate or heads is not None:
-            return {"heads": heads, "ranking": ranking}
-        from lit_sahs.locate import locate
-
-        rk = locate(probe.store, held_out_families=test_fams, train_families=train_fams, seed=seed)
-        return {"heads": rk.top_k(top_k), "ranking": None}
-
-    bar = tqdm(total=2 * len(fams), desc="zero-shot fits", disable=not progress)
-    for i, train_fam in enumerate(fams):  # one family -> every other family
-        others = [f for f in fams if f != train_fam]
-        dm = CachedActivationDataModule(store, top_k=top_k, seed=seed, train_families=[train_fam],
-                                        held_out_families=others, **fold_heads([train_fam], others))
-        det = fit_detector(cls(**(detector_args or {})), dm, max_epochs=max_epochs)
-        _fill_row(matrix, i, fams, det, dm, labels, fam_of, baselines, train_fam)
-        bar.update()
-    for j, test_fam in enumerate(fams):  # every other family -> this one
-        others = [f for f in fams if f != test_fam]
-        dm = CachedActivationDataModule(store, top_k=top_k, seed=seed, train_families=others,
-                                        held_out_families=[test_fam], **fold_heads(others, [test_fam]))
-        det = fit_detector(cls(**(detector_args or {})), dm, max_epochs=max_epochs)
-        rows = dm.splits["test"]
-        matrix["heads"][len(fams), j] = _auroc(detector_scores(det, dm.store.read(det.head_set, rows=rows)), labels[rows])
-        for name, scores in baseline_scores(dm.store, dm.splits["train"], rows, baselines, seed).items():
-            matrix[name][len(fams), j] = _auroc(scores, labels[rows])
-        bar.update()
-    bar.close()
-    loo = {m: float(np.nanmean(matrix[m][len(fams)])) for m in methods if not np.isnan(matrix[m][len(fams)]).all()}
-    return {"families": fams, "rows": fams + ["all others"], "skipped": skipped, "matrix": matrix,
-            "mean_held_out_auroc": loo, "top_k": top_k, "relocate": relocate and heads is None,
-            "head_set": None if relocate and heads is None else probe.head_set.to_list()}
-
-
-def _fill_row(matrix, i, fams, det, dm, labels, fam_of, baselines, train_fam) -> None:
-    val, test = dm.splits["val"], dm.splits["test"]
-    x_val = dm.store.read(det.head_set, rows=val)
-    x_test = dm.store.read(det.head_set, rows=test)
-    s_val, s_test = detector_scores(det, x_val), detector_scores(det, x_test)
-    base_val = baseline_scores(dm.store, dm.splits["train"], val, baselines, dm.seed)
-    base_test = baseline_scores(dm.store, dm.splits["train"], test, baselines, dm.seed)
-    for j, fam in enumerate(fams):
-        if fam == train_fam:
-            rows, s, base = val, s_val, base_val
-            mask = np.ones(len(val), dtype=bool)
-        else:
-            rows, s, base = test, s_test, base_test
-            mask = fam_of[test] == fam
-        matrix["heads"][i, j] = _auroc(s[mask], labels[rows][mask])
-        for name, scores in base.items():
-            matrix[name][i, j] = _auroc(scores[mask], labels[rows][mask])
-
-
-def matrix_csv(result: dict, method: str) -> str:
-    fams = result["families"]
-    lines = ["train\\test," + ",".join(fams)]
-    for name, row in zip(result["rows"], result["matrix"][method]):
-        lines.append(name + "," + ",".join("" if np.isnan(v) else f"{v:.4f}" for v in row))
-    return "\n".join(lines) + "\n"
-
-
 # ---------------------------------------------------------------- scoring a user file
 
 def score_file(detector_path: str, data: str, target: Optional[str] = None, batch_size: int = 8,
@@ -275,3 +142,6 @@ def score_file(detector_path: str, data: str, target: Optional[str] = None, batc
              for g, m in report.items()}
     return {"detector": str(detector_path), "target": tgt.fingerprint.name, "data": str(data), "threshold":
             float(det.threshold), "overall": clean.pop("overall"), "per_attack": clean}
+
+
+from lit_sahs.folds import zero_shot, matrix_csv, eligible_families  # noqa: F401,E402

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from lit_sahs.capture import HeadCapture, ResidualCapture
 from lit_sahs.data.samples import Sample
 from lit_sahs.data.store import ActivationStore
+from lit_sahs.engine import Engine
 from lit_sahs.errors import LitSahsError
 from lit_sahs.targets import Target, load_target, prompting
 
@@ -64,6 +65,9 @@ def prompt_format(target: Target) -> dict:
 class HeadExtractor(L.LightningModule):
     """Runs the target on a batch of Samples and returns their index rows and head activations
     [batch, layers, heads, head_dim] at the first-token position."""
+
+    # extraction runs where the hardware is, with a progress bar (the engine's base is a quiet CPU fit)
+    trainer_defaults = {"accelerator": "auto", "devices": "auto", "enable_progress_bar": True}
 
     def __init__(self, target: str | Target = "smollm2-135m-instruct", dtype: str = "float32",
                  baselines: bool = True):
@@ -173,10 +177,7 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
     # similar lengths in a batch waste less compute on padding; ids, not order, identify rows
     todo.sort(key=lambda s: (len(s.text), s.id))
     writer = StoreWriter(store_path, block_rows=block_rows)
-    kwargs = {"accelerator": "auto", "devices": "auto", "logger": False, "enable_checkpointing": False,
-              "enable_model_summary": False}
-    kwargs.update(trainer_kwargs or {})
-    trainer = L.Trainer(callbacks=[writer], **kwargs)
+    trainer = Engine().trainer(module, callbacks=[writer], **(trainer_kwargs or {}))
     if num_workers is None:
         num_workers = 4 if trainer.strategy.root_device.type == "cuda" else 0
     loader = DataLoader(SampleDataset(todo), batch_size=batch_size, shuffle=False,

@@ -33,16 +33,16 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from lit_sahs.capture import HeadCapture
-from lit_sahs.detectors import SafetyDetector, load_detector
+from lit_sahs.detectors import SafetyDetector
 from lit_sahs.errors import LitSahsError
-from lit_sahs.targets import Target, load_target, prompting, sites
+from lit_sahs.runtime import DetectorOptions, encode_prompts, load_detector_and_target, run_options, write_jsonl
+from lit_sahs.targets import Target
 
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that request."
 
@@ -50,53 +50,6 @@ DEFAULT_REFUSAL = "I'm sorry, but I can't help with that request."
 # a draft model), so the capture would not see the whole prompt's first-token position once.
 _UNSUPPORTED_GENERATE = ("prefill_chunk_size", "assistant_model", "num_beams", "num_beam_groups",
                          "prompt_lookup_num_tokens", "past_key_values", "position_ids")
-
-
-# ---------------------------------------------------------------- detectors by path or registry URI
-
-def resolve_detector(spec: str | os.PathLike | SafetyDetector, tracking_uri: Optional[str] = None,
-                     map_location: str | torch.device = "cpu") -> SafetyDetector:
-    """A detector from an instance, an artifact directory / detector.json / .ckpt, or a registry URI
-    (``models:/name/1``, ``models:/name@champion``, ``runs:/<id>/detector``; fetched by
-    ``lit_sahs.registry``, which loads only safetensors + JSON artifacts)."""
-    if isinstance(spec, SafetyDetector):
-        return spec.to(map_location).eval()
-    return load_detector(str(spec), map_location=map_location, tracking_uri=tracking_uri)
-
-
-# ---------------------------------------------------------------- prompt checks shared with screening
-
-def context_length(target: Target) -> Optional[int]:
-    cfg = sites.text_config(target.model.config)
-    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    return int(n) if n else None
-
-
-def encode_prompts(target: Target, texts: Sequence[str], images: Optional[Sequence[Optional[str]]] = None,
-                   ids: Optional[Sequence[str]] = None, reserve: int = 0, for_generate: bool = False) -> dict:
-    """Check and encode a batch: every prompt non-empty, every prompt plus `reserve` new tokens
-    within the target's context. With `for_generate`, position ids are left out: generate computes
-    them from the attention mask itself (prefill and decode steps alike)."""
-    texts = [t if isinstance(t, str) else "" for t in texts]
-    ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(texts))]
-    images = list(images) if images is not None else [None] * len(texts)
-    if not texts:
-        raise LitSahsError("no prompts given: pass at least one non-empty prompt")
-    for t, im, i in zip(texts, images, ids):
-        if not t.strip() and im is None:
-            raise LitSahsError(f"prompt {i} is empty: give it some text")
-    enc = prompting.encode(target, texts, images, ids)
-    limit = context_length(target)
-    if limit is not None:
-        lengths = enc["attention_mask"].sum(-1).tolist()
-        for n, i in zip(lengths, ids):
-            if n + reserve > limit:
-                extra = f" plus {reserve} new tokens" if reserve else ""
-                raise LitSahsError(f"prompt {i} is {n} tokens{extra}, longer than the target's context of {limit} "
-                                   f"tokens: shorten it{' or lower max_new_tokens' if reserve else ''}")
-    if for_generate:
-        enc.pop("position_ids", None)
-    return enc
 
 
 # ---------------------------------------------------------------- the logits processor
@@ -197,17 +150,11 @@ class SafetyGuard:
     def __init__(self, target: Target | str | None, detector: SafetyDetector | str | os.PathLike,
                  refusal: str = DEFAULT_REFUSAL, fail_closed: bool = True, threshold: Optional[float] = None,
                  tracking_uri: Optional[str] = None, device: Optional[str | torch.device] = None):
-        det = resolve_detector(detector, tracking_uri=tracking_uri)
-        if not det.is_bound:
-            raise LitSahsError("the detector is not fitted: fit it or load a saved one")
-        if not isinstance(target, Target):
-            target = load_target(target or det.fingerprint.name, device=device or "cpu")
-        det.check_target(target.fingerprint)
-        det.head_set.validate(target.geometry)
+        det, target = load_detector_and_target(detector, target, device=device, tracking_uri=tracking_uri)
         if threshold is not None and not (isinstance(threshold, (int, float)) and not math.isnan(threshold)):
             raise LitSahsError(f"threshold must be a probability, got {threshold!r}")
         self.target = target
-        self.detector = det.to(target.device).eval()
+        self.detector = det
         self.refusal = str(refusal)
         self.fail_closed = bool(fail_closed)
         self.threshold = None if threshold is None else float(threshold)
@@ -284,105 +231,32 @@ class SafetyGuard:
 
 # ---------------------------------------------------------------- command line
 
-def read_prompts(path: str | os.PathLike) -> list[dict]:
-    """Prompts from a .jsonl/.ndjson (``text``; optional ``id``, ``image`` relative to the file,
-    ``label``), a .csv with the same columns, or a .txt (one prompt a line)."""
-    from lit_sahs.data.sources import csv_rows, jsonl_rows
+@dataclass
+class GuardOptions(DetectorOptions):
+    """Generate with a detector guarding each prompt: flagged prompts get a refusal, scored from the
+    prefill of the same generate call.
 
-    p = Path(path)
-    if not p.is_file():
-        raise LitSahsError(f"prompt file {p} does not exist")
-    suffix = p.suffix.lower()
-    if suffix == ".txt":
-        numbered = [(n, {"text": line}) for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
-                    if line.strip()]
-    elif suffix in (".jsonl", ".ndjson"):
-        numbered = list(jsonl_rows(p, ("text",)))
-    elif suffix == ".csv":
-        numbered = [(n, {k: v for k, v in d.items() if v not in (None, "")}) for n, d in csv_rows(p, ("text",))]
-    else:
-        raise LitSahsError(f"prompt file {p} has unsupported type {suffix!r}: use .jsonl, .csv or .txt")
-    rows: list[dict] = []
-    for n, d in numbered:
-        if "text" not in d:
-            raise LitSahsError(f"{p}, line {n}: no 'text' field")
-        rows.append({**d, "id": str(d["id"]) if d.get("id") not in (None, "") else str(n)})
-    for r in rows:
-        if not isinstance(r["text"], str):
-            raise LitSahsError(f"{p}: prompt {r['id']} has a non-text 'text' field")
-        if r.get("image"):
-            img = Path(r["image"])
-            r["image"] = str(img if img.is_absolute() else p.parent / img)
-        else:
-            r["image"] = None
-    if not rows:
-        raise LitSahsError(f"{p} holds no prompts")
-    return rows
+    Args:
+        max_new_tokens: tokens to generate for each prompt that is not flagged
+        batch_size: prompts per guarded generate call
+        refusal: the answer given to a flagged prompt
+        fail_closed: refuse prompts whose scoring failed (else error)
+        out: write one JSON line per prompt here (default: stdout)
+    """
+
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    refusal: str = DEFAULT_REFUSAL
+    fail_closed: bool = True
+    out: Optional[str] = None
 
 
-def gather_prompts(prompt: Optional[Sequence[str]], data: Optional[str], image: Optional[Sequence[str]] = None) -> list[dict]:
-    if bool(prompt) == bool(data):
-        raise LitSahsError("give prompts with --prompt TEXT (repeatable) or --data FILE, not both")
-    if data:
-        return read_prompts(data)
-    images = list(image or [])
-    if images and len(images) != len(prompt):
-        raise LitSahsError(f"--image given {len(images)} times for {len(prompt)} prompts: give one per prompt or none")
-    return [{"id": str(i), "text": t, "image": images[i] if images else None} for i, t in enumerate(prompt)]
-
-
-def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
-    from lit_sahs.io import atomic_write_text
-
-    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def guard_parser():
-    from jsonargparse import ArgumentParser
-
-    p = ArgumentParser(prog="python -m lit_sahs guard",
-                       description="Generate with a detector guarding each prompt: flagged prompts get a refusal, "
-                                   "scored from the prefill of the same generate call.")
-    add_detector_prompt_args(p, data_help=".jsonl/.csv (text[, id, image]) or .txt of prompts")
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--refusal", default=DEFAULT_REFUSAL, help="the answer given to a flagged prompt")
-    p.add_argument("--fail_closed", type=bool, default=True, help="refuse prompts whose scoring failed (else error)")
-    p.add_argument("--out", default=None, help="write one JSON line per prompt here (default: stdout)")
-    return p
-
-
-def add_detector_prompt_args(p, data_help: str) -> None:
-    """The arguments `guard` and `screen` share: a detector, its target, the prompts, where it runs."""
-    from jsonargparse import ActionConfigFile
-
-    p.add_argument("--config", action=ActionConfigFile)
-    p.add_argument("--detector", required=True, help="detector artifact dir, .ckpt or MLflow URI (models:/name/1)")
-    p.add_argument("--target", default=None, help="target (default: the one named in the detector)")
-    p.add_argument("--prompt", type=str, default=None, action="append", help="a prompt (repeat for a batch)")
-    p.add_argument("--image", type=str, default=None, action="append",
-                   help="an image path per --prompt (vision-language targets)")
-    p.add_argument("--data", default=None, help=data_help)
-    p.add_argument("--threshold", type=Optional[float], default=None, help="override the detector's threshold")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--tracking_uri", default=None, help="MLflow tracking URI for models:/ detectors")
-
-
-def _flatten(values) -> list:
-    out = []
-    for v in values or []:
-        out.extend(v if isinstance(v, (list, tuple)) else [v])
-    return out
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    a = guard_parser().parse_args(argv)
-    rows = gather_prompts(_flatten(a.prompt), a.data, _flatten(a.image))
+def guard_command(a: GuardOptions) -> int:
+    """Guarded generation for every prompt; one JSON line {id, prompt, flagged, score, response} each."""
+    rows = a.rows()
     if a.batch_size < 1:
         raise LitSahsError(f"batch_size must be >= 1, got {a.batch_size}")
-    det = resolve_detector(a.detector, tracking_uri=a.tracking_uri)
-    target = load_target(a.target or det.fingerprint.name, dtype=a.dtype, device=a.device)
+    det, target = a.load()
     guard = SafetyGuard(target, det, refusal=a.refusal, fail_closed=a.fail_closed, threshold=a.threshold)
     out = []
     for i in range(0, len(rows), a.batch_size):
@@ -400,3 +274,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for r in out:
             print(json.dumps(r, ensure_ascii=False))
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run_options(guard_command, GuardOptions, argv, prog="python -m lit_sahs guard")

@@ -14,6 +14,7 @@ from lit_sahs.baselines import BASELINES
 from lit_sahs.detectors import SafetyDetector
 from lit_sahs.engine import Engine, family_defaults
 from lit_sahs.pipeline import Prepare, ensure_ranking, ensure_store
+from lit_sahs.tracking import MLflowSettings
 
 
 class LogConfigToMLflow(SaveConfigCallback):
@@ -30,9 +31,7 @@ class LogConfigToMLflow(SaveConfigCallback):
 class SahsCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(Prepare, "prepare")
-        parser.add_argument("--mlflow.experiment", default="lit_sahs", help="MLflow experiment name")
-        parser.add_argument("--mlflow.tracking_uri", type=Optional[str], default=None,
-                            help="MLflow tracking URI (default: SQLite in mlruns/)")
+        parser.add_class_arguments(MLflowSettings, "mlflow")
         parser.add_argument("--output_dir", type=Optional[str], default=None,
                             help="where fit writes the detector artifact and the report (default artifacts/<experiment>)")
         parser.add_argument("--baselines", type=list[str], default=list(BASELINES))

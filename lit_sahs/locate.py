@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence

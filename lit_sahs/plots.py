@@ -3,8 +3,6 @@ is safe in threads and never opens a window), renders with the Agg backend, and 
 atomically (temp file in the same directory, then os.replace), returning the path."""
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np

@@ -18,7 +18,6 @@ nothing behind: a model or run it created is deleted again on any failure.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 from lit_sahs.errors import LitSahsError
 from lit_sahs.tracking import absolute_uri, mlflow_client, no_artifact_progress_bar, redact, study_refit
@@ -344,41 +343,41 @@ def _rollback(c, name: str, created_model: Optional[str], created_version: Optio
 
 # ---------------------------------------------------------------- command line
 
-def register_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
+def register_command(name: str, detector: Optional[str] = None, study: Optional[str] = None,
+                     storage: Optional[str] = None, alias: Optional[str] = None,
+                     tag: Union[str, list[str], None] = None, description: Optional[str] = None,
+                     tracking_uri: Optional[str] = None, experiment: str = "registry") -> int:
+    """Put a detector in the MLflow model registry (name, version, alias, tags).
 
-    p = ArgumentParser(prog="python -m lit_sahs register",
-                       description="Put a detector in the MLflow model registry (name, version, alias, tags).")
-    p.add_argument("--config", action=ActionConfigFile)
-    p.add_argument("--detector", default=None,
-                   help="detector directory, .ckpt, runs:/<run_id>/detector or models:/ URI")
-    p.add_argument("--study", default=None, help="register the refit detector of this tune study instead")
-    p.add_argument("--storage", default=None, help="the study's storage URL (default: tune's default SQLite file)")
-    p.add_argument("--name", required=True, help="registered model name")
-    p.add_argument("--alias", default=None, help="alias to point at the new version, e.g. champion")
-    p.add_argument("--tag", type=Union[str, list[str]], default=[],
-                   help="extra version tags: key=value[,key=value...] (or a YAML list)")
-    p.add_argument("--description", default=None)
-    p.add_argument("--tracking_uri", default=None, help="MLflow tracking/registry URI (default sqlite in mlruns/)")
-    p.add_argument("--experiment", default="registry", help="experiment for the run that holds a local detector's files")
-    return p
-
-
-def main(argv: list[str]) -> int:
-    a = register_parser().parse_args(argv)
-    if bool(a.detector) == bool(a.study):
+    Args:
+        name: registered model name
+        detector: detector directory, .ckpt, runs:/<run_id>/detector or models:/ URI
+        study: register the refit detector of this tune study instead
+        storage: the study's storage URL (default: tune's default SQLite file)
+        alias: alias to point at the new version, e.g. champion
+        tag: extra version tags: key=value[,key=value...] (or a YAML list)
+        description: the version's description
+        tracking_uri: MLflow tracking/registry URI (default sqlite in mlruns/)
+        experiment: experiment for the run that holds a local detector's files
+    """
+    if bool(detector) == bool(study):
         raise LitSahsError("give exactly one of --detector (a detector or URI) and --study (a tune study's refit)")
-    detector = a.detector
     extra = {}
-    if a.study:
-        info = study_refit(a.study, a.storage)
+    if study:
+        info = study_refit(study, storage)
         detector = info["detector"]
-        extra = {"optuna.study": a.study, "optuna.trial": str(info.get("trial"))}
+        extra = {"optuna.study": study, "optuna.trial": str(info.get("trial"))}
     for noisy in ("mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    out = register_detector(detector, a.name, alias=a.alias, tags={**extra, **_parse_tags(a.tag)},
-                            description=a.description, tracking_uri=a.tracking_uri, experiment=a.experiment)
+    out = register_detector(detector, name, alias=alias, tags={**extra, **_parse_tags(tag)},
+                            description=description, tracking_uri=tracking_uri, experiment=experiment)
     print(f"registered {out['uri']}" + (f" (alias {out['alias_uri']})" if out["alias"] else "")
           + f" from {out['source']}; target {out['tags'][TAG_TARGET]}, heads {out['tags'][TAG_HEADS]}")
     print(json.dumps(out))
     return 0
+
+
+def main(argv: list[str]) -> int:
+    from lit_sahs.commands import run_command
+
+    return run_command(register_command, argv, prog="python -m lit_sahs register")

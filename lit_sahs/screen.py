@@ -2,7 +2,7 @@
 deepest layer the detector reads (early exit).
 
 The detector needs the heads of its HeadSet at the first-token position and nothing after them.
-``EarlyExit`` registers a forward pre-hook on the deepest needed layer's attention output
+``EarlyExit`` (defined in ``lit_sahs.runtime``, beside the capture forward) registers a forward pre-hook on the deepest needed layer's attention output
 projection, *after* HeadCapture's hooks, that raises ``StopForward`` once that layer's heads are
 recorded; the forward is abandoned there. Layers past it, the final norm and the LM head never
 run, and the activations are those of a full forward bit for bit (the same ops on the same
@@ -28,72 +28,20 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
-from lit_sahs.capture import HeadCapture
 from lit_sahs.detectors import SafetyDetector
 from lit_sahs.errors import LitSahsError
-from lit_sahs.guard import encode_prompts, gather_prompts, resolve_detector, write_jsonl
 from lit_sahs.heads import HeadSet
-from lit_sahs.targets import Target, load_target, sites
+from lit_sahs.runtime import (DetectorOptions, capture_forward, encode_prompts, load_detector_and_target, run_options,
+                              summary_metrics, write_jsonl)
+from lit_sahs.runtime import EarlyExit, StopForward  # noqa: F401 - defined beside capture_forward, part of screen's API
+from lit_sahs.targets import Target
 
 
-class StopForward(Exception):
-    """Raised by EarlyExit's hook to abandon a forward once the needed layers have run."""
-
-
-class EarlyExit:
-    """Context manager: a forward on `model` stops at the attention output projection of `layer`
-    (its input, i.e. that layer's head outputs, has been computed; nothing after it runs). Enter
-    it *after* the HeadCapture whose hooks must see that input. Call the model through ``run``,
-    which swallows the StopForward."""
-
-    def __init__(self, model: nn.Module, layer: int):
-        projs = sites.output_projections(model)
-        if not 0 <= layer < len(projs):
-            raise LitSahsError(f"early exit at layer {layer} is outside the target's {len(projs)} layers")
-        self.model, self.layer, self._proj = model, layer, projs[layer]
-        self._handle = None
-        self.stopped = False
-
-    def _hook(self, module, args):
-        self.stopped = True
-        raise StopForward()
-
-    def __enter__(self) -> "EarlyExit":
-        self.stopped = False
-        self._handle = self._proj.register_forward_pre_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        return exc[0] is StopForward  # a StopForward escaping a `with` block is the expected exit
-
-    def run(self, **inputs) -> None:
-        try:
-            self.model(**inputs)
-        except StopForward:
-            pass
-        if not self.stopped:
-            raise LitSahsError(f"the forward never reached layer {self.layer}: early exit did not fire")
-
-
-@torch.no_grad()
 def head_activations(target: Target, enc: dict, heads: HeadSet, early_exit: bool = True) -> torch.Tensor:
     """[batch, k, head_dim] of `heads` at the first-token position for an encoded batch, running
     the target only up to the deepest layer of `heads` (or fully with ``early_exit=False``)."""
-    heads = heads.validate(target.geometry)
-    model = target.model
-    enc = {k: v.to(target.device) if torch.is_tensor(v) else v for k, v in enc.items()}
-    with HeadCapture(model, heads, target.geometry) as cap:
-        if early_exit:
-            with EarlyExit(model, max(heads.layers)) as stop:
-                stop.run(**enc, use_cache=False)
-        else:
-            model(**enc, use_cache=False, logits_to_keep=1)
-    return cap.selected()
+    return capture_forward(target, enc, heads, early_exit=early_exit)
 
 
 @dataclass
@@ -115,16 +63,10 @@ class Screener:
     def __init__(self, target: Target | str | None, detector: SafetyDetector | str | os.PathLike,
                  threshold: Optional[float] = None, batch_size: int = 16, tracking_uri: Optional[str] = None,
                  device: Optional[str | torch.device] = None):
-        det = resolve_detector(detector, tracking_uri=tracking_uri)
-        if not det.is_bound:
-            raise LitSahsError("the detector is not fitted: fit it or load a saved one")
-        if not isinstance(target, Target):
-            target = load_target(target or det.fingerprint.name, device=device or "cpu")
-        det.check_target(target.fingerprint)
-        det.head_set.validate(target.geometry)
+        det, target = load_detector_and_target(detector, target, device=device, tracking_uri=tracking_uri)
         if batch_size < 1:
             raise LitSahsError(f"batch_size must be >= 1, got {batch_size}")
-        self.target, self.detector = target, det.to(target.device).eval()
+        self.target, self.detector = target, det
         self.threshold = float(det.threshold) if threshold is None else float(threshold)
         self.batch_size = batch_size
 
@@ -154,28 +96,26 @@ class Screener:
 
 # ---------------------------------------------------------------- command line
 
-def screen_parser():
-    from jsonargparse import ArgumentParser
+@dataclass
+class ScreenOptions(DetectorOptions):
+    """Score prompts with a detector without generating (the target runs only up to the detector's
+    deepest layer).
 
-    from lit_sahs.guard import add_detector_prompt_args
+    Args:
+        batch_size: prompts per forward (batched by length)
+        out: write one JSON line per prompt (id, score, flagged) here
+        passed: write the rows that were NOT flagged here (bulk filtering)
+    """
 
-    p = ArgumentParser(prog="python -m lit_sahs screen",
-                       description="Score prompts with a detector without generating (the target runs only up to "
-                                   "the detector's deepest layer).")
-    add_detector_prompt_args(p, data_help=".jsonl/.csv (text[, id, image, label]) or .txt of prompts")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--out", default=None, help="write one JSON line per prompt (id, score, flagged) here")
-    p.add_argument("--passed", default=None, help="write the rows that were NOT flagged here (bulk filtering)")
-    return p
+    batch_size: int = 16
+    out: Optional[str] = None
+    passed: Optional[str] = None
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    from lit_sahs.guard import _flatten
-
-    a = screen_parser().parse_args(argv)
-    rows = gather_prompts(_flatten(a.prompt), a.data, _flatten(a.image))
-    det = resolve_detector(a.detector, tracking_uri=a.tracking_uri)
-    target = load_target(a.target or det.fingerprint.name, dtype=a.dtype, device=a.device)
+def screen_command(a: ScreenOptions) -> int:
+    """Score every prompt; the last stdout line is a summary (with AUROC etc. when every row has a label)."""
+    rows = a.rows()
+    det, target = a.load()
     screener = Screener(target, det, threshold=a.threshold, batch_size=a.batch_size)
     res = screener.score([r["text"] for r in rows], [r["image"] for r in rows], [r["id"] for r in rows])
     scored = [{**r, **s} for r, s in zip(rows, res.rows())]
@@ -190,9 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         except (TypeError, ValueError):
             raise LitSahsError("labels must be 0 (benign) or 1 (malicious)") from None
         if set(y.tolist()) <= {0, 1} and len(set(y.tolist())) == 2 and not np.isnan(res.scores).any():
-            rep = compute_report(res.scores, y, threshold=res.threshold)["overall"]
-            summary["metrics"] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rep.items()
-                                  if k in ("auroc", "auprc", "tpr_at_1fpr", "tpr_at_5fpr", "fpr_at_95tpr", "n")}
+            summary["metrics"] = summary_metrics(compute_report(res.scores, y, threshold=res.threshold)["overall"])
     if a.out:
         write_jsonl(a.out, [{k: v for k, v in r.items() if k != "image" or v} for r in scored])
         summary["out"] = a.out
@@ -205,3 +143,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(json.dumps({"id": r["id"], "score": r["score"], "flagged": r["flagged"]}))
     print(json.dumps(summary))
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run_options(screen_command, ScreenOptions, argv, prog="python -m lit_sahs screen")

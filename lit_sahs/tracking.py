@@ -15,6 +15,7 @@ import os
 import re
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
@@ -25,6 +26,19 @@ DEFAULT_TRACKING_URI = f"sqlite:///{DEFAULT_DIR}/mlflow.db"
 DEFAULT_STORAGE = f"sqlite:///{DEFAULT_DIR}/optuna.db"  # Optuna studies
 REFIT_ATTR = "lit_sahs.best_refit"  # study user attribute: the refit detector of a tune study
 _CREDENTIALS = re.compile(r"^(?P<scheme>[A-Za-z][\w+.-]*://)(?P<user>[^:/@]*):(?P<pw>.*)@(?P<rest>[^@]*)$")
+
+
+@dataclass
+class MLflowSettings:
+    """Where a run is tracked.
+
+    Args:
+        experiment: MLflow experiment name
+        tracking_uri: MLflow tracking URI (default: SQLite in mlruns/, or MLFLOW_TRACKING_URI)
+    """
+
+    experiment: str = "lit_sahs"
+    tracking_uri: Optional[str] = None
 
 
 def resolve_tracking_uri(uri: Optional[str] = None) -> str:

@@ -7,7 +7,7 @@ from lit_sahs.cli import main
 from lit_sahs.data.datamodules import CachedActivationDataModule
 from lit_sahs.data.samples import Sample
 from lit_sahs.detectors import LogisticDetector, save_detector
-from lit_sahs.evaluate import fit_detector
+from lit_sahs.engine import fit_detector
 from lit_sahs.extract import run_extraction
 from synthetic import make_store
 

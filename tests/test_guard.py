@@ -133,7 +133,7 @@ def test_fail_closed_refuses_what_it_could_not_score(smollm2, detector, how, mon
 
 def test_detector_for_another_target_is_refused(smollm2, tmp_path, capsys):
     from lit_sahs.data.datamodules import CachedActivationDataModule
-    from lit_sahs.evaluate import fit_detector
+    from lit_sahs.engine import fit_detector
     from synthetic import make_store
 
     make_store(tmp_path / "store", n_base=20)

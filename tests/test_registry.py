@@ -22,7 +22,7 @@ def workdir(mlflow_workdir):
 def detector_dir(workdir):
     from lit_sahs.data.datamodules import CachedActivationDataModule
     from lit_sahs.detectors import LogisticDetector, save_detector
-    from lit_sahs.evaluate import fit_detector
+    from lit_sahs.engine import fit_detector
 
     make_store(workdir / "store", n_base=30)
     dm = CachedActivationDataModule(str(workdir / "store"), heads="2.1,3.0", held_out_families=["pliny"], batch_size=64)

@@ -210,9 +210,9 @@ def test_search_space_parsing():
 
 
 def test_repo_config_parses(capsys):
-    from lit_sahs.tune import SearchSpace, TuneConfig, tune_parser
+    from lit_sahs.tune import SearchSpace, parse_config
 
-    cfg = TuneConfig.from_namespace(tune_parser().parse_args(["--config", str(ROOT / "configs" / "tune.yaml")]))
+    cfg = parse_config(["--config", str(ROOT / "configs" / "tune.yaml")])
     assert cfg.n_trials == 20 and cfg.store == "stores/quickstart-smollm2" and cfg.ranking == "per_fold"
     space = SearchSpace.parse(cfg.space, max_heads=270).to_dict()
     assert space["detector"] == {"choices": ["logistic", "mlp", "sparse"]}

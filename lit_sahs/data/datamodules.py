@@ -30,14 +30,16 @@ from typing import Iterator, Optional, Sequence, Union
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
+from lit_sahs.data.features import NORM_EPS, RunningMoments, resolve_heads
 from lit_sahs.data.protocol import DEFAULT_BENIGN, DEFAULT_HARMFUL, SPLITS, split_rows as _split_rows
 from lit_sahs.data.store import ActivationStore
+from lit_sahs.data.store_splits import MemorySplit, StreamSplit
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import Geometry, HeadSet, TargetFingerprint
 
-NORM_EPS = 1e-6  # std floor: a constant head dimension must not divide by zero
+__all__ = ["NORM_EPS", "CachedActivationDataModule", "LiveActivationDataModule", "RunningMoments", "resolve_heads"]
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -51,62 +53,6 @@ def _names(x: Union[str, Sequence[str], None]) -> tuple[str, ...]:
     return tuple(str(n).strip() for n in x if str(n).strip())
 
 
-def resolve_heads(fingerprint: TargetFingerprint, heads: Union[str, HeadSet, Sequence, None] = None,
-                  ranking: Optional[str] = None, top_k: int = 8, all_heads: bool = False) -> HeadSet:
-    """The HeadSet a DataModule serves: explicit ``heads`` > ``ranking`` top-k > ``all_heads``.
-    A ranking must have been made for the same target; every head must lie inside the geometry."""
-    if heads is not None and not (isinstance(heads, str) and not heads.strip()):
-        if isinstance(heads, HeadSet):
-            head_set = heads
-        elif isinstance(heads, str):
-            head_set = HeadSet.parse(heads)
-        else:
-            head_set = HeadSet(heads)
-        if not len(head_set):
-            raise LitSahsError("the HeadSet given with --data.heads is empty: name at least one 'layer.head'")
-    elif ranking:
-        from lit_sahs.locate import HeadRanking  # late: locate is a sibling stage, not a data dependency
-
-        r = HeadRanking.load(ranking)
-        r.fingerprint.check(fingerprint, f"head ranking {ranking}")
-        head_set = r.top_k(int(top_k))
-    elif all_heads:
-        head_set = HeadSet.all(fingerprint.geometry)
-    else:
-        raise LitSahsError("no heads chosen: pass --data.heads 'layer.head,...' or --data.ranking ranking.json "
-                           "(run `python -m lit_sahs locate` first), or --data.all_heads true")
-    return head_set.validate(fingerprint.geometry)
-
-
-class RunningMoments:
-    """Streaming per-feature mean and population variance (Chan et al. merge of batch moments, float64),
-    so normalisation over any number of rows needs memory for one block only."""
-
-    def __init__(self, shape: tuple[int, ...]):
-        self.n = 0
-        self.mean = torch.zeros(shape, dtype=torch.float64)
-        self.m2 = torch.zeros(shape, dtype=torch.float64)
-
-    def update(self, x: Union[np.ndarray, torch.Tensor]) -> None:
-        x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).detach().to("cpu", torch.float64)
-        m = x.shape[0]
-        if m == 0:
-            return
-        bmean = x.mean(0)
-        bm2 = ((x - bmean) ** 2).sum(0)
-        total = self.n + m
-        delta = bmean - self.mean
-        self.mean += delta * (m / total)
-        self.m2 += bm2 + delta ** 2 * (self.n * m / total)
-        self.n = total
-
-    def result(self, eps: float = NORM_EPS) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.n == 0:
-            raise LitSahsError("cannot fit normalisation: the train split has no rows")
-        std = (self.m2 / self.n).sqrt().clamp_min(eps)
-        return self.mean.float(), std.float()
-
-
 def _check_split_name(name: str) -> str:
     if name not in SPLITS:
         raise LitSahsError(f"unknown split {name!r}: use one of {', '.join(SPLITS)}")
@@ -115,121 +61,6 @@ def _check_split_name(name: str) -> str:
 
 def _identity(batch):
     return batch
-
-
-# ---------------------------------------------------------------- cached (store) datasets
-
-class _MemorySplit(Dataset):
-    """One split of activations held in RAM (fp16, exactly the stored values); batches are gathered
-    in one indexing op via ``__getitems__``."""
-
-    def __init__(self, x: torch.Tensor, positions: np.ndarray, labels: np.ndarray, family: np.ndarray):
-        self.x = x  # [N_all, k, D] float16, all rows of the store
-        self.positions = torch.as_tensor(positions, dtype=torch.long)
-        self.labels = torch.as_tensor(labels[positions], dtype=torch.float32)
-        self.family = torch.as_tensor(family[positions], dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        i = torch.as_tensor(idx, dtype=torch.long)
-        return {"x": self.x[self.positions[i]].float(), "y": self.labels[i], "family": self.family[i], "row": i}
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        b = self.__getitems__([i])
-        return {k: v[0] for k, v in b.items()}
-
-
-def _block_ranges(store: ActivationStore) -> list[tuple[int, int]]:
-    """[start, stop) row positions of each committed block in the store's reading order. Reading whole
-    blocks (or subsets of one) touches each block's chunks once."""
-    blocks = getattr(store, "_blocks", None)
-    if blocks is None:  # pragma: no cover - a store without block bookkeeping: fixed-size ranges
-        n = len(store)
-        return [(s, min(s + 4096, n)) for s in range(0, n, 4096)]
-    return [(b.offset, b.offset + len(b.keep)) for b in blocks if len(b.keep)]
-
-
-class _StreamSplit(IterableDataset):
-    """One split streamed from the store block by block: a worker (of ``num_workers``) reads every
-    ``num_workers``-th block that holds rows of this split, keeps only the split's rows, shuffles them
-    within its block buffer (train), and yields ready batches, so memory is one block + one batch."""
-
-    def __init__(self, store: ActivationStore, head_set: HeadSet, positions: np.ndarray, labels: np.ndarray,
-                 family: np.ndarray, batch_size: int, shuffle: bool, seed: int, num_workers: int):
-        self._store: Optional[ActivationStore] = store
-        self.store_path = str(store.path)
-        self.expected_ids = store.ids()  # a worker re-opens the store and checks it still reads the same
-        self.head_set = head_set
-        self.positions = np.asarray(positions, dtype=np.int64)  # sorted, global row positions
-        self.labels = torch.as_tensor(labels[self.positions], dtype=torch.float32)
-        self.family = torch.as_tensor(family[self.positions], dtype=torch.long)
-        self.batch_size = int(batch_size)
-        self.shuffle = shuffle
-        self.seed = int(seed)
-        self.num_workers = max(1, int(num_workers))
-        self._epoch = 0
-        # per block: the split-local indices (into self.positions) it holds; blocks without any skipped
-        self.blocks: list[np.ndarray] = []
-        for start, stop in _block_ranges(store):
-            lo, hi = np.searchsorted(self.positions, [start, stop])
-            if hi > lo:
-                self.blocks.append(np.arange(lo, hi, dtype=np.int64))
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_store"] = None  # workers open their own handle
-        return state
-
-    def _open(self) -> ActivationStore:
-        if self._store is None:
-            store = ActivationStore.open(self.store_path)
-            if store.ids()[: len(self.expected_ids)] != self.expected_ids:
-                raise LitSahsError(f"activation store {self.store_path} changed while it was being read "
-                                   "(blocks were added or removed): restart the run")
-            self._store = store
-        return self._store
-
-    def _worker_blocks(self, worker: int, workers: int) -> list[np.ndarray]:
-        return self.blocks[worker::workers]
-
-    def __len__(self) -> int:
-        return sum(math.ceil(sum(len(b) for b in self._worker_blocks(w, self.num_workers)) / self.batch_size)
-                   for w in range(self.num_workers))
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        blocks = self._worker_blocks(worker, workers)
-        rng = None
-        if self.shuffle:
-            # in a worker, info.seed is drawn per epoch from the loader's generator; in-process we count epochs
-            rng = np.random.default_rng([info.seed] if info is not None else [self.seed, self._epoch])
-            self._epoch += 1
-            blocks = [blocks[i] for i in rng.permutation(len(blocks))]
-        store = self._open()
-        buf_x: list[np.ndarray] = []
-        buf_i: list[np.ndarray] = []
-        held = 0
-        for local in blocks:
-            if rng is not None:
-                local = local[rng.permutation(len(local))]
-            buf_x.append(store.read(self.head_set, rows=self.positions[local]))
-            buf_i.append(local)
-            held += len(local)
-            while held >= self.batch_size:
-                x, i = np.concatenate(buf_x), np.concatenate(buf_i)
-                yield self._batch(x[: self.batch_size], i[: self.batch_size])
-                buf_x, buf_i = [x[self.batch_size:]], [i[self.batch_size:]]
-                held -= self.batch_size
-        if held:
-            yield self._batch(np.concatenate(buf_x), np.concatenate(buf_i))
-
-    def _batch(self, x: np.ndarray, local: np.ndarray) -> dict[str, torch.Tensor]:
-        i = torch.from_numpy(local)
-        return {"x": torch.from_numpy(np.ascontiguousarray(x)).float(), "y": self.labels[i],
-                "family": self.family[i], "row": i}
 
 
 # ---------------------------------------------------------------- shared DataModule plumbing
@@ -320,6 +151,7 @@ class CachedActivationDataModule(_SplitDataModule):
         self.fingerprint: TargetFingerprint = self.store.fingerprint
         self.geometry: Geometry = self.store.geometry
         self.head_set: HeadSet = resolve_heads(self.fingerprint, heads, ranking, top_k, all_heads)
+        self.ranking_path = ranking if ranking and not heads else None  # reports attach it to the run
         rows = self.store.index()
         if not rows:
             raise LitSahsError(f"activation store {store} holds no rows: run `python -m lit_sahs extract ...` first")
@@ -360,15 +192,15 @@ class CachedActivationDataModule(_SplitDataModule):
         if self.in_memory:
             if self._x is None:
                 self.setup("validate")  # loads rows only
-            return _MemorySplit(self._x, positions, self._labels, self._family)
-        return _StreamSplit(self.store, self.head_set, positions, self._labels, self._family, self.batch_size,
-                            shuffle, self.seed, self.num_workers)
+            return MemorySplit(self._x, positions, self._labels, self._family)
+        return StreamSplit(self.store, self.head_set, positions, self._labels, self._family, self.batch_size,
+                           shuffle, self.seed, self.num_workers)
 
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
         ds = self._dataset(name, shuffle)
         common = {"num_workers": self.num_workers, "persistent_workers": False,
                   "pin_memory": torch.cuda.is_available()}
-        if isinstance(ds, _StreamSplit):
+        if isinstance(ds, StreamSplit):
             gen = torch.Generator().manual_seed(self.seed) if shuffle else None
             return DataLoader(ds, batch_size=None, generator=gen, **common)
         gen = torch.Generator().manual_seed(self.seed) if shuffle else None

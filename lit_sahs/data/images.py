@@ -24,7 +24,6 @@ import io
 import json
 import os
 import random
-import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path

@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 

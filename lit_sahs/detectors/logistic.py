@@ -25,6 +25,7 @@ class LogisticDetector(SafetyDetector):
     """
 
     family = "logistic"
+    trainer_defaults = {"max_epochs": 5}
     default_lr = 1e-2
     mini_batch_setting = "optimizer='adam'"
 

@@ -188,34 +188,38 @@ class ScoreCollector(_ScoreMetric):
         return self._cat()
 
 
-class TPRAtFPR(_ScoreMetric):
-    """True-positive rate at the best threshold whose false-positive rate is at most `max_fpr`."""
+class _OperatingPoint(_ScoreMetric):
+    """A rate at the best threshold whose other rate stays within `bound` (see the subclasses)."""
+
+    def __init__(self, bound: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= float(bound) <= 1.0:
+            raise LitSahsError(f"{type(self).__name__} bound must lie in [0, 1], got {bound}")
+        self.bound = float(bound)
+
+
+class TPRAtFPR(_OperatingPoint):
+    """True-positive rate at the best threshold whose false-positive rate is at most `bound`."""
 
     higher_is_better = True
 
     def __init__(self, max_fpr: float, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if not 0.0 <= float(max_fpr) <= 1.0:
-            raise LitSahsError(f"max_fpr must lie in [0, 1], got {max_fpr}")
-        self.max_fpr = float(max_fpr)
+        super().__init__(max_fpr, **kwargs)
 
     def compute(self) -> Tensor:
-        return torch.tensor(tpr_at_fpr(*self._cat(), self.max_fpr))
+        return torch.tensor(tpr_at_fpr(*self._cat(), self.bound))
 
 
-class FPRAtTPR(_ScoreMetric):
-    """False-positive rate at the best threshold whose true-positive rate is at least `min_tpr`."""
+class FPRAtTPR(_OperatingPoint):
+    """False-positive rate at the best threshold whose true-positive rate is at least `bound`."""
 
     higher_is_better = False
 
     def __init__(self, min_tpr: float, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if not 0.0 <= float(min_tpr) <= 1.0:
-            raise LitSahsError(f"min_tpr must lie in [0, 1], got {min_tpr}")
-        self.min_tpr = float(min_tpr)
+        super().__init__(min_tpr, **kwargs)
 
     def compute(self) -> Tensor:
-        return torch.tensor(fpr_at_tpr(*self._cat(), self.min_tpr))
+        return torch.tensor(fpr_at_tpr(*self._cat(), self.bound))
 
 
 class AtThreshold(_ScoreMetric):
@@ -239,8 +243,8 @@ class AtThreshold(_ScoreMetric):
         return torch.tensor(_at_threshold(preds, target, self.threshold)[self.kind])
 
 
-class _DefinedAUROC(BinaryAUROC):
-    """BinaryAUROC that is NaN (not 0 with a warning) when a set holds one class only."""
+class _BothClasses:
+    """torchmetrics' rank metric, NaN (not 0 with a warning) when a set holds one class only."""
 
     def compute(self) -> Tensor:
         target = dim_zero_cat(self.target) if self.target else torch.zeros(0)
@@ -249,12 +253,12 @@ class _DefinedAUROC(BinaryAUROC):
         return super().compute()
 
 
-class _DefinedAP(BinaryAveragePrecision):
-    def compute(self) -> Tensor:
-        target = dim_zero_cat(self.target) if self.target else torch.zeros(0)
-        if target.numel() == 0 or target.min() == target.max():
-            return torch.tensor(NAN)
-        return super().compute()
+class _DefinedAUROC(_BothClasses, BinaryAUROC):
+    pass
+
+
+class _DefinedAP(_BothClasses, BinaryAveragePrecision):
+    pass
 
 
 # The report's columns, defined once: every report (the Lightning loops' logged metrics,

@@ -11,6 +11,7 @@ class MLPDetector(SafetyDetector):
     """flatten(z) -> [Linear(hidden) -> GELU -> Dropout] x num_layers -> Linear(1). AdamW, mini-batch."""
 
     family = "mlp"
+    trainer_defaults = {"max_epochs": 40}
     default_lr = 1e-3
 
     def __init__(

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 class SparseHeadDetector(SafetyDetector):
     family = "sparse"
+    trainer_defaults = {"max_epochs": 5}  # an epoch runs prox_steps FISTA steps
     default_lr = 0.1
     mini_batch_setting = "solver='sgd'"
 

@@ -8,10 +8,8 @@ renamed into place, so a killed process never leaves a half entry that looks com
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import gguf

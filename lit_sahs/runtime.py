@@ -1,0 +1,314 @@
+"""What every command that runs a detector in front of a target shares: guard, screen, ablate and
+evaluate's ``score_file``.
+
+* loading: ``resolve_detector`` (an instance, an artifact dir / .ckpt, or a models:/ / runs:/ URI)
+  and ``load_detector_and_target``, the one sequence "detector, then the target it names (or an
+  override), then the fingerprint and geometry checks";
+* prompts: ``encode_prompts`` (non-empty, within the target's context), ``read_prompts`` /
+  ``gather_prompts`` (a prompt file or ``--prompt`` values) and ``write_jsonl``;
+* the capture forward: ``capture_forward`` runs the target on an encoded batch under a
+  ``HeadCapture`` and returns the detector's heads at the first-token position, optionally stopping
+  after the deepest needed layer (``EarlyExit``);
+* the command line: ``DetectorOptions``, the options guard and screen share (one declaration, so
+  names, types and defaults stay equal), ``run_options`` and ``repeatable`` (``--prompt A --prompt B``);
+* ``summary_metrics``: the report columns screen and score_file print.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, TypeVar
+
+import torch
+from torch import nn
+
+from lit_sahs.capture import HeadCapture
+from lit_sahs.detectors import SafetyDetector, load_detector
+from lit_sahs.detectors.metrics import COUNT_COLUMNS, SCORE_COLUMNS
+from lit_sahs.errors import LitSahsError
+from lit_sahs.heads import HeadSet
+from lit_sahs.io import atomic_write_text
+from lit_sahs.targets import Target, load_target, prompting, sites
+
+# ---------------------------------------------------------------- detector and target
+
+
+def resolve_detector(spec: str | os.PathLike | SafetyDetector, tracking_uri: Optional[str] = None,
+                     map_location: str | torch.device = "cpu") -> SafetyDetector:
+    """A detector from an instance, an artifact directory / detector.json / .ckpt, or a registry URI
+    (``models:/name/1``, ``models:/name@champion``, ``runs:/<id>/detector``; fetched by
+    ``lit_sahs.registry``, which loads only safetensors + JSON artifacts)."""
+    if isinstance(spec, SafetyDetector):
+        return spec.to(map_location).eval()
+    return load_detector(str(spec), map_location=map_location, tracking_uri=tracking_uri)
+
+
+def load_detector_and_target(detector: str | os.PathLike | SafetyDetector, target: Target | str | None = None,
+                             device: Optional[str | torch.device] = "cpu", dtype: Optional[str] = None,
+                             tracking_uri: Optional[str] = None) -> tuple[SafetyDetector, Target]:
+    """(detector in eval mode on the target's device, target). The target is `target` when it is a
+    loaded ``Target``, else loaded by that name or, by default, the name the detector records.
+    A detector made for another target (fingerprint) or reading heads outside its geometry is a
+    LitSahsError: its scores would be meaningless."""
+    det = resolve_detector(detector, tracking_uri=tracking_uri)
+    if not det.is_bound:
+        raise LitSahsError("the detector is not fitted: fit it or load a saved one")
+    if not isinstance(target, Target):
+        target = load_target(target or det.fingerprint.name, dtype=dtype, device=device or "cpu")
+    det.check_target(target.fingerprint)
+    det.head_set.validate(target.geometry)
+    return det.to(target.device).eval(), target
+
+
+# ---------------------------------------------------------------- prompts
+
+def context_length(target: Target) -> Optional[int]:
+    cfg = sites.text_config(target.model.config)
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return int(n) if n else None
+
+
+def encode_prompts(target: Target, texts: Sequence[str], images: Optional[Sequence[Optional[str]]] = None,
+                   ids: Optional[Sequence[str]] = None, reserve: int = 0, for_generate: bool = False) -> dict:
+    """Check and encode a batch: every prompt non-empty, every prompt plus `reserve` new tokens
+    within the target's context. With `for_generate`, position ids are left out: generate computes
+    them from the attention mask itself (prefill and decode steps alike)."""
+    texts = [t if isinstance(t, str) else "" for t in texts]
+    ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(texts))]
+    images = list(images) if images is not None else [None] * len(texts)
+    if not texts:
+        raise LitSahsError("no prompts given: pass at least one non-empty prompt")
+    for t, im, i in zip(texts, images, ids):
+        if not t.strip() and im is None:
+            raise LitSahsError(f"prompt {i} is empty: give it some text")
+    enc = prompting.encode(target, texts, images, ids)
+    limit = context_length(target)
+    if limit is not None:
+        lengths = enc["attention_mask"].sum(-1).tolist()
+        for n, i in zip(lengths, ids):
+            if n + reserve > limit:
+                extra = f" plus {reserve} new tokens" if reserve else ""
+                raise LitSahsError(f"prompt {i} is {n} tokens{extra}, longer than the target's context of {limit} "
+                                   f"tokens: shorten it{' or lower max_new_tokens' if reserve else ''}")
+    if for_generate:
+        enc.pop("position_ids", None)
+    return enc
+
+
+def read_prompts(path: str | os.PathLike) -> list[dict]:
+    """Prompts from a .jsonl/.ndjson (``text``; optional ``id``, ``image`` relative to the file,
+    ``label``), a .csv with the same columns, or a .txt (one prompt a line)."""
+    from lit_sahs.data.sources import csv_rows, jsonl_rows
+
+    p = Path(path)
+    if not p.is_file():
+        raise LitSahsError(f"prompt file {p} does not exist")
+    suffix = p.suffix.lower()
+    if suffix == ".txt":
+        numbered = [(n, {"text": line}) for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+                    if line.strip()]
+    elif suffix in (".jsonl", ".ndjson"):
+        numbered = list(jsonl_rows(p, ("text",)))
+    elif suffix == ".csv":
+        numbered = [(n, {k: v for k, v in d.items() if v not in (None, "")}) for n, d in csv_rows(p, ("text",))]
+    else:
+        raise LitSahsError(f"prompt file {p} has unsupported type {suffix!r}: use .jsonl, .csv or .txt")
+    rows: list[dict] = []
+    for n, d in numbered:
+        if "text" not in d:
+            raise LitSahsError(f"{p}, line {n}: no 'text' field")
+        rows.append({**d, "id": str(d["id"]) if d.get("id") not in (None, "") else str(n)})
+    for r in rows:
+        if not isinstance(r["text"], str):
+            raise LitSahsError(f"{p}: prompt {r['id']} has a non-text 'text' field")
+        if r.get("image"):
+            img = Path(r["image"])
+            r["image"] = str(img if img.is_absolute() else p.parent / img)
+        else:
+            r["image"] = None
+    if not rows:
+        raise LitSahsError(f"{p} holds no prompts")
+    return rows
+
+
+def gather_prompts(prompt: Optional[Sequence[str]], data: Optional[str], image: Optional[Sequence[str]] = None) -> list[dict]:
+    """Rows {id, text, image[, label...]} from `--prompt` values (with one `--image` each, or none)
+    or from a prompt file; exactly one of the two."""
+    if bool(prompt) == bool(data):
+        raise LitSahsError("give prompts with --prompt TEXT (repeatable) or --data FILE, not both")
+    if data:
+        return read_prompts(data)
+    images = list(image or [])
+    if images and len(images) != len(prompt):
+        raise LitSahsError(f"--image given {len(images)} times for {len(prompt)} prompts: give one per prompt or none")
+    return [{"id": str(i), "text": t, "image": images[i] if images else None} for i, t in enumerate(prompt)]
+
+
+def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
+    """One JSON object a line, written atomically."""
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+# ---------------------------------------------------------------- the capture forward
+
+class StopForward(Exception):
+    """Raised by EarlyExit's hook to abandon a forward once the needed layers have run."""
+
+
+class EarlyExit:
+    """Context manager: a forward on `model` stops at the attention output projection of `layer`
+    (its input, i.e. that layer's head outputs, has been computed; nothing after it runs). Enter
+    it *after* the HeadCapture whose hooks must see that input. Call the model through ``run``,
+    which swallows the StopForward."""
+
+    def __init__(self, model: nn.Module, layer: int):
+        projs = sites.output_projections(model)
+        if not 0 <= layer < len(projs):
+            raise LitSahsError(f"early exit at layer {layer} is outside the target's {len(projs)} layers")
+        self.model, self.layer, self._proj = model, layer, projs[layer]
+        self._handle = None
+        self.stopped = False
+
+    def _hook(self, module, args):
+        self.stopped = True
+        raise StopForward()
+
+    def __enter__(self) -> "EarlyExit":
+        self.stopped = False
+        self._handle = self._proj.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        return exc[0] is StopForward  # a StopForward escaping a `with` block is the expected exit
+
+    def run(self, **inputs) -> None:
+        try:
+            self.model(**inputs)
+        except StopForward:
+            pass
+        if not self.stopped:
+            raise LitSahsError(f"the forward never reached layer {self.layer}: early exit did not fire")
+
+
+@torch.no_grad()
+def capture_forward(target: Target, enc: dict, heads: HeadSet, early_exit: bool = False) -> torch.Tensor:
+    """[batch, k, head_dim]: `heads` at the first-token position for an encoded batch, from one
+    forward without a KV cache whose LM head runs on the last position only; with `early_exit` the
+    forward stops after the deepest layer of `heads` (the same values, bit for bit)."""
+    heads = heads.validate(target.geometry)
+    model = target.model
+    enc = {k: v.to(target.device) if torch.is_tensor(v) else v for k, v in enc.items()}
+    with HeadCapture(model, heads, target.geometry) as cap:
+        if early_exit:
+            with EarlyExit(model, max(heads.layers)) as stop:
+                stop.run(**enc, use_cache=False)
+        else:
+            model(**enc, use_cache=False, logits_to_keep=1)
+    return cap.selected()
+
+
+# ---------------------------------------------------------------- reports
+
+# the columns screen and score_file report: the threshold-free metrics and the row count
+SUMMARY_COLUMNS = SCORE_COLUMNS + COUNT_COLUMNS[:1]
+
+
+def summary_metrics(metrics: dict) -> dict:
+    """One group of compute_report cut to SUMMARY_COLUMNS, NaN (undefined) as None for JSON."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()
+            if k in SUMMARY_COLUMNS}
+
+
+# ---------------------------------------------------------------- command line
+
+@dataclass
+class DetectorOptions:
+    """The options of every command that scores prompts with a detector (guard, screen).
+
+    Args:
+        detector: detector artifact dir, .ckpt or MLflow URI (models:/name/1)
+        target: target (default: the one named in the detector)
+        prompt: a prompt (repeat --prompt for a batch)
+        image: an image path per --prompt (vision-language targets)
+        data: a prompt file: .jsonl/.csv (text[, id, image, label]) or .txt (one prompt a line)
+        threshold: override the detector's threshold
+        dtype: the target's dtype: float32, bfloat16 or float16
+        device: where the target runs, e.g. cpu or cuda
+        tracking_uri: MLflow tracking URI for models:/ detectors
+    """
+
+    detector: str
+    target: Optional[str] = None
+    prompt: Optional[list[str]] = None
+    image: Optional[list[str]] = None
+    data: Optional[str] = None
+    threshold: Optional[float] = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    tracking_uri: Optional[str] = None
+
+    def rows(self) -> list[dict]:
+        return gather_prompts(self.prompt, self.data, self.image)
+
+    def load(self) -> tuple[SafetyDetector, Target]:
+        return load_detector_and_target(self.detector, self.target, device=self.device, dtype=self.dtype,
+                                        tracking_uri=self.tracking_uri)
+
+
+REPEATABLE = ("prompt", "image")
+_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # argparse takes these as values, not options
+
+
+def _one_item_list(text: str) -> str:
+    """`text` as a one-item YAML flow list of a double-quoted scalar, every character that is not
+    plainly printable escaped, so that jsonargparse reads back exactly `text`."""
+    body = "".join(c if c.isprintable() and c not in '"\\' else f"\\U{ord(c):08x}" for c in text)
+    return f'["{body}"]'
+
+
+def repeatable(argv: Sequence[str], options: Sequence[str] = REPEATABLE) -> list[str]:
+    """argv with each ``--prompt X`` (or ``--prompt=X``) rewritten as ``--prompt+ ["X"]``.
+
+    A generated parser gives a list option jsonargparse's append syntax (``--prompt+ X``), while a
+    repeated plain ``--prompt`` would keep only the last value; these commands have always taken
+    ``--prompt A --prompt B``. The value goes in as a quoted one-item list so that its text stays
+    literal: parsed as YAML, a prompt such as ``null``, ``# Title`` or ``- item`` would change."""
+    argv, out, i = list(argv), [], 0
+    flags = {f"--{o}" for o in options}
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            out += argv[i:]
+            break
+        name, eq, value = arg.partition("=")
+        if name in flags and eq:
+            out.append(f"{name}+={_one_item_list(value)}")
+        elif arg in flags and i + 1 < len(argv) and (
+                not argv[i + 1].startswith("-") or argv[i + 1] == "-" or _NEGATIVE_NUMBER.match(argv[i + 1])):
+            out += [f"{arg}+", _one_item_list(argv[i + 1])]
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+Options = TypeVar("Options")
+
+
+def run_options(command: Callable[[Options], int], options: type[Options], argv: Optional[Sequence[str]],
+                prog: str) -> int:
+    """Parse argv (default sys.argv[1:]) into the dataclass `options` and run `command` on it."""
+    from lit_sahs.commands import parse_command
+
+    argv = sys.argv[1:] if argv is None else argv
+    return int(command(options(**parse_command(options, repeatable(argv), prog))) or 0)
+
