@@ -66,7 +66,7 @@ def main() -> int:
     from lit_sahs.ablate import format_table, gather, run_study, study_configs, summarise
     from lit_sahs.data.samples import normalise_text
     from lit_sahs.data.store import ActivationStore
-    from lit_sahs.evaluate import atomic_write_text
+    from lit_sahs.io import atomic_write_text
     from lit_sahs.judge import REFUSAL_PHRASES, PhraseJudge
     from lit_sahs.locate import HeadRanking
     from lit_sahs.targets import load_target

@@ -41,7 +41,7 @@ def main() -> int:
 
     from lit_sahs.data.sources import load_source
     from lit_sahs.data.store import ActivationStore
-    from lit_sahs.evaluate import atomic_write_text
+    from lit_sahs.io import atomic_write_text
     from lit_sahs.screen import Screener
 
     seen: set[str] = set()

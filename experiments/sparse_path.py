@@ -32,7 +32,9 @@ def main() -> int:
 
     from lit_sahs.data.datamodules import CachedActivationDataModule
     from lit_sahs.detectors import SparseHeadDetector
-    from lit_sahs.evaluate import atomic_write_text, detector_scores, fit_detector
+    from lit_sahs.engine import fit_detector
+    from lit_sahs.evaluate import detector_scores
+    from lit_sahs.io import atomic_write_text
 
     dm = CachedActivationDataModule(args.store, all_heads=True, held_out_families=[args.held_out], batch_size=512)
     dm.setup("fit")

@@ -64,7 +64,7 @@ class AblationConfig:
     name: str
     heads: Optional[HeadSet] = None  # None: no ablation
     mode: str = "zero"
-    kind: str = "none"  # none | top | random | heads
+    kind: str = "none"  # none | top | effect | greedy | random | heads
     seed: Optional[int] = None
 
     @property
@@ -81,21 +81,24 @@ def random_heads(geometry, k: int, seed: int, exclude: Sequence[tuple[int, int]]
 
 
 def study_configs(ranking, ks: Sequence[int], modes: Sequence[str], seeds: int, geometry,
-                  random_modes: Optional[Sequence[str]] = None) -> list[AblationConfig]:
-    """none; top-k for each k and mode; random-k (outside the top k) for each k, mode and seed."""
+                  random_modes: Optional[Sequence[str]] = None, effect=None) -> list[AblationConfig]:
+    """none; top-k of `ranking` and of the `effect` ranking (``locate --by effect``; with its greedy
+    set) for each k and mode; random-k (outside those top k) for each k, mode and seed."""
     for m in list(modes) + list(random_modes or []):
         if m not in ABLATION_MODES:
             raise LitSahsError(f"unknown ablation mode {m!r}: use {', '.join(ABLATION_MODES)}")
     random_modes = list(modes) if random_modes is None else list(random_modes)
     configs = [AblationConfig("none")]
     for k in ks:
-        top = ranking.top_k(k)
-        for m in modes:
-            configs.append(AblationConfig(f"top-{k} {m}", top, m, "top"))
+        sets = [(name, r.top_k(k)) for name, r in (("top", ranking), ("effect", effect)) if r is not None]
+        configs += [AblationConfig(f"{name}-{k} {m}", hs, m, name) for name, hs in sets for m in modes]
+        outside = tuple(dict.fromkeys(h for _, hs in sets for h in hs))
         for m in random_modes:
             for s in range(seeds):
-                configs.append(AblationConfig(f"random-{k} {m} s{s}", random_heads(geometry, k, s, tuple(top)),
+                configs.append(AblationConfig(f"random-{k} {m} s{s}", random_heads(geometry, k, s, outside),
                                               m, "random", s))
+    greedy = (effect.meta.get("greedy") or {}).get("heads") if effect is not None else None
+    configs += [AblationConfig(f"greedy-{len(greedy)} {m}", HeadSet(greedy), m, "greedy") for m in modes if greedy]
     return configs
 
 
@@ -248,7 +251,7 @@ def summarise(results: Sequence[dict]) -> list[dict]:
         out.append({"config": f"random-{k} {mode}", "kind": "random", "mode": mode, "k": k, "seeds": len(rs),
                     "asr": float(np.mean(asr)), "asr_range": (min(asr), max(asr)),
                     **{m: float(np.mean([r[m] for r in rs])) for m in ("benign_refused", "exact", "prefix", "ppl")}})
-    kind_order = {"none": 0, "top": 1, "heads": 1, "random": 2}
+    kind_order = {"none": 0, "top": 1, "heads": 1, "effect": 1, "greedy": 1, "random": 2}
     return sorted(out, key=lambda r: (r["k"], r["mode"] if r["kind"] != "none" else "", kind_order[r["kind"]]))
 
 
@@ -298,7 +301,8 @@ def gather(names: Sequence[str], n: int, exclude: set[str], seed: int) -> list[s
 # ---------------------------------------------------------------- command line
 
 def ablate_command(store: Optional[str] = None, ranking: Optional[str] = None, heads: Optional[str] = None,
-                   target: Optional[str] = None, ks: str = "4,8,16", modes: str = "zero",
+                   effect_ranking: Optional[str] = None, target: Optional[str] = None, ks: str = "4,8,16",
+                   modes: str = "zero",
                    random_modes: Optional[str] = None, seeds: int = 3, harmful: str = "advbench",
                    benign: str = "truthfulqa,healthsearchqa", n_harmful: int = 64, n_benign: int = 32,
                    hold_out_store: bool = True, max_new_tokens: int = 48, batch_size: int = 16,
@@ -310,6 +314,7 @@ def ablate_command(store: Optional[str] = None, ranking: Optional[str] = None, h
         store: activation store: its ranking, benign means and prompts to hold out
         ranking: head ranking JSON (default <store>/ranking.json)
         heads: ablate this HeadSet ('3.1,5.0') instead of ranking top-k
+        effect_ranking: also the top-k and greedy set of this `locate --by effect` ranking (its prompts held out)
         target: target (default: the store's / ranking's target)
         ks: comma-separated head counts
         modes: comma-separated: zero, mean
@@ -341,16 +346,19 @@ def ablate_command(store: Optional[str] = None, ranking: Optional[str] = None, h
         raise LitSahsError("n_harmful, n_benign, max_new_tokens and batch_size must be >= 1, seeds >= 0")
     store_ = ActivationStore.open(store) if store else None
     rk = None
-    if heads is None:
+    eff = HeadRanking.load(effect_ranking) if effect_ranking and heads is None else None
+    if heads is None and (ranking or store_ is not None or eff is None):
         if ranking is None and store_ is None:
-            raise LitSahsError("give --store (with its ranking.json), --ranking or --heads")
+            raise LitSahsError("give --store (with its ranking.json), --ranking, --effect_ranking or --heads")
         rk = HeadRanking.load(ranking or Path(store) / "ranking.json")
-    fp = rk.fingerprint if rk is not None else (store_.fingerprint if store_ is not None else None)
+    fp = next((r.fingerprint for r in (rk, eff, store_) if r is not None), None)
     if target is None and fp is None:
         raise LitSahsError("--heads without --store needs --target")
+    if eff is not None and eff.method != "effect":
+        raise LitSahsError(f"{effect_ranking} is a {eff.method} ranking: give `locate --by effect` output")
     tgt = load_target(target or fp.name, dtype=dtype, device=device)
-    for what, f in (("the ranking", rk.fingerprint if rk else None),
-                    ("the store", store_.fingerprint if store_ else None)):
+    for what, f in (("the ranking", rk), ("the store", store_), ("the effect ranking", eff)):
+        f = f.fingerprint if f is not None else None
         if f is not None:
             f.check(tgt.fingerprint, what)
     mode_list = names(modes)
@@ -361,8 +369,9 @@ def ablate_command(store: Optional[str] = None, ranking: Optional[str] = None, h
         configs = [AblationConfig("none")] + [AblationConfig(f"heads {m}", hs, m, "heads") for m in mode_list]
     else:
         configs = study_configs(rk, [int(k) for k in names(ks)], mode_list, seeds, tgt.geometry,
-                                names(random_modes) if random_modes else None)
+                                names(random_modes) if random_modes else None, effect=eff)
     exclude = {normalise_text(r["text"]) for r in store_.index()} if (store_ is not None and hold_out_store) else set()
+    exclude |= {normalise_text(t) for t in (eff.meta.get("prompts", {}).get("texts", []) if eff else [])}
     results = run_study(tgt, gather(names(harmful), n_harmful, exclude, seed),
                         gather(names(benign), n_benign, exclude, seed), configs, store=store_,
                         judge=load_judge(judge, first_chars=judge_chars), max_new_tokens=max_new_tokens,

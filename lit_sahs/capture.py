@@ -5,6 +5,12 @@ A forward pre-hook on each attention output projection sees the concatenated hea
 reshaping gives [batch, heads, head_dim] per layer. Inside `generate`, only the first call
 (the prefill) is recorded: each hook removes itself after it fires once, so decode steps run
 hook-free.
+
+Targets dispatched over several devices (``load_target(..., device_map=...)``, accelerate hooks,
+layers on different GPUs or offloaded to CPU/disk): a pre-hook sees a layer's input on that
+layer's execution device. HeadCapture copies every record to one gather device (the device of
+the first layer that fires, unless ``gather_device`` is given), so stacking never mixes devices;
+HeadAblation builds its masks on the device of the input it rewrites.
 """
 from __future__ import annotations
 
@@ -26,22 +32,29 @@ class HeadCapture:
     Hooks are always removed on exit, also when the forward raised.
     """
 
-    def __init__(self, model: nn.Module, heads: Optional[HeadSet] = None, geometry: Optional[Geometry] = None):
+    def __init__(self, model: nn.Module, heads: Optional[HeadSet] = None, geometry: Optional[Geometry] = None,
+                 gather_device: Optional[str | torch.device] = None):
         self.model = model
+        self.gather_device = torch.device(gather_device) if gather_device is not None else None
         self.geometry = geometry or sites.geometry(model)
         self.heads = heads.validate(self.geometry) if heads is not None else None
         self.layers = self.heads.layers if self.heads is not None else tuple(range(self.geometry.num_layers))
         self._projs = sites.output_projections(model)
         self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
         self._records: dict[int, torch.Tensor] = {}
+        self._gather: Optional[torch.device] = self.gather_device
 
     def _hook(self, layer: int):
         g = self.geometry
 
         def hook(module, args):
             x = args[0]
-            # clone: a view would keep the whole [batch, seq, width] input alive
-            self._records[layer] = x[:, FIRST_TOKEN_INDEX, :].reshape(x.shape[0], g.num_heads, g.head_dim).clone()
+            rec = x[:, FIRST_TOKEN_INDEX, :].reshape(x.shape[0], g.num_heads, g.head_dim)
+            if self._gather is None:
+                self._gather = x.device
+            # clone: a view would keep the whole [batch, seq, width] input alive; .to() of another
+            # device copies already
+            self._records[layer] = rec.clone() if rec.device == self._gather else rec.to(self._gather)
             handle = self._handles.pop(layer, None)
             if handle is not None:
                 handle.remove()  # only the prefill is recorded; decode steps run hook-free
@@ -50,6 +63,7 @@ class HeadCapture:
 
     def __enter__(self) -> "HeadCapture":
         self._records.clear()
+        self._gather = self.gather_device
         for layer in self.layers:
             self._handles[layer] = self._projs[layer].register_forward_pre_hook(self._hook(layer))
         return self
@@ -125,15 +139,16 @@ class ResidualCapture:
         if self._normed is None:
             raise LitSahsError("no forward ran inside ResidualCapture")
         head = self.model.get_output_embeddings()
-        targets = input_ids[:, 1:]
-        real = attention_mask.bool()
+        dev = self._normed.device  # a dispatched target's final norm, LM head and inputs may sit apart
+        targets = input_ids[:, 1:].to(dev)
+        real = attention_mask.to(dev).bool()
         scored = real[:, :-1] & real[:, 1:]  # left padding: real tokens are contiguous
         if ignore_ids:
-            scored &= ~torch.isin(targets, torch.tensor(ignore_ids, device=targets.device))
+            scored &= ~torch.isin(targets, torch.tensor(ignore_ids, device=dev))
         rows, cols = scored.nonzero(as_tuple=True)
         hidden = self._normed[:, :-1][rows, cols]
         wanted = targets[rows, cols]
-        nll = torch.cat([torch.nn.functional.cross_entropy(head(hidden[i:i + chunk_positions]).float(),
+        nll = torch.cat([torch.nn.functional.cross_entropy(head(hidden[i:i + chunk_positions]).to(dev).float(),
                                                            wanted[i:i + chunk_positions], reduction="none")
                          for i in range(0, len(rows), chunk_positions)]) if len(rows) else hidden.new_zeros(0)
         batch = input_ids.shape[0]

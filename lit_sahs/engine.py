@@ -16,12 +16,15 @@ the safetensors artifact, and both attach their files to the MLflow run when the
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning as L
+
+from lit_sahs.errors import LitSahsError
 
 # what every fit starts from; a family's trainer_defaults and the caller override it
 BASE_TRAINER: dict[str, Any] = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
@@ -92,6 +95,9 @@ class Engine:
         """Fit `model` on the DataModule's train split (validating on val); with an output_dir, then
         test the best checkpoint and write the report and the artifact."""
         trainer = self.trainer(model, **overrides)
+        prepare = getattr(model, "prepare_launch", None)  # detectors: DDP checks before processes start
+        if prepare is not None:
+            prepare(trainer, datamodule)
         with warnings.catch_warnings():
             if self.quiet:
                 warnings.simplefilter("ignore")
@@ -124,3 +130,27 @@ def fit_detector(detector: L.LightningModule, datamodule: L.LightningDataModule,
                  **trainer_kwargs: Any) -> L.LightningModule:
     """Fit quietly (no logger, no checkpoint, one validation after the last epoch) and return the detector."""
     return Engine(validate_once=True, max_epochs=max_epochs, **trainer_kwargs).fit(detector, datamodule).detector
+
+
+def launched_processes() -> int:
+    """How many processes this one runs beside: torch.distributed's world size once a process group
+    exists (e.g. in every rank after a DDP fit), else WORLD_SIZE as torchrun sets it; 1 otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def require_one_process(stage: str) -> None:
+    """Stages that run in one process by design (locate's batched probes, the evaluation and tune
+    folds) refuse to run as one of several: each process would repeat all the work and race on
+    the same outputs."""
+    n = launched_processes()
+    if n > 1:
+        raise LitSahsError(f"{stage} runs in one process, but this process is one of {n} (torchrun, or a script "
+                           "that ran a DDP fit): run it on its own; only extraction and mini-batch fits run "
+                           "distributed (--trainer.strategy ddp)")

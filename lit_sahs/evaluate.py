@@ -1,15 +1,13 @@
-"""Honest numbers: per-family reports with baselines, the zero-shot family matrix, and scoring
-any user file with a trained detector.
+"""Honest numbers: a split's report for the detector next to the baselines trained on the same rows,
+the benign false-positive rate by source, their tables, and scoring any user file with a trained
+detector. (Held-out folds and the zero-shot matrix live in `lit_sahs.folds`.)
 
 Everything here scores rows a detector never trained on: the test split of a DataModule (held-out
-attack families / sources), or another family altogether in the zero-shot matrix.
+attack families / sources), or a user's file.
 """
 from __future__ import annotations
 
 import math
-import os
-import uuid
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -19,9 +17,6 @@ from lit_sahs.baselines import BASELINES, baseline_scores
 from lit_sahs.detectors import SafetyDetector, compute_report
 from lit_sahs.errors import LitSahsError
 from lit_sahs.io import atomic_write_text
-
-REPORT_METRICS = ("auroc", "auprc", "tpr_at_1fpr", "tpr_at_5fpr", "fpr_at_95tpr", "n")
-
 
 @torch.no_grad()
 def detector_scores(detector: SafetyDetector, x: np.ndarray | torch.Tensor, batch_size: int = 4096) -> np.ndarray:
@@ -111,37 +106,149 @@ def format_table(reports: dict[str, dict], metrics: Sequence[str] = ("auroc", "t
 
 # ---------------------------------------------------------------- scoring a user file
 
-def score_file(detector_path: str, data: str, target: Optional[str] = None, batch_size: int = 8,
-               device: str = "cpu", group_key: str = "attack", tracking_uri: Optional[str] = None) -> dict:
-    """Load a detector and the target named in it, score every prompt of a user JSONL/CSV, and
-    report overall and per-attack metrics."""
-    from lit_sahs.capture import HeadCapture
-    from lit_sahs.data.sources import load_user_file
-    from lit_sahs.detectors import load_detector
-    from lit_sahs.targets import load_target, prompting
+SCORE_CSV_COLUMNS = ("id", "source", "attack", "label", "score", "flagged")
 
-    det = load_detector(detector_path, tracking_uri=tracking_uri)
+
+def check_output_paths(paths: dict[str, Optional[str]]) -> None:
+    """Refuse, before anything loads, an output path (option name -> path; None: not asked for) that
+    is a directory or another non-file, sits under a file, is given twice, or cannot be written
+    (probed with a hidden temporary file or folder, removed at once), so a run never ends in an
+    unwritable report after the scoring."""
+    import os
+    import uuid
+    from pathlib import Path
+
+    from lit_sahs.io import temp_path
+
+    seen: dict[str, str] = {}
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        p = Path(path).expanduser()
+        where = f"{flag} {path}"
+        if not str(path).strip() or p.is_dir():
+            raise LitSahsError(f"{where} is a directory: give a file path, e.g. {Path(path) / 'out'}")
+        if p.exists() and not p.is_file():
+            raise LitSahsError(f"{where} exists and is not a regular file: give a file path")
+        key = os.path.abspath(p)
+        if key in seen:
+            raise LitSahsError(f"{seen[key]} and {flag} name the same file {path}: give two paths")
+        seen[key] = flag
+        folder = p.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise LitSahsError(f"{where}: {folder} is a file, so the folder {p.parent} cannot be created")
+        try:
+            if folder == p.parent:  # the folder exists: can a file be created in it?
+                probe = temp_path(p)
+                with open(probe, "xb"):
+                    pass
+                probe.unlink()
+            else:  # the folder is missing: can it be created?
+                probe = folder / f".tmp-{uuid.uuid4().hex}-probe"
+                probe.mkdir()
+                probe.rmdir()
+        except OSError as e:
+            raise LitSahsError(f"{where} cannot be written ({e.strerror or e} in {folder}): "
+                               "choose a writable location") from None
+
+
+def score_file(detector_path: str, data: str, target: Optional[str] = None, batch_size: int = 8,
+               device: str = "cpu", tracking_uri: Optional[str] = None, truncate: Optional[str] = None,
+               scores_out: Optional[str] = None, progress: bool = False) -> dict:
+    """Load a detector and the target named in it, score every prompt of a user JSONL/CSV, and
+    report, overall, per attack and per source: the counts, AUROC and the other threshold-free
+    metrics, and at the detector's calibrated threshold the flagged share, TPR, FPR, accuracy and F1.
+    What a group cannot define is None: a file of jailbreaks only gets its TPR (the share caught)
+    and no AUROC; a file of benign prompts only gets its FPR. Prompts longer than the target's
+    context are refused before the first forward, or cut with `truncate` (left / right). Memory is
+    bounded by `batch_size` prompts of at most the context's length. `scores_out`: a CSV with one
+    row per prompt (id, source, attack, label, score, flagged 0/1). `progress`: a tqdm bar."""
+    from tqdm.auto import tqdm
+
+    from lit_sahs.data.sources import load_user_file
+    from lit_sahs.runtime import capture_forward, load_detector_and_target, resolve_detector, summary_metrics
+    from lit_sahs.targets import prompting
+
+    if batch_size < 1:
+        raise LitSahsError(f"batch_size must be >= 1, got {batch_size}")
+    prompting.truncate_side(truncate)
+    check_output_paths({"--scores": scores_out})
+    det = resolve_detector(detector_path, tracking_uri=tracking_uri)  # a bad detector fails before the file is read
     samples = load_user_file(data)
     if not samples:
         raise LitSahsError(f"{data} holds no prompts")
-    tgt = load_target(target or det.fingerprint.name, device=device)
-    det.check_target(tgt.fingerprint)
-    probs = []
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        enc = prompting.encode(tgt, [s.text for s in chunk], [s.image for s in chunk], [s.id for s in chunk])
-        enc = {k: v.to(device) for k, v in enc.items()}
-        with torch.no_grad(), HeadCapture(tgt.model, det.head_set, tgt.geometry) as cap:
-            tgt.model(**enc, logits_to_keep=1, use_cache=False)
-        probs.append(detector_scores(det, cap.selected()))
-    scores = np.concatenate(probs)
+    det, tgt = load_detector_and_target(det, target, device=device)
+    ids, images = [s.id for s in samples], [s.image for s in samples]
+    texts = prompting.fit_context(tgt, [s.text for s in samples], images, ids, truncate=truncate)
+    order = sorted(range(len(samples)), key=lambda i: (len(texts[i]), i))  # similar lengths: less padding
+    scores = np.full(len(samples), np.nan)
+    with tqdm(total=len(samples), desc="scoring", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = prompting.encode(tgt, [texts[i] for i in idx], [images[i] for i in idx], [ids[i] for i in idx])
+            scores[idx] = detector_scores(det, capture_forward(tgt, enc, det.head_set))
+            bar.update(len(idx))
+    threshold = float(det.threshold)
     labels = np.array([s.label for s in samples])
-    report = compute_report(scores, labels, [getattr(s, group_key) for s in samples], float(det.threshold))
-    keep = ("auroc", "auprc", "tpr_at_1fpr", "tpr_at_5fpr", "fpr_at_95tpr", "n")
-    clean = {g: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items() if k in keep}
-             for g, m in report.items()}
-    return {"detector": str(detector_path), "target": tgt.fingerprint.name, "data": str(data), "threshold":
-            float(det.threshold), "overall": clean.pop("overall"), "per_attack": clean}
+    by = {key: compute_report(scores, labels, [getattr(s, attr) for s in samples], threshold)
+          for key, attr in (("per_attack", "attack"), ("per_source", "source"))}
+    report = {"detector": str(detector_path), "target": tgt.fingerprint.name, "data": str(data),
+              "threshold": threshold, "overall": summary_metrics(by["per_attack"].pop("overall"))}
+    for key, groups in by.items():
+        groups.pop("overall", None)
+        report[key] = {g: summary_metrics(m) for g, m in groups.items()}
+    if scores_out:
+        _write_scores(scores_out, samples, scores, threshold)
+    return report
 
 
-from lit_sahs.folds import zero_shot, matrix_csv, eligible_families  # noqa: F401,E402
+def _write_scores(path: str, samples, scores: np.ndarray, threshold: float) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(SCORE_CSV_COLUMNS)
+    for s, sc in zip(samples, scores.tolist()):
+        w.writerow([s.id, s.source, s.attack, s.label, repr(float(sc)), int(sc >= threshold)])
+    atomic_write_text(path, buf.getvalue())
+
+
+def _metric_name(*parts: str) -> str:
+    """An MLflow metric key from group names a user file chose (MLflow refuses most punctuation)."""
+    import re
+
+    return "/".join(re.sub(r"[^\w\-. :]", "_", str(p)) for p in parts)[:250]
+
+
+def score_file_command(detector: str, data: str, json_out: Optional[str] = None, target: Optional[str] = None,
+                       tracking_uri: Optional[str] = None, experiment: str = "evaluate", scores: Optional[str] = None,
+                       batch_size: int = 8, device: str = "cpu", truncate: Optional[str] = None) -> int:
+    """`evaluate --detector … --data …`: score the file, write the JSON report (and the per-row
+    scores), track it in MLflow. The output paths are checked before anything loads."""
+    import json
+
+    import mlflow
+
+    from lit_sahs.tracking import start_run
+
+    check_output_paths({"--json": json_out, "--scores": scores})
+    report = score_file(detector, data, target=target, batch_size=batch_size, device=device,
+                        tracking_uri=tracking_uri, truncate=truncate, scores_out=scores, progress=True)
+    text = json.dumps(report, indent=1)
+    if json_out:
+        atomic_write_text(json_out, text + "\n")
+    with start_run(experiment, tracking_uri, run_name="score-file"):
+        mlflow.log_params({"detector": detector, "data": data, "truncate": truncate})
+        groups = [(("overall",), report["overall"])] + \
+                 [(("attack", g), m) for g, m in report["per_attack"].items()] + \
+                 [(("source", g), m) for g, m in report["per_source"].items()]
+        mlflow.log_metrics({_metric_name(*names, k): float(v) for names, m in groups for k, v in m.items()
+                            if v is not None})
+        for path in (json_out, scores):
+            if path:
+                mlflow.log_artifact(path)
+    print(text)
+    return 0

@@ -4,27 +4,35 @@ a prediction-writer callback commits blocks to the ActivationStore.
 Scaling out is Lightning's job: `--trainer.devices 8 --trainer.num_nodes 2` runs DDP, each rank
 predicts its share (Lightning's predict sampler does not pad, so no rank repeats a sample) and
 writes its own blocks; the store keeps the first copy of any id, so a re-run or a race never
-duplicates rows.
+duplicates rows. A target larger than one device is placed by a device map instead
+(`--device_map auto`, accelerate): one process drives all its devices.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import json
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from lit_sahs.capture import HeadCapture, ResidualCapture
+from lit_sahs.data.protocol import DEFAULT_ATTACKS, DEFAULT_BENIGN, DEFAULT_HARMFUL, SampleSpec
 from lit_sahs.data.samples import Sample
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.engine import Engine
 from lit_sahs.errors import LitSahsError
 from lit_sahs.targets import Target, load_target, prompting
+from lit_sahs.targets.registry import DeviceMap, parse_device_map
 
 log = logging.getLogger(__name__)
 
@@ -64,29 +72,48 @@ def prompt_format(target: Target) -> dict:
 
 class HeadExtractor(L.LightningModule):
     """Runs the target on a batch of Samples and returns their index rows and head activations
-    [batch, layers, heads, head_dim] at the first-token position."""
+    [batch, layers, heads, head_dim] at the first-token position.
+
+    The target is deliberately *not* a submodule: Lightning moves a LightningModule's parameters
+    to the device when a run starts and back to the CPU when it ends (``strategy.teardown`` ->
+    ``module.cpu()``), which for a 7B target cost 46% of an extraction on a GPU and left it on the
+    CPU. Here ``on_predict_start`` moves the target to the run's device only if it is elsewhere,
+    nothing moves it back, and a target placed by a device map (several devices, offloaded
+    layers) is never moved: inputs go to its input device."""
 
     # extraction runs where the hardware is, with a progress bar (the engine's base is a quiet CPU fit)
     trainer_defaults = {"accelerator": "auto", "devices": "auto", "enable_progress_bar": True}
 
     def __init__(self, target: str | Target = "smollm2-135m-instruct", dtype: str = "float32",
-                 baselines: bool = True):
+                 baselines: bool = True, device_map: Optional[DeviceMap] = None,
+                 offload_folder: Optional[str] = None):
         super().__init__()
         self.baselines = baselines
-        self.target = target if isinstance(target, Target) else load_target(target, dtype=dtype)
-        self.target_model = self.target.model  # registered as a submodule so Lightning places it on the device
+        if isinstance(target, Target):
+            if device_map is not None or offload_folder is not None:
+                raise LitSahsError("device_map and offload_folder apply when extraction loads the target by name: "
+                                   "pass load_target(..., device_map=...) instead of a loaded target")
+            self.target = target
+        else:
+            self.target = load_target(target, dtype=dtype, device_map=device_map, offload_folder=offload_folder)
+
+    def on_predict_start(self) -> None:
+        # the strategy has placed this (parameter-free) module: self.device is this rank's device
+        if not self.target.dispatched and self.target.device != self.device:
+            self.target.model.to(self.device)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # the collate function encoded it; predict_step moves the tensors
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         samples = batch["samples"]
-        enc = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch["enc"].items()}
-        with HeadCapture(self.target_model, geometry=self.target.geometry) as cap, \
-                ResidualCapture(self.target_model) if self.baselines else contextlib.nullcontext() as res:
+        model, device = self.target.model, self.target.device
+        enc = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch["enc"].items()}
+        with HeadCapture(model, geometry=self.target.geometry) as cap, \
+                ResidualCapture(model) if self.baselines else contextlib.nullcontext() as res:
             # logits_to_keep=1: only the last position's logits; the full [batch, seq, vocab] is the
             # largest tensor of a forward (Qwen's vocabulary is 152k)
-            self.target_model(**enc, logits_to_keep=1, use_cache=False)
+            model(**enc, logits_to_keep=1, use_cache=False)
         out = {"rows": [s.index_row() for s in samples], "activations": cap.activations().to(torch.float16).cpu()}
         if self.baselines:  # what the residual-stream probe and the perplexity filter read
             nll = res.prompt_nll(enc["input_ids"], enc["attention_mask"], prompting.image_token_ids(self.target))
@@ -154,15 +181,24 @@ def pending_samples(samples: Sequence[Sample], store_path: str | Path, target: T
 
 def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: str | Path,
                    batch_size: int = 8, block_rows: int = 256, dtype: str = "float32",
-                   trainer_kwargs: Optional[dict] = None, num_workers: Optional[int] = None) -> dict:
+                   trainer_kwargs: Optional[dict] = None, num_workers: Optional[int] = None,
+                   device_map: Optional[DeviceMap] = None, offload_folder: Optional[str] = None,
+                   truncate: Optional[str] = None) -> dict:
     """Extract head activations for `samples` into the store at `store_path`, skipping samples
     already there. Returns {'written': n, 'skipped': n, 'total': rows in store}.
-    `num_workers` None: 4 encoding processes when the run uses a GPU, 0 on the CPU."""
+    `num_workers` None: 4 encoding processes when the run uses a GPU, 0 on the CPU.
+    `device_map` / `offload_folder`: load the target (a name) over several devices or with offloaded
+    layers (see `load_target`); such a run is one process driving all of them.
+    Under DDP (``trainer_kwargs={"strategy": "ddp", "devices": n}``) every rank extracts its share
+    and commits its own blocks; 'written' counts the rows of all ranks.
+    A prompt longer than the target's context is refused before the store is created, naming it,
+    or its text is cut to fit with `truncate` left / right (``prompting.fit_context``)."""
+    prompting.truncate_side(truncate)  # before loading the target
     if not samples:
         raise LitSahsError("no samples to extract: check the sources, attacks and --limit")
     if num_workers is not None and num_workers < 0:  # before loading the target
         raise LitSahsError(f"num_workers must be >= 0, got {num_workers}")
-    module = HeadExtractor(target, dtype=dtype)
+    module = HeadExtractor(target, dtype=dtype, device_map=device_map, offload_folder=offload_folder)
     if not module.target.is_vision_language:  # fail before the store is created, not mid-run
         bad = next((s for s in samples if s.image), None)
         if bad is not None:
@@ -174,15 +210,103 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
     if not todo:
         store = ActivationStore.open(store_path)
         return {"written": 0, "skipped": skipped, "total": len(store)}
+    texts = prompting.fit_context(module.target, [s.text for s in todo], [s.image for s in todo],
+                                  [s.id for s in todo], truncate=truncate)  # before the store is created
+    todo = [s if t == s.text else s.with_(text=t) for s, t in zip(todo, texts)]
     # similar lengths in a batch waste less compute on padding; ids, not order, identify rows
     todo.sort(key=lambda s: (len(s.text), s.id))
     writer = StoreWriter(store_path, block_rows=block_rows)
-    trainer = Engine().trainer(module, callbacks=[writer], **(trainer_kwargs or {}))
+    trainer = _extraction_trainer(module, writer, trainer_kwargs)
     if num_workers is None:
         num_workers = 4 if trainer.strategy.root_device.type == "cuda" else 0
     loader = DataLoader(SampleDataset(todo), batch_size=batch_size, shuffle=False,
                         collate_fn=EncodeBatch(module.target), num_workers=num_workers,
                         pin_memory=torch.cuda.is_available() and num_workers > 0)
     trainer.predict(module, loader, return_predictions=False)
+    trainer.strategy.barrier("extraction written")  # DDP: every rank has committed its blocks
     store = ActivationStore.open(store_path)
-    return {"written": writer.rows_written, "skipped": skipped, "total": len(store)}
+    done = store.written_ids()  # counted in the store: a rank's (or spawned process's) writer sees only its rows
+    return {"written": sum(s.id in done for s in todo), "skipped": skipped, "total": len(store)}
+
+
+def _extraction_trainer(module: HeadExtractor, writer: StoreWriter, trainer_kwargs: Optional[dict]) -> L.Trainer:
+    """The engine's Trainer for extraction. A target placed by a device map is driven by one
+    process (devices 'auto' becomes 1); DDP would run a whole copy of it per rank."""
+    kw = dict(trainer_kwargs or {})
+    dispatched = module.target.dispatched
+    if dispatched and kw.get("devices", "auto") == "auto":
+        kw["devices"] = 1
+    trainer = Engine().trainer(module, callbacks=[writer], **kw)
+    if dispatched and trainer.world_size > 1:
+        raise LitSahsError(f"target {module.target.name!r} is placed by a device map (one process drives all its "
+                           f"devices), but the Trainer asks for {trainer.world_size} processes: use "
+                           "--trainer.devices 1 --trainer.num_nodes 1, or drop --device_map to run DDP")
+    return trainer
+
+
+# ---------------------------------------------------------------- command line
+
+@dataclass
+class TrainerSettings:
+    """The Trainer options extraction takes; DDP across devices and nodes is Lightning's.
+
+    Args:
+        accelerator: cpu, gpu or auto
+        devices: number of devices or 'auto'
+        num_nodes: machines taking part
+        strategy: e.g. ddp for several devices
+    """
+
+    accelerator: str = "auto"
+    devices: Union[int, str] = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+
+
+def extract_command(target: str = "smollm2-135m-instruct", dtype: str = "float32",
+            harmful: str = ",".join(DEFAULT_HARMFUL), benign: str = ",".join(DEFAULT_BENIGN),
+            data: Optional[str] = None, attacks: str = ",".join(DEFAULT_ATTACKS), limit: Optional[int] = 400,
+            max_chars: Optional[int] = None, seed: int = 0, batch_size: int = 8, block_rows: int = 256,
+            num_workers: Optional[int] = None, store: Optional[str] = None,
+            device_map: Optional[str] = None, offload_folder: Optional[str] = None,
+            truncate: Optional[str] = None, trainer: TrainerSettings = TrainerSettings()) -> int:
+    """Capture every head's output at the first-token position into a store.
+
+    Args:
+        target: target name, .gguf path, HF dir or hub id
+        dtype: float32, bfloat16 or float16
+        harmful: comma-separated harmful sources or file:path.jsonl
+        benign: comma-separated benign sources or file:path.jsonl
+        data: a user JSONL/CSV (text,label,...) used instead of --harmful/--benign
+        attacks: comma-separated attack names
+        limit: total samples after attacks
+        max_chars: pick jailbreak templates whose attacked prompt fits in this many characters
+        seed: sampling seed
+        batch_size: prompts per forward
+        block_rows: rows per committed store block
+        num_workers: DataLoader processes that tokenise and preprocess images beside the forward
+            (default: 4 on a GPU, 0 on the CPU, where they would compete with it)
+        store: store directory (default stores/<target>)
+        device_map: a target larger than one device: auto (balanced over the GPUs, then CPU, then
+            disk), balanced, sequential, or a JSON object {module name: device, "cpu" or "disk"}
+        offload_folder: where layers the device map puts on "disk" are kept
+        truncate: a prompt longer than the target's context is refused (default), or its text cut to
+            fit: left (keep the end) or right (keep the start)
+        trainer: Lightning Trainer settings
+    """
+    samples = SampleSpec(harmful=harmful, benign=benign, attacks=attacks, data=data, limit=limit,
+                         max_chars=max_chars, seed=seed).build()
+    store = store or os.path.join("stores", os.path.basename(str(target)).removesuffix(".gguf"))
+    result = run_extraction(target, samples, store, batch_size=batch_size, block_rows=block_rows, dtype=dtype,
+                            trainer_kwargs=dataclasses.asdict(trainer), num_workers=num_workers,
+                            device_map=parse_device_map(device_map), offload_folder=offload_folder,
+                            truncate=truncate)
+    if rank_zero_only.rank == 0:  # under DDP every rank runs this command; one summary
+        print(json.dumps({"store": store, **result}))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    from lit_sahs.commands import run_command
+
+    return run_command(extract_command, argv, "python -m lit_sahs extract")

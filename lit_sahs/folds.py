@@ -1,9 +1,14 @@
-"""Folds over attack families: the one fold code behind `evaluate`'s zero-shot matrix and `tune`'s trials.
+"""Held-out folds: the one fold code behind `evaluate`'s reports and `tune`'s objective.
 
-A fold holds attack families out (its test split is exactly their rows) and trains on the others.
-With `ranking="per_fold"` heads are ranked again inside each fold by `locate` on the fold's
-training families only, so a held-out family never picks the heads that score it. Every fit goes
-through the Engine, validating (and calibrating the threshold) once, after the last epoch.
+A fold (`Holdout`) keeps attack families and/or prompt sources out: its test split is exactly their
+rows, and they are never seen in training, head ranking or threshold calibration. With
+`ranking="per_fold"` heads are ranked again inside each fold by `locate` on the fold's training rows
+only. Every fit goes through the Engine, validating (and calibrating the threshold on the training
+sources' validation rows) once, after the last epoch.
+
+Two protocols: *families* (leave one attack family out: templates never seen) and *sources*
+(leave one harmful and one benign collection out: prompts unlike any seen, `source_holdouts`).
+The zero-shot family matrix is here too; the source-level report is in `lit_sahs.protocols`.
 """
 from __future__ import annotations
 
@@ -21,6 +26,27 @@ PER_FOLD = "per_fold"
 MIN_PER_CLASS = 5  # fewer rows of a class than this make an AUROC cell noise: it is left empty
 
 
+@dataclass(frozen=True)
+class Holdout:
+    """What one fold keeps out: attack families and/or sources (both empty: a random test split)."""
+
+    families: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, value: "Holdout | Sequence[str] | str | None") -> "Holdout":
+        """A Holdout as it is, or held-out attack families given by name."""
+        return value if isinstance(value, Holdout) else cls(families=names(value))
+
+    @property
+    def name(self) -> str:
+        parts = list(self.families) + list(self.sources)
+        return "+".join(parts) if parts else "random"
+
+    def key(self) -> tuple:
+        return (self.families, self.sources)
+
+
 def eligible_families(rows: Sequence[dict], min_rows: int = 20) -> tuple[list[str], dict[str, str]]:
     """Families with both classes and at least `min_rows` rows; the others with the reason."""
     by = {}
@@ -34,6 +60,59 @@ def eligible_families(rows: Sequence[dict], min_rows: int = 20) -> tuple[list[st
             skipped[fam] = f"only {len(labels)} rows"
         else:
             keep.append(fam)
+    return keep, skipped
+
+
+PAIRINGS = ("round_robin", "all_pairs")
+OBJECTIVES = ("sources", "families", "both")
+
+
+def source_holdouts(rows: Sequence[dict], pairing: str = "round_robin", min_rows: int = 20,
+                    sources: Sequence[str] = ()) -> tuple[list[Holdout], dict[str, str]]:
+    """Source-level folds: each holds out one harmful and one benign source (a source whose rows carry
+    both labels, e.g. a user file, is a fold on its own). `round_robin` holds every source out once
+    (fold i pairs harmful source i mod H with benign source i mod B); `all_pairs` every H x B pair.
+    A fold whose test rows have one class or fewer than `min_rows` rows is skipped, with the reason;
+    training must keep another source of each class, so each side needs two sources."""
+    if pairing not in PAIRINGS:
+        raise LitSahsError(f"unknown pairing {pairing!r}: use {' or '.join(PAIRINGS)}")
+    labels_of: dict[str, set[int]] = {}
+    count: dict[str, int] = {}
+    for r in rows:
+        src = str(r.get("source", ""))
+        labels_of.setdefault(src, set()).add(int(r["label"]))
+        count[src] = count.get(src, 0) + 1
+    wanted = names(sources)
+    unknown = [s for s in wanted if s not in labels_of]
+    if unknown:
+        raise LitSahsError(f"sources {unknown} have no rows in this store; present: {sorted(labels_of)}")
+    pool = [s for s in sorted(labels_of) if not wanted or s in wanted]
+    harmful = [s for s in pool if labels_of[s] == {1}]
+    benign = [s for s in pool if labels_of[s] == {0}]
+    mixed = [s for s in pool if labels_of[s] == {0, 1}]
+    if (harmful or benign) and (len(set(harmful) | set(mixed)) < 2 or len(set(benign) | set(mixed)) < 2):
+        raise LitSahsError(f"the source protocol needs at least two harmful and two benign sources (one held out, "
+                           f"one to train on); this store has harmful {harmful}, benign {benign}, mixed {mixed}: "
+                           "extract with more sources")
+    if not harmful and len(mixed) < 2:
+        raise LitSahsError(f"the source protocol needs two sources; this store has {sorted(labels_of)}")
+    if pairing == "all_pairs":
+        pairs = [(h, b) for h in harmful for b in benign]
+    else:
+        n = max(len(harmful), len(benign)) if harmful and benign else 0
+        pairs = [(harmful[i % len(harmful)], benign[i % len(benign)]) for i in range(n)]
+    candidates = [Holdout(sources=p) for p in pairs] + [Holdout(sources=(m,)) for m in mixed]
+    keep, skipped = [], {}
+    for hold in candidates:
+        n_rows = sum(count[s] for s in hold.sources)
+        if len({y for s in hold.sources for y in labels_of[s]}) < 2:
+            skipped[hold.name] = "single class"
+        elif n_rows < min_rows:
+            skipped[hold.name] = f"only {n_rows} rows"
+        else:
+            keep.append(hold)
+    if not keep:
+        raise LitSahsError(f"no source fold has both classes and >= {min_rows} rows (skipped: {skipped})")
     return keep, skipped
 
 
@@ -53,7 +132,8 @@ class Folds:
         self.store = ActivationStore.open(self.store_path)
         self.index = self.store.index()
         if not self.index:
-            raise LitSahsError(f"activation store {self.store_path} holds no rows: run `python -m lit_sahs extract` first")
+            raise LitSahsError(f"activation store {self.store_path} holds no rows: "
+                               "run `python -m lit_sahs extract` first")
         self.labels = np.array([int(r["label"]) for r in self.index])
         self.family_of = np.array([r.get("attack_family", "plain") for r in self.index])
         self.geometry = self.store.geometry
@@ -80,24 +160,27 @@ class Folds:
                                "or list families explicitly")
         return fams, skipped
 
-    def ranking_for(self, held_out: Sequence[str] | str = (), train_families: Sequence[str] = ()):
-        """The HeadRanking of the fold holding out `held_out` (() : no family held out, e.g. a refit)."""
+    def ranking_for(self, held_out: Holdout | Sequence[str] | str = (), train_families: Sequence[str] = ()):
+        """The HeadRanking of the fold holding out `held_out` (a Holdout, or attack family names; () :
+        nothing held out, e.g. a refit)."""
         from lit_sahs.locate import HeadRanking, locate
 
-        key = (names(held_out), names(train_families)) if self.per_fold else None
+        hold = Holdout.of(held_out)
+        key = (hold.key(), names(train_families)) if self.per_fold else None
         if key not in self._rankings:
             if self.per_fold:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    r = locate(self.store, held_out_families=list(key[0]), train_families=list(key[1]),
-                               val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=self.seed)
+                    r = locate(self.store, held_out_families=list(hold.families), held_out_sources=list(hold.sources),
+                               train_families=list(key[1]), val_fraction=self.val_fraction,
+                               test_fraction=self.test_fraction, seed=self.seed)
             else:
                 r = HeadRanking.load(self.ranking)
                 r.fingerprint.check(self.fingerprint, f"head ranking {self.ranking}")
             self._rankings[key] = r
         return self._rankings[key]
 
-    def heads_for(self, k: int, held_out: Sequence[str] | str = (), train_families: Sequence[str] = ()):
+    def heads_for(self, k: int, held_out: Holdout | Sequence[str] | str = (), train_families: Sequence[str] = ()):
         """The HeadSet of a fold: the top k of its ranking, or the explicit heads."""
         if self.per_fold:
             return self.ranking_for(held_out, train_families).top_k(k)
@@ -110,20 +193,44 @@ class Folds:
             return self.geometry.num_layers * self.geometry.num_heads
         return len(self.ranking_for().scores)
 
-    def split(self, held_out: Sequence[str] | str = (), train_families: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    def split(self, held_out: Holdout | Sequence[str] | str = (),
+              train_families: Sequence[str] = ()) -> dict[str, np.ndarray]:
         """Row positions of train / val / test, as the fold's DataModule splits them."""
         from lit_sahs.data.protocol import split_rows
 
-        return split_rows(self.index, held_out_families=names(held_out), train_families=names(train_families),
-                          val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=self.seed)
+        hold = Holdout.of(held_out)
+        return split_rows(self.index, held_out_families=hold.families, held_out_sources=hold.sources,
+                          train_families=names(train_families), val_fraction=self.val_fraction,
+                          test_fraction=self.test_fraction, seed=self.seed)
 
-    def datamodule(self, heads, held_out: Sequence[str] | str = (), train_families: Sequence[str] = (),
+    def datamodule(self, heads, held_out: Holdout | Sequence[str] | str = (), train_families: Sequence[str] = (),
                    batch_size: int = 256):
         from lit_sahs.data.datamodules import CachedActivationDataModule
 
-        return CachedActivationDataModule(self.store_path, heads=heads, held_out_families=list(names(held_out)),
+        hold = Holdout.of(held_out)
+        return CachedActivationDataModule(self.store_path, heads=heads, held_out_families=list(hold.families),
+                                          held_out_sources=list(hold.sources),
                                           train_families=list(names(train_families)), val_fraction=self.val_fraction,
                                           test_fraction=self.test_fraction, batch_size=batch_size, seed=self.seed)
+
+    def holdouts(self, objective: str = "sources", families: Sequence[str] = (), min_rows: int = 20,
+                 pairing: str = "round_robin", sources: Sequence[str] = ()) -> list[Holdout]:
+        """The folds of a protocol: `families` (each attack family held out once), `sources` (one
+        harmful and one benign source held out at a time) or `both`."""
+        if objective not in OBJECTIVES:
+            raise LitSahsError(f"unknown objective {objective!r}: use {', '.join(OBJECTIVES)}")
+        out: list[Holdout] = []
+        if objective in ("families", "both"):
+            fams, _ = self.choose_families(list(families), min_rows)
+            out += [Holdout(families=(f,)) for f in fams]
+        if objective in ("sources", "both"):
+            out += self.source_holdouts(pairing, min_rows, sources)[0]
+        return out
+
+    def source_holdouts(self, pairing: str = "round_robin", min_rows: int = 20,
+                        sources: Sequence[str] = ()) -> tuple[list[Holdout], dict[str, str]]:
+        """Folds that each hold out one harmful and one benign source (see `source_holdouts`)."""
+        return source_holdouts(self.index, pairing, min_rows, sources)
 
 
 def build_detector(family: str, hparams: Optional[dict] = None, target_fpr: Optional[float] = None):
@@ -155,13 +262,14 @@ class FoldFit:
         return detector_scores(det, self.datamodule.store.read(det.head_set, rows=self.rows(split)))
 
 
-def fit_fold(folds: Folds, family: str, hparams: Optional[dict], k: int, held_out: Sequence[str] | str = (),
+def fit_fold(folds: Folds, family: str, hparams: Optional[dict], k: int, held_out: Holdout | Sequence[str] | str = (),
              train_families: Sequence[str] = (), max_epochs: Optional[int] = None, batch_size: int = 256,
              target_fpr: Optional[float] = None) -> FoldFit:
     """Fit a `family` detector on the fold's top-k heads and training families (max_epochs None: the
     family's own default); its test split, the held-out rows, stays unseen."""
-    from lit_sahs.engine import Engine
+    from lit_sahs.engine import Engine, require_one_process
 
+    require_one_process("the held-out folds (evaluate, tune)")  # folds run one after another in one process
     dm = folds.datamodule(folds.heads_for(k, held_out, train_families), held_out, train_families, batch_size)
     result = Engine(validate_once=True, max_epochs=max_epochs).fit(build_detector(family, hparams, target_fpr), dm)
     return FoldFit(result.detector, dm, result.val_metrics)

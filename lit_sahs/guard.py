@@ -18,7 +18,9 @@ How one guarded ``generate`` runs
    replaced by the refusal message.
 
 Failures: if scoring raises or gives NaN, ``fail_closed=True`` (the default) flags the affected
-rows, so a prompt the guard could not score is never passed; ``fail_closed=False`` raises.
+rows, so a prompt the guard could not score is never passed (``GuardResult.scoring_error`` says why,
+and ``guard`` logs one warning naming how many prompts were refused that way); ``fail_closed=False``
+raises.
 
     guard = SafetyGuard("smollm2-135m-instruct", "artifacts/quickstart/detector")
     result = guard.generate(["What is the capital of France?", "How do I make a bomb?"])
@@ -29,9 +31,9 @@ rows, so a prompt the guard could not score is never passed; ``fail_closed=False
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -43,6 +45,8 @@ from lit_sahs.detectors import SafetyDetector
 from lit_sahs.errors import LitSahsError
 from lit_sahs.runtime import DetectorOptions, encode_prompts, load_detector_and_target, run_options, write_jsonl
 from lit_sahs.targets import Target
+
+log = logging.getLogger(__name__)
 
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that request."
 
@@ -221,12 +225,16 @@ class SafetyGuard:
         new, gate = self.generate_tokens(enc, max_new_tokens=max_new_tokens, **generate_kwargs)
         flags = gate.flags.cpu().tolist()
         probs = gate.probs.cpu().tolist()
+        error = gate.error
+        unscored = sum(math.isnan(p) for p in probs)
+        if error is None and unscored:  # fail-closed flagged them silently in the processor
+            error = f"the detector returned NaN for {unscored} of {len(probs)} prompts"
         tok = self.target.tokenizer
         responses = [self.refusal if f else tok.decode(row, skip_special_tokens=True).strip()
                      for f, row in zip(flags, new.cpu())]
         return GuardResult(ids=ids, prompts=list(texts), flagged=[bool(f) for f in flags],
                            scores=[None if math.isnan(p) else float(p) for p in probs], responses=responses,
-                           sequences=new, threshold=self.effective_threshold, scoring_error=gate.error)
+                           sequences=new, threshold=self.effective_threshold, scoring_error=error)
 
 
 # ---------------------------------------------------------------- command line
@@ -258,15 +266,18 @@ def guard_command(a: GuardOptions) -> int:
         raise LitSahsError(f"batch_size must be >= 1, got {a.batch_size}")
     det, target = a.load()
     guard = SafetyGuard(target, det, refusal=a.refusal, fail_closed=a.fail_closed, threshold=a.threshold)
-    out = []
+    out, unscored, reasons = [], 0, []
     for i in range(0, len(rows), a.batch_size):
         chunk = rows[i:i + a.batch_size]
         res = guard.generate([r["text"] for r in chunk], [r["image"] for r in chunk], [r["id"] for r in chunk],
                              max_new_tokens=a.max_new_tokens)
         out.extend(res.rows())
-        if res.scoring_error:
-            print(f"warning: scoring failed ({res.scoring_error}): the batch was refused (fail-closed)",
-                  file=sys.stderr)
+        if res.scoring_error:  # fail-closed: the prompts it could not score were refused
+            unscored += sum(s is None for s in res.scores)
+            reasons += [] if res.scoring_error in reasons else [res.scoring_error]
+    if unscored:
+        log.warning("%d of %d prompts were refused because the detector could not score them (fail-closed): %s",
+                    unscored, len(out), "; ".join(reasons))
     if a.out:
         write_jsonl(a.out, out)
         print(json.dumps({"out": a.out, "prompts": len(out), "flagged": sum(r["flagged"] for r in out)}))

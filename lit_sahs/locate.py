@@ -6,11 +6,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from lit_sahs.data.protocol import names
 from lit_sahs.errors import LitSahsError
 from lit_sahs.io import atomic_write_json
 from lit_sahs.heads import HeadSet, TargetFingerprint
@@ -18,11 +19,18 @@ from lit_sahs.heads import HeadSet, TargetFingerprint
 
 @dataclass
 class HeadRanking:
-    """Heads ordered best first. `scores` rows are dicts with layer, head, auroc, accuracy."""
+    """Heads ordered best first. `method` "probe": rows with layer, head, auroc, accuracy; "effect"
+    (``lit_sahs.effect``): rows with layer, head, drop (refusal drop when ablated), estimate, effect."""
 
     fingerprint: TargetFingerprint
     scores: list[dict]
     meta: dict = field(default_factory=dict)  # split, probe settings, store path
+    method: str = "probe"
+
+    @property
+    def score_key(self) -> str:
+        """The row field heads are ranked by (higher is better)."""
+        return "drop" if self.method == "effect" else "auroc"
 
     def top_k(self, k: int) -> HeadSet:
         if not 1 <= k <= len(self.scores):
@@ -30,7 +38,8 @@ class HeadRanking:
         return HeadSet((s["layer"], s["head"]) for s in self.scores[:k])
 
     def to_dict(self) -> dict:
-        return {"fingerprint": self.fingerprint.to_dict(), "scores": self.scores, "meta": self.meta}
+        return {"fingerprint": self.fingerprint.to_dict(), "method": self.method, "scores": self.scores,
+                "meta": self.meta}
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -45,7 +54,8 @@ class HeadRanking:
             raise LitSahsError(f"no head ranking at {path}: run `python -m lit_sahs locate` first")
         try:
             d = json.loads(path.read_text())
-            return cls(TargetFingerprint.from_dict(d["fingerprint"]), list(d["scores"]), d.get("meta", {}))
+            return cls(TargetFingerprint.from_dict(d["fingerprint"]), list(d["scores"]), d.get("meta", {}),
+                       d.get("method", "probe"))
         except (ValueError, KeyError, TypeError) as e:
             raise LitSahsError(f"{path} is not a head ranking ({e})") from None
 
@@ -284,7 +294,9 @@ def locate(
     `memory_budget` bytes as float32, layers are processed in chunks (each chunk batched)."""
     from lit_sahs.data.protocol import split_rows
     from lit_sahs.data.store import ActivationStore
+    from lit_sahs.engine import require_one_process
 
+    require_one_process("locate")  # one batched model over all heads; no DDP
     if not isinstance(store, ActivationStore):
         store = ActivationStore.open(store)
     if memory_budget <= 0:
@@ -351,8 +363,94 @@ def save_ranking_outputs(ranking: HeadRanking, out_dir: str | Path, top_k: int =
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if ranking.method == "effect":  # beside a store's probe ranking, not over it
+        json_path = ranking.save(out_dir / "effect_ranking.json")
+        title = f"{ranking.fingerprint.name}: refusal drop when each head is ablated (confirmed, else estimate)"
+        png_path = head_heatmap(ranking_grid(ranking, "drop"), out_dir / "effect_heads.png", title, top_k=top_k,
+                                label="refusal drop", vmin=None, vmax=None)
+        return json_path, png_path
     json_path = ranking.save(out_dir / "ranking.json")
     where = ranking.meta.get("scored_on", "held-out")
     title = f"{ranking.fingerprint.name}: per-head probe AUROC ({where})"
     png_path = head_heatmap(ranking_grid(ranking, "auroc"), out_dir / "heads.png", title, top_k=top_k)
     return json_path, png_path
+
+
+# ---------------------------------------------------------------- command line
+
+def locate_command(store: Optional[str] = None, out: Optional[str] = None, by: str = "probe",
+                   held_out_families: str = "", held_out_sources: str = "", val_fraction: float = 0.2,
+                   test_fraction: float = 0.2, l2: float = 1e-2, top_k: int = 8, seed: int = 0, device: str = "cpu",
+                   target: Optional[str] = None, harmful: Optional[str] = None, n_prompts: int = 32,
+                   mode: str = "zero", confirm_top: int = 16, greedy: int = 0, greedy_candidates: int = 8,
+                   batch_size: int = 8, dtype: str = "float32", tracking_uri: Optional[str] = None,
+                   experiment: str = "locate") -> int:
+    """Rank every (layer, head): by held-out AUROC of its own probe, or by its effect on refusal.
+
+    Args:
+        store: activation store directory (probe: required; effect: its train split's harmful prompts)
+        out: output directory (default: the store directory)
+        by: probe (per-head probe AUROC) or effect (refusal drop when the head is ablated)
+        held_out_families: comma-separated families kept out (test only)
+        held_out_sources: comma-separated sources kept out (test only)
+        val_fraction: share of base prompts that score the probes
+        test_fraction: share of base prompts never read
+        l2: L2 strength of each head's probe
+        top_k: heads marked on the heatmap
+        seed: split seed (effect: also the prompt draw)
+        device: where the probes are fitted / the target runs
+        target: effect: the target (default: the store's)
+        harmful: effect: comma-separated harmful sources instead of the store's train split
+        n_prompts: effect: harmful prompts the refusal score is averaged over
+        mode: effect: ablation mode, zero or mean (mean: benign means from --store)
+        confirm_top: effect: best estimated heads confirmed by real ablation
+        greedy: effect: size of the greedy head set (0: none)
+        greedy_candidates: effect: best estimated heads the greedy search picks from
+        batch_size: effect: prompts per forward
+        dtype: effect: the target's dtype
+        tracking_uri: MLflow tracking URI (default sqlite in mlruns/)
+        experiment: MLflow experiment
+    """
+    import mlflow
+
+    from lit_sahs.tracking import start_run
+
+    split = dict(held_out_families=names(held_out_families), held_out_sources=names(held_out_sources),
+                 val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    if by == "effect":
+        from lit_sahs.effect import effect_ranking
+
+        ranking = effect_ranking(store, target, harmful, n_prompts, mode, confirm_top, greedy, greedy_candidates,
+                                 batch_size, seed, dtype, device, split)
+        params = {"target": ranking.fingerprint.name, "harmful": harmful, "n_prompts": n_prompts, "mode": mode,
+                  "confirm_top": confirm_top, "greedy": greedy, "greedy_candidates": greedy_candidates}
+    elif by == "probe":
+        if not store:
+            raise LitSahsError("locate --by probe needs --store (an activation store directory)")
+        ranking = locate(store, l2=l2, device=device, **split)
+        params = {"held_out_families": held_out_families, "l2": l2}
+    else:
+        raise LitSahsError(f"unknown --by {by!r}: use probe (probe AUROC) or effect (refusal drop when ablated)")
+    if not (out or store):
+        raise LitSahsError("locate --by effect without --store needs --out (the output directory)")
+    json_path, png_path = save_ranking_outputs(ranking, out or store, top_k=top_k)
+    key = ranking.score_key
+    with start_run(experiment, tracking_uri, run_name=f"locate-{by}"):
+        mlflow.log_params({"by": by, "store": store, "seed": seed, **params})
+        for i, s in enumerate(ranking.scores[:top_k]):
+            mlflow.log_metric(f"top_{key}", s[key], step=i)
+        mlflow.log_metrics(ranking.meta.get("metrics", {}))
+        mlflow.log_artifact(str(json_path))
+        mlflow.log_artifact(str(png_path))
+    top = ", ".join(f"{s['layer']}.{s['head']} ({s[key]:.3f})" for s in ranking.scores[:top_k])
+    print(f"top {top_k} heads by {'val AUROC' if by == 'probe' else 'refusal drop'}: {top}")
+    if ranking.meta.get("greedy", {}).get("heads"):
+        print("greedy set: " + ", ".join(f"{l}.{h}" for l, h in ranking.meta["greedy"]["heads"]))
+    print(json.dumps({"ranking": str(json_path), "heatmap": str(png_path)}))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    from lit_sahs.commands import run_command
+
+    return run_command(locate_command, argv, "python -m lit_sahs locate")

@@ -24,9 +24,11 @@ class Prepare(SampleSpec):
     dtype: str = "float32"
 
 
-def ensure_store(p: Prepare, store: str, trainer_kwargs: Optional[dict] = None) -> dict:
+def ensure_store(p, store: str, trainer_kwargs: Optional[dict] = None) -> dict:
     from lit_sahs.extract import run_extraction
 
+    if not isinstance(p, Prepare):  # LightningCLI hands the parsed section over as a namespace
+        p = Prepare(**(p.as_dict() if hasattr(p, "as_dict") else dict(vars(p))))
     result = run_extraction(p.target, p.build(), store, batch_size=p.batch_size, dtype=p.dtype,
                             trainer_kwargs=trainer_kwargs or {"accelerator": "auto", "devices": 1})
     log.warning("store %s: %s", store, json.dumps(result))

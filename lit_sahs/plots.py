@@ -21,9 +21,11 @@ def _save(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     return path
 
 
-def head_heatmap(auroc, path: str | Path, title: str = "per-head probe AUROC", top_k: int = 8) -> Path:
-    """Layers x heads heatmap of `auroc` [L, H] with a colour bar; the top_k heads (by value) are
-    boxed and numbered by rank. NaN cells (unscored heads) are left blank."""
+def head_heatmap(auroc, path: str | Path, title: str = "per-head probe AUROC", top_k: int = 8, label: str = "AUROC",
+                 vmin: float | None = 0.5, vmax: float | None = 1.0) -> Path:
+    """Layers x heads heatmap of `auroc` [L, H] (or any per-head score, named by `label`) with a
+    colour bar from min(vmin, lowest value) to vmax (None: the data's range); the top_k heads (by
+    value) are boxed and numbered by rank. NaN cells (unscored heads) are left blank."""
     a = np.asarray(auroc, dtype=np.float64)
     if a.ndim != 2 or a.size == 0:
         raise LitSahsError(f"head_heatmap needs a [layers, heads] array, got shape {a.shape}")
@@ -31,10 +33,12 @@ def head_heatmap(auroc, path: str | Path, title: str = "per-head probe AUROC", t
     fig = Figure(figsize=(2.2 + 0.45 * H, 1.6 + 0.24 * L))
     ax = fig.add_subplot()
     finite = a[np.isfinite(a)]
-    vmin = min(0.5, float(finite.min())) if finite.size else 0.5
-    im = ax.imshow(np.ma.masked_invalid(a), cmap="viridis", vmin=vmin, vmax=1.0, aspect="auto",
+    lo = float(finite.min()) if finite.size else (vmin if vmin is not None else 0.0)
+    lo = lo if vmin is None else min(vmin, lo)
+    hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+    im = ax.imshow(np.ma.masked_invalid(a), cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-12), aspect="auto",
                    interpolation="nearest", origin="lower")
-    fig.colorbar(im, ax=ax, label="AUROC")
+    fig.colorbar(im, ax=ax, label=label)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(H))
@@ -103,5 +107,25 @@ def family_matrix(matrix, rows, cols, path: str | Path, title: str = "zero-shot 
                         color="white" if m[i, j] < 0.8 else "black")
     fig.colorbar(im, ax=ax, label="AUROC")
     ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def fold_bars(values: dict[str, list[float]], folds: list[str], path: str | Path, ylabel: str = "AUROC",
+              title: str = "held-out source folds") -> Path:
+    """Grouped bars: one group per fold, one bar per method ({method: [value per fold]})."""
+    fig = Figure(figsize=(max(6.0, 0.9 * len(folds) + 2), 4.2))
+    ax = fig.add_subplot()
+    methods = list(values)
+    width = 0.8 / max(len(methods), 1)
+    x = np.arange(len(folds))
+    for i, m in enumerate(methods):
+        ax.bar(x + (i - (len(methods) - 1) / 2) * width, np.nan_to_num(values[m], nan=0.0), width, label=m)
+    ax.set_xticks(x)
+    ax.set_xticklabels(folds, rotation=30, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=len(methods))
     fig.tight_layout()
     return _save(fig, path)

@@ -4,14 +4,16 @@ evaluate's ``score_file``.
 * loading: ``resolve_detector`` (an instance, an artifact dir / .ckpt, or a models:/ / runs:/ URI)
   and ``load_detector_and_target``, the one sequence "detector, then the target it names (or an
   override), then the fingerprint and geometry checks";
-* prompts: ``encode_prompts`` (non-empty, within the target's context), ``read_prompts`` /
-  ``gather_prompts`` (a prompt file or ``--prompt`` values) and ``write_jsonl``;
+* prompts: ``encode_prompts`` (non-empty, within the target's context: ``prompting.fit_context``,
+  the one length policy, refuses or cuts with ``truncate``), ``read_prompts`` / ``gather_prompts``
+  (a prompt file or ``--prompt`` values) and ``write_jsonl``;
 * the capture forward: ``capture_forward`` runs the target on an encoded batch under a
   ``HeadCapture`` and returns the detector's heads at the first-token position, optionally stopping
   after the deepest needed layer (``EarlyExit``);
 * the command line: ``DetectorOptions``, the options guard and screen share (one declaration, so
   names, types and defaults stay equal), ``run_options`` and ``repeatable`` (``--prompt A --prompt B``);
-* ``summary_metrics``: the report columns screen and score_file print.
+* ``summary_metrics``: the report columns screen and score_file print (counts, threshold-free metrics,
+  the rates at the threshold and the flagged share).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from torch import nn
 
 from lit_sahs.capture import HeadCapture
 from lit_sahs.detectors import SafetyDetector, load_detector
-from lit_sahs.detectors.metrics import COUNT_COLUMNS, SCORE_COLUMNS
+from lit_sahs.detectors.metrics import COUNT_COLUMNS, SCORE_COLUMNS, THRESHOLD_COLUMNS
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import HeadSet
 from lit_sahs.io import atomic_write_text
@@ -67,17 +69,16 @@ def load_detector_and_target(detector: str | os.PathLike | SafetyDetector, targe
 
 # ---------------------------------------------------------------- prompts
 
-def context_length(target: Target) -> Optional[int]:
-    cfg = sites.text_config(target.model.config)
-    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    return int(n) if n else None
+context_length = prompting.context_length  # the target's context in tokens (None: no limit known)
 
 
 def encode_prompts(target: Target, texts: Sequence[str], images: Optional[Sequence[Optional[str]]] = None,
-                   ids: Optional[Sequence[str]] = None, reserve: int = 0, for_generate: bool = False) -> dict:
+                   ids: Optional[Sequence[str]] = None, reserve: int = 0, for_generate: bool = False,
+                   truncate: Optional[str] = None) -> dict:
     """Check and encode a batch: every prompt non-empty, every prompt plus `reserve` new tokens
-    within the target's context. With `for_generate`, position ids are left out: generate computes
-    them from the attention mask itself (prefill and decode steps alike)."""
+    within the target's context (``prompting.fit_context``: refused, or cut with `truncate` left or
+    right). With `for_generate`, position ids are left out: generate computes them from the
+    attention mask itself (prefill and decode steps alike)."""
     texts = [t if isinstance(t, str) else "" for t in texts]
     ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(texts))]
     images = list(images) if images is not None else [None] * len(texts)
@@ -87,14 +88,10 @@ def encode_prompts(target: Target, texts: Sequence[str], images: Optional[Sequen
         if not t.strip() and im is None:
             raise LitSahsError(f"prompt {i} is empty: give it some text")
     enc = prompting.encode(target, texts, images, ids)
-    limit = context_length(target)
-    if limit is not None:
-        lengths = enc["attention_mask"].sum(-1).tolist()
-        for n, i in zip(lengths, ids):
-            if n + reserve > limit:
-                extra = f" plus {reserve} new tokens" if reserve else ""
-                raise LitSahsError(f"prompt {i} is {n} tokens{extra}, longer than the target's context of {limit} "
-                                   f"tokens: shorten it{' or lower max_new_tokens' if reserve else ''}")
+    fitted = prompting.fit_context(target, texts, images, ids, truncate=truncate, reserve=reserve,
+                                   lengths=enc["attention_mask"].sum(-1).tolist())
+    if fitted != texts:
+        enc = prompting.encode(target, fitted, images, ids)
     if for_generate:
         enc.pop("position_ids", None)
     return enc
@@ -110,8 +107,11 @@ def read_prompts(path: str | os.PathLike) -> list[dict]:
         raise LitSahsError(f"prompt file {p} does not exist")
     suffix = p.suffix.lower()
     if suffix == ".txt":
-        numbered = [(n, {"text": line}) for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
-                    if line.strip()]
+        try:
+            lines = p.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as e:
+            raise LitSahsError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
+        numbered = [(n, {"text": line}) for n, line in enumerate(lines, 1) if line.strip()]
     elif suffix in (".jsonl", ".ndjson"):
         numbered = list(jsonl_rows(p, ("text",)))
     elif suffix == ".csv":
@@ -122,10 +122,15 @@ def read_prompts(path: str | os.PathLike) -> list[dict]:
     for n, d in numbered:
         if "text" not in d:
             raise LitSahsError(f"{p}, line {n}: no 'text' field")
-        rows.append({**d, "id": str(d["id"]) if d.get("id") not in (None, "") else str(n)})
+        sid = d.get("id")
+        if sid not in (None, "") and (isinstance(sid, bool) or not isinstance(sid, (str, int))):
+            raise LitSahsError(f"{p}, line {n}: 'id' must be a string or an integer, got {sid!r}")
+        rows.append({**d, "id": str(sid) if sid not in (None, "") else str(n)})
     for r in rows:
         if not isinstance(r["text"], str):
             raise LitSahsError(f"{p}: prompt {r['id']} has a non-text 'text' field")
+        if r.get("image") and not isinstance(r["image"], str):
+            raise LitSahsError(f"{p}: prompt {r['id']} has a non-text 'image' field (give a path)")
         if r.get("image"):
             img = Path(r["image"])
             r["image"] = str(img if img.is_absolute() else p.parent / img)
@@ -217,14 +222,21 @@ def capture_forward(target: Target, enc: dict, heads: HeadSet, early_exit: bool 
 
 # ---------------------------------------------------------------- reports
 
-# the columns screen and score_file report: the threshold-free metrics and the row count
-SUMMARY_COLUMNS = SCORE_COLUMNS + COUNT_COLUMNS[:1]
+# the columns screen and score_file report: the row counts, the threshold-free metrics, the rates at
+# the threshold and the share of rows flagged (derived from the counts and rates, see summary_metrics)
+SUMMARY_COLUMNS = COUNT_COLUMNS + SCORE_COLUMNS + THRESHOLD_COLUMNS + ("flagged_share",)
 
 
 def summary_metrics(metrics: dict) -> dict:
-    """One group of compute_report cut to SUMMARY_COLUMNS, NaN (undefined) as None for JSON."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()
-            if k in SUMMARY_COLUMNS}
+    """One group of compute_report cut to SUMMARY_COLUMNS, NaN (undefined: AUROC of a one-class
+    group, TPR without malicious rows, FPR without benign ones) as None for JSON. ``flagged_share``:
+    the share of all the group's rows flagged at the threshold, malicious and benign together."""
+    m = dict(metrics)
+    if "flagged_share" not in m and all(k in m for k in ("n", "n_malicious", "n_benign", "tpr", "fpr")):
+        flagged = sum(round(float(m[rate]) * m[count]) for rate, count in (("tpr", "n_malicious"), ("fpr", "n_benign"))
+                      if m[count])
+        m["flagged_share"] = flagged / m["n"] if m["n"] else float("nan")
+    return {k: (None if isinstance(m[k], float) and math.isnan(m[k]) else m[k]) for k in SUMMARY_COLUMNS if k in m}
 
 
 # ---------------------------------------------------------------- command line
@@ -243,6 +255,8 @@ class DetectorOptions:
         dtype: the target's dtype: float32, bfloat16 or float16
         device: where the target runs, e.g. cpu or cuda
         tracking_uri: MLflow tracking URI for models:/ detectors
+        truncate: a prompt longer than the target's context is refused (default), or its text cut to
+            fit: left (keep the end) or right (keep the start)
     """
 
     detector: str
@@ -254,17 +268,42 @@ class DetectorOptions:
     dtype: str = "float32"
     device: str = "cpu"
     tracking_uri: Optional[str] = None
+    truncate: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        prompting.truncate_side(self.truncate)  # a bad value fails before anything loads
+        self._rows: Optional[list[dict]] = None
 
     def rows(self) -> list[dict]:
-        return gather_prompts(self.prompt, self.data, self.image)
+        """The prompts (read once); ``load`` checks them against the target's context."""
+        if self._rows is None:
+            self._rows = gather_prompts(self.prompt, self.data, self.image)
+        return self._rows
 
     def load(self) -> tuple[SafetyDetector, Target]:
-        return load_detector_and_target(self.detector, self.target, device=self.device, dtype=self.dtype,
-                                        tracking_uri=self.tracking_uri)
+        """(detector, target); then every prompt of ``rows()`` is checked against the target's context
+        (plus ``max_new_tokens`` where the command generates) before any forward: the run is refused
+        naming the long prompts, or, with ``truncate``, their texts are cut in those same rows."""
+        det, target = load_detector_and_target(self.detector, self.target, device=self.device, dtype=self.dtype,
+                                               tracking_uri=self.tracking_uri)
+        rows = self.rows()
+        texts = prompting.fit_context(target, [r["text"] for r in rows], [r["image"] for r in rows],
+                                      [r["id"] for r in rows], truncate=self.truncate,
+                                      reserve=int(getattr(self, "max_new_tokens", 0) or 0))
+        for r, t in zip(rows, texts):
+            r["text"] = t
+        return det, target
 
 
 REPEATABLE = ("prompt", "image")
-_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # argparse takes these as values, not options
+_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
+
+
+def _is_value(token: str) -> bool:
+    """Whether argparse reads `token` after an option as its value: anything not starting with '-',
+    a lone '-', a negative number, or text with a space before any '=' (``"- item"``)."""
+    return (not token.startswith("-") or token == "-" or bool(_NEGATIVE_NUMBER.match(token))
+            or " " in token.partition("=")[0])
 
 
 def _one_item_list(text: str) -> str:
@@ -291,8 +330,7 @@ def repeatable(argv: Sequence[str], options: Sequence[str] = REPEATABLE) -> list
         name, eq, value = arg.partition("=")
         if name in flags and eq:
             out.append(f"{name}+={_one_item_list(value)}")
-        elif arg in flags and i + 1 < len(argv) and (
-                not argv[i + 1].startswith("-") or argv[i + 1] == "-" or _NEGATIVE_NUMBER.match(argv[i + 1])):
+        elif arg in flags and i + 1 < len(argv) and _is_value(argv[i + 1]):
             out += [f"{arg}+", _one_item_list(argv[i + 1])]
             i += 1
         else:

@@ -16,7 +16,9 @@ HARMFUL_WORDS = ["bomb", "poison", "steal", "hack", "weapon"]
 BENIGN_WORDS = ["bread", "garden", "poem", "history", "math"]
 
 
-def make_store(path, n_base: int = 60, seed: int = 0, families=FAMILIES, extras: bool = True) -> ActivationStore:
+def make_store(path, n_base: int = 60, seed: int = 0, families=FAMILIES, extras: bool = True,
+               source_of=None) -> ActivationStore:
+    """source_of(label, i) -> source name (default: two mixed sources, src_a and src_b)."""
     rng = np.random.default_rng(seed)
     rows, acts = [], []
     for i in range(n_base):
@@ -24,7 +26,7 @@ def make_store(path, n_base: int = 60, seed: int = 0, families=FAMILIES, extras:
         word = (HARMFUL_WORDS if label else BENIGN_WORDS)[i % 5]
         for fam in families:
             s = Sample(id=f"s{i}-{fam}", text=f"[{fam} template] tell me about {word} number {i}", label=label,
-                       source="src_a" if i % 3 else "src_b", attack=fam, attack_family=fam, base_id=f"b{i}")
+                       source=source_of(label, i) if source_of else ("src_a" if i % 3 else "src_b"), attack=fam, attack_family=fam, base_id=f"b{i}")
             rows.append(s.index_row())
             a = rng.standard_normal(GEOM.shape)
             for l, h in SIGNAL_HEADS:

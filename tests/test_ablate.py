@@ -168,7 +168,10 @@ def test_ablate_cli(smollm2, tmp_path, capsys):
 def test_ablate_config_parses():
     from pathlib import Path
 
-    from lit_sahs.ablate import ablate_parser
+    from lit_sahs.ablate import ablate_command
+    from lit_sahs.commands import parse_command
 
-    cfg = ablate_parser().parse_args(["--config", str(Path(__file__).parents[1] / "configs" / "ablate.yaml")])
-    assert cfg.store == "stores/qwen-plain" and str(cfg.ks) == "4,8,16" and cfg.seeds == 3
+    cfg = parse_command(ablate_command, ["--config", str(Path(__file__).parents[1] / "configs" / "ablate.yaml")],
+                        "ablate")
+    assert cfg["store"] == "stores/qwen-plain" and str(cfg["ks"]) == "4,8,16" and cfg["seeds"] == 3
+    assert cfg["modes"] == "zero,mean" and cfg["random_modes"] == "zero" and cfg["json"] == "artifacts/ablation_qwen.json"

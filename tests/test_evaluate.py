@@ -49,7 +49,8 @@ def test_score_file_writes_per_attack_json(real_detector, tmp_path, capsys):
     assert report["target"] == "smollm2-135m-instruct"
     assert set(report["per_attack"]) == {"plain", "dan"}
     for m in [report["overall"], *report["per_attack"].values()]:
-        assert set(m) == {"auroc", "auprc", "tpr_at_1fpr", "tpr_at_5fpr", "fpr_at_95tpr", "n"}
+        assert set(m) == {"auroc", "auprc", "tpr_at_1fpr", "tpr_at_5fpr", "fpr_at_95tpr", "n", "n_malicious",
+                          "n_benign", "accuracy", "f1", "tpr", "fpr", "flagged_share"}
     assert report["overall"]["n"] == 12 and report["per_attack"]["dan"]["n"] == 4
     assert report["overall"]["auroc"] > 0.8  # the plain prompts overlap the training prompts
 

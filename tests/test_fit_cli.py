@@ -136,3 +136,21 @@ def test_guard_config_parses_and_its_sources_assemble(cli):
     assert "sharegpt_instructions" in benign
     samples = build_dataset(harmful=prep["harmful"].split(","), benign=benign, attacks=["plain"], limit=120)
     assert {"sharegpt_instructions", "sharegpt"} <= {s.source for s in samples}  # the subset keeps its prompts
+
+
+def test_fit_with_prepare_extracts_locates_and_reports(workdir, cli):
+    """`prepare.target` set: fit extracts the store first (LightningCLI hands the section over as a
+    namespace), locates the heads, fits, and writes the report and the artifact."""
+    cfg = yaml.safe_load(write_config(workdir, {"class_path": "lit_sahs.detectors.LogisticDetector"}).read_text())
+    cfg["prepare"] = {"target": "tiny-llava", "harmful": "advbench", "benign": "truthfulqa", "attacks": "plain",
+                      "limit": 48, "batch_size": 16}
+    cfg["data"]["init_args"].update({"store": str(workdir / "tiny"), "ranking": str(workdir / "tiny" / "ranking.json"),
+                                     "held_out_families": []})
+    cfg["trainer"]["max_epochs"] = 2
+    (workdir / "prep.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, err = cli(["fit", "--config", str(workdir / "prep.yaml")])
+    assert code == 0, err[-2000:]
+    assert (workdir / "tiny" / "manifest.json").exists() and (workdir / "tiny" / "ranking.json").exists()
+    report = json.loads((workdir / "out" / "report.json").read_text())
+    assert report["heads"]["overall"]["n"] > 0
+    assert (workdir / "out" / "detector" / "detector.json").exists()

@@ -9,8 +9,9 @@ from lit_sahs.capture import HeadCapture
 from lit_sahs.cli import main
 from lit_sahs.detectors import LogisticDetector, save_detector
 from lit_sahs.errors import LitSahsError
-from lit_sahs.guard import DEFAULT_REFUSAL, SafetyGuard, encode_prompts, read_prompts
+from lit_sahs.guard import DEFAULT_REFUSAL, SafetyGuard
 from lit_sahs.heads import HeadSet
+from lit_sahs.runtime import encode_prompts, load_detector_and_target, read_prompts, repeatable, resolve_detector
 from lit_sahs.targets import prompting
 
 HEADS = HeadSet([(12, 0), (19, 2), (9, 1)])
@@ -196,7 +197,6 @@ def test_vision_language_guard(tiny_llava, tmp_path):
 
 
 def test_detector_from_the_mlflow_registry(smollm2, detector, tmp_path, monkeypatch):
-    from lit_sahs.guard import resolve_detector
     from lit_sahs.registry import register_detector
 
     monkeypatch.chdir(tmp_path)  # the default artifact root (mlruns/) lands here
@@ -210,3 +210,30 @@ def test_detector_from_the_mlflow_registry(smollm2, detector, tmp_path, monkeypa
     assert res.flagged == [True, False]
     with pytest.raises(LitSahsError, match="no-such-detector"):
         resolve_detector("models:/no-such-detector/1", tracking_uri=uri)
+
+
+def test_load_detector_and_target_checks_the_fingerprint(smollm2, detector, tmp_path):
+    from synthetic import FP, GEOM
+
+    heads = HeadSet([(2, 1), (3, 0)])
+    other = LogisticDetector().bind(heads, GEOM, FP, torch.zeros(2, GEOM.head_dim), torch.ones(2, GEOM.head_dim))
+    with pytest.raises(LitSahsError, match="synthetic-target"):
+        load_detector_and_target(other, smollm2)  # an instance and a loaded target
+    path = save_detector(other, tmp_path / "other")
+    with pytest.raises(LitSahsError, match="synthetic-target"):
+        load_detector_and_target(str(path), "smollm2-135m-instruct")  # an artifact and a target by name
+    det, target = load_detector_and_target(save_detector(detector, tmp_path / "det"), smollm2)
+    assert target is smollm2 and det.head_set == detector.head_set and not det.training
+
+
+def test_repeated_prompt_options_stay_literal():
+    from lit_sahs.commands import parse_command
+    from lit_sahs.guard import GuardOptions
+
+    texts = ["What is 2 + 2?", "# Title", "null", "- item", '["x", "y"]', "a: b", "", "tab\there\nnewline \\ \"q\"",
+             "émoji 😀 中文", "-5", "- a list item"]
+    argv = ["--detector", "d"] + [a for t in texts for a in ("--prompt", t)] + ["--prompt=k: v", "--image", "a.png"]
+    kwargs = parse_command(GuardOptions, repeatable(argv), "guard")
+    assert kwargs["prompt"] == texts + ["k: v"] and kwargs["image"] == ["a.png"]
+    assert parse_command(GuardOptions, ["--detector", "d", "--prompt+", "x"], "guard")["prompt"] == ["x"]
+    assert repeatable(["--prompt", "--data", "f"]) == ["--prompt", "--data", "f"]  # a missing value stays an error

@@ -79,7 +79,7 @@ def test_two_workers_share_one_study_without_losing_or_duplicating_trials(postgr
     # make both schemas once, as an operator would before starting a fleet of workers
     mlflow.MlflowClient(tracking).search_experiments()
     cfg = {
-        "store": str(tmp_path / "store"), "ranking": "per_fold", "families": [], "min_rows": 20,
+        "store": str(tmp_path / "store"), "objective": "families", "ranking": "per_fold", "families": [], "min_rows": 20,
         "study_name": "shared", "storage": study_url, "n_trials": n, "seed": 0,
         "max_epochs": {"logistic": 2, "sparse": 3}, "batch_size": 64,
         "space": {"detector": ["logistic", "sparse"], "k": {"low": 1, "high": 6},

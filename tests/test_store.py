@@ -134,8 +134,9 @@ def test_headset_read_survives_deleting_other_heads_chunks(tmp_path):
     got = reader.read(heads)
     np.testing.assert_array_equal(got[:, 0], acts[:, 2, 1])
     np.testing.assert_array_equal(got[:, 1], acts[:, 0, 0])
-    # a lost chunk shows up as NaN, never as plausible zeros
-    assert np.isnan(reader.read(HeadSet([(1, 1)]))).all()
+    # a lost chunk is a named error, never plausible zeros (or NaN rows read as data)
+    with pytest.raises(LitSahsError, match="is damaged.*c/0/1/1/0 is missing"):
+        reader.read(HeadSet([(1, 1)]))
 
 
 def test_rewriting_same_rows_writes_nothing(tmp_path):

@@ -21,6 +21,7 @@ def workdir(mlflow_workdir):
 def config(workdir: Path, **over) -> Path:
     cfg = {
         "store": str(workdir / "store"),
+        "objective": "families",
         "ranking": "per_fold",
         "families": [],
         "min_rows": 20,

@@ -134,7 +134,8 @@ def main() -> int:
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
     from lit_sahs.data.sources import load_source
-    from lit_sahs.guard import SafetyGuard, encode_prompts
+    from lit_sahs.guard import SafetyGuard
+    from lit_sahs.runtime import encode_prompts
     from lit_sahs.screen import head_activations
     from lit_sahs.capture import HeadCapture
     from lit_sahs.targets import load_target as load
@@ -229,7 +230,7 @@ def main() -> int:
           f"{len(prompts) / scr['b']:.1f} prompts/s -> {speedup:.3f}x (ideal {g.num_layers / layers_run:.3f}x)", flush=True)
 
     if args.out:
-        from lit_sahs.evaluate import atomic_write_text
+        from lit_sahs.io import atomic_write_text
 
         cmd = "python experiments/benchmarks/guard.py " + " ".join(sys.argv[1:])
         lines = [f"Measured {datetime.now(timezone.utc):%Y-%m-%d} with `{cmd.strip()}`: {header}.", "",

@@ -13,9 +13,20 @@ order of blocks by name is deterministic for a given sequence of writes.
 
 Every chunk is written (``write_empty_chunks``) and the fill value is NaN, so a missing chunk
 file reads as NaN instead of silently as zeros.
+
+Integrity: before the rename, ``seal_block`` records the sha256 of every file of the block in its
+``checksums.json`` (with a digest of that list, so a damaged list is caught too), inside the atomic
+commit. Readers check exactly the bytes they fetch (``VerifiedStore`` wraps the block's zarr store;
+the index and extras are checked when loaded), so a bit flip, a truncated or a missing chunk is
+one ``LitSahsError`` naming the block, never different numbers, a zstd traceback or silent NaN.
+The block's ``zarr.json`` says a checksum list belongs to it, so deleting the list is caught as
+well. Blocks written before checksums existed have neither and are read unverified (values must
+still decode and be finite). ``lit_sahs.data.verify`` checks and repairs whole stores.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import re
@@ -29,11 +40,12 @@ from typing import Iterator
 
 import numpy as np
 import zarr
+from zarr.storage import WrapperStore
 
 from lit_sahs.data.manifest import DTYPE, FORMAT_VERSION
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import HeadSet
-from lit_sahs.io import TMP_PREFIX
+from lit_sahs.io import TMP_PREFIX, atomic_write_json
 
 try:  # POSIX: a dead writer's lock is released by the kernel, so we can tell stale temp blocks
     import fcntl
@@ -42,6 +54,8 @@ except ImportError:  # pragma: no cover - Windows
 
 BLOCKS = "blocks"
 INDEX = "index.jsonl"
+CHECKSUMS = "checksums.json"
+HASH = "sha256"
 _BLOCK_RE = re.compile(r"^b(\d{6,})-r(\d{4,})-([0-9a-f]+)$")
 
 
@@ -52,6 +66,7 @@ class Block:
     rows: list[dict]  # all rows of the block, in block order
     keep: np.ndarray  # local positions kept after cross-block de-dup, ascending
     offset: int  # global row of keep[0]
+    sums: dict[str, str] | None = None  # sha256 of each file (relative posix path); None: written unsealed
 
 
 # ---------------------------------------------------------------- naming and discovery
@@ -77,16 +92,129 @@ def next_block_name(blocks_dir: Path, rank: int) -> str:
     return f"b{seq + 1:06d}-r{rank:04d}-{uuid.uuid4().hex[:12]}"
 
 
-def load_index(block_path: Path) -> list[dict]:
-    """A committed block's index rows, in block order."""
+def repair_hint(store: Path) -> str:
+    return f"run `python -m lit_sahs store verify {store} --repair`, then re-run extract to rewrite its rows"
+
+
+class DamagedBlock(LitSahsError):
+    """A committed block whose files are not what its writer committed; `what` says how."""
+
+    def __init__(self, block_path: Path, what: str):
+        store = block_path.parent.parent
+        super().__init__(f"block {block_path.name} of activation store {store} is damaged ({what}): {repair_hint(store)}")
+        self.block, self.what = block_path.name, what
+
+
+def damaged(block_path: Path, what: str) -> DamagedBlock:
+    """The one error a damaged committed block gives: names the block, the store and the fix."""
+    return DamagedBlock(block_path, what)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+def load_index(block_path: Path, sums: dict[str, str] | None = None) -> list[dict]:
+    """A committed block's index rows, in block order (checked against `sums` when given)."""
     try:
-        with open(block_path / INDEX, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except (OSError, json.JSONDecodeError) as e:
-        raise LitSahsError(
-            f"corrupt block {block_path} in activation store: {e}; delete that block directory "
-            "and re-run extract to rewrite its rows"
-        ) from e
+        data = read_checked(block_path, INDEX, sums)
+        return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise damaged(block_path, f"{INDEX} unreadable: {_first_line(e)}") from e
+
+
+# ---------------------------------------------------------------- checksums
+
+def digest(data) -> str:
+    """sha256 (hex) of bytes or any contiguous buffer."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 (hex) of a file, read in pieces."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, HASH).hexdigest()
+
+
+def _list_digest(files: dict[str, str]) -> str:
+    return digest("".join(f"{k}\t{v}\n" for k, v in sorted(files.items())).encode("utf-8"))
+
+
+def seal_block(tmp: Path) -> None:
+    """Record the sha256 of every file of the temp block `tmp` in its checksums.json; call it last,
+    inside ``committing``, so the list is part of the atomic commit."""
+    files = {p.relative_to(tmp).as_posix(): file_digest(p) for p in sorted(tmp.rglob("*"))
+             if p.is_file() and p.name != CHECKSUMS}
+    atomic_write_json(tmp / CHECKSUMS, {"algorithm": HASH, "files": files, "list_sha256": _list_digest(files)},
+                      sort_keys=True)
+
+
+def load_checksums(block_path: Path) -> dict[str, str] | None:
+    """{relative path: sha256} of a committed block; None for a block written before checksums
+    (whether one should be there is checked against zarr.json when the array is opened)."""
+    path = block_path / CHECKSUMS
+    try:
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise damaged(block_path, f"{CHECKSUMS} unreadable: {_first_line(e)}") from e
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if (not isinstance(files, dict) or doc.get("algorithm") != HASH
+            or not all(isinstance(v, str) for v in files.values()) or doc.get("list_sha256") != _list_digest(files)):
+        raise damaged(block_path, f"{CHECKSUMS} does not match its own digest")
+    return files
+
+
+def check_bytes(block_path: Path, key: str, data, sums: dict[str, str] | None) -> None:
+    """Raise `damaged` when `data` (None: the file is absent) is not what `sums` recorded for `key`."""
+    want = None if sums is None else sums.get(key)
+    if want is None:
+        return
+    if data is None:
+        raise damaged(block_path, f"file {key} is missing")
+    if digest(data) != want:
+        raise damaged(block_path, f"file {key} does not match its checksum")
+
+
+def read_checked(block_path: Path, key: str, sums: dict[str, str] | None) -> bytes:
+    """The bytes of one file of a block, checked against `sums`."""
+    try:
+        data = (block_path / key).read_bytes()
+    except FileNotFoundError:
+        if sums is None or key not in sums:
+            raise
+        data = None
+    check_bytes(block_path, key, data, sums)
+    return data
+
+
+def load_extra(block: Block, name: str) -> np.ndarray:
+    """A block's per-row extra `name` (all its rows), checked against its checksums."""
+    key = f"extra-{name}.npy"
+    try:
+        return np.load(io.BytesIO(read_checked(block.path, key, block.sums)), allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise damaged(block.path, f"{key} unreadable: {_first_line(e)}") from e
+
+
+class VerifiedStore(WrapperStore):
+    """A block's zarr store that checks every whole file it returns against the block's checksums,
+    so only the bytes actually read are hashed."""
+
+    def __init__(self, store, sums: dict[str, str], block_path: Path):
+        super().__init__(store)
+        self._sums, self._block_path = sums, block_path
+
+    def _with_store(self, store):
+        return type(self)(store, self._sums, self._block_path)
+
+    async def get(self, key, prototype, byte_range=None):
+        buf = await self._store.get(key, prototype, byte_range)
+        if byte_range is None:
+            check_bytes(self._block_path, key, None if buf is None else buf.as_numpy_array(), self._sums)
+        return buf
 
 
 # ---------------------------------------------------------------- temp blocks, locks and the commit
@@ -161,7 +289,7 @@ def write_block_files(zstore, tmp: Path, rows: list[dict], arr: np.ndarray, rank
         dtype=DTYPE,
         fill_value=float("nan"),  # a lost chunk reads as NaN, never as plausible zeros
         dimension_names=("row", "layer", "head", "head_dim"),
-        attributes={"lit_sahs": {"rows": n, "rank": rank, "format_version": FORMAT_VERSION}},
+        attributes={"lit_sahs": {"rows": n, "rank": rank, "format_version": FORMAT_VERSION, "checksums": CHECKSUMS}},
         config={"write_empty_chunks": True},
     )
     z[...] = arr
@@ -171,13 +299,21 @@ def write_block_files(zstore, tmp: Path, rows: list[dict], arr: np.ndarray, rank
 
 
 def open_block_array(zstore, block: Block, shape: tuple[int, int, int]) -> zarr.Array:
-    """A committed block's array (read-only), checked against its index rows and geometry `shape`."""
-    z = zarr.open_array(store=zstore, mode="r")
+    """A committed block's array (read-only, verified when the block has checksums), checked against
+    its index rows and geometry `shape`."""
+    if block.sums is not None:
+        zstore = VerifiedStore(zstore, block.sums, block.path)
+    try:
+        z = zarr.open_array(store=zstore, mode="r")
+    except (LitSahsError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever zarr raises on a broken zarr.json
+        raise damaged(block.path, f"zarr.json unreadable: {_first_line(e)}") from e
+    if block.sums is None and (z.attrs.get("lit_sahs") or {}).get("checksums"):
+        raise damaged(block.path, f"{CHECKSUMS} is missing")
     if z.shape != (len(block.rows),) + shape:
-        raise LitSahsError(
-            f"corrupt block {block.path}: array shape {z.shape} does not match its {len(block.rows)} index "
-            f"rows and geometry {shape}; delete that block and re-run extract"
-        )
+        raise damaged(block.path, f"array shape {z.shape} does not match its {len(block.rows)} index rows "
+                                  f"and geometry {shape}")
     return z
 
 
@@ -190,7 +326,20 @@ def selector(block: Block, local: np.ndarray) -> np.ndarray | slice:
 
 def read_block(z: zarr.Array, block: Block, heads: HeadSet | None, local: np.ndarray | slice) -> np.ndarray:
     """Rows `local` (block positions) of one block's array: [m, L, H, D] or [m, k, D] in HeadSet
-    order. With heads, only those heads' chunks are fetched (grouped per layer)."""
+    order. With heads, only those heads' chunks are fetched (grouped per layer). A chunk that does
+    not decode or holds non-finite values (only finite ones are written) is a damaged block."""
+    try:
+        out = _read_selection(z, block, heads, local)
+    except (LitSahsError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - zstd/codec errors of an unverified (pre-checksum) block
+        raise damaged(block.path, f"a chunk does not decode: {_first_line(e)}") from e
+    if not np.isfinite(out).all():
+        raise damaged(block.path, "a chunk file is missing or holds non-finite values")
+    return out
+
+
+def _read_selection(z: zarr.Array, block: Block, heads: HeadSet | None, local: np.ndarray | slice) -> np.ndarray:
     if heads is None:
         return z.get_orthogonal_selection((local, slice(None), slice(None), slice(None)))
     m = len(block.rows) if isinstance(local, slice) else len(local)

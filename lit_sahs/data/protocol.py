@@ -9,12 +9,15 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 
 from lit_sahs.data.attacks import apply_attacks, get_attack
 from lit_sahs.data.samples import BENIGN, MALICIOUS, Sample, normalise_text
 from lit_sahs.data.sources import FILE_PREFIX, load_source, source_label
 from lit_sahs.errors import LitSahsError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # The data every command uses unless told otherwise (the one place these lists live): four harmful
 # request collections; generic questions, hard negatives (health, medication) and real chat.

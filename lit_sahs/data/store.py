@@ -34,6 +34,8 @@ Layout
           index.jsonl               the block's n index rows (Sample.index_row()), same order
           extra-<name>.npy          optional per-row extras (e.g. the last-layer residual and the
                                     prompt's mean token NLL for the baselines), [n, ...]
+          checksums.json            sha256 of every file above, written last inside the commit;
+                                    reads check the bytes they fetch (see blocks.py)
         .tmp-<uuid>/                a block being written (or left by a killed writer)
         .tmp-<uuid>.lock            flock held by the live writer of that temp block
       images/
@@ -44,11 +46,13 @@ Layout
 The reading order is blocks by name, rows in block order; block names are deterministic for
 a given sequence of writes. If two blocks hold the same sample id (two ranks raced, or a resume
 overlapped), the first occurrence in reading order wins; ``read``, ``index``, ``iter_blocks``
-and ``len`` all agree on that. A missing chunk file reads as NaN, never as zeros; finite values
-are required on write.
+and ``len`` all agree on that. Finite values are required on write; a damaged block (a file that
+does not match its checksum, a missing or undecodable chunk, non-finite values) is one
+LitSahsError naming the block and ``python -m lit_sahs store verify STORE --repair``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -79,6 +83,9 @@ from lit_sahs.io import TMP_PREFIX
 __all__ = ["BLOCKS", "DTYPE", "FORMAT_VERSION", "IMAGES", "IMAGE_FIELDS", "INDEX", "INDEX_FIELDS", "MANIFEST",
            "TMP_PREFIX", "ActivationStore"]  # the constants are re-exported from the modules that use them
 
+log = logging.getLogger(__name__)
+_WARNED_UNSEALED: set[str] = set()  # stores already warned about blocks without checksums (once per process)
+
 INDEX_FIELDS = ("id", "label", "source", "attack", "attack_family", "category", "image", "base_id", "text")
 
 
@@ -106,7 +113,7 @@ class ActivationStore:
         self.fingerprint: TargetFingerprint = fingerprint
         self.geometry: Geometry = geometry
         self._blocks: list[Block] = []
-        self._rows_cache: dict[str, list[dict]] = {}  # committed blocks never change
+        self._rows_cache: dict[str, tuple[list[dict], dict | None]] = {}  # committed blocks never change
         self._arrays: dict[str, zarr.Array] = {}
         self._index: list[dict] = []
         self._ids: dict[str, int] = {}
@@ -155,10 +162,11 @@ class ActivationStore:
         """Re-list committed blocks (new ones from other writers) and rebuild the de-duplicated index."""
         blocks, index, ids = [], [], {}
         for name in _blocks.committed_names(self.blocks_dir):
-            rows = self._rows_cache.get(name)
-            if rows is None:
-                rows = _blocks.load_index(self.blocks_dir / name)
-                self._rows_cache[name] = rows
+            cached = self._rows_cache.get(name)
+            if cached is None:
+                sums = _blocks.load_checksums(self.blocks_dir / name)
+                cached = self._rows_cache[name] = (_blocks.load_index(self.blocks_dir / name, sums), sums)
+            rows, sums = cached
             keep = []
             for i, r in enumerate(rows):
                 if r["id"] not in ids:
@@ -166,8 +174,14 @@ class ActivationStore:
                     index.append(r)
                     keep.append(i)
             blocks.append(Block(name, self.blocks_dir / name, rows, np.asarray(keep, dtype=np.int64),
-                                len(index) - len(keep)))
+                                len(index) - len(keep), sums))
         self._blocks, self._index, self._ids = blocks, index, ids
+        unsealed = sum(b.sums is None for b in blocks)
+        if unsealed and str(self.path) not in _WARNED_UNSEALED:
+            _WARNED_UNSEALED.add(str(self.path))
+            log.warning("activation store %s: %d of %d blocks were written without checksums (by an older "
+                        "lit_sahs) and are read unverified; `python -m lit_sahs store verify %s` checks them",
+                        self.path, unsealed, len(blocks), self.path)
         return self
 
     def _clean_stale_tmp(self) -> None:
@@ -236,6 +250,7 @@ class ActivationStore:
             self._write_block_files(tmp, rows, arr, rank)
             for k, v in extras.items():
                 np.save(tmp / f"extra-{k}.npy", np.ascontiguousarray(v[keep]), allow_pickle=False)
+            _blocks.seal_block(tmp)  # checksums of every file, last: part of the same commit
         self.refresh()
         return name
 
@@ -329,10 +344,10 @@ class ActivationStore:
         parts = []
         for block in self._blocks:
             path = block.path / f"extra-{name}.npy"
-            if not path.exists():
+            if not path.exists() and not (block.sums and path.name in block.sums):
                 raise LitSahsError(f"block {block.name} of {self.path} has no extra {name!r} "
                                    f"(present in all blocks: {self.extra_names()}): re-extract into a new store")
-            parts.append(np.load(path, allow_pickle=False)[block.keep])
+            parts.append(_blocks.load_extra(block, name)[block.keep])
         if not parts:
             raise LitSahsError(f"activation store {self.path} is empty: {EXTRACT_HINT}")
         out = np.concatenate(parts)

@@ -32,6 +32,20 @@ WEIGHTS_FILE = "detector.safetensors"
 META_FILE = "detector.json"
 FORMAT = "lit_sahs.detector"
 FORMAT_VERSION = 1
+# a probability; calibrate_threshold returns the float just above 1.0 to flag nothing when benign scores reach 1.0
+MAX_THRESHOLD = math.nextafter(1.0, math.inf)
+
+
+def check_threshold(value: Any, source: Any) -> float:
+    """`value` as a float in [0, 1] (flag = probability >= threshold); anything else is refused."""
+    try:
+        t = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise LitSahsError(f"{source}: threshold {value!r} is not a number: the artifact is corrupt, re-save it") from None
+    if not 0.0 <= t <= MAX_THRESHOLD:  # NaN fails both comparisons
+        raise LitSahsError(f"{source}: threshold {t!r} is not a probability in [0, 1]: the artifact is corrupt; "
+                           "calibrate the detector again (fit or validate) and re-save it")
+    return t
 
 
 def _init_args(hparams) -> dict[str, Any]:
@@ -51,7 +65,7 @@ def detector_metadata(detector: SafetyDetector) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "class": f"{type(detector).__module__}.{type(detector).__qualname__}",
         "hparams": hparams,
-        "threshold": float(detector.threshold),
+        "threshold": check_threshold(detector.threshold, type(detector).__name__),
         **meta,
         "lit_sahs_version": lit_sahs.__version__,
     }
@@ -76,12 +90,25 @@ def save_detector(detector: SafetyDetector, directory: str | os.PathLike, overwr
     return atomic_dir(dest, build, replace=True)
 
 
+def _state_error_reason(e: BaseException) -> str:
+    """The reason of a load_state_dict error: torch's message opens with a header line
+    ("Error(s) in loading state_dict for X:") and gives each reason on its own line after it."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    if not lines:
+        return repr(e)
+    more = f" (+{len(lines) - 1} more)" if len(lines) > 1 else ""
+    return lines[0][:300] + more
+
+
 def _load_state(detector: SafetyDetector, state: dict[str, torch.Tensor], source: Path) -> None:
     try:
         detector.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-        raise LitSahsError(f"{source} does not fit its own description ({first}): the artifact is corrupt, re-save it") from e
+        raise LitSahsError(f"{source} does not fit its own description ({_state_error_reason(e)}): "
+                           "the artifact is corrupt, re-save it") from e
+    check_threshold(detector.threshold, source)
 
 
 def _from_artifact(directory: Path, map_location: str | torch.device) -> SafetyDetector:
@@ -95,7 +122,10 @@ def _from_artifact(directory: Path, map_location: str | torch.device) -> SafetyD
         raise LitSahsError(f"{meta_path} is not valid JSON ({e}): the artifact is corrupt, re-save it") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise LitSahsError(f"{meta_path} is not a lit_sahs detector description")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, (int, float)) or math.isnan(version):
+        raise LitSahsError(f"{meta_path}: format_version {version!r} is not a number: the artifact is corrupt, re-save it")
+    if version > FORMAT_VERSION:
         raise LitSahsError(f"{meta_path} has format version {meta.get('format_version')}: upgrade lit_sahs to read it")
     cls = detector_class(str(meta.get("detector")))
     detector = _instantiate(cls, meta.get("hparams", {}), meta_path)
@@ -106,7 +136,8 @@ def _from_artifact(directory: Path, map_location: str | torch.device) -> SafetyD
         raise LitSahsError(f"{weights_path} cannot be read ({e}): the artifact is corrupt, re-save it") from e
     _load_state(detector, state, weights_path)
     thr = meta.get("threshold")
-    if thr is not None and not math.isclose(float(thr), float(detector.threshold), rel_tol=0, abs_tol=1e-9):
+    if thr is not None and not math.isclose(check_threshold(thr, meta_path), float(detector.threshold),
+                                            rel_tol=0, abs_tol=1e-9):
         raise LitSahsError(f"{directory}: threshold in {META_FILE} and {WEIGHTS_FILE} disagree: the artifact is corrupt")
     return detector.to(map_location).eval()
 

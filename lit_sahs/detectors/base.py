@@ -152,27 +152,32 @@ class SafetyDetector(L.LightningModule):
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if not self.is_bound:
-            if dm is None:
-                raise LitSahsError(
-                    f"{type(self).__name__} is not bound to a target and the Trainer has no DataModule: "
-                    "pass datamodule=... or load a fitted detector"
-                )
-            for attr in ("head_set", "geometry", "fingerprint"):
-                if getattr(dm, attr, None) is None:
-                    raise LitSahsError(f"the DataModule has no {attr!r}: it cannot feed a detector")
-            norm = getattr(dm, "normalisation", None)
-            if norm is None:
-                raise LitSahsError(
-                    f"the DataModule has no training normalisation after setup({stage!r}) and the detector is not fitted: "
-                    "fit the detector first or load a fitted one"
-                )
-            self.bind(dm.head_set, dm.geometry, dm.fingerprint, norm[0], norm[1], list(getattr(dm, "families", []) or []))
+            self.bind_datamodule(dm, stage)
         elif dm is not None:
             self._check_datamodule(dm)
         fams = getattr(dm, "families", None) if dm is not None else None
         if fams is not None and list(fams) != self._eval_families:
             # evaluation data (held-out attacks) may index another family list than training
             self._build_metrics([str(f) for f in fams])
+
+    def bind_datamodule(self, dm: Any, stage: str = "fit") -> "SafetyDetector":
+        """Bind to what a DataModule (after its ``setup(stage)``) serves: heads, target, train normalisation."""
+        if dm is None:
+            raise LitSahsError(
+                f"{type(self).__name__} is not bound to a target and the Trainer has no DataModule: "
+                "pass datamodule=... or load a fitted detector"
+            )
+        for attr in ("head_set", "geometry", "fingerprint"):
+            if getattr(dm, attr, None) is None:
+                raise LitSahsError(f"the DataModule has no {attr!r}: it cannot feed a detector")
+        norm = getattr(dm, "normalisation", None)
+        if norm is None:
+            raise LitSahsError(
+                f"the DataModule has no training normalisation after setup({stage!r}) and the detector is not fitted: "
+                "fit the detector first or load a fitted one"
+            )
+        return self.bind(dm.head_set, dm.geometry, dm.fingerprint, norm[0], norm[1],
+                         list(getattr(dm, "families", []) or []))
 
     def _build_metrics(self, families: Sequence[str]) -> None:
         self._eval_families = list(families)
@@ -230,10 +235,26 @@ class SafetyDetector(L.LightningModule):
         """Full-batch families: fit on the whole epoch's raw activations and labels; return the loss."""
         raise NotImplementedError
 
-    def on_fit_start(self) -> None:
-        if not self.automatic_optimization and self.trainer.world_size > 1:
+    def check_processes(self, world_size: int) -> None:
+        """Full-batch fits run in one process: under DDP each rank would fit its own shard."""
+        if not self.automatic_optimization and world_size > 1:
             raise LitSahsError(f"the full-batch {type(self).__name__} runs in one process: "
                                f"set {self.mini_batch_setting} for DDP")
+
+    def on_fit_start(self) -> None:
+        self.check_processes(self.trainer.world_size)
+
+    def prepare_launch(self, trainer: L.Trainer, datamodule: Any) -> None:
+        """The engine calls this in the launching process before a fit. With several processes it
+        refuses a full-batch fit here (inside a spawned process the error would be a traceback)
+        and binds the detector first: spawn and fork launchers (ddp_spawn, ddp_notebook) copy
+        rank 0's weights back into this object non-strictly, so an unbound one would stay empty."""
+        if trainer.world_size <= 1:
+            return
+        self.check_processes(trainer.world_size)
+        if not self.is_bound and datamodule is not None:
+            datamodule.setup("fit")
+            self.bind_datamodule(datamodule, "fit")
 
     def training_loss(self, x: Tensor, y: Tensor) -> Tensor:
         logits = self(x)

@@ -176,7 +176,7 @@ class _ScoreMetric(Metric):
         self.target.append(target.to(self.device))
 
     def _cat(self) -> tuple[Tensor, Tensor]:
-        if not self.preds:
+        if len(self.preds) == 0:  # a list of batches, or under DDP the gathered tensor
             return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
         return dim_zero_cat(self.preds), dim_zero_cat(self.target)
 
@@ -247,7 +247,7 @@ class _BothClasses:
     """torchmetrics' rank metric, NaN (not 0 with a warning) when a set holds one class only."""
 
     def compute(self) -> Tensor:
-        target = dim_zero_cat(self.target) if self.target else torch.zeros(0)
+        target = dim_zero_cat(self.target) if len(self.target) else torch.zeros(0)  # list, or gathered tensor
         if target.numel() == 0 or target.min() == target.max():
             return torch.tensor(NAN)
         return super().compute()

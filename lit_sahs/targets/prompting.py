@@ -20,6 +20,8 @@ model broadcasts them to its three rotary sections).
 from __future__ import annotations
 
 from dataclasses import dataclass
+import logging
+import os
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -221,3 +223,113 @@ def _uses_mrope(target) -> bool:
     """Qwen2-VL style 3-D rotary positions are computed by the model itself from the mask."""
     model_type = getattr(getattr(target.model, "config", None), "model_type", "") or ""
     return model_type.startswith(("qwen2_vl", "qwen2_5_vl", "qwen3_vl"))
+
+
+# ---------------------------------------------------------------- prompts longer than the context
+
+TRUNCATE_SIDES = ("left", "right")  # left: drop the start of the text (keep its end); right: keep its start
+_SHOWN = 10  # offending rows named in the error
+
+
+def context_length(target) -> Optional[int]:
+    """The target's context in tokens (max_position_embeddings), or None when its config has none."""
+    from lit_sahs.targets.sites import text_config
+
+    cfg = text_config(target.model.config)
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return int(n) if n else None
+
+
+def truncate_side(truncate: Optional[str]) -> Optional[str]:
+    """`truncate` checked: None (refuse long prompts), "left" or "right"."""
+    if truncate is not None and truncate not in TRUNCATE_SIDES:
+        raise LitSahsError(f"truncate must be left (keep the end of a long prompt) or right (keep its start), "
+                           f"got {truncate!r}; leave it unset to refuse prompts longer than the context")
+    return truncate
+
+
+def prompt_lengths(target, texts: Sequence[str], images: Optional[Sequence[ImageSpec]] = None,
+                   ids: Optional[Sequence[str]] = None, chunk: int = 32) -> list[int]:
+    """Tokens of each prompt as the target sees it (chat template and image tokens included), from
+    the same encoder a forward uses; `chunk` prompts are tokenised at a time."""
+    encoder = target if isinstance(target, Encoder) else Encoder.of(target)
+    texts = list(texts)
+    images = list(images) if images is not None else [None] * len(texts)
+    ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(texts))]
+    out: list[int] = []
+    for i in range(0, len(texts), chunk):
+        mask = encoder(texts[i:i + chunk], images[i:i + chunk], ids[i:i + chunk])["attention_mask"]
+        out += mask.sum(-1).tolist()
+    return out
+
+
+def fit_context(target, texts: Sequence[str], images: Optional[Sequence[ImageSpec]] = None,
+                ids: Optional[Sequence[str]] = None, truncate: Optional[str] = None, reserve: int = 0,
+                lengths: Optional[Sequence[int]] = None) -> list[str]:
+    """The one length policy of every command that encodes prompts (extract, evaluate --data, screen,
+    guard, ablate). Each prompt as the target sees it, plus `reserve` tokens to generate, must fit the
+    target's context. With `truncate` None the prompts that do not are refused: one LitSahsError
+    names them (ids) with their token counts. With "left" / "right" the *text* of each such prompt
+    is cut (never the chat template, whose assistant prefix decides the first-token position) to
+    keep its end / its start, and a warning says how many were cut. Returns the texts, cut ones
+    replaced. Call it on a whole input before the first forward; `lengths` skips the tokenising
+    when the caller has the counts."""
+    truncate = truncate_side(truncate)
+    texts = list(texts)
+    limit = context_length(target)
+    if limit is None or not texts:
+        return texts
+    images = list(images) if images is not None else [None] * len(texts)
+    ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(texts))]
+    budget = limit - int(reserve)
+    if budget < 1:
+        raise LitSahsError(f"{reserve} new tokens do not fit the target's context of {limit} tokens: "
+                           "lower max_new_tokens")
+    encoder = Encoder.of(target)
+    lengths = list(lengths) if lengths is not None else prompt_lengths(encoder, texts, images, ids)
+    over = [i for i, n in enumerate(lengths) if n > budget]
+    if not over:
+        return texts
+    if truncate is None:
+        raise LitSahsError(_too_long([(ids[i], lengths[i]) for i in over], limit, reserve))
+    for i in over:
+        texts[i] = _cut(encoder, texts[i], images[i], ids[i], lengths[i], budget, truncate)
+    logging.getLogger(__name__).warning(
+        "cut %d prompt(s) longer than the target's context of %d tokens%s to fit, keeping the %s of each: %s",
+        len(over), limit, f" (less {reserve} new tokens)" if reserve else "",
+        "end" if truncate == "left" else "start", ", ".join(ids[i] for i in over[:_SHOWN]))
+    return texts
+
+
+def _too_long(rows: list[tuple[str, int]], limit: int, reserve: int) -> str:
+    """One message naming every prompt that does not fit (the first _SHOWN of them) and the fix."""
+    fix = ": shorten {it}" + (", lower max_new_tokens" if reserve else "") + \
+          " or pass --truncate left (keep the end of the text) or --truncate right (keep its start)"
+    if len(rows) == 1:
+        (sid, n), = rows
+        plus = f" plus {reserve} new tokens" if reserve else ""
+        return f"prompt {sid} is {n} tokens{plus}, longer than the target's context of {limit} tokens" + \
+            fix.format(it="it")
+    named = ", ".join(f"{sid} ({n} tokens)" for sid, n in rows[:_SHOWN])
+    more = f" and {len(rows) - _SHOWN} more" if len(rows) > _SHOWN else ""
+    plus = f" plus {reserve} new tokens each" if reserve else ""
+    return (f"{len(rows)} prompts{plus} are longer than the target's context of {limit} tokens: {named}{more}"
+            + fix.format(it="them"))
+
+
+def _cut(encoder: Encoder, text: str, image: ImageSpec, sid: str, n: int, budget: int, side: str) -> str:
+    """`text` cut on `side` until its prompt (n tokens now) takes at most `budget` tokens."""
+    tok = encoder.tokenizer
+    for _ in range(8):  # decoding and tokenising again can merge tokens differently: measure, cut again
+        pieces = tok(text, add_special_tokens=False)["input_ids"]
+        keep = len(pieces) - (n - budget)
+        if keep < 1:
+            raise LitSahsError(f"prompt {sid}: the chat template{' and images' if image else ''} alone take "
+                               f"{n - len(pieces)} of the {budget} tokens the context leaves, so no text fits: "
+                               "cutting the text cannot make it fit")
+        pieces = pieces[len(pieces) - keep:] if side == "left" else pieces[:keep]
+        text = tok.decode(pieces, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        n = prompt_lengths(encoder, [text], [image], [sid])[0]
+        if n <= budget:
+            return text
+    raise LitSahsError(f"prompt {sid} could not be cut to fit the target's context: shorten it yourself")

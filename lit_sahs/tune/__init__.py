@@ -1,10 +1,12 @@
 """`python -m lit_sahs tune`: an Optuna study over detector settings, every trial an MLflow run.
 
 A trial picks a detector family, a number of heads `k` and the family's hyper-parameters, then
-leaves one attack family out at a time: it fits on the other families and scores the held-out
-one, which it never saw (with `ranking: per_fold` the heads are also ranked without it). The
-trial's value is the mean held-out AUROC; the mean TPR at 1% FPR is recorded beside it. After
-each fold the running mean goes to the pruner.
+runs the folds of its `objective` (`lit_sahs.folds`): `sources` (default: one harmful and one
+benign source held out per fold, the closest the store gets to prompts a guard has never seen),
+`families` (one attack family held out per fold) or `both`. Each fold fits on the rest and scores
+the held-out rows, which it never saw (with `ranking: per_fold` the heads are also ranked without
+them). The trial's value is the mean held-out AUROC; the mean TPR at 1% FPR is recorded beside
+it. After each fold the running mean goes to the pruner.
 
 The search space and the objective's definition are stored in the study, so a worker with other
 settings is refused rather than mixing incomparable trials. Workers share a study through any

@@ -14,14 +14,19 @@ PROG = "python -m lit_sahs tune"
 
 @dataclass
 class TuneConfig:
-    """Optuna study over detector family, head count and regularisation; objective: mean
-    held-out-family AUROC (leave one attack family out).
+    """Optuna study over detector family, head count and regularisation; objective: mean held-out
+    AUROC over folds that keep prompt sources (default) and/or attack families out of training.
 
     Args:
         store: activation store directory
-        ranking: 'per_fold' (rank heads inside each fold on its training families) or a HeadRanking JSON
-        families: families held out one at a time ([] = every family with both classes and >= min_rows rows)
-        min_rows: smallest family used as a fold when families is []
+        objective: sources (each fold holds out one harmful and one benign source: prompts unlike any
+            seen), families (each fold holds out one attack family) or both
+        ranking: 'per_fold' (rank heads inside each fold on its training rows) or a HeadRanking JSON
+        families: with objective families/both: families held out one at a time ([] = every family with
+            both classes and >= min_rows rows)
+        pairing: with objective sources/both: round_robin (every source held out once) or all_pairs
+        sources: with objective sources/both: only these sources ([] = all)
+        min_rows: smallest fold used
         study_name: Optuna study name (workers join by name)
         storage: SQLAlchemy URL of the study: sqlite:///file.db, postgresql+psycopg2://...
         n_trials: trials THIS worker runs (0: only refit)
@@ -46,8 +51,11 @@ class TuneConfig:
     """
 
     store: str
+    objective: str = "sources"
     ranking: str = "per_fold"
     families: list[str] = field(default_factory=list)
+    pairing: str = "round_robin"
+    sources: list[str] = field(default_factory=list)
     min_rows: int = 40
     study_name: str = "lit_sahs"
     storage: str = DEFAULT_STORAGE

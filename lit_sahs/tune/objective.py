@@ -1,5 +1,5 @@
-"""A trial: leave one attack family out, fold by fold, reporting the running mean held-out AUROC
-to Optuna after each fold so the pruner can stop a trial that is already behind."""
+"""A trial: fold by fold (held-out sources and/or attack families, `folds.Holdout`), reporting the
+running mean held-out AUROC to Optuna after each fold so the pruner can stop a trial already behind."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from lit_sahs.folds import Folds, fit_fold
+from lit_sahs.folds import Folds, Holdout, fit_fold
 from lit_sahs.tracking import Tracker
 from lit_sahs.tune.config import TuneConfig
 from lit_sahs.tune.space import SearchSpace
@@ -27,9 +27,10 @@ class FoldScore:
     n_test: int
 
 
-def score_fold(folds: Folds, fold: Optional[str], family: str, k: int, hparams: dict, cfg: TuneConfig) -> FoldScore:
-    """Fit on the fold's top-k heads and score its test rows: the held-out family `fold`, never seen in
-    training, threshold calibration or ranking (fold None: all families, a random test split)."""
+def score_fold(folds: Folds, fold: Optional[Holdout | str], family: str, k: int, hparams: dict,
+               cfg: TuneConfig) -> FoldScore:
+    """Fit on the fold's top-k heads and score its test rows: the held-out rows of `fold`, never seen in
+    training, threshold calibration or ranking (fold None: everything, a random test split)."""
     from lit_sahs.detectors import compute_report
     from lit_sahs.detectors.metrics import SCORE_COLUMNS, THRESHOLD_COLUMNS
 
@@ -45,9 +46,9 @@ def score_fold(folds: Folds, fold: Optional[str], family: str, k: int, hparams: 
 
 
 class Objective:
-    def __init__(self, cfg: TuneConfig, folds: Folds, families: list[str], space: SearchSpace, tracker: Tracker,
+    def __init__(self, cfg: TuneConfig, folds: Folds, holdouts: list[Holdout], space: SearchSpace, tracker: Tracker,
                  parent: str):
-        self.cfg, self.folds, self.families, self.space = cfg, folds, families, space
+        self.cfg, self.folds, self.holdouts, self.space = cfg, folds, holdouts, space
         self.tracker, self.parent = tracker, parent
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.started = 0  # trials this worker ran
@@ -68,8 +69,9 @@ class Objective:
         tprs: dict[str, float] = {}
         status = "FAILED"
         try:
-            for step, fam in enumerate(self.families):
-                r = score_fold(self.folds, fam, family, k, hparams, self.cfg)
+            for step, hold in enumerate(self.holdouts):
+                fam = hold.name
+                r = score_fold(self.folds, hold, family, k, hparams, self.cfg)
                 aurocs[fam], tprs[fam] = r.metrics["auroc"], r.metrics["tpr_at_1fpr"]
                 running = float(np.mean(list(aurocs.values())))
                 self.tracker.log(run, metrics={**{f"held_out/{fam}/{m}": v for m, v in r.metrics.items()},

@@ -20,7 +20,7 @@ from lit_sahs.tune.space import SearchSpace
 log = logging.getLogger(__name__)
 
 
-def log_baselines(folds: Folds, families: list[str], cfg: TuneConfig, tracker: Tracker, parent: str) -> None:
+def log_baselines(folds: Folds, holdouts: list, cfg: TuneConfig, tracker: Tracker, parent: str) -> None:
     """The same folds scored by text / residual baselines: the numbers a detector must beat."""
     from lit_sahs.baselines import baseline_scores
     from lit_sahs.detectors import compute_report
@@ -29,8 +29,9 @@ def log_baselines(folds: Folds, families: list[str], cfg: TuneConfig, tracker: T
     per: dict[str, dict[str, float]] = {}
     metrics = {}
     try:
-        for fam in families:
-            sp = folds.split(held_out=fam)
+        for hold in holdouts:
+            fam = hold.name
+            sp = folds.split(held_out=hold)
             for name, s in baseline_scores(folds.store, sp["train"], sp["test"], cfg.baselines, seed=cfg.seed).items():
                 rep = compute_report(s, folds.labels[sp["test"]])["overall"]
                 per.setdefault(name, {})[fam] = float(rep["auroc"])

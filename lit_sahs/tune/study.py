@@ -55,15 +55,21 @@ def make_pruner(spec: dict):
         raise LitSahsError(f"pruner {name!r} does not accept {spec}: {e}") from None
 
 
-def objective_spec(cfg: TuneConfig, folds: Folds, families: list[str]) -> dict:
+METRICS = {"families": "mean held-out-family AUROC (leave one attack family out)",
+           "sources": "mean held-out-source AUROC (one harmful and one benign source held out per fold)",
+           "both": "mean held-out AUROC over source folds and attack-family folds"}
+
+
+def objective_spec(cfg: TuneConfig, folds: Folds, holdouts: list) -> dict:
     """What a trial's value means; a study refuses workers whose spec differs."""
     fp = folds.fingerprint
     return {
-        "metric": "mean held-out-family AUROC (leave one attack family out)",
+        "metric": METRICS[cfg.objective],
+        "objective": cfg.objective,
         "direction": "maximize",
         "target": {"name": fp.name, "weights_hash": fp.weights_hash, "geometry": list(fp.geometry.shape)},
         "store_rows": len(folds.index),
-        "families": families,
+        "families": [h.name for h in holdouts],
         "ranking": ranking_id(folds),
         "max_epochs": cfg.epochs_record(),
         "batch_size": cfg.batch_size,
@@ -164,14 +170,14 @@ def run_tune(cfg: TuneConfig) -> dict:
 
     cfg.check()
     folds = Folds(cfg.store, cfg.ranking, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
-    families, _ = folds.choose_families(list(cfg.families), cfg.min_rows)
+    holdouts = folds.holdouts(cfg.objective, cfg.families, cfg.min_rows, cfg.pairing, cfg.sources)
     space = SearchSpace.parse(cfg.space, folds.max_heads())
-    objective = objective_spec(cfg, folds, families)
+    objective = objective_spec(cfg, folds, holdouts)
     storage = open_storage(cfg.storage, cfg.heartbeat_interval)
     tracker = Tracker(cfg.tracking_uri, cfg.experiment)
     study, parent, created = open_study(cfg, storage, space.to_dict(), objective, tracker)
     if created and cfg.baselines:
-        log_baselines(folds, families, cfg, tracker, parent)
+        log_baselines(folds, holdouts, cfg, tracker, parent)
 
     callbacks = []
     if cfg.study_trials:
@@ -179,7 +185,7 @@ def run_tune(cfg: TuneConfig) -> dict:
         from optuna.trial import TrialState
 
         callbacks.append(MaxTrialsCallback(cfg.study_trials, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    objective_fn = Objective(cfg, folds, families, space, tracker, parent)
+    objective_fn = Objective(cfg, folds, holdouts, space, tracker, parent)
     if cfg.n_trials:
         if cfg.study_trials and _finished(study) >= cfg.study_trials:
             log.warning("study %s already holds %d finished trials", cfg.study_name, _finished(study))
@@ -188,7 +194,7 @@ def run_tune(cfg: TuneConfig) -> dict:
                            timeout=cfg.timeout, callbacks=callbacks, catch=(Diverged,), gc_after_trial=True)
     states = _counts(study)
     result: dict[str, Any] = {"study": cfg.study_name, "storage": redact(cfg.storage), "created": created,
-                              "families": families, "trials": states, "ran_here": objective_fn.started,
+                              "objective": cfg.objective, "families": [h.name for h in holdouts], "trials": states, "ran_here": objective_fn.started,
                               "parent_run_id": parent, "tracking_uri": redact(tracker.uri)}
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     tracker.log(parent, metrics={f"trials_{k.lower()}": v for k, v in states.items()})

@@ -1,0 +1,74 @@
+"""The source-level generalisation report: how a detector does on prompt collections it never saw.
+
+Holding out an attack *template* while the harmful and benign *sources* stay the same flatters a
+detector (0.99 everywhere); a deployed guard meets requests unlike its training data. Each fold
+here keeps one harmful and one benign source out of training, head ranking and threshold
+calibration (`folds.source_holdouts`), fits the detector through the Engine, and scores the held-out
+rows with the detector and every baseline trained on the same rows, each thresholded at its own
+calibration on the training sources' validation benign prompts. Per fold and on average: AUROC,
+TPR at 1% and 5% FPR, and the false-positive rate on the held-out benign source at the threshold.
+
+    python -m lit_sahs evaluate --store stores/quickstart-smollm2 --protocol sources --top_k 8
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from lit_sahs.baselines import BASELINES
+from lit_sahs.folds import PER_FOLD, Folds, fit_fold
+
+# the columns of the table: threshold-free operating points, and the held-out benign source's FPR
+COLUMNS = ("auroc", "tpr_at_1fpr", "tpr_at_5fpr", "fpr")
+LABELS = {"auroc": "AUROC", "tpr_at_1fpr": "TPR@1%FPR", "tpr_at_5fpr": "TPR@5%FPR", "fpr": "benign FPR"}
+
+
+def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", detector_args: Optional[dict] = None,
+                    pairing: str = "round_robin", sources: Sequence[str] = (), min_rows: int = 20,
+                    max_epochs: Optional[int] = None, baselines: Sequence[str] = BASELINES, seed: int = 0,
+                    ranking: Optional[str] = PER_FOLD, heads: Optional[str] = None, progress: bool = True) -> dict:
+    """Fit and score every source fold. Returns {"folds": [{"holdout", "n_malicious", "n_benign",
+    "methods": {method: {column: value}}}], "mean": {method: {column: mean}}, "skipped": {fold: reason}}."""
+    from tqdm import tqdm
+
+    from lit_sahs.evaluate import split_reports
+
+    folds = Folds(store, ranking=ranking, heads=heads, seed=seed)
+    holdouts, skipped = folds.source_holdouts(pairing, min_rows, sources)
+    out = []
+    for hold in tqdm(holdouts, desc="source folds", disable=not progress):
+        fit = fit_fold(folds, detector, detector_args, top_k, hold, max_epochs=max_epochs)
+        reports, _, labels, thresholds = split_reports(fit.detector, fit.datamodule, "test", baselines)
+        out.append({"holdout": list(hold.sources), "n_malicious": int(labels.sum()),
+                    "n_benign": int((labels == 0).sum()), "thresholds": thresholds,
+                    "head_set": fit.detector.head_set.to_list(),
+                    "methods": {m: {c: float(rep["overall"][c]) for c in COLUMNS} for m, rep in reports.items()}})
+    methods = list(out[0]["methods"])
+    mean = {m: {c: float(np.nanmean([f["methods"][m][c] for f in out])) for c in COLUMNS} for m in methods}
+    return {"protocol": "sources", "pairing": pairing, "detector": detector, "top_k": top_k, "folds": out,
+            "mean": mean, "skipped": skipped, "relocate": folds.per_fold}
+
+
+def _cell(v: float) -> str:
+    return "—" if v != v else f"{v:.3f}"
+
+
+def format_source_tables(result: dict) -> str:
+    """Markdown: the mean over folds per method, then AUROC and TPR@1%FPR per fold and method."""
+    methods = list(result["mean"])
+    lines = [f"Mean over {len(result['folds'])} source folds (each holds out one harmful and one benign "
+             "source; threshold calibrated on the training sources' validation benign prompts):", "",
+             "| method | " + " | ".join(LABELS[c] for c in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(_cell(result["mean"][m][c]) for c in COLUMNS) + " |")
+    for col in ("auroc", "tpr_at_1fpr", "fpr"):
+        lines += ["", f"{LABELS[col]} per held-out pair (harmful + benign source):", "",
+                  "| held out | n mal / ben | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+        for f in result["folds"]:
+            cells = [_cell(f["methods"][m][col]) for m in methods]
+            lines.append(f"| {' + '.join(f['holdout'])} | {f['n_malicious']} / {f['n_benign']} | "
+                         + " | ".join(cells) + " |")
+    if result["skipped"]:
+        lines += ["", "Skipped folds: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items())]
+    return "\n".join(lines)
