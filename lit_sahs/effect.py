@@ -175,7 +175,7 @@ def effect_rows(estimate: np.ndarray, effects: dict[Head, float]) -> list[dict]:
 
 def locate_by_effect(target, texts: Sequence[str], mode: str = "zero", means: Optional[torch.Tensor] = None,
                      confirm_top: int = 16, greedy: int = 0, greedy_candidates: int = 8, batch_size: int = 8,
-                     openings: Sequence[str] = REFUSAL_OPENINGS, meta: Optional[dict] = None):
+                     openings: Sequence[str] = REFUSAL_OPENINGS, meta: Optional[dict] = None, progress: bool = False):
     """Rank every head of `target` by its effect on the refusal score over the harmful `texts`
     (a ``HeadRanking`` with ``method="effect"``; see the module docstring)."""
     from lit_sahs.locate import HeadRanking
@@ -196,11 +196,15 @@ def locate_by_effect(target, texts: Sequence[str], mode: str = "zero", means: Op
     batches = encode_batches(target, texts, batch_size)
     estimate, base = first_order_effects(target, batches, token_ids, mode, means)
     t_est = time.perf_counter() - t0
+    say = print if progress else (lambda *a, **k: None)
+    say(f"first-order estimate of {estimate.size} heads on {len(texts)} prompts: {t_est:.1f} s "
+        f"(unablated refusal score {base:.4f}); confirming the best {min(confirm_top, estimate.size)}", flush=True)
     flat = sorted(((float(estimate[l, h]), (l, h)) for l in range(estimate.shape[0])
                    for h in range(estimate.shape[1])))  # most negative (largest estimated drop) first
     score = ablation_scorer(target, batches, token_ids, mode, means)
     effects = {head: score([head]) - base for _, head in flat[:confirm_top]}
     t_conf = time.perf_counter() - t0 - t_est
+    say(f"confirmed {len(effects)} heads by real ablation: {t_conf:.1f} s", flush=True)
     steps = greedy_heads(score, [head for _, head in flat[:greedy_candidates]], greedy) if greedy else []
     confirmed = list(effects)
     info = {
@@ -289,4 +293,4 @@ def effect_ranking(store: Optional[str], target: Optional[str], harmful: Optiona
 
             means = benign_means(st, HeadSet.all(tgt.geometry)).reshape(tgt.geometry.shape)
     return locate_by_effect(tgt, texts, mode, means, confirm_top, greedy, greedy_candidates, batch_size,
-                            meta={"prompts": where, "store": str(st.path) if st is not None else None})
+                            meta={"prompts": where, "store": str(st.path) if st is not None else None}, progress=True)

@@ -236,7 +236,8 @@ def _extraction_trainer(module: HeadExtractor, writer: StoreWriter, trainer_kwar
     dispatched = module.target.dispatched
     if dispatched and kw.get("devices", "auto") == "auto":
         kw["devices"] = 1
-    trainer = Engine().trainer(module, callbacks=[writer], **kw)
+    callbacks = list(kw.pop("callbacks", None) or []) + [writer]
+    trainer = Engine().trainer(module, callbacks=callbacks, **kw)
     if dispatched and trainer.world_size > 1:
         raise LitSahsError(f"target {module.target.name!r} is placed by a device map (one process drives all its "
                            f"devices), but the Trainer asks for {trainer.world_size} processes: use "

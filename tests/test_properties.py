@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from lit_sahs.data.samples import Sample
@@ -20,7 +20,8 @@ from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import Geometry, HeadSet, TargetFingerprint
 from lit_sahs.runtime import read_prompts
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+# no example database: nothing is written into the repository
+SETTINGS = settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 COLUMNS = ("text", "label", "id", "attack", "attack_family", "source", "category", "image", "extra")
 ENCODINGS = ("utf-8", "utf-8-sig", "utf-16", "utf-32", "latin-1", "cp1252", "ascii")
 
@@ -83,6 +84,10 @@ def write_csv(path: Path, data: list[dict], delimiter: str, quoting: int, encodi
 
 @SETTINGS
 @given(data=st.binary(max_size=300), suffix=st.sampled_from([".jsonl", ".csv", ".ndjson", ".txt"]))
+@example(data=b"\x80", suffix=".jsonl").via("found: UnicodeDecodeError from jsonl_rows")
+@example(data=b"\x80", suffix=".csv").via("found: UnicodeDecodeError from csv_rows")
+@example(data=b"\x80", suffix=".txt").via("found: UnicodeDecodeError from read_prompts")
+@example(data=b"text,label\n\"a\x00\",1\n" + b"x" * 200, suffix=".csv")
 def test_random_bytes(workdir, data, suffix):
     d = fresh(workdir)
     (d / f"f{suffix}").write_bytes(data)
@@ -94,6 +99,9 @@ def test_random_bytes(workdir, data, suffix):
 @SETTINGS
 @given(lines=st.lists(json_values | rows.map(lambda r: r[0] if r else {}), max_size=6),
        encoding=st.sampled_from(ENCODINGS), blank=st.booleans())
+@example(lines=[{"text": "0", "image": 1}], encoding="utf-8", blank=False).via("found: TypeError in read_prompts")
+@example(lines=[{"text": "a", "id": {"x": 1}}], encoding="utf-8", blank=False)
+@example(lines=[{"text": "a", "label": 1}], encoding="utf-16", blank=False)
 def test_random_json_lines(workdir, lines, encoding, blank):
     d = fresh(workdir)
     text = ("\n\n" if blank else "\n").join(json.dumps(v, allow_nan=True) for v in lines) + "\n"
@@ -163,6 +171,8 @@ def write_artifact(workdir: Path, meta, weights: bytes) -> Path:
 @SETTINGS
 @given(meta=json_values, weights=st.binary(max_size=200))
 def test_detector_from_random_json_and_bytes(workdir, meta, weights):
+    """Random JSON and random bytes (a detector.json that is not even an object, a safetensors file
+    that is noise)."""
     check_detector(write_artifact(workdir, meta, weights))
 
 
@@ -199,6 +209,8 @@ def _paths(obj, prefix=()):
 @given(data=st.data(), value=json_values | st.just(DELETE), cut=st.integers(0, 4000),
        flip=st.lists(st.integers(0, 4000), max_size=3), keep_weights=st.booleans())
 def test_detector_from_damaged_artifact(workdir, artifact, data, value, cut, flip, keep_weights):
+    """A real artifact with one value of its detector.json replaced by random JSON (or removed), and
+    its safetensors bytes flipped or cut."""
     meta, weights = artifact
     path = data.draw(st.sampled_from(list(_paths(meta))[1:]))
     damaged = _mutate(meta, path, value)
@@ -208,6 +220,14 @@ def test_detector_from_damaged_artifact(workdir, artifact, data, value, cut, fli
             blob[i % len(blob)] ^= 0xFF
         blob = blob[:cut] if cut < len(blob) else blob
     check_detector(write_artifact(workdir, damaged, bytes(blob)))
+
+
+def test_format_version_that_is_not_a_number(workdir, artifact):
+    """found: TypeError comparing a null format_version"""
+    meta, weights = artifact
+    for version in (None, "1", [1], float("nan")):
+        with pytest.raises(LitSahsError, match="format_version"):
+            load_detector(write_artifact(workdir, dict(meta, format_version=version), weights))
 
 
 @SETTINGS

@@ -6,7 +6,7 @@ forward + backward per batch) and by real zero-ablation (one forward per head an
 prints the time of each, their ratio, and how well the estimate tracks the real effect across all
 heads (Spearman, Pearson, and the overlap of the top-10 heads).
 
-    python experiments/benchmarks/effect.py                 # 16 AdvBench prompts, batch 8
+    python experiments/benchmarks/effect.py                 # 8 AdvBench prompts, one batch
     python experiments/benchmarks/effect.py --n_prompts 32 --threads 2
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="smollm2-135m-instruct")
-    ap.add_argument("--n_prompts", type=int, default=16)
+    ap.add_argument("--n_prompts", type=int, default=8)
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()

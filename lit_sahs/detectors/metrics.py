@@ -207,7 +207,7 @@ class TPRAtFPR(_OperatingPoint):
         super().__init__(max_fpr, **kwargs)
 
     def compute(self) -> Tensor:
-        return torch.tensor(tpr_at_fpr(*self._cat(), self.bound))
+        return torch.tensor(tpr_at_fpr(*self._cat(), self.bound), dtype=torch.float64)
 
 
 class FPRAtTPR(_OperatingPoint):
@@ -219,7 +219,7 @@ class FPRAtTPR(_OperatingPoint):
         super().__init__(min_tpr, **kwargs)
 
     def compute(self) -> Tensor:
-        return torch.tensor(fpr_at_tpr(*self._cat(), self.bound))
+        return torch.tensor(fpr_at_tpr(*self._cat(), self.bound), dtype=torch.float64)
 
 
 class AtThreshold(_ScoreMetric):
@@ -240,11 +240,14 @@ class AtThreshold(_ScoreMetric):
 
     def compute(self) -> Tensor:
         preds, target = self._cat()
-        return torch.tensor(_at_threshold(preds, target, self.threshold)[self.kind])
+        return torch.tensor(_at_threshold(preds, target, self.threshold)[self.kind], dtype=torch.float64)
 
 
 class _BothClasses:
     """torchmetrics' rank metric, NaN (not 0 with a warning) when a set holds one class only."""
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        super().update(torch.as_tensor(preds).float(), target)  # torchmetrics' rank metrics run in float32
 
     def compute(self) -> Tensor:
         target = dim_zero_cat(self.target) if len(self.target) else torch.zeros(0)  # list, or gathered tensor

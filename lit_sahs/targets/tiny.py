@@ -36,16 +36,6 @@ def build(name: str, dtype: torch.dtype) -> Target:
     return builders[name](dtype)
 
 
-def _tiny_llama(dtype: torch.dtype) -> Target:
-    """A text-only Llama decoder with random weights (seed 0) and the SmolLM2 tokenizer and chat
-    template: the cheapest real causal LM, for tests of extraction, DDP and dispatch."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = _tiny_tokenizer([])
-    model = _seeded(lambda: LlamaForCausalLM(LlamaConfig(**_tiny_text_config(tok))).to(dtype))
-    return finish_target(TINY_LLAMA, TINY_LLAMA, model, tok, None, state_dict_hash(model))
-
-
 _LLAVA_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
@@ -262,3 +252,13 @@ def random_llava_target(name: str, text_config: dict, vision_config: dict, image
     target = finish_target(name, name, model, tok, processor, f"random-init-seed0:{digest}")
     target.model.eval().requires_grad_(False)
     return target
+
+
+def _tiny_llama(dtype: torch.dtype) -> Target:
+    """A text-only Llama decoder with random weights (seed 0) and the SmolLM2 tokenizer and chat
+    template: the cheapest real causal LM, for tests of extraction, DDP and dispatch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tiny_tokenizer([])
+    model = _seeded(lambda: LlamaForCausalLM(LlamaConfig(**_tiny_text_config(tok))).to(dtype))
+    return finish_target(TINY_LLAMA, TINY_LLAMA, model, tok, None, state_dict_hash(model))
