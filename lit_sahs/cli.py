@@ -185,7 +185,7 @@ SUMMARIES = {
     "test": "test a detector checkpoint (LightningCLI)",
     "predict": "score with a detector checkpoint (LightningCLI)",
     "extract": "capture every head at the first-token position into an activation store",
-    "locate": "rank every head by its own probe's held-out AUROC",
+    "locate": "rank every head by its own probe's held-out AUROC, or --by effect: by what ablating it does to refusal",
     "evaluate": "zero-shot matrix over attack families, or score a labelled file with a detector",
     "tune": "Optuna study over detector family, head count and regularisation",
     "register": "put a detector in the MLflow model registry",

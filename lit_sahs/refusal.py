@@ -71,8 +71,10 @@ def first_token_logits(model, batch: dict) -> torch.Tensor:
 @torch.no_grad()
 def refusal_scores(target, texts_or_batches, token_ids: Optional[Sequence[int]] = None, batch_size: int = 8,
                    ablation=None) -> np.ndarray:
-    """Refusal probability at the prefill for each prompt (texts, or batches from ``encode_batches``,
-    in batch order), under `ablation` (e.g. a ``capture.HeadAblation``) when given."""
+    """Refusal probability at the prefill for each prompt, under `ablation` (e.g. a
+    ``capture.HeadAblation``) when given. Given texts, they are batched by length and the scores
+    come back in that batched order (use the mean, or pass one text per batch); given batches from
+    ``encode_batches``, in batch order."""
     batches = texts_or_batches
     if batches and isinstance(batches[0], str):
         batches = encode_batches(target, batches, batch_size)

@@ -124,3 +124,16 @@ def test_help_lists_every_command(cli):
     assert code == 0
     for name in list(LIGHTNING_COMMANDS) + list(COMMANDS):
         assert f"  {name} " in out
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql+psycopg2://bob:p@ss@word@db.example:5432/optuna", "postgresql+psycopg2://bob:***@db.example:5432/optuna"),
+    ("postgresql://bob:secret@host/db", "postgresql://bob:***@host/db"),
+    ("sqlite:///mlruns/optuna.db", "sqlite:///mlruns/optuna.db"),
+    ("http://tracking:5000", "http://tracking:5000"),
+])
+def test_redact_hides_the_whole_password_even_with_an_unencoded_at(url, shown):
+    from lit_sahs.tracking import redact
+
+    assert redact(url) == shown
+    assert "ss@word" not in redact(url) and "secret" not in redact(url)
