@@ -12,6 +12,7 @@ The zero-shot family matrix is here too; the source-level report is in `lit_sahs
 """
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -40,8 +41,9 @@ class Holdout:
 
     @property
     def name(self) -> str:
+        """The fold's name, usable as an MLflow metric key part (letters, digits, _ - . : / and space)."""
         parts = list(self.families) + list(self.sources)
-        return "+".join(parts) if parts else "random"
+        return re.sub(r"[^\w\-. :/]", "_", "__".join(parts)) if parts else "random"
 
     def key(self) -> tuple:
         return (self.families, self.sources)

@@ -29,7 +29,7 @@ def test_round_robin_holds_every_source_out_once_and_all_pairs_every_pair():
 def test_small_folds_are_skipped_with_the_reason_and_one_source_a_side_is_refused():
     index = rows([("h1", 1, 30), ("h2", 1, 4), ("b1", 0, 30), ("b2", 0, 5)])
     folds, skipped = source_holdouts(index, "round_robin", min_rows=20)
-    assert [f.sources for f in folds] == [("h1", "b1")] and skipped == {"h2+b2": "only 9 rows"}
+    assert [f.sources for f in folds] == [("h1", "b1")] and skipped == {"h2__b2": "only 9 rows"}
     with pytest.raises(LitSahsError, match="two harmful and two benign"):
         source_holdouts(rows([("h1", 1, 30), ("b1", 0, 30), ("b2", 0, 30)]))
     with pytest.raises(LitSahsError, match="unknown pairing"):
@@ -76,3 +76,18 @@ def test_evaluate_command_writes_the_source_table(tmp_path, monkeypatch, cli):
         assert (tmp_path / "s" / "sources" / name).exists()
     code, _, err = cli(["evaluate", "--store", str(tmp_path / "s"), "--protocol", "nonsense"])
     assert code == 2 and "unknown protocol" in err
+
+
+def test_tune_runs_on_source_folds_and_logs_them(tmp_path, monkeypatch):
+    """The default objective: one trial over the source folds, fold names valid as MLflow keys."""
+    from lit_sahs.tune import TuneConfig, run_tune
+
+    monkeypatch.chdir(tmp_path)
+    make_store(tmp_path / "s", source_of=by_label)
+    cfg = TuneConfig(store=str(tmp_path / "s"), study_name="src", storage=f"sqlite:///{tmp_path}/o.db",
+                     tracking_uri=f"sqlite:///{tmp_path}/m.db", n_trials=1, refit=False, plots=False,
+                     heartbeat_interval=None, min_rows=20, max_epochs=2, space={"detector": ["logistic"], "k": 2})
+    result = run_tune(cfg)
+    assert result["objective"] == "sources"
+    assert result["families"] == ["harm0__ben0", "harm1__ben1", "harm2__ben2", "harm0__ben3"]
+    assert result["trials"] == {"COMPLETE": 1} and result["best"]["value"] > 0.9
