@@ -19,6 +19,7 @@ held-out harmful prompts (the score the effect ranking optimises) is reported.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -93,7 +94,7 @@ def main() -> int:
         return report(json.loads(Path(args.json).read_text()), HeadRanking.load(args.effect), args.out, args.json)
 
     from ablation_qwen import ensure_store_and_ranking
-    from lit_sahs.ablate import gather, run_study, study_configs, summarise
+    from lit_sahs.ablate import gather, run_study, study_configs
     from lit_sahs.data.samples import normalise_text
     from lit_sahs.data.store import ActivationStore
     from lit_sahs.io import atomic_write_text
@@ -130,10 +131,16 @@ def main() -> int:
     cmd = "python experiments/ablation_effect.py " + " ".join(sys.argv[1:])
     run = {"command": cmd.strip(), "date": f"{datetime.now(timezone.utc):%Y-%m-%d}", "args": vars(args),
            "minutes": round(minutes, 1),
-           "prefill_seconds": round(t_prefill, 1), "harmful": harmful, "benign": benign, "results": results}
+           "prefill_seconds": round(t_prefill, 1), "harmful": text_digests(harmful), "benign": text_digests(benign),
+           "results": results}
     if args.json:
         atomic_write_text(args.json, json.dumps(run, indent=1, default=str) + "\n")
     return report(run, effect, args.out, args.json)
+
+
+def text_digests(texts) -> list[str]:
+    """Which prompts were used, without copying the datasets' text into the repository."""
+    return [hashlib.sha256(t.encode("utf-8")).hexdigest()[:16] for t in texts]
 
 
 def report(run: dict, effect, out: str, json_path) -> int:
@@ -171,7 +178,7 @@ def report(run: dict, effect, out: str, json_path) -> int:
         f"{m['greedy']['candidates']} best estimated): "
         + ", ".join(f"{l}.{h}" for l, h in m["greedy"]["heads"]) + " (refusal score after each step: "
         + ", ".join(f"{v:.3f}" for v in m["greedy"]["refusal"]) + ").",
-        f"* **Probe ranking**: `stores/qwen-plain/ranking.json` (per-head probe AUROC, as in ablation_qwen.md).",
+        "* **Probe ranking**: `stores/qwen-plain/ranking.json` (per-head probe AUROC, as in ablation_qwen.md).",
         f"* Harmful: {len(harmful)} AdvBench prompts in neither the store nor the effect ranking's locating prompts. "
         f"Benign: {len(benign)} TruthfulQA + HealthSearchQA questions not in the store.",
         f"* Greedy decoding, {a['max_new_tokens']} new tokens, zero ablation at every position. ASR = share of "

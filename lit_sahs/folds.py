@@ -22,6 +22,7 @@ import numpy as np
 from lit_sahs.baselines import BASELINES, baseline_scores
 from lit_sahs.data.protocol import names
 from lit_sahs.errors import LitSahsError
+from lit_sahs.evaluate import detector_scores
 
 PER_FOLD = "per_fold"
 MIN_PER_CLASS = 5  # fewer rows of a class than this make an AUROC cell noise: it is left empty
@@ -44,9 +45,6 @@ class Holdout:
         """The fold's name, usable as an MLflow metric key part (letters, digits, _ - . : / and space)."""
         parts = list(self.families) + list(self.sources)
         return re.sub(r"[^\w\-. :/]", "_", "__".join(parts)) if parts else "random"
-
-    def key(self) -> tuple:
-        return (self.families, self.sources)
 
 
 def eligible_families(rows: Sequence[dict], min_rows: int = 20) -> tuple[list[str], dict[str, str]]:
@@ -168,7 +166,7 @@ class Folds:
         from lit_sahs.locate import HeadRanking, locate
 
         hold = Holdout.of(held_out)
-        key = (hold.key(), names(train_families)) if self.per_fold else None
+        key = (hold, names(train_families)) if self.per_fold else None
         if key not in self._rankings:
             if self.per_fold:
                 with warnings.catch_warnings():
@@ -258,8 +256,6 @@ class FoldFit:
         return self.datamodule.splits[split]
 
     def scores(self, split: str = "test") -> np.ndarray:
-        from lit_sahs.evaluate import detector_scores  # late: evaluate re-exports this module's names
-
         det = self.detector
         return detector_scores(det, self.datamodule.store.read(det.head_set, rows=self.rows(split)))
 
@@ -335,8 +331,10 @@ def _fill_row(matrix: dict, i: int, fams: list[str], fit: FoldFit, folds: Folds,
     dm = fit.datamodule
     val, test = fit.rows("val"), fit.rows("test")
     s_val, s_test = fit.scores("val"), fit.scores("test")
-    base_val = baseline_scores(dm.store, dm.splits["train"], val, baselines, dm.seed)
-    base_test = baseline_scores(dm.store, dm.splits["train"], test, baselines, dm.seed)
+    # each baseline trained once on the fold's train rows, scoring val and test together
+    both = baseline_scores(dm.store, dm.splits["train"], np.concatenate([val, test]), baselines, dm.seed)
+    base_val = {name: sc[:len(val)] for name, sc in both.items()}
+    base_test = {name: sc[len(val):] for name, sc in both.items()}
     for j, fam in enumerate(fams):
         if fam == train_fam:
             rows, s, base = val, s_val, base_val

@@ -44,9 +44,6 @@ __all__ = ["NORM_EPS", "CachedActivationDataModule", "LiveActivationDataModule",
 
 # ---------------------------------------------------------------- shared helpers
 
-_names = names  # the one comma-list parser (lit_sahs.data.protocol)
-
-
 def _check_split_name(name: str) -> str:
     if name not in SPLITS:
         raise LitSahsError(f"unknown split {name!r}: use one of {', '.join(SPLITS)}")
@@ -68,9 +65,9 @@ class _SplitDataModule(L.LightningDataModule):
         if batch_size < 1:
             raise LitSahsError(f"batch_size must be >= 1, got {batch_size}")
         self._rows = rows
-        self.held_out_families = _names(held_out_families)
-        self.held_out_sources = _names(held_out_sources)
-        self.train_families = _names(train_families)
+        self.held_out_families = names(held_out_families)
+        self.held_out_sources = names(held_out_sources)
+        self.train_families = names(train_families)
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.families: list[str] = sorted({r.get("attack_family", "plain") for r in rows})
