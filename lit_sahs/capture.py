@@ -158,6 +158,55 @@ class ResidualCapture:
         return sums / counts  # NaN where no token is scored (0 / 0)
 
 
+def default_residual_layers(num_layers: int, count: int = 4) -> tuple[int, ...]:
+    """`count` evenly spaced decoder layers ending with the last: 30 layers -> (6, 14, 21, 29)."""
+    if num_layers < 1:
+        raise LitSahsError(f"a target needs at least one layer, got {num_layers}")
+    return tuple(sorted({max(0, round(num_layers * i / count) - 1) for i in range(1, count + 1)}))
+
+
+class LayerResidualCapture:
+    """Context manager recording the residual stream after each of `layers` (decoder layer
+    outputs) at the first-token position, prefill only, in the same forward as HeadCapture.
+    `residuals()` gives [batch, len(layers), hidden]. Hooks are removed on exit."""
+
+    def __init__(self, model: nn.Module, layers: "tuple[int, ...] | list[int]"):
+        blocks = sites.decoder_layers(model)
+        bad = [l for l in layers if not 0 <= int(l) < len(blocks)]
+        if bad or not layers:
+            raise LitSahsError(f"residual layers {list(layers)} must be non-empty and lie in 0..{len(blocks) - 1}")
+        self.layers = tuple(int(l) for l in layers)
+        self._blocks = blocks
+        self._handles: list = []
+        self._records: dict[int, torch.Tensor] = {}
+
+    def _hook(self, layer: int):
+        def hook(module, args, output):
+            if layer in self._records:  # prefill only
+                return
+            h = output if torch.is_tensor(output) else output[0]
+            self._records[layer] = h[:, FIRST_TOKEN_INDEX, :].clone()
+
+        return hook
+
+    def __enter__(self) -> "LayerResidualCapture":
+        self._records.clear()
+        self._handles = [self._blocks[l].register_forward_hook(self._hook(l)) for l in self.layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def residuals(self) -> torch.Tensor:
+        missing = [l for l in self.layers if l not in self._records]
+        if missing:
+            raise LitSahsError(f"no residual captured for layers {missing}: run a forward inside the capture")
+        dev = self._records[self.layers[0]].device
+        return torch.stack([self._records[l].to(dev) for l in self.layers], dim=1)
+
+
 ABLATION_MODES = ("zero", "mean")
 
 

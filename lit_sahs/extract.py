@@ -25,12 +25,13 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
-from lit_sahs.capture import HeadCapture, ResidualCapture
+from lit_sahs.capture import HeadCapture, LayerResidualCapture, ResidualCapture, default_residual_layers
 from lit_sahs.data.protocol import DEFAULT_ATTACKS, DEFAULT_BENIGN, DEFAULT_HARMFUL, SampleSpec
 from lit_sahs.data.samples import Sample
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.engine import Engine
 from lit_sahs.errors import LitSahsError
+from lit_sahs.refusal import refusal_probability, refusal_token_ids
 from lit_sahs.targets import Target, load_target, prompting
 from lit_sahs.targets.registry import DeviceMap, parse_device_map
 
@@ -86,9 +87,11 @@ class HeadExtractor(L.LightningModule):
 
     def __init__(self, target: str | Target = "smollm2-135m-instruct", dtype: str = "float32",
                  baselines: bool = True, device_map: Optional[DeviceMap] = None,
-                 offload_folder: Optional[str] = None):
+                 offload_folder: Optional[str] = None, residual_layers: Optional[Sequence[int]] = None):
         super().__init__()
         self.baselines = baselines
+        self._residual_layers = tuple(residual_layers) if residual_layers is not None else None
+        self._refusal_ids: Optional[torch.Tensor] = None
         if isinstance(target, Target):
             if device_map is not None or offload_folder is not None:
                 raise LitSahsError("device_map and offload_folder apply when extraction loads the target by name: "
@@ -110,15 +113,34 @@ class HeadExtractor(L.LightningModule):
         model, device = self.target.model, self.target.device
         enc = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch["enc"].items()}
         with HeadCapture(model, geometry=self.target.geometry) as cap, \
-                ResidualCapture(model) if self.baselines else contextlib.nullcontext() as res:
+                ResidualCapture(model) if self.baselines else contextlib.nullcontext() as res, \
+                LayerResidualCapture(model, self.residual_layers) if self.baselines else contextlib.nullcontext() as lres:
             # logits_to_keep=1: only the last position's logits; the full [batch, seq, vocab] is the
             # largest tensor of a forward (Qwen's vocabulary is 152k)
-            model(**enc, logits_to_keep=1, use_cache=False)
+            logits = model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1]
         out = {"rows": [s.index_row() for s in samples], "activations": cap.activations().to(torch.float16).cpu()}
-        if self.baselines:  # what the residual-stream probe and the perplexity filter read
+        if self.baselines:  # the baselines' and the extra features' inputs (lit_sahs.data.extra_features)
             nll = res.prompt_nll(enc["input_ids"], enc["attention_mask"], prompting.image_token_ids(self.target))
-            out["extras"] = {"residual": res.residual.to(torch.float16).cpu(), "prompt_nll": nll.float().cpu()}
+            layers = torch.tensor(self.residual_layers, dtype=torch.int16).expand(len(samples), -1)
+            out["extras"] = {"residual": res.residual.to(torch.float16).cpu(), "prompt_nll": nll.float().cpu(),
+                             "residual_layers": lres.residuals().to(torch.float16).cpu(),
+                             "residual_layer_ids": layers.clone(),
+                             "refusal_prob": refusal_probability(logits, self.refusal_ids).float().cpu()}
         return out
+
+    @property
+    def residual_layers(self) -> tuple[int, ...]:
+        """Decoder layers whose first-token residual extraction records (default: 4 evenly spaced, incl. the last)."""
+        if self._residual_layers is None:
+            self._residual_layers = default_residual_layers(self.target.geometry.num_layers)
+        return self._residual_layers
+
+    @property
+    def refusal_ids(self) -> list[int]:
+        """The refusal-opening token ids (lit_sahs.refusal, the one definition), computed once."""
+        if self._refusal_ids is None:
+            self._refusal_ids = refusal_token_ids(self.target.tokenizer)
+        return self._refusal_ids
 
 
 class StoreWriter(BasePredictionWriter):
