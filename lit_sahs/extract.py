@@ -29,6 +29,7 @@ from lit_sahs.capture import HeadCapture, LayerResidualCapture, ResidualCapture,
 from lit_sahs.data.protocol import DEFAULT_ATTACKS, DEFAULT_BENIGN, DEFAULT_HARMFUL, SampleSpec
 from lit_sahs.data.samples import Sample
 from lit_sahs.data.store import ActivationStore
+from lit_sahs.data.writer import BlockWriter
 from lit_sahs.engine import Engine
 from lit_sahs.errors import LitSahsError
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
@@ -145,24 +146,43 @@ class HeadExtractor(L.LightningModule):
 
 class StoreWriter(BasePredictionWriter):
     """Buffers predictions and commits them to the store in blocks of `block_rows` rows; memory is
-    bounded by the block size, not the dataset size."""
+    bounded by the block size (times the writer's queue), not the dataset size.
 
-    def __init__(self, store_path: str | Path, block_rows: int = 256):
+    With `background` (the default) a full block is handed to a ``BlockWriter`` thread
+    (``lit_sahs.data.writer``): concatenation, float16 conversion, zarr/zstd encoding, checksums and
+    the atomic commit run beside the next forwards; a writer error ends the run as a LitSahsError
+    in the main thread at the next batch, and what is committed is whole blocks only."""
+
+    def __init__(self, store_path: str | Path, block_rows: int = 256, background: bool = True,
+                 max_pending: int = 2):
         super().__init__(write_interval="batch")
         self.store_path = Path(store_path)
         self.block_rows = block_rows
+        self.background = background
+        self.max_pending = max_pending
         self.store: Optional[ActivationStore] = None
+        self._writer: Optional[BlockWriter] = None
         self._rows: list[dict] = []
         self._acts: list[torch.Tensor] = []
         self._extras: dict[str, list[torch.Tensor]] = {}
-        self.rows_written = 0
+        self._written = 0
+
+    @property
+    def rows_written(self) -> int:
+        return self._written + (self._writer.rows_written if self._writer is not None else 0)
 
     def setup(self, trainer, pl_module, stage=None) -> None:
         target = pl_module.target
         self.store = ActivationStore.create_or_open(self.store_path, target.fingerprint,
                                                     prompting.POSITION_RULE, prompt_format(target))
 
+    def on_predict_start(self, trainer, pl_module) -> None:
+        if self.background and self._writer is None:
+            self._writer = BlockWriter(self.store, max_pending=self.max_pending)
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        if self._writer is not None:
+            self._writer.check()  # a failed block ends the run at the next batch, in this thread
         self._rows.extend(prediction["rows"])
         self._acts.append(prediction["activations"])
         for k, v in prediction.get("extras", {}).items():
@@ -172,15 +192,27 @@ class StoreWriter(BasePredictionWriter):
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
         self.flush(trainer.global_rank)
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.close()  # every block committed (or the writer's error raised) before predict returns
+            self._written += writer.rows_written
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.abort()  # commits the whole blocks already queued, then stops; never raises over `exception`
+            self._written += writer.rows_written
 
     def flush(self, rank: int = 0) -> None:
         if not self._rows:
             return
-        acts = torch.cat(self._acts)
-        extras = {k: torch.cat(v) for k, v in self._extras.items()}
-        if self.store.write_block(self._rows, acts, rank=rank, extras=extras):
-            self.rows_written += len(self._rows)
+        rows, acts, extras = self._rows, self._acts, self._extras
         self._rows, self._acts, self._extras = [], [], {}
+        if self._writer is not None:
+            self._writer.submit(rows, acts, rank=rank, extras=extras)
+            return
+        if self.store.write_block(rows, torch.cat(acts), rank=rank, extras={k: torch.cat(v) for k, v in extras.items()}):
+            self._written += len(rows)
 
 
 def pending_samples(samples: Sequence[Sample], store_path: str | Path, target: Target) -> list[Sample]:
