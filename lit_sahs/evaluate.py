@@ -36,6 +36,9 @@ def split_reports(detector: SafetyDetector, dm, split: str = "test", baselines: 
     scores, the detector's target FPR), so the at-threshold TPR/FPR of all methods compare."""
     from lit_sahs.detectors.metrics import calibrate_threshold
 
+    own = getattr(detector, "split_reports", None)
+    if own is not None:  # a family that reads prompts, not stored heads (SafeVLM) scores its own split
+        return own(dm, split, baselines, group_key)
     rows, val = dm.splits[split], dm.splits["val"]
     index = dm.split_rows(split)
     y = np.array([int(r["label"]) for r in index])

@@ -65,8 +65,9 @@ class TestReport(L.Callback):
                     for g, d in rep.items() for k, v in d.items() if isinstance(v, (int, float)) and v == v}
             logger.log_metrics(flat)
         if self.verbose:
-            print(f"\nTest split (held out: {held}), {len(pl_module.head_set)} heads; heads = "
-                  f"{type(pl_module).__name__}, baselines trained on the same rows, every threshold calibrated "
+            what = (f"{len(pl_module.head_set)} heads; heads = {type(pl_module).__name__}" if len(pl_module.head_set)
+                    else type(pl_module).__name__)
+            print(f"\nTest split (held out: {held}), {what}, baselines trained on the same rows, every threshold calibrated "
                   f"on validation benign prompts:\n")
             print(table)
             print("\n" + benign_table)

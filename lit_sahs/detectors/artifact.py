@@ -73,6 +73,10 @@ def detector_metadata(detector: SafetyDetector) -> dict[str, Any]:
 
 def save_detector(detector: SafetyDetector, directory: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write `directory`/detector.safetensors and detector.json atomically; returns the directory."""
+    if getattr(detector, "family", None) == "safevlm":  # the second method: safety modules (+ LoRA), own layout
+        from lit_sahs.safevlm.artifact import save_safevlm
+
+        return save_safevlm(detector, directory, overwrite)
     if detector.family not in DETECTORS or DETECTORS[detector.family] is not type(detector):
         raise LitSahsError(f"{type(detector).__name__} is not a registered detector family: add it to DETECTORS")
     meta = detector_metadata(detector)
@@ -127,6 +131,10 @@ def _from_artifact(directory: Path, map_location: str | torch.device) -> SafetyD
         raise LitSahsError(f"{meta_path}: format_version {version!r} is not a number: the artifact is corrupt, re-save it")
     if version > FORMAT_VERSION:
         raise LitSahsError(f"{meta_path} has format version {meta.get('format_version')}: upgrade lit_sahs to read it")
+    if meta.get("detector") == "safevlm":
+        from lit_sahs.safevlm.artifact import safevlm_from_artifact
+
+        return safevlm_from_artifact(directory, meta, map_location)
     cls = detector_class(str(meta.get("detector")))
     detector = _instantiate(cls, meta.get("hparams", {}), meta_path)
     detector.bind_from_metadata(meta)

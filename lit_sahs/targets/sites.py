@@ -86,3 +86,28 @@ def final_norm(model: nn.Module) -> nn.Module:
         if isinstance(norm, nn.Module):
             return norm
     raise LitSahsError(f"cannot find the final norm of {type(model).__name__}: add its path to lit_sahs/targets/sites.py")
+
+
+# The module whose input is the vision encoder's selected patch features, per architecture:
+# LLaVA / LLaVA-NeXT's multi-modal projector (PSA-VLM reads the same features for its safety projector).
+_VISION_PROJECTOR_PATHS = ("model.multi_modal_projector", "multi_modal_projector")
+
+
+def vision_projector(model: nn.Module) -> nn.Module:
+    """The target's own vision projector; its input [images, patches, vision width] is what a second
+    (safety) projector reads beside it."""
+    for path in _VISION_PROJECTOR_PATHS:
+        proj = _get(model, path)
+        if isinstance(proj, nn.Module):
+            return proj
+    raise LitSahsError(f"cannot find the vision projector of {type(model).__name__} (LLaVA-style targets only): "
+                       "add its path to lit_sahs/targets/sites.py")
+
+
+def vision_width(model: nn.Module) -> int:
+    """The width of the patch features the vision projector reads."""
+    cfg = getattr(model.config, "vision_config", None)
+    width = getattr(cfg, "hidden_size", None)
+    if not width:
+        raise LitSahsError(f"{type(model).__name__} has no vision_config.hidden_size")
+    return int(width)

@@ -1,0 +1,15 @@
+"""SafeVLM, the second method: safety modules added to a target and trained in two stages.
+
+taxonomy.py   risk levels / risk types and how each source's categories map to them
+modules.py    SafetyProjector, VisionAbstractor, SafetyTokens, SafetyHead (plain nn.Modules)
+forward.py    safety-token slots in the input sequence; hooks that feed the head from one forward
+answers.py    the LM loss's answers: a refusal, or the target's own cached answer
+data.py       SafetyDataModule (the product's sources and splits)
+module.py     SafeVLM LightningModule (stage 1: safety modules; stage 2: LoRA via peft)
+artifact.py   safetensors + JSON artifacts, loaded by load_detector / the registry
+guard.py      SafeVLMGuard: refuse, add a safety hint, or pass, decided at the prefill
+"""
+from lit_sahs.safevlm.data import SafetyDataModule
+from lit_sahs.safevlm.module import SafeVLM
+
+__all__ = ["SafeVLM", "SafetyDataModule"]

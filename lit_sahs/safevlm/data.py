@@ -1,0 +1,140 @@
+"""SafetyDataModule: prompts from the product's sources, with what SafeVLM trains on.
+
+Each row is a prompt (text, optional image) with its binary label, its risk level and type
+(``taxonomy``), and the answer the language-model loss teaches (``answers``: a refusal for harmful
+prompts, the target's own cached answer for benign ones). Splits are the product's
+(``protocol.split_rows``: held-out attack families or held-out sources, else random), so SafeVLM
+and the safety-head detectors are compared on the same rows. Batches are ``forward.with_slots``
+batches: the target's chat template, the safety-token slots, the answer after the prompt.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from lit_sahs.data.protocol import DEFAULT_ATTACKS, DEFAULT_BENIGN, DEFAULT_HARMFUL, SampleSpec, split_rows
+from lit_sahs.errors import LitSahsError
+from lit_sahs.safevlm.answers import DEFAULT_REFUSAL, AnswerCache, eos_id
+from lit_sahs.safevlm.forward import with_slots
+from lit_sahs.safevlm.taxonomy import labels_of
+from lit_sahs.targets import prompting
+
+
+def _joined(value: Union[str, list[str]]) -> str:
+    return value if isinstance(value, str) else ",".join(value)
+
+
+class SafetyDataModule(L.LightningDataModule):
+    """Serves ``with_slots`` batches for one target. ``num_safety_tokens`` must equal the model's
+    (the model checks it); ``answers``: the answer-cache file (default: one per target in
+    ~/.cache/lit_sahs/answers); ``max_answer_tokens``: length of the cached benign answers."""
+
+    def __init__(
+        self,
+        target: str = "smollm2-135m-instruct",  # or a loaded lit_sahs.targets.Target
+        harmful: Union[str, list[str]] = ",".join(DEFAULT_HARMFUL),
+        benign: Union[str, list[str]] = ",".join(DEFAULT_BENIGN),
+        attacks: Union[str, list[str]] = ",".join(DEFAULT_ATTACKS),
+        data: Optional[str] = None,
+        limit: Optional[int] = 400,
+        max_chars: Optional[int] = None,
+        held_out_families: list[str] = [],  # noqa: B006
+        held_out_sources: list[str] = [],  # noqa: B006
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
+        num_safety_tokens: int = 64,
+        batch_size: int = 4,
+        answers: Optional[str] = None,
+        max_answer_tokens: int = 32,
+        refusal: str = DEFAULT_REFUSAL,
+        dtype: str = "float32",
+        device: Optional[str] = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        from lit_sahs.targets import Target, load_target
+
+        if batch_size < 1:
+            raise LitSahsError(f"batch_size must be >= 1, got {batch_size}")
+        if num_safety_tokens < 1:
+            raise LitSahsError(f"num_safety_tokens must be >= 1, got {num_safety_tokens}")
+        self.spec = SampleSpec(harmful=_joined(harmful), benign=_joined(benign), attacks=_joined(attacks), data=data,
+                               limit=limit, max_chars=max_chars, seed=seed)
+        self.held_out_families, self.held_out_sources = list(held_out_families), list(held_out_sources)
+        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
+        self.num_safety_tokens, self.batch_size = int(num_safety_tokens), int(batch_size)
+        self.answers_path, self.max_answer_tokens, self.refusal = answers, int(max_answer_tokens), str(refusal)
+        if isinstance(target, Target):
+            self.target = target
+        else:
+            dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self.target = load_target(str(target), dtype=dtype, device=dev)
+        self.fingerprint = self.target.fingerprint
+        self.rows: list[dict] = []
+        self.splits: dict[str, np.ndarray] = {}
+        self.families: list[str] = []
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.rows:
+            return
+        samples = self.spec.build()
+        if not samples:
+            raise LitSahsError("no prompts: the sources, limit and max_chars leave nothing to train on")
+        rows = []
+        for s in samples:
+            level, rtype = labels_of(s)
+            rows.append({"id": s.id, "text": s.text, "image": s.image, "label": int(s.label), "source": s.source,
+                         "attack": s.attack, "attack_family": s.attack_family, "base_id": s.base_id,
+                         "level": level, "type": rtype})
+        splits = split_rows(rows, self.held_out_families, self.held_out_sources, self.val_fraction,
+                            self.test_fraction, self.seed)
+        self.families = sorted({r["attack_family"] for r in rows})
+        for r in rows:
+            r["family"] = self.families.index(r["attack_family"])
+        benign = [r for i in np.concatenate([splits["train"], splits["val"]]) for r in [rows[i]] if r["label"] == 0]
+        cache = AnswerCache(self.target, self.max_answer_tokens, self.answers_path)
+        for r, a in zip(benign, cache.answers([r["text"] for r in benign], [r["image"] for r in benign])):
+            r["answer"] = a
+        for r in rows:
+            if r["label"] == 1:
+                r["answer"] = self.refusal
+        self.rows, self.splits = rows, splits
+
+    def split_rows(self, split: str) -> list[dict]:
+        return [self.rows[i] for i in self.splits[split]]
+
+    # ------------------------------------------------------------------ batches
+
+    def collate(self, rows: list[dict]) -> dict:
+        tgt = self.target
+        texts, images, ids = [r["text"] for r in rows], [r["image"] for r in rows], [r["id"] for r in rows]
+        texts = prompting.fit_context(tgt, texts, images, ids, reserve=self.num_safety_tokens + self.max_answer_tokens + 1)
+        enc = prompting.encode(tgt, texts, images, ids)
+        eos = eos_id(tgt)
+        answers = [tgt.tokenizer(r.get("answer") or "", add_special_tokens=False)["input_ids"][: self.max_answer_tokens]
+                   + [eos] for r in rows]
+        batch = with_slots(enc, self.num_safety_tokens, tgt.tokenizer.pad_token_id or eos, answers)
+        batch["y"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+        batch["level"] = torch.tensor([r["level"] for r in rows], dtype=torch.long)
+        batch["type"] = torch.tensor([r["type"] for r in rows], dtype=torch.long)
+        batch["family"] = torch.tensor([r["family"] for r in rows], dtype=torch.long)
+        return batch
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if not self.rows:
+            self.setup()
+        return DataLoader(self.split_rows(split), batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate,
+                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)

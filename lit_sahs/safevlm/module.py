@@ -1,0 +1,408 @@
+"""SafeVLM: the second method's LightningModule, one class with a ``stage`` argument.
+
+* **Stage I** trains only the safety modules (both sets of safety tokens, the safety projector,
+  the vision abstractor of a vision-language target, the safety head); the target is frozen.
+* **Stage II** starts from a stage-I artifact (``init_from``), freezes the safety modules and
+  trains LoRA adapters (peft) on the language model's linear layers at or above
+  ``feature_layer`` (vision tower, projectors and LM head excluded), so the features the frozen
+  head reads do not move.
+
+Loss: the language model's cross-entropy on the answer tokens + ``loss_weight`` x (risk-level CE
++ risk-type CE). The detector score is the head's risk probability, 1 - P(level = safe); like
+every detector here, its ``threshold`` is recalibrated on the validation benign prompts each
+validation epoch of a fit (``target_fpr`` of them flagged), so the same AUROC / TPR@1%FPR /
+benign-FPR tables compare SafeVLM with the safety-head detectors.
+
+The target is *not* a submodule: checkpoints and artifacts hold only what SafeVLM adds (safety
+modules and, after stage II, the LoRA tensors). ``attach(target)`` ties a loaded SafeVLM to a
+target (checking its fingerprint) and puts its LoRA weights into the target's layers.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar, Optional, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import lit_sahs
+from lit_sahs.detectors.metrics import (ScoreCollector, calibrate_threshold, compute_report, detection_metrics,
+                                        set_threshold)
+from lit_sahs.errors import LitSahsError
+from lit_sahs.heads import HeadSet, TargetFingerprint
+from lit_sahs.safevlm.forward import IGNORE_INDEX, SafetyForward, model_inputs, with_slots
+from lit_sahs.safevlm.modules import SafetyModules
+from lit_sahs.safevlm.taxonomy import RISK_LEVELS, RISK_TYPES
+from lit_sahs.targets import sites
+
+log = logging.getLogger(__name__)
+
+LORA_PREFIX = "lora."
+SAFETY_PREFIX = "safety."
+
+
+def target_dims(target) -> dict[str, int]:
+    """What the safety modules' shapes depend on, read from the target."""
+    model = target.model
+    cfg = sites.text_config(model.config)
+    dims = {"hidden": int(cfg.hidden_size), "num_layers": len(sites.decoder_layers(model)), "vision_dim": 0}
+    if target.is_vision_language:
+        try:
+            sites.vision_projector(model)
+        except LitSahsError as e:
+            raise LitSahsError(f"SafeVLM reads the vision features of LLaVA-style targets; {target.name!r} has none "
+                               f"where lit_sahs can reach them ({e})") from None
+        dims["vision_dim"] = sites.vision_width(model)
+    return dims
+
+
+def lora_module_names(model: nn.Module, first_layer: int) -> list[str]:
+    """Full names of every nn.Linear inside the decoder layers >= first_layer."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for i, layer in enumerate(sites.decoder_layers(model)):
+        if i < first_layer:
+            continue
+        prefix = names[id(layer)]
+        out += [f"{prefix}.{n}" for n, m in layer.named_modules() if isinstance(m, nn.Linear) and n]
+    return out
+
+
+class SafeVLM(L.LightningModule):
+    family: ClassVar[str] = "safevlm"
+    trainer_defaults: ClassVar[dict[str, Any]] = {"max_epochs": 2, "enable_checkpointing": False}
+
+    def __init__(self, stage: int = 1, init_from: Optional[str] = None, num_safety_tokens: int = 64,
+                 feature_layer: Optional[int] = None, head_heads: int = 8, vision_queries: int = 16,
+                 loss_weight: float = 10.0, lr: Optional[float] = None, weight_decay: float = 0.0,
+                 lora_rank: int = 256, lora_alpha: int = 16, lora_dropout: float = 0.05,
+                 target_fpr: float = 0.05) -> None:
+        super().__init__()
+        if stage not in (1, 2):
+            raise LitSahsError(f"stage must be 1 or 2, got {stage!r}")
+        if stage == 2 and not init_from:
+            raise LitSahsError("stage 2 starts from a stage-I artifact: set init_from to its directory or URI")
+        if not 0.0 <= target_fpr < 1.0:
+            raise LitSahsError(f"target_fpr must lie in [0, 1), got {target_fpr}")
+        for name, v in (("num_safety_tokens", num_safety_tokens), ("head_heads", head_heads), ("lora_rank", lora_rank)):
+            if int(v) < 1:
+                raise LitSahsError(f"{name} must be >= 1, got {v}")
+        self.save_hyperparameters()
+        self.register_buffer("threshold", torch.tensor(0.5, dtype=torch.float64))
+        self.safety: Optional[SafetyModules] = None
+        self.fingerprint: Optional[TargetFingerprint] = None
+        self.dims: dict[str, int] = {}
+        self.levels, self.types = list(RISK_LEVELS), list(RISK_TYPES)
+        self.lora: Optional[dict[str, Any]] = None        # {"rank", "alpha", "dropout", "modules"} once stage II ran
+        self.lora_state: dict[str, Tensor] = {}           # LoRA tensors not yet in a target (a loaded artifact)
+        self.trained_stages: list[int] = []
+        self.families: list[str] = []
+        self.__dict__["_target"] = None                  # never a submodule: see the module docstring
+        self._test_scores: list[np.ndarray] = []
+
+    # ------------------------------------------------------------------ what other commands ask of a detector
+
+    head_set = HeadSet([])  # reads no captured heads
+
+    @property
+    def is_bound(self) -> bool:
+        return self.safety is not None
+
+    @property
+    def target(self):
+        return self.__dict__["_target"]
+
+    def check_target(self, fingerprint: TargetFingerprint) -> None:
+        if not self.is_bound:
+            raise LitSahsError("SafeVLM is not fitted: fit it or load a saved one")
+        self.fingerprint.check(fingerprint, what="these SafeVLM safety modules")
+
+    @property
+    def feature_layer(self) -> int:
+        return int(self.hparams.feature_layer)
+
+    @property
+    def lr(self) -> float:
+        return float(self.hparams.lr) if self.hparams.lr is not None else (1e-3 if self.hparams.stage == 1 else 2e-4)
+
+    # ------------------------------------------------------------------ building
+
+    def build(self, fingerprint: TargetFingerprint, dims: dict[str, int]) -> None:
+        """Create the safety modules for a target of these dims (no target needed: artifacts load this way)."""
+        hp = self.hparams
+        if hp.feature_layer is None:
+            hp.feature_layer = dims["num_layers"] // 2
+        if not 0 <= int(hp.feature_layer) <= dims["num_layers"]:
+            raise LitSahsError(f"feature_layer {hp.feature_layer} is outside 0..{dims['num_layers']} "
+                               f"(0: token embeddings, k: the output of decoder layer k-1)")
+        self.safety = SafetyModules(dims["hidden"], dims["hidden"], int(hp.num_safety_tokens), int(hp.head_heads),
+                                    len(self.levels), len(self.types), dims["vision_dim"], int(hp.vision_queries))
+        self.safety.to(self.threshold.device)
+        self.fingerprint, self.dims = fingerprint, dict(dims)
+
+    def attach(self, target) -> "SafeVLM":
+        """Use `target` (checked against the fingerprint); its layers get this SafeVLM's LoRA weights."""
+        if self.target is target:
+            return self
+        if self.is_bound:
+            self.check_target(target.fingerprint)
+            if target_dims(target) != self.dims:
+                raise LitSahsError(f"the target's shape {target_dims(target)} differs from the one these safety "
+                                   f"modules were built for {self.dims}")
+        else:
+            self.build(target.fingerprint, target_dims(target))
+        self.__dict__["_target"] = target
+        if self.lora is not None:
+            self._inject_lora(self.lora)
+            if self.lora_state:
+                self._load_lora(self.lora_state)
+                self.lora_state = {}
+        return self
+
+    def _inject_lora(self, cfg: dict[str, Any]) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        model = self.target.model
+        if getattr(model, "_lit_sahs_lora", None) is not None:
+            if model._lit_sahs_lora != cfg:
+                raise LitSahsError("this target already carries another SafeVLM's LoRA adapter: load the target again")
+            return
+        inject_adapter_in_model(LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"],
+                                           target_modules=list(cfg["modules"]), bias="none"), model)
+        model._lit_sahs_lora = dict(cfg)
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n)
+
+    def lora_parameters(self) -> dict[str, nn.Parameter]:
+        if self.target is None:
+            return {}
+        return {n: p for n, p in self.target.model.named_parameters() if "lora_" in n}
+
+    def _load_lora(self, state: dict[str, Tensor]) -> None:
+        params = self.lora_parameters()
+        if set(params) != set(state):
+            missing, extra = sorted(set(params) - set(state))[:3], sorted(set(state) - set(params))[:3]
+            raise LitSahsError(f"the LoRA tensors do not fit this target (missing {missing}, unexpected {extra}): "
+                               "the artifact was made for another target or is corrupt")
+        with torch.no_grad():
+            for n, p in params.items():
+                if tuple(p.shape) != tuple(state[n].shape):
+                    raise LitSahsError(f"LoRA tensor {n} has shape {tuple(state[n].shape)}, the target needs "
+                                       f"{tuple(p.shape)}: the artifact is corrupt")
+                p.copy_(state[n].to(p.device, p.dtype))
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        target = getattr(dm, "target", None)
+        if target is None:
+            if self.target is None:
+                raise LitSahsError("SafeVLM trains from a SafetyDataModule (it holds the target): pass one")
+            return
+        n = getattr(dm, "num_safety_tokens", None)
+        if self.hparams.stage == 2 and not self.trained_stages:
+            self._start_stage_two(target)
+        else:
+            self.attach(target)
+        if n is not None and int(n) != int(self.hparams.num_safety_tokens):
+            raise LitSahsError(f"the DataModule makes {n} safety-token slots but SafeVLM has "
+                               f"{self.hparams.num_safety_tokens} safety tokens: set data.num_safety_tokens to match")
+        self.families = list(getattr(dm, "families", []) or [])
+        if not self.target.dispatched:
+            self.target.model.to(self.threshold.device)
+        if self.hparams.stage == 1:
+            self.safety.requires_grad_(True)
+        else:
+            self.safety.requires_grad_(False)
+
+    def _start_stage_two(self, target) -> None:
+        from lit_sahs.safevlm.artifact import load_safevlm
+
+        first = load_safevlm(self.hparams.init_from)
+        if 1 not in first.trained_stages:
+            raise LitSahsError(f"{self.hparams.init_from} is not a stage-I SafeVLM artifact (stages {first.trained_stages})")
+        try:
+            first.check_target(target.fingerprint)
+        except LitSahsError as e:
+            raise LitSahsError(f"init_from {self.hparams.init_from}: {e}") from None
+        if target_dims(target) != first.dims:
+            raise LitSahsError(f"init_from {self.hparams.init_from} was built for target shape {first.dims}, "
+                               f"this target has {target_dims(target)}")
+        for key in ("num_safety_tokens", "feature_layer", "head_heads", "vision_queries"):
+            self.hparams[key] = first.hparams[key]  # the architecture is the stage-I artifact's
+        self.build(first.fingerprint, first.dims)
+        self.safety.load_state_dict(first.safety.state_dict())
+        self.threshold.copy_(first.threshold)
+        self.trained_stages = list(first.trained_stages)
+        self.__dict__["_target"] = target
+        self.lora = {"rank": int(self.hparams.lora_rank), "alpha": int(self.hparams.lora_alpha),
+                     "dropout": float(self.hparams.lora_dropout),
+                     "modules": lora_module_names(target.model, self.feature_layer)}
+        self._inject_lora(self.lora)
+
+    # ------------------------------------------------------------------ the forward
+
+    def run(self, batch: dict, stop: bool = False) -> tuple[Optional[Any], Tensor, Tensor]:
+        """(target output or None when stopped early, level logits, type logits) for a with_slots batch."""
+        if self.target is None:
+            raise LitSahsError("SafeVLM is not attached to a target: call attach(target) or fit it")
+        model = self.target.model
+        dev = self.target.device
+        batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+        vision = self.safety.vision is not None and "pixel_values" in batch
+        with SafetyForward(model, self.safety.input_tokens.weight, self.feature_layer, batch["slot_mask"],
+                           batch["prompt_mask"], batch["first_pos"], vision=vision, stop=stop) as fwd:
+            out = fwd.run(**model_inputs(batch), use_cache=False)
+        if fwd.features is None or fwd.query is None:
+            raise LitSahsError("the forward never reached the feature layer: the safety hooks did not fire")
+        patches = fwd.patches if vision else None
+        if patches is not None and patches.shape[0] != batch["input_ids"].shape[0]:
+            raise LitSahsError(f"{patches.shape[0]} image feature sets for {batch['input_ids'].shape[0]} prompts: "
+                               "SafeVLM reads one image per prompt (or none in the whole batch)")
+        level, rtype = self.safety.classify(fwd.query, fwd.features, fwd.padding, patches)
+        return out, level, rtype
+
+    @staticmethod
+    def risk(level_logits: Tensor) -> Tensor:
+        """The detector score: 1 - P(level = safe), in float64."""
+        return 1.0 - torch.softmax(level_logits.double(), dim=-1)[:, 0]
+
+    @torch.no_grad()
+    def score_encoded(self, target, enc: dict) -> np.ndarray:
+        """Risk probabilities for a prompt batch encoded by ``prompting.encode``."""
+        self.attach(target)
+        batch = with_slots(enc, int(self.hparams.num_safety_tokens), target.tokenizer.pad_token_id or 0)
+        _, level, _ = self.run(batch, stop=True)
+        return self.risk(level).cpu().numpy()
+
+    @torch.no_grad()
+    def classify_encoded(self, target, enc: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """(risk [B] float64, level probabilities [B, levels], type probabilities [B, types])."""
+        self.attach(target)
+        batch = with_slots(enc, int(self.hparams.num_safety_tokens), target.tokenizer.pad_token_id or 0)
+        _, level, rtype = self.run(batch, stop=True)
+        return self.risk(level).cpu(), torch.softmax(level.float(), -1).cpu(), torch.softmax(rtype.float(), -1).cpu()
+
+    # ------------------------------------------------------------------ loops
+
+    def _losses(self, batch: dict, lm: bool) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+        out, level, rtype = self.run(batch, stop=not lm)
+        dev = level.device
+        cls = F.cross_entropy(level.float(), batch["level"].to(dev)) + F.cross_entropy(rtype.float(), batch["type"].to(dev))
+        lm_loss = None
+        if lm:
+            labels = batch["labels"].to(out.logits.device)[:, 1:]
+            keep = labels != IGNORE_INDEX
+            lm_loss = F.cross_entropy(out.logits[:, :-1][keep].float(), labels[keep])
+        return cls, level, lm_loss, self.risk(level)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        self.target.model.train(self.hparams.stage == 2)  # LoRA dropout in stage II; the frozen target stays in eval
+        cls, _, lm_loss, _ = self._losses(batch, lm=True)
+        loss = lm_loss + float(self.hparams.loss_weight) * cls
+        n = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("train/lm_loss", lm_loss, on_step=False, on_epoch=True, batch_size=n)
+        self.log("train/cls_loss", cls, on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    def on_fit_start(self) -> None:
+        self.val_metrics = detection_metrics().to(self.threshold.device)
+        self._val_scores = ScoreCollector().to(self.threshold.device)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.target.model.eval()
+        cls, _, lm_loss, risk = self._losses(batch, lm=True)
+        n = batch["input_ids"].shape[0]
+        self.log("val/lm_loss", lm_loss, on_epoch=True, batch_size=n)
+        self.log("val/cls_loss", cls, on_epoch=True, batch_size=n)
+        y = batch["y"].to(risk.device)
+        self.val_metrics.update(risk, y)
+        self._val_scores.update(risk, y)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking and self.trainer.state.fn == "fit" and self._val_scores.update_called:
+            preds, target = self._val_scores.compute()
+            benign = preds[target == 0]
+            if benign.numel():
+                self.threshold.fill_(calibrate_threshold(benign, self.hparams.target_fpr))
+        self._val_scores.reset()
+        if self.val_metrics["auroc"].update_called:
+            set_threshold(self.val_metrics, float(self.threshold))
+            self.log_dict({f"val/{k}": v.float() for k, v in self.val_metrics.compute().items()})
+        self.val_metrics.reset()
+        self.log("val/threshold", float(self.threshold))
+
+    def on_fit_end(self) -> None:
+        if self.hparams.stage not in self.trained_stages:
+            self.trained_stages.append(int(self.hparams.stage))
+        self.target.model.eval()
+
+    def on_test_epoch_start(self) -> None:
+        self._test_scores = []
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.target.model.eval()
+        with torch.no_grad():
+            _, level, _ = self.run(batch, stop=True)
+        self._test_scores.append(self.risk(level).cpu().numpy())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = list(self.safety.parameters()) if self.hparams.stage == 1 else list(self.lora_parameters().values())
+        if not params:
+            raise LitSahsError(f"stage {self.hparams.stage} has nothing to train")
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.hparams.weight_decay)
+
+    # ------------------------------------------------------------------ reports (the TestReport callback)
+
+    @torch.no_grad()
+    def split_scores(self, dm, split: str) -> np.ndarray:
+        self.target.model.eval()
+        out = [self.risk(self.run(b, stop=True)[1]).cpu().numpy() for b in dm._loader(split, False)]
+        return np.concatenate(out) if out else np.empty(0)
+
+    def split_reports(self, dm, split: str = "test", baselines: Sequence[str] = ("tfidf",),
+                      group_key: str = "attack_family"):
+        """The same tuple as ``evaluate.split_reports``: SafeVLM and TF-IDF (the baseline that needs
+        no store) on one split, each thresholded on its own validation benign scores."""
+        from lit_sahs.baselines import tfidf_scores
+
+        rows, val, train = dm.split_rows(split), dm.split_rows("val"), dm.split_rows("train")
+        y = np.array([r["label"] for r in rows])
+        y_val = np.array([r["label"] for r in val])
+        groups = [str(r.get(group_key, "")) for r in rows]
+        scores = {"safevlm": self._test_scores_or(dm, split)}
+        thresholds = {"safevlm": float(self.threshold)}
+        if "tfidf" in baselines:
+            both = tfidf_scores([r["text"] for r in train], np.array([r["label"] for r in train]),
+                                [r["text"] for r in val + rows], seed=getattr(dm, "seed", 0))
+            scores["tfidf"] = both[len(val):]
+            thresholds["tfidf"] = calibrate_threshold(torch.as_tensor(both[:len(val)][y_val == 0]),
+                                                      self.hparams.target_fpr)
+        reports = {m: compute_report(s, y, groups, thresholds[m]) for m, s in scores.items()}
+        return reports, scores, y, thresholds
+
+    def _test_scores_or(self, dm, split: str) -> np.ndarray:
+        if split == "test" and self._test_scores:
+            return np.concatenate(self._test_scores)
+        return self.split_scores(dm, split)
+
+    # ------------------------------------------------------------------ what the artifact records
+
+    def metadata(self) -> dict[str, Any]:
+        if not self.is_bound:
+            raise LitSahsError("SafeVLM is not fitted: nothing to save")
+        return {"detector": self.family, "head_set": [], "fingerprint": self.fingerprint.to_dict(),
+                "geometry": self.fingerprint.geometry.to_dict(), "dims": dict(self.dims),
+                "levels": list(self.levels), "types": list(self.types), "lora": self.lora,
+                "stages": list(self.trained_stages), "families": list(self.families),
+                "lit_sahs_version": lit_sahs.__version__}
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {SAFETY_PREFIX + k: v for k, v in self.safety.state_dict().items()}
+        out["threshold"] = self.threshold
+        lora = {n: p for n, p in self.lora_parameters().items()} or self.lora_state
+        out.update({LORA_PREFIX + n: v for n, v in lora.items()})
+        return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}

@@ -1,0 +1,114 @@
+"""SafeVLM's safety modules as plain ``nn.Module``s (no target inside): the safety projector, the
+two sets of learnable safety tokens and the safety head.
+
+Shapes (H: the language model's width, B: batch, T: prompt positions, P: vision patches):
+
+* ``SafetyProjector``: [B, T, F] features of the prompt (token embeddings or one layer's hidden
+  states) -> [B, T, H]; a two-layer MLP, like the target's own vision projector.
+* ``VisionAbstractor``: [B, P, Dv] vision-encoder patch features -> [B, Q, H]: a convolution over
+  the patch sequence, adaptive pooling to Q queries, then the two-layer MLP (PSA-VLM puts a
+  convolutional abstractor before its MLP for the same reason: fewer, smoother tokens).
+* ``SafetyTokens``: ``n`` learnable vectors of width H. One set (``input_tokens``) goes into the
+  language model's input sequence in front of the prompt; the other (``head_tokens``) is used
+  only as keys/values inside the safety head.
+* ``SafetyHead``: multi-head attention whose queries are the prompt's token embeddings and whose
+  keys/values are the head's safety tokens followed by the projected features (padding masked);
+  the output at the first-token position feeds a risk-level and a risk-type classifier.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_sahs.errors import LitSahsError
+
+
+class SafetyProjector(nn.Module):
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, hidden)
+        self.linear_2 = nn.Linear(hidden, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+class VisionAbstractor(nn.Module):
+    def __init__(self, vision_dim: int, hidden: int, queries: int = 16):
+        super().__init__()
+        if queries < 1:
+            raise LitSahsError(f"vision_queries must be >= 1, got {queries}")
+        self.conv = nn.Conv1d(vision_dim, vision_dim, kernel_size=3, padding=1)
+        self.queries = int(queries)
+        self.mlp = SafetyProjector(vision_dim, hidden)
+
+    def forward(self, patches: Tensor) -> Tensor:
+        x = F.gelu(self.conv(patches.transpose(1, 2)))                 # [B, Dv, P]
+        x = F.adaptive_avg_pool1d(x, self.queries).transpose(1, 2)   # [B, Q, Dv]
+        return self.mlp(x)
+
+
+class SafetyTokens(nn.Module):
+    def __init__(self, n: int, hidden: int):
+        super().__init__()
+        if n < 1:
+            raise LitSahsError(f"num_safety_tokens must be >= 1, got {n}")
+        self.weight = nn.Parameter(torch.randn(n, hidden) * 0.02)
+
+    def forward(self, batch: int) -> Tensor:
+        return self.weight.unsqueeze(0).expand(batch, -1, -1)
+
+
+class SafetyHead(nn.Module):
+    def __init__(self, hidden: int, num_heads: int, num_levels: int, num_types: int):
+        super().__init__()
+        if hidden % num_heads:
+            raise LitSahsError(f"the safety head's {num_heads} attention heads must divide the target's width "
+                               f"{hidden}: choose head_heads among its divisors")
+        self.attention = nn.MultiheadAttention(hidden, num_heads, batch_first=True)
+        self.level_classifier = nn.Linear(hidden, num_levels)
+        self.type_classifier = nn.Linear(hidden, num_types)
+
+    def forward(self, query: Tensor, tokens: Tensor, features: Tensor,
+                feature_padding: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """query [B, H] (the first-token position's embedding), tokens [B, n, H], features [B, T, H]
+        with feature_padding [B, T] True where a position is not part of the prompt
+        -> (level logits [B, levels], type logits [B, types])."""
+        kv = torch.cat([tokens, features], dim=1)
+        mask = None
+        if feature_padding is not None:
+            keep = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+            mask = torch.cat([keep, feature_padding.to(torch.bool)], dim=1)
+        out, _ = self.attention(query.unsqueeze(1), kv, kv, key_padding_mask=mask, need_weights=False)
+        out = out[:, 0]
+        return self.level_classifier(out), self.type_classifier(out)
+
+
+class SafetyModules(nn.Module):
+    """Everything SafeVLM adds to a target, in one module: what stage I trains and the artifact saves."""
+
+    def __init__(self, hidden: int, feature_dim: int, num_tokens: int, num_heads: int, num_levels: int,
+                 num_types: int, vision_dim: int = 0, vision_queries: int = 16):
+        super().__init__()
+        self.input_tokens = SafetyTokens(num_tokens, hidden)
+        self.head_tokens = SafetyTokens(num_tokens, hidden)
+        self.projector = SafetyProjector(feature_dim, hidden)
+        self.vision = VisionAbstractor(vision_dim, hidden, vision_queries) if vision_dim else None
+        self.head = SafetyHead(hidden, num_heads, num_levels, num_types)
+
+    def classify(self, query: Tensor, features: Tensor, feature_padding: Tensor,
+                 patches: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        proj = self.projector(features.to(self.projector.linear_1.weight.dtype))
+        pad = feature_padding
+        if patches is not None:
+            if self.vision is None:
+                raise LitSahsError("these safety modules were built without a vision abstractor: "
+                                   "they cannot read images (fit them on a vision-language target)")
+            vis = self.vision(patches.to(self.projector.linear_1.weight.dtype))
+            proj = torch.cat([vis, proj], dim=1)
+            pad = torch.cat([torch.zeros(vis.shape[:2], dtype=torch.bool, device=vis.device), pad], dim=1)
+        tokens = self.head_tokens(query.shape[0])
+        return self.head(query.to(proj.dtype), tokens, proj, pad)
