@@ -329,7 +329,7 @@ def locate(
         accuracy[a:b] = out["accuracy"].numpy()
         iterations = max(iterations, int(out["iterations"]))
     meta = {
-        "store": str(Path(store.path).resolve()),
+        "store": str(store.path) if getattr(store, "remote", False) else str(Path(store.path).resolve()),
         "scored_on": "val",
         "split": {
             "held_out_families": list(held_out_families if not isinstance(held_out_families, str) else [held_out_families]),

@@ -64,6 +64,7 @@ from zarr.storage import LocalStore
 
 from lit_sahs.data import blocks as _blocks
 from lit_sahs.data.blocks import BLOCKS, INDEX, Block
+from lit_sahs.data.fspath import FsPath, local_path, store_location
 from lit_sahs.data.manifest import (
     DTYPE,
     EXTRACT_HINT,
@@ -106,8 +107,9 @@ class ActivationStore:
     committed by other processes since this object last looked.
     """
 
-    def __init__(self, path: Path, manifest: dict):
-        self.path = Path(path)
+    def __init__(self, path: "Path | FsPath", manifest: dict):
+        self.path = path if isinstance(path, FsPath) else Path(path)
+        self.remote = isinstance(self.path, FsPath)  # opened from a URL: read through fsspec, read-only
         self.manifest = manifest
         fingerprint, geometry = parse_manifest(manifest, self.path)
         self.fingerprint: TargetFingerprint = fingerprint
@@ -117,7 +119,8 @@ class ActivationStore:
         self._arrays: dict[str, zarr.Array] = {}
         self._index: list[dict] = []
         self._ids: dict[str, int] = {}
-        self._clean_stale_tmp()
+        if not self.remote:
+            self._clean_stale_tmp()
         self.refresh()
 
     # ------------------------------------------------------------------ opening
@@ -130,8 +133,14 @@ class ActivationStore:
         prompt_format: dict | str,
     ) -> "ActivationStore":
         """Create the store (directory + manifest) if absent; otherwise open it and check that it
-        was made for the same target, position rule and prompt format."""
-        path = Path(path)
+        was made for the same target, position rule and prompt format. Writes need a local path (or a
+        ``file://`` URL): a block commits by an atomic directory rename, which object stores lack."""
+        local = local_path(path)
+        if local is None:
+            raise LitSahsError(f"activation store {path} is not local: stores are written to a local directory "
+                               "(atomic block commits); extract there, then copy the directory to the object store "
+                               "and read it by URL")
+        path = local
         if path.exists() and not path.is_dir():
             raise LitSahsError(f"activation store path {path} is a file: give a directory path with --store")
         if not (path / MANIFEST).exists():
@@ -148,9 +157,12 @@ class ActivationStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "ActivationStore":
-        path = Path(path)
+        """Open a store for reading: a local path, or a URL any fsspec filesystem reads (``file://``,
+        ``memory://``, ``s3://``, ``gs://`` ..., with that filesystem's package installed)."""
+        path = store_location(path)
         manifest = read_manifest(path)
-        (path / BLOCKS).mkdir(exist_ok=True)
+        if not isinstance(path, FsPath):
+            (path / BLOCKS).mkdir(exist_ok=True)
         return cls(path, manifest)
 
     # ------------------------------------------------------------------ block discovery
@@ -203,6 +215,8 @@ class ActivationStore:
 
         Rows whose id is already committed (or repeated within `rows`) are dropped first, so a
         resumed extraction never duplicates. Returns the block name, or None if nothing was new."""
+        if self.remote:
+            raise LitSahsError(f"activation store {self.path} was opened from a URL, read-only: write to a local path")
         rows = list(rows)
         arr = _to_float16(activations)
         want = (len(rows),) + self.geometry.shape
@@ -268,8 +282,10 @@ class ActivationStore:
         return self.path / rel if rel else None
 
     # ------------------------------------------------------------------ reading
-    def _block_store(self, path: Path, read_only: bool):
+    def _block_store(self, path: "Path | FsPath", read_only: bool):
         """The zarr store for one block directory (a seam: tests wrap it to see which keys are read)."""
+        if isinstance(path, FsPath):
+            return path.zarr_store()
         return LocalStore(path, read_only=read_only)
 
     def _array(self, block: Block) -> zarr.Array:
