@@ -2,9 +2,15 @@
 
 - `tfidf`: TF-IDF word and character n-grams + logistic regression on the prompt text;
 - `residual`: logistic regression on the last-layer residual stream at the first-token position;
-- `perplexity`: the prompt's mean token NLL under the target (a perplexity filter's score).
+- `perplexity`: the prompt's mean token NLL under the target (a perplexity filter's score);
+- `harm_direction`: one "harm direction" per residual layer (difference of the class means of the
+  training rows), the prompt's projection on it; the layer is chosen on the training rows only
+  (2-fold inside them);
+- `resid_layers`: logistic regression on the residual stream at every recorded layer, concatenated;
+- `refusal`: the target's own refusal-token probability at the first generated position.
 
-The residual and NLL are recorded by extraction (store extras), so baselines cost no forward.
+The residuals, NLL and refusal probability are recorded by extraction (store extras), so baselines
+cost no forward; a store extracted before an extra existed simply lacks that column.
 """
 from __future__ import annotations
 
@@ -15,7 +21,10 @@ import numpy as np
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.errors import LitSahsError
 
-BASELINES = ("tfidf", "residual", "perplexity")
+BASELINES = ("tfidf", "residual", "perplexity", "harm_direction", "resid_layers", "refusal")
+# the store extra each column needs (tfidf reads the index text)
+NEEDS = {"residual": "residual", "perplexity": "prompt_nll", "harm_direction": "residual_layers",
+         "resid_layers": "residual_layers", "refusal": "refusal_prob"}
 
 
 def tfidf_scores(train_texts: Sequence[str], y_train: np.ndarray, eval_texts: Sequence[str], seed: int = 0) -> np.ndarray:
@@ -40,6 +49,45 @@ def residual_scores(r_train: np.ndarray, y_train: np.ndarray, r_eval: np.ndarray
     return clf.predict_proba(r_eval.astype(np.float32))[:, 1]
 
 
+def _auroc(s: np.ndarray, y: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, s)) if len(set(y.tolist())) == 2 else 0.5
+
+
+def harm_direction(r_train: np.ndarray, y_train: np.ndarray) -> np.ndarray:
+    """The difference of class means (malicious - benign) of training rows [n, width]."""
+    r = r_train.astype(np.float64)
+    return r[y_train == 1].mean(0) - r[y_train == 0].mean(0)
+
+
+def choose_direction_layer(r_train: np.ndarray, y_train: np.ndarray, seed: int = 0) -> tuple[int, list[float]]:
+    """The layer (index into r_train's axis 1, [n, layers, width]) whose harm direction, fitted on
+    one half of the training rows, best ranks the other half (mean AUROC of both ways round);
+    returns it and the per-layer AUROCs. Only training rows are read."""
+    rng = np.random.default_rng(seed)
+    half = np.zeros(len(y_train), dtype=bool)
+    for c in (0, 1):  # stratified halves
+        idx = np.flatnonzero(y_train == c)
+        half[rng.permutation(idx)[: len(idx) // 2]] = True
+    aurocs = []
+    for j in range(r_train.shape[1]):
+        a = []
+        for fit, score in ((half, ~half), (~half, half)):
+            if len(set(y_train[fit].tolist())) < 2:
+                continue
+            d = harm_direction(r_train[fit, j], y_train[fit])
+            a.append(_auroc(r_train[score, j].astype(np.float64) @ d, y_train[score]))
+        aurocs.append(float(np.mean(a)) if a else 0.5)
+    return int(np.argmax(aurocs)), aurocs
+
+
+def harm_direction_scores(r_train: np.ndarray, y_train: np.ndarray, r_eval: np.ndarray, seed: int = 0) -> np.ndarray:
+    """[n, layers, width] residuals: projection of the eval rows on the chosen layer's harm direction."""
+    j, _ = choose_direction_layer(r_train, y_train, seed)
+    return r_eval[:, j].astype(np.float64) @ harm_direction(r_train[:, j], y_train)
+
+
 def baseline_scores(store: ActivationStore, train_rows: np.ndarray, eval_rows: np.ndarray,
                     names: Sequence[str] = BASELINES, seed: int = 0) -> dict[str, np.ndarray]:
     """Scores (higher = more malicious) of each baseline for `eval_rows`, trained on `train_rows`."""
@@ -55,13 +103,17 @@ def baseline_scores(store: ActivationStore, train_rows: np.ndarray, eval_rows: n
         if name == "tfidf":
             out[name] = tfidf_scores([index[i]["text"] for i in train_rows], y[train_rows],
                                      [index[i]["text"] for i in eval_rows], seed)
-        elif name in ("residual", "perplexity"):
-            extra = "residual" if name == "residual" else "prompt_nll"
-            if extra not in store.extra_names():
-                continue  # a store extracted without baselines: the report says which are missing
+        else:
+            if NEEDS[name] not in store.extra_names():
+                continue  # a store extracted without this extra: the report says which are missing
+            r = store.read_extra(NEEDS[name])
             if name == "residual":
-                r = store.read_extra("residual")
                 out[name] = residual_scores(r[train_rows], y[train_rows], r[eval_rows], seed)
-            else:
-                out[name] = store.read_extra("prompt_nll")[eval_rows].astype(np.float64)
+            elif name == "resid_layers":
+                out[name] = residual_scores(r[train_rows].reshape(len(train_rows), -1), y[train_rows],
+                                            r[eval_rows].reshape(len(eval_rows), -1), seed)
+            elif name == "harm_direction":
+                out[name] = harm_direction_scores(r[train_rows], y[train_rows], r[eval_rows], seed)
+            else:  # perplexity, refusal: the score itself, no training
+                out[name] = r[eval_rows].astype(np.float64)
     return out

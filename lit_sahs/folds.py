@@ -204,11 +204,12 @@ class Folds:
                           test_fraction=self.test_fraction, seed=self.seed)
 
     def datamodule(self, heads, held_out: Holdout | Sequence[str] | str = (), train_families: Sequence[str] = (),
-                   batch_size: int = 256):
+                   batch_size: int = 256, features: Optional[str] = None):
         from lit_sahs.data.datamodules import CachedActivationDataModule
 
         hold = Holdout.of(held_out)
-        return CachedActivationDataModule(self.store_path, heads=heads, held_out_families=list(hold.families),
+        return CachedActivationDataModule(self.store_path, heads=heads, features=features,
+                                          held_out_families=list(hold.families),
                                           held_out_sources=list(hold.sources),
                                           train_families=list(names(train_families)), val_fraction=self.val_fraction,
                                           test_fraction=self.test_fraction, batch_size=batch_size, seed=self.seed)
@@ -256,19 +257,25 @@ class FoldFit:
         return self.datamodule.splits[split]
 
     def scores(self, split: str = "test") -> np.ndarray:
-        det = self.detector
-        return detector_scores(det, self.datamodule.store.read(det.head_set, rows=self.rows(split)))
+        from lit_sahs.data.extra_features import read_inputs
+
+        det, dm = self.detector, self.datamodule
+        return detector_scores(det, read_inputs(dm.store, det.head_set, det.feature_spec, det.geometry.head_dim,
+                                                rows=self.rows(split)))
 
 
 def fit_fold(folds: Folds, family: str, hparams: Optional[dict], k: int, held_out: Holdout | Sequence[str] | str = (),
              train_families: Sequence[str] = (), max_epochs: Optional[int] = None, batch_size: int = 256,
-             target_fpr: Optional[float] = None) -> FoldFit:
-    """Fit a `family` detector on the fold's top-k heads and training families (max_epochs None: the
-    family's own default); its test split, the held-out rows, stays unseen."""
+             target_fpr: Optional[float] = None, features: Optional[str] = None, all_heads: bool = False) -> FoldFit:
+    """Fit a `family` detector on the fold's top-k heads (every head with `all_heads`, e.g. for the
+    sparse selector), plus extra `features` ('resid,refusal', see lit_sahs.data.extra_features), and
+    training families (max_epochs None: the family's own default); the held-out rows stay unseen."""
     from lit_sahs.engine import Engine, require_one_process
+    from lit_sahs.heads import HeadSet
 
     require_one_process("the held-out folds (evaluate, tune)")  # folds run one after another in one process
-    dm = folds.datamodule(folds.heads_for(k, held_out, train_families), held_out, train_families, batch_size)
+    heads = HeadSet.all(folds.geometry) if all_heads else folds.heads_for(k, held_out, train_families)
+    dm = folds.datamodule(heads, held_out, train_families, batch_size, features)
     result = Engine(validate_once=True, max_epochs=max_epochs).fit(build_detector(family, hparams, target_fpr), dm)
     return FoldFit(result.detector, dm, result.val_metrics)
 

@@ -9,6 +9,12 @@ calibration on the training sources' validation benign prompts. Per fold and on 
 TPR at 1% and 5% FPR, and the false-positive rate on the held-out benign source at the threshold.
 
     python -m lit_sahs evaluate --store stores/quickstart-smollm2 --protocol sources --top_k 8
+
+Features beyond heads (``lit_sahs.data.extra_features``): on a store that records them, the same
+folds also fit the detector on the heads plus residual layers and/or the refusal probability
+(``heads+resid``, ``heads+refusal``, ``heads+resid+refusal``) and the sparse group-lasso selector over
+every head, every residual layer and the refusal probability (``sparse(all)``); the baselines add the
+harm direction, the multi-layer residual probe and the refusal probability alone.
 """
 from __future__ import annotations
 
@@ -17,7 +23,13 @@ from typing import Optional, Sequence
 import numpy as np
 
 from lit_sahs.baselines import BASELINES
+from lit_sahs.data.extra_features import REFUSAL_EXTRA, RESIDUAL_EXTRA
 from lit_sahs.folds import PER_FOLD, Folds, fit_fold
+
+# detector fits beside the heads on a store with the extra features: method name -> features
+FEATURE_SETS = {"heads+resid": "resid", "heads+refusal": "refusal", "heads+resid+refusal": "resid,refusal"}
+SPARSE_ALL = "sparse(all)"
+SPARSE_ALL_ARGS = {"group_lasso": 0.02}
 
 # the columns of the table: threshold-free operating points, and the held-out benign source's FPR
 COLUMNS = ("auroc", "tpr_at_1fpr", "tpr_at_5fpr", "fpr")
@@ -27,27 +39,54 @@ LABELS = {"auroc": "AUROC", "tpr_at_1fpr": "TPR@1%FPR", "tpr_at_5fpr": "TPR@5%FP
 def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", detector_args: Optional[dict] = None,
                     pairing: str = "round_robin", sources: Sequence[str] = (), min_rows: int = 20,
                     max_epochs: Optional[int] = None, baselines: Sequence[str] = BASELINES, seed: int = 0,
-                    ranking: Optional[str] = PER_FOLD, heads: Optional[str] = None, progress: bool = True) -> dict:
+                    ranking: Optional[str] = PER_FOLD, heads: Optional[str] = None, progress: bool = True,
+                    feature_sets: Optional[dict] = None, sparse_all: Optional[bool] = None) -> dict:
     """Fit and score every source fold. Returns {"folds": [{"holdout", "n_malicious", "n_benign",
-    "methods": {method: {column: value}}}], "mean": {method: {column: mean}}, "skipped": {fold: reason}}."""
+    "methods": {method: {column: value}}}], "mean": {method: {column: mean}}, "skipped": {fold: reason}}.
+    `feature_sets` ({method: 'resid,refusal'}; None: FEATURE_SETS when the store records the extra
+    features, else none) and `sparse_all` (None: likewise) add detector fits on the same folds."""
     from tqdm import tqdm
 
     from lit_sahs.evaluate import split_reports
 
     folds = Folds(store, ranking=ranking, heads=heads, seed=seed)
     holdouts, skipped = folds.source_holdouts(pairing, min_rows, sources)
+    has_extras = {RESIDUAL_EXTRA, REFUSAL_EXTRA} <= set(folds.store.extra_names())
+    feature_sets = (FEATURE_SETS if has_extras else {}) if feature_sets is None else dict(feature_sets)
+    sparse_all = has_extras if sparse_all is None else sparse_all
     out = []
     for hold in tqdm(holdouts, desc="source folds", disable=not progress):
         fit = fit_fold(folds, detector, detector_args, top_k, hold, max_epochs=max_epochs)
         reports, _, labels, thresholds = split_reports(fit.detector, fit.datamodule, "test", baselines)
+        extra_fits = {m: fit_fold(folds, detector, detector_args, top_k, hold, max_epochs=max_epochs, features=f)
+                      for m, f in feature_sets.items()}
+        if sparse_all:
+            extra_fits[SPARSE_ALL] = fit_fold(folds, "sparse", SPARSE_ALL_ARGS, top_k, hold, all_heads=True,
+                                              features="resid,refusal" if has_extras else None)
+        for m, f in extra_fits.items():
+            reports[m], thresholds[m] = _fit_report(f, labels)
         out.append({"holdout": list(hold.sources), "n_malicious": int(labels.sum()),
                     "n_benign": int((labels == 0).sum()), "thresholds": thresholds,
                     "head_set": fit.detector.head_set.to_list(),
                     "methods": {m: {c: float(rep["overall"][c]) for c in COLUMNS} for m, rep in reports.items()}})
+        if sparse_all:
+            out[-1]["sparse_selected"] = [r["name"] for r in extra_fits[SPARSE_ALL].detector.head_report()
+                                          if r["selected"]]
     methods = list(out[0]["methods"])
     mean = {m: {c: float(np.nanmean([f["methods"][m][c] for f in out])) for c in COLUMNS} for m in methods}
     return {"protocol": "sources", "pairing": pairing, "detector": detector, "top_k": top_k, "folds": out,
             "mean": mean, "skipped": skipped, "relocate": folds.per_fold}
+
+
+def _fit_report(fit, labels: np.ndarray) -> tuple[dict, float]:
+    """A fold fit's test report at its own calibrated threshold (the test rows are the fold's)."""
+    from lit_sahs.detectors import compute_report
+
+    index = fit.datamodule.split_rows("test")
+    y = np.array([int(r["label"]) for r in index])
+    assert np.array_equal(y, labels), "fold fits disagree on the test rows"
+    thr = float(fit.detector.threshold)
+    return compute_report(fit.scores("test"), y, [str(r.get("attack_family", "")) for r in index], thr), thr
 
 
 def _cell(v: float) -> str:
@@ -69,6 +108,12 @@ def format_source_tables(result: dict) -> str:
             cells = [_cell(f["methods"][m][col]) for m in methods]
             lines.append(f"| {' + '.join(f['holdout'])} | {f['n_malicious']} / {f['n_benign']} | "
                          + " | ".join(cells) + " |")
+    kept = [(f["holdout"], f["sparse_selected"]) for f in result["folds"] if "sparse_selected" in f]
+    if kept:
+        lines += ["", f"Groups the sparse selector kept ({SPARSE_ALL}: every head, residual layer and the refusal "
+                  "probability), per fold:", ""]
+        lines += [f"- {' + '.join(h)}: {', '.join(sel[:12])}" + (f" … ({len(sel)} in all)" if len(sel) > 12 else "")
+                  for h, sel in kept]
     if result["skipped"]:
         lines += ["", "Skipped folds: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items())]
     return "\n".join(lines)

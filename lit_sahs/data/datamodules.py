@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from lit_sahs.data.extra_features import FeatureSpec, read_packed
 from lit_sahs.data.features import NORM_EPS, RunningMoments, resolve_heads
 from lit_sahs.data.protocol import DEFAULT_BENIGN, DEFAULT_HARMFUL, SPLITS, SampleSpec, names, split_rows as _split_rows
 from lit_sahs.data.store import ActivationStore
@@ -133,6 +134,7 @@ class CachedActivationDataModule(_SplitDataModule):
         seed: int = 0,
         max_memory_mb: int = 2048,
         num_workers: int = 0,
+        features: Union[str, list[str], None] = None,
     ):
         super().__init__()
         if num_workers < 0:
@@ -142,6 +144,8 @@ class CachedActivationDataModule(_SplitDataModule):
         self.fingerprint: TargetFingerprint = self.store.fingerprint
         self.geometry: Geometry = self.store.geometry
         self.head_set: HeadSet = resolve_heads(self.fingerprint, heads, ranking, top_k, all_heads)
+        # extra features packed after the heads (lit_sahs.data.extra_features): residual layers, refusal
+        self.feature_spec: FeatureSpec = FeatureSpec.for_store(self.store, features)
         self.ranking_path = ranking if ranking and not heads else None  # reports attach it to the run
         rows = self.store.index()
         if not rows:
@@ -149,8 +153,12 @@ class CachedActivationDataModule(_SplitDataModule):
         self._init_rows(rows, held_out_families, held_out_sources, train_families, val_fraction, test_fraction,
                         batch_size, seed)
         self.num_workers, self.max_memory_mb = int(num_workers), max_memory_mb
-        need = len(self._rows) * len(self.head_set) * self.geometry.head_dim * 2  # fp16 in RAM
+        d = self.geometry.head_dim
+        need = len(self._rows) * (len(self.head_set) + self.feature_spec.num_slots(d)) * d * 2  # fp16 in RAM
         self.in_memory: bool = need <= max_memory_mb * 2 ** 20
+        if self.feature_spec and not self.in_memory:
+            raise LitSahsError(f"extra features {list(self.feature_spec.names)} are served from memory only and "
+                               f"need {need / 2 ** 20:.0f} MB: raise --data.max_memory_mb or drop --data.features")
         self._x: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------ setup
@@ -162,9 +170,13 @@ class CachedActivationDataModule(_SplitDataModule):
             return
         train = np.zeros(len(self._rows), dtype=bool)
         train[splits["train"]] = True
-        moments = RunningMoments((len(self.head_set), self.geometry.head_dim))
+        d = self.geometry.head_dim
+        moments = RunningMoments((len(self.head_set) + self.feature_spec.num_slots(d), d))
+        packed = read_packed(self.store, self.feature_spec, d) if self.feature_spec else None
         parts, offset = [], 0
         for rows, acts in self.store.iter_blocks(self.head_set):  # one block in memory at a time
+            if packed is not None:
+                acts = np.concatenate([acts, packed[offset:offset + len(rows)].numpy().astype(acts.dtype)], axis=1)
             if need_norm:
                 moments.update(acts[train[offset:offset + len(rows)]])
             if need_load:

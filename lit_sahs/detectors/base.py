@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 import lit_sahs
 from lit_sahs.detectors.metrics import calibrate_threshold, detection_metrics, set_threshold, ScoreCollector
+from lit_sahs.data.extra_features import FeatureSpec
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import Geometry, HeadSet, TargetFingerprint
 
@@ -65,6 +66,13 @@ class SafetyDetector(L.LightningModule):
         self.fingerprint: TargetFingerprint | None = None
         self.families: list[str] = []
         self._eval_families: list[str] = []
+        self.feature_spec: FeatureSpec = FeatureSpec((), ())
+
+    @property
+    def num_inputs(self) -> int:
+        """Rows of the input [B, k, D]: the heads, then the packed extra features' slots."""
+        self._require_bound()
+        return len(self.head_set) + self.feature_spec.num_slots(self.geometry.head_dim)
 
     # ------------------------------------------------------------------ subclass hooks
 
@@ -92,8 +100,10 @@ class SafetyDetector(L.LightningModule):
         mean: Tensor,
         std: Tensor,
         families: Sequence[str] = (),
+        features: FeatureSpec | None = None,
     ) -> "SafetyDetector":
-        """Tie the detector to a target's heads and the train-split normalisation; builds parameters."""
+        """Tie the detector to a target's heads (and extra features, packed after them, see
+        ``lit_sahs.data.extra_features``) and the train-split normalisation; builds parameters."""
         if not isinstance(head_set, HeadSet):
             head_set = HeadSet(head_set)
         if len(head_set) == 0:
@@ -104,14 +114,15 @@ class SafetyDetector(L.LightningModule):
                 f"fingerprint geometry {fingerprint.geometry.shape} differs from geometry {geometry.shape}: "
                 "take both from the same target"
             )
-        k, d = len(head_set), geometry.head_dim
+        features = features if features is not None else FeatureSpec((), ())
+        k, d = len(head_set) + features.num_slots(geometry.head_dim), geometry.head_dim
         mean = torch.as_tensor(mean, dtype=torch.float32).detach().clone()
         std = torch.as_tensor(std, dtype=torch.float32).detach().clone()
         for name, t in (("mean", mean), ("std", std)):
             if tuple(t.shape) != (k, d):
                 raise LitSahsError(
-                    f"normalisation {name} has shape {tuple(t.shape)} but {k} heads of dim {d} need ({k}, {d}): "
-                    "compute it on the same HeadSet"
+                    f"normalisation {name} has shape {tuple(t.shape)} but {k} heads / feature slots of dim {d} need "
+                    f"({k}, {d}): compute it on the same HeadSet and features"
                 )
         if not torch.isfinite(mean).all() or not torch.isfinite(std).all():
             raise LitSahsError("normalisation mean/std contain NaN or inf: check the training activations")
@@ -120,6 +131,7 @@ class SafetyDetector(L.LightningModule):
         self.register_buffer("mean", mean.to(device))
         self.register_buffer("std", std.to(device))
         self.head_set, self.geometry, self.fingerprint = head_set, geometry, fingerprint
+        self.feature_spec = features
         self.families = [str(f) for f in families]
         self.build(k, d)
         self.to(device)
@@ -147,6 +159,12 @@ class SafetyDetector(L.LightningModule):
             raise LitSahsError(
                 f"the data holds heads {HeadSet(hs).to_list()} but the detector reads {self.head_set.to_list()}: "
                 "give the DataModule the detector's HeadSet"
+            )
+        spec = getattr(dm, "feature_spec", None)
+        if spec is not None and spec != self.feature_spec:
+            raise LitSahsError(
+                f"the data serves features {list(spec.names)} but the detector reads {list(self.feature_spec.names)}: "
+                "give the DataModule the detector's features"
             )
 
     def setup(self, stage: str) -> None:
@@ -177,7 +195,7 @@ class SafetyDetector(L.LightningModule):
                 "fit the detector first or load a fitted one"
             )
         return self.bind(dm.head_set, dm.geometry, dm.fingerprint, norm[0], norm[1],
-                         list(getattr(dm, "families", []) or []))
+                         list(getattr(dm, "families", []) or []), getattr(dm, "feature_spec", None))
 
     def _build_metrics(self, families: Sequence[str]) -> None:
         self._eval_families = list(families)
@@ -197,12 +215,14 @@ class SafetyDetector(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         """Raw activations of the detector's heads [B, k, D] (HeadSet order) -> logits [B]."""
         self._require_bound()
-        k, d = len(self.head_set), self.geometry.head_dim
+        k, d = self.num_inputs, self.geometry.head_dim
         if not isinstance(x, Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != (k, d):
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            extra = f" then features {list(self.feature_spec.names)} packed" if self.feature_spec else ""
             raise LitSahsError(
-                f"detector expects activations [batch, {k}, {d}] (heads {self.head_set.to_list()} in this order), "
-                f"got {got}: capture exactly the detector's HeadSet"
+                f"detector expects activations [batch, {k}, {d}] (heads {self.head_set.to_list()} in this order"
+                f"{extra}), got {got}: capture exactly the detector's HeadSet"
+                + (" and features (lit_sahs.data.extra_features)" if self.feature_spec else "")
             )
         z = (x.to(self.mean.dtype) - self.mean) / self.std
         return self.logits(z)
@@ -367,6 +387,7 @@ class SafetyDetector(L.LightningModule):
             "fingerprint": self.fingerprint.to_dict(),
             "families": list(self.families),
             "lit_sahs_version": lit_sahs.__version__,
+            **({"features": self.feature_spec.to_dict()} if self.feature_spec else {}),
         }
 
     def bind_from_metadata(self, meta: dict[str, Any]) -> None:
@@ -376,17 +397,19 @@ class SafetyDetector(L.LightningModule):
             geometry = Geometry.from_dict(meta["geometry"])
             fingerprint = TargetFingerprint.from_dict(meta["fingerprint"])
             families = list(meta.get("families", []))
+            features = FeatureSpec.from_dict(meta.get("features"))
         except (KeyError, TypeError, ValueError) as e:
             raise LitSahsError(f"detector metadata is incomplete or corrupt ({e!r}): re-save the detector") from e
         if self.is_bound:
-            if tuple(head_set) != tuple(self.head_set) or not fingerprint.matches(self.fingerprint):
+            if (tuple(head_set) != tuple(self.head_set) or not fingerprint.matches(self.fingerprint)
+                    or features != self.feature_spec):
                 raise LitSahsError(
                     "the checkpoint was made for other heads or another target than this detector is bound to: "
                     "resume with the same DataModule settings"
                 )
             return  # resuming: keep the parameters the optimizer already holds
-        k, d = len(head_set), geometry.head_dim
-        self.bind(head_set, geometry, fingerprint, torch.zeros(k, d), torch.ones(k, d), families)
+        k, d = len(head_set) + features.num_slots(geometry.head_dim), geometry.head_dim
+        self.bind(head_set, geometry, fingerprint, torch.zeros(k, d), torch.ones(k, d), families, features)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.is_bound:

@@ -82,6 +82,18 @@ class SparseHeadDetector(SafetyDetector):
     def build(self, k: int, head_dim: int) -> None:
         self.weight = nn.Parameter(torch.zeros(k, head_dim))
         self.bias = nn.Parameter(torch.zeros(()))
+        # groups: one per head, then one per extra feature (all its slots); a group of s slots is
+        # penalised sqrt(s) times a head (the usual group-lasso size weighting)
+        n_heads = len(self.head_set)
+        gid = list(range(n_heads))
+        names = [f"{l}.{h}" for l, h in self.head_set]
+        for name, a, b in self.feature_spec.groups(head_dim):
+            gid += [len(names)] * (b - a)
+            names.append(name)
+        self.group_names = names
+        self.register_buffer("group_index", torch.tensor(gid, dtype=torch.long), persistent=False)
+        sizes = torch.zeros(len(names)).index_add_(0, self.group_index, torch.ones(k))
+        self.register_buffer("group_weight", sizes.sqrt(), persistent=False)
 
     def logits(self, z: Tensor) -> Tensor:
         return torch.einsum("bkd,kd->b", z, self.weight) + self.bias
@@ -96,11 +108,17 @@ class SparseHeadDetector(SafetyDetector):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.hparams.momentum,
                                weight_decay=self.hparams.weight_decay)
 
-    @staticmethod
-    def _prox(w: Tensor, step: float) -> Tensor:
-        """Block soft-thresholding: the proximal operator of step * sum_h ||W_h||."""
-        norms = w.norm(dim=1, keepdim=True)
-        return w * (1 - step / norms.clamp_min(1e-12)).clamp_min(0.0)
+    def _group_norms(self, w: Tensor) -> Tensor:
+        gi = self.group_index.to(w.device)
+        sq = torch.zeros(len(self.group_names), dtype=w.dtype, device=w.device).index_add_(0, gi, w.pow(2).sum(1))
+        return sq.sqrt()
+
+    def _prox(self, w: Tensor, step: float) -> Tensor:
+        """Block soft-thresholding: the proximal operator of step * sum_g sqrt(|g|) ||W_g|| (a group
+        is a head, or an extra feature's slots)."""
+        gw = self.group_weight.to(device=w.device, dtype=w.dtype)
+        scale = (1 - step * gw / self._group_norms(w).clamp_min(1e-12)).clamp_min(0.0)
+        return w * scale[self.group_index.to(w.device)].unsqueeze(1)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
@@ -149,29 +167,42 @@ class SparseHeadDetector(SafetyDetector):
         with torch.no_grad():
             self.weight.copy_(w)
             self.bias.copy_(b)
-            return self._smooth(z, y, w, b) + gl * w.norm(dim=1).sum()
+            return self._smooth(z, y, w, b) + gl * (self.group_weight.to(w) * self._group_norms(w)).sum()
 
     # ------------------------------------------------------------------ head report
 
+    def group_norms(self) -> Tensor:
+        """||W_g|| / sqrt(|g|) for every group: the heads in HeadSet order, then the extra features
+        (size-normalised, so a many-slot residual and a head compare; 0 = dropped)."""
+        self._require_bound()
+        w = self.weight.detach()
+        return (self._group_norms(w) / self.group_weight.to(w)).cpu()
+
     def head_norms(self) -> Tensor:
         """||W_h|| for every head of the HeadSet, in its order (0 = head dropped)."""
-        self._require_bound()
-        return self.weight.detach().norm(dim=1).cpu()
+        return self.group_norms()[:len(self.head_set)]
 
     def relative_norms(self) -> Tensor:
-        """||W_h|| / max_h ||W_h|| (all zeros if every head was dropped)."""
-        norms = self.head_norms()
+        """Group norm / largest group norm, heads then features (all zeros if every group was dropped)."""
+        norms = self.group_norms()
         top = norms.max()
         return norms / top if top > 0 else torch.zeros_like(norms)
 
     def head_report(self, threshold: float | None = None) -> list[dict[str, Any]]:
         """Per head: layer, head, norm, relative (norm / largest norm), selected; strongest first."""
         thr = self.hparams.selection_threshold if threshold is None else float(threshold)
+        heads = list(self.head_set) + [(None, None)] * (len(self.group_names) - len(self.head_set))
         rows = [
-            {"layer": l, "head": h, "norm": float(n), "relative": float(r), "selected": float(r) > thr}
-            for (l, h), n, r in zip(self.head_set, self.head_norms(), self.relative_norms())
+            {"name": name, "layer": l, "head": h, "norm": float(n), "relative": float(r), "selected": float(r) > thr}
+            for name, (l, h), n, r in zip(self.group_names, heads, self.group_norms(), self.relative_norms())
         ]
         return sorted(rows, key=lambda r: -r["norm"])
+
+    def selected_features(self, threshold: float | None = None) -> list[str]:
+        """Extra features (see lit_sahs.data.extra_features) whose relative norm exceeds `threshold`."""
+        thr = self.hparams.selection_threshold if threshold is None else float(threshold)
+        k = len(self.head_set)
+        return [n for n, r in zip(self.group_names[k:], self.relative_norms()[k:]) if float(r) > thr]
 
     def selected_heads(self, threshold: float | None = None) -> HeadSet:
         """Heads whose relative norm (norm / largest norm) exceeds `threshold` (default: the
@@ -180,10 +211,11 @@ class SparseHeadDetector(SafetyDetector):
         thr = self.hparams.selection_threshold if threshold is None else float(threshold)
         keep = [hd for hd, r in zip(self.head_set, self.relative_norms()) if float(r) > thr]
         if not keep:
+            kept = f" (extra features kept: {self.selected_features(thr)})" if self.feature_spec else ""
             raise LitSahsError(
                 "every head's weights are zero: lower group_lasso (the penalty removed all heads)"
-                if thr <= 0 or float(self.head_norms().max()) == 0 else
-                f"no head above relative norm {thr}: lower the threshold"
+                if thr <= 0 or float(self.group_norms().max()) == 0 else
+                f"no head above relative norm {thr}{kept}: lower the threshold"
             )
         return HeadSet(keep)
 
@@ -195,10 +227,10 @@ class SparseHeadDetector(SafetyDetector):
     def on_fit_end(self) -> None:
         report = self.head_report()
         kept = [r for r in report if r["selected"]]
-        log.info("sparse detector kept %d of %d heads: %s", len(kept), len(report),
-                 ", ".join(f"{r['layer']}.{r['head']}={r['norm']:.3f}" for r in kept))
+        log.info("sparse detector kept %d of %d groups: %s", len(kept), len(report),
+                 ", ".join(f"{r['name']}={r['norm']:.3f}" for r in kept))
         if self.logger is not None:
             self.logger.log_metrics(
-                {f"sparse/head_norm/{r['layer']}.{r['head']}": r["norm"] for r in report},
+                {f"sparse/head_norm/{r['name'].replace(':', '_')}": r["norm"] for r in report},
                 step=self.global_step,
             )

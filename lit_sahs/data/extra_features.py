@@ -1,0 +1,185 @@
+"""Features beyond heads: what a detector may read next to head activations, from the same prefill.
+
+Names (a *feature spec* is a comma-separated list of them):
+
+* ``resid:<layer>`` — the residual stream after decoder layer ``<layer>`` at the first-token
+  position (store extra ``residual_layers``, layer ids in ``residual_layer_ids``);
+* ``resid`` — every residual layer the store recorded (expanded to ``resid:<layer>`` names);
+* ``refusal`` — the target's own behaviour: the log-odds of the probability mass of
+  refusal-opening tokens in the first-token distribution (store extra ``refusal_prob``,
+  ``lit_sahs.refusal``'s token set).
+
+Detectors keep one input layout, raw ``[B, k, D]``: each feature is packed after the heads into
+``ceil(width / D)`` slots of ``D = head_dim`` values, zero-padded (a zero column normalises to 0
+and carries no weight). ``FeatureSpec`` records the names and widths, so a fitted detector knows
+its layout, its artifact records it, and the runtime computes the same features from the same
+forward (``compute_features``). The sparse detector treats each feature as one group.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from lit_sahs.errors import LitSahsError
+
+RESIDUAL_EXTRA, LAYER_IDS_EXTRA, REFUSAL_EXTRA = "residual_layers", "residual_layer_ids", "refusal_prob"
+_NAME = re.compile(r"^(resid:\d+|resid|refusal)$")
+REEXTRACT = ("re-extract into a new store with this version of `python -m lit_sahs extract` "
+             "(it records residual_layers, residual_layer_ids and refusal_prob)")
+PROB_EPS = 1e-6
+
+
+def parse_names(spec: Union[str, Sequence[str], None]) -> tuple[str, ...]:
+    """Feature names from 'resid,refusal' or a list; unknown names are refused."""
+    if spec is None:
+        return ()
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = [str(s).strip() for s in items if str(s).strip()]
+    bad = [s for s in out if not _NAME.match(s)]
+    if bad:
+        raise LitSahsError(f"unknown features {bad}: use resid (every stored residual layer), resid:<layer> "
+                           "or refusal, comma-separated")
+    return tuple(dict.fromkeys(out))
+
+
+def _layer(name: str) -> int:
+    return int(name.split(":")[1])
+
+
+def store_layers(store) -> tuple[int, ...]:
+    """The residual layers a store recorded (refuses a store extracted before they were)."""
+    if LAYER_IDS_EXTRA not in store.extra_names():
+        raise LitSahsError(f"store {store.path} has no multi-layer residuals (extracted before extra features): "
+                           + REEXTRACT)
+    ids = store.read_extra(LAYER_IDS_EXTRA, rows=[0])[0]
+    return tuple(int(i) for i in ids)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Canonical feature names (``resid:<layer>`` / ``refusal``) and each one's width."""
+
+    names: tuple[str, ...]
+    widths: tuple[int, ...]
+
+    def __post_init__(self):
+        if len(self.names) != len(self.widths) or any(w < 1 for w in self.widths):
+            raise LitSahsError(f"feature spec {self.names} / widths {self.widths} do not match")
+        parse_names(self.names)
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+    @classmethod
+    def for_store(cls, store, spec: Union[str, Sequence[str], None]) -> "FeatureSpec":
+        names = parse_names(spec)
+        if not names:
+            return cls((), ())
+        have = set(store.extra_names())
+        layers = store_layers(store) if any(n.startswith("resid") for n in names) else ()
+        if "refusal" in names and REFUSAL_EXTRA not in have:
+            raise LitSahsError(f"store {store.path} has no refusal_prob extra (extracted before extra features): "
+                               + REEXTRACT)
+        canon: list[str] = []
+        for n in names:
+            if n == "resid":
+                canon += [f"resid:{l}" for l in layers]
+            elif n.startswith("resid:") and _layer(n) not in layers:
+                raise LitSahsError(f"feature {n}: store {store.path} recorded residuals at layers {list(layers)} only: "
+                                   "pick one of them, or re-extract with those layers")
+            else:
+                canon.append(n)
+        canon = list(dict.fromkeys(canon))
+        hidden = int(store.read_extra(RESIDUAL_EXTRA, rows=[0]).shape[-1]) if layers else 0
+        return cls(tuple(canon), tuple(hidden if n.startswith("resid") else 1 for n in canon))
+
+    # ------------------------------------------------------------ layout
+    def slots(self, head_dim: int) -> list[int]:
+        return [math.ceil(w / head_dim) for w in self.widths]
+
+    def num_slots(self, head_dim: int) -> int:
+        return sum(self.slots(head_dim))
+
+    def groups(self, head_dim: int) -> list[tuple[str, int, int]]:
+        """(name, first slot, end slot) per feature, slots counted after the heads."""
+        out, at = [], 0
+        for n, s in zip(self.names, self.slots(head_dim)):
+            out.append((n, at, at + s))
+            at += s
+        return out
+
+    @property
+    def residual_layers(self) -> tuple[int, ...]:
+        return tuple(_layer(n) for n in self.names if n.startswith("resid:"))
+
+    def pack(self, values: Sequence[np.ndarray | torch.Tensor], head_dim: int) -> torch.Tensor:
+        """Per-feature values [n, width] (in `names` order) -> [n, slots, head_dim] float32, zero-padded."""
+        parts = []
+        for v, w, s in zip(values, self.widths, self.slots(head_dim)):
+            t = torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v).float().reshape(len(v), -1)
+            if t.shape[1] != w:
+                raise LitSahsError(f"a feature of width {w} got values of width {t.shape[1]}: "
+                                   "the target or store differs from the one the detector was fitted on")
+            parts.append(torch.nn.functional.pad(t, (0, s * head_dim - w)).reshape(len(t), s, head_dim))
+        return torch.cat(parts, dim=1) if parts else torch.zeros(0, 0, head_dim)
+
+    def to_dict(self) -> dict:
+        return {"names": list(self.names), "widths": list(self.widths)}
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "FeatureSpec":
+        if not d:
+            return cls((), ())
+        return cls(tuple(d["names"]), tuple(int(w) for w in d["widths"]))
+
+
+def refusal_feature(prob: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """The refusal feature: log-odds of the refusal probability (clipped), [n, 1]."""
+    p = torch.as_tensor(np.asarray(prob) if not torch.is_tensor(prob) else prob).double().clamp(PROB_EPS, 1 - PROB_EPS)
+    return (p.log() - (1 - p).log()).float().reshape(-1, 1)
+
+
+def read_values(store, spec: FeatureSpec, rows: Optional[Sequence[int]] = None) -> list[np.ndarray]:
+    """Per-feature values [n, width] from a store's extras (rows: positions of `index()`)."""
+    if not spec:
+        return []
+    out = []
+    layers = store_layers(store) if spec.residual_layers else ()
+    resid = store.read_extra(RESIDUAL_EXTRA, rows=rows) if layers else None
+    for n in spec.names:
+        if n == "refusal":
+            out.append(refusal_feature(store.read_extra(REFUSAL_EXTRA, rows=rows)).numpy())
+        else:
+            out.append(resid[:, layers.index(_layer(n))].astype(np.float32))
+    return out
+
+
+def read_packed(store, spec: FeatureSpec, head_dim: int, rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+    return spec.pack(read_values(store, spec, rows), head_dim)
+
+
+def read_inputs(store, head_set, spec: FeatureSpec, head_dim: int, rows: Optional[Sequence[int]] = None) -> np.ndarray:
+    """What a detector with `spec` reads for store rows: heads then packed features, [n, k + slots, D]."""
+    x = store.read(head_set, rows=rows)
+    if not spec:
+        return x
+    return np.concatenate([np.asarray(x, dtype=np.float32), read_packed(store, spec, head_dim, rows).numpy()], axis=1)
+
+
+def from_forward(spec: FeatureSpec, residuals: Optional[torch.Tensor], refusal_prob: Optional[torch.Tensor],
+                 head_dim: int) -> torch.Tensor:
+    """Packed features from one forward: `residuals` [B, len(spec.residual_layers), hidden] in
+    spec.residual_layers order, `refusal_prob` [B]."""
+    vals, i = [], 0
+    for n in spec.names:
+        if n == "refusal":
+            vals.append(refusal_feature(refusal_prob))
+        else:
+            vals.append(residuals[:, i].float())
+            i += 1
+    return spec.pack(vals, head_dim)
