@@ -207,6 +207,75 @@ class LayerResidualCapture:
         return torch.stack([self._records[l].to(dev) for l in self.layers], dim=1)
 
 
+class FeatureCapture:
+    """HeadCapture plus the extra features a detector reads (``lit_sahs.data.extra_features``), from
+    the same prefill: residuals after the spec's layers, and the refusal-token probability of the
+    first-token logits (a forward hook on the LM head, first call only: inside ``generate`` that
+    is the prefill). ``selected()`` gives [batch, k + slots, head_dim], the detector's input, so it
+    stands in for a HeadCapture wherever one is read (the guard's gate, ``capture_forward``)."""
+
+    def __init__(self, model: nn.Module, heads: HeadSet, geometry: Geometry, spec, tokenizer):
+        from lit_sahs.refusal import refusal_token_ids
+
+        self.model, self.spec, self.geometry = model, spec, geometry
+        self.head_capture = HeadCapture(model, heads, geometry)
+        self.heads = self.head_capture.heads
+        layers = spec.residual_layers
+        self.residual_capture = LayerResidualCapture(model, layers) if layers else None
+        self.refusal_ids = refusal_token_ids(tokenizer) if "refusal" in spec.names else None
+        self._handle = None
+        self._logits: Optional[torch.Tensor] = None
+
+    def _lm_hook(self, module, args, output):
+        if self._logits is None:
+            out = output if torch.is_tensor(output) else output[0]
+            self._logits = out[:, -1].detach().clone()
+
+    def __enter__(self) -> "FeatureCapture":
+        self._logits = None
+        self.head_capture.__enter__()
+        if self.residual_capture is not None:
+            self.residual_capture.__enter__()
+        if self.refusal_ids is not None:
+            head = self.model.get_output_embeddings()
+            if head is None:
+                raise LitSahsError(f"{type(self.model).__name__} has no LM head: the refusal feature needs one")
+            self._handle = head.register_forward_hook(self._lm_hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.head_capture.__exit__(*exc)
+        if self.residual_capture is not None:
+            self.residual_capture.__exit__(*exc)
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def selected(self) -> torch.Tensor:
+        from lit_sahs.data.extra_features import from_forward
+        from lit_sahs.refusal import refusal_probability
+
+        x = self.head_capture.selected()
+        res = self.residual_capture.residuals() if self.residual_capture is not None else None
+        prob = None
+        if self.refusal_ids is not None:
+            if self._logits is None:
+                raise LitSahsError("no logits captured for the refusal feature: run a forward inside the capture")
+            prob = refusal_probability(self._logits, self.refusal_ids)
+        packed = from_forward(self.spec, None if res is None else res.cpu(), None if prob is None else prob.cpu(),
+                              self.geometry.head_dim)
+        return torch.cat([x.float(), packed.to(x.device)], dim=1)
+
+
+def capture_for(detector, target):
+    """The capture a detector reads: a HeadCapture of its heads, or a FeatureCapture when it was
+    fitted with extra features (its artifact records them)."""
+    spec = getattr(detector, "feature_spec", None)
+    if spec:
+        return FeatureCapture(target.model, detector.head_set, target.geometry, spec, target.tokenizer)
+    return HeadCapture(target.model, detector.head_set, target.geometry)
+
+
 ABLATION_MODES = ("zero", "mean")
 
 

@@ -44,7 +44,11 @@ def split_reports(detector: SafetyDetector, dm, split: str = "test", baselines: 
     y = np.array([int(r["label"]) for r in index])
     y_val = np.array([int(r["label"]) for r in dm.split_rows("val")])
     groups = [str(r.get(group_key, "")) for r in index]
-    scores = {"heads": detector_scores(detector, dm.store.read(detector.head_set, rows=rows))}
+    from lit_sahs.data.extra_features import read_inputs  # heads, then any extra features the detector reads
+
+    spec = getattr(detector, "feature_spec", None)
+    scores = {"heads": detector_scores(detector, read_inputs(dm.store, detector.head_set, spec,
+                                                             detector.geometry.head_dim, rows=rows))}
     thresholds = {"heads": float(detector.threshold)}
     target_fpr = float(getattr(detector.hparams, "target_fpr", 0.05))
     for name, both in baseline_scores(dm.store, dm.splits["train"], np.concatenate([val, rows]), baselines,
@@ -191,7 +195,8 @@ def score_file(detector_path: str, data: str, target: Optional[str] = None, batc
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             enc = prompting.encode(tgt, [texts[i] for i in idx], [images[i] for i in idx], [ids[i] for i in idx])
-            scores[idx] = detector_scores(det, capture_forward(tgt, enc, det.head_set))
+            scores[idx] = detector_scores(
+                det, capture_forward(tgt, enc, det.head_set, features=getattr(det, "feature_spec", None)))
             bar.update(len(idx))
     threshold = float(det.threshold)
     labels = np.array([s.label for s in samples])

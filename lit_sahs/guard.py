@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from lit_sahs.capture import HeadCapture
+from lit_sahs.capture import HeadCapture, capture_for  # noqa: F401 - HeadCapture: GateProcessor's type
 from lit_sahs.detectors import SafetyDetector
 from lit_sahs.errors import LitSahsError
 from lit_sahs.runtime import DetectorOptions, encode_prompts, load_detector_and_target, run_options, write_jsonl
@@ -199,7 +199,7 @@ class SafetyGuard:
         enc = {k: v.to(self.target.device) if torch.is_tensor(v) else v for k, v in enc.items()}
         procs = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
         generate_kwargs.setdefault("pad_token_id", self.target.tokenizer.pad_token_id)
-        with torch.no_grad(), HeadCapture(model, self.head_set, self.target.geometry) as cap:
+        with torch.no_grad(), capture_for(self.detector, self.target) as cap:  # heads (+ extra features)
             gate = GateProcessor(self.detector, cap, self._eos_token_id(generate_kwargs), self.threshold,
                                  self.fail_closed)
             procs.append(gate)

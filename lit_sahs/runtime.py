@@ -204,13 +204,22 @@ class EarlyExit:
 
 
 @torch.no_grad()
-def capture_forward(target: Target, enc: dict, heads: HeadSet, early_exit: bool = False) -> torch.Tensor:
+def capture_forward(target: Target, enc: dict, heads: HeadSet, early_exit: bool = False,
+                    features=None) -> torch.Tensor:
     """[batch, k, head_dim]: `heads` at the first-token position for an encoded batch, from one
     forward without a KV cache whose LM head runs on the last position only; with `early_exit` the
-    forward stops after the deepest layer of `heads` (the same values, bit for bit)."""
+    forward stops after the deepest layer of `heads` (the same values, bit for bit). With extra
+    `features` (a detector's ``feature_spec``) they follow the heads, [batch, k + slots, head_dim],
+    from the same forward (run to the end: the refusal feature needs the logits)."""
     heads = heads.validate(target.geometry)
     model = target.model
     enc = {k: v.to(target.device) if torch.is_tensor(v) else v for k, v in enc.items()}
+    if features:
+        from lit_sahs.capture import FeatureCapture
+
+        with FeatureCapture(model, heads, target.geometry, features, target.tokenizer) as cap:
+            model(**enc, use_cache=False, logits_to_keep=1)
+        return cap.selected()
     with HeadCapture(model, heads, target.geometry) as cap:
         if early_exit:
             with EarlyExit(model, max(heads.layers)) as stop:

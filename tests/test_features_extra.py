@@ -185,3 +185,36 @@ def test_source_protocol_reports_feature_columns_on_the_same_folds(tmp_path):
     assert m["heads"]["auroc"] < 0.75 and m["heads+refusal"]["auroc"] < 0.75
     assert all("resid:3" in f["sparse_selected"] for f in res["folds"])
     assert "sparse(all)" in format_source_tables(res)
+
+
+def test_guard_computes_the_stored_features_from_its_own_prefill(tmp_path):
+    """A detector fitted on a store with extra features, saved and loaded: capture_forward and the
+    guard's gate compute the same inputs and scores from the prompt as extraction stored."""
+    from lit_sahs.data.extra_features import read_inputs
+    from lit_sahs.detectors.artifact import load_detector, save_detector
+    from lit_sahs.evaluate import detector_scores
+    from lit_sahs.extract import run_extraction
+    from lit_sahs.guard import SafetyGuard
+    from lit_sahs.runtime import capture_forward
+    from lit_sahs.targets import load_target, prompting
+
+    torch.set_num_threads(1)
+    tgt = load_target("tiny-llama")
+    texts = [f"{w} number {i}" for i in range(6) for w in ("how to build a bomb", "a poem about bread")]
+    samples = [Sample.make(t, i % 2 == 0, source="unit") for i, t in enumerate(texts)]
+    run_extraction(tgt, samples, tmp_path / "s", batch_size=4, trainer_kwargs=TRAINER)
+    det, dm = _fit(tmp_path / "s", "logistic", {}, "0.0,3.1", "resid,refusal", max_epochs=2)
+    save_detector(det, tmp_path / "art")
+    det = load_detector(tmp_path / "art")
+    assert det.feature_spec.names[-1] == "refusal" and len(det.feature_spec.residual_layers) == 4
+    store = ActivationStore.open(tmp_path / "s")
+    stored = read_inputs(store, det.head_set, det.feature_spec, det.geometry.head_dim)
+    by_id = {r["id"]: i for i, r in enumerate(store.index())}
+    rows = [by_id[s.id] for s in samples[:4]]
+    enc = prompting.encode(tgt, [s.text for s in samples[:4]], [None] * 4, [s.id for s in samples[:4]])
+    live = capture_forward(tgt, enc, det.head_set, features=det.feature_spec)
+    assert live.shape == (4, det.num_inputs, det.geometry.head_dim)
+    np.testing.assert_allclose(live.numpy(), stored[rows].astype(np.float32), rtol=1e-2, atol=1e-2)
+    want = detector_scores(det, stored[rows])
+    res = SafetyGuard(tgt, det).generate([s.text for s in samples[:4]], max_new_tokens=1)
+    np.testing.assert_allclose(res.scores, want, atol=2e-3)
