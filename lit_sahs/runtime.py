@@ -36,6 +36,7 @@ from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import HeadSet
 from lit_sahs.io import atomic_write_text
 from lit_sahs.targets import Target, load_target, prompting, sites
+from lit_sahs.targets.registry import parse_device_map
 
 # ---------------------------------------------------------------- detector and target
 
@@ -52,16 +53,19 @@ def resolve_detector(spec: str | os.PathLike | SafetyDetector, tracking_uri: Opt
 
 def load_detector_and_target(detector: str | os.PathLike | SafetyDetector, target: Target | str | None = None,
                              device: Optional[str | torch.device] = "cpu", dtype: Optional[str] = None,
-                             tracking_uri: Optional[str] = None) -> tuple[SafetyDetector, Target]:
+                             tracking_uri: Optional[str] = None, device_map=None,
+                             offload_folder: Optional[str] = None) -> tuple[SafetyDetector, Target]:
     """(detector in eval mode on the target's device, target). The target is `target` when it is a
-    loaded ``Target``, else loaded by that name or, by default, the name the detector records.
+    loaded ``Target``, else loaded by that name or, by default, the name the detector records;
+    `device_map` / `offload_folder` place a target larger than one device (``load_target``).
     A detector made for another target (fingerprint) or reading heads outside its geometry is a
     LitSahsError: its scores would be meaningless."""
     det = resolve_detector(detector, tracking_uri=tracking_uri)
     if not det.is_bound:
         raise LitSahsError("the detector is not fitted: fit it or load a saved one")
     if not isinstance(target, Target):
-        target = load_target(target or det.fingerprint.name, dtype=dtype, device=device or "cpu")
+        target = load_target(target or det.fingerprint.name, dtype=dtype, device=device or "cpu",
+                             device_map=parse_device_map(device_map), offload_folder=offload_folder)
     det.check_target(target.fingerprint)
     det.head_set.validate(target.geometry)
     return det.to(target.device).eval(), target
@@ -263,6 +267,9 @@ class DetectorOptions:
         threshold: override the detector's threshold
         dtype: the target's dtype: float32, bfloat16 or float16
         device: where the target runs, e.g. cpu or cuda
+        device_map: a target larger than one device: auto, balanced, sequential or a JSON
+            {module: device, "cpu" or "disk"} (accelerate), as for extract
+        offload_folder: where layers the device map puts on "disk" are kept
         tracking_uri: MLflow tracking URI for models:/ detectors
         truncate: a prompt longer than the target's context is refused (default), or its text cut to
             fit: left (keep the end) or right (keep the start)
@@ -276,6 +283,8 @@ class DetectorOptions:
     threshold: Optional[float] = None
     dtype: str = "float32"
     device: str = "cpu"
+    device_map: Optional[str] = None
+    offload_folder: Optional[str] = None
     tracking_uri: Optional[str] = None
     truncate: Optional[str] = None
 
@@ -294,7 +303,8 @@ class DetectorOptions:
         (plus ``max_new_tokens`` where the command generates) before any forward: the run is refused
         naming the long prompts, or, with ``truncate``, their texts are cut in those same rows."""
         det, target = load_detector_and_target(self.detector, self.target, device=self.device, dtype=self.dtype,
-                                               tracking_uri=self.tracking_uri)
+                                               tracking_uri=self.tracking_uri, device_map=self.device_map,
+                                               offload_folder=self.offload_folder)
         rows = self.rows()
         texts = prompting.fit_context(target, [r["text"] for r in rows], [r["image"] for r in rows],
                                       [r["id"] for r in rows], truncate=self.truncate,
