@@ -268,11 +268,14 @@ def ranking_grid(ranking: HeadRanking, key: str = "auroc") -> np.ndarray:
     return grid
 
 
-def _layer_chunks(n_rows: int, geometry, memory_budget: int) -> list[tuple[int, int]]:
-    """Layer ranges whose float32 activations for n_rows fit the budget (at least one layer each)."""
-    per_layer = n_rows * geometry.num_heads * geometry.head_dim * 4
-    step = max(1, min(geometry.num_layers, int(memory_budget // max(per_layer, 1))))
-    return [(a, min(a + step, geometry.num_layers)) for a in range(0, geometry.num_layers, step)]
+def _head_chunks(n_rows: int, geometry, memory_budget: int) -> list[tuple[int, int]]:
+    """Ranges of heads in (layer, head) order whose float32 activations for n_rows fit the budget (at
+    least one head each): a store larger than memory is fitted a few heads at a time, so the peak
+    is set by the budget and one head's column of the rows, not by the layer width or the store."""
+    total = geometry.num_layers * geometry.num_heads
+    per_head = n_rows * geometry.head_dim * 4
+    step = max(1, min(total, int(memory_budget // max(per_head, 1))))
+    return [(a, min(a + step, total)) for a in range(0, total, step)]
 
 
 def locate(
@@ -291,7 +294,8 @@ def locate(
     """Rank every (layer, head) of an ActivationStore (or a store path) by its probe's AUROC on the
     VAL split of `split_rows`; probes are fitted on the train split, and the test split (held-out
     families/sources, or a random share) is never read. If the train+val activations exceed
-    `memory_budget` bytes as float32, layers are processed in chunks (each chunk batched)."""
+    `memory_budget` bytes as float32, heads are processed in chunks (each chunk batched; the fit
+    holds about four times its chunk's bytes), read from the store a chunk at a time."""
     from lit_sahs.data.protocol import split_rows
     from lit_sahs.data.store import ActivationStore
     from lit_sahs.engine import require_one_process
@@ -311,23 +315,24 @@ def locate(
     tr, va = split["train"], split["val"]
     pick = np.concatenate([tr, va])
     geom = store.geometry
-    chunks = _layer_chunks(len(pick), geom, memory_budget)
-    auroc = np.empty((geom.num_layers, geom.num_heads))
+    chunks = _head_chunks(len(pick), geom, memory_budget)
+    auroc = np.empty(geom.num_layers * geom.num_heads)  # flat, (layer, head) order
     accuracy = np.empty_like(auroc)
     iterations = 0
     for a, b in chunks:
-        if (a, b) == (0, geom.num_layers):
+        if (a, b) == (0, len(auroc)):
             x = store.read(None, rows=pick)  # [n, L, H, D]
         else:
-            heads = HeadSet((l, h) for l in range(a, b) for h in range(geom.num_heads))
-            x = store.read(heads, rows=pick).reshape(len(pick), b - a, geom.num_heads, geom.head_dim)
+            heads = HeadSet(divmod(g, geom.num_heads) for g in range(a, b))
+            x = store.read(heads, rows=pick).reshape(len(pick), 1, b - a, geom.head_dim)
         x = torch.from_numpy(x)
         out = fit_head_probes(x[: len(tr)], labels[tr], x[len(tr):], labels[va], l2=l2, max_iter=max_iter,
                               device=device)
         del x
-        auroc[a:b] = out["auroc"].numpy()
-        accuracy[a:b] = out["accuracy"].numpy()
+        auroc[a:b] = out["auroc"].numpy().reshape(-1)
+        accuracy[a:b] = out["accuracy"].numpy().reshape(-1)
         iterations = max(iterations, int(out["iterations"]))
+    auroc, accuracy = auroc.reshape(geom.num_layers, geom.num_heads), accuracy.reshape(geom.num_layers, geom.num_heads)
     meta = {
         "store": str(store.path) if getattr(store, "remote", False) else str(Path(store.path).resolve()),
         "scored_on": "val",
@@ -348,7 +353,7 @@ def locate(
             "standardise": "per head and dim, train statistics",
             "max_iter": max_iter,
             "iterations": iterations,
-            "layer_chunks": [list(c) for c in chunks],
+            "head_chunks": [list(c) for c in chunks],  # [first, end) in (layer, head) order
             "device": str(device),
         },
         "rank_by": ["auroc", "accuracy"],

@@ -185,11 +185,13 @@ def test_locate_never_reads_test_rows(tmp_path, monkeypatch):
     assert seen and not test_rows & set(seen)
 
 
-def test_layer_chunking_gives_the_same_ranking(tmp_path):
+def test_head_chunking_gives_the_same_ranking(tmp_path):
     store = _store(tmp_path / "s")
     whole = locate(store)
-    chunked = locate(store, memory_budget=1)  # one layer at a time
-    assert len(chunked.meta["probe"]["layer_chunks"]) == 3 and len(whole.meta["probe"]["layer_chunks"]) == 1
+    chunked = locate(store, memory_budget=1)  # one head at a time
+    g = store.geometry
+    assert len(chunked.meta["probe"]["head_chunks"]) == g.num_layers * g.num_heads
+    assert len(whole.meta["probe"]["head_chunks"]) == 1
     for a, b in zip(whole.scores, chunked.scores):
         assert (a["layer"], a["head"]) == (b["layer"], b["head"])
         assert a["auroc"] == pytest.approx(b["auroc"], abs=1e-6)
