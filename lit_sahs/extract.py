@@ -237,7 +237,7 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
                    batch_size: int = 8, block_rows: int = 256, dtype: str = "float32",
                    trainer_kwargs: Optional[dict] = None, num_workers: Optional[int] = None,
                    device_map: Optional[DeviceMap] = None, offload_folder: Optional[str] = None,
-                   truncate: Optional[str] = None) -> dict:
+                   truncate: Optional[str] = None, residual_layers: Optional[Sequence[int]] = None) -> dict:
     """Extract head activations for `samples` into the store at `store_path`, skipping samples
     already there. Returns {'written': n, 'skipped': n, 'total': rows in store}.
     `num_workers` None: 4 encoding processes when the run uses a GPU, 0 on the CPU.
@@ -252,7 +252,8 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
         raise LitSahsError("no samples to extract: check the sources, attacks and --limit")
     if num_workers is not None and num_workers < 0:  # before loading the target
         raise LitSahsError(f"num_workers must be >= 0, got {num_workers}")
-    module = HeadExtractor(target, dtype=dtype, device_map=device_map, offload_folder=offload_folder)
+    module = HeadExtractor(target, dtype=dtype, device_map=device_map, offload_folder=offload_folder,
+                           residual_layers=residual_layers)
     if not module.target.is_vision_language:  # fail before the store is created, not mid-run
         bad = next((s for s in samples if s.image), None)
         if bad is not None:
@@ -324,7 +325,8 @@ def extract_command(target: str = "smollm2-135m-instruct", dtype: str = "float32
             max_chars: Optional[int] = None, seed: int = 0, batch_size: int = 8, block_rows: int = 256,
             num_workers: Optional[int] = None, store: Optional[str] = None,
             device_map: Optional[str] = None, offload_folder: Optional[str] = None,
-            truncate: Optional[str] = None, trainer: TrainerSettings = TrainerSettings()) -> int:
+            truncate: Optional[str] = None, residual_layers: Optional[str] = None,
+            trainer: TrainerSettings = TrainerSettings()) -> int:
     """Capture every head's output at the first-token position into a store.
 
     Args:
@@ -347,6 +349,8 @@ def extract_command(target: str = "smollm2-135m-instruct", dtype: str = "float32
         offload_folder: where layers the device map puts on "disk" are kept
         truncate: a prompt longer than the target's context is refused (default), or its text cut to
             fit: left (keep the end) or right (keep the start)
+        residual_layers: comma-separated decoder layers whose first-token residual is stored as an
+            extra feature (default: 4 evenly spaced, the last included)
         trainer: Lightning Trainer settings
     """
     samples = SampleSpec(harmful=harmful, benign=benign, attacks=attacks, data=data, limit=limit,
@@ -355,10 +359,19 @@ def extract_command(target: str = "smollm2-135m-instruct", dtype: str = "float32
     result = run_extraction(target, samples, store, batch_size=batch_size, block_rows=block_rows, dtype=dtype,
                             trainer_kwargs=dataclasses.asdict(trainer), num_workers=num_workers,
                             device_map=parse_device_map(device_map), offload_folder=offload_folder,
-                            truncate=truncate)
+                            truncate=truncate, residual_layers=_parse_layers(residual_layers))
     if rank_zero_only.rank == 0:  # under DDP every rank runs this command; one summary
         print(json.dumps({"store": store, **result}))
     return 0
+
+
+def _parse_layers(spec: Optional[str]) -> Optional[tuple[int, ...]]:
+    if spec is None or not str(spec).strip():
+        return None
+    try:
+        return tuple(int(x) for x in str(spec).split(",") if x.strip())
+    except ValueError:
+        raise LitSahsError(f"--residual_layers {spec!r}: give comma-separated layer numbers, e.g. 7,14,21,29") from None
 
 
 def main(argv: list[str]) -> int:

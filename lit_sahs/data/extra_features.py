@@ -56,8 +56,11 @@ def store_layers(store) -> tuple[int, ...]:
     if LAYER_IDS_EXTRA not in store.extra_names():
         raise LitSahsError(f"store {store.path} has no multi-layer residuals (extracted before extra features): "
                            + REEXTRACT)
-    ids = store.read_extra(LAYER_IDS_EXTRA, rows=[0])[0]
-    return tuple(int(i) for i in ids)
+    ids = store.read_extra(LAYER_IDS_EXTRA)
+    if len(ids) and not (ids == ids[0]).all():
+        raise LitSahsError(f"store {store.path} mixes rows extracted with different --residual_layers: "
+                           "re-extract into a new store with one list")
+    return tuple(int(i) for i in ids[0])
 
 
 @dataclass(frozen=True)
