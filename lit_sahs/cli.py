@@ -202,6 +202,17 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _lit_sahs_cause(e: BaseException) -> Optional[LitSahsError]:
+    """The LitSahsError behind `e` (its cause or context chain), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, LitSahsError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     configure_logging()
@@ -212,6 +223,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             run_lightning_cli(argv)
         except LitSahsError as e:
             print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except ValueError as e:  # jsonargparse wraps an error raised while it builds a class from the config
+            inner = _lit_sahs_cause(e)
+            if inner is None:
+                raise
+            print(f"error: {inner}", file=sys.stderr)
             sys.exit(2)
         sys.exit(0)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:

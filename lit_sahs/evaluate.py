@@ -195,7 +195,8 @@ def score_file(detector_path: str, data: str, target: Optional[str] = None, batc
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             enc = prompting.encode(tgt, [texts[i] for i in idx], [images[i] for i in idx], [ids[i] for i in idx])
-            scores[idx] = detector_scores(
+            own = getattr(det, "score_encoded", None)  # SafeVLM scores prompts itself
+            scores[idx] = own(tgt, enc) if own is not None else detector_scores(
                 det, capture_forward(tgt, enc, det.head_set, features=getattr(det, "feature_spec", None)))
             bar.update(len(idx))
     threshold = float(det.threshold)

@@ -265,7 +265,12 @@ def guard_command(a: GuardOptions) -> int:
     if a.batch_size < 1:
         raise LitSahsError(f"batch_size must be >= 1, got {a.batch_size}")
     det, target = a.load()
-    guard = SafetyGuard(target, det, refusal=a.refusal, fail_closed=a.fail_closed, threshold=a.threshold)
+    if getattr(det, "family", None) == "safevlm":  # the second method: refuse, hint or pass at the prefill
+        from lit_sahs.safevlm.guard import SafeVLMGuard
+
+        guard = SafeVLMGuard(target, det, refusal=a.refusal, fail_closed=a.fail_closed, threshold=a.threshold)
+    else:
+        guard = SafetyGuard(target, det, refusal=a.refusal, fail_closed=a.fail_closed, threshold=a.threshold)
     out, unscored, reasons = [], 0, []
     for i in range(0, len(rows), a.batch_size):
         chunk = rows[i:i + a.batch_size]

@@ -11,8 +11,8 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from lit_sahs.baselines import BASELINES
-from lit_sahs.detectors import SafetyDetector
 from lit_sahs.engine import Engine, family_defaults
+from lit_sahs.errors import LitSahsError
 from lit_sahs.pipeline import Prepare, ensure_ranking, ensure_store
 from lit_sahs.tracking import MLflowSettings
 
@@ -46,6 +46,9 @@ class SahsCLI(LightningCLI):
         cfg = self._cfg
         data = cfg.data.init_args if "init_args" in cfg.data else cfg.data
         if cfg.prepare.target:
+            if getattr(data, "store", None) is None:
+                raise LitSahsError("prepare: extracts a store, but this DataModule reads no store: drop the prepare "
+                                   "section (SafetyDataModule reads prompts from its sources itself)")
             ensure_store(cfg.prepare, data.store)
         if getattr(data, "ranking", None):
             ensure_ranking(data.store, data.ranking, data.held_out_families, data.held_out_sources,
@@ -81,6 +84,7 @@ class SahsCLI(LightningCLI):
 def run_lightning_cli(argv: list[str]) -> None:
     import sys
 
-    SahsCLI(SafetyDetector, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+    # any LightningModule: the safety-head detectors (SafetyDetector) and SafeVLM (lit_sahs.safevlm)
+    SahsCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
             args=None if argv == sys.argv[1:] else argv, save_config_callback=LogConfigToMLflow,
             save_config_kwargs={"save_to_log_dir": False}, auto_configure_optimizers=False)

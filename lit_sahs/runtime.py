@@ -46,7 +46,7 @@ def resolve_detector(spec: str | os.PathLike | SafetyDetector, tracking_uri: Opt
     """A detector from an instance, an artifact directory / detector.json / .ckpt, or a registry URI
     (``models:/name/1``, ``models:/name@champion``, ``runs:/<id>/detector``; fetched by
     ``lit_sahs.registry``, which loads only safetensors + JSON artifacts)."""
-    if isinstance(spec, SafetyDetector):
+    if isinstance(spec, nn.Module):  # a SafetyDetector, or SafeVLM's safety modules
         return spec.to(map_location).eval()
     return load_detector(str(spec), map_location=map_location, tracking_uri=tracking_uri)
 

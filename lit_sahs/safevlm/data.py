@@ -29,8 +29,8 @@ def _joined(value: Union[str, list[str]]) -> str:
 
 
 class SafetyDataModule(L.LightningDataModule):
-    """Serves ``with_slots`` batches for one target. ``num_safety_tokens`` must equal the model's
-    (the model checks it); ``answers``: the answer-cache file (default: one per target in
+    """Serves ``with_slots`` batches for one target. ``num_safety_tokens``: slots per row (SafeVLM
+    sets it to its own count when a fit starts); ``answers``: the answer-cache file (default: one per target in
     ~/.cache/lit_sahs/answers); ``max_answer_tokens``: length of the cached benign answers."""
 
     def __init__(

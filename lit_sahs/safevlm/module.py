@@ -20,6 +20,7 @@ target (checking its fingerprint) and puts its LoRA weights into the target's la
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, ClassVar, Optional, Sequence
 
 import lightning as L
@@ -85,6 +86,9 @@ class SafeVLM(L.LightningModule):
             raise LitSahsError(f"stage must be 1 or 2, got {stage!r}")
         if stage == 2 and not init_from:
             raise LitSahsError("stage 2 starts from a stage-I artifact: set init_from to its directory or URI")
+        if init_from and not str(init_from).startswith(("models:/", "runs:/")) and not Path(init_from).exists():
+            raise LitSahsError(f"init_from {init_from} does not exist: run stage I first "
+                               "(python -m lit_sahs fit --config configs/safevlm_stage1.yaml)")
         if not 0.0 <= target_fpr < 1.0:
             raise LitSahsError(f"target_fpr must lie in [0, 1), got {target_fpr}")
         for name, v in (("num_safety_tokens", num_safety_tokens), ("head_heads", head_heads), ("lora_rank", lora_rank)):
@@ -206,9 +210,8 @@ class SafeVLM(L.LightningModule):
             self._start_stage_two(target)
         else:
             self.attach(target)
-        if n is not None and int(n) != int(self.hparams.num_safety_tokens):
-            raise LitSahsError(f"the DataModule makes {n} safety-token slots but SafeVLM has "
-                               f"{self.hparams.num_safety_tokens} safety tokens: set data.num_safety_tokens to match")
+        if n is not None:  # the batches get as many slots as the model has safety tokens (stage II: stage I's)
+            dm.num_safety_tokens = int(self.hparams.num_safety_tokens)
         self.families = list(getattr(dm, "families", []) or [])
         if not self.target.dispatched:
             self.target.model.to(self.threshold.device)

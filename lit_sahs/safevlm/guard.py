@@ -1,0 +1,161 @@
+"""SafeVLMGuard: SafeVLM's inference — at the prefill of one ``generate`` call the safety head
+classifies each prompt, then per prompt
+
+* ``pass``: "safe", or a risk below the threshold — it decodes on from the KV cache exactly as a
+  plain generate over the same (slot-carrying) sequence would;
+* ``refuse``: the highest risk level — it stops at once and gets the refusal message;
+* ``hint``: any other risk level — it stops at once and is generated again with a safety hint for
+  its risk type in front of the prompt (the only prompts that cost a second prefill).
+
+The classification reads the hooks of ``forward.SafetyForward`` during generate's own prefill
+(a ``LogitsProcessor`` scores on its first call, like the safety-head guard), so a prompt that
+passes costs no extra forward.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from lit_sahs.errors import LitSahsError
+from lit_sahs.guard import DEFAULT_REFUSAL, GuardResult
+from lit_sahs.runtime import encode_prompts, load_detector_and_target
+from lit_sahs.safevlm.answers import eos_id
+from lit_sahs.safevlm.forward import SafetyForward, model_inputs, with_slots
+from lit_sahs.safevlm.taxonomy import RISK_LEVELS, RISK_TYPES
+
+HINT_TOPICS = {
+    "physical_harm": "physical harm to people",
+    "malicious_use": "malicious use such as cyber attacks",
+    "financial_crime": "fraud or other financial crime",
+    "hate_discrimination": "hateful or discriminatory content",
+    "privacy": "someone's privacy or dangerous information",
+    "misinformation_manipulation": "misinformation or manipulation",
+}
+HINT = ("Safety note: this request may involve {topic}. Answer only what is safe, lawful and honest, "
+        "and decline any part that could cause harm.\n\n")
+ACTIONS = ("pass", "hint", "refuse")
+
+
+def hint_for(risk_type: str) -> str:
+    return HINT.format(topic=HINT_TOPICS.get(risk_type, "harm"))
+
+
+class SafetyGate(LogitsProcessor):
+    """On generate's first call: classify from the prefill's hooks, keep per-row actions as
+    tensors, and end every row that is not passed (EOS only); later calls re-apply that mask."""
+
+    def __init__(self, det, fwd: SafetyForward, eos: int, threshold: Optional[float], fail_closed: bool = True):
+        self.det, self.fwd, self.eos, self.threshold, self.fail_closed = det, fwd, int(eos), threshold, fail_closed
+        self.risk = self.level = self.type = self.stop = None
+        self.error: Optional[str] = None
+        self._forced = None
+
+    def __call__(self, input_ids, scores):
+        if self.stop is None:
+            batch, vocab = scores.shape
+            try:
+                fwd = self.fwd
+                level, rtype = self.det.safety.classify(fwd.query, fwd.features, fwd.padding, fwd.patches)
+                risk = self.det.risk(level).to(scores.device)
+                thr = float(self.det.threshold) if self.threshold is None else float(self.threshold)
+                flagged = (risk >= thr) | torch.isnan(risk)
+                self.level = (1 + level[:, 1:].argmax(-1)).to(scores.device)
+                self.type = (1 + rtype[:, 1:].argmax(-1)).to(scores.device)
+                self.risk, self.stop = risk, flagged
+            except Exception as e:  # noqa: BLE001 - any scoring failure is handled the same way
+                if not self.fail_closed:
+                    raise LitSahsError(f"SafeVLM scoring failed ({type(e).__name__}: {e})") from e
+                self.error = f"{type(e).__name__}: {e}"
+                self.risk = torch.full((batch,), float("nan"), dtype=torch.float64, device=scores.device)
+                self.stop = torch.ones(batch, dtype=torch.bool, device=scores.device)
+                self.level = torch.full((batch,), len(RISK_LEVELS) - 1, device=scores.device)
+                self.type = torch.zeros(batch, dtype=torch.long, device=scores.device)
+            forced = torch.full((vocab,), float("-inf"), dtype=scores.dtype, device=scores.device)
+            forced[self.eos] = 0.0
+            self._forced = forced
+        return torch.where(self.stop[:, None], self._forced, scores)
+
+
+@dataclass
+class SafeVLMResult(GuardResult):
+    actions: Sequence[str] = ()
+    levels: Sequence[str] = ()
+    types: Sequence[str] = ()
+
+    def rows(self) -> list[dict]:
+        return [{**r, "action": a, "risk_level": lv, "risk_type": t}
+                for r, a, lv, t in zip(super().rows(), self.actions, self.levels, self.types)]
+
+
+class SafeVLMGuard:
+    """Generate with SafeVLM's safety modules (and its LoRA adapter, after stage II) in the target."""
+
+    def __init__(self, target, detector, refusal: str = DEFAULT_REFUSAL, threshold: Optional[float] = None,
+                 fail_closed: bool = True, tracking_uri: Optional[str] = None, device=None):
+        det, target = load_detector_and_target(detector, target, device=device, tracking_uri=tracking_uri)
+        if getattr(det, "family", None) != "safevlm":
+            raise LitSahsError("SafeVLMGuard needs SafeVLM safety modules; use SafetyGuard for safety-head detectors")
+        if threshold is not None and not (isinstance(threshold, (int, float)) and not math.isnan(threshold)):
+            raise LitSahsError(f"threshold must be a probability, got {threshold!r}")
+        self.detector, self.target = det.attach(target), target
+        self.refusal, self.threshold, self.fail_closed = str(refusal), threshold, bool(fail_closed)
+
+    @property
+    def effective_threshold(self) -> float:
+        return float(self.detector.threshold) if self.threshold is None else float(self.threshold)
+
+    def _slots(self, texts, images, ids, max_new_tokens: int) -> dict:
+        n = int(self.detector.hparams.num_safety_tokens)
+        enc = encode_prompts(self.target, texts, images, ids, reserve=max_new_tokens + n, for_generate=True)
+        return with_slots(enc, n, self.target.tokenizer.pad_token_id or 0)
+
+    @torch.no_grad()
+    def _generate(self, batch: dict, max_new_tokens: int, gate: bool, **kw):
+        det, model = self.detector, self.target.model
+        model.eval()  # LoRA dropout off: a guard decodes deterministically
+        dev = self.target.device
+        batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+        inputs = {k: v for k, v in model_inputs(batch).items() if k != "position_ids"}  # generate derives them
+        vision = det.safety.vision is not None and "pixel_values" in batch
+        kw.setdefault("pad_token_id", self.target.tokenizer.pad_token_id)
+        with SafetyForward(model, det.safety.input_tokens.weight, det.feature_layer, batch["slot_mask"],
+                           batch["prompt_mask"], batch["first_pos"], vision=vision) as fwd:
+            g = SafetyGate(det, fwd, eos_id(self.target), self.threshold, self.fail_closed) if gate else None
+            procs = LogitsProcessorList([g] if g else [])
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=procs, **kw)
+        return out[:, batch["input_ids"].shape[1]:], g
+
+    def generate(self, texts: Sequence[str], images=None, ids=None, max_new_tokens: int = 128, **kw) -> SafeVLMResult:
+        if isinstance(texts, str):
+            texts = [texts]
+        if max_new_tokens < 1:
+            raise LitSahsError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        texts = list(texts)
+        ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(texts))]
+        images = list(images) if images is not None else [None] * len(texts)
+        new, gate = self._generate(self._slots(texts, images, ids, max_new_tokens), max_new_tokens, True, **kw)
+        tok = self.target.tokenizer
+        stop, levels, types = gate.stop.cpu().tolist(), gate.level.cpu().tolist(), gate.type.cpu().tolist()
+        risk = gate.risk.cpu().tolist()
+        actions = ["pass" if not s else ("refuse" if levels[i] == len(RISK_LEVELS) - 1 else "hint")
+                   for i, s in enumerate(stop)]
+        responses = [tok.decode(row, skip_special_tokens=True).strip() for row in new.cpu()]
+        hinted = [i for i, a in enumerate(actions) if a == "hint"]
+        if hinted:
+            again = [hint_for(RISK_TYPES[types[i]]) + texts[i] for i in hinted]
+            batch = self._slots(again, [images[i] for i in hinted], [ids[i] for i in hinted], max_new_tokens)
+            second, _ = self._generate(batch, max_new_tokens, False, **kw)
+            for i, row in zip(hinted, second.cpu()):
+                responses[i] = tok.decode(row, skip_special_tokens=True).strip()
+        for i, a in enumerate(actions):
+            if a == "refuse":
+                responses[i] = self.refusal
+        return SafeVLMResult(ids=ids, prompts=texts, flagged=[bool(s) for s in stop],
+                             scores=[None if math.isnan(r) else float(r) for r in risk], responses=responses,
+                             sequences=new, threshold=self.effective_threshold, scoring_error=gate.error,
+                             actions=actions, levels=[RISK_LEVELS[lv] if s else "safe" for lv, s in zip(levels, stop)],
+                             types=[RISK_TYPES[t] if s else "safe" for t, s in zip(types, stop)])
