@@ -77,6 +77,13 @@ class SahsCLI(LightningCLI):
                 config[key] = value
         return super()._instantiate_trainer(config, list(callbacks) + self._engine().report_callbacks())
 
+    def before_fit(self) -> None:
+        # what Engine.fit does before trainer.fit: DDP checks, and binding the detector in this process,
+        # since a spawn/fork launcher copies rank 0's weights back only into a bound detector
+        prepare = getattr(self.model, "prepare_launch", None)
+        if prepare is not None:
+            prepare(self.trainer, self.datamodule)
+
     def after_fit(self) -> None:
         Engine.test_best(self.trainer, self.model, self.datamodule)
 
