@@ -1,10 +1,15 @@
 """Extraction speed and memory, measured in one run on the same batches.
 
 Prints: bare forward vs forward under HeadCapture (alternating, median of repeats; goal <= 1.02),
-prompts per second through the extraction loop, and the peak RSS of extraction runs over two
-dataset sizes (bounded by batch and block size, not by the number of samples).
+the extraction loop (`run_extraction` on an already loaded target: capture, extras, background
+store writes, Lightning) against the bare forward on exactly the loop's batches, alternating
+loop / forward per repeat (goal on the CPU: loop >= 80% of the forward's samples/s), with the
+loop's start-up (store, Trainer, prompt length check) and teardown timed apart, the same loop
+with inline (main-thread) store writes, and the peak RSS of extraction runs over two dataset
+sizes (bounded by batch and block size, not by the number of samples).
 
     python experiments/benchmarks/extract.py --target smollm2-135m-instruct
+    python experiments/benchmarks/extract.py --repeats 0 --ram_sizes '' --loop_samples 128 --loop_repeats 3
 """
 from __future__ import annotations
 
@@ -15,12 +20,94 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from unittest import mock
 
+import lightning as L
 import torch
 
 from capture_timing import alternate_bare_and_capture
 from lit_sahs.data.protocol import build_dataset
+from lit_sahs import extract as _extract
 from lit_sahs.targets import load_target, prompting
+
+TRAINER = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
+
+
+class Clock(L.Callback):
+    """Wall-clock marks of one extraction: loop start (after store, Trainer and target placement) and end
+    (after the last block is committed)."""
+
+    def __init__(self):
+        self.marks = {}
+
+    def on_predict_start(self, trainer, pl_module):
+        self.marks["start"] = time.perf_counter()
+
+    def on_predict_end(self, trainer, pl_module):
+        self.marks["end"] = time.perf_counter()
+
+
+def loop_once(target, samples, batch_size, block_rows, background=True, extras=True) -> dict:
+    clock = Clock()
+    writer, extractor = _extract.StoreWriter, _extract.HeadExtractor
+    with tempfile.TemporaryDirectory() as d, mock.patch.object(
+            _extract, "StoreWriter", lambda *a, **k: writer(*a, background=background, **k)), mock.patch.object(
+            _extract, "HeadExtractor", lambda *a, **k: extractor(*a, baselines=extras, **k)):
+        t0 = time.perf_counter()
+        _extract.run_extraction(target, samples, f"{d}/store", batch_size=batch_size, block_rows=block_rows,
+                                trainer_kwargs={**TRAINER, "callbacks": [clock]})
+        t1 = time.perf_counter()
+    return {"startup": clock.marks["start"] - t0, "loop": clock.marks["end"] - clock.marks["start"],
+            "teardown": t1 - clock.marks["end"]}
+
+
+def loop_batches(target, samples, batch_size) -> list[dict]:
+    """The loop's own batches: its sort order, its batch composition, its collate function."""
+    todo = sorted(samples, key=lambda s: (len(s.text), s.id))
+    collate = _extract.EncodeBatch(target)
+    return [collate(todo[i:i + batch_size])["enc"] for i in range(0, len(todo), batch_size)]
+
+
+def bare_seconds(model, batches) -> float:
+    t = time.perf_counter()
+    with torch.no_grad():
+        for b in batches:
+            model(**b, logits_to_keep=1, use_cache=False)
+    return time.perf_counter() - t
+
+
+def loop_vs_forward(target, args) -> None:
+    samples = build_dataset(harmful=("advbench",), benign=("truthfulqa", "sharegpt"), attacks=("plain", "pyrit"),
+                            limit=args.loop_samples, seed=0, max_chars=args.max_chars)
+    n = len(samples)
+    batches = loop_batches(target, samples, args.batch_size)
+    bare_seconds(target.model, batches[:2])  # warm-up
+    loop_once(target, samples[: 2 * args.batch_size], args.batch_size, args.block_rows)
+    bare, loops, inline, plain = [], [], [], []
+    for i in range(args.loop_repeats):  # alternating, so drift on a shared machine hits all of them
+        bare.append(bare_seconds(target.model, batches))
+        loops.append(loop_once(target, samples, args.batch_size, args.block_rows))
+        inline.append(loop_once(target, samples, args.batch_size, args.block_rows, background=False))
+        plain.append(loop_once(target, samples, args.batch_size, args.block_rows, extras=False))
+        print(f"repeat {i}: bare {bare[-1]:.2f}s, loop {loops[-1]['loop']:.2f}s, inline writes "
+              f"{inline[-1]['loop']:.2f}s, no extras {plain[-1]['loop']:.2f}s")
+    mb = statistics.median(bare)
+    mp = statistics.median(r["loop"] for r in plain)
+    ml = statistics.median(r["loop"] for r in loops)
+    mi = statistics.median(r["loop"] for r in inline)
+    print(f"loop vs forward: {n} samples, batch {args.batch_size}, block_rows {args.block_rows}, "
+          f"{args.loop_repeats} alternating repeats, torch threads {torch.get_num_threads()}")
+    print(f"bare forward (loop's batches, pre-encoded)  median {mb:.2f}s  {n / mb:.1f} samples/s")
+    print(f"extraction loop, background writes          median {ml:.2f}s  {n / ml:.1f} samples/s  "
+          f"loop/forward {mb / ml:.3f} (goal >= 0.80); per repeat "
+          + ", ".join(f"{b / r['loop']:.3f}" for b, r in zip(bare, loops)))
+    print(f"extraction loop, inline writes              median {mi:.2f}s  {n / mi:.1f} samples/s  "
+          f"loop/forward {mb / mi:.3f}")
+    print(f"extraction loop, no baseline extras         median {mp:.2f}s  {n / mp:.1f} samples/s  "
+          f"loop/forward {mb / mp:.3f} (HeadExtractor(baselines=False): no residuals, prompt NLL, refusal)")
+    print(f"start-up (store, Trainer, length check) median {statistics.median(r['startup'] for r in loops):.2f}s, "
+          f"teardown median {statistics.median(r['teardown'] for r in loops):.2f}s (not in the loop figures)")
 
 CHILD = """
 import json, resource, sys, time
@@ -45,9 +132,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--ram_sizes", default="64,256", help="dataset sizes for the peak-RAM runs")
     ap.add_argument("--max_chars", type=int, default=1200, help="longest attacked prompt (template choice)")
+    ap.add_argument("--loop_samples", type=int, default=128, help="samples per loop-vs-forward repeat")
+    ap.add_argument("--loop_repeats", type=int, default=3, help="0 skips the loop-vs-forward section")
+    ap.add_argument("--block_rows", type=int, default=64)
     args = ap.parse_args()
 
+    t = time.perf_counter()
     target = load_target(args.target)
+    print(f"load_target {args.target}: {time.perf_counter() - t:.2f}s")
+    if args.loop_repeats:
+        loop_vs_forward(target, args)
+    if not args.repeats:
+        print(f"this process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+        return
     n = args.batch_size * args.batches
     samples = build_dataset(harmful=("advbench",), benign=("truthfulqa", "sharegpt"), attacks=("plain", "pyrit"),
                             limit=n, seed=0, max_chars=args.max_chars)
