@@ -208,3 +208,25 @@ def test_bad_input_is_one_error(stages, tmp_path, cli):
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("error:") and "missing" in last
     assert not (tmp_path / "out" / "detector").exists()
+
+
+def test_both_stages_run_from_the_shipped_configs(tmp_path, monkeypatch, cli):
+    """configs/safevlm_stage{1,2}.yaml as shipped, on tiny-llama and fewer prompts; then guard."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    small = ["--data.init_args.target", "tiny-llama", "--data.init_args.limit", "40", "--data.init_args.answers",
+             str(tmp_path / "a.jsonl"), "--data.init_args.max_answer_tokens", "6", "--trainer.max_epochs", "1",
+             "--trainer.logger", "false"]
+    code, out, err = cli(["fit", "--config", str(root / "configs/safevlm_stage1.yaml"), *small,
+                          "--model.init_args.feature_layer", "2", "--model.init_args.head_heads", "2"])
+    assert code == 0, err[-2000:]
+    code, out, err = cli(["fit", "--config", str(root / "configs/safevlm_stage2.yaml"), *small])
+    assert code == 0, err[-2000:]
+    meta = json.loads((tmp_path / "artifacts/safevlm-stage2/detector/detector.json").read_text())
+    assert meta["stages"] == [1, 2] and meta["hparams"]["feature_layer"] == 2 and meta["lora"]["rank"] == 16
+    code, out, err = cli(["guard", "--detector", "artifacts/safevlm-stage2/detector", "--prompt", "Name a river",
+                          "--max_new_tokens", "3"])
+    row = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and row["action"] in ("pass", "hint", "refuse") and isinstance(row["score"], float)
