@@ -69,7 +69,7 @@ def with_slots(enc: dict, n_slots: int, pad_id: int, answers: Optional[Sequence[
     return out
 
 
-MODEL_KEYS_DROPPED = ("slot_mask", "prompt_mask", "first_pos", "labels")
+MODEL_KEYS_DROPPED = ("slot_mask", "prompt_mask", "first_pos", "labels", "y", "level", "type", "family")
 
 
 def model_inputs(batch: dict) -> dict:
