@@ -174,6 +174,20 @@ def test_tiny_llava_stage_one_reads_the_images(tmp_path):
     assert _changed(before, model.safety.vision) == set(before)  # gradients reached the vision abstractor
     assert res.reports["safevlm"]["overall"]["n"] > 0
 
+    # stage II on a fresh copy: LoRA only inside the language model, vision tower and projectors untouched
+    fresh = load_target("tiny-llava")
+    dm2 = _dm(fresh, tmp_path, attacks="figstep", limit=24)
+    two = SafeVLM(stage=2, init_from=str(tmp_path / "out" / "detector"), lora_rank=2, lr=1e-2)
+    dm2.setup()
+    two._start_stage_two(fresh)
+    base = {n: p for n, p in _snapshot(fresh.model).items() if "lora_" not in n}
+    lora = {n for n, _ in fresh.model.named_parameters() if "lora_" in n}
+    assert lora and all(".language_model." in n for n in lora)
+    _fit(two, dm2, tmp_path / "two")
+    now = dict(fresh.model.named_parameters())
+    assert {n for n, p in base.items() if not torch.equal(p, now[n].detach())} == set()
+    assert any(not torch.equal(now[n].detach(), torch.zeros_like(now[n])) for n in lora if "lora_B" in n)
+
 
 def test_bad_input_is_one_error(stages, tmp_path, cli):
     from lit_sahs.safevlm import SafeVLM
