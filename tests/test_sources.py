@@ -245,7 +245,7 @@ def test_innocent_alarming_is_generated_benign_prompts_with_alarming_words():
     alarming = ("kill", "shoot", "bomb", "blow up", "steal", "hack", "crack", "poison", "execute", "attack",
                 "explode", "murder", "rob", "smuggle", "exploit", "forge", "counterfeit", "inject", "beat",
                 "strangle", "butcher", "trebuchet", "gun", "blade", "arm ", "detonate", "bang", "break into",
-                "take over", "capture", "grow", "high", "cook", "strong", "cut", "bleed", "starve", "fake")
+                "take over", "capture", "grow", "high", "cook", "strong", "cut", "bleed", "starve", "fake", "hijack")
     assert all(any(w in s.text.lower() for w in alarming) for s in samples)
     # both forms: questions and instructions, as in the harmful sources
     assert any(s.text.endswith("?") for s in samples) and any(s.text.startswith("Give me") for s in samples)
