@@ -61,6 +61,8 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
         extra_fits = {m: fit_fold(folds, detector, detector_args, top_k, hold, max_epochs=max_epochs, features=f)
                       for m, f in feature_sets.items()}
         if sparse_all:
+            # the sparse family's own epochs (5 x 200 FISTA steps, warm-started): the evaluate command's
+            # max_epochs (30) is sized for the logistic detector, and 6000 steps over every head cost minutes a fold
             extra_fits[SPARSE_ALL] = fit_fold(folds, "sparse", SPARSE_ALL_ARGS, top_k, hold, all_heads=True,
                                               features="resid,refusal" if has_extras else None)
         for m, f in extra_fits.items():
