@@ -422,6 +422,14 @@ def locate_command(store: Optional[str] = None, out: Optional[str] = None, by: s
 
     split = dict(held_out_families=names(held_out_families), held_out_sources=names(held_out_sources),
                  val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    default_out = store
+    if store:
+        from lit_sahs.data.fspath import is_url, local_path
+
+        if is_url(store):  # a file:// store is a local directory; outputs are never written into a bucket
+            default_out = None if local_path(store) is None else str(local_path(store))
+            if not (out or default_out):
+                raise LitSahsError(f"locate on the store URL {store} needs --out (a local output directory)")
     if by == "effect":
         from lit_sahs.effect import effect_ranking
 
@@ -436,9 +444,9 @@ def locate_command(store: Optional[str] = None, out: Optional[str] = None, by: s
         params = {"held_out_families": held_out_families, "l2": l2}
     else:
         raise LitSahsError(f"unknown --by {by!r}: use probe (probe AUROC) or effect (refusal drop when ablated)")
-    if not (out or store):
+    if not (out or default_out):
         raise LitSahsError("locate --by effect without --store needs --out (the output directory)")
-    json_path, png_path = save_ranking_outputs(ranking, out or store, top_k=top_k)
+    json_path, png_path = save_ranking_outputs(ranking, out or default_out, top_k=top_k)
     key = ranking.score_key
     with start_run(experiment, tracking_uri, run_name=f"locate-{by}"):
         mlflow.log_params({"by": by, "store": store, "seed": seed, **params})

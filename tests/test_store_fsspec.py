@@ -87,3 +87,12 @@ def test_locate_on_a_memory_store(local, memory_url):
 
     a, b = locate(local), locate(memory_url)
     assert a.scores == b.scores and b.meta["store"] == memory_url
+
+
+def test_locate_command_on_a_store_url(local, memory_url, tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # mlruns/ lands here
+    code, _, err = cli(["locate", "--store", memory_url])
+    assert code == 2 and "needs --out" in err
+    code, out, err = cli(["locate", "--store", memory_url, "--out", str(tmp_path / "r")])
+    assert code == 0, err
+    assert (tmp_path / "r" / "ranking.json").exists()
