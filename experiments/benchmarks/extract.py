@@ -10,6 +10,7 @@ sizes (bounded by batch and block size, not by the number of samples).
 
     python experiments/benchmarks/extract.py --target smollm2-135m-instruct
     python experiments/benchmarks/extract.py --repeats 0 --ram_sizes '' --loop_samples 128 --loop_repeats 3
+    python experiments/benchmarks/extract.py --repeats 0 --ram_sizes '' --loop_samples 64 --paired   # per batch
 """
 from __future__ import annotations
 
@@ -42,10 +43,48 @@ class Clock(L.Callback):
         self.marks = {}
 
     def on_predict_start(self, trainer, pl_module):
-        self.marks["start"] = time.perf_counter()
+        self.marks["start"], self.marks["cpu_start"] = time.perf_counter(), time.process_time()
 
     def on_predict_end(self, trainer, pl_module):
-        self.marks["end"] = time.perf_counter()
+        self.marks["end"], self.marks["cpu_end"] = time.perf_counter(), time.process_time()
+
+
+class Paired(L.Callback):
+    """Per batch, a bare forward of the same encoded batch right before the loop processes it, so both
+    see the same moment of a shared machine: `bare` sums those forwards, `loop` the loop's own time
+    from one batch's start to the next (predict_step, writer callbacks, the next batch's collate,
+    Lightning) and from the last batch to the end of predict (final flush, writer close)."""
+
+    def __init__(self, model):
+        self.model, self.bare, self.loop, self._mark = model, 0.0, 0.0, None
+
+    def _lap(self):
+        if self._mark is not None:
+            self.loop += time.perf_counter() - self._mark
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._lap()
+        t = time.perf_counter()
+        with torch.no_grad():
+            self.model(**batch["enc"], logits_to_keep=1, use_cache=False)
+        self._mark = time.perf_counter()
+        self.bare += self._mark - t
+
+    def on_predict_end(self, trainer, pl_module):
+        self._lap()
+
+
+def paired(target, samples, args) -> None:
+    loop_once(target, samples[: 2 * args.batch_size], args.batch_size, args.block_rows)  # warm-up
+    for extras in (True, False):
+        cb = Paired(target.model)
+        with tempfile.TemporaryDirectory() as d, mock.patch.object(
+                _extract, "HeadExtractor", lambda *a, _x=extras, _e=_extract.HeadExtractor, **k: _e(*a, baselines=_x, **k)):
+            _extract.run_extraction(target, samples, f"{d}/store", batch_size=args.batch_size,
+                                    block_rows=args.block_rows, trainer_kwargs={**TRAINER, "callbacks": [cb]})
+        print(f"paired per batch ({'with' if extras else 'without'} baseline extras): bare forward {cb.bare:.2f}s "
+              f"({len(samples) / cb.bare:.2f} samples/s), loop {cb.loop:.2f}s ({len(samples) / cb.loop:.2f} "
+              f"samples/s), loop/forward {cb.bare / cb.loop:.3f}")
 
 
 def loop_once(target, samples, batch_size, block_rows, background=True, extras=True) -> dict:
@@ -59,7 +98,7 @@ def loop_once(target, samples, batch_size, block_rows, background=True, extras=T
                                 trainer_kwargs={**TRAINER, "callbacks": [clock]})
         t1 = time.perf_counter()
     return {"startup": clock.marks["start"] - t0, "loop": clock.marks["end"] - clock.marks["start"],
-            "teardown": t1 - clock.marks["end"]}
+            "teardown": t1 - clock.marks["end"], "cpu": clock.marks["cpu_end"] - clock.marks["cpu_start"]}
 
 
 def loop_batches(target, samples, batch_size) -> list[dict]:
@@ -69,33 +108,45 @@ def loop_batches(target, samples, batch_size) -> list[dict]:
     return [collate(todo[i:i + batch_size])["enc"] for i in range(0, len(todo), batch_size)]
 
 
-def bare_seconds(model, batches) -> float:
-    t = time.perf_counter()
+def bare_seconds(model, batches) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of a bare forward over `batches`."""
+    t, c = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for b in batches:
             model(**b, logits_to_keep=1, use_cache=False)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def loop_vs_forward(target, args) -> None:
     samples = build_dataset(harmful=("advbench",), benign=("truthfulqa", "sharegpt"), attacks=("plain", "pyrit"),
                             limit=args.loop_samples, seed=0, max_chars=args.max_chars)
     n = len(samples)
+    if args.paired:
+        paired(target, samples, args)
+        return
     batches = loop_batches(target, samples, args.batch_size)
     bare_seconds(target.model, batches[:2])  # warm-up
     loop_once(target, samples[: 2 * args.batch_size], args.batch_size, args.block_rows)
-    bare, loops, inline, plain = [], [], [], []
+    bare, bare_cpu, loops, inline, plain = [], [], [], [], []
     for i in range(args.loop_repeats):  # alternating, so drift on a shared machine hits all of them
-        bare.append(bare_seconds(target.model, batches))
+        wall, cpu = bare_seconds(target.model, batches)
+        bare.append(wall)
+        bare_cpu.append(cpu)
         loops.append(loop_once(target, samples, args.batch_size, args.block_rows))
-        inline.append(loop_once(target, samples, args.batch_size, args.block_rows, background=False))
         plain.append(loop_once(target, samples, args.batch_size, args.block_rows, extras=False))
-        print(f"repeat {i}: bare {bare[-1]:.2f}s, loop {loops[-1]['loop']:.2f}s, inline writes "
-              f"{inline[-1]['loop']:.2f}s, no extras {plain[-1]['loop']:.2f}s")
+        if args.inline:
+            inline.append(loop_once(target, samples, args.batch_size, args.block_rows, background=False))
+        print(f"repeat {i}: wall (CPU) s: bare {wall:.2f} ({cpu:.2f}), loop {loops[-1]['loop']:.2f} "
+              f"({loops[-1]['cpu']:.2f}), no extras {plain[-1]['loop']:.2f} ({plain[-1]['cpu']:.2f})"
+              + (f", inline writes {inline[-1]['loop']:.2f} ({inline[-1]['cpu']:.2f})" if inline else ""))
     mb = statistics.median(bare)
     mp = statistics.median(r["loop"] for r in plain)
+    cb = statistics.median(bare_cpu)
+    print(f"CPU seconds (this process, all threads; less sensitive to other jobs than wall time): "
+          f"forward/loop {cb / statistics.median(r['cpu'] for r in loops):.3f}, "
+          f"forward/loop-without-extras {cb / statistics.median(r['cpu'] for r in plain):.3f}")
     ml = statistics.median(r["loop"] for r in loops)
-    mi = statistics.median(r["loop"] for r in inline)
+    mi = statistics.median(r["loop"] for r in inline) if inline else float("nan")
     print(f"loop vs forward: {n} samples, batch {args.batch_size}, block_rows {args.block_rows}, "
           f"{args.loop_repeats} alternating repeats, torch threads {torch.get_num_threads()}")
     print(f"bare forward (loop's batches, pre-encoded)  median {mb:.2f}s  {n / mb:.1f} samples/s")
@@ -135,6 +186,9 @@ def main() -> None:
     ap.add_argument("--loop_samples", type=int, default=128, help="samples per loop-vs-forward repeat")
     ap.add_argument("--loop_repeats", type=int, default=3, help="0 skips the loop-vs-forward section")
     ap.add_argument("--block_rows", type=int, default=64)
+    ap.add_argument("--inline", action="store_true", help="also time the loop with inline (main-thread) writes")
+    ap.add_argument("--paired", action="store_true",
+                    help="loop vs forward paired per batch inside one loop (robust to a machine whose load drifts)")
     args = ap.parse_args()
 
     t = time.perf_counter()
