@@ -79,7 +79,7 @@ def assert_same_rows(a: Path, b: Path) -> None:
     ra, rb = rows_by_id(a), rows_by_id(b)
     assert sorted(ra) == sorted(rb)
     for sid, row in ra.items():
-        assert set(row) == set(rb[sid]) == {"acts", "residual", "prompt_nll"}
+        assert set(row) == set(rb[sid]) and {"acts", "residual", "prompt_nll"} <= set(row)  # and the newer extras
         for key, value in row.items():  # other batch neighbours, so other padding: equal up to fp16 rounding
             np.testing.assert_allclose(np.asarray(value, np.float32), np.asarray(rb[sid][key], np.float32),
                                        atol=2e-3, rtol=2e-2)
