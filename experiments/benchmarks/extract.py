@@ -50,28 +50,34 @@ class Clock(L.Callback):
 
 
 class Paired(L.Callback):
-    """Per batch, a bare forward of the same encoded batch right before the loop processes it, so both
-    see the same moment of a shared machine: `bare` sums those forwards, `loop` the loop's own time
-    from one batch's start to the next (predict_step, writer callbacks, the next batch's collate,
-    Lightning) and from the last batch to the end of predict (final flush, writer close)."""
+    """Per batch, a bare forward of the same encoded batch inside the loop, so both see the same moment
+    of a shared machine: before the loop's step on even batches, after it on odd ones (the first run
+    of a new batch shape pays for allocations, so a fixed order would favour the second). `bare` sums
+    those forwards; `loop` is predict's wall time (start to end, final flush and writer close
+    included) minus them."""
 
     def __init__(self, model):
-        self.model, self.bare, self.loop, self._mark = model, 0.0, 0.0, None
+        self.model, self.bare, self.loop = model, 0.0, 0.0
 
-    def _lap(self):
-        if self._mark is not None:
-            self.loop += time.perf_counter() - self._mark
-
-    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self._lap()
+    def _bare(self, batch):
         t = time.perf_counter()
         with torch.no_grad():
             self.model(**batch["enc"], logits_to_keep=1, use_cache=False)
-        self._mark = time.perf_counter()
-        self.bare += self._mark - t
+        self.bare += time.perf_counter() - t
+
+    def on_predict_start(self, trainer, pl_module):
+        self._t0 = time.perf_counter()
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx % 2 == 0:
+            self._bare(batch)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx % 2 == 1:
+            self._bare(batch)
 
     def on_predict_end(self, trainer, pl_module):
-        self._lap()
+        self.loop = time.perf_counter() - self._t0 - self.bare
 
 
 def paired(target, samples, args) -> None:
