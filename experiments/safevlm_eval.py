@@ -95,9 +95,11 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=240)
     ap.add_argument("--max_chars", type=int, default=400)
     ap.add_argument("--tokens", type=int, default=8, help="safety tokens per set")
-    ap.add_argument("--epochs1", type=int, default=2)
+    ap.add_argument("--epochs1", type=int, default=6)
     ap.add_argument("--epochs2", type=int, default=1)
     ap.add_argument("--lora_rank", type=int, default=16)
+    ap.add_argument("--lr1", type=float, default=3e-3, help="stage I learning rate")
+    ap.add_argument("--lr2", type=float, default=2e-4, help="stage II learning rate")
     ap.add_argument("--eval_n", type=int, default=24, help="prompts per evaluation group")
     ap.add_argument("--mc_n", type=int, default=60)
     ap.add_argument("--max_new_tokens", type=int, default=24)
@@ -131,13 +133,13 @@ def main(argv=None) -> int:
     n_layers = base.geometry.num_layers
     t = time.time()
     Engine(output_dir=out / "stage1", max_epochs=a.epochs1, enable_progress_bar=True).fit(
-        SafeVLM(stage=1, num_safety_tokens=a.tokens, feature_layer=n_layers // 2, lr=1e-3), dm)
+        SafeVLM(stage=1, num_safety_tokens=a.tokens, feature_layer=n_layers // 2, lr=a.lr1), dm)
     timings["stage1_s"] = time.time() - t
     t = time.time()
     tuned = load_target(a.target)
     dm2 = SafetyDataModule(target=tuned, num_safety_tokens=a.tokens, batch_size=a.batch_size, **spec, **split)
     Engine(output_dir=out / "stage2", max_epochs=a.epochs2, enable_progress_bar=True).fit(
-        SafeVLM(stage=2, init_from=str(out / "stage1" / "detector"), lora_rank=a.lora_rank, lr=2e-4), dm2)
+        SafeVLM(stage=2, init_from=str(out / "stage1" / "detector"), lora_rank=a.lora_rank, lr=a.lr2), dm2)
     timings["stage2_s"] = time.time() - t
 
     # ---- the safety-head logistic detector on the same rows

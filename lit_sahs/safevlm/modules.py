@@ -4,7 +4,7 @@ two sets of learnable safety tokens and the safety head.
 Shapes (H: the language model's width, B: batch, T: prompt positions, P: vision patches):
 
 * ``SafetyProjector``: [B, T, F] features of the prompt (token embeddings or one layer's hidden
-  states) -> [B, T, H]; a two-layer MLP, like the target's own vision projector.
+  states) -> [B, T, H]; LayerNorm and a two-layer MLP, like the target's own vision projector.
 * ``VisionAbstractor``: [B, P, Dv] vision-encoder patch features -> [B, Q, H]: a convolution over
   the patch sequence, adaptive pooling to Q queries, then the two-layer MLP (PSA-VLM puts a
   convolutional abstractor before its MLP for the same reason: fewer, smoother tokens).
@@ -27,13 +27,17 @@ from lit_sahs.errors import LitSahsError
 
 
 class SafetyProjector(nn.Module):
+    """LayerNorm, then the two-layer MLP. The norm matters for hidden states: a decoder's residual
+    stream carries a few huge dimensions that would otherwise swamp the MLP."""
+
     def __init__(self, in_dim: int, hidden: int):
         super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
         self.linear_1 = nn.Linear(in_dim, hidden)
         self.linear_2 = nn.Linear(hidden, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear_2(F.gelu(self.linear_1(x)))
+        return self.linear_2(F.gelu(self.linear_1(self.norm(x))))
 
 
 class VisionAbstractor(nn.Module):
