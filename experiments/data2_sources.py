@@ -24,12 +24,13 @@ def main() -> None:
     ap.add_argument("--sources", default="")
     ap.add_argument("--top_k", type=int, default=8)
     ap.add_argument("--max_epochs", type=int, default=30)  # evaluate's default
+    ap.add_argument("--seed", type=int, default=0, help="split seed (validation rows, per-fold ranking)")
     ap.add_argument("--exclude", default="", help="sources kept out of training in every fold (control)")
     args = ap.parse_args()
     if args.exclude:
         return control(args)
     result = source_protocol(args.store, top_k=args.top_k, sources=names(args.sources), max_epochs=args.max_epochs,
-                             feature_sets={}, sparse_all=False)
+                             feature_sets={}, sparse_all=False, seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
     table = format_source_tables(result)
     with open(os.path.join(args.out, "sources.md"), "w", encoding="utf-8") as f:
@@ -48,7 +49,7 @@ def control(args) -> None:
     from lit_sahs.generalisation import COLUMNS
 
     excluded = names(args.exclude)
-    folds = Folds(args.store)
+    folds = Folds(args.store, seed=args.seed)
     holdouts, _ = folds.source_holdouts("round_robin", 20, names(args.sources))
     out = []
     for hold in holdouts:
