@@ -12,8 +12,8 @@ TPR at 1% and 5% FPR, and the false-positive rate on the held-out benign source 
 
 Features beyond heads (``lit_sahs.data.extra_features``): on a store that records them, the same
 folds also fit the detector on the heads plus residual layers and/or the refusal probability
-(``heads+resid``, ``heads+refusal``, ``heads+resid+refusal``) and the sparse group-lasso selector over
-every head, every residual layer and the refusal probability (``sparse(all)``); the baselines add the
+(``heads_resid``, ``heads_refusal``, ``heads_resid_refusal``) and the sparse group-lasso selector over
+every head, every residual layer and the refusal probability (``sparse_all``); the baselines add the
 harm direction, the multi-layer residual probe and the refusal probability alone.
 """
 from __future__ import annotations
@@ -27,8 +27,9 @@ from lit_sahs.data.extra_features import REFUSAL_EXTRA, RESIDUAL_EXTRA
 from lit_sahs.folds import PER_FOLD, Folds, fit_fold
 
 # detector fits beside the heads on a store with the extra features: method name -> features
-FEATURE_SETS = {"heads+resid": "resid", "heads+refusal": "refusal", "heads+resid+refusal": "resid,refusal"}
-SPARSE_ALL = "sparse(all)"
+# (names are valid MLflow metric key parts: no '+' or parentheses)
+FEATURE_SETS = {"heads_resid": "resid", "heads_refusal": "refusal", "heads_resid_refusal": "resid,refusal"}
+SPARSE_ALL = "sparse_all"
 SPARSE_ALL_ARGS = {"group_lasso": 0.02}
 
 # the columns of the table: threshold-free operating points, and the held-out benign source's FPR

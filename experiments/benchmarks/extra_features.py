@@ -1,7 +1,8 @@
 """What the extra features (residuals at several layers, refusal probability) cost at extraction.
 
-One run, the same encoded batches, the variants interleaved within every round (so load changes
-hit all of them alike); per-round ratios, median over rounds:
+One run, the same encoded batches; on every batch the variants run back to back in a shuffled
+order (so a change in machine load hits all of them alike); ratios are paired per batch (median)
+and of total time:
 
 * `heads`          forward under HeadCapture alone (logits_to_keep=1);
 * `heads+extras`   + LayerResidualCapture at the default layers + the refusal-token probability
@@ -32,7 +33,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--samples", type=int, default=48)
     ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     tgt = load_target(a.target)
@@ -74,25 +75,34 @@ def main() -> None:
 
     variants = {"heads": heads, "heads+extras": heads_extras, "baselines": baselines_only,
                 "extraction": lambda enc: baselines(enc, extras=True)}
+    import random
+
+    rng = random.Random(0)
     with torch.no_grad():
         for f in variants.values():  # warm-up
             f(batches[0])
+        # interleaved per batch: every variant runs on the same batch back to back, in a shuffled
+        # order, so a change in machine load hits all of them alike; ratios are paired per batch
         times = {k: [] for k in variants}
-        for r in range(a.rounds):
-            order = list(variants) if r % 2 == 0 else list(reversed(variants))
-            for k in order:
-                t0 = time.perf_counter()
-                for enc in batches:
+        for _ in range(a.rounds):
+            for enc in batches:
+                order = list(variants)
+                rng.shuffle(order)
+                for k in order:
+                    t0 = time.perf_counter()
                     variants[k](enc)
-                times[k].append(time.perf_counter() - t0)
+                    times[k].append(time.perf_counter() - t0)
     ratio = lambda x, y: statistics.median(a_ / b_ for a_, b_ in zip(times[x], times[y]))  # noqa: E731
+    total = lambda x, y: sum(times[x]) / sum(times[y])  # noqa: E731
     print(f"target {a.target}, {len(samples)} prompts in batches of {a.batch_size}, {a.threads} thread(s), "
           f"{a.rounds} interleaved rounds; residual layers {list(layers)}, {len(ids)} refusal tokens")
     for k in variants:
-        print(f"  {k:14s} median {statistics.median(times[k]):.3f} s / pass")
-    print(f"heads+extras / heads      = {ratio('heads+extras', 'heads'):.3f}  (goal <= 1.05)")
-    print(f"extraction / baselines    = {ratio('extraction', 'baselines'):.3f}  (new extras over the previous extraction)")
-    print(f"extraction / heads        = {ratio('extraction', 'heads'):.3f}  (incl. the perplexity baseline's LM head)")
+        print(f"  {k:14s} {sum(times[k]):.2f} s in all, median {statistics.median(times[k]):.3f} s / batch")
+    print("ratio (median of per-batch paired ratios; total time ratio):")
+    for x, y, note in (("heads+extras", "heads", "goal <= 1.05"),
+                      ("extraction", "baselines", "the new extras over the previous extraction"),
+                      ("extraction", "heads", "incl. the perplexity baseline's LM head over every position")):
+        print(f"  {x} / {y} = {ratio(x, y):.3f}; {total(x, y):.3f}  ({note})")
 
 
 if __name__ == "__main__":
