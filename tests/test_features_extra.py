@@ -1,5 +1,7 @@
 """Features beyond heads: residual layers and the refusal probability, extracted from the same forward,
 served next to head activations, selected by the sparse detector and carried by artifacts."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -178,13 +180,14 @@ def test_source_protocol_reports_feature_columns_on_the_same_folds(tmp_path):
     res = source_protocol(str(tmp_path / "s"), top_k=2, heads="0.0,1.1", ranking=None, progress=False,
                           baselines=("harm_direction", "refusal"), max_epochs=3)
     methods = set(res["mean"])
-    assert {"heads", "harm_direction", "refusal", "heads+resid", "heads+refusal", "heads+resid+refusal",
-            "sparse(all)"} <= methods
+    assert {"heads", "harm_direction", "refusal", "heads_resid", "heads_refusal", "heads_resid_refusal",
+            "sparse_all"} <= methods
+    assert all(re.fullmatch(r"[\w\-. /]+", f"mean/{m}/auroc") for m in methods)  # valid MLflow metric keys
     m = res["mean"]
-    assert m["harm_direction"]["auroc"] > 0.85 and m["heads+resid"]["auroc"] > 0.8
-    assert m["heads"]["auroc"] < 0.75 and m["heads+refusal"]["auroc"] < 0.75
+    assert m["harm_direction"]["auroc"] > 0.85 and m["heads_resid"]["auroc"] > 0.8
+    assert m["heads"]["auroc"] < 0.75 and m["heads_refusal"]["auroc"] < 0.75
     assert all("resid:3" in f["sparse_selected"] for f in res["folds"])
-    assert "sparse(all)" in format_source_tables(res)
+    assert "sparse_all" in format_source_tables(res)
 
 
 def test_guard_computes_the_stored_features_from_its_own_prefill(tmp_path):
