@@ -2,7 +2,9 @@
 head reads, as hooks on an unmodified target.
 
 ``with_slots`` turns a left-padded prompt batch (``prompting.encode``) into the sequence SafeVLM
-runs: ``[padding][n safety-token slots][prompt][answer + EOS]`` (the answer only when training),
+runs: ``[padding][prompt's first token][n safety-token slots][rest of the prompt][answer + EOS]``
+(the answer only when training; the first token stays first because decoders use it as their
+attention sink),
 with the masks the head needs. ``SafetyForward`` is a context manager that, for the next forward
 over that batch (the prefill of ``generate`` included):
 
@@ -31,7 +33,7 @@ IGNORE_INDEX = -100
 
 
 def with_slots(enc: dict, n_slots: int, pad_id: int, answers: Optional[Sequence[Sequence[int]]] = None) -> dict:
-    """[pad][slots][prompt][answer] rows, left-padded. Returns model inputs (input_ids,
+    """[pad][prompt[0]][slots][prompt[1:]][answer] rows, left-padded. Returns model inputs (input_ids,
     attention_mask, position_ids, and the prompt's image tensors unchanged) plus ``slot_mask``,
     ``prompt_mask`` [B, T] bool, ``first_pos`` [B] (the last prompt position: where the first
     answer token is predicted) and, with answers, ``labels`` (-100 except the answer tokens)."""
@@ -50,16 +52,20 @@ def with_slots(enc: dict, n_slots: int, pad_id: int, answers: Optional[Sequence[
     labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
     first_pos = torch.zeros(B, dtype=torch.long)
     for b, (prompt, answer) in enumerate(rows):
+        # [prompt[0]][slots][prompt[1:]][answer]: the prompt's first token keeps its place at the start
+        # (decoders use it as their attention sink; a learnable vector there would disturb every layer)
         start = width - (n_slots + len(prompt) + len(answer))
-        p0 = start + n_slots
-        a0 = p0 + len(prompt)
-        input_ids[b, p0:a0] = torch.tensor(prompt, dtype=torch.long)
+        s0, s1 = start + 1, start + 1 + n_slots
+        a0 = s1 + len(prompt) - 1
+        input_ids[b, start] = prompt[0]
+        input_ids[b, s1:a0] = torch.tensor(prompt[1:], dtype=torch.long)
         if answer:
             input_ids[b, a0:] = torch.tensor(answer, dtype=torch.long)
             labels[b, a0:] = torch.tensor(answer, dtype=torch.long)
         attention[b, start:] = 1
-        slot_mask[b, start:p0] = True
-        prompt_mask[b, p0:a0] = True
+        slot_mask[b, s0:s1] = True
+        prompt_mask[b, start] = True
+        prompt_mask[b, s1:a0] = True
         first_pos[b] = a0 - 1
     out = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "position_ids")}
     out.update(input_ids=input_ids, attention_mask=attention, position_ids=prompting.position_ids_from_mask(attention),

@@ -80,7 +80,7 @@ class SafeVLM(L.LightningModule):
                  feature_layer: Optional[int] = None, head_heads: int = 8, vision_queries: int = 16,
                  loss_weight: float = 10.0, lr: Optional[float] = None, weight_decay: float = 0.0,
                  lora_rank: int = 256, lora_alpha: int = 16, lora_dropout: float = 0.05,
-                 target_fpr: float = 0.05) -> None:
+                 target_fpr: float = 0.05, token_lr_scale: float = 0.1) -> None:
         super().__init__()
         if stage not in (1, 2):
             raise LitSahsError(f"stage must be 1 or 2, got {stage!r}")
@@ -353,10 +353,18 @@ class SafeVLM(L.LightningModule):
         self._test_scores.append(self.risk(level).cpu().numpy())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = list(self.safety.parameters()) if self.hparams.stage == 1 else list(self.lora_parameters().values())
-        if not params:
-            raise LitSahsError(f"stage {self.hparams.stage} has nothing to train")
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.stage == 2:
+            params = list(self.lora_parameters().values())
+            if not params:
+                raise LitSahsError("stage 2 has nothing to train")
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.hparams.weight_decay)
+        # the input safety tokens move what every later layer computes (the head's features included):
+        # they learn at token_lr_scale x lr so the head does not chase moving features
+        tokens = list(self.safety.input_tokens.parameters())
+        ids = {id(p) for p in tokens}
+        rest = [p for p in self.safety.parameters() if id(p) not in ids]
+        return torch.optim.AdamW([{"params": rest}, {"params": tokens, "lr": self.lr * self.hparams.token_lr_scale}],
+                                 lr=self.lr, weight_decay=self.hparams.weight_decay)
 
     # ------------------------------------------------------------------ reports (the TestReport callback)
 
