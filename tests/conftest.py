@@ -6,6 +6,19 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_uri_restored():
+    """mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI into os.environ: without this, a test
+    that points MLflow at its own database (a temporary PostgreSQL server, since stopped) would hand
+    that URI to every later test that relies on the default."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real packaged default target (dequantized once into the cache, then ~0.5 s a load)."""
