@@ -56,6 +56,24 @@ _UNSUPPORTED_GENERATE = ("prefill_chunk_size", "assistant_model", "num_beams", "
                          "prompt_lookup_num_tokens", "past_key_values", "position_ids")
 
 
+def eos_token_id(target: Target, override=None) -> int:
+    """The token that ends an answer: `override`, else the target's generation config, else its
+    tokenizer's (the first of a list)."""
+    eos = override
+    if eos is None:
+        eos = getattr(target.model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = target.tokenizer.eos_token_id
+    if isinstance(eos, torch.Tensor):
+        eos = eos.flatten().tolist()
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if eos is None:
+        raise LitSahsError("the target has no EOS token: a refused or finished answer ends with EOS; "
+                           "pass eos_token_id=...")
+    return int(eos)
+
+
 # ---------------------------------------------------------------- the logits processor
 
 class GateProcessor(LogitsProcessor):
@@ -172,19 +190,7 @@ class SafetyGuard:
         return float(self.detector.threshold) if self.threshold is None else self.threshold
 
     def _eos_token_id(self, kwargs: dict) -> int:
-        eos = kwargs.get("eos_token_id", None)
-        if eos is None:
-            eos = getattr(self.target.model.generation_config, "eos_token_id", None)
-        if eos is None:
-            eos = self.target.tokenizer.eos_token_id
-        if isinstance(eos, torch.Tensor):
-            eos = eos.flatten().tolist()
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0] if eos else None
-        if eos is None:
-            raise LitSahsError("the target has no EOS token: the guard ends a flagged answer with EOS; "
-                               "pass eos_token_id=...")
-        return int(eos)
+        return eos_token_id(self.target, kwargs.get("eos_token_id", None))
 
     def generate_tokens(self, enc: dict, **generate_kwargs) -> tuple[torch.Tensor, GateProcessor]:
         """Guarded ``model.generate`` on an encoded batch (``encode_prompts(..., for_generate=True)``).

@@ -45,7 +45,7 @@ def _sync(device):
 def train_stage(target_name: str, stage: int, tokens: int, batch_size: int, steps: int, rank: int, device: str,
                 dtype: str) -> dict:
     from lit_sahs.safevlm import SafeVLM, SafetyDataModule
-    from lit_sahs.safevlm.artifact import save_safevlm
+    from lit_sahs.detectors import save_detector
     from lit_sahs.targets import load_target
 
     target = load_target(target_name, dtype=dtype, device=device)
@@ -59,7 +59,7 @@ def train_stage(target_name: str, stage: int, tokens: int, batch_size: int, step
     model.attach(target)
     if stage == 2:
         model.trained_stages = [1]
-        save_safevlm(model, tmp / "one")
+        save_detector(model, tmp / "one")
         model = SafeVLM(stage=2, init_from=str(tmp / "one"), lora_rank=rank)
         model._start_stage_two(target)
         model.safety.requires_grad_(False)

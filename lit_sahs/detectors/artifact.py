@@ -73,19 +73,20 @@ def detector_metadata(detector: SafetyDetector) -> dict[str, Any]:
 
 def save_detector(detector: SafetyDetector, directory: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write `directory`/detector.safetensors and detector.json atomically; returns the directory."""
-    if getattr(detector, "family", None) == "safevlm":  # the second method: safety modules (+ LoRA), own layout
-        from lit_sahs.safevlm.artifact import save_safevlm
+    if getattr(detector, "family", None) == "safevlm":  # the second method: safety modules (+ LoRA)
+        from lit_sahs.safevlm.artifact import safevlm_payload
 
-        return save_safevlm(detector, directory, overwrite)
-    if detector.family not in DETECTORS or DETECTORS[detector.family] is not type(detector):
+        meta, tensors = safevlm_payload(detector)
+    elif detector.family not in DETECTORS or DETECTORS[detector.family] is not type(detector):
         raise LitSahsError(f"{type(detector).__name__} is not a registered detector family: add it to DETECTORS")
-    meta = detector_metadata(detector)
+    else:
+        meta = detector_metadata(detector)
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in detector.state_dict().items()}
     dest = Path(directory)
     if dest.exists() and not overwrite:
         raise LitSahsError(f"{dest} already exists: choose another directory or pass overwrite=True")
     if dest.exists() and not (dest / META_FILE).is_file():
         raise LitSahsError(f"{dest} exists and is not a detector artifact: refusing to replace it")
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in detector.state_dict().items()}
 
     def build(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "detector": detector.family})

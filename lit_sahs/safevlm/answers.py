@@ -16,24 +16,13 @@ from typing import Optional, Sequence
 import torch
 
 from lit_sahs.errors import LitSahsError
+from lit_sahs.guard import DEFAULT_REFUSAL, eos_token_id  # noqa: F401 - DEFAULT_REFUSAL: the LM loss's refusal
 from lit_sahs.io import atomic_write_text
 
-DEFAULT_REFUSAL = "I'm sorry, but I can't help with that request."
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("LIT_SAHS_CACHE", Path.home() / ".cache" / "lit_sahs")) / "answers"
-
-
-def eos_id(target) -> int:
-    eos = getattr(target.model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = target.tokenizer.eos_token_id
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
-    if eos is None:
-        raise LitSahsError(f"target {target.name!r} has no EOS token: SafeVLM's answers end with one")
-    return int(eos)
 
 
 class AnswerCache:

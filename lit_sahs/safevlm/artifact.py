@@ -4,42 +4,30 @@
 it like any detector, with no pickle anywhere."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import TargetFingerprint
-from lit_sahs.io import atomic_dir
 
 
-def save_safevlm(det, directory: str | os.PathLike, overwrite: bool = False) -> Path:
-    from lit_sahs.detectors.artifact import FORMAT, FORMAT_VERSION, META_FILE, WEIGHTS_FILE, check_threshold, _init_args
+def safevlm_payload(det) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(detector.json contents, tensors) of a SafeVLM; ``save_detector`` writes them."""
+    from lit_sahs.detectors.artifact import FORMAT, FORMAT_VERSION, _init_args, check_threshold
 
-    dest = Path(directory)
-    if dest.exists() and not overwrite:
-        raise LitSahsError(f"{dest} already exists: choose another directory or pass overwrite=True")
-    if dest.exists() and not (dest / META_FILE).is_file():
-        raise LitSahsError(f"{dest} exists and is not a detector artifact: refusing to replace it")
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "class": f"{type(det).__module__}.{type(det).__qualname__}",
             "hparams": _init_args(det.hparams), "threshold": check_threshold(det.threshold, "SafeVLM"), **det.metadata()}
-    tensors = det.tensors()
-
-    def build(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "detector": det.family})
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
-
-    return atomic_dir(dest, build, replace=True)
+    return meta, det.tensors()
 
 
 def safevlm_from_artifact(directory: Path, meta: dict[str, Any], map_location="cpu"):
     """Rebuild a SafeVLM from its artifact directory (``meta``: the parsed detector.json)."""
-    from lit_sahs.detectors.artifact import WEIGHTS_FILE, check_threshold
+    from lit_sahs.detectors.artifact import WEIGHTS_FILE, _state_error_reason, check_threshold
     from lit_sahs.safevlm.module import LORA_PREFIX, SAFETY_PREFIX, SafeVLM
     from lit_sahs.safevlm.taxonomy import RISK_LEVELS, RISK_TYPES
 
@@ -67,8 +55,8 @@ def safevlm_from_artifact(directory: Path, meta: dict[str, Any], map_location="c
     try:
         det.safety.load_state_dict(safety, strict=True)
     except RuntimeError as e:
-        first = [line.strip() for line in str(e).splitlines() if line.strip()][1:2] or [str(e)[:200]]
-        raise LitSahsError(f"{src} does not fit its own description ({first[0]}): the artifact is corrupt") from None
+        raise LitSahsError(f"{src} does not fit its own description ({_state_error_reason(e)}): "
+                           "the artifact is corrupt") from None
     if "threshold" not in state:
         raise LitSahsError(f"{src} has no threshold: the artifact is corrupt, re-save it")
     det.threshold.copy_(state["threshold"].to(torch.float64))

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from lit_sahs.data.protocol import DEFAULT_ATTACKS, DEFAULT_BENIGN, DEFAULT_HARMFUL, SampleSpec, split_rows
 from lit_sahs.errors import LitSahsError
-from lit_sahs.safevlm.answers import DEFAULT_REFUSAL, AnswerCache, eos_id
+from lit_sahs.safevlm.answers import DEFAULT_REFUSAL, AnswerCache, eos_token_id
 from lit_sahs.safevlm.forward import with_slots
 from lit_sahs.safevlm.taxonomy import labels_of
 from lit_sahs.targets import prompting
@@ -114,7 +114,7 @@ class SafetyDataModule(L.LightningDataModule):
         texts, images, ids = [r["text"] for r in rows], [r["image"] for r in rows], [r["id"] for r in rows]
         texts = prompting.fit_context(tgt, texts, images, ids, reserve=self.num_safety_tokens + self.max_answer_tokens + 1)
         enc = prompting.encode(tgt, texts, images, ids)
-        eos = eos_id(tgt)
+        eos = eos_token_id(tgt)
         answers = [tgt.tokenizer(r.get("answer") or "", add_special_tokens=False)["input_ids"][: self.max_answer_tokens]
                    + [eos] for r in rows]
         batch = with_slots(enc, self.num_safety_tokens, tgt.tokenizer.pad_token_id or eos, answers)

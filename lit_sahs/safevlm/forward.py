@@ -80,7 +80,7 @@ MODEL_KEYS_DROPPED = ("slot_mask", "prompt_mask", "first_pos", "labels", "y", "l
 
 def model_inputs(batch: dict) -> dict:
     """The keys of a ``with_slots`` batch the target's forward takes."""
-    return {k: v for k, v in batch.items() if k not in MODEL_KEYS_DROPPED and k not in ("meta",)}
+    return {k: v for k, v in batch.items() if k not in MODEL_KEYS_DROPPED}
 
 
 class SafetyForward:

@@ -21,9 +21,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from lit_sahs.errors import LitSahsError
-from lit_sahs.guard import DEFAULT_REFUSAL, GuardResult
+from lit_sahs.guard import DEFAULT_REFUSAL, GuardResult, eos_token_id
 from lit_sahs.runtime import encode_prompts, load_detector_and_target
-from lit_sahs.safevlm.answers import eos_id
 from lit_sahs.safevlm.forward import SafetyForward, model_inputs, with_slots
 from lit_sahs.safevlm.taxonomy import RISK_LEVELS, RISK_TYPES
 
@@ -124,7 +123,7 @@ class SafeVLMGuard:
         kw.setdefault("pad_token_id", self.target.tokenizer.pad_token_id)
         with SafetyForward(model, det.safety.input_tokens.weight, det.feature_layer, batch["slot_mask"],
                            batch["prompt_mask"], batch["first_pos"], vision=vision) as fwd:
-            g = SafetyGate(det, fwd, eos_id(self.target), self.threshold, self.fail_closed) if gate else None
+            g = SafetyGate(det, fwd, eos_token_id(self.target), self.threshold, self.fail_closed) if gate else None
             procs = LogitsProcessorList([g] if g else [])
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=procs, **kw)
         return out[:, batch["input_ids"].shape[1]:], g

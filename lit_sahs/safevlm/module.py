@@ -414,6 +414,6 @@ class SafeVLM(L.LightningModule):
     def tensors(self) -> dict[str, Tensor]:
         out = {SAFETY_PREFIX + k: v for k, v in self.safety.state_dict().items()}
         out["threshold"] = self.threshold
-        lora = {n: p for n, p in self.lora_parameters().items()} or self.lora_state
+        lora = self.lora_parameters() or self.lora_state
         out.update({LORA_PREFIX + n: v for n, v in lora.items()})
         return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
