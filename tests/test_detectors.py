@@ -13,6 +13,7 @@ import os
 import pickle
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -254,6 +255,20 @@ def test_compute_report_groups_and_single_class():
         compute_report([0.1, 0.2], [0, 1], groups=["a"])
     with pytest.raises(LitSahsError):
         compute_report([0.1, 0.2], [0, 2])
+
+
+def test_rank_metrics_rank_raw_scores_as_given():
+    """Raw projections (~1e4, as a harm direction gives) and ties: AUROC and AP equal sklearn's.
+    A float32 sigmoid would turn these scores into tied 1.0s and report 0.5."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    s = np.round(rng.normal(size=300) + 1.5 * y, 1) * 1e4 + 2e4  # all > 1, with tied values
+    rep = compute_report(s, y, threshold=2.5e4)["overall"]
+    assert rep["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-12) and rep["auroc"] > 0.8
+    assert rep["auprc"] == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    assert rep["tpr"] == pytest.approx(float(((s >= 2.5e4) & (y == 1)).sum() / y.sum()))
 
 
 @pytest.mark.parametrize("family", ["logistic", "sparse"])

@@ -17,7 +17,6 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
 from torchmetrics.utilities import dim_zero_cat
 
 from lit_sahs.errors import LitSahsError
@@ -243,25 +242,54 @@ class AtThreshold(_ScoreMetric):
         return torch.tensor(_at_threshold(preds, target, self.threshold)[self.kind], dtype=torch.float64)
 
 
-class _BothClasses:
-    """torchmetrics' rank metric, NaN (not 0 with a warning) when a set holds one class only."""
+def auroc(preds: Tensor, target: Tensor) -> float:
+    """Area under the ROC curve in float64, ties counted half (NaN without both classes)."""
+    preds, target = _check(preds, target)
+    n_pos = int(target.sum())
+    if n_pos == 0 or n_pos == target.numel():
+        return NAN
+    fpr, tpr = _roc_points(preds, target)
+    return float(torch.trapezoid(tpr, fpr))
 
-    def update(self, preds: Tensor, target: Tensor) -> None:
-        super().update(torch.as_tensor(preds).float(), target)  # torchmetrics' rank metrics run in float32
+
+def average_precision(preds: Tensor, target: Tensor) -> float:
+    """Step-wise area under the precision-recall curve (sum of recall steps x precision), float64."""
+    preds, target = _check(preds, target)
+    n_pos = int(target.sum())
+    if n_pos == 0 or n_pos == target.numel():
+        return NAN
+    order = torch.argsort(preds, descending=True, stable=True)
+    p, t = preds[order], target[order]
+    tps = torch.cumsum(t, 0).to(torch.float64)
+    fps = torch.cumsum(1 - t, 0).to(torch.float64)
+    last = torch.ones_like(p, dtype=torch.bool)
+    last[:-1] = p[1:] != p[:-1]
+    tps, fps = tps[last], fps[last]
+    recall = torch.cat([torch.zeros(1, dtype=torch.float64), tps / n_pos])
+    precision = tps / (tps + fps)
+    return float(((recall[1:] - recall[:-1]) * precision).sum())
+
+
+class _RankMetric(_ScoreMetric):
+    """AUROC / average precision over every (score, label) seen, NaN with one class.
+
+    Not torchmetrics' BinaryAUROC: it runs in float32 and reads any score outside [0, 1] as a
+    logit and squashes it with a sigmoid, so raw scores (a harm-direction projection of ~10^4,
+    a prompt NLL) saturate to tied 1.0s and rank at chance; here every score ranks as given."""
+
+    higher_is_better = True
+    fn: Any = None
 
     def compute(self) -> Tensor:
-        target = dim_zero_cat(self.target) if len(self.target) else torch.zeros(0)  # list, or gathered tensor
-        if target.numel() == 0 or target.min() == target.max():
-            return torch.tensor(NAN)
-        return super().compute()
+        return torch.tensor(type(self).fn(*self._cat()), dtype=torch.float64)
 
 
-class _DefinedAUROC(_BothClasses, BinaryAUROC):
-    pass
+class _DefinedAUROC(_RankMetric):
+    fn = staticmethod(auroc)
 
 
-class _DefinedAP(_BothClasses, BinaryAveragePrecision):
-    pass
+class _DefinedAP(_RankMetric):
+    fn = staticmethod(average_precision)
 
 
 # The report's columns, defined once: every report (the Lightning loops' logged metrics,
