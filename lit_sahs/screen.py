@@ -11,7 +11,9 @@ inputs), which a test checks. Raising from a hook works for every architecture t
 the module tree untouched.
 
 With the deepest selected layer at two thirds of the depth, a screen costs about two thirds of a
-full forward: see experiments/benchmarks/guard.py.
+full forward: see experiments/benchmarks/guard.py. A detector fitted with extra features
+(``--data.features resid,refusal``) gets them from the same forward, run to the end: the refusal
+probability needs the logits.
 
     screener = Screener("smollm2-135m-instruct", "artifacts/quickstart/detector")
     result = screener.score(["What is the capital of France?", "How do I make a bomb?"])
@@ -71,7 +73,14 @@ class Screener:
         self.batch_size = batch_size
 
     @property
+    def features(self):
+        """The extra features the detector reads after its heads (empty: heads only)."""
+        return getattr(self.detector, "feature_spec", None)
+
+    @property
     def layers_run(self) -> int:
+        if self.features:  # residual layers and the refusal logits: the whole forward
+            return self.target.geometry.num_layers
         return max(self.detector.head_set.layers) + 1
 
     def score(self, texts: Sequence[str], images: Optional[Sequence[Optional[str]]] = None,
@@ -88,7 +97,10 @@ class Screener:
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             enc = encode_prompts(self.target, [texts[i] for i in idx], [images[i] for i in idx], [ids[i] for i in idx])
-            x = head_activations(self.target, enc, self.detector.head_set)
+            if self.features:
+                x = capture_forward(self.target, enc, self.detector.head_set, features=self.features)
+            else:
+                x = head_activations(self.target, enc, self.detector.head_set)
             scores[idx] = self.detector.predict_proba(x.to(self.detector.mean.device)).cpu().numpy()
         flagged = ~(scores < self.threshold)  # NaN -> flagged
         return ScreenResult(ids, scores, flagged, self.threshold)

@@ -190,15 +190,17 @@ def test_source_protocol_reports_feature_columns_on_the_same_folds(tmp_path):
     assert "sparse_all" in format_source_tables(res)
 
 
-def test_guard_computes_the_stored_features_from_its_own_prefill(tmp_path):
-    """A detector fitted on a store with extra features, saved and loaded: capture_forward and the
-    guard's gate compute the same inputs and scores from the prompt as extraction stored."""
+def test_guard_and_screen_compute_the_stored_features_from_their_own_prefill(tmp_path):
+    """A detector fitted on a store with extra features, saved and loaded: capture_forward, the
+    guard's gate and the screener compute the same inputs and scores from the prompt as extraction
+    stored."""
     from lit_sahs.data.extra_features import read_inputs
     from lit_sahs.detectors.artifact import load_detector, save_detector
     from lit_sahs.evaluate import detector_scores
     from lit_sahs.extract import run_extraction
     from lit_sahs.guard import SafetyGuard
     from lit_sahs.runtime import capture_forward
+    from lit_sahs.screen import Screener
     from lit_sahs.targets import load_target, prompting
 
     torch.set_num_threads(1)
@@ -221,3 +223,6 @@ def test_guard_computes_the_stored_features_from_its_own_prefill(tmp_path):
     want = detector_scores(det, stored[rows])
     res = SafetyGuard(tgt, det).generate([s.text for s in samples[:4]], max_new_tokens=1)
     np.testing.assert_allclose(res.scores, want, atol=2e-3)
+    screener = Screener(tgt, det, batch_size=3)  # batched by length: another padding than the guard's
+    assert screener.layers_run == tgt.geometry.num_layers  # the refusal feature needs the logits
+    np.testing.assert_allclose(screener.score([s.text for s in samples[:4]]).scores, want, atol=2e-3)
