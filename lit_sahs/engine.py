@@ -67,9 +67,10 @@ class Engine:
     # ------------------------------------------------------------------ trainers
 
     def trainer_settings(self, model: L.LightningModule | type | None = None, **overrides: Any) -> dict[str, Any]:
-        kw = {**BASE_TRAINER, **(family_defaults(model) if model is not None else {}), **self.trainer_kwargs,
-              **overrides}
-        kw = {k: v for k, v in kw.items() if v is not None}
+        # None means "not set here": it must not override the family's default (max_epochs=None
+        # would otherwise fall through to Lightning's 1000 epochs)
+        given = {k: v for k, v in {**self.trainer_kwargs, **overrides}.items() if v is not None}
+        kw = {**BASE_TRAINER, **(family_defaults(model) if model is not None else {}), **given}
         if self.validate_once and kw.get("max_epochs"):
             kw["check_val_every_n_epoch"] = int(kw["max_epochs"])
         return kw

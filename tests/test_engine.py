@@ -37,6 +37,9 @@ def test_family_trainer_defaults_and_caller_overrides():
     engine = Engine(validate_once=True)
     assert engine.trainer_settings(MLPDetector)["check_val_every_n_epoch"] == 40
     assert Engine(max_epochs=3).trainer_settings(MLPDetector)["max_epochs"] == 3  # the caller wins
+    # an unset caller value (None, as fit_fold passes) keeps the family's default, not Lightning's 1000
+    assert Engine(validate_once=True, max_epochs=None).trainer_settings(SparseHeadDetector)["max_epochs"] == 5
+    assert Engine(max_epochs=None).trainer(SparseHeadDetector).max_epochs == 5
 
 
 def _module_imports() -> dict[str, set[str]]:
