@@ -4,7 +4,7 @@ not a generalisation figure); stage-I losses (LM + 10 x classifier) by hand, tes
 
     python experiments/safevlm_head_check.py
 """
-import torch, time, sys
+import torch, time
 torch.set_num_threads(2)
 from lit_sahs.safevlm import SafeVLM, SafetyDataModule
 from lit_sahs.targets import load_target

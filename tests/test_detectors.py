@@ -6,7 +6,6 @@ batches {"x": [B, k, D] raw, "y": [B] float, "family": [B] long}.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os

@@ -1,6 +1,5 @@
 """`python -m lit_sahs register` and models:/ URIs: versions, aliases, tags, bad input, and no pickle."""
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
