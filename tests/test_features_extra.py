@@ -226,3 +226,43 @@ def test_guard_and_screen_compute_the_stored_features_from_their_own_prefill(tmp
     screener = Screener(tgt, det, batch_size=3)  # batched by length: another padding than the guard's
     assert screener.layers_run == tgt.geometry.num_layers  # the refusal feature needs the logits
     np.testing.assert_allclose(screener.score([s.text for s in samples[:4]]).scores, want, atol=2e-3)
+
+
+# ---------------------------------------------------------------- tune
+
+def _tune_config(workdir, space, n_trials=6):
+    import yaml
+
+    cfg = {"store": str(workdir / "s"), "objective": "sources", "ranking": "per_fold", "study_name": "feat",
+           "storage": f"sqlite:///{workdir}/optuna.db", "n_trials": n_trials, "seed": 0, "min_rows": 20,
+           "max_epochs": {"logistic": 3}, "batch_size": 64, "space": space, "sampler": {"name": "random"},
+           "pruner": {"name": "none"}, "heartbeat_interval": None, "refit": True, "plots": False, "baselines": [],
+           "output_dir": str(workdir / "art"), "tracking_uri": f"sqlite:///{workdir}/mlruns/mlflow.db"}
+    path = workdir / "tune.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_tune_searches_the_extra_features_and_the_refit_carries_them(mlflow_workdir, cli):
+    """Only residual layer 3 carries the label: trials drawing `resid` score high on the held-out
+    sources, heads-only trials near chance, and the refit artifact reads the residual layers."""
+    import json
+
+    import optuna
+
+    from lit_sahs.detectors.artifact import load_detector
+
+    make_store(mlflow_workdir / "s", signal="resid")
+    space = {"detector": ["logistic"], "k": 2, "features": ["none", "resid"]}
+    code, _, err = cli(["tune", "--config", _tune_config(mlflow_workdir, space)])
+    assert code == 0, err[-2000:]
+    trials = optuna.load_study(study_name="feat", storage=f"sqlite:///{mlflow_workdir}/optuna.db").trials
+    by = {f: [t.value for t in trials if t.params["features"] == f] for f in ("none", "resid")}
+    assert by["none"] and by["resid"] and min(by["resid"]) > 0.85 > 0.7 > max(by["none"])
+    best = json.loads((mlflow_workdir / "art" / "feat" / "best.json").read_text())
+    assert best["features"] == "resid"
+    det = load_detector(mlflow_workdir / "art" / "feat" / "detector")
+    assert det.feature_spec.names == ("resid:1", "resid:3")
+
+    code, _, err = cli(["tune", "--config", _tune_config(mlflow_workdir, {**space, "features": ["none", "logits"]})])
+    assert code == 2 and "unknown features ['logits']" in err.strip().splitlines()[-1]

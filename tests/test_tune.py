@@ -204,8 +204,14 @@ def test_search_space_parsing():
     assert d["mlp.hidden"] == {"type": "int", "low": 8, "high": 64, "log": True}
     assert d["mlp.lr"]["type"] == "float" and d["mlp.num_layers"] == {"value": 2}
     assert d["k"] == {"choices": [2, 4]}
-    fam, k, hp = SearchSpace.from_params({"detector": "mlp", "k": 4, "mlp.hidden": 16, "mlp.lr": 1e-3}, s)
-    assert (fam, k, hp) == ("mlp", 4, {"hidden": 16, "lr": 1e-3, "num_layers": 2})
+    fam, k, hp, feats = SearchSpace.from_params({"detector": "mlp", "k": 4, "mlp.hidden": 16, "mlp.lr": 1e-3}, s)
+    assert (fam, k, hp, feats) == ("mlp", 4, {"hidden": 16, "lr": 1e-3, "num_layers": 2}, None)
+    assert "features" not in d  # a space without features keeps the dict older studies recorded
+    f = SearchSpace.parse({"detector": ["logistic"], "k": 2, "features": ["none", "resid,refusal"]}, max_heads=10)
+    assert f.feature_specs() == [None, "resid,refusal"] and f.to_dict()["features"] == {"choices": ["none", "resid,refusal"]}
+    assert SearchSpace.from_params({"features": "resid,refusal"}, f)[3] == "resid,refusal"
+    with pytest.raises(LitSahsError, match="feature specs"):
+        SearchSpace.parse({"detector": ["logistic"], "k": 2, "features": {"low": 1, "high": 2}}, max_heads=10)
     with pytest.raises(LitSahsError, match="low"):
         SearchSpace.parse({"k": {"low": 5, "high": 2}}, max_heads=10)
 

@@ -28,14 +28,15 @@ class FoldScore:
 
 
 def score_fold(folds: Folds, fold: Optional[Holdout | str], family: str, k: int, hparams: dict,
-               cfg: TuneConfig) -> FoldScore:
-    """Fit on the fold's top-k heads and score its test rows: the held-out rows of `fold`, never seen in
-    training, threshold calibration or ranking (fold None: everything, a random test split)."""
+               cfg: TuneConfig, features: Optional[str] = None) -> FoldScore:
+    """Fit on the fold's top-k heads (plus extra `features`) and score its test rows: the held-out rows
+    of `fold`, never seen in training, threshold calibration or ranking (fold None: everything, a random
+    test split)."""
     from lit_sahs.detectors import compute_report
     from lit_sahs.detectors.metrics import SCORE_COLUMNS, THRESHOLD_COLUMNS
 
     fit = fit_fold(folds, family, hparams, k, held_out=fold or (), max_epochs=cfg.epochs(family),
-                   batch_size=cfg.batch_size, target_fpr=cfg.target_fpr)
+                   batch_size=cfg.batch_size, target_fpr=cfg.target_fpr, features=features)
     rows, scores = fit.rows("test"), fit.scores("test")
     if not np.isfinite(scores).all():
         raise Diverged(f"{family} detector with {hparams} produced non-finite scores")
@@ -57,21 +58,22 @@ class Objective:
         import optuna
 
         self.started += 1
-        family, k, hparams = self.space.sample(trial)
+        family, k, hparams, features = self.space.sample(trial)
         run = self.tracker.create_run(f"trial-{trial.number}", {"lit_sahs.kind": "trial",
                                                                 "optuna.study_name": self.cfg.study_name,
                                                                 "optuna.trial_number": trial.number,
                                                                 "lit_sahs.worker": self.worker}, parent=self.parent)
         trial.set_user_attr("mlflow_run_id", run)
         trial.set_user_attr("worker", self.worker)
-        self.tracker.log(run, params={"detector": family, "k": k, **{f"{family}.{h}": v for h, v in hparams.items()}})
+        self.tracker.log(run, params={"detector": family, "k": k, "features": features or "none",
+                                      **{f"{family}.{h}": v for h, v in hparams.items()}})
         aurocs: dict[str, float] = {}
         tprs: dict[str, float] = {}
         status = "FAILED"
         try:
             for step, hold in enumerate(self.holdouts):
                 fam = hold.name
-                r = score_fold(self.folds, hold, family, k, hparams, self.cfg)
+                r = score_fold(self.folds, hold, family, k, hparams, self.cfg, features)
                 aurocs[fam], tprs[fam] = r.metrics["auroc"], r.metrics["tpr_at_1fpr"]
                 running = float(np.mean(list(aurocs.values())))
                 self.tracker.log(run, metrics={**{f"held_out/{fam}/{m}": v for m, v in r.metrics.items()},

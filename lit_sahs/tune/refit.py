@@ -81,12 +81,12 @@ def refit_best(cfg: TuneConfig, study, space: SearchSpace, folds: Folds, tracker
     from lit_sahs.detectors import save_detector
 
     best = study.best_trial
-    family, k, hparams = SearchSpace.from_params(best.params, space)
+    family, k, hparams, features = SearchSpace.from_params(best.params, space)
     run = tracker.create_run(f"refit-trial-{best.number}", {"lit_sahs.kind": "refit",
                                                              "optuna.study_name": cfg.study_name,
                                                              "optuna.trial_number": best.number}, parent=parent)
     try:
-        r = score_fold(folds, None, family, k, hparams, cfg)
+        r = score_fold(folds, None, family, k, hparams, cfg, features)
         det, test = r.detector, r.metrics
         out = Path(cfg.output_dir) / cfg.study_name
         with tempfile.TemporaryDirectory() as tmp:
@@ -94,7 +94,8 @@ def refit_best(cfg: TuneConfig, study, space: SearchSpace, folds: Folds, tracker
             if folds.per_fold:
                 folds.ranking_for().save(Path(tmp) / "ranking.json")
             summary = {"study": cfg.study_name, "trial": best.number, "value": best.value, "params": best.params,
-                       "detector": family, "k": k, "hparams": hparams, "head_set": det.head_set.to_list(),
+                       "detector": family, "k": k, "hparams": hparams, "features": features,
+                       "head_set": det.head_set.to_list(),
                        "held_out_auroc": best.user_attrs.get("held_out_auroc"),
                        "tpr_at_1fpr": best.user_attrs.get("tpr_at_1fpr"),
                        "mean_tpr_at_1fpr": best.user_attrs.get("mean_tpr_at_1fpr"),
@@ -109,7 +110,8 @@ def refit_best(cfg: TuneConfig, study, space: SearchSpace, folds: Folds, tracker
                     tracker.client.log_artifact(run, str(Path(tmp, extra)))
             save_detector(det, out / "detector", overwrite=True)
             (out / "best.json").write_text(Path(tmp, "best.json").read_text())
-        tracker.log(run, params={"detector": family, "k": k, **{f"{family}.{h}": v for h, v in hparams.items()},
+        tracker.log(run, params={"detector": family, "k": k, "features": features or "none",
+                                 **{f"{family}.{h}": v for h, v in hparams.items()},
                                  "head_set": ",".join(f"{l}.{h}" for l, h in det.head_set)},
                     metrics={"mean_held_out_auroc": best.value,
                              "mean_tpr_at_1fpr": best.user_attrs.get("mean_tpr_at_1fpr"),
@@ -123,7 +125,7 @@ def refit_best(cfg: TuneConfig, study, space: SearchSpace, folds: Folds, tracker
         raise
     info = {"trial": best.number, "run_id": run, "detector": f"runs:/{run}/detector",
             "local_detector": str(out / "detector"), "refit_test_auroc": test["auroc"],
-            "refit_test_tpr_at_1fpr": test["tpr_at_1fpr"], "head_set": det.head_set.to_list()}
+            "refit_test_tpr_at_1fpr": test["tpr_at_1fpr"], "head_set": det.head_set.to_list(), "features": features}
     study.set_user_attr(REFIT_ATTR, info)
     tracker.log(parent, tags={"best_refit_run_id": run})
     return info

@@ -1,6 +1,9 @@
-"""The search space of a tune study: `detector` (families), `k` (heads from the ranking) and
+"""The search space of a tune study: `detector` (families), `k` (heads from the ranking),
 `<family>.<hyper-parameter>` entries, each a list (categorical), `{low, high[, log, step, type]}`
-or a fixed scalar. Checked against the detector classes before any study is created."""
+or a fixed scalar, and optionally `features`: the extra features served after the heads
+(lit_sahs.data.extra_features), a list such as `[none, resid, refusal, "resid,refusal"]` — `none`
+is heads only. Checked against the detector classes (and, in `run_tune`, the store) before any
+study is created."""
 from __future__ import annotations
 
 import inspect
@@ -92,11 +95,23 @@ def _dim(name: str, spec: Any) -> Dim:
     raise LitSahsError(f"search space entry {name!r}: use a list, {{low, high}} or a fixed value, got {spec!r}")
 
 
+NO_FEATURES = "none"  # a `features` choice: heads only
+
+
+def feature_choice(value: Any) -> Optional[str]:
+    """A sampled `features` value as the DataModule's spec: None for heads only."""
+    if value is None:
+        return None
+    value = str(value).strip()
+    return None if value in ("", NO_FEATURES) else value
+
+
 @dataclass
 class SearchSpace:
     detectors: Dim
     k: Dim
     params: dict[str, dict[str, Dim]]  # family -> hparam -> Dim
+    features: Dim = Dim("features", "fixed", value=None)  # extra features after the heads (None: heads only)
 
     @classmethod
     def parse(cls, space: dict, max_heads: int) -> "SearchSpace":
@@ -116,6 +131,15 @@ class SearchSpace:
         if "k" not in space:
             raise LitSahsError("the search space needs 'k' (number of heads from the ranking), e.g. {low: 1, high: 32}")
         k = _dim("k", space.pop("k"))
+        features = _dim("features", space.pop("features", None))
+        if features.kind not in ("categorical", "fixed") or not all(
+                c is None or isinstance(c, str) for c in (features.choices or (features.value,))):
+            raise LitSahsError("search space 'features' must be a list of feature specs such as "
+                               f"[none, resid, refusal, \"resid,refusal\"], got {features.to_dict()}")
+        from lit_sahs.data.extra_features import parse_names
+
+        for c in features.choices or (features.value,):
+            parse_names(feature_choice(c))  # unknown names: one clear error
         ks = list(k.choices) if k.kind == "categorical" else [k.value] if k.kind == "fixed" else [k.low, k.high]
         if k.kind == "float" or not all(_is_int(v) for v in ks):
             raise LitSahsError(f"search space 'k' must be integers, got {k.to_dict()}")
@@ -135,28 +159,35 @@ class SearchSpace:
                                    f"it takes {allowed}")
             if fam in params:
                 params[fam][hp] = _dim(key, spec)
-        return cls(det, k, params)
+        return cls(det, k, params, features)
+
+    def feature_specs(self) -> list[Optional[str]]:
+        """Every `features` value a trial can draw, as DataModule specs (None: heads only)."""
+        return [feature_choice(c) for c in (self.features.choices or (self.features.value,))]
 
     def to_dict(self) -> dict:
         """Canonical JSON-able form: what the study records and compares."""
         out = {"detector": self.detectors.to_dict(), "k": self.k.to_dict()}
+        if self.features.kind != "fixed" or self.features.value is not None:  # older studies: no entry
+            out["features"] = self.features.to_dict()
         for fam in sorted(self.params):
             for hp in sorted(self.params[fam]):
                 out[f"{fam}.{hp}"] = self.params[fam][hp].to_dict()
         return json.loads(json.dumps(out))
 
-    def sample(self, trial) -> tuple[str, int, dict]:
+    def sample(self, trial) -> tuple[str, int, dict, Optional[str]]:
+        """(family, k, hparams, features) for a trial; features None: heads only."""
         fam = self.detectors.suggest(trial)
         k = int(self.k.suggest(trial))
         hparams = {hp: d.suggest(trial) for hp, d in self.params.get(fam, {}).items()}
-        return fam, k, hparams
+        return fam, k, hparams, feature_choice(self.features.suggest(trial))
 
     @staticmethod
-    def from_params(params: dict, space: "SearchSpace") -> tuple[str, int, dict]:
-        """(family, k, hparams) of a finished trial: its sampled params plus the space's fixed values."""
+    def from_params(params: dict, space: "SearchSpace") -> tuple[str, int, dict, Optional[str]]:
+        """(family, k, hparams, features) of a finished trial: its sampled params plus the space's fixed values."""
         fam = params.get("detector", space.detectors.choices[0])
         k = int(params.get("k", space.k.value if space.k.kind == "fixed" else 0))
         hparams = {}
         for hp, d in space.params.get(fam, {}).items():
             hparams[hp] = params.get(f"{fam}.{hp}", d.value)
-        return fam, k, hparams
+        return fam, k, hparams, feature_choice(params.get("features", space.features.value))

@@ -172,6 +172,10 @@ def run_tune(cfg: TuneConfig) -> dict:
     folds = Folds(cfg.store, cfg.ranking, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
     holdouts = folds.holdouts(cfg.objective, cfg.families, cfg.min_rows, cfg.pairing, cfg.sources)
     space = SearchSpace.parse(cfg.space, folds.max_heads())
+    from lit_sahs.data.extra_features import FeatureSpec
+
+    for spec in space.feature_specs():  # a feature the store lacks: refused before any study exists
+        FeatureSpec.for_store(folds.store, spec)
     objective = objective_spec(cfg, folds, holdouts)
     storage = open_storage(cfg.storage, cfg.heartbeat_interval)
     tracker = Tracker(cfg.tracking_uri, cfg.experiment)
