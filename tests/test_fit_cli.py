@@ -136,6 +136,13 @@ def test_guard_config_parses_and_its_sources_assemble(cli):
     assert "sharegpt_instructions" in benign
     samples = build_dataset(harmful=prep["harmful"].split(","), benign=benign, attacks=["plain"], limit=120)
     assert {"sharegpt_instructions", "sharegpt"} <= {s.source for s in samples}  # the subset keeps its prompts
+    # every named source contributes, labelled as the config says
+    labels = {s.source: s.label for s in samples}
+    assert {n: labels.get(n) for n in prep["harmful"].split(",")} == {n: 1 for n in prep["harmful"].split(",")}
+    assert {n: labels.get(n) for n in benign} == {n: 0 for n in benign}
+    cfg = yaml.safe_load(out)
+    assert cfg["model"]["class_path"].endswith("SparseHeadDetector")  # the source-protocol winner (sparse_all)
+    assert cfg["data"]["init_args"]["all_heads"] and cfg["data"]["init_args"]["features"] == "resid,refusal"
 
 
 def test_fit_with_prepare_extracts_locates_and_reports(workdir, cli):
