@@ -1,5 +1,6 @@
 """SafeVLM on tiny random targets: what each stage may change, the artifact round trip (directory
-and models:/ URI), the guard's actions, and the refusals of bad input."""
+and models:/ URI), the guard's actions, and the refusals of bad input; on LLaVA, Qwen2-VL and
+Idefics3 targets, that the vision abstractor reads each prompt's own image features."""
 from __future__ import annotations
 
 import json
@@ -244,3 +245,135 @@ def test_both_stages_run_from_the_shipped_configs(tmp_path, monkeypatch, cli):
                           "--max_new_tokens", "3"])
     row = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and row["action"] in ("pass", "hint", "refuse") and isinstance(row["score"], float)
+
+
+# ---------------------------------------------------------------- Qwen2-VL and Idefics3: vision features at their own site
+
+VLM_TARGETS = ("tiny-qwen2-vl", "tiny-idefics3")
+
+
+@pytest.fixture(scope="module", params=VLM_TARGETS)
+def vlm_stages(request, tmp_path_factory):
+    """Stage I then stage II on a vision-language target whose vision features are not a LLaVA projector's
+    input (Qwen2-VL: the patch merger's flattened input; Idefics3: the connector's tiles), FigStep rows
+    (every prompt has an image, the same text for all: only the image tells them apart)."""
+    from lit_sahs.safevlm import SafeVLM
+    from lit_sahs.targets import load_target
+
+    torch.set_num_threads(1)
+    name = request.param
+    tmp = tmp_path_factory.mktemp(name)
+    target = load_target(name)
+    dm = _dm(target, tmp, tokens=2, attacks="figstep", limit=16, max_answer_tokens=4)
+    dm.setup()
+    one = SafeVLM(stage=1, num_safety_tokens=2, head_heads=2, vision_queries=4, lr=1e-2)
+    one.attach(target)
+    target_before, safety_before = _snapshot(target.model), _snapshot(one.safety)
+    _fit(one, dm, tmp / "one")
+    changed_one = (_changed(target_before, target.model), _changed(safety_before, one.safety))
+
+    fresh = load_target(name)
+    dm2 = _dm(fresh, tmp, tokens=2, attacks="figstep", limit=16, max_answer_tokens=4)
+    dm2.setup()
+    two = SafeVLM(stage=2, init_from=str(tmp / "one" / "detector"), lora_rank=2, lr=1e-2)
+    two._start_stage_two(fresh)
+    base = {n: p for n, p in _snapshot(fresh.model).items() if "lora_" not in n}
+    lora = {n for n, _ in fresh.model.named_parameters() if "lora_" in n}
+    _fit(two, dm2, tmp / "two")
+    now = dict(fresh.model.named_parameters())
+    changed_two = {n for n, p in base.items() if not torch.equal(p, now[n].detach())}
+    images = sorted({r["image"] for r in dm.rows if r["image"]})
+    return {"name": name, "tmp": tmp, "one": one, "two": two, "target": target, "fresh": fresh, "images": images,
+            "changed_one": changed_one, "changed_two": changed_two, "lora": lora, "text": dm.rows[0]["text"]}
+
+
+def test_vlm_stage_one_trains_only_the_safety_modules(vlm_stages):
+    target_changed, safety_changed = vlm_stages["changed_one"]
+    one = vlm_stages["one"]
+    assert one.safety.vision is not None and one.dims["vision_dim"] == 32
+    assert target_changed == set()
+    assert safety_changed == {n for n, _ in one.safety.named_parameters()}  # the vision abstractor included
+    assert any(n.startswith("vision.") for n in safety_changed)
+    # stage II: LoRA only inside the language model, at or above the feature layer; nothing else moves
+    two, lora = vlm_stages["two"], vlm_stages["lora"]
+    assert vlm_stages["changed_two"] == set() and two.trained_stages == [1, 2]
+    assert lora and all(".language_model." in n or ".text_model." in n for n in lora)
+    assert {int(n.split("layers.")[1].split(".")[0]) for n in lora} == set(range(two.feature_layer, 4))
+
+
+def test_vlm_score_reads_the_image(vlm_stages):
+    """The same text with another image scores differently, also where only the vision abstractor
+    sees the image (feature_layer 0: token embeddings, before the target puts its image features
+    in); a prompt scores the same alone and in a batch with a text-only prompt of another length."""
+    from lit_sahs.safevlm import SafeVLM
+    from lit_sahs.safevlm.forward import SafetyForward, model_inputs, with_slots
+    from lit_sahs.targets import prompting
+
+    torch.set_num_threads(1)
+    one, target, text = vlm_stages["one"], vlm_stages["target"], vlm_stages["text"]
+    a, b = vlm_stages["images"][:2]
+
+    def score(m, img):
+        return float(m.score_encoded(target, prompting.encode(target, [text], [img]))[0])
+
+    assert abs(score(one, a) - score(one, b)) > 1e-4
+    blind = SafeVLM(stage=1, num_safety_tokens=2, head_heads=2, vision_queries=4, feature_layer=0).attach(target)
+    # its features are the prompt's text embeddings alone: only the abstractor's patches can move the score
+    assert score(blind, a) == score(blind, a) != score(blind, b)
+
+    enc = prompting.encode(target, [text, "Name a river in Europe please."], [a, None])
+    both = one.score_encoded(target, enc)
+    alone = one.score_encoded(target, prompting.encode(target, ["Name a river in Europe please."]))
+    assert both == pytest.approx([score(one, a), float(alone[0])], abs=1e-6)
+
+    def patches(enc):
+        batch = with_slots(enc, 2, target.tokenizer.pad_token_id)
+        with SafetyForward(target.model, one.safety.input_tokens.weight, one.feature_layer, batch["slot_mask"],
+                           batch["prompt_mask"], batch["first_pos"], vision=True, stop=True,
+                           input_ids=batch["input_ids"]) as fwd:
+            fwd.run(**model_inputs(batch), use_cache=False)
+        return fwd.patches, fwd.patch_padding
+
+    x, pad = patches(enc)  # [B, P, Dv] per prompt; the text-only row is all padding
+    P = x.shape[1]
+    assert x.shape == (2, P, 32) and pad.sum(1).tolist() == [0, P]
+    x, pad = patches(prompting.encode(target, [text, text], [[a, b], a]))  # two images: both images' patches
+    assert x.shape == (2, 2 * P, 32) and pad.sum(1).tolist() == [0, P]
+
+
+def test_vlm_stage_two_artifact_reloads_with_equal_scores(vlm_stages):
+    from lit_sahs.detectors import load_detector
+    from lit_sahs.safevlm import SafeVLM
+    from lit_sahs.safevlm.guard import SafeVLMGuard
+    from lit_sahs.targets import load_target, prompting
+
+    torch.set_num_threads(1)
+    det = load_detector(vlm_stages["tmp"] / "two" / "detector")
+    assert isinstance(det, SafeVLM) and det.dims == vlm_stages["two"].dims and det.lora_state
+    fresh, trained = load_target(vlm_stages["name"]), vlm_stages["fresh"]
+    texts = [vlm_stages["text"], vlm_stages["text"], "How do I bake bread?"]
+    images = [*vlm_stages["images"][:2], None]
+    want = vlm_stages["two"].score_encoded(trained, prompting.encode(trained, texts, images))
+    got = det.score_encoded(fresh, prompting.encode(fresh, texts, images))
+    assert got == pytest.approx(want, abs=1e-6)
+    x = SafeVLMGuard(trained, vlm_stages["two"], threshold=1.01).generate(texts, images, max_new_tokens=3)
+    y = SafeVLMGuard(fresh, det, threshold=1.01).generate(texts, images, max_new_tokens=3)
+    assert torch.equal(x.sequences, y.sequences) and x.actions == ["pass"] * 3
+    assert x.scores == pytest.approx(list(want), abs=1e-6)  # the guard's prefill scores like score_encoded
+
+
+def test_vision_layouts_that_cannot_be_read_are_refused():
+    from lit_sahs.data.images import natural_images
+    from lit_sahs.safevlm import SafeVLM
+    from lit_sahs.targets import load_target, prompting, sites
+
+    torch.set_num_threads(1)
+    nxt = load_target("tiny-llava-next")
+    model = SafeVLM(stage=1, num_safety_tokens=2, head_heads=2, vision_queries=4).attach(nxt)
+    assert model.score_encoded(nxt, prompting.encode(nxt, ["Name a river"])).shape == (1,)  # text-only works
+    with pytest.raises(LitSahsError, match="anyres"):
+        model.score_encoded(nxt, prompting.encode(nxt, ["Describe it"], [str(natural_images()[0].path)]))
+    qwen = load_target("tiny-qwen2-vl").model
+    ids = torch.tensor([[1, sites.image_token_id(qwen), 2]])
+    with pytest.raises(LitSahsError, match="cannot tell which prompt"):
+        sites.vision_features_per_prompt(qwen, torch.zeros(7, 32), ids)  # 1 image token stands for 4 patches

@@ -12,7 +12,11 @@ over that batch (the prefill of ``generate`` included):
   decode steps, one position long, pass untouched);
 * keeps the prompt's token embeddings (the head's queries), the hidden states at
   ``feature_layer`` (0: the embeddings; k: the output of decoder layer k-1, as Hugging Face's
-  ``hidden_states[k]``) and, for LLaVA-style targets, the vision patch features;
+  ``hidden_states[k]``) and, for vision-language targets, the vision patch features: the input
+  of the target's own vision projector (``sites.vision_projector``: LLaVA's projector, Idefics3's
+  connector, Qwen2-VL's patch merger), split per prompt by its image tokens
+  (``sites.vision_features_per_prompt``) into ``patches`` [B, P, Dv], zero-padded with
+  ``patch_padding`` [B, P] where rows differ (image sizes, tiles, a prompt without an image);
 * with ``stop=True`` abandons the forward once those are taken (scoring needs nothing later).
 
 Stage II puts LoRA only on layers at or above ``feature_layer``, so the features the frozen
@@ -32,11 +36,18 @@ from lit_sahs.targets import prompting, sites
 IGNORE_INDEX = -100
 
 
+# per-token inputs besides input_ids / attention_mask that move with their tokens (slots and answer: 0, text)
+TOKEN_ALIGNED = ("mm_token_type_ids", "token_type_ids")
+
+
 def with_slots(enc: dict, n_slots: int, pad_id: int, answers: Optional[Sequence[Sequence[int]]] = None) -> dict:
     """[pad][prompt[0]][slots][prompt[1:]][answer] rows, left-padded. Returns model inputs (input_ids,
-    attention_mask, position_ids, and the prompt's image tensors unchanged) plus ``slot_mask``,
+    attention_mask, position_ids, the prompt's image tensors unchanged, per-token inputs such as
+    Qwen2-VL's ``mm_token_type_ids`` moved with their tokens) plus ``slot_mask``,
     ``prompt_mask`` [B, T] bool, ``first_pos`` [B] (the last prompt position: where the first
-    answer token is predicted) and, with answers, ``labels`` (-100 except the answer tokens)."""
+    answer token is predicted) and, with answers, ``labels`` (-100 except the answer tokens).
+    Where ``enc`` has no position_ids (Qwen2-VL with images: the model computes its 3-D positions
+    from input_ids, mm_token_type_ids and the mask) none are added."""
     ids, mask = enc["input_ids"], enc["attention_mask"].bool()
     rows = []
     for b in range(ids.shape[0]):
@@ -68,8 +79,18 @@ def with_slots(enc: dict, n_slots: int, pad_id: int, answers: Optional[Sequence[
         prompt_mask[b, s1:a0] = True
         first_pos[b] = a0 - 1
     out = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "position_ids")}
-    out.update(input_ids=input_ids, attention_mask=attention, position_ids=prompting.position_ids_from_mask(attention),
-               slot_mask=slot_mask, prompt_mask=prompt_mask, first_pos=first_pos)
+    for key in TOKEN_ALIGNED:
+        if torch.is_tensor(enc.get(key)):
+            src = enc[key]
+            moved = torch.zeros((B, width), dtype=src.dtype)
+            for b in range(B):
+                own = src[b][mask[b]]
+                moved[b, prompt_mask[b]] = own  # the prompt's positions (slots excluded), in order
+            out[key] = moved
+    out.update(input_ids=input_ids, attention_mask=attention, slot_mask=slot_mask, prompt_mask=prompt_mask,
+               first_pos=first_pos)
+    if "position_ids" in enc:
+        out["position_ids"] = prompting.position_ids_from_mask(attention)
     if answers is not None:
         out["labels"] = labels
     return out
@@ -86,13 +107,18 @@ def model_inputs(batch: dict) -> dict:
 class SafetyForward:
     """Hooks for one forward (or one generate) over a ``with_slots`` batch; see the module docstring.
     After the forward: ``query`` [B, H] (embedding at the first-token position), ``features``
-    [B, T, F], ``padding`` [B, T] (True outside the prompt), ``patches`` [B, P, Dv] or None."""
+    [B, T, F], ``padding`` [B, T] (True outside the prompt), ``patches`` [B, P, Dv] or None and
+    ``patch_padding`` [B, P] (True past a row's own patches) or None when no row is padded.
+    ``vision`` needs the batch's ``input_ids`` (their image tokens say which patches are whose)."""
 
     def __init__(self, model: nn.Module, input_tokens: Tensor, feature_layer: int, slot_mask: Tensor,
-                 prompt_mask: Tensor, first_pos: Tensor, vision: bool = False, stop: bool = False):
+                 prompt_mask: Tensor, first_pos: Tensor, vision: bool = False, stop: bool = False,
+                 input_ids: Optional[Tensor] = None):
         self.model, self.tokens, self.feature_layer = model, input_tokens, int(feature_layer)
         self.slot_mask, self.prompt_mask, self.first_pos = slot_mask, prompt_mask, first_pos
-        self.vision, self.stop = vision, stop
+        self.vision, self.stop, self.input_ids = vision, stop, input_ids
+        if vision and input_ids is None:
+            raise LitSahsError("SafetyForward reads images only with the batch's input_ids (pass input_ids=...)")
         layers = sites.decoder_layers(model)
         if not 0 <= self.feature_layer <= len(layers):
             raise LitSahsError(f"feature_layer {feature_layer} is outside 0..{len(layers)} for this target")
@@ -100,7 +126,8 @@ class SafetyForward:
         self._handles: list = []
         self.query: Optional[Tensor] = None
         self.features: Optional[Tensor] = None
-        self.patches: Optional[Tensor] = None
+        self._vision_input: Optional[Tensor] = None
+        self._patches: Optional[tuple[Tensor, Optional[Tensor]]] = None
         self._armed = False
 
     @property
@@ -131,12 +158,44 @@ class SafetyForward:
             self.features = hidden
             self._maybe_stop()
 
+    @property
+    def patches(self) -> Optional[Tensor]:
+        return self._split()[0]
+
+    @property
+    def patch_padding(self) -> Optional[Tensor]:
+        return self._split()[1]
+
+    def _split(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """The captured projector input as [B, P, Dv] per prompt (+ padding), computed once."""
+        if self._vision_input is None:
+            return None, None
+        if self._patches is None:
+            ids = self.input_ids.to(self._vision_input.device)
+            rows = sites.vision_features_per_prompt(self.model, self._vision_input, ids)
+            lengths = [r.shape[0] for r in rows]
+            longest = max(lengths)
+            if longest == 0:
+                return None, None
+            if min(lengths) == longest:
+                self._patches = (torch.stack(rows), None)
+            else:
+                patches = self._vision_input.new_zeros((len(rows), longest, self._vision_input.shape[-1]))
+                padding = torch.ones((len(rows), longest), dtype=torch.bool, device=patches.device)
+                for b, r in enumerate(rows):
+                    patches[b, :r.shape[0]] = r
+                    padding[b, :r.shape[0]] = False
+                self._patches = (patches, padding)
+        return self._patches
+
     def _vision_hook(self, module, args):
-        if self.patches is None and args:
-            self.patches = args[0]
+        if self._vision_input is None and args:
+            self._vision_input = args[0]
+            if self.features is not None:  # the features came first (feature_layer 0): nothing else is needed
+                self._maybe_stop()
 
     def _maybe_stop(self) -> None:
-        if self.stop and (not self.vision or self.patches is not None):
+        if self.stop and (not self.vision or self._vision_input is not None):
             raise StopForward()
 
     def __enter__(self) -> "SafetyForward":

@@ -2,6 +2,11 @@
 
 * **Stage I** trains only the safety modules (both sets of safety tokens, the safety projector,
   the vision abstractor of a vision-language target, the safety head); the target is frozen.
+  The vision abstractor reads the input of the target's own vision projector, per prompt:
+  LLaVA-1.5's projector, Idefics3 / SmolVLM's connector (every tile of the prompt's images),
+  Qwen2-VL's patch merger (the prompt's share of the flattened patches); a prompt without an
+  image masks its vision queries, so image and text-only prompts can share a batch.
+  LLaVA-NeXT's crops do not map back to prompts and are refused (its text-only prompts work).
 * **Stage II** starts from a stage-I artifact (``init_from``), freezes the safety modules and
   trains LoRA adapters (peft) on the language model's linear layers at or above
   ``feature_layer`` (vision tower, projectors and LM head excluded), so the features the frozen
@@ -53,10 +58,11 @@ def target_dims(target) -> dict[str, int]:
     if target.is_vision_language:
         try:
             sites.vision_projector(model)
+            dims["vision_dim"] = sites.vision_width(model)
         except LitSahsError as e:
-            raise LitSahsError(f"SafeVLM reads the vision features of LLaVA-style targets; {target.name!r} has none "
-                               f"where lit_sahs can reach them ({e})") from None
-        dims["vision_dim"] = sites.vision_width(model)
+            raise LitSahsError(f"SafeVLM reads the vision features at the input of the target's vision projector "
+                               f"(LLaVA, Qwen2-VL, Idefics3 / SmolVLM layouts); {target.name!r} has none where "
+                               f"lit_sahs can reach them ({e})") from None
     return dims
 
 
@@ -256,15 +262,15 @@ class SafeVLM(L.LightningModule):
         batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
         vision = self.safety.vision is not None and "pixel_values" in batch
         with SafetyForward(model, self.safety.input_tokens.weight, self.feature_layer, batch["slot_mask"],
-                           batch["prompt_mask"], batch["first_pos"], vision=vision, stop=stop) as fwd:
+                           batch["prompt_mask"], batch["first_pos"], vision=vision, stop=stop,
+                           input_ids=batch["input_ids"]) as fwd:
             out = fwd.run(**model_inputs(batch), use_cache=False)
         if fwd.features is None or fwd.query is None:
             raise LitSahsError("the forward never reached the feature layer: the safety hooks did not fire")
-        patches = fwd.patches if vision else None
-        if patches is not None and patches.shape[0] != batch["input_ids"].shape[0]:
-            raise LitSahsError(f"{patches.shape[0]} image feature sets for {batch['input_ids'].shape[0]} prompts: "
-                               "SafeVLM reads one image per prompt (or none in the whole batch)")
-        level, rtype = self.safety.classify(fwd.query, fwd.features, fwd.padding, patches)
+        if vision and fwd.patches is None and bool((batch["input_ids"] == sites.image_token_id(model)).any()):
+            raise LitSahsError("the batch has images but the target's vision projector never ran: "
+                               "the safety hooks did not see them")
+        level, rtype = self.safety.classify(fwd.query, fwd.features, fwd.padding, fwd.patches, fwd.patch_padding)
         return out, level, rtype
 
     @staticmethod

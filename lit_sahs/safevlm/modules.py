@@ -7,7 +7,10 @@ Shapes (H: the language model's width, B: batch, T: prompt positions, P: vision 
   states) -> [B, T, H]; LayerNorm and a two-layer MLP, like the target's own vision projector.
 * ``VisionAbstractor``: [B, P, Dv] vision-encoder patch features -> [B, Q, H]: a convolution over
   the patch sequence, adaptive pooling to Q queries, then the two-layer MLP (PSA-VLM puts a
-  convolutional abstractor before its MLP for the same reason: fewer, smoother tokens).
+  convolutional abstractor before its MLP for the same reason: fewer, smoother tokens). Rows
+  whose patch counts differ (Qwen2-VL's dynamic resolution, Idefics3's tiles, a prompt without an
+  image) come padded with a [B, P] mask; each row is then abstracted from its own patches alone,
+  so a prompt scores the same in any batch, and a row without patches gets Q masked queries.
 * ``SafetyTokens``: ``n`` learnable vectors of width H. One set (``input_tokens``) goes into the
   language model's input sequence in front of the prompt; the other (``head_tokens``) is used
   only as keys/values inside the safety head.
@@ -49,7 +52,20 @@ class VisionAbstractor(nn.Module):
         self.queries = int(queries)
         self.mlp = SafetyProjector(vision_dim, hidden)
 
-    def forward(self, patches: Tensor) -> Tensor:
+    def forward(self, patches: Tensor, padding: Optional[Tensor] = None) -> Tensor:
+        """patches [B, P, Dv], padding [B, P] True past a row's own patches (None: none padded)
+        -> [B, Q, H]; a row without any patch gets zeros (the caller masks its queries)."""
+        if padding is None or not bool(padding.any()):
+            return self._abstract(patches)
+        rows = []
+        for b in range(patches.shape[0]):
+            own = patches[b][~padding[b].to(patches.device)]
+            rows.append(self._abstract(own.unsqueeze(0))[0] if own.shape[0] else None)
+        width = self.mlp.linear_2.out_features
+        zeros = patches.new_zeros((self.queries, width), dtype=self.mlp.linear_2.weight.dtype)
+        return torch.stack([r if r is not None else zeros for r in rows])
+
+    def _abstract(self, patches: Tensor) -> Tensor:
         x = F.gelu(self.conv(patches.transpose(1, 2)))                 # [B, Dv, P]
         x = F.adaptive_avg_pool1d(x, self.queries).transpose(1, 2)   # [B, Q, Dv]
         return self.mlp(x)
@@ -104,15 +120,21 @@ class SafetyModules(nn.Module):
         self.head = SafetyHead(hidden, num_heads, num_levels, num_types)
 
     def classify(self, query: Tensor, features: Tensor, feature_padding: Tensor,
-                 patches: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                 patches: Optional[Tensor] = None, patch_padding: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """query [B, H], features [B, T, F] with feature_padding [B, T]; patches [B, P, Dv] with
+        patch_padding [B, P] (True past a row's own patches; None: every row has all P) or None."""
         proj = self.projector(features.to(self.projector.linear_1.weight.dtype))
-        pad = feature_padding
+        pad = feature_padding.to(proj.device)
         if patches is not None:
             if self.vision is None:
                 raise LitSahsError("these safety modules were built without a vision abstractor: "
                                    "they cannot read images (fit them on a vision-language target)")
-            vis = self.vision(patches.to(self.projector.linear_1.weight.dtype))
+            vis = self.vision(patches.to(self.projector.linear_1.weight.dtype), patch_padding)
+            if patch_padding is None:
+                vis_pad = torch.zeros(vis.shape[:2], dtype=torch.bool, device=vis.device)
+            else:  # a row without any patch (a prompt without an image) masks its vision queries
+                vis_pad = patch_padding.to(vis.device).all(dim=1, keepdim=True).expand(-1, vis.shape[1])
             proj = torch.cat([vis, proj], dim=1)
-            pad = torch.cat([torch.zeros(vis.shape[:2], dtype=torch.bool, device=vis.device), pad], dim=1)
+            pad = torch.cat([vis_pad, pad], dim=1)
         tokens = self.head_tokens(query.shape[0])
         return self.head(query.to(proj.dtype), tokens, proj, pad)
