@@ -377,3 +377,31 @@ def test_vision_layouts_that_cannot_be_read_are_refused():
     ids = torch.tensor([[1, sites.image_token_id(qwen), 2]])
     with pytest.raises(LitSahsError, match="cannot tell which prompt"):
         sites.vision_features_per_prompt(qwen, torch.zeros(7, 32), ids)  # 1 image token stands for 4 patches
+
+
+# ---------------------------------------------------------------- several processes
+
+def test_stage_one_under_ddp_spawn_and_stage_two_refused(tmp_path):
+    """Stage I on 2 gloo processes: the weights rank 0 trained come back into this process, and the
+    test report scores the whole split (each rank saw half). Stage II under DDP: one clear error."""
+    from lit_sahs.engine import Engine
+    from lit_sahs.safevlm import SafeVLM
+    from lit_sahs.targets import load_target
+
+    torch.set_num_threads(1)
+    dm = _dm(load_target("tiny-llama"), tmp_path)
+    one = SafeVLM(stage=1, num_safety_tokens=4, head_heads=2, lr=1e-2)
+    dm.setup()
+    one.attach(dm.target)
+    before = _snapshot(one.safety)
+    res = Engine(output_dir=tmp_path / "one", max_epochs=1, enable_progress_bar=False, devices=2,
+                 strategy="ddp_spawn", logger=False).fit(one, dm)
+    assert _changed(before, one.safety) == set(before)  # rank 0's trained weights, copied back
+    report = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert report["safevlm"]["overall"]["n"] == len(dm.split_rows("test"))
+    assert res.detector is one
+
+    two = SafeVLM(stage=2, init_from=str(tmp_path / "one" / "detector"), lora_rank=4)
+    with pytest.raises(LitSahsError, match="stage II trains LoRA inside the target"):
+        Engine(max_epochs=1, devices=2, strategy="ddp_spawn", logger=False).fit(two, _dm(load_target("tiny-llama"),
+                                                                                       tmp_path))

@@ -317,6 +317,20 @@ class SafeVLM(L.LightningModule):
         self.log("train/cls_loss", cls, on_step=False, on_epoch=True, batch_size=n)
         return loss
 
+    def prepare_launch(self, trainer: L.Trainer, datamodule: Any) -> None:
+        """Called in the launching process before a fit (Engine, the CLI). With several processes:
+        stage II is refused, because its LoRA weights live inside the target, which is not a submodule,
+        so DDP would neither average their gradients nor copy them back. Stage I is bound here first:
+        spawn launchers copy rank 0's weights back only into modules this object already has."""
+        if trainer.world_size <= 1:
+            return
+        if self.hparams.stage == 2:
+            raise LitSahsError(f"SafeVLM stage II trains LoRA inside the target, which DDP does not see: run it in "
+                               f"one process (trainer.devices 1), not {trainer.world_size}")
+        if not self.is_bound and datamodule is not None:
+            datamodule.setup("fit")
+            self.attach(datamodule.target)
+
     def on_fit_start(self) -> None:
         self.val_metrics = detection_metrics().to(self.threshold.device)
         self._val_scores = ScoreCollector().to(self.threshold.device)
@@ -402,7 +416,11 @@ class SafeVLM(L.LightningModule):
         return reports, scores, y, thresholds
 
     def _test_scores_or(self, dm, split: str) -> np.ndarray:
-        if split == "test" and self._test_scores:
+        """The test loop's scores when they cover the split in order (one process); under DDP each rank
+        saw a shard of it, so the split is scored again here, whole and in order."""
+        trainer = self._trainer
+        one_process = trainer is None or trainer.world_size == 1
+        if split == "test" and self._test_scores and one_process:
             return np.concatenate(self._test_scores)
         return self.split_scores(dm, split)
 
