@@ -39,8 +39,14 @@ def _check(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return preds, target.to(torch.long)
 
 
-def _roc_points(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """(fpr, tpr) at every distinct threshold, flagging `score >= threshold`, starting at (0, 0)."""
+def _one_class(target: Tensor) -> bool:
+    """True when `target` lacks malicious or benign rows: rank metrics and operating points are undefined."""
+    n_pos = int(target.sum())
+    return n_pos == 0 or n_pos == target.numel()
+
+
+def _counts(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """(true positives, false positives) flagged at every distinct threshold, highest first (float64)."""
     order = torch.argsort(preds, descending=True, stable=True)
     p, t = preds[order], target[order]
     tps = torch.cumsum(t, 0).to(torch.float64)
@@ -48,9 +54,14 @@ def _roc_points(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     # keep only the last index of each run of tied scores: a threshold cannot split ties
     last = torch.ones_like(p, dtype=torch.bool)
     last[:-1] = p[1:] != p[:-1]
-    tps, fps = tps[last], fps[last]
+    return tps[last], fps[last]
+
+
+def _roc_points(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """(fpr, tpr) at every distinct threshold, flagging `score >= threshold`, starting at (0, 0)."""
+    tps, fps = _counts(preds, target)
     zero = torch.zeros(1, dtype=torch.float64)
-    n_pos, n_neg = float(t.sum()), float((1 - t).sum())
+    n_pos, n_neg = float(target.sum()), float((1 - target).sum())
     return torch.cat([zero, fps / n_neg]), torch.cat([zero, tps / n_pos])
 
 
@@ -62,8 +73,7 @@ def tpr_at_fpr(preds: Tensor, target: Tensor, max_fpr: float) -> float:
     missed and the TPR reported as 0 instead of 1 (5 of 1,140 such cases in a sweep); here the
     ROC points are float64 and the bound has a tolerance."""
     preds, target = _check(preds, target)
-    n_pos = int(target.sum())
-    if n_pos == 0 or n_pos == target.numel():
+    if _one_class(target):
         return NAN
     fpr, tpr = _roc_points(preds, target)
     return float(tpr[fpr <= max_fpr + 1e-12].max())
@@ -72,8 +82,7 @@ def tpr_at_fpr(preds: Tensor, target: Tensor, max_fpr: float) -> float:
 def fpr_at_tpr(preds: Tensor, target: Tensor, min_tpr: float) -> float:
     """Lowest FPR over thresholds whose TPR is at least `min_tpr` (NaN without both classes)."""
     preds, target = _check(preds, target)
-    n_pos = int(target.sum())
-    if n_pos == 0 or n_pos == target.numel():
+    if _one_class(target):
         return NAN
     fpr, tpr = _roc_points(preds, target)
     return float(fpr[tpr >= min_tpr - 1e-12].min())
@@ -245,8 +254,7 @@ class AtThreshold(_ScoreMetric):
 def auroc(preds: Tensor, target: Tensor) -> float:
     """Area under the ROC curve in float64, ties counted half (NaN without both classes)."""
     preds, target = _check(preds, target)
-    n_pos = int(target.sum())
-    if n_pos == 0 or n_pos == target.numel():
+    if _one_class(target):
         return NAN
     fpr, tpr = _roc_points(preds, target)
     return float(torch.trapezoid(tpr, fpr))
@@ -255,17 +263,10 @@ def auroc(preds: Tensor, target: Tensor) -> float:
 def average_precision(preds: Tensor, target: Tensor) -> float:
     """Step-wise area under the precision-recall curve (sum of recall steps x precision), float64."""
     preds, target = _check(preds, target)
-    n_pos = int(target.sum())
-    if n_pos == 0 or n_pos == target.numel():
+    if _one_class(target):
         return NAN
-    order = torch.argsort(preds, descending=True, stable=True)
-    p, t = preds[order], target[order]
-    tps = torch.cumsum(t, 0).to(torch.float64)
-    fps = torch.cumsum(1 - t, 0).to(torch.float64)
-    last = torch.ones_like(p, dtype=torch.bool)
-    last[:-1] = p[1:] != p[:-1]
-    tps, fps = tps[last], fps[last]
-    recall = torch.cat([torch.zeros(1, dtype=torch.float64), tps / n_pos])
+    tps, fps = _counts(preds, target)
+    recall = torch.cat([torch.zeros(1, dtype=torch.float64), tps / float(target.sum())])
     precision = tps / (tps + fps)
     return float(((recall[1:] - recall[:-1]) * precision).sum())
 
