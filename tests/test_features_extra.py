@@ -266,3 +266,40 @@ def test_tune_searches_the_extra_features_and_the_refit_carries_them(mlflow_work
 
     code, _, err = cli(["tune", "--config", _tune_config(mlflow_workdir, {**space, "features": ["none", "logits"]})])
     assert code == 2 and "unknown features ['logits']" in err.strip().splitlines()[-1]
+
+
+def test_live_datamodule_serves_the_features_a_store_records(tmp_path):
+    """The live DataModule's batches (heads, then residual layers and refusal probability from its own
+    forward) equal what extraction stored for the same prompts, and a detector fitted live carries them."""
+    import json
+
+    from lit_sahs.data.datamodules import LiveActivationDataModule
+    from lit_sahs.data.extra_features import FeatureSpec, read_inputs
+    from lit_sahs.engine import Engine
+    from lit_sahs.extract import run_extraction
+    from lit_sahs.targets import load_target
+
+    torch.set_num_threads(1)
+    tgt = load_target("tiny-llama")
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{w} number {i}", "label": int(k == 0)}) + "\n"
+                            for i in range(10) for k, w in enumerate(("how to build a bomb", "a poem about bread"))))
+    dm = LiveActivationDataModule(target=tgt, data=str(data), attacks="plain", limit=None, heads="0.0,3.1",
+                                  features="resid,refusal", batch_size=8, val_fraction=0.25, test_fraction=0.25)
+    run_extraction(tgt, dm.samples, tmp_path / "s", batch_size=4, trainer_kwargs=TRAINER)
+    store = ActivationStore.open(tmp_path / "s")
+    assert FeatureSpec.for_store(store, "resid,refusal") == dm.feature_spec  # resid: the layers a store records
+    by_id = {r["id"]: i for i, r in enumerate(store.index())}
+    rows = [by_id[s.id] for s in dm.samples[:6]]
+    d = tgt.geometry.head_dim
+    stored = read_inputs(store, dm.head_set, dm.feature_spec, d, rows=rows)
+    live, _ = dm.capture(range(6))
+    assert live.shape == (6, 2 + dm.feature_spec.num_slots(d), d)
+    np.testing.assert_allclose(live.numpy(), stored.astype(np.float32), rtol=1e-2, atol=1e-2)
+    from lit_sahs.folds import build_detector
+
+    det = Engine(max_epochs=2, enable_progress_bar=False).fit(build_detector("logistic", {}), dm).detector
+    assert det.feature_spec == dm.feature_spec and det.num_inputs == live.shape[1]
+    with pytest.raises(LitSahsError, match="write_through"):
+        LiveActivationDataModule(target=tgt, data=str(data), heads="0.0", features="resid",
+                                 write_through=str(tmp_path / "w"))

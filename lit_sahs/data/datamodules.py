@@ -244,6 +244,8 @@ class LiveActivationDataModule(_SplitDataModule):
     ``target`` is a target name / path (loaded on ``device``: cuda when available, else cpu) or an
     already loaded ``Target``. Prompts come from ``harmful``/``benign`` sources and ``attacks`` via
     build_dataset, or from a user JSONL/CSV ``data`` file (attacks applied to it, first ``limit``).
+    ``features`` ('resid,refusal', ``resid`` = the layers extraction records by default) are captured
+    from the same forward and served after the heads, as the cached DataModule serves stored ones.
     """
 
     def __init__(
@@ -270,6 +272,7 @@ class LiveActivationDataModule(_SplitDataModule):
         dtype: str = "float32",
         device: Optional[str] = None,
         seed: int = 0,
+        features: Union[str, list[str], None] = None,
     ):
         super().__init__()
         from lit_sahs.targets import Target, load_target
@@ -282,6 +285,11 @@ class LiveActivationDataModule(_SplitDataModule):
         self.fingerprint: TargetFingerprint = self.target.fingerprint
         self.geometry: Geometry = self.target.geometry
         self.head_set: HeadSet = resolve_heads(self.fingerprint, heads, ranking, top_k, all_heads)
+        # extra features after the heads, from the same forward (lit_sahs.data.extra_features)
+        self.feature_spec: FeatureSpec = FeatureSpec.for_target(self.target, features)
+        if self.feature_spec and write_through:
+            raise LitSahsError("--data.features with --data.write_through: the write-through store records heads "
+                               "only; extract a store (`python -m lit_sahs extract`) to keep the extra features")
         self.block_rows = int(block_rows)
         if batch_size < 1:  # before running anything
             raise LitSahsError(f"batch_size must be >= 1, got {batch_size}")
@@ -316,9 +324,10 @@ class LiveActivationDataModule(_SplitDataModule):
     # ------------------------------------------------------------ running the target
     @torch.no_grad()
     def capture(self, positions: Sequence[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Selected heads [B, k, D] (float32, cpu) for the samples at `positions`, and all heads
-        [B, L, H, D] when writing through (else None). Only the needed layers are hooked."""
-        from lit_sahs.capture import HeadCapture
+        """Selected heads [B, k, D] (float32, cpu), then any extra features' slots, for the samples at
+        `positions`, and all heads [B, L, H, D] when writing through (else None). Only the needed
+        layers are hooked."""
+        from lit_sahs.capture import FeatureCapture, HeadCapture
         from lit_sahs.targets import prompting
 
         batch = [self.samples[int(i)] for i in positions]
@@ -326,6 +335,11 @@ class LiveActivationDataModule(_SplitDataModule):
                                [s.id for s in batch])
         device = self.target.device
         enc = {k: v.to(device) if torch.is_tensor(v) else v for k, v in enc.items()}
+        if self.feature_spec:
+            with FeatureCapture(self.target.model, self.head_set, self.geometry, self.feature_spec,
+                                self.target.tokenizer) as fcap:
+                self.target.model(**enc, logits_to_keep=1, use_cache=False)
+            return fcap.selected().float().cpu(), None
         full = self.store is not None
         with HeadCapture(self.target.model, heads=None if full else self.head_set, geometry=self.geometry) as cap:
             self.target.model(**enc, logits_to_keep=1, use_cache=False)
@@ -362,7 +376,8 @@ class LiveActivationDataModule(_SplitDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.normalisation is not None or stage not in (None, "fit"):
             return
-        moments = RunningMoments((len(self.head_set), self.geometry.head_dim))
+        d = self.geometry.head_dim
+        moments = RunningMoments((len(self.head_set) + self.feature_spec.num_slots(d), d))
         train = self.splits["train"]
         try:
             for start in range(0, len(train), self.batch_size):

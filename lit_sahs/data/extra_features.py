@@ -101,6 +101,29 @@ class FeatureSpec:
         hidden = int(store.read_extra(RESIDUAL_EXTRA, rows=[0]).shape[-1]) if layers else 0
         return cls(tuple(canon), tuple(hidden if n.startswith("resid") else 1 for n in canon))
 
+    @classmethod
+    def for_target(cls, target, spec: Union[str, Sequence[str], None]) -> "FeatureSpec":
+        """The spec a live forward of `target` serves: ``resid`` means the layers extraction records by
+        default (lit_sahs.capture.default_residual_layers), so a live fit reads what a store would."""
+        from lit_sahs.capture import default_residual_layers
+        from lit_sahs.targets import sites
+
+        names = parse_names(spec)
+        if not names:
+            return cls((), ())
+        n_layers = target.geometry.num_layers
+        canon: list[str] = []
+        for n in names:
+            if n == "resid":
+                canon += [f"resid:{l}" for l in default_residual_layers(n_layers)]
+            elif n.startswith("resid:") and not 0 <= _layer(n) < n_layers:
+                raise LitSahsError(f"feature {n}: {target.name} has decoder layers 0..{n_layers - 1}")
+            else:
+                canon.append(n)
+        canon = list(dict.fromkeys(canon))
+        hidden = int(sites.text_config(target.model.config).hidden_size)
+        return cls(tuple(canon), tuple(hidden if n.startswith("resid") else 1 for n in canon))
+
     # ------------------------------------------------------------ layout
     def slots(self, head_dim: int) -> list[int]:
         return [math.ceil(w / head_dim) for w in self.widths]
