@@ -40,10 +40,12 @@ from lit_sahs.runtime import EarlyExit, StopForward  # noqa: F401 - defined besi
 from lit_sahs.targets import Target
 
 
-def head_activations(target: Target, enc: dict, heads: HeadSet, early_exit: bool = True) -> torch.Tensor:
+def head_activations(target: Target, enc: dict, heads: HeadSet, early_exit: bool = True,
+                     features=None) -> torch.Tensor:
     """[batch, k, head_dim] of `heads` at the first-token position for an encoded batch, running
-    the target only up to the deepest layer of `heads` (or fully with ``early_exit=False``)."""
-    return capture_forward(target, enc, heads, early_exit=early_exit)
+    the target only up to the deepest layer of `heads` (or fully with ``early_exit=False``, or with
+    extra ``features``, which follow the heads: see ``runtime.capture_forward``)."""
+    return capture_forward(target, enc, heads, early_exit=early_exit, features=features)
 
 
 @dataclass
@@ -97,10 +99,7 @@ class Screener:
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             enc = encode_prompts(self.target, [texts[i] for i in idx], [images[i] for i in idx], [ids[i] for i in idx])
-            if self.features:
-                x = capture_forward(self.target, enc, self.detector.head_set, features=self.features)
-            else:
-                x = head_activations(self.target, enc, self.detector.head_set)
+            x = head_activations(self.target, enc, self.detector.head_set, features=self.features)
             scores[idx] = self.detector.predict_proba(x.to(self.detector.mean.device)).cpu().numpy()
         flagged = ~(scores < self.threshold)  # NaN -> flagged
         return ScreenResult(ids, scores, flagged, self.threshold)

@@ -327,7 +327,8 @@ class LiveActivationDataModule(_SplitDataModule):
         """Selected heads [B, k, D] (float32, cpu), then any extra features' slots, for the samples at
         `positions`, and all heads [B, L, H, D] when writing through (else None). Only the needed
         layers are hooked."""
-        from lit_sahs.capture import FeatureCapture, HeadCapture
+        from lit_sahs.capture import HeadCapture
+        from lit_sahs.runtime import capture_forward
         from lit_sahs.targets import prompting
 
         batch = [self.samples[int(i)] for i in positions]
@@ -335,11 +336,8 @@ class LiveActivationDataModule(_SplitDataModule):
                                [s.id for s in batch])
         device = self.target.device
         enc = {k: v.to(device) if torch.is_tensor(v) else v for k, v in enc.items()}
-        if self.feature_spec:
-            with FeatureCapture(self.target.model, self.head_set, self.geometry, self.feature_spec,
-                                self.target.tokenizer) as fcap:
-                self.target.model(**enc, logits_to_keep=1, use_cache=False)
-            return fcap.selected().float().cpu(), None
+        if self.feature_spec:  # heads and features from one forward, as the guard and screen take them
+            return capture_forward(self.target, enc, self.head_set, features=self.feature_spec).float().cpu(), None
         full = self.store is not None
         with HeadCapture(self.target.model, heads=None if full else self.head_set, geometry=self.geometry) as cap:
             self.target.model(**enc, logits_to_keep=1, use_cache=False)

@@ -88,18 +88,13 @@ class FeatureSpec:
         if "refusal" in names and REFUSAL_EXTRA not in have:
             raise LitSahsError(f"store {store.path} has no refusal_prob extra (extracted before extra features): "
                                + REEXTRACT)
-        canon: list[str] = []
-        for n in names:
-            if n == "resid":
-                canon += [f"resid:{l}" for l in layers]
-            elif n.startswith("resid:") and _layer(n) not in layers:
-                raise LitSahsError(f"feature {n}: store {store.path} recorded residuals at layers {list(layers)} only: "
-                                   "pick one of them, or re-extract with those layers")
-            else:
-                canon.append(n)
-        canon = list(dict.fromkeys(canon))
+
+        def unknown_layer(n: str) -> str:
+            return (f"feature {n}: store {store.path} recorded residuals at layers {list(layers)} only: "
+                    "pick one of them, or re-extract with those layers")
+
         hidden = int(store.read_extra(RESIDUAL_EXTRA, rows=[0]).shape[-1]) if layers else 0
-        return cls(tuple(canon), tuple(hidden if n.startswith("resid") else 1 for n in canon))
+        return cls._canonical(names, layers, layers, unknown_layer, hidden)
 
     @classmethod
     def for_target(cls, target, spec: Union[str, Sequence[str], None]) -> "FeatureSpec":
@@ -112,16 +107,24 @@ class FeatureSpec:
         if not names:
             return cls((), ())
         n_layers = target.geometry.num_layers
+        return cls._canonical(names, default_residual_layers(n_layers), range(n_layers),
+                              lambda n: f"feature {n}: {target.name} has decoder layers 0..{n_layers - 1}",
+                              int(sites.text_config(target.model.config).hidden_size))
+
+    @classmethod
+    def _canonical(cls, names: Sequence[str], resid_layers: Sequence[int], valid_layers, unknown_layer,
+                   hidden: int) -> "FeatureSpec":
+        """``resid`` expanded to ``resid:<layer>`` for `resid_layers`; a ``resid:<layer>`` outside
+        `valid_layers` raises ``unknown_layer(name)``; residuals are `hidden` wide, refusal 1."""
         canon: list[str] = []
         for n in names:
             if n == "resid":
-                canon += [f"resid:{l}" for l in default_residual_layers(n_layers)]
-            elif n.startswith("resid:") and not 0 <= _layer(n) < n_layers:
-                raise LitSahsError(f"feature {n}: {target.name} has decoder layers 0..{n_layers - 1}")
+                canon += [f"resid:{l}" for l in resid_layers]
+            elif n.startswith("resid:") and _layer(n) not in valid_layers:
+                raise LitSahsError(unknown_layer(n))
             else:
                 canon.append(n)
         canon = list(dict.fromkeys(canon))
-        hidden = int(sites.text_config(target.model.config).hidden_size)
         return cls(tuple(canon), tuple(hidden if n.startswith("resid") else 1 for n in canon))
 
     # ------------------------------------------------------------ layout

@@ -16,7 +16,6 @@ from typing import Optional, Sequence
 import torch
 
 from lit_sahs.errors import LitSahsError
-from lit_sahs.guard import DEFAULT_REFUSAL, eos_token_id  # noqa: F401 - DEFAULT_REFUSAL: the LM loss's refusal
 from lit_sahs.io import atomic_write_text
 
 

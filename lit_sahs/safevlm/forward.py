@@ -177,15 +177,10 @@ class SafetyForward:
             longest = max(lengths)
             if longest == 0:
                 return None, None
-            if min(lengths) == longest:
-                self._patches = (torch.stack(rows), None)
-            else:
-                patches = self._vision_input.new_zeros((len(rows), longest, self._vision_input.shape[-1]))
-                padding = torch.ones((len(rows), longest), dtype=torch.bool, device=patches.device)
-                for b, r in enumerate(rows):
-                    patches[b, :r.shape[0]] = r
-                    padding[b, :r.shape[0]] = False
-                self._patches = (patches, padding)
+            patches = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # zero-padded to the longest
+            padding = torch.arange(longest, device=patches.device)[None, :] >= torch.tensor(
+                lengths, device=patches.device)[:, None]
+            self._patches = (patches, padding if bool(padding.any()) else None)
         return self._patches
 
     def _vision_hook(self, module, args):
