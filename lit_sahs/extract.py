@@ -32,6 +32,7 @@ from lit_sahs.data.store import ActivationStore
 from lit_sahs.data.writer import BlockWriter
 from lit_sahs.engine import Engine
 from lit_sahs.errors import LitSahsError
+from lit_sahs.outputs import check_outputs
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
 from lit_sahs.targets import Target, load_target, prompting
 from lit_sahs.targets.registry import DeviceMap, parse_device_map
@@ -248,6 +249,7 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
     A prompt longer than the target's context is refused before the store is created, naming it,
     or its text is cut to fit with `truncate` left / right (``prompting.fit_context``)."""
     prompting.truncate_side(truncate)  # before loading the target
+    check_outputs(dirs={"--store": store_path})
     if not samples:
         raise LitSahsError("no samples to extract: check the sources, attacks and --limit")
     if num_workers is not None and num_workers < 0:  # before loading the target

@@ -42,7 +42,9 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from lit_sahs.capture import HeadCapture, capture_for  # noqa: F401 - HeadCapture: GateProcessor's type
 from lit_sahs.detectors import SafetyDetector
+from lit_sahs.checks import optional_probability
 from lit_sahs.errors import LitSahsError
+from lit_sahs.outputs import check_outputs
 from lit_sahs.runtime import DetectorOptions, encode_prompts, load_detector_and_target, run_options, write_jsonl
 from lit_sahs.targets import Target
 
@@ -173,8 +175,7 @@ class SafetyGuard:
                  refusal: str = DEFAULT_REFUSAL, fail_closed: bool = True, threshold: Optional[float] = None,
                  tracking_uri: Optional[str] = None, device: Optional[str | torch.device] = None):
         det, target = load_detector_and_target(detector, target, device=device, tracking_uri=tracking_uri)
-        if threshold is not None and not (isinstance(threshold, (int, float)) and not math.isnan(threshold)):
-            raise LitSahsError(f"threshold must be a probability, got {threshold!r}")
+        threshold = optional_probability(threshold, "threshold")
         self.target = target
         self.detector = det
         self.refusal = str(refusal)
@@ -267,6 +268,8 @@ class GuardOptions(DetectorOptions):
 
 def guard_command(a: GuardOptions) -> int:
     """Guarded generation for every prompt; one JSON line {id, prompt, flagged, score, response} each."""
+    check_outputs(files={"--out": a.out})
+    optional_probability(a.threshold)
     rows = a.rows()
     if a.batch_size < 1:
         raise LitSahsError(f"batch_size must be >= 1, got {a.batch_size}")

@@ -32,7 +32,9 @@ import numpy as np
 import torch
 
 from lit_sahs.detectors import SafetyDetector
+from lit_sahs.checks import optional_probability, probability
 from lit_sahs.errors import LitSahsError
+from lit_sahs.outputs import check_outputs
 from lit_sahs.heads import HeadSet
 from lit_sahs.runtime import (DetectorOptions, capture_forward, encode_prompts, load_detector_and_target, run_options,
                               summary_metrics, write_jsonl)
@@ -71,7 +73,7 @@ class Screener:
         if batch_size < 1:
             raise LitSahsError(f"batch_size must be >= 1, got {batch_size}")
         self.target, self.detector = target, det
-        self.threshold = float(det.threshold) if threshold is None else float(threshold)
+        self.threshold = float(det.threshold) if threshold is None else probability(threshold, "threshold")
         self.batch_size = batch_size
 
     @property
@@ -125,6 +127,8 @@ class ScreenOptions(DetectorOptions):
 
 def screen_command(a: ScreenOptions) -> int:
     """Score every prompt; the last stdout line is a summary (with AUROC etc. when every row has a label)."""
+    check_outputs(files={"--out": a.out, "--passed": a.passed})
+    optional_probability(a.threshold)
     rows = a.rows()
     det, target = a.load()
     screener = Screener(target, det, threshold=a.threshold, batch_size=a.batch_size)

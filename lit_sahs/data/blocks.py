@@ -201,20 +201,40 @@ def load_extra(block: Block, name: str) -> np.ndarray:
 
 class VerifiedStore(WrapperStore):
     """A block's zarr store that checks every whole file it returns against the block's checksums,
-    so only the bytes actually read are hashed."""
+    so only the bytes actually read are hashed.
 
-    def __init__(self, store, sums: dict[str, str], block_path: Path):
+    A file that fails its check is not raised inside zarr's concurrent reads (an exception there
+    leaves the other chunk tasks pending, and asyncio logs each one when it is destroyed): it reads
+    as absent and the damage is kept in ``damage``, which ``raise_damage`` raises once zarr returns."""
+
+    def __init__(self, store, sums: dict[str, str], block_path: Path, _found: list | None = None):
         super().__init__(store)
         self._sums, self._block_path = sums, block_path
+        self._found: list[DamagedBlock] = [] if _found is None else _found  # shared with its copies
+
+    @property
+    def damage(self) -> DamagedBlock | None:
+        return self._found[0] if self._found else None
 
     def _with_store(self, store):
-        return type(self)(store, self._sums, self._block_path)
+        return type(self)(store, self._sums, self._block_path, self._found)
 
     async def get(self, key, prototype, byte_range=None):
         buf = await self._store.get(key, prototype, byte_range)
         if byte_range is None:
-            check_bytes(self._block_path, key, None if buf is None else buf.as_numpy_array(), self._sums)
+            try:
+                check_bytes(self._block_path, key, None if buf is None else buf.as_numpy_array(), self._sums)
+            except DamagedBlock as e:
+                self._found.append(e)
+                return None
         return buf
+
+
+def raise_damage(zstore) -> None:
+    """Raise the damage a VerifiedStore found during the last zarr call (no-op for other stores)."""
+    damage = getattr(zstore, "damage", None)
+    if damage is not None:
+        raise damage
 
 
 # ---------------------------------------------------------------- temp blocks, locks and the commit
@@ -308,7 +328,9 @@ def open_block_array(zstore, block: Block, shape: tuple[int, int, int]) -> zarr.
     except (LitSahsError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - whatever zarr raises on a broken zarr.json
+        raise_damage(zstore)
         raise damaged(block.path, f"zarr.json unreadable: {_first_line(e)}") from e
+    raise_damage(zstore)
     if block.sums is None and (z.attrs.get("lit_sahs") or {}).get("checksums"):
         raise damaged(block.path, f"{CHECKSUMS} is missing")
     if z.shape != (len(block.rows),) + shape:
@@ -334,6 +356,7 @@ def read_block(z: zarr.Array, block: Block, heads: HeadSet | None, local: np.nda
         raise
     except Exception as e:  # noqa: BLE001 - zstd/codec errors of an unverified (pre-checksum) block
         raise damaged(block.path, f"a chunk does not decode: {_first_line(e)}") from e
+    raise_damage(z.store)
     if not np.isfinite(out).all():
         raise damaged(block.path, "a chunk file is missing or holds non-finite values")
     return out

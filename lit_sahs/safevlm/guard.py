@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from lit_sahs.checks import optional_probability
 from lit_sahs.errors import LitSahsError
 from lit_sahs.guard import DEFAULT_REFUSAL, GuardResult, eos_token_id
 from lit_sahs.runtime import encode_prompts, load_detector_and_target
@@ -99,8 +100,7 @@ class SafeVLMGuard:
         det, target = load_detector_and_target(detector, target, device=device, tracking_uri=tracking_uri)
         if getattr(det, "family", None) != "safevlm":
             raise LitSahsError("SafeVLMGuard needs SafeVLM safety modules; use SafetyGuard for safety-head detectors")
-        if threshold is not None and not (isinstance(threshold, (int, float)) and not math.isnan(threshold)):
-            raise LitSahsError(f"threshold must be a probability, got {threshold!r}")
+        threshold = optional_probability(threshold, "threshold")
         self.detector, self.target = det.attach(target), target
         self.refusal, self.threshold, self.fail_closed = str(refusal), threshold, bool(fail_closed)
 
