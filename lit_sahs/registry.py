@@ -75,7 +75,7 @@ def registered_model(c, name: str, where: str):
         return c.get_registered_model(name)
     except MlflowException as e:
         if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(e).lower():
-            raise LitSahsError(f"the model registry at {redact(where)} failed: {_msg(e)}") from None
+            raise LitSahsError(redact(f"the model registry at {where} failed: {_msg(e)}", where)) from None
     try:
         names = sorted(m.name for m in c.search_registered_models(max_results=50))
     except Exception:  # noqa: BLE001
@@ -97,7 +97,7 @@ def resolve_version(uri: str, tracking_uri: Optional[str] = None):
     except LitSahsError:
         raise
     except Exception as e:  # noqa: BLE001 - an unreachable registry
-        raise LitSahsError(f"cannot reach the model registry at {redact(where)}: {_msg(e)}") from None
+        raise LitSahsError(redact(f"cannot reach the model registry at {where}: {_msg(e)}", where)) from None
     versions = sorted((v.version for v in c.search_model_versions(f"name='{name}'")), key=int)
     try:
         if alias is not None:
@@ -134,7 +134,7 @@ def _download(uri: str, dst: str | os.PathLike, tracking_uri: Optional[str] = No
             try:
                 source = mlflow_client(tracking_uri).get_run(RUN_URI.match(uri)["run_id"]).info.artifact_uri
             except Exception as e:  # noqa: BLE001
-                raise LitSahsError(f"cannot find run {uri} in {redact(turi)}: {_msg(e)}") from None
+                raise LitSahsError(redact(f"cannot find run {uri} in {turi}: {_msg(e)}", turi)) from None
     else:
         raise LitSahsError(f"{uri!r} is not a registry or run URI: use models:/<name>/<version>, "
                            "models:/<name>@<alias> or runs:/<run_id>/<path>")
@@ -264,10 +264,10 @@ def register_detector(detector: str, name: str, alias: Optional[str] = None, tag
             existing = c.get_registered_model(name)
         except MlflowException as e:
             if "not found" not in str(e).lower() and getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
-                raise LitSahsError(f"the model registry at {redact(turi)} failed: {_msg(e)}") from None
+                raise LitSahsError(redact(f"the model registry at {turi} failed: {_msg(e)}", turi)) from None
             existing = None
         except Exception as e:  # noqa: BLE001 - unreachable registry
-            raise LitSahsError(f"cannot reach the model registry at {redact(turi)}: {_msg(e)}") from None
+            raise LitSahsError(redact(f"cannot reach the model registry at {turi}: {_msg(e)}", turi)) from None
         if existing is not None:
             fp = (existing.tags or {}).get(TAG_FINGERPRINT)
             if fp is None and c.search_model_versions(f"name='{name}'"):
@@ -323,8 +323,8 @@ def register_detector(detector: str, name: str, alias: Optional[str] = None, tag
         _rollback(c, name, created_model, created_version, created_run)
         if isinstance(e, (LitSahsError, KeyboardInterrupt)):
             raise
-        raise LitSahsError(f"registering {detector} as {name!r} failed ({type(e).__name__}: {_msg(e)}); "
-                           "nothing was registered") from None
+        raise LitSahsError(redact(f"registering {detector} as {name!r} failed ({type(e).__name__}: {_msg(e)}); "
+                                  "nothing was registered", turi)) from None
     return {"name": name, "version": int(mv.version), "uri": f"models:/{name}/{mv.version}",
             "alias": alias, "alias_uri": f"models:/{name}@{alias}" if alias else None, "source": source,
             "run_id": run_id, "tags": vtags, "tracking_uri": redact(turi)}

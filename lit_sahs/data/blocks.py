@@ -82,14 +82,24 @@ def committed_names(blocks_dir: Path) -> list[str]:
     return sorted(names)
 
 
-def next_block_name(blocks_dir: Path, rank: int) -> str:
-    """A fresh name for `rank`'s next block, sorting after that rank's committed blocks."""
+def next_block_name(blocks_dir: Path, rank: int, tag: str = "") -> str:
+    """A fresh name for `rank`'s next block, sorting after that rank's committed blocks. `tag` (a few
+    hex digits) starts the name's unique part: one extraction run tags all its blocks alike, so it
+    can count the rows it wrote itself while another run writes to the same store."""
+    if not re.fullmatch(r"[0-9a-f]{0,8}", tag):
+        raise LitSahsError(f"block tag must be at most 8 hex digits, got {tag!r}")
     seq = 0
     for name in committed_names(blocks_dir):
         m = _BLOCK_RE.match(name)
         if m and int(m.group(2)) == rank:
             seq = max(seq, int(m.group(1)))
-    return f"b{seq + 1:06d}-r{rank:04d}-{uuid.uuid4().hex[:12]}"
+    return f"b{seq + 1:06d}-r{rank:04d}-{tag}{uuid.uuid4().hex[:12 - len(tag)]}"
+
+
+def block_tag_is(name: str, tag: str) -> bool:
+    """Whether the block `name` was written with `tag` (see next_block_name)."""
+    m = _BLOCK_RE.match(name)
+    return bool(tag) and m is not None and m.group(3).startswith(tag)
 
 
 def repair_hint(store: Path) -> str:
