@@ -115,6 +115,18 @@ class DamagedBlock(LitSahsError):
         self.block, self.what = block_path.name, what
 
 
+class GeometryMismatch(LitSahsError):
+    """A block whose activations have a whole [layers, heads, head_dim] other than the manifest's:
+    either the block belongs to another store or the manifest is wrong (``verify`` tells which)."""
+
+    def __init__(self, block_path: Path, have: tuple, want: tuple):
+        store = block_path.parent.parent
+        super().__init__(f"block {block_path.name} of activation store {store} holds activations shaped {have} "
+                         f"[layers, heads, head_dim] but its manifest.json says {want}: the manifest or the block "
+                         f"belongs to another target; run `python -m lit_sahs store verify {store}` to see which")
+        self.block, self.have, self.want = block_path.name, tuple(have), tuple(want)
+
+
 def damaged(block_path: Path, what: str) -> DamagedBlock:
     """The one error a damaged committed block gives: names the block, the store and the fix."""
     return DamagedBlock(block_path, what)
@@ -241,9 +253,12 @@ class VerifiedStore(WrapperStore):
 
 
 def raise_damage(zstore) -> None:
-    """Raise the damage a VerifiedStore found during the last zarr call (no-op for other stores)."""
-    damage = getattr(zstore, "damage", None)
-    if damage is not None:
+    """Raise the damage a VerifiedStore found during the last zarr call (no-op for other stores),
+    and forget it: the next read of other chunks of the block starts clean."""
+    found = getattr(zstore, "_found", None)
+    if found:
+        damage = found[0]
+        found.clear()
         raise damage
 
 
@@ -343,6 +358,8 @@ def open_block_array(zstore, block: Block, shape: tuple[int, int, int]) -> zarr.
     raise_damage(zstore)
     if block.sums is None and (z.attrs.get("lit_sahs") or {}).get("checksums"):
         raise damaged(block.path, f"{CHECKSUMS} is missing")
+    if len(z.shape) == 4 and z.shape[0] == len(block.rows) and tuple(z.shape[1:]) != tuple(shape):
+        raise GeometryMismatch(block.path, tuple(z.shape[1:]), tuple(shape))
     if z.shape != (len(block.rows),) + shape:
         raise damaged(block.path, f"array shape {z.shape} does not match its {len(block.rows)} index rows "
                                   f"and geometry {shape}")
