@@ -163,7 +163,36 @@ def mlflow_client(tracking_uri: Optional[str] = None):
     probe_database(uri, "the MLflow tracking store")
     if registry != uri:
         probe_database(registry, "the MLflow model registry")
-    return MlflowClient(tracking_uri=uri, registry_uri=registry)
+    with first_use_lock(uri):
+        client = MlflowClient(tracking_uri=uri, registry_uri=registry)
+        client.search_experiments(max_results=1)  # opens (and on first use creates) the database here
+    return client
+
+
+@contextlib.contextmanager
+def first_use_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a local SQLite database while MLflow opens it: two processes
+    that open a new database at once (two tune workers started together) would both run MLflow's
+    table creation and migrations, and the second would fail half-way. Other URIs: no lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        fcntl = None
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    if fcntl is None or not path or path.startswith(":memory:"):
+        yield
+        return
+    lock = Path(path).with_name(Path(path).name + ".lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError:  # a read-only folder: nobody can create the database there either
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @contextlib.contextmanager
@@ -204,8 +233,9 @@ class Tracker:
         self.uri = absolute_uri(tracking_uri)
         probe_database(self.uri, "the MLflow tracking store")
         try:
-            self.client = MlflowClient(self.uri, self.uri)
-            exp = self.client.get_experiment_by_name(experiment)
+            with first_use_lock(self.uri):
+                self.client = MlflowClient(self.uri, self.uri)
+                exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 try:
                     exp_id = self.client.create_experiment(experiment,
@@ -276,7 +306,8 @@ def start_run(experiment: str, tracking_uri: Optional[str] = None, run_name: Opt
 
     uri = resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        mlflow.create_experiment(experiment, artifact_location=artifact_location(experiment, uri))
+    with first_use_lock(uri):
+        if mlflow.get_experiment_by_name(experiment) is None:
+            mlflow.create_experiment(experiment, artifact_location=artifact_location(experiment, uri))
     mlflow.set_experiment(experiment)
     return mlflow.start_run(run_name=run_name)

@@ -323,9 +323,50 @@ def committing(blocks_dir: Path, name: str) -> Iterator[Path]:
 
 # ---------------------------------------------------------------- block files
 
+class SettlingStore(WrapperStore):
+    """A block's zarr store for writing that counts the chunk writes in flight. zarr writes chunks
+    concurrently and, when one fails (a full disk), raises at once while the others still run, and
+    they would recreate files in the temp block after it is removed; ``settle`` waits for them."""
+
+    def __init__(self, store, _state: list | None = None):
+        super().__init__(store)
+        self._state = [0, None] if _state is None else _state  # [writes in flight, first error], shared with copies
+
+    def _with_store(self, store):
+        return type(self)(store, self._state)
+
+    async def set(self, key, value, *args, **kwargs):
+        if self._state[1] is not None:
+            raise self._state[1]  # after a failure nothing more is written
+        self._state[0] += 1
+        try:
+            return await self._store.set(key, value, *args, **kwargs)
+        except BaseException as e:
+            self._state[1] = self._state[1] or e
+            raise
+        finally:
+            self._state[0] -= 1
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait (at most `timeout` seconds) until no chunk write is in flight."""
+        end = time.monotonic() + timeout
+        while self._state[0] > 0 and time.monotonic() < end:
+            time.sleep(0.01)
+
+
 def write_block_files(zstore, tmp: Path, rows: list[dict], arr: np.ndarray, rank: int) -> None:
     """Write activations `arr` [n, L, H, D] into the zarr store `zstore` of the temp block `tmp`
-    (one chunk per (layer, head)) and its n index rows next to them."""
+    (one chunk per (layer, head)) and its n index rows next to them. On a failure every chunk write
+    still running has ended before the error leaves, so the temp block can be removed whole."""
+    zstore = SettlingStore(zstore)
+    try:
+        _write_block_files(zstore, tmp, rows, arr, rank)
+    except BaseException:
+        zstore.settle()
+        raise
+
+
+def _write_block_files(zstore, tmp: Path, rows: list[dict], arr: np.ndarray, rank: int) -> None:
     n, D = arr.shape[0], arr.shape[3]
     z = zarr.create_array(
         store=zstore,
