@@ -163,10 +163,8 @@ def mlflow_client(tracking_uri: Optional[str] = None):
     probe_database(uri, "the MLflow tracking store")
     if registry != uri:
         probe_database(registry, "the MLflow model registry")
-    with first_use_lock(uri):
-        client = MlflowClient(tracking_uri=uri, registry_uri=registry)
-        client.search_experiments(max_results=1)  # opens (and on first use creates) the database here
-    return client
+    with first_use_lock(uri):  # the client opens (and on first use creates) the database
+        return MlflowClient(tracking_uri=uri, registry_uri=registry)
 
 
 @contextlib.contextmanager
