@@ -214,6 +214,13 @@ def _lit_sahs_cause(e: BaseException) -> Optional[LitSahsError]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    from lit_sahs.interrupts import exit_on_interrupt
+
+    with exit_on_interrupt():  # Ctrl+C: one line, exit status 130
+        _main(argv)
+
+
+def _main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     configure_logging()
     if argv and argv[0] in LIGHTNING_COMMANDS:
