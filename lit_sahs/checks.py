@@ -2,7 +2,6 @@
 that names the option, the value and what it must be, before any work starts."""
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Optional
 
 from lit_sahs.errors import LitSahsError
@@ -40,20 +39,3 @@ def at_least(values: Mapping[str, Any], minimum: int) -> None:
         if value < minimum:
             raise LitSahsError(f"{what} must be >= {minimum}, got {value}")
 
-
-def finite(value: Any, what: str) -> float:
-    """`value` as a finite float."""
-    v = _number(value, what)
-    if not math.isfinite(v):
-        raise LitSahsError(f"{what} must be a finite number, got {value!r}")
-    return v
-
-
-def finite_weights(state: Mapping[str, Any], source: Any) -> None:
-    """Refuse a detector state whose floating-point tensors hold NaN or infinities: such a detector
-    scores NaN, and the guard would refuse every prompt."""
-    bad = [k for k, v in state.items()
-           if hasattr(v, "is_floating_point") and v.is_floating_point() and not bool(v.isfinite().all())]
-    if bad:
-        raise LitSahsError(f"{source}: weights {', '.join(bad[:5])} hold NaN or infinite values: the detector is "
-                           "corrupt or its training diverged; fit it again and re-save it")

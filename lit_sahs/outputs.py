@@ -39,7 +39,8 @@ def check_outputs(files: Optional[Mapping[str, PathLike]] = None,
                 raise LitSahsError(f"{where} exists and is not a regular file: give a file path")
         key = os.path.abspath(p)
         if key in seen:
-            raise LitSahsError(f"{seen[key]} and {flag} name the same path {path}: give two paths")
+            raise LitSahsError(f"{seen[key]} and {flag} name the same {'folder' if is_dir else 'file'} {path}: "
+                               "give two paths")
         seen[key] = flag
         _probe(p if is_dir else p.parent, where)
 

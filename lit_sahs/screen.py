@@ -33,6 +33,7 @@ import torch
 
 from lit_sahs.detectors import SafetyDetector
 from lit_sahs.checks import optional_probability, probability
+from lit_sahs.data.sources import parse_label
 from lit_sahs.errors import LitSahsError
 from lit_sahs.outputs import check_outputs
 from lit_sahs.heads import HeadSet
@@ -140,10 +141,10 @@ def screen_command(a: ScreenOptions) -> int:
     if all(l is not None for l in labels):
         from lit_sahs.detectors import compute_report
 
-        try:
-            y = np.array([int(l) for l in labels])
-        except (TypeError, ValueError):
-            raise LitSahsError("labels must be 0 (benign) or 1 (malicious)") from None
+        parsed = [parse_label(l) for l in labels]
+        if any(l is None for l in parsed):
+            raise LitSahsError("labels must be 0 (benign) or 1 (malicious)")
+        y = np.array(parsed)
         if set(y.tolist()) <= {0, 1} and len(set(y.tolist())) == 2 and not np.isnan(res.scores).any():
             summary["metrics"] = summary_metrics(compute_report(res.scores, y, threshold=res.threshold)["overall"])
     if a.out:

@@ -23,7 +23,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import lit_sahs
-from lit_sahs.checks import finite_weights
 from lit_sahs.detectors.base import CHECKPOINT_KEY, SafetyDetector
 from lit_sahs.detectors.registry import DETECTORS, detector_class
 from lit_sahs.errors import LitSahsError
@@ -109,7 +108,6 @@ def _state_error_reason(e: BaseException) -> str:
 
 
 def _load_state(detector: SafetyDetector, state: dict[str, torch.Tensor], source: Path) -> None:
-    finite_weights(state, source)
     try:
         detector.load_state_dict(state, strict=True)
     except RuntimeError as e:
