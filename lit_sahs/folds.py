@@ -238,9 +238,9 @@ def build_detector(family: str, hparams: Optional[dict] = None, target_fpr: Opti
     """A detector of `family` with `hparams` (and `target_fpr` unless hparams set it)."""
     import inspect
 
-    from lit_sahs.detectors import detector_class
+    from lit_sahs.families import family_class
 
-    cls = detector_class(family)
+    cls = family_class(family)
     args = dict(hparams or {})
     if target_fpr is not None and "target_fpr" in inspect.signature(cls.__init__).parameters:
         args.setdefault("target_fpr", target_fpr)

@@ -87,12 +87,11 @@ class ExportDetector(L.Callback):
         self.paths: dict[str, Path] = {}
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from lit_sahs.detectors import save_detector
+        from lit_sahs.artifact import save_detector
 
         self.paths = {"detector": save_detector(pl_module, self.output_dir / "detector", overwrite=True)}
-        if hasattr(pl_module, "head_report"):
-            self.paths["heads.json"] = atomic_write_text(self.output_dir / "heads.json",
-                                                         json.dumps(pl_module.head_report(), indent=1) + "\n")
+        for name, doc in pl_module.extra_artifacts().items():
+            self.paths[name] = atomic_write_text(self.output_dir / name, json.dumps(doc, indent=1) + "\n")
         _log_files(trainer, list(self.paths.values()))
         if self.verbose:
             print(f"detector: {self.paths['detector']}")

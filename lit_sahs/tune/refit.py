@@ -78,7 +78,7 @@ def log_plots(study, tracker: Tracker, parent: str) -> None:
 def refit_best(cfg: TuneConfig, study, space: SearchSpace, folds: Folds, tracker: Tracker, parent: str) -> dict:
     """Refit the best trial's settings on all families; log the detector (safetensors + JSON) as a
     child run of the study and keep a local copy."""
-    from lit_sahs.detectors import save_detector
+    from lit_sahs.artifact import save_detector
 
     best = study.best_trial
     family, k, hparams, features = SearchSpace.from_params(best.params, space)
