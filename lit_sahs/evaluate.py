@@ -18,6 +18,7 @@ from lit_sahs.detectors.metrics import compute_report
 from lit_sahs.errors import LitSahsError
 from lit_sahs.family import ModelFamily
 from lit_sahs.io import atomic_write_text
+from lit_sahs.detectors.metrics import AUROC, TPR_AT_1FPR, TPR_AT_5FPR
 
 def detector_scores(detector, x: np.ndarray | torch.Tensor, batch_size: int = 4096) -> np.ndarray:
     """Probabilities for raw activations [n, k, D] of a safety-head detector's HeadSet."""
@@ -101,7 +102,7 @@ def _fmt(v) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def format_table(reports: dict[str, dict], metrics: Sequence[str] = ("auroc", "tpr_at_1fpr", "tpr_at_5fpr")) -> str:
+def format_table(reports: dict[str, dict], metrics: Sequence[str] = (AUROC, TPR_AT_1FPR, TPR_AT_5FPR)) -> str:
     """Markdown table: one row per group (overall first), columns method × metric, plus n."""
     methods = list(reports)
     groups = list(reports[methods[0]])
@@ -240,7 +241,6 @@ def score_file_command(detector: str, data: str, json_out: Optional[str] = None,
     scores), track it in MLflow. The output paths are checked before anything loads."""
     import json
 
-    import mlflow
 
     from lit_sahs.tracking import start_run
 
@@ -250,15 +250,15 @@ def score_file_command(detector: str, data: str, json_out: Optional[str] = None,
     text = json.dumps(report, indent=1)
     if json_out:
         atomic_write_text(json_out, text + "\n")
-    with start_run(experiment, tracking_uri, run_name="score-file"):
-        mlflow.log_params({"detector": detector, "data": data, "truncate": truncate})
+    with start_run(experiment, tracking_uri, run_name="score-file") as run:
+        run.log_params({"detector": detector, "data": data, "truncate": truncate})
         groups = [(("overall",), report["overall"])] + \
                  [(("attack", g), m) for g, m in report["per_attack"].items()] + \
                  [(("source", g), m) for g, m in report["per_source"].items()]
-        mlflow.log_metrics({_metric_name(*names, k): float(v) for names, m in groups for k, v in m.items()
+        run.log_metrics({_metric_name(*names, k): float(v) for names, m in groups for k, v in m.items()
                             if v is not None})
         for path in (json_out, scores):
             if path:
-                mlflow.log_artifact(path)
+                run.log_artifact(path)
     print(text)
     return 0

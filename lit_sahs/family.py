@@ -121,6 +121,10 @@ class ModelFamily(abc.ABC):
     def split_scores(self, dm, split: str) -> "np.ndarray":
         """Scores for one split of the family's own DataModule (rows in ``dm.split_rows(split)`` order)."""
 
+    def report_label(self) -> str:
+        """What the test report calls this detector."""
+        return f"{self.report_name} = {type(self).__name__}"
+
     def extra_artifacts(self) -> dict[str, Any]:
         """JSON documents written next to the artifact after a fit ({file name: value}), e.g. the heads
         a sparse detector kept."""

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from lit_sahs.artifact_format import META_FILE, WEIGHTS_FILE
 from lit_sahs.errors import LitSahsError
-from lit_sahs.tracking import absolute_uri, mlflow_client, no_artifact_progress_bar, redact
+from lit_sahs.tracking import absolute_uri, download_artifacts, mlflow_client, mlflow_error, redact
 
 TAG_FINGERPRINT = "lit_sahs.target_fingerprint"
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+?)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))/?$")
@@ -40,11 +40,9 @@ def error_text(e: BaseException) -> str:
 
 def registered_model(c, name: str, where: str):
     """The RegisteredModel `name`, or a LitSahsError naming the models that exist."""
-    from mlflow.exceptions import MlflowException
-
     try:
         return c.get_registered_model(name)
-    except MlflowException as e:
+    except mlflow_error() as e:
         if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(e).lower():
             raise LitSahsError(f"the model registry at {redact(where)} failed: {error_text(e)}") from None
     try:
@@ -58,8 +56,6 @@ def registered_model(c, name: str, where: str):
 
 def resolve_version(uri: str, tracking_uri: Optional[str] = None):
     """The ModelVersion a models:/ URI names (version number, 'latest' or @alias)."""
-    from mlflow.exceptions import MlflowException
-
     name, version, alias = parse_model_uri(uri)
     c = mlflow_client(tracking_uri)
     where = os.environ.get("MLFLOW_REGISTRY_URI") or absolute_uri(tracking_uri)
@@ -80,7 +76,7 @@ def resolve_version(uri: str, tracking_uri: Optional[str] = None):
         if not version.isdigit():
             raise LitSahsError(f"{uri!r}: the version must be a number, 'latest', or use models:/{name}@<alias>")
         return c.get_model_version(name, version)
-    except MlflowException:
+    except mlflow_error():
         aliases = sorted(c.get_registered_model(name).aliases or {})
         what = f"alias {alias!r}" if alias is not None else f"version {version}"
         raise LitSahsError(f"registered model {name!r} has no {what} (versions: {versions or 'none'}; "
@@ -89,9 +85,6 @@ def resolve_version(uri: str, tracking_uri: Optional[str] = None):
 
 def download(uri: str, dst: str | os.PathLike, tracking_uri: Optional[str] = None):
     """(downloaded path, detector directory inside it, ModelVersion or None). Nothing is loaded here."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     turi = absolute_uri(tracking_uri)
     mv = None
     if uri.startswith("models:/"):
@@ -108,10 +101,8 @@ def download(uri: str, dst: str | os.PathLike, tracking_uri: Optional[str] = Non
         raise LitSahsError(f"{uri!r} is not a registry or run URI: use models:/<name>/<version>, "
                            "models:/<name>@<alias> or runs:/<run_id>/<path>")
     try:
-        with no_artifact_progress_bar():
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
-                                                             tracking_uri=turi))
-    except MlflowException as e:
+        local = download_artifacts(source, dst, tracking_uri)
+    except mlflow_error() as e:
         raise LitSahsError(f"cannot download {uri} ({source}): {error_text(e)}") from None
     except OSError as e:
         raise LitSahsError(f"cannot download {uri} ({source}): {e}") from None

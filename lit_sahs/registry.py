@@ -30,7 +30,7 @@ from typing import Optional, Union
 from lit_sahs.errors import LitSahsError
 from lit_sahs.artifact import load_detector, save_detector
 from lit_sahs.model_uri import RUN_URI, TAG_FINGERPRINT, download as _download, error_text as _msg
-from lit_sahs.tracking import absolute_uri, artifact_location, mlflow_client, redact, study_refit
+from lit_sahs.tracking import absolute_uri, artifact_location, mlflow_client, mlflow_error, redact, study_refit
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +120,12 @@ def register_detector(detector: str, name: str, alias: Optional[str] = None, tag
         run_metrics = {**_run_metrics(c, src_run), **run_metrics}
 
     # 2. the registered model: new, or one that holds detectors for the same target
-    from mlflow.exceptions import MlflowException
-
     created_model = created_run = None
     created_version = None
     try:
         try:
             existing = c.get_registered_model(name)
-        except MlflowException as e:
+        except mlflow_error() as e:
             if "not found" not in str(e).lower() and getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
                 raise LitSahsError(f"the model registry at {redact(turi)} failed: {_msg(e)}") from None
             existing = None

@@ -257,6 +257,9 @@ class SafetyDetector(ModelFamily, L.LightningModule):
         x = capture_forward(target, enc, self.head_set, features=self.feature_spec)
         return self.scores(x)
 
+    def report_label(self) -> str:
+        return f"{len(self.head_set)} heads; {self.report_name} = {type(self).__name__}"
+
     def layers_run(self, target) -> int:
         if self.feature_spec:  # residual layers and the refusal logits: the whole forward
             return target.geometry.num_layers

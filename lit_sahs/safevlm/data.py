@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from lit_sahs.data.holdout import Holdout
 from lit_sahs.data.protocol import DEFAULT_ATTACKS, DEFAULT_BENIGN, DEFAULT_HARMFUL, SampleSpec, split_rows
 from lit_sahs.errors import LitSahsError
 from lit_sahs.guarding import DEFAULT_REFUSAL, eos_token_id
@@ -104,6 +105,11 @@ class SafetyDataModule(L.LightningDataModule):
             if r["label"] == 1:
                 r["answer"] = self.refusal
         self.rows, self.splits = rows, splits
+
+    @property
+    def holdout(self) -> Holdout:
+        """What the test split keeps out of training."""
+        return Holdout(tuple(self.held_out_families), tuple(self.held_out_sources))
 
     def split_rows(self, split: str) -> list[dict]:
         return [self.rows[i] for i in self.splits[split]]
