@@ -45,7 +45,8 @@ def control(args) -> None:
 
     from lit_sahs.detectors import compute_report
     from lit_sahs.evaluate import split_reports
-    from lit_sahs.folds import Folds, Holdout, fit_fold
+    from lit_sahs.data.holdout import Holdout
+    from lit_sahs.folds import Folds, fit_fold
     from lit_sahs.generalisation import COLUMNS
 
     excluded = names(args.exclude)

@@ -267,13 +267,12 @@ class FeatureCapture:
         return torch.cat([x.float(), packed.to(x.device)], dim=1)
 
 
-def capture_for(detector, target):
-    """The capture a detector reads: a HeadCapture of its heads, or a FeatureCapture when it was
-    fitted with extra features (its artifact records them)."""
-    spec = getattr(detector, "feature_spec", None)
+def capture_for(target, heads: HeadSet, spec=None):
+    """The capture a detector reads: a HeadCapture of its `heads`, or a FeatureCapture when it was
+    fitted with extra features (`spec`, a non-empty FeatureSpec)."""
     if spec:
-        return FeatureCapture(target.model, detector.head_set, target.geometry, spec, target.tokenizer)
-    return HeadCapture(target.model, detector.head_set, target.geometry)
+        return FeatureCapture(target.model, heads, target.geometry, spec, target.tokenizer)
+    return HeadCapture(target.model, heads, target.geometry)
 
 
 ABLATION_MODES = ("zero", "mean")

@@ -52,7 +52,6 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
         truncate: with --data, a prompt longer than the target's context is refused (default), or its
             text cut to fit: left (keep the end) or right (keep the start)
     """
-    import mlflow
 
     from lit_sahs import evaluate as ev
     from lit_sahs.tracking import start_run
@@ -67,6 +66,9 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
         raise LitSahsError("give --store (zero-shot matrix) or --detector with --data (score a file)")
     if protocol not in ("families", "sources"):
         raise LitSahsError(f"unknown protocol {protocol!r}: use families or sources")
+    from lit_sahs.outputs import check_outputs
+
+    check_outputs(dirs={"--out": out or os.path.join(store, "zero_shot" if protocol == "families" else "sources")})
     if protocol == "sources":
         return _source_report(store, ranking if not relocate else None, heads, top_k, detector_family, pairing,
                               sources, min_rows, max_epochs, seed, out, tracking_uri, experiment)
@@ -82,13 +84,13 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
     paths.append(family_matrix(result["matrix"]["heads"], result["rows"], result["families"],
                                os.path.join(out, "matrix_heads.png"),
                                title=f"zero-shot AUROC, {detector_family} on top-{top_k} heads"))
-    with start_run(experiment, tracking_uri, run_name="zero-shot"):
-        mlflow.log_params({"store": store, "ranking": ranking, "top_k": top_k, "detector": detector_family,
+    with start_run(experiment, tracking_uri, run_name="zero-shot") as run:
+        run.log_params({"store": store, "ranking": ranking, "top_k": top_k, "detector": detector_family,
                            "relocate": relocate})
         for method, v in result["mean_held_out_auroc"].items():
-            mlflow.log_metric(f"mean_held_out_auroc/{method}", v)
+            run.log_metric(f"mean_held_out_auroc/{method}", v)
         for p in paths:
-            mlflow.log_artifact(str(p))
+            run.log_artifact(str(p))
     print(matrix_csv(result, "heads"))
     print("mean held-out-family AUROC (leave one family out): " +
           ", ".join(f"{m} {v:.3f}" for m, v in result["mean_held_out_auroc"].items()))
@@ -101,7 +103,6 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
 def _source_report(store, ranking, heads, top_k, detector_family, pairing, sources, min_rows, max_epochs, seed,
                    out, tracking_uri, experiment) -> int:
     """`evaluate --protocol sources`: the source-level table, written as sources.md/json and a plot."""
-    import mlflow
 
     from lit_sahs.folds import PER_FOLD
     from lit_sahs.generalisation import format_source_tables, source_protocol
@@ -119,15 +120,15 @@ def _source_report(store, ranking, heads, top_k, detector_family, pairing, sourc
              fold_bars({m: [f["methods"][m]["auroc"] for f in result["folds"]] for m in result["mean"]}, folds,
                        os.path.join(out, "sources_auroc.png"),
                        title=f"AUROC on held-out sources, {detector_family} on top-{top_k} heads")]
-    with start_run(experiment, tracking_uri, run_name="sources"):
-        mlflow.log_params({"store": store, "protocol": "sources", "pairing": pairing, "top_k": top_k,
+    with start_run(experiment, tracking_uri, run_name="sources") as run:
+        run.log_params({"store": store, "protocol": "sources", "pairing": pairing, "top_k": top_k,
                            "detector": detector_family})
         for method, cols in result["mean"].items():
             for col, v in cols.items():
                 if v == v:
-                    mlflow.log_metric(f"mean/{method}/{col}", v)
+                    run.log_metric(f"mean/{method}/{col}", v)
         for p in paths:
-            mlflow.log_artifact(str(p))
+            run.log_artifact(str(p))
     print(table)
     print(json.dumps({"out": out}))
     return 0

@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 import lightning as L
 
 from lit_sahs.errors import LitSahsError
+from lit_sahs.family import ModelFamily
 
 # what every fit starts from; a family's trainer_defaults and the caller override it
 BASE_TRAINER: dict[str, Any] = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
@@ -99,9 +100,8 @@ class Engine:
         """Fit `model` on the DataModule's train split (validating on val); with an output_dir, then
         test the best checkpoint and write the report and the artifact."""
         trainer = self.trainer(model, **overrides)
-        prepare = getattr(model, "prepare_launch", None)  # detectors: DDP checks before processes start
-        if prepare is not None:
-            prepare(trainer, datamodule)
+        if isinstance(model, ModelFamily):  # DDP checks before processes start
+            model.prepare_launch(trainer, datamodule)
         with warnings.catch_warnings():
             if self.quiet:
                 warnings.simplefilter("ignore")

@@ -14,47 +14,51 @@ import numpy as np
 import torch
 
 from lit_sahs.baselines import BASELINES, baseline_scores
-from lit_sahs.detectors import SafetyDetector, compute_report
+from lit_sahs.detectors.metrics import compute_report
 from lit_sahs.errors import LitSahsError
+from lit_sahs.family import ModelFamily
 from lit_sahs.io import atomic_write_text
+from lit_sahs.detectors.metrics import AUROC, TPR_AT_1FPR, TPR_AT_5FPR
 
-@torch.no_grad()
-def detector_scores(detector: SafetyDetector, x: np.ndarray | torch.Tensor, batch_size: int = 4096) -> np.ndarray:
-    """Probabilities for raw activations [n, k, D] of the detector's HeadSet."""
-    detector.eval()
-    x = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not torch.is_tensor(x) else x.float()
-    out = [detector.predict_proba(x[i:i + batch_size].to(detector.device)).cpu() for i in range(0, len(x), batch_size)]
-    return torch.cat(out).numpy() if out else np.empty(0)
+def detector_scores(detector, x: np.ndarray | torch.Tensor, batch_size: int = 4096) -> np.ndarray:
+    """Probabilities for raw activations [n, k, D] of a safety-head detector's HeadSet."""
+    return detector.scores(x, batch_size)
 
 
-def split_reports(detector: SafetyDetector, dm, split: str = "test", baselines: Sequence[str] = BASELINES,
+def split_reports(detector: ModelFamily, dm, split: str = "test", baselines: Sequence[str] = BASELINES,
                   group_key: str = "attack_family"
                   ) -> tuple[dict[str, dict], dict[str, np.ndarray], np.ndarray, dict[str, float]]:
-    """On one split of a CachedActivationDataModule: ({method: compute_report(...)}, {method: scores},
-    labels, {method: threshold}) for the detector (`heads`) and each baseline, trained on the same
-    train rows. Each baseline's threshold is calibrated like the detector's (its validation benign
-    scores, the detector's target FPR), so the at-threshold TPR/FPR of all methods compare."""
+    """On one split of the detector family's DataModule: ({method: compute_report(...)}, {method: scores},
+    labels, {method: threshold}) for the detector (under its family's ``report_name``) and each
+    baseline, trained on the same train rows. Each baseline's threshold is calibrated like the
+    detector's (its validation benign scores, the detector's target FPR), so the at-threshold TPR/FPR
+    of all methods compare. Baselines that read stored activations need a DataModule with a store;
+    the text baseline (TF-IDF) needs only the rows."""
+    from lit_sahs.baselines import tfidf_scores
     from lit_sahs.detectors.metrics import calibrate_threshold
 
-    own = getattr(detector, "split_reports", None)
-    if own is not None:  # a family that reads prompts, not stored heads (SafeVLM) scores its own split
-        return own(dm, split, baselines, group_key)
-    rows, val = dm.splits[split], dm.splits["val"]
-    index = dm.split_rows(split)
+    index, val_rows, train_rows = dm.split_rows(split), dm.split_rows("val"), dm.split_rows("train")
     y = np.array([int(r["label"]) for r in index])
-    y_val = np.array([int(r["label"]) for r in dm.split_rows("val")])
+    y_val = np.array([int(r["label"]) for r in val_rows])
     groups = [str(r.get(group_key, "")) for r in index]
-    from lit_sahs.data.extra_features import read_inputs  # heads, then any extra features the detector reads
-
-    spec = getattr(detector, "feature_spec", None)
-    scores = {"heads": detector_scores(detector, read_inputs(dm.store, detector.head_set, spec,
-                                                             detector.geometry.head_dim, rows=rows))}
-    thresholds = {"heads": float(detector.threshold)}
-    target_fpr = float(getattr(detector.hparams, "target_fpr", 0.05))
-    for name, both in baseline_scores(dm.store, dm.splits["train"], np.concatenate([val, rows]), baselines,
-                                      seed=dm.seed).items():
-        scores[name] = both[len(val):]
-        thresholds[name] = calibrate_threshold(torch.as_tensor(both[:len(val)][y_val == 0]), target_fpr)
+    scores = {detector.report_name: detector.split_scores(dm, split)}
+    if len(scores[detector.report_name]) != len(y):
+        raise LitSahsError(f"the detector scored {len(scores[detector.report_name])} rows of the {split} split, "
+                           f"which has {len(y)}: its DataModule serves another split")
+    thresholds = {detector.report_name: float(detector.threshold)}
+    target_fpr = float(detector.hparams.get("target_fpr", 0.05))
+    store = getattr(dm, "store", None)
+    if store is not None:
+        both_by = baseline_scores(store, dm.splits["train"], np.concatenate([dm.splits["val"], dm.splits[split]]),
+                                  baselines, seed=dm.seed)
+    elif "tfidf" in baselines:  # a DataModule of prompts, not stored activations: the text baseline only
+        both_by = {"tfidf": tfidf_scores([r["text"] for r in train_rows], np.array([r["label"] for r in train_rows]),
+                                         [r["text"] for r in val_rows + index], seed=getattr(dm, "seed", 0))}
+    else:
+        both_by = {}
+    for name, both in both_by.items():
+        scores[name] = both[len(val_rows):]
+        thresholds[name] = calibrate_threshold(torch.as_tensor(both[:len(val_rows)][y_val == 0]), target_fpr)
     reports = {name: compute_report(sc, y, groups, thresholds[name]) for name, sc in scores.items()}
     return reports, scores, y, thresholds
 
@@ -98,7 +102,7 @@ def _fmt(v) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def format_table(reports: dict[str, dict], metrics: Sequence[str] = ("auroc", "tpr_at_1fpr", "tpr_at_5fpr")) -> str:
+def format_table(reports: dict[str, dict], metrics: Sequence[str] = (AUROC, TPR_AT_1FPR, TPR_AT_5FPR)) -> str:
     """Markdown table: one row per group (overall first), columns method × metric, plus n."""
     methods = list(reports)
     groups = list(reports[methods[0]])
@@ -137,7 +141,7 @@ def score_file(detector_path: str, data: str, target: Optional[str] = None, batc
     from tqdm.auto import tqdm
 
     from lit_sahs.data.sources import load_user_file
-    from lit_sahs.runtime import capture_forward, load_detector_and_target, resolve_detector, summary_metrics
+    from lit_sahs.runtime import load_detector_and_target, resolve_detector, summary_metrics
     from lit_sahs.targets import prompting
 
     if batch_size < 1:
@@ -157,9 +161,7 @@ def score_file(detector_path: str, data: str, target: Optional[str] = None, batc
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             enc = prompting.encode(tgt, [texts[i] for i in idx], [images[i] for i in idx], [ids[i] for i in idx])
-            own = getattr(det, "score_encoded", None)  # SafeVLM scores prompts itself
-            scores[idx] = own(tgt, enc) if own is not None else detector_scores(
-                det, capture_forward(tgt, enc, det.head_set, features=getattr(det, "feature_spec", None)))
+            scores[idx] = det.score_encoded(tgt, enc)
             bar.update(len(idx))
     threshold = float(det.threshold)
     labels = np.array([s.label for s in samples])
@@ -201,7 +203,6 @@ def score_file_command(detector: str, data: str, json_out: Optional[str] = None,
     scores), track it in MLflow. The output paths are checked before anything loads."""
     import json
 
-    import mlflow
 
     from lit_sahs.tracking import start_run
 
@@ -211,15 +212,15 @@ def score_file_command(detector: str, data: str, json_out: Optional[str] = None,
     text = json.dumps(report, indent=1)
     if json_out:
         atomic_write_text(json_out, text + "\n")
-    with start_run(experiment, tracking_uri, run_name="score-file"):
-        mlflow.log_params({"detector": detector, "data": data, "truncate": truncate})
+    with start_run(experiment, tracking_uri, run_name="score-file") as run:
+        run.log_params({"detector": detector, "data": data, "truncate": truncate})
         groups = [(("overall",), report["overall"])] + \
                  [(("attack", g), m) for g, m in report["per_attack"].items()] + \
                  [(("source", g), m) for g, m in report["per_source"].items()]
-        mlflow.log_metrics({_metric_name(*names, k): float(v) for names, m in groups for k, v in m.items()
+        run.log_metrics({_metric_name(*names, k): float(v) for names, m in groups for k, v in m.items()
                             if v is not None})
         for path in (json_out, scores):
             if path:
-                mlflow.log_artifact(path)
+                run.log_artifact(path)
     print(text)
     return 0

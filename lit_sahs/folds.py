@@ -12,7 +12,6 @@ The zero-shot family matrix is here too; the source-level report is in `lit_sahs
 """
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -20,31 +19,14 @@ from typing import Optional, Sequence
 import numpy as np
 
 from lit_sahs.baselines import BASELINES, baseline_scores
+from lit_sahs.data.holdout import Holdout
 from lit_sahs.data.protocol import names
 from lit_sahs.errors import LitSahsError
 from lit_sahs.evaluate import detector_scores
+from lit_sahs.detectors.metrics import AUROC
 
 PER_FOLD = "per_fold"
 MIN_PER_CLASS = 5  # fewer rows of a class than this make an AUROC cell noise: it is left empty
-
-
-@dataclass(frozen=True)
-class Holdout:
-    """What one fold keeps out: attack families and/or sources (both empty: a random test split)."""
-
-    families: tuple[str, ...] = ()
-    sources: tuple[str, ...] = ()
-
-    @classmethod
-    def of(cls, value: "Holdout | Sequence[str] | str | None") -> "Holdout":
-        """A Holdout as it is, or held-out attack families given by name."""
-        return value if isinstance(value, Holdout) else cls(families=names(value))
-
-    @property
-    def name(self) -> str:
-        """The fold's name, usable as an MLflow metric key part (letters, digits, _ - . : / and space)."""
-        parts = list(self.families) + list(self.sources)
-        return re.sub(r"[^\w\-. :/]", "_", "__".join(parts)) if parts else "random"
 
 
 def eligible_families(rows: Sequence[dict], min_rows: int = 20) -> tuple[list[str], dict[str, str]]:
@@ -238,9 +220,9 @@ def build_detector(family: str, hparams: Optional[dict] = None, target_fpr: Opti
     """A detector of `family` with `hparams` (and `target_fpr` unless hparams set it)."""
     import inspect
 
-    from lit_sahs.detectors import detector_class
+    from lit_sahs.families import family_class
 
-    cls = detector_class(family)
+    cls = family_class(family)
     args = dict(hparams or {})
     if target_fpr is not None and "target_fpr" in inspect.signature(cls.__init__).parameters:
         args.setdefault("target_fpr", target_fpr)
@@ -287,7 +269,7 @@ def _auroc(scores: np.ndarray, y: np.ndarray) -> float:
 
     if min(int((y == 1).sum()), int((y == 0).sum())) < MIN_PER_CLASS:
         return float("nan")
-    return float(compute_report(scores, y)["overall"]["auroc"])
+    return float(compute_report(scores, y)["overall"][AUROC])
 
 
 def zero_shot(store: str, ranking: Optional[str] = None, heads: Optional[str] = None, top_k: int = 8,

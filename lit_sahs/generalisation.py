@@ -25,6 +25,7 @@ import numpy as np
 from lit_sahs.baselines import BASELINES
 from lit_sahs.data.extra_features import REFUSAL_EXTRA, RESIDUAL_EXTRA
 from lit_sahs.folds import PER_FOLD, Folds, fit_fold
+from lit_sahs.detectors.metrics import AUROC, FPR, METRIC_LABELS, TPR_AT_1FPR, TPR_AT_5FPR
 
 # detector fits beside the heads on a store with the extra features: method name -> features
 # (names are valid MLflow metric key parts: no '+' or parentheses)
@@ -33,8 +34,8 @@ SPARSE_ALL = "sparse_all"
 SPARSE_ALL_ARGS = {"group_lasso": 0.02}
 
 # the columns of the table: threshold-free operating points, and the held-out benign source's FPR
-COLUMNS = ("auroc", "tpr_at_1fpr", "tpr_at_5fpr", "fpr")
-LABELS = {"auroc": "AUROC", "tpr_at_1fpr": "TPR@1%FPR", "tpr_at_5fpr": "TPR@5%FPR", "fpr": "benign FPR"}
+COLUMNS = (AUROC, TPR_AT_1FPR, TPR_AT_5FPR, FPR)
+LABELS = {c: METRIC_LABELS[c] for c in COLUMNS}
 
 
 def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", detector_args: Optional[dict] = None,
@@ -104,7 +105,7 @@ def format_source_tables(result: dict) -> str:
              "| method | " + " | ".join(LABELS[c] for c in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(_cell(result["mean"][m][c]) for c in COLUMNS) + " |")
-    for col in ("auroc", "tpr_at_1fpr", "fpr"):
+    for col in (AUROC, TPR_AT_1FPR, FPR):
         lines += ["", f"{LABELS[col]} per held-out pair (harmful + benign source):", "",
                   "| held out | n mal / ben | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
         for f in result["folds"]:

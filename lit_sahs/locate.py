@@ -416,7 +416,6 @@ def locate_command(store: Optional[str] = None, out: Optional[str] = None, by: s
         tracking_uri: MLflow tracking URI (default sqlite in mlruns/)
         experiment: MLflow experiment
     """
-    import mlflow
 
     from lit_sahs.tracking import start_run
 
@@ -452,13 +451,13 @@ def locate_command(store: Optional[str] = None, out: Optional[str] = None, by: s
         raise LitSahsError("locate --by effect without --store needs --out (the output directory)")
     json_path, png_path = save_ranking_outputs(ranking, out or default_out, top_k=top_k)
     key = ranking.score_key
-    with start_run(experiment, tracking_uri, run_name=f"locate-{by}"):
-        mlflow.log_params({"by": by, "store": store, "seed": seed, **params})
+    with start_run(experiment, tracking_uri, run_name=f"locate-{by}") as run:
+        run.log_params({"by": by, "store": store, "seed": seed, **params})
         for i, s in enumerate(ranking.scores[:top_k]):
-            mlflow.log_metric(f"top_{key}", s[key], step=i)
-        mlflow.log_metrics(ranking.meta.get("metrics", {}))
-        mlflow.log_artifact(str(json_path))
-        mlflow.log_artifact(str(png_path))
+            run.log_metric(f"top_{key}", s[key], step=i)
+        run.log_metrics(ranking.meta.get("metrics", {}))
+        run.log_artifact(str(json_path))
+        run.log_artifact(str(png_path))
     top = ", ".join(f"{s['layer']}.{s['head']} ({s[key]:.3f})" for s in ranking.scores[:top_k])
     print(f"top {top_k} heads by {'val AUROC' if by == 'probe' else 'refusal drop'}: {top}")
     if ranking.meta.get("greedy", {}).get("heads"):

@@ -20,163 +20,30 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 from lit_sahs.errors import LitSahsError
-from lit_sahs.tracking import absolute_uri, mlflow_client, no_artifact_progress_bar, redact, study_refit
+from lit_sahs.artifact import load_detector, save_detector
+from lit_sahs.model_uri import RUN_URI, TAG_FINGERPRINT, download as _download, error_text as _msg
+from lit_sahs.tracking import absolute_uri, artifact_location, mlflow_client, mlflow_error, redact, study_refit
 
 log = logging.getLogger(__name__)
 
-TAG_FINGERPRINT = "lit_sahs.target_fingerprint"
 TAG_TARGET = "lit_sahs.target"
 TAG_GEOMETRY = "lit_sahs.geometry"
 TAG_HEADS = "lit_sahs.head_set"
 TAG_FAMILY = "lit_sahs.detector"
 TAG_THRESHOLD = "lit_sahs.threshold"
 TAG_METRICS = "lit_sahs.metrics"
-MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+?)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))/?$")
-RUN_URI = re.compile(r"^runs:/(?P<run_id>[0-9a-zA-Z]+)(?:/(?P<path>.*))?$")
 ALIAS = re.compile(r"^[A-Za-z0-9_\-]{1,255}$")
 # metrics copied from the source run into version tags (all of them go into lit_sahs.metrics)
 KEY_METRICS = ("mean_held_out_auroc", "mean_tpr_at_1fpr", "min_held_out_auroc", "refit_test/auroc",
                "refit_test/tpr_at_1fpr", "threshold")
-
-
-def is_uri(path: Any) -> bool:
-    return isinstance(path, str) and (path.startswith("models:/") or path.startswith("runs:/"))
-
-
-def parse_model_uri(uri: str) -> tuple[str, Optional[str], Optional[str]]:
-    """models:/<name>/<version>, models:/<name>/latest or models:/<name>@<alias> -> (name, version, alias)."""
-    m = MODEL_URI.match(uri.strip())
-    if not m:
-        raise LitSahsError(f"{uri!r} is not a registry URI: use models:/<name>/<version> or models:/<name>@<alias>")
-    return m["name"], m["version"], m["alias"]
-
-
-def _msg(e: BaseException) -> str:
-    text = str(getattr(e, "message", None) or e).strip()
-    return (text.splitlines() or [type(e).__name__])[0][:300]
-
-
-# ---------------------------------------------------------------- resolving and loading
-
-def registered_model(c, name: str, where: str):
-    """The RegisteredModel `name`, or a LitSahsError naming the models that exist."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return c.get_registered_model(name)
-    except MlflowException as e:
-        if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(e).lower():
-            raise LitSahsError(redact(f"the model registry at {where} failed: {_msg(e)}", where)) from None
-    try:
-        names = sorted(m.name for m in c.search_registered_models(max_results=50))
-    except Exception:  # noqa: BLE001
-        names = []
-    raise LitSahsError(f"registered model {name!r} does not exist in {redact(where)}"
-                       + (f" (registered: {', '.join(names)})" if names else " (the registry is empty)")
-                       + ": register one with `python -m lit_sahs register --name ...` or set MLFLOW_TRACKING_URI")
-
-
-def resolve_version(uri: str, tracking_uri: Optional[str] = None):
-    """The ModelVersion a models:/ URI names (version number, 'latest' or @alias)."""
-    from mlflow.exceptions import MlflowException
-
-    name, version, alias = parse_model_uri(uri)
-    c = mlflow_client(tracking_uri)
-    where = os.environ.get("MLFLOW_REGISTRY_URI") or absolute_uri(tracking_uri)
-    try:
-        registered_model(c, name, where)
-    except LitSahsError:
-        raise
-    except Exception as e:  # noqa: BLE001 - an unreachable registry
-        raise LitSahsError(redact(f"cannot reach the model registry at {where}: {_msg(e)}", where)) from None
-    versions = sorted((v.version for v in c.search_model_versions(f"name='{name}'")), key=int)
-    try:
-        if alias is not None:
-            return c.get_model_version_by_alias(name, alias)
-        if version == "latest":
-            if not versions:
-                raise LitSahsError(f"registered model {name!r} has no versions")
-            return c.get_model_version(name, versions[-1])
-        if not version.isdigit():
-            raise LitSahsError(f"{uri!r}: the version must be a number, 'latest', or use models:/{name}@<alias>")
-        return c.get_model_version(name, version)
-    except MlflowException:
-        aliases = sorted(c.get_registered_model(name).aliases or {})
-        what = f"alias {alias!r}" if alias is not None else f"version {version}"
-        raise LitSahsError(f"registered model {name!r} has no {what} (versions: {versions or 'none'}; "
-                           f"aliases: {aliases or 'none'})") from None
-
-
-def _download(uri: str, dst: str | os.PathLike, tracking_uri: Optional[str] = None):
-    """(downloaded path, detector directory inside it, ModelVersion or None). Nothing is loaded here."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from lit_sahs.detectors.artifact import META_FILE, WEIGHTS_FILE
-
-    turi = absolute_uri(tracking_uri)
-    mv = None
-    if uri.startswith("models:/"):
-        mv = resolve_version(uri, tracking_uri)
-        source = mlflow_client(tracking_uri).get_model_version_download_uri(mv.name, mv.version)
-    elif RUN_URI.match(uri):
-        source = uri
-        if not (RUN_URI.match(uri)["path"] or "").strip("/"):  # the run's root: MLflow wants a path, use its location
-            try:
-                source = mlflow_client(tracking_uri).get_run(RUN_URI.match(uri)["run_id"]).info.artifact_uri
-            except Exception as e:  # noqa: BLE001
-                raise LitSahsError(redact(f"cannot find run {uri} in {turi}: {_msg(e)}", turi)) from None
-    else:
-        raise LitSahsError(f"{uri!r} is not a registry or run URI: use models:/<name>/<version>, "
-                           "models:/<name>@<alias> or runs:/<run_id>/<path>")
-    try:
-        with no_artifact_progress_bar():
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
-                                                             tracking_uri=turi))
-    except MlflowException as e:
-        raise LitSahsError(f"cannot download {uri} ({source}): {_msg(e)}") from None
-    except OSError as e:
-        raise LitSahsError(f"cannot download {uri} ({source}): {e}") from None
-    for d in ([local, local / "detector"] if local.is_dir() else []):
-        if d.is_dir() and (d / META_FILE).is_file() and (d / WEIGHTS_FILE).is_file():
-            return local, d, mv
-    found = (sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())[:10] if local.is_dir()
-             else [local.name])
-    raise LitSahsError(f"{uri} holds no lit_sahs detector artifact ({META_FILE} + {WEIGHTS_FILE}); found {found}. "
-                       "Only safetensors + JSON detectors are loaded: pickles, .ckpt files and MLflow model "
-                       "flavours are refused because loading them could run code")
-
-
-def download_detector(uri: str, dst: str | os.PathLike, tracking_uri: Optional[str] = None) -> Path:
-    """Download the detector directory a models:/ or runs:/ URI points at into `dst`; returns the
-    directory holding detector.json and detector.safetensors. Nothing is loaded here."""
-    return _download(uri, dst, tracking_uri)[1]
-
-
-def load_uri(uri: str, map_location="cpu", tracking_uri: Optional[str] = None):
-    """Load a detector from models:/... or runs:/... (safetensors + JSON only, never unpickled)."""
-    from lit_sahs.detectors.artifact import _from_artifact
-
-    tmp = tempfile.mkdtemp(prefix="lit_sahs-detector-")
-    try:
-        _, directory, mv = _download(uri, tmp, tracking_uri)
-        det = _from_artifact(directory, map_location)
-        want = (mv.tags or {}).get(TAG_FINGERPRINT) if mv is not None else None
-        if want and want != det.fingerprint.weights_hash:
-            raise LitSahsError(f"{uri}: the artifact's target ({det.fingerprint.weights_hash[:24]}) differs from the "
-                               f"version's {TAG_FINGERPRINT} tag ({want[:24]}): the registry entry is inconsistent")
-        return det
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- registering
@@ -185,7 +52,8 @@ def _detector_tags(det) -> dict[str, str]:
     fp = det.fingerprint
     return {TAG_FINGERPRINT: fp.weights_hash, TAG_TARGET: fp.name,
             TAG_GEOMETRY: "x".join(str(v) for v in fp.geometry.shape),
-            TAG_HEADS: ",".join(f"{l}.{h}" for l, h in det.head_set), TAG_FAMILY: det.family,
+            TAG_HEADS: ",".join(f"{l}.{h}" for l, h in det.artifact_metadata().get("head_set", [])),
+            TAG_FAMILY: det.family,
             TAG_THRESHOLD: f"{float(det.threshold):.6g}"}
 
 
@@ -225,9 +93,6 @@ def register_detector(detector: str, name: str, alias: Optional[str] = None, tag
     """Register `detector` (a save_detector directory, .ckpt, runs:/ or models:/ URI) as a new version of
     `name`; set `alias` on it. Returns {name, version, uri, alias_uri, source, run_id, tags}.
     On any failure nothing it created stays in the registry or tracking store."""
-    from lit_sahs.detectors import load_detector, save_detector
-    from lit_sahs.tracking import artifact_location
-
     if not name or not re.fullmatch(r"[^/@:]{1,255}", name):
         raise LitSahsError(f"registered model name {name!r} is not allowed: no '/', '@' or ':'")
     _check_alias(alias)
@@ -255,14 +120,12 @@ def register_detector(detector: str, name: str, alias: Optional[str] = None, tag
         run_metrics = {**_run_metrics(c, src_run), **run_metrics}
 
     # 2. the registered model: new, or one that holds detectors for the same target
-    from mlflow.exceptions import MlflowException
-
     created_model = created_run = None
     created_version = None
     try:
         try:
             existing = c.get_registered_model(name)
-        except MlflowException as e:
+        except mlflow_error() as e:
             if "not found" not in str(e).lower() and getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
                 raise LitSahsError(redact(f"the model registry at {turi} failed: {_msg(e)}", turi)) from None
             existing = None

@@ -48,7 +48,7 @@ class TestReport(L.Callback):
         test_rows = dm.split_rows("test")
         benign = {m: ev.benign_flags_by_source(sc, test_rows, thresholds[m]) for m, sc in scores.items()}
         benign_table = ev.format_benign_table(benign, thresholds)
-        held = ", ".join(getattr(dm, "held_out_families", ()) or getattr(dm, "held_out_sources", ())) or "random"
+        held = dm.holdout.label
         self.paths = {
             "report.json": atomic_write_text(out / "report.json", json.dumps(reports, indent=1, default=float) + "\n"),
             "benign_fpr.json": atomic_write_text(out / "benign_fpr.json", json.dumps(benign, indent=1) + "\n"),
@@ -65,8 +65,7 @@ class TestReport(L.Callback):
                     for g, d in rep.items() for k, v in d.items() if isinstance(v, (int, float)) and v == v}
             logger.log_metrics(flat)
         if self.verbose:
-            what = (f"{len(pl_module.head_set)} heads; heads = {type(pl_module).__name__}" if len(pl_module.head_set)
-                    else type(pl_module).__name__)
+            what = pl_module.report_label()
             print(f"\nTest split (held out: {held}), {what}, baselines trained on the same rows, every threshold calibrated "
                   f"on validation benign prompts:\n")
             print(table)
@@ -87,12 +86,11 @@ class ExportDetector(L.Callback):
         self.paths: dict[str, Path] = {}
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from lit_sahs.detectors import save_detector
+        from lit_sahs.artifact import save_detector
 
         self.paths = {"detector": save_detector(pl_module, self.output_dir / "detector", overwrite=True)}
-        if hasattr(pl_module, "head_report"):
-            self.paths["heads.json"] = atomic_write_text(self.output_dir / "heads.json",
-                                                         json.dumps(pl_module.head_report(), indent=1) + "\n")
+        for name, doc in pl_module.extra_artifacts().items():
+            self.paths[name] = atomic_write_text(self.output_dir / name, json.dumps(doc, indent=1) + "\n")
         _log_files(trainer, list(self.paths.values()))
         if self.verbose:
             print(f"detector: {self.paths['detector']}")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lit_sahs.capture import HeadCapture
-from lit_sahs.detectors import SafetyDetector, load_detector
+from lit_sahs.family import ModelFamily
 from lit_sahs.detectors.metrics import COUNT_COLUMNS, SCORE_COLUMNS, THRESHOLD_COLUMNS
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import HeadSet
@@ -41,20 +41,22 @@ from lit_sahs.targets.registry import parse_device_map
 # ---------------------------------------------------------------- detector and target
 
 
-def resolve_detector(spec: str | os.PathLike | SafetyDetector, tracking_uri: Optional[str] = None,
-                     map_location: str | torch.device = "cpu") -> SafetyDetector:
+def resolve_detector(spec: str | os.PathLike | ModelFamily, tracking_uri: Optional[str] = None,
+                     map_location: str | torch.device = "cpu") -> ModelFamily:
     """A detector from an instance, an artifact directory / detector.json / .ckpt, or a registry URI
     (``models:/name/1``, ``models:/name@champion``, ``runs:/<id>/detector``; fetched by
     ``lit_sahs.registry``, which loads only safetensors + JSON artifacts)."""
-    if isinstance(spec, nn.Module):  # a SafetyDetector, or SafeVLM's safety modules
+    from lit_sahs.artifact import load_detector
+
+    if isinstance(spec, ModelFamily):
         return spec.to(map_location).eval()
     return load_detector(str(spec), map_location=map_location, tracking_uri=tracking_uri)
 
 
-def load_detector_and_target(detector: str | os.PathLike | SafetyDetector, target: Target | str | None = None,
+def load_detector_and_target(detector: str | os.PathLike | ModelFamily, target: Target | str | None = None,
                              device: Optional[str | torch.device] = "cpu", dtype: Optional[str] = None,
                              tracking_uri: Optional[str] = None, device_map=None,
-                             offload_folder: Optional[str] = None) -> tuple[SafetyDetector, Target]:
+                             offload_folder: Optional[str] = None) -> tuple[ModelFamily, Target]:
     """(detector in eval mode on the target's device, target). The target is `target` when it is a
     loaded ``Target``, else loaded by that name or, by default, the name the detector records;
     `device_map` / `offload_folder` place a target larger than one device (``load_target``).
@@ -66,8 +68,7 @@ def load_detector_and_target(detector: str | os.PathLike | SafetyDetector, targe
     if not isinstance(target, Target):
         target = load_target(target or det.fingerprint.name, dtype=dtype, device=device or "cpu",
                              device_map=parse_device_map(device_map), offload_folder=offload_folder)
-    det.check_target(target.fingerprint)
-    det.head_set.validate(target.geometry)
+    det.prepare(target)
     return det.to(target.device).eval(), target
 
 
@@ -298,7 +299,7 @@ class DetectorOptions:
             self._rows = gather_prompts(self.prompt, self.data, self.image)
         return self._rows
 
-    def load(self) -> tuple[SafetyDetector, Target]:
+    def load(self) -> tuple[ModelFamily, Target]:
         """(detector, target); then every prompt of ``rows()`` is checked against the target's context
         (plus ``max_new_tokens`` where the command generates) before any forward: the run is refused
         naming the long prompts, or, with ``truncate``, their texts are cut in those same rows."""

@@ -1,7 +1,7 @@
 """Screening: score prompts with a detector without generating, running the target only up to the
 deepest layer the detector reads (early exit).
 
-The detector needs the heads of its HeadSet at the first-token position and nothing after them.
+Each family decides what one forward runs (``ModelFamily.score_encoded``). A safety-head detector needs the heads of its HeadSet at the first-token position and nothing after them.
 ``EarlyExit`` (defined in ``lit_sahs.runtime``, beside the capture forward) registers a forward pre-hook on the deepest needed layer's attention output
 projection, *after* HeadCapture's hooks, that raises ``StopForward`` once that layer's heads are
 recorded; the forward is abandoned there. Layers past it, the final norm and the LM head never
@@ -31,10 +31,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from lit_sahs.detectors import SafetyDetector
-from lit_sahs.checks import optional_probability, probability
+from lit_sahs.checks import optional_probability
 from lit_sahs.data.sources import parse_label
 from lit_sahs.errors import LitSahsError
+from lit_sahs.family import ModelFamily
+from lit_sahs.guarding import threshold_override
 from lit_sahs.outputs import check_outputs
 from lit_sahs.heads import HeadSet
 from lit_sahs.runtime import (DetectorOptions, capture_forward, encode_prompts, load_detector_and_target, run_options,
@@ -67,26 +68,21 @@ class Screener:
     """Scores prompts with a detector, early-exiting the target after the detector's deepest layer.
     Prompts are batched by length (less padding) and results come back in input order."""
 
-    def __init__(self, target: Target | str | None, detector: SafetyDetector | str | os.PathLike,
+    def __init__(self, target: Target | str | None, detector: ModelFamily | str | os.PathLike,
                  threshold: Optional[float] = None, batch_size: int = 16, tracking_uri: Optional[str] = None,
                  device: Optional[str | torch.device] = None):
         det, target = load_detector_and_target(detector, target, device=device, tracking_uri=tracking_uri)
         if batch_size < 1:
             raise LitSahsError(f"batch_size must be >= 1, got {batch_size}")
         self.target, self.detector = target, det
-        self.threshold = float(det.threshold) if threshold is None else probability(threshold, "threshold")
+        override = threshold_override(threshold)
+        self.threshold = float(det.threshold) if override is None else override
         self.batch_size = batch_size
 
     @property
-    def features(self):
-        """The extra features the detector reads after its heads (empty: heads only)."""
-        return getattr(self.detector, "feature_spec", None)
-
-    @property
     def layers_run(self) -> int:
-        if self.features:  # residual layers and the refusal logits: the whole forward
-            return self.target.geometry.num_layers
-        return max(self.detector.head_set.layers) + 1
+        """Decoder layers one forward runs (the detector's family decides: e.g. up to its deepest head)."""
+        return self.detector.layers_run(self.target)
 
     def score(self, texts: Sequence[str], images: Optional[Sequence[Optional[str]]] = None,
               ids: Optional[Sequence[str]] = None) -> ScreenResult:
@@ -102,8 +98,7 @@ class Screener:
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             enc = encode_prompts(self.target, [texts[i] for i in idx], [images[i] for i in idx], [ids[i] for i in idx])
-            x = head_activations(self.target, enc, self.detector.head_set, features=self.features)
-            scores[idx] = self.detector.predict_proba(x.to(self.detector.mean.device)).cpu().numpy()
+            scores[idx] = self.detector.score_encoded(self.target, enc)
         flagged = ~(scores < self.threshold)  # NaN -> flagged
         return ScreenResult(ids, scores, flagged, self.threshold)
 
@@ -129,7 +124,7 @@ class ScreenOptions(DetectorOptions):
 def screen_command(a: ScreenOptions) -> int:
     """Score every prompt; the last stdout line is a summary (with AUROC etc. when every row has a label)."""
     check_outputs(files={"--out": a.out, "--passed": a.passed})
-    optional_probability(a.threshold)
+    optional_probability(a.threshold)  # above 1 would pass every prompt, below 0 flag every one
     rows = a.rows()
     det, target = a.load()
     screener = Screener(target, det, threshold=a.threshold, batch_size=a.batch_size)

@@ -298,8 +298,55 @@ def log_artifacts(logger, paths: Iterable[str | Path], artifact_path: Optional[s
             client.log_artifact(run_id, str(p), artifact_path=artifact_path)
 
 
-def start_run(experiment: str, tracking_uri: Optional[str] = None, run_name: Optional[str] = None):
-    """An mlflow run context for commands outside a Lightning Trainer (evaluate, locate)."""
+def mlflow_error() -> type[BaseException]:
+    """MLflow's exception type (``except mlflow_error():``), imported only when one is being matched."""
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException
+
+
+def download_artifacts(source: str, dst: str | Path, tracking_uri: Optional[str] = None) -> Path:
+    """Download an MLflow artifact URI (runs:/, models:/ download URI, file:, s3: ...) into `dst`."""
+    import mlflow
+
+    with no_artifact_progress_bar():
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
+                                                        tracking_uri=absolute_uri(tracking_uri)))
+
+
+class RunLog:
+    """What a command outside a Lightning Trainer logs to its MLflow run (``start_run``'s value), so
+    commands never import mlflow themselves."""
+
+    def __init__(self, run):
+        self.run = run
+        self.run_id = run.info.run_id
+
+    def log_params(self, params: dict) -> None:
+        import mlflow
+
+        mlflow.log_params(params)
+
+    def log_metric(self, key: str, value: float, step: Optional[int] = None) -> None:
+        import mlflow
+
+        mlflow.log_metric(key, value, step=step)
+
+    def log_metrics(self, metrics: dict) -> None:
+        import mlflow
+
+        mlflow.log_metrics(metrics)
+
+    def log_artifact(self, path: str | Path) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path))
+
+
+@contextlib.contextmanager
+def start_run(experiment: str, tracking_uri: Optional[str] = None, run_name: Optional[str] = None) -> Iterator[RunLog]:
+    """An MLflow run for commands outside a Lightning Trainer (evaluate, locate): ``with start_run(...) as run:
+    run.log_params(...)``; the run ends FINISHED, or FAILED when the block raises."""
     import mlflow
 
     uri = resolve_tracking_uri(tracking_uri)
@@ -308,4 +355,5 @@ def start_run(experiment: str, tracking_uri: Optional[str] = None, run_name: Opt
         if mlflow.get_experiment_by_name(experiment) is None:
             mlflow.create_experiment(experiment, artifact_location=artifact_location(experiment, uri))
     mlflow.set_experiment(experiment)
-    return mlflow.start_run(run_name=run_name)
+    with mlflow.start_run(run_name=run_name) as run:
+        yield RunLog(run)

@@ -18,7 +18,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lit_sahs.detectors import (
-    DETECTORS,
     FPRAtTPR,
     LogisticDetector,
     MLPDetector,
@@ -27,9 +26,8 @@ from lit_sahs.detectors import (
     TPRAtFPR,
     calibrate_threshold,
     compute_report,
-    load_detector,
-    save_detector,
 )
+from lit_sahs.artifact import load_detector, save_detector
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import Geometry, HeadSet, TargetFingerprint
 
@@ -395,8 +393,10 @@ def test_bad_hparams_and_bind():
         det.bind(HEADS, GEOMETRY, FINGERPRINT, torch.zeros(5, 16), torch.ones(5, 16))
     with pytest.raises(LitSahsError, match="outside"):
         det.bind(HeadSet([(7, 0)]), GEOMETRY, FINGERPRINT, torch.zeros(1, 16), torch.ones(1, 16))
-    assert set(DETECTORS) == {"logistic", "mlp", "sparse"}
-    assert all(issubclass(c, SafetyDetector) for c in DETECTORS.values())
+    from lit_sahs.families import trainable_families
+
+    assert set(trainable_families()) == {"logistic", "mlp", "sparse"}
+    assert all(issubclass(c, SafetyDetector) for c in trainable_families().values())
 
 
 @pytest.mark.parametrize("kwargs, match", [

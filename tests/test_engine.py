@@ -8,7 +8,8 @@ import pytest
 
 import lit_sahs
 from lit_sahs.data.datamodules import CachedActivationDataModule
-from lit_sahs.detectors import LogisticDetector, MLPDetector, SparseHeadDetector, load_detector
+from lit_sahs.detectors import LogisticDetector, MLPDetector, SparseHeadDetector
+from lit_sahs.artifact import load_detector
 from lit_sahs.engine import Engine, family_defaults
 from synthetic import SIGNAL_HEADS, make_store
 
@@ -90,7 +91,7 @@ def test_no_import_cycles():
 
 
 @pytest.mark.parametrize("module", ["lit_sahs.registry", "lit_sahs.tune", "lit_sahs.tracking", "lit_sahs.folds",
-                                    "lit_sahs.detectors.artifact", "lit_sahs.evaluate", "lit_sahs.runtime"])
+                                    "lit_sahs.artifact", "lit_sahs.evaluate", "lit_sahs.runtime"])
 def test_module_imports_alone(module):
     r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-1500:]

@@ -6,7 +6,8 @@ import pytest
 from lit_sahs.cli import main
 from lit_sahs.data.datamodules import CachedActivationDataModule
 from lit_sahs.data.samples import Sample
-from lit_sahs.detectors import LogisticDetector, save_detector
+from lit_sahs.detectors import LogisticDetector
+from lit_sahs.artifact import save_detector
 from lit_sahs.engine import fit_detector
 from lit_sahs.extract import run_extraction
 from synthetic import make_store

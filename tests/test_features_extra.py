@@ -136,7 +136,7 @@ def _fit(store_path, family, hparams, heads, features, max_epochs=3):
 
 def test_detector_with_features_round_trips_through_an_artifact(tmp_path):
     from lit_sahs.data.extra_features import read_inputs
-    from lit_sahs.detectors.artifact import load_detector, save_detector
+    from lit_sahs.artifact import load_detector, save_detector
     from lit_sahs.evaluate import detector_scores
 
     make_store(tmp_path / "s", signal="refusal")
@@ -195,10 +195,10 @@ def test_guard_and_screen_compute_the_stored_features_from_their_own_prefill(tmp
     guard's gate and the screener compute the same inputs and scores from the prompt as extraction
     stored."""
     from lit_sahs.data.extra_features import read_inputs
-    from lit_sahs.detectors.artifact import load_detector, save_detector
+    from lit_sahs.artifact import load_detector, save_detector
     from lit_sahs.evaluate import detector_scores
     from lit_sahs.extract import run_extraction
-    from lit_sahs.guard import SafetyGuard
+    from lit_sahs.detectors.guard import SafetyGuard
     from lit_sahs.runtime import capture_forward
     from lit_sahs.screen import Screener
     from lit_sahs.targets import load_target, prompting
@@ -250,7 +250,7 @@ def test_tune_searches_the_extra_features_and_the_refit_carries_them(mlflow_work
 
     import optuna
 
-    from lit_sahs.detectors.artifact import load_detector
+    from lit_sahs.artifact import load_detector
 
     make_store(mlflow_workdir / "s", signal="resid")
     space = {"detector": ["logistic"], "k": 2, "features": ["none", "resid"]}

@@ -58,7 +58,7 @@ def test_fit_locates_fits_tests_and_tracks(workdir, cli):
     # flags about half of the synthetic store's benign rows (their NLLs are uniform on [0, 1))
     assert report["perplexity"]["overall"]["fpr"] < 0.25
     assert "by source" in (workdir / "out" / "report.md").read_text()
-    from lit_sahs.detectors import load_detector
+    from lit_sahs.artifact import load_detector
 
     exported = load_detector(workdir / "out" / "detector")  # a LightningCLI-built detector reloads
     assert exported.head_set is not None and len(exported.head_set) == 2

@@ -20,7 +20,7 @@ def test_fit_under_ddp_spawn_binds_the_parents_detector(workdir, cli):  # noqa: 
     assert code == 0, err[-3000:]
     report = json.loads((workdir / "out" / "report.json").read_text())
     assert report["heads"]["overall"]["auroc"] > 0.9
-    from lit_sahs.detectors import load_detector
+    from lit_sahs.artifact import load_detector
 
     exported = load_detector(workdir / "out" / "detector")
     assert exported.is_bound and float(exported.linear.weight.abs().max()) > 0.05

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from lit_sahs.errors import LitSahsError
-from lit_sahs.folds import Folds, Holdout, source_holdouts
+from lit_sahs.data.holdout import Holdout
+from lit_sahs.folds import Folds, source_holdouts
 from lit_sahs.generalisation import source_protocol
 from synthetic import make_store
 

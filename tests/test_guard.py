@@ -7,9 +7,12 @@ import torch.nn.functional as F
 
 from lit_sahs.capture import HeadCapture
 from lit_sahs.cli import main
-from lit_sahs.detectors import LogisticDetector, save_detector
+from lit_sahs.detectors import LogisticDetector
+from lit_sahs.artifact import save_detector
 from lit_sahs.errors import LitSahsError
-from lit_sahs.guard import DEFAULT_REFUSAL, SafetyGuard
+from lit_sahs.detectors.guard import SafetyGuard
+from lit_sahs.guard import load_guard
+from lit_sahs.guarding import DEFAULT_REFUSAL
 from lit_sahs.heads import HeadSet
 from lit_sahs.runtime import encode_prompts, load_detector_and_target, read_prompts, repeatable, resolve_detector
 from lit_sahs.targets import prompting
@@ -206,7 +209,7 @@ def test_detector_from_the_mlflow_registry(smollm2, detector, tmp_path, monkeypa
     loaded = resolve_detector("models:/guard-det@champion", tracking_uri=uri)
     assert loaded.head_set == detector.head_set
     torch.testing.assert_close(loaded.linear.weight, detector.linear.weight)
-    res = SafetyGuard(smollm2, "models:/guard-det/1", tracking_uri=uri).generate(PROMPTS[:2], max_new_tokens=2)
+    res = load_guard(smollm2, "models:/guard-det/1", tracking_uri=uri).generate(PROMPTS[:2], max_new_tokens=2)
     assert res.flagged == [True, False]
     with pytest.raises(LitSahsError, match="no-such-detector"):
         resolve_detector("models:/no-such-detector/1", tracking_uri=uri)

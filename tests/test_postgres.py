@@ -130,7 +130,8 @@ def test_mlflow_run_and_registry_on_a_postgres_backend(postgres, tmp_path, monke
     import mlflow
     import torch
 
-    from lit_sahs.detectors import LogisticDetector, load_detector, save_detector
+    from lit_sahs.detectors import LogisticDetector
+    from lit_sahs.artifact import load_detector, save_detector
     from lit_sahs.registry import register_detector
     from synthetic import FP
 

@@ -20,7 +20,8 @@ def workdir(mlflow_workdir):
 @pytest.fixture
 def detector_dir(workdir):
     from lit_sahs.data.datamodules import CachedActivationDataModule
-    from lit_sahs.detectors import LogisticDetector, save_detector
+    from lit_sahs.detectors import LogisticDetector
+    from lit_sahs.artifact import save_detector
     from lit_sahs.engine import fit_detector
 
     make_store(workdir / "store", n_base=30)
@@ -51,7 +52,7 @@ def scores(det, n=12):
 def test_register_versions_aliases_and_tags(workdir, detector_dir, cli):
     from mlflow import MlflowClient
 
-    from lit_sahs.detectors import load_detector
+    from lit_sahs.artifact import load_detector
 
     code, out, err = cli(["register", "--detector", str(detector_dir), "--name", "syn-guard", "--alias", "champion",
                           "--tag", "owner=tests"])
@@ -74,7 +75,7 @@ def test_register_versions_aliases_and_tags(workdir, detector_dir, cli):
 
     # a second version takes the alias; version 1 stays loadable
     other = bound_detector(FP, heads=((3, 0),), seed=3)
-    from lit_sahs.detectors import save_detector
+    from lit_sahs.artifact import save_detector
 
     save_detector(other, workdir / "det2")
     code, out, err = cli(["register", "--detector", str(workdir / "det2"), "--name", "syn-guard", "--alias", "champion"])
@@ -102,13 +103,13 @@ def test_register_a_run_artifact_with_its_metrics(workdir, detector_dir):
     out2 = register_detector(f"runs:/{run_id}", "from-run")
     assert out2["source"] == f"runs:/{run_id}/detector" and out2["version"] == 2
 
-    from lit_sahs.detectors import load_detector
+    from lit_sahs.artifact import load_detector
 
     assert load_detector(f"runs:/{run_id}/detector").head_set.to_list() == [[2, 1], [3, 0]]
 
 
 def test_unknown_registry_names_are_one_error(workdir, detector_dir, cli):
-    from lit_sahs.detectors import load_detector
+    from lit_sahs.artifact import load_detector
     from lit_sahs.registry import register_detector
 
     data = workdir / "prompts.jsonl"
@@ -129,7 +130,7 @@ def test_detector_for_another_target_is_refused_and_nothing_is_half_registered(w
     import mlflow
     from mlflow import MlflowClient
 
-    from lit_sahs.detectors import save_detector
+    from lit_sahs.artifact import save_detector
     from lit_sahs.heads import TargetFingerprint
     from lit_sahs.registry import register_detector
 
@@ -172,7 +173,7 @@ class Payload:
 def test_crafted_pickles_are_refused_without_running(workdir, detector_dir, cli):
     from mlflow import MlflowClient
 
-    from lit_sahs.detectors import load_detector
+    from lit_sahs.artifact import load_detector
 
     marker = workdir / "pwned"
     payload = pickle.dumps(Payload(marker))
@@ -220,7 +221,7 @@ def test_crafted_pickles_are_refused_without_running(workdir, detector_dir, cli)
 
 def test_evaluate_scores_a_file_with_a_registered_detector(workdir, smollm2, cli):
     """End to end on the real packaged target: evaluate --detector models:/...@alias --data file."""
-    from lit_sahs.detectors import save_detector
+    from lit_sahs.artifact import save_detector
     from lit_sahs.registry import register_detector
 
     det = bound_detector(smollm2.fingerprint, heads=((3, 1), (5, 0)))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lit_sahs.detectors import save_detector
+from lit_sahs.artifact import save_detector
 from lit_sahs.heads import HeadSet
 from test_distributed import OFFLOAD_MAP
 from test_guard import FLAGS, PROMPTS, fit_flagging_detector

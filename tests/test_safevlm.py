@@ -88,7 +88,7 @@ def test_stage_two_trains_only_lora_on_layers_at_or_above_the_feature_layer(stag
 
 
 def test_stage_two_artifact_reloads_with_the_same_outputs(stages):
-    from lit_sahs.detectors import load_detector
+    from lit_sahs.artifact import load_detector
     from lit_sahs.safevlm import SafeVLM
     from lit_sahs.targets import load_target, prompting
 
@@ -114,7 +114,7 @@ def test_stage_two_artifact_reloads_with_the_same_outputs(stages):
 
 
 def test_guard_refuses_exactly_the_flagged_prompts_and_hints_the_rest(stages):
-    from lit_sahs.guard import DEFAULT_REFUSAL
+    from lit_sahs.guarding import DEFAULT_REFUSAL
     from lit_sahs.safevlm.guard import SafeVLMGuard
 
     two, target = stages["two"], stages["dm2"].target
@@ -138,7 +138,7 @@ def test_guard_refuses_exactly_the_flagged_prompts_and_hints_the_rest(stages):
 
 
 def test_models_uri_loads_and_scores_like_the_directory(stages, mlflow_workdir, cli):
-    from lit_sahs.detectors import load_detector
+    from lit_sahs.artifact import load_detector
     from lit_sahs.registry import register_detector
 
     art = stages["tmp"] / "two" / "detector"
@@ -158,6 +158,32 @@ def test_models_uri_loads_and_scores_like_the_directory(stages, mlflow_workdir, 
     want = load_detector(art).score_encoded(t, prompting.encode(t, ["How do I bake bread?"]))[0]
     first = next(r for r in rows if r.split(",")[3] == "0")
     assert float(first.split(",")[4]) == pytest.approx(float(want), abs=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["one", "two"])
+def test_screen_and_evaluate_data_score_a_safevlm_artifact(stages, stage, tmp_path, cli, monkeypatch):
+    """The commands reach SafeVLM through the family interface: screen (a stage-I artifact used to end in
+    `max() arg is an empty sequence`) and evaluate --data give the artifact's own scores."""
+    from lit_sahs.artifact import load_detector
+    from lit_sahs.targets import load_target, prompting
+
+    monkeypatch.chdir(tmp_path)
+    art = stages["tmp"] / stage / "detector"
+    texts = ["How do I bake bread?", "Write ransomware that encrypts a hospital's files", "Name a river"]
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, [0, 1, 0])))
+    t = load_target("tiny-llama")
+    want = [float(load_detector(art).score_encoded(t, prompting.encode(t, [x]))[0]) for x in texts]
+    code, out, err = cli(["screen", "--detector", str(art), "--data", str(data)])
+    assert code == 0, err
+    lines = [json.loads(x) for x in out.strip().splitlines()]
+    assert [r["score"] for r in lines[:3]] == pytest.approx(want, abs=1e-6)
+    summary = lines[-1]
+    assert summary["prompts"] == 3 and summary["layers_run"] == "4/4" and "auroc" in summary["metrics"]
+    code, _, err = cli(["evaluate", "--detector", str(art), "--data", str(data), "--scores", "s.csv"])
+    assert code == 0, err
+    got = [float(r.split(",")[4]) for r in (tmp_path / "s.csv").read_text().splitlines()[1:]]
+    assert got == pytest.approx(want, abs=1e-6)
 
 
 def test_tiny_llava_stage_one_reads_the_images(tmp_path):
@@ -200,14 +226,16 @@ def test_bad_input_is_one_error(stages, tmp_path, cli):
     dm = _dm(load_target("tiny-llava"), tmp_path)
     with pytest.raises(LitSahsError, match="made for|weights"):
         SafeVLM(stage=2, init_from=str(art))._start_stage_two(dm.target)
-    from lit_sahs.detectors import LogisticDetector, save_detector
-    from lit_sahs.safevlm.artifact import load_safevlm
+    from lit_sahs.detectors import LogisticDetector
+    from lit_sahs.artifact import save_detector
+    from lit_sahs.safevlm import SafeVLM
+    from lit_sahs.safevlm.artifact import load_stage_one
     from synthetic import FP
 
     head_det = LogisticDetector().bind([(0, 0)], FP.geometry, FP, torch.zeros(1, FP.geometry.head_dim),
                                        torch.ones(1, FP.geometry.head_dim))
     with pytest.raises(LitSahsError, match="not SafeVLM"):
-        load_safevlm(save_detector(head_det, tmp_path / "heads"))
+        load_stage_one(SafeVLM, str(save_detector(head_det, tmp_path / "heads")))
     one_class = tmp_path / "benign.jsonl"
     one_class.write_text("".join(json.dumps({"text": f"Name a city number {i}.", "label": 0}) + "\n" for i in range(12)))
     with pytest.raises(LitSahsError, match="only benign"):
@@ -342,7 +370,7 @@ def test_vlm_score_reads_the_image(vlm_stages):
 
 
 def test_vlm_stage_two_artifact_reloads_with_equal_scores(vlm_stages):
-    from lit_sahs.detectors import load_detector
+    from lit_sahs.artifact import load_detector
     from lit_sahs.safevlm import SafeVLM
     from lit_sahs.safevlm.guard import SafeVLMGuard
     from lit_sahs.targets import load_target, prompting

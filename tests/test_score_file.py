@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lit_sahs.capture import HeadCapture
-from lit_sahs.detectors import LogisticDetector, save_detector
+from lit_sahs.detectors import LogisticDetector
+from lit_sahs.artifact import save_detector
 from lit_sahs.heads import HeadSet
 from lit_sahs.runtime import SUMMARY_COLUMNS
 from lit_sahs.targets import prompting

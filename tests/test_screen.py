@@ -7,7 +7,7 @@ import torch
 
 from lit_sahs.capture import HeadCapture
 from lit_sahs.cli import main
-from lit_sahs.detectors import save_detector
+from lit_sahs.artifact import save_detector
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import HeadSet
 from lit_sahs.screen import EarlyExit, Screener, head_activations

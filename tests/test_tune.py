@@ -101,7 +101,7 @@ def test_study_nests_trials_in_mlflow_refits_and_registers(workdir, cli):
     assert result["refit"]["detector"] == f"runs:/{refit_id}/detector"
 
     # the refit detector: local copy and the run's artifact load alike; register the study's refit
-    from lit_sahs.detectors import load_detector
+    from lit_sahs.artifact import load_detector
 
     local = load_detector(workdir / "artifacts" / "tune" / "syn" / "detector")
     assert {tuple(h) for h in local.head_set.to_list()} & set(SIGNAL_HEADS)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from lit_sahs.data.protocol import SampleSpec
 from lit_sahs.data.sources import load_user_file
-from lit_sahs.detectors.artifact import load_detector, save_detector
+from lit_sahs.artifact import load_detector, save_detector
 from lit_sahs.detectors.logistic import LogisticDetector
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import Geometry, HeadSet, TargetFingerprint

@@ -45,7 +45,7 @@ def _sync(device):
 def train_stage(target_name: str, stage: int, tokens: int, batch_size: int, steps: int, rank: int, device: str,
                 dtype: str) -> dict:
     from lit_sahs.safevlm import SafeVLM, SafetyDataModule
-    from lit_sahs.detectors import save_detector
+    from lit_sahs.artifact import save_detector
     from lit_sahs.targets import load_target
 
     target = load_target(target_name, dtype=dtype, device=device)

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lit_sahs.data.extra_features import FeatureSpec, read_packed
 from lit_sahs.data.features import NORM_EPS, RunningMoments, resolve_heads
+from lit_sahs.data.holdout import Holdout
 from lit_sahs.data.protocol import DEFAULT_BENIGN, DEFAULT_HARMFUL, SPLITS, SampleSpec, names, split_rows as _split_rows
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.data.store_splits import MemorySplit, StreamSplit
@@ -86,6 +87,11 @@ class _SplitDataModule(L.LightningDataModule):
                                        self.val_fraction, self.test_fraction, self.seed,
                                        train_families=self.train_families)
         return self._splits
+
+    @property
+    def holdout(self) -> Holdout:
+        """What the test split keeps out of training."""
+        return Holdout(tuple(self.held_out_families), tuple(self.held_out_sources))
 
     def split_rows(self, name: str) -> list[dict]:
         """Index rows of a split, in the order a batch's ``row`` refers to."""

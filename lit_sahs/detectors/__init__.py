@@ -1,15 +1,16 @@
-"""Detectors: cheap classifiers on a few heads' activations at the first-token position.
+"""The safety-head detector families: cheap classifiers on a few heads' activations at the
+first-token position. Each registers itself with ``lit_sahs.family.register_family``.
 
-base.py       SafetyDetector (LightningModule shared by every family: normalisation, metrics,
-              threshold calibration, checkpoint metadata)
+base.py       SafetyDetector (LightningModule shared by every head family: normalisation, metrics,
+              threshold calibration, checkpoint metadata, the ModelFamily interface)
 logistic.py   LogisticDetector (full-batch LBFGS or Adam)
 mlp.py        MLPDetector
 sparse.py     SparseHeadDetector (group lasso over all heads: picks heads and classifier jointly)
 metrics.py    TPRAtFPR, FPRAtTPR, detection_metrics(), compute_report()
-artifact.py   save_detector / load_detector (safetensors + JSON, no pickle)
-registry.py   DETECTORS by family name
+guard.py      SafetyGuard: score at the prefill of the same generate call, refuse or continue
+
+Saving and loading (any family): ``lit_sahs.artifact.save_detector`` / ``load_detector``.
 """
-from lit_sahs.detectors.artifact import load_detector, save_detector
 from lit_sahs.detectors.base import SafetyDetector
 from lit_sahs.detectors.logistic import LogisticDetector
 from lit_sahs.detectors.metrics import (
@@ -20,11 +21,9 @@ from lit_sahs.detectors.metrics import (
     detection_metrics,
 )
 from lit_sahs.detectors.mlp import MLPDetector
-from lit_sahs.detectors.registry import DETECTORS, detector_class
 from lit_sahs.detectors.sparse import SparseHeadDetector
 
 __all__ = [
-    "DETECTORS",
     "FPRAtTPR",
     "LogisticDetector",
     "MLPDetector",
@@ -34,7 +33,4 @@ __all__ = [
     "calibrate_threshold",
     "compute_report",
     "detection_metrics",
-    "detector_class",
-    "load_detector",
-    "save_detector",
 ]

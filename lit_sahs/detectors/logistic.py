@@ -8,8 +8,10 @@ from torch import Tensor, nn
 
 from lit_sahs.detectors.base import SafetyDetector
 from lit_sahs.errors import LitSahsError
+from lit_sahs.family import register_family
 
 
+@register_family()
 class LogisticDetector(SafetyDetector):
     """logit = w . flatten(z) + b, with z the normalised [k, D] activations.
 

@@ -307,6 +307,12 @@ METRIC_FACTORIES: dict[str, Any] = {
     "tpr": lambda threshold: AtThreshold("tpr", threshold),
     "fpr": lambda threshold: AtThreshold("fpr", threshold),
 }
+# the names other modules use (each one a key of METRIC_FACTORIES: a typo is an import error, not a KeyError)
+AUROC, TPR_AT_1FPR, TPR_AT_5FPR, FPR = "auroc", "tpr_at_1fpr", "tpr_at_5fpr", "fpr"
+assert {AUROC, TPR_AT_1FPR, TPR_AT_5FPR, FPR} <= set(METRIC_FACTORIES)
+METRIC_LABELS = {"auroc": "AUROC", "auprc": "AUPRC", "tpr_at_1fpr": "TPR@1%FPR", "tpr_at_5fpr": "TPR@5%FPR",
+                 "fpr_at_95tpr": "FPR@95%TPR", "accuracy": "accuracy", "f1": "F1", "tpr": "TPR", "fpr": "benign FPR"}
+assert set(METRIC_LABELS) == set(METRIC_FACTORIES)
 COUNT_COLUMNS = ("n", "n_malicious", "n_benign")
 # threshold-free columns (rank metrics and operating points) and those at the calibrated threshold
 SCORE_COLUMNS = tuple(k for k in METRIC_FACTORIES if k not in AtThreshold.KINDS)

@@ -5,8 +5,10 @@ from torch import Tensor, nn
 
 from lit_sahs.detectors.base import SafetyDetector
 from lit_sahs.errors import LitSahsError
+from lit_sahs.family import register_family
 
 
+@register_family()
 class MLPDetector(SafetyDetector):
     """flatten(z) -> [Linear(hidden) -> GELU -> Dropout] x num_layers -> Linear(1). AdamW, mini-batch."""
 

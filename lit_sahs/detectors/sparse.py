@@ -43,11 +43,13 @@ from torch import Tensor, nn
 
 from lit_sahs.detectors.base import SafetyDetector
 from lit_sahs.errors import LitSahsError
+from lit_sahs.family import register_family
 from lit_sahs.heads import HeadSet
 
 log = logging.getLogger(__name__)
 
 
+@register_family()
 class SparseHeadDetector(SafetyDetector):
     family = "sparse"
     trainer_defaults = {"max_epochs": 5}  # an epoch runs prox_steps FISTA steps
@@ -187,6 +189,9 @@ class SparseHeadDetector(SafetyDetector):
         norms = self.group_norms()
         top = norms.max()
         return norms / top if top > 0 else torch.zeros_like(norms)
+
+    def extra_artifacts(self) -> dict[str, Any]:
+        return {"heads.json": self.head_report()}
 
     def head_report(self, threshold: float | None = None) -> list[dict[str, Any]]:
         """Per head: layer, head, norm, relative (norm / largest norm), selected; strongest first."""

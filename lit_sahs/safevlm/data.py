@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from lit_sahs.data.holdout import Holdout
 from lit_sahs.data.protocol import DEFAULT_ATTACKS, DEFAULT_BENIGN, DEFAULT_HARMFUL, SampleSpec, split_rows
 from lit_sahs.errors import LitSahsError
-from lit_sahs.guard import DEFAULT_REFUSAL, eos_token_id
+from lit_sahs.guarding import DEFAULT_REFUSAL, eos_token_id
 from lit_sahs.safevlm.answers import AnswerCache
 from lit_sahs.safevlm.forward import with_slots
 from lit_sahs.safevlm.taxonomy import labels_of
@@ -105,6 +106,11 @@ class SafetyDataModule(L.LightningDataModule):
                 r["answer"] = self.refusal
         self.rows, self.splits = rows, splits
 
+    @property
+    def holdout(self) -> Holdout:
+        """What the test split keeps out of training."""
+        return Holdout(tuple(self.held_out_families), tuple(self.held_out_sources))
+
     def split_rows(self, split: str) -> list[dict]:
         return [self.rows[i] for i in self.splits[split]]
 
@@ -125,17 +131,18 @@ class SafetyDataModule(L.LightningDataModule):
         batch["family"] = torch.tensor([r["family"] for r in rows], dtype=torch.long)
         return batch
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        """Batches of one split, in ``split_rows`` order unless shuffled."""
         if not self.rows:
             self.setup()
         return DataLoader(self.split_rows(split), batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate,
                           generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
+        return self.loader("train", True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
+        return self.loader("val", False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+        return self.loader("test", False)

@@ -20,10 +20,9 @@ from typing import Optional, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from lit_sahs.checks import optional_probability
 from lit_sahs.errors import LitSahsError
-from lit_sahs.guard import DEFAULT_REFUSAL, GuardResult, eos_token_id
-from lit_sahs.runtime import encode_prompts, load_detector_and_target
+from lit_sahs.guarding import DEFAULT_REFUSAL, GuardResult, eos_token_id, threshold_override
+from lit_sahs.runtime import encode_prompts
 from lit_sahs.safevlm.forward import SafetyForward, model_inputs, with_slots
 from lit_sahs.safevlm.taxonomy import RISK_LEVELS, RISK_TYPES
 
@@ -93,16 +92,15 @@ class SafeVLMResult(GuardResult):
 
 
 class SafeVLMGuard:
-    """Generate with SafeVLM's safety modules (and its LoRA adapter, after stage II) in the target."""
+    """Generate with SafeVLM's safety modules (and its LoRA adapter, after stage II) in the target.
+    target: a loaded ``Target``; detector: a loaded SafeVLM (``lit_sahs.guard.load_guard`` takes paths)."""
 
-    def __init__(self, target, detector, refusal: str = DEFAULT_REFUSAL, threshold: Optional[float] = None,
-                 fail_closed: bool = True, tracking_uri: Optional[str] = None, device=None):
-        det, target = load_detector_and_target(detector, target, device=device, tracking_uri=tracking_uri)
-        if getattr(det, "family", None) != "safevlm":
-            raise LitSahsError("SafeVLMGuard needs SafeVLM safety modules; use SafetyGuard for safety-head detectors")
-        threshold = optional_probability(threshold, "threshold")
-        self.detector, self.target = det.attach(target), target
-        self.refusal, self.threshold, self.fail_closed = str(refusal), threshold, bool(fail_closed)
+    def __init__(self, target, detector, refusal: Optional[str] = None, threshold: Optional[float] = None,
+                 fail_closed: bool = True):
+        detector.prepare(target)  # checks the fingerprint, puts the LoRA weights into the target
+        self.detector, self.target = detector.to(target.device).eval(), target
+        self.refusal = DEFAULT_REFUSAL if refusal is None else str(refusal)
+        self.threshold, self.fail_closed = threshold_override(threshold), bool(fail_closed)
 
     @property
     def effective_threshold(self) -> float:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Optional
 
 import lightning as L
 import numpy as np
@@ -35,10 +35,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lit_sahs
-from lit_sahs.detectors.metrics import (ScoreCollector, calibrate_threshold, compute_report, detection_metrics,
+from lit_sahs.detectors.metrics import (ScoreCollector, calibrate_threshold, detection_metrics,
                                         set_threshold)
+from lit_sahs.artifact_format import init_args
 from lit_sahs.errors import LitSahsError
-from lit_sahs.heads import HeadSet, TargetFingerprint
+from lit_sahs.family import ModelFamily, register_family
+from lit_sahs.heads import TargetFingerprint
+from lit_sahs.safevlm.artifact import LORA_PREFIX, SAFETY_PREFIX, load_stage_one, rebuild
 from lit_sahs.safevlm.forward import IGNORE_INDEX, SafetyForward, model_inputs, with_slots
 from lit_sahs.safevlm.modules import SafetyModules
 from lit_sahs.safevlm.taxonomy import RISK_LEVELS, RISK_TYPES
@@ -46,8 +49,6 @@ from lit_sahs.targets import sites
 
 log = logging.getLogger(__name__)
 
-LORA_PREFIX = "lora."
-SAFETY_PREFIX = "safety."
 
 
 def target_dims(target) -> dict[str, int]:
@@ -78,8 +79,10 @@ def lora_module_names(model: nn.Module, first_layer: int) -> list[str]:
     return out
 
 
-class SafeVLM(L.LightningModule):
+@register_family()
+class SafeVLM(ModelFamily, L.LightningModule):
     family: ClassVar[str] = "safevlm"
+    report_name: ClassVar[str] = "safevlm"
     trainer_defaults: ClassVar[dict[str, Any]] = {"max_epochs": 2, "enable_checkpointing": False}
 
     def __init__(self, stage: int = 1, init_from: Optional[str] = None, num_safety_tokens: int = 64,
@@ -115,8 +118,6 @@ class SafeVLM(L.LightningModule):
 
     # ------------------------------------------------------------------ what other commands ask of a detector
 
-    head_set = HeadSet([])  # reads no captured heads
-
     @property
     def is_bound(self) -> bool:
         return self.safety is not None
@@ -129,6 +130,9 @@ class SafeVLM(L.LightningModule):
         if not self.is_bound:
             raise LitSahsError("SafeVLM is not fitted: fit it or load a saved one")
         self.fingerprint.check(fingerprint, what="these SafeVLM safety modules")
+
+    def prepare(self, target) -> None:
+        self.attach(target)
 
     @property
     def feature_layer(self) -> int:
@@ -227,9 +231,7 @@ class SafeVLM(L.LightningModule):
             self.safety.requires_grad_(False)
 
     def _start_stage_two(self, target) -> None:
-        from lit_sahs.safevlm.artifact import load_safevlm
-
-        first = load_safevlm(self.hparams.init_from)
+        first = load_stage_one(type(self), self.hparams.init_from)
         if 1 not in first.trained_stages:
             raise LitSahsError(f"{self.hparams.init_from} is not a stage-I SafeVLM artifact (stages {first.trained_stages})")
         try:
@@ -285,6 +287,21 @@ class SafeVLM(L.LightningModule):
         batch = with_slots(enc, int(self.hparams.num_safety_tokens), target.tokenizer.pad_token_id or 0)
         _, level, _ = self.run(batch, stop=True)
         return self.risk(level).cpu().numpy()
+
+    def categories(self) -> list[str]:
+        """Per-category scores: the probability of each risk type (the safe type excluded)."""
+        return [t for t in self.types if t != "safe"]
+
+    def category_scores(self, target, enc: dict) -> np.ndarray:
+        _, _, types = self.classify_encoded(target, enc)
+        keep = [i for i, t in enumerate(self.types) if t != "safe"]
+        return types[:, keep].double().numpy()
+
+    def make_guard(self, target, refusal: Optional[str] = None, threshold: Optional[float] = None,
+                   fail_closed: bool = True):
+        from lit_sahs.safevlm.guard import SafeVLMGuard
+
+        return SafeVLMGuard(target, self, refusal=refusal, threshold=threshold, fail_closed=fail_closed)
 
     @torch.no_grad()
     def classify_encoded(self, target, enc: dict) -> tuple[Tensor, Tensor, Tensor]:
@@ -389,53 +406,43 @@ class SafeVLM(L.LightningModule):
     # ------------------------------------------------------------------ reports (the TestReport callback)
 
     @torch.no_grad()
-    def split_scores(self, dm, split: str) -> np.ndarray:
+    def _rescore(self, dm, split: str) -> np.ndarray:
         self.target.model.eval()
-        out = [self.risk(self.run(b, stop=True)[1]).cpu().numpy() for b in dm._loader(split, False)]
+        out = [self.risk(self.run(b, stop=True)[1]).cpu().numpy() for b in dm.loader(split)]
         return np.concatenate(out) if out else np.empty(0)
 
-    def split_reports(self, dm, split: str = "test", baselines: Sequence[str] = ("tfidf",),
-                      group_key: str = "attack_family"):
-        """The same tuple as ``evaluate.split_reports``: SafeVLM and TF-IDF (the baseline that needs
-        no store) on one split, each thresholded on its own validation benign scores."""
-        from lit_sahs.baselines import tfidf_scores
-
-        rows, val, train = dm.split_rows(split), dm.split_rows("val"), dm.split_rows("train")
-        y = np.array([r["label"] for r in rows])
-        y_val = np.array([r["label"] for r in val])
-        groups = [str(r.get(group_key, "")) for r in rows]
-        scores = {"safevlm": self._test_scores_or(dm, split)}
-        thresholds = {"safevlm": float(self.threshold)}
-        if "tfidf" in baselines:
-            both = tfidf_scores([r["text"] for r in train], np.array([r["label"] for r in train]),
-                                [r["text"] for r in val + rows], seed=getattr(dm, "seed", 0))
-            scores["tfidf"] = both[len(val):]
-            thresholds["tfidf"] = calibrate_threshold(torch.as_tensor(both[:len(val)][y_val == 0]),
-                                                      self.hparams.target_fpr)
-        reports = {m: compute_report(s, y, groups, thresholds[m]) for m, s in scores.items()}
-        return reports, scores, y, thresholds
-
-    def _test_scores_or(self, dm, split: str) -> np.ndarray:
-        """The test loop's scores when they cover the split in order (one process); under DDP each rank
-        saw a shard of it, so the split is scored again here, whole and in order."""
+    def split_scores(self, dm, split: str) -> np.ndarray:
+        """Risk scores of a split, in ``dm.split_rows(split)`` order: the test loop's when they cover the
+        split (one process, every batch run), else the split scored again here, whole and in order (under
+        DDP each rank saw a shard; under ``fast_dev_run`` or ``limit_test_batches`` the loop saw a part)."""
         trainer = self._trainer
         one_process = trainer is None or trainer.world_size == 1
         if split == "test" and self._test_scores and one_process:
-            return np.concatenate(self._test_scores)
-        return self.split_scores(dm, split)
+            seen = np.concatenate(self._test_scores)
+            if len(seen) == len(dm.split_rows(split)):
+                return seen
+        return self._rescore(dm, split)
 
     # ------------------------------------------------------------------ what the artifact records
 
     def metadata(self) -> dict[str, Any]:
         if not self.is_bound:
             raise LitSahsError("SafeVLM is not fitted: nothing to save")
-        return {"detector": self.family, "head_set": [], "fingerprint": self.fingerprint.to_dict(),
+        return {"detector": self.family, "fingerprint": self.fingerprint.to_dict(),
                 "geometry": self.fingerprint.geometry.to_dict(), "dims": dict(self.dims),
                 "levels": list(self.levels), "types": list(self.types), "lora": self.lora,
                 "stages": list(self.trained_stages), "families": list(self.families),
                 "lit_sahs_version": lit_sahs.__version__}
 
-    def tensors(self) -> dict[str, Tensor]:
+    def artifact_metadata(self) -> dict[str, Any]:
+        return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "hparams": init_args(self.hparams),
+                **self.metadata()}
+
+    @classmethod
+    def from_artifact(cls, meta, tensors, source: str) -> "SafeVLM":
+        return rebuild(cls, meta, tensors, source)
+
+    def artifact_tensors(self) -> dict[str, Tensor]:
         out = {SAFETY_PREFIX + k: v for k, v in self.safety.state_dict().items()}
         out["threshold"] = self.threshold
         lora = self.lora_parameters() or self.lora_state

@@ -95,16 +95,16 @@ class TuneConfig:
         given = self.max_epochs.get(family) if isinstance(self.max_epochs, dict) else self.max_epochs
         if given is not None:
             return int(given)
-        from lit_sahs.detectors import detector_class
+        from lit_sahs.families import family_class
         from lit_sahs.engine import family_defaults
 
-        return family_defaults(detector_class(family)).get("max_epochs")
+        return family_defaults(family_class(family)).get("max_epochs")
 
     def epochs_record(self) -> Union[int, dict]:
         """max_epochs as the study records it: null resolved to every family's default."""
-        from lit_sahs.detectors import DETECTORS
+        from lit_sahs.families import trainable_families
 
-        return self.max_epochs if self.max_epochs is not None else {f: self.epochs(f) for f in DETECTORS}
+        return self.max_epochs if self.max_epochs is not None else {f: self.epochs(f) for f in trainable_families()}
 
 
 def parse_config(argv: Sequence[str]) -> TuneConfig:

@@ -9,11 +9,13 @@ from typing import Optional
 
 import numpy as np
 
-from lit_sahs.folds import Folds, Holdout, fit_fold
+from lit_sahs.data.holdout import Holdout
+from lit_sahs.folds import Folds, fit_fold
 from lit_sahs.interrupts import interrupted
 from lit_sahs.tracking import Tracker
 from lit_sahs.tune.config import TuneConfig
 from lit_sahs.tune.space import SearchSpace
+from lit_sahs.detectors.metrics import AUROC, TPR_AT_1FPR
 
 
 class Diverged(Exception):
@@ -75,13 +77,13 @@ class Objective:
             for step, hold in enumerate(self.holdouts):
                 fam = hold.name
                 r = score_fold(self.folds, hold, family, k, hparams, self.cfg, features)
-                aurocs[fam], tprs[fam] = r.metrics["auroc"], r.metrics["tpr_at_1fpr"]
+                aurocs[fam], tprs[fam] = r.metrics[AUROC], r.metrics[TPR_AT_1FPR]
                 running = float(np.mean(list(aurocs.values())))
                 self.tracker.log(run, metrics={**{f"held_out/{fam}/{m}": v for m, v in r.metrics.items()},
                                                f"val/{fam}/auroc": r.val_auroc})
                 self.tracker.log(run, metrics={"running_mean_held_out_auroc": running}, step=step)
                 trial.set_user_attr("held_out_auroc", dict(aurocs))
-                trial.set_user_attr("tpr_at_1fpr", dict(tprs))
+                trial.set_user_attr(TPR_AT_1FPR, dict(tprs))
                 trial.report(running, step)
                 if trial.should_prune():
                     status = "KILLED"

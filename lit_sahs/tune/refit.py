@@ -16,6 +16,7 @@ from lit_sahs.tracking import REFIT_ATTR, Tracker, first_line
 from lit_sahs.tune.config import TuneConfig
 from lit_sahs.tune.objective import score_fold
 from lit_sahs.tune.space import SearchSpace
+from lit_sahs.detectors.metrics import AUROC, TPR_AT_1FPR
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def log_baselines(folds: Folds, holdouts: list, cfg: TuneConfig, tracker: Tracke
             sp = folds.split(held_out=hold)
             for name, s in baseline_scores(folds.store, sp["train"], sp["test"], cfg.baselines, seed=cfg.seed).items():
                 rep = compute_report(s, folds.labels[sp["test"]])["overall"]
-                per.setdefault(name, {})[fam] = float(rep["auroc"])
+                per.setdefault(name, {})[fam] = float(rep[AUROC])
                 metrics.update({f"baseline/{name}/{fam}/{c}": rep[c] for c in SCORE_COLUMNS})
     except LitSahsError as e:
         log.warning("baselines skipped: %s", e)
@@ -78,7 +79,7 @@ def log_plots(study, tracker: Tracker, parent: str) -> None:
 def refit_best(cfg: TuneConfig, study, space: SearchSpace, folds: Folds, tracker: Tracker, parent: str) -> dict:
     """Refit the best trial's settings on all families; log the detector (safetensors + JSON) as a
     child run of the study and keep a local copy."""
-    from lit_sahs.detectors import save_detector
+    from lit_sahs.artifact import save_detector
 
     best = study.best_trial
     family, k, hparams, features = SearchSpace.from_params(best.params, space)
@@ -97,9 +98,9 @@ def refit_best(cfg: TuneConfig, study, space: SearchSpace, folds: Folds, tracker
                        "detector": family, "k": k, "hparams": hparams, "features": features,
                        "head_set": det.head_set.to_list(),
                        "held_out_auroc": best.user_attrs.get("held_out_auroc"),
-                       "tpr_at_1fpr": best.user_attrs.get("tpr_at_1fpr"),
+                       TPR_AT_1FPR: best.user_attrs.get(TPR_AT_1FPR),
                        "mean_tpr_at_1fpr": best.user_attrs.get("mean_tpr_at_1fpr"),
-                       "refit_test": {"auroc": test["auroc"], "tpr_at_1fpr": test["tpr_at_1fpr"], "n": r.n_test,
+                       "refit_test": {AUROC: test[AUROC], TPR_AT_1FPR: test[TPR_AT_1FPR], "n": r.n_test,
                                       "split": f"random {cfg.test_fraction} of base prompts (in distribution)"},
                        "threshold": float(det.threshold), "mlflow_run_id": run,
                        "detector_uri": f"runs:/{run}/detector"}
@@ -116,16 +117,16 @@ def refit_best(cfg: TuneConfig, study, space: SearchSpace, folds: Folds, tracker
                     metrics={"mean_held_out_auroc": best.value,
                              "mean_tpr_at_1fpr": best.user_attrs.get("mean_tpr_at_1fpr"),
                              **{f"held_out/{f}/auroc": v for f, v in (best.user_attrs.get("held_out_auroc") or {}).items()},
-                             **{f"held_out/{f}/tpr_at_1fpr": v for f, v in (best.user_attrs.get("tpr_at_1fpr") or {}).items()},
-                             "refit_test/auroc": test["auroc"], "refit_test/tpr_at_1fpr": test["tpr_at_1fpr"],
+                             **{f"held_out/{f}/{TPR_AT_1FPR}": v for f, v in (best.user_attrs.get(TPR_AT_1FPR) or {}).items()},
+                             f"refit_test/{AUROC}": test[AUROC], f"refit_test/{TPR_AT_1FPR}": test[TPR_AT_1FPR],
                              "threshold": float(det.threshold)})
         tracker.end(run)
     except BaseException:
         tracker.end(run, "FAILED")
         raise
     info = {"trial": best.number, "run_id": run, "detector": f"runs:/{run}/detector",
-            "local_detector": str(out / "detector"), "refit_test_auroc": test["auroc"],
-            "refit_test_tpr_at_1fpr": test["tpr_at_1fpr"], "head_set": det.head_set.to_list(), "features": features}
+            "local_detector": str(out / "detector"), f"refit_test_{AUROC}": test[AUROC],
+            f"refit_test_{TPR_AT_1FPR}": test[TPR_AT_1FPR], "head_set": det.head_set.to_list(), "features": features}
     study.set_user_attr(REFIT_ATTR, info)
     tracker.log(parent, tags={"best_refit_run_id": run})
     return info

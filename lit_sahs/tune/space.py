@@ -115,7 +115,9 @@ class SearchSpace:
 
     @classmethod
     def parse(cls, space: dict, max_heads: int) -> "SearchSpace":
-        from lit_sahs.detectors import DETECTORS
+        from lit_sahs.families import trainable_families
+
+        DETECTORS = trainable_families()
 
         if not isinstance(space, dict) or not space:
             raise LitSahsError("the search space is empty: give at least 'detector' and 'k'")

@@ -14,6 +14,7 @@ from lit_sahs.tracking import Tracker, open_storage, redact
 from lit_sahs.tune.config import TuneConfig
 from lit_sahs.tune.objective import Diverged, Objective
 from lit_sahs.tune.space import SearchSpace
+from lit_sahs.detectors.metrics import TPR_AT_1FPR
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ def _optimise(cfg: TuneConfig, study, parent: str, created: bool, folds: Folds, 
     result["best"] = {"trial": best.number, "value": best.value, "params": best.params,
                       "mean_tpr_at_1fpr": best.user_attrs.get("mean_tpr_at_1fpr"),
                       "held_out_auroc": best.user_attrs.get("held_out_auroc"),
-                      "tpr_at_1fpr": best.user_attrs.get("tpr_at_1fpr"),
+                      TPR_AT_1FPR: best.user_attrs.get(TPR_AT_1FPR),
                       "mlflow_run_id": best.user_attrs.get("mlflow_run_id")}
     tracker.log(parent, metrics={"best_value": best.value,
                                  "best_mean_tpr_at_1fpr": best.user_attrs.get("mean_tpr_at_1fpr")},

@@ -1,0 +1,39 @@
+"""Holdout: what a split or a fold keeps out of training — attack families and/or sources — as one
+value from the config to the folds, the splits, the report's label and the ROC title."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+
+def _names(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(n.strip() for n in value.split(",") if n.strip())
+    return tuple(str(n) for n in value)
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """What one fold keeps out: attack families and/or sources (both empty: a random test split)."""
+
+    families: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, value: "Holdout | Sequence[str] | str | None") -> "Holdout":
+        """A Holdout as it is, or held-out attack families given by name."""
+        return value if isinstance(value, Holdout) else cls(families=_names(value))
+
+    @property
+    def name(self) -> str:
+        """The fold's name, usable as an MLflow metric key part (letters, digits, _ - . : / and space)."""
+        parts = list(self.families) + list(self.sources)
+        return re.sub(r"[^\w\-. :/]", "_", "__".join(parts)) if parts else "random"
+
+    @property
+    def label(self) -> str:
+        """For people: every held-out family and source, comma-separated ("random" when none)."""
+        return ", ".join(list(self.families) + list(self.sources)) or "random"

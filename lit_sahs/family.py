@@ -1,0 +1,190 @@
+"""Model families: the one interface every trained detector offers the commands, and the one registry.
+
+A *model family* is what ``fit`` trains and ``save_detector`` writes: the safety-head detectors
+(logistic, mlp, sparse), SafeVLM's safety modules, or a family of your own. Every command that
+holds a detector — artifact load/save, the MLflow registry, ``evaluate``, ``guard``, ``screen``,
+``tune``, the MLflow pyfunc model — reaches it through ``ModelFamily`` and finds its class through
+``FAMILIES``; none asks which family it holds.
+
+Adding a family is one package plus its registration::
+
+    from lit_sahs.family import ModelFamily, register_family
+
+    @register_family("my_probe")
+    class MyProbe(ModelFamily, L.LightningModule):
+        ...  # implement the abstract methods below
+
+    # then: python -m lit_sahs fit --model MyProbe ..., load_detector(dir), guard, screen, evaluate
+
+Built-in families register when ``lit_sahs.families`` is imported (it also loads plug-ins declared
+under the ``lit_sahs.families`` entry-point group). This module stays at the bottom of the house:
+it imports nothing of lit_sahs but errors and heads.
+"""
+from __future__ import annotations
+
+import abc
+import inspect
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Sequence, TypeVar
+
+from lit_sahs.errors import LitSahsError
+from lit_sahs.heads import TargetFingerprint
+
+if TYPE_CHECKING:  # pragma: no cover - types only
+    import numpy as np
+    import torch
+
+
+CHECKPOINT_KEY = "lit_sahs"  # where a Lightning checkpoint keeps a detector's description
+
+
+class ModelFamily(abc.ABC):
+    """What a trained detector offers the rest of lit_sahs.
+
+    Scores are probabilities of "malicious" (float64); a prompt is flagged when its score is at or
+    above ``threshold`` (a float64 buffer calibrated on validation benign prompts during ``fit``).
+    """
+
+    family: ClassVar[str] = ""            # the registry name, written as "detector" into artifacts
+    report_name: ClassVar[str] = "heads"  # the method's name in reports (beside tfidf, residual, ...)
+    trainer_defaults: ClassVar[dict[str, Any]] = {}  # Lightning Trainer settings the family needs (Engine)
+    reads_store: ClassVar[bool] = False   # trains on stored head activations: tune and the folds can search it
+    threshold: "torch.Tensor"
+    fingerprint: Optional[TargetFingerprint]
+
+    # ------------------------------------------------------------------ identity and target
+
+    @property
+    @abc.abstractmethod
+    def is_bound(self) -> bool:
+        """True once fitted or loaded (tied to a target's shape)."""
+
+    def check_target(self, fingerprint: TargetFingerprint) -> None:
+        """Raise LitSahsError unless this detector was made for the target `fingerprint` names."""
+        if not self.is_bound or self.fingerprint is None:
+            raise LitSahsError(f"this {self.family or type(self).__name__} detector is not fitted: fit it or load a saved one")
+        self.fingerprint.check(fingerprint, what=f"this {self.family or type(self).__name__} detector")
+
+    def prepare(self, target) -> None:
+        """Tie a loaded detector to the `target` it will score on (checked against the fingerprint)."""
+        self.check_target(target.fingerprint)
+
+    # ------------------------------------------------------------------ artifacts (safetensors + JSON, no pickle)
+
+    @abc.abstractmethod
+    def artifact_metadata(self) -> dict[str, Any]:
+        """Plain JSON values describing the detector (the format header is added by the writer)."""
+
+    @abc.abstractmethod
+    def artifact_tensors(self) -> dict[str, "torch.Tensor"]:
+        """Every tensor the detector needs, CPU and contiguous (written to detector.safetensors)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_artifact(cls, meta: Mapping[str, Any], tensors: Mapping[str, "torch.Tensor"], source: str) -> "ModelFamily":
+        """Rebuild a detector from what ``artifact_metadata``/``artifact_tensors`` wrote; anything that does
+        not fit is a LitSahsError naming `source`."""
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Mapping[str, Any], source: str) -> "ModelFamily":
+        """Rebuild a detector from a Lightning checkpoint read with ``weights_only=True``."""
+        raise LitSahsError(f"{source}: a {cls.family} detector is not read from a Lightning checkpoint: "
+                           "export it with save_detector and load that directory")
+
+    # ------------------------------------------------------------------ scoring prompts with the target
+
+    @abc.abstractmethod
+    def score_encoded(self, target, enc: dict) -> "np.ndarray":
+        """Probabilities [batch] (float64, NaN where unscored) for a batch encoded by ``prompting.encode``,
+        running `target` only as far as the family needs."""
+
+    def layers_run(self, target) -> int:
+        """Decoder layers of `target` one ``score_encoded`` runs (the rest is skipped)."""
+        return target.geometry.num_layers
+
+    def categories(self) -> Sequence[str]:
+        """Names of per-category scores the family gives (empty: one score only)."""
+        return ()
+
+    def category_scores(self, target, enc: dict) -> Optional["np.ndarray"]:
+        """[batch, len(categories())] probabilities, or None for a family without categories."""
+        return None
+
+    @abc.abstractmethod
+    def make_guard(self, target, refusal: Optional[str] = None, threshold: Optional[float] = None,
+                   fail_closed: bool = True):
+        """A guard for generation on `target`: an object with ``generate(texts, images=None, ids=None,
+        max_new_tokens=128, **generate_kwargs)`` returning a ``lit_sahs.guarding.GuardResult``."""
+
+    # ------------------------------------------------------------------ reports
+
+    @abc.abstractmethod
+    def split_scores(self, dm, split: str) -> "np.ndarray":
+        """Scores for one split of the family's own DataModule (rows in ``dm.split_rows(split)`` order)."""
+
+    def report_label(self) -> str:
+        """What the test report calls this detector."""
+        return f"{self.report_name} = {type(self).__name__}"
+
+    def extra_artifacts(self) -> dict[str, Any]:
+        """JSON documents written next to the artifact after a fit ({file name: value}), e.g. the heads
+        a sparse detector kept."""
+        return {}
+
+    def prepare_launch(self, trainer, datamodule) -> None:
+        """Called by the engine in the launching process before a fit (checks that must fail before
+        worker processes start)."""
+
+    def describe(self) -> dict[str, Any]:
+        """A short summary for metadata endpoints and registry tags."""
+        fp = self.fingerprint
+        return {"family": self.family, "target": fp.name if fp is not None else None,
+                "threshold": float(self.threshold), "categories": list(self.categories())}
+
+
+# ---------------------------------------------------------------- the registry
+
+FAMILIES: dict[str, type[ModelFamily]] = {}
+F = TypeVar("F", bound=type)
+
+
+def register_family(*names: str) -> Callable[[F], F]:
+    """Class decorator: register a ``ModelFamily`` subclass under `names` (default: its ``family``).
+    The class must implement every abstract method; a name may be taken once."""
+
+    def deco(cls: F) -> F:
+        if not (isinstance(cls, type) and issubclass(cls, ModelFamily)):
+            raise LitSahsError(f"{cls!r} is not a ModelFamily subclass: a model family implements lit_sahs.family.ModelFamily")
+        if inspect.isabstract(cls):
+            missing = sorted(getattr(cls, "__abstractmethods__", ()))
+            raise LitSahsError(f"{cls.__name__} does not implement {', '.join(missing)}: a model family needs them all")
+        keys = names or (cls.family,)
+        for name in keys:
+            if not name or not isinstance(name, str):
+                raise LitSahsError(f"{cls.__name__}: a family name must be a non-empty string")
+            old = FAMILIES.get(name)
+            if old is not None and old is not cls:
+                raise LitSahsError(f"model family {name!r} is already registered by {old.__module__}.{old.__qualname__}")
+        if not cls.family:
+            cls.family = keys[0]
+        for name in keys:
+            FAMILIES[name] = cls
+        return cls
+
+    return deco
+
+
+def family_class(name: str) -> type[ModelFamily]:
+    """The class registered as `name` (call ``lit_sahs.families.family_class`` to have the built-ins loaded)."""
+    try:
+        return FAMILIES[str(name)]
+    except KeyError:
+        raise LitSahsError(f"unknown detector family {name!r}: use one of {', '.join(sorted(FAMILIES)) or '(none registered)'}") from None
+
+
+def require_family(obj: Any) -> ModelFamily:
+    """`obj` if it is an instance of a registered family, else one clear error."""
+    if not isinstance(obj, ModelFamily):
+        raise LitSahsError(f"{type(obj).__name__} is not a lit_sahs model family: it must implement lit_sahs.family.ModelFamily")
+    if FAMILIES.get(obj.family) is not type(obj):
+        raise LitSahsError(f"{type(obj).__name__} is not a registered model family: decorate it with @register_family")
+    return obj

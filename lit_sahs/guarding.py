@@ -1,0 +1,68 @@
+"""What every family's guard shares: the refusal message, the EOS token a refused answer ends
+with, the result type, the generate() options no guard can honour, and the threshold override check.
+Families build their guards on this (``ModelFamily.make_guard``); ``lit_sahs.guard`` is the command."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from lit_sahs.errors import LitSahsError
+
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with that request."
+
+# generate() options the guard cannot honour: they change what the prefill is (chunks, beams,
+# a draft model), so the capture would not see the whole prompt's first-token position once.
+UNSUPPORTED_GENERATE = ("prefill_chunk_size", "assistant_model", "num_beams", "num_beam_groups",
+                        "prompt_lookup_num_tokens", "past_key_values", "position_ids")
+
+
+def threshold_override(value: Any) -> Optional[float]:
+    """A threshold override from Python: None or a finite number (above 1 flags nothing, which benchmarks
+    use to measure the guard's cost; the command line accepts only probabilities in [0, 1])."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LitSahsError(f"threshold must be a probability, got {value!r}")
+    return float(value)
+
+
+def eos_token_id(target, override=None) -> int:
+    """The token that ends an answer: `override`, else the target's generation config, else its
+    tokenizer's (the first of a list)."""
+    eos = override
+    if eos is None:
+        eos = getattr(target.model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = target.tokenizer.eos_token_id
+    if isinstance(eos, torch.Tensor):
+        eos = eos.flatten().tolist()
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if eos is None:
+        raise LitSahsError("the target has no EOS token: a refused or finished answer ends with EOS; "
+                           "pass eos_token_id=...")
+    return int(eos)
+
+
+@dataclass
+class GuardResult:
+    """One guarded batch. `responses[i]` is the refusal message where `flagged[i]`; `scores[i]` is
+    the detector's probability (None where scoring failed); `sequences` are the generated token
+    ids (prompt excluded, padded after EOS) exactly as generate returned them."""
+
+    ids: list[str]
+    prompts: list[str]
+    flagged: list[bool]
+    scores: list[Optional[float]]
+    responses: list[str]
+    sequences: torch.Tensor
+    threshold: float
+    scoring_error: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+    def rows(self) -> list[dict]:
+        return [{"id": i, "prompt": p, "flagged": f, "score": s, "response": r}
+                for i, p, f, s, r in zip(self.ids, self.prompts, self.flagged, self.scores, self.responses)]
