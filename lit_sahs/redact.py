@@ -24,7 +24,9 @@ _QUERY_PARAM = re.compile(r"[?&;]([^=&;?#]*)=")
 
 
 def _split(url: str) -> tuple[str, list[tuple[int, int]]]:
-    """(the URL with its secrets masked, the [start, end) spans of those secrets in `url`)."""
+    """(the URL with its secrets masked, the [start, end) spans of those secrets in `url`). Both readings
+    of an ambiguous URL are masked: an '@' in a query value could end a password, and a '?' or '&' in a
+    password could start a query."""
     m = _SCHEME.match(url)
     if not m:
         return url, []
@@ -33,19 +35,25 @@ def _split(url: str) -> tuple[str, list[tuple[int, int]]]:
     at = url.rfind("@")
     if at > start:
         colon = url.find(":", start, at)
-        if colon != -1:
+        if colon != -1 and at > colon + 1:
             spans.append((colon + 1, at))
-    for q in _QUERY_PARAM.finditer(url, max(start, at + 1 if at > start else start)):
-        if _SECRET_KEY.search(q.group(1)):
+    for q in _QUERY_PARAM.finditer(url, start):
+        if _SECRET_KEY.search(q.group(1)) and q.end() < len(url):
             spans.append((q.end(), len(url)))
             break
-    out, pos = [], 0
+    masked = [False] * len(url)
     for a, b in spans:
-        if b > a:
-            out += [url[pos:a], MASK]
-            pos = b
-    out.append(url[pos:])
-    return "".join(out), [(a, b) for a, b in spans if b > a]
+        masked[a:b] = [True] * (b - a)
+    out, i = [], 0
+    while i < len(url):
+        if masked[i]:
+            while i < len(url) and masked[i]:
+                i += 1
+            out.append(MASK)
+        else:
+            out.append(url[i])
+            i += 1
+    return "".join(out), spans
 
 
 def secrets(url: str) -> list[str]:
@@ -79,19 +87,28 @@ def _mask_fragments(text: str, secret_list: list[str]) -> str:
 def redact(text: object, *urls: Optional[str]) -> str:
     """`text` with the secrets of `urls` hidden: each URL where it appears whole shows with its
     password and secret query values masked, and any other piece of those secrets four characters
-    or longer is masked wherever it appears. Without `urls`, `text` is
-    taken as the URL itself (``redact(url)`` for a URL to show)."""
+    or longer is masked wherever else it appears. Without `urls`, `text` is taken as the URL itself
+    (``redact(url)`` for a URL to show)."""
     text = str(text)
     urls = tuple(str(u) for u in urls if u) or ((text,) if _SCHEME.match(text) else ())
     found: list[str] = []
+    shown: list[str] = []
     for url in sorted(set(urls), key=len, reverse=True):
         masked, spans = _split(url)
         if spans:
             text = text.replace(url, masked)
             found += [url[a:b] for a, b in spans]
-    while found:  # until no piece is left (masking joins text that could form a new one)
-        masked = _mask_fragments(text, found)
+            shown.append(masked)
+    if not found:
+        return text
+    # the URLs shown have their secrets masked already; scrub the rest (a driver quoting a piece)
+    parts = re.split("(" + "|".join(re.escape(m) for m in sorted(set(shown), key=len, reverse=True)) + ")", text)
+    return "".join(part if i % 2 else _scrub(part, found) for i, part in enumerate(parts))
+
+
+def _scrub(text: str, secret_list: list[str]) -> str:
+    while True:  # until no piece is left (masking joins text that could form a new one)
+        masked = _mask_fragments(text, secret_list)
         if masked == text:
-            break
+            return text
         text = masked
-    return text

@@ -100,7 +100,7 @@ def probe_database(url: str, what: str) -> None:
             engine.dispose()
 
 
-_ENCODE_HINT = ("; if the password holds '@', ':', '/' or '?', percent-encode them "
+_ENCODE_HINT = ("; if the password holds '@', ':', '/', '?', '{' or '}', percent-encode them "
                 "(urllib.parse.quote(password, safe=''))")
 
 
@@ -143,7 +143,8 @@ def open_storage(url: str, heartbeat_interval: Optional[int] = 60):
         except sqlalchemy.exc.OperationalError as e:
             raise LitSahsError(redact(f"cannot reach the study storage {url}: {first_line(e)}; check the URL, "
                                       "that the server is running and accepts this user", url)) from None
-        except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError) as e:
+        except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError, IndexError, KeyError) as e:
+            # IndexError/KeyError: Optuna fills `{...}` in the URL as a template, so a brace in a password breaks it
             raise LitSahsError(redact(f"storage {url} is not a usable SQLAlchemy URL: {first_line(e)}{_ENCODE_HINT}",
                                       url)) from None
         except ModuleNotFoundError as e:

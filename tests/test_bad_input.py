@@ -19,11 +19,22 @@ from hypothesis import strategies as st
 
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.errors import LitSahsError
-from lit_sahs.outputs import check_outputs
-from lit_sahs.redact import MIN_FRAGMENT, redact
 from synthetic import FP, GEOM, make_store
 
 ROOT = Path(__file__).parents[1]
+MIN_FRAGMENT = 4  # a piece of a secret this long must never show
+
+
+def redact(*args):
+    from lit_sahs.redact import redact as redact_
+
+    return redact_(*args)
+
+
+def check_outputs(**kwargs):
+    from lit_sahs.outputs import check_outputs as check
+
+    return check(**kwargs)
 ISSUE_URL = "postgresql+psycopg2://evil:hunter@2:SuperSecret99/abc@127.0.0.1:41061/optdb"
 QUERY_URL = "postgresql+psycopg2://evil@127.0.0.1:1/optdb?password=QuerySecret"
 
@@ -76,23 +87,25 @@ secret_keys = st.sampled_from(["password", "PASSWORD", "sslpassword", "token", "
 
 @st.composite
 def secret_urls(draw):
-    """(url, secrets): credentials in the address, in a query parameter, or both."""
+    """(url, secrets, public): credentials in the address, in a query parameter, or both; `public` is
+    the URL with each secret replaced by a NUL (what the URL shows anyway)."""
     scheme, user, host, pw = draw(schemes), draw(users), draw(hosts), draw(passwords)
     port = draw(st.one_of(st.none(), st.integers(1, 65535)))
     where = draw(st.sampled_from(["userinfo", "query", "both"]))
     address = f"{host}:{port}" if port else host
-    secrets = []
-    url = f"{scheme}://{user}"
+    secrets, parts = [], [f"{scheme}://{user}"]
     if where in ("userinfo", "both"):
-        url += f":{pw}"
+        parts += [":", (pw,)]
         secrets.append(pw)
-    url += f"@{address}/{draw(users)}"
+    parts.append(f"@{address}/{draw(users)}")
     if where in ("query", "both"):
         qsecret = draw(passwords)
         before = draw(st.sampled_from(["", "sslmode=require&", "timeout=5&"]))
-        url += f"?{before}{draw(secret_keys)}={qsecret}"
+        parts += [f"?{before}{draw(secret_keys)}=", (qsecret,)]
         secrets.append(qsecret)
-    return url, secrets
+    url = "".join(p[0] if isinstance(p, tuple) else p for p in parts)
+    public = "".join("\0" if isinstance(p, tuple) else p for p in parts)
+    return url, secrets, public
 
 
 @settings()
@@ -100,15 +113,15 @@ def secret_urls(draw):
 def test_redaction_hides_every_secret_fragment(case, data):
     """Whatever the password holds (@ : / ? # & = and any script), no piece of it four characters or
     longer survives: not in the URL shown, not where a driver quotes parts of the URL."""
-    url, secrets = case
+    url, secrets, public = case
     quoted = []
     for s in secrets:  # a driver quotes a piece of the URL it could not parse
         i = data.draw(st.integers(0, len(s) - 1))
         quoted.append(s[i:data.draw(st.integers(i + 1, len(s)))])
     message = f"cannot reach {url}: invalid literal for int() with base 10: {quoted!r}; url={url!r}"
     for out in (redact(url), redact(message, url)):
-        for s in secrets:
-            assert not leaks(out, s), (out, s)
+        for s in secrets:  # a piece the URL shows anyway (its host, say) tells nothing about the secret
+            assert not [f for f in leaks(out, s) if f not in public], (out, s)
     assert "://" in redact(url)  # still shows where it points
 
 
@@ -199,7 +212,7 @@ def test_any_number_on_the_command_line_is_used_or_refused_in_one_line(case, val
     if option == "--threshold":
         ok = number is not None and 0 <= number <= 1
     else:
-        ok = number is not None and number == int(number) and number >= 1 and "." not in text and "e" not in text
+        ok = text.lstrip("+").isdigit() and int(text) >= 1  # a whole number written as one
     if ok:
         assert option not in line, line  # accepted: refused later, for the missing detector / store folder
     else:
