@@ -89,7 +89,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.report_only:
-        from lit_sahs.locate import HeadRanking
+        from lit_sahs.ranking import HeadRanking
 
         return report(json.loads(Path(args.json).read_text()), HeadRanking.load(args.effect), args.out, args.json)
 
@@ -99,7 +99,7 @@ def main() -> int:
     from lit_sahs.data.store import ActivationStore
     from lit_sahs.io import atomic_write_text
     from lit_sahs.judge import PhraseJudge
-    from lit_sahs.locate import HeadRanking
+    from lit_sahs.ranking import HeadRanking
     from lit_sahs.locate import main as locate_main
     from lit_sahs.targets import load_target
 

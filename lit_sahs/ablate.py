@@ -340,7 +340,7 @@ def ablate_command(store: Optional[str] = None, ranking: Optional[str] = None, h
     from lit_sahs.data.samples import normalise_text
     from lit_sahs.data.store import ActivationStore
     from lit_sahs.io import atomic_write_json, atomic_write_text
-    from lit_sahs.locate import HeadRanking
+    from lit_sahs.ranking import HeadRanking
 
     if n_harmful < 1 or n_benign < 1 or max_new_tokens < 1 or batch_size < 1 or seeds < 0:
         raise LitSahsError("n_harmful, n_benign, max_new_tokens and batch_size must be >= 1, seeds >= 0")

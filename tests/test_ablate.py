@@ -130,7 +130,7 @@ def test_answer_nll_is_the_models_own_loss(smollm2):
 
 
 def test_study_rows_and_configs(smollm2):
-    from lit_sahs.locate import HeadRanking
+    from lit_sahs.ranking import HeadRanking
 
     g = smollm2.geometry
     ranking = HeadRanking(smollm2.fingerprint, [{"layer": l, "head": h, "auroc": 1.0 - 0.01 * i, "accuracy": 1.0}
