@@ -104,7 +104,7 @@ def encode_prompts(target: Target, texts: Sequence[str], images: Optional[Sequen
 def read_prompts(path: str | os.PathLike) -> list[dict]:
     """Prompts from a .jsonl/.ndjson (``text``; optional ``id``, ``image`` relative to the file,
     ``label``), a .csv with the same columns, or a .txt (one prompt a line)."""
-    from lit_sahs.data.sources import csv_rows, jsonl_rows
+    from lit_sahs.data.user_files import csv_rows, jsonl_rows
 
     p = Path(path)
     if not p.is_file():

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from lit_sahs.data.samples import Sample
-from lit_sahs.data.sources import load_user_file
+from lit_sahs.data.user_files import load_user_file
 from lit_sahs.detectors import LogisticDetector, SafetyDetector, load_detector, save_detector
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import Geometry, HeadSet, TargetFingerprint
