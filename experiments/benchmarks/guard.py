@@ -139,8 +139,8 @@ def main() -> int:
     from lit_sahs.screen import head_activations
     from lit_sahs.capture import HeadCapture
     from lit_sahs.targets import load_target as load
-    from lit_sahs.targets.registry import (LLAVA_15_7B_TEXT, LLAVA_15_7B_VISION, RANDOM_LLAVA_7B, parse_dtype,
-                                           random_llava_target)
+    from lit_sahs.targets.registry import RANDOM_LLAVA_7B, parse_dtype
+    from lit_sahs.targets.tiny import LLAVA_15_7B_TEXT, LLAVA_15_7B_VISION, random_llava_target
 
     def load_target(name, dtype, device):
         if name == RANDOM_LLAVA_7B and args.tokenizer:
