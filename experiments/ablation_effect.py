@@ -38,7 +38,7 @@ TARGET = "qwen2.5-coder-0.5b-instruct"
 
 def prefill_refusal(target, harmful, configs, batch_size):
     """Mean refusal probability at the prefill on `harmful` under each configuration."""
-    from lit_sahs.capture import HeadAblation
+    from lit_sahs.hooks import HeadAblation
     from lit_sahs.refusal import encode_batches, refusal_scores, refusal_token_ids
 
     ids, batches = refusal_token_ids(target.tokenizer), encode_batches(target, harmful, batch_size)

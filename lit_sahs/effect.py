@@ -27,9 +27,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from lit_sahs.capture import ABLATION_MODES, HeadAblation
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import HeadSet
+from lit_sahs.hooks import ABLATION_MODES, HeadAblation
 from lit_sahs.ranking import HeadRanking
 from lit_sahs.refusal import REFUSAL_OPENINGS, encode_batches, first_token_logits, refusal_probability, \
     refusal_scores, refusal_token_ids

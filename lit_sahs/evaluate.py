@@ -175,7 +175,9 @@ def score_file(detector_path: str, data: str, target: Optional[str] = None, batc
     from tqdm.auto import tqdm
 
     from lit_sahs.data.user_files import load_user_file
-    from lit_sahs.runtime import capture_forward, load_detector_and_target, resolve_detector, summary_metrics
+    from lit_sahs.detectors.metrics import summary_metrics
+    from lit_sahs.hooks import capture_forward
+    from lit_sahs.loading import load_detector_and_target, resolve_detector
     from lit_sahs.targets import prompting
 
     if batch_size < 1:

@@ -40,10 +40,12 @@ from typing import Optional, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from lit_sahs.capture import HeadCapture, capture_for  # noqa: F401 - HeadCapture: GateProcessor's type
 from lit_sahs.detectors import SafetyDetector
 from lit_sahs.errors import LitSahsError
-from lit_sahs.runtime import DetectorOptions, encode_prompts, load_detector_and_target, run_options, write_jsonl
+from lit_sahs.hooks import HeadCapture, capture_for  # noqa: F401 - HeadCapture: GateProcessor's type
+from lit_sahs.loading import load_detector_and_target
+from lit_sahs.options import DetectorOptions, run_options
+from lit_sahs.prompts import encode_prompts, write_jsonl
 from lit_sahs.targets import Target
 
 log = logging.getLogger(__name__)

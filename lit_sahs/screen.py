@@ -32,11 +32,14 @@ import numpy as np
 import torch
 
 from lit_sahs.detectors import SafetyDetector
+from lit_sahs.detectors.metrics import summary_metrics
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import HeadSet
-from lit_sahs.runtime import (DetectorOptions, capture_forward, encode_prompts, load_detector_and_target, run_options,
-                              summary_metrics, write_jsonl)
-from lit_sahs.runtime import EarlyExit, StopForward  # noqa: F401 - defined beside capture_forward, part of screen's API
+from lit_sahs.hooks import capture_forward
+from lit_sahs.hooks import EarlyExit, StopForward  # noqa: F401 - defined beside capture_forward, part of screen's API
+from lit_sahs.loading import load_detector_and_target
+from lit_sahs.options import DetectorOptions, run_options
+from lit_sahs.prompts import encode_prompts, write_jsonl
 from lit_sahs.targets import Target
 
 

@@ -8,10 +8,10 @@ import torch
 
 from lit_sahs.ablate import (AblationConfig, agreement, answer_nll, benign_means, generate_answers, random_heads,
                              run_study, study_configs, summarise, trim_answer)
-from lit_sahs.capture import HeadAblation, HeadCapture
 from lit_sahs.cli import main
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import HeadSet
+from lit_sahs.hooks import HeadAblation, HeadCapture
 from lit_sahs.judge import REFUSAL_PHRASES, PhraseJudge, load_judge
 from lit_sahs.targets import prompting
 
