@@ -8,11 +8,11 @@
 * ``EarlyExit`` / ``StopForward``: stop a forward once the needed layers have run;
 * ``capture_forward``: one forward of an encoded batch under the capture a detector reads.
 
-Each is a context manager that always removes its hooks. A forward pre-hook on each attention output projection sees the concatenated head outputs
-[batch, seq, heads*head_dim] before they are mixed; slicing the first-token column and
-reshaping gives [batch, heads, head_dim] per layer. Inside `generate`, only the first call
-(the prefill) is recorded: each hook removes itself after it fires once, so decode steps run
-hook-free.
+Each hook is a context manager that always removes itself. A forward pre-hook on each attention
+output projection sees the concatenated head outputs [batch, seq, heads*head_dim] before they are
+mixed; slicing the first-token column and reshaping gives [batch, heads, head_dim] per layer.
+Inside `generate`, only the first call (the prefill) is recorded: each hook removes itself after
+it fires once, so decode steps run hook-free.
 
 Targets dispatched over several devices (``load_target(..., device_map=...)``, accelerate hooks,
 layers on different GPUs or offloaded to CPU/disk): a pre-hook sees a layer's input on that
