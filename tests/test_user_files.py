@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lit_sahs.data.protocol import SampleSpec
-from lit_sahs.data.sources import load_user_file
+from lit_sahs.data.user_files import load_user_file
 from lit_sahs.artifact import load_detector, save_detector
 from lit_sahs.detectors.logistic import LogisticDetector
 from lit_sahs.errors import LitSahsError
