@@ -38,7 +38,7 @@ TARGET = "qwen2.5-coder-0.5b-instruct"
 
 def prefill_refusal(target, harmful, configs, batch_size):
     """Mean refusal probability at the prefill on `harmful` under each configuration."""
-    from lit_sahs.capture import HeadAblation
+    from lit_sahs.hooks import HeadAblation
     from lit_sahs.refusal import encode_batches, refusal_scores, refusal_token_ids
 
     ids, batches = refusal_token_ids(target.tokenizer), encode_batches(target, harmful, batch_size)
@@ -89,7 +89,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.report_only:
-        from lit_sahs.locate import HeadRanking
+        from lit_sahs.ranking import HeadRanking
 
         return report(json.loads(Path(args.json).read_text()), HeadRanking.load(args.effect), args.out, args.json)
 
@@ -99,7 +99,7 @@ def main() -> int:
     from lit_sahs.data.store import ActivationStore
     from lit_sahs.io import atomic_write_text
     from lit_sahs.judge import PhraseJudge
-    from lit_sahs.locate import HeadRanking
+    from lit_sahs.ranking import HeadRanking
     from lit_sahs.locate import main as locate_main
     from lit_sahs.targets import load_target
 

@@ -68,7 +68,7 @@ def main() -> int:
     from lit_sahs.data.store import ActivationStore
     from lit_sahs.io import atomic_write_text
     from lit_sahs.judge import REFUSAL_PHRASES, PhraseJudge
-    from lit_sahs.locate import HeadRanking
+    from lit_sahs.ranking import HeadRanking
     from lit_sahs.targets import load_target
 
     store_path = Path(args.store)

@@ -48,7 +48,7 @@ def groups_of(rows):
 
 
 def plain_generate(target, texts, max_new_tokens, batch_size):
-    from lit_sahs.runtime import encode_prompts
+    from lit_sahs.prompts import encode_prompts
 
     out = []
     for i in range(0, len(texts), batch_size):

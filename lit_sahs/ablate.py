@@ -5,7 +5,7 @@ rate (ASR: the share of harmful prompts the target does *not* refuse) far more t
 many random heads, while benign answers stay close to the unablated ones.
 
 For each configuration — no ablation, the top-k heads of a ranking, random k heads (several seeds;
-drawn from the heads *outside* the top k) — in ``zero`` or ``mean`` mode (``capture.HeadAblation``;
+drawn from the heads *outside* the top k) — in ``zero`` or ``mean`` mode (``hooks.HeadAblation``;
 the mean is taken over the benign rows of the activation store), it reports
 
 * ``asr``: share of harmful prompts not refused (greedy answers, judged by ``lit_sahs.judge``);
@@ -33,11 +33,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from lit_sahs.capture import ABLATION_MODES, HeadAblation
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import HeadSet
+from lit_sahs.hooks import ABLATION_MODES, HeadAblation
 from lit_sahs.judge import Judge, judge_responses, load_judge
-from lit_sahs.runtime import encode_prompts
+from lit_sahs.prompts import encode_prompts
 from lit_sahs.targets import Target, load_target, prompting
 
 
@@ -340,7 +340,7 @@ def ablate_command(store: Optional[str] = None, ranking: Optional[str] = None, h
     from lit_sahs.data.samples import normalise_text
     from lit_sahs.data.store import ActivationStore
     from lit_sahs.io import atomic_write_json, atomic_write_text
-    from lit_sahs.locate import HeadRanking
+    from lit_sahs.ranking import HeadRanking
 
     if n_harmful < 1 or n_benign < 1 or max_new_tokens < 1 or batch_size < 1 or seeds < 0:
         raise LitSahsError("n_harmful, n_benign, max_new_tokens and batch_size must be >= 1, seeds >= 0")

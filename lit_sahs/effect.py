@@ -27,9 +27,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from lit_sahs.capture import ABLATION_MODES, HeadAblation
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import HeadSet
+from lit_sahs.hooks import ABLATION_MODES, HeadAblation
+from lit_sahs.ranking import HeadRanking
 from lit_sahs.refusal import REFUSAL_OPENINGS, encode_batches, first_token_logits, refusal_probability, \
     refusal_scores, refusal_token_ids
 from lit_sahs.targets import sites
@@ -178,8 +179,6 @@ def locate_by_effect(target, texts: Sequence[str], mode: str = "zero", means: Op
                      openings: Sequence[str] = REFUSAL_OPENINGS, meta: Optional[dict] = None, progress: bool = False):
     """Rank every head of `target` by its effect on the refusal score over the harmful `texts`
     (a ``HeadRanking`` with ``method="effect"``; see the module docstring)."""
-    from lit_sahs.locate import HeadRanking
-
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
         raise LitSahsError("locating heads by effect needs harmful prompts: none were given")

@@ -140,8 +140,9 @@ def score_file(detector_path: str, data: str, target: Optional[str] = None, batc
     row per prompt (id, source, attack, label, score, flagged 0/1). `progress`: a tqdm bar."""
     from tqdm.auto import tqdm
 
-    from lit_sahs.data.sources import load_user_file
-    from lit_sahs.runtime import load_detector_and_target, resolve_detector, summary_metrics
+    from lit_sahs.data.user_files import load_user_file
+    from lit_sahs.detectors.metrics import summary_metrics
+    from lit_sahs.loading import load_detector_and_target, resolve_detector
     from lit_sahs.targets import prompting
 
     if batch_size < 1:

@@ -26,14 +26,15 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
-from lit_sahs.capture import HeadCapture, LayerResidualCapture, ResidualCapture, default_residual_layers
+from lit_sahs.checks import at_least
+from lit_sahs.data.extra_features import default_residual_layers
 from lit_sahs.data.protocol import DEFAULT_ATTACKS, DEFAULT_BENIGN, DEFAULT_HARMFUL, SampleSpec
 from lit_sahs.data.samples import Sample
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.data.writer import BlockWriter
 from lit_sahs.engine import Engine
-from lit_sahs.checks import at_least
 from lit_sahs.errors import LitSahsError
+from lit_sahs.hooks import HeadCapture, LayerResidualCapture, ResidualCapture
 from lit_sahs.outputs import check_outputs
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
 from lit_sahs.targets import Target, load_target, prompting

@@ -145,7 +145,8 @@ class Folds:
     def ranking_for(self, held_out: Holdout | Sequence[str] | str = (), train_families: Sequence[str] = ()):
         """The HeadRanking of the fold holding out `held_out` (a Holdout, or attack family names; () :
         nothing held out, e.g. a refit)."""
-        from lit_sahs.locate import HeadRanking, locate
+        from lit_sahs.locate import locate
+        from lit_sahs.ranking import HeadRanking
 
         hold = Holdout.of(held_out)
         key = (hold, names(train_families)) if self.per_fold else None

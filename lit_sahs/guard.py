@@ -22,8 +22,10 @@ import torch
 from lit_sahs.checks import optional_probability
 from lit_sahs.errors import LitSahsError
 from lit_sahs.guarding import DEFAULT_REFUSAL
+from lit_sahs.loading import load_detector_and_target
+from lit_sahs.options import DetectorOptions, run_options
 from lit_sahs.outputs import check_outputs
-from lit_sahs.runtime import DetectorOptions, load_detector_and_target, run_options, write_jsonl
+from lit_sahs.prompts import write_jsonl
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -13,51 +12,8 @@ import torch
 
 from lit_sahs.data.protocol import names
 from lit_sahs.errors import LitSahsError
-from lit_sahs.io import atomic_write_json
-from lit_sahs.heads import HeadSet, TargetFingerprint
-
-
-@dataclass
-class HeadRanking:
-    """Heads ordered best first. `method` "probe": rows with layer, head, auroc, accuracy; "effect"
-    (``lit_sahs.effect``): rows with layer, head, drop (refusal drop when ablated), estimate, effect."""
-
-    fingerprint: TargetFingerprint
-    scores: list[dict]
-    meta: dict = field(default_factory=dict)  # split, probe settings, store path
-    method: str = "probe"
-
-    @property
-    def score_key(self) -> str:
-        """The row field heads are ranked by (higher is better)."""
-        return "drop" if self.method == "effect" else "auroc"
-
-    def top_k(self, k: int) -> HeadSet:
-        if not 1 <= k <= len(self.scores):
-            raise LitSahsError(f"top_k={k} is outside 1..{len(self.scores)} ranked heads")
-        return HeadSet((s["layer"], s["head"]) for s in self.scores[:k])
-
-    def to_dict(self) -> dict:
-        return {"fingerprint": self.fingerprint.to_dict(), "method": self.method, "scores": self.scores,
-                "meta": self.meta}
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, self.to_dict())
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "HeadRanking":
-        path = Path(path)
-        if not path.exists():
-            raise LitSahsError(f"no head ranking at {path}: run `python -m lit_sahs locate` first")
-        try:
-            d = json.loads(path.read_text())
-            return cls(TargetFingerprint.from_dict(d["fingerprint"]), list(d["scores"]), d.get("meta", {}),
-                       d.get("method", "probe"))
-        except (ValueError, KeyError, TypeError) as e:
-            raise LitSahsError(f"{path} is not a head ranking ({e})") from None
+from lit_sahs.heads import HeadSet
+from lit_sahs.ranking import HeadRanking
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ def ensure_store(p, store: str, trainer_kwargs: Optional[dict] = None) -> dict:
 def ensure_ranking(store: str, ranking: str, held_out_families=(), held_out_sources=(), val_fraction=0.2,
                    test_fraction=0.2, seed=0, top_k: int = 8) -> Path:
     """Locate heads on the store's train split (scored on val) unless the ranking exists."""
-    from lit_sahs.locate import HeadRanking, locate, save_ranking_outputs
+    from lit_sahs.locate import locate, save_ranking_outputs
+    from lit_sahs.ranking import HeadRanking
 
     path = Path(ranking)
     if path.exists():

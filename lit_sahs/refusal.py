@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from lit_sahs.errors import LitSahsError
+from lit_sahs.prompts import encode_prompts
 
 #: Openings of refusals; their first tokens (with and without a leading space) form the refusal set.
 REFUSAL_OPENINGS: tuple[str, ...] = ("I'm sorry", "I cannot", "I can't", "Sorry", "As an AI", "I apologize",
@@ -51,8 +52,6 @@ def refusal_probability(logits: torch.Tensor, token_ids: Sequence[int]) -> torch
 
 def encode_batches(target, texts: Sequence[str], batch_size: int = 8) -> list[dict]:
     """Encoded, left-padded batches of `texts` (grouped by length to save padding), on the target's device."""
-    from lit_sahs.runtime import encode_prompts
-
     if batch_size < 1:
         raise LitSahsError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
@@ -72,7 +71,7 @@ def first_token_logits(model, batch: dict) -> torch.Tensor:
 def refusal_scores(target, texts_or_batches, token_ids: Optional[Sequence[int]] = None, batch_size: int = 8,
                    ablation=None) -> np.ndarray:
     """Refusal probability at the prefill for each prompt, under `ablation` (e.g. a
-    ``capture.HeadAblation``) when given. Given texts, they are batched by length and the scores
+    ``hooks.HeadAblation``) when given. Given texts, they are batched by length and the scores
     come back in that batched order (use the mean, or pass one text per batch); given batches from
     ``encode_batches``, in batch order."""
     batches = texts_or_batches

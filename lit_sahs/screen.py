@@ -2,7 +2,7 @@
 deepest layer the detector reads (early exit).
 
 Each family decides what one forward runs (``ModelFamily.score_encoded``). A safety-head detector needs the heads of its HeadSet at the first-token position and nothing after them.
-``EarlyExit`` (defined in ``lit_sahs.runtime``, beside the capture forward) registers a forward pre-hook on the deepest needed layer's attention output
+``EarlyExit`` (in ``lit_sahs.hooks``, beside the capture forward) registers a forward pre-hook on the deepest needed layer's attention output
 projection, *after* HeadCapture's hooks, that raises ``StopForward`` once that layer's heads are
 recorded; the forward is abandoned there. Layers past it, the final norm and the LM head never
 run, and the activations are those of a full forward bit for bit (the same ops on the same
@@ -32,15 +32,18 @@ import numpy as np
 import torch
 
 from lit_sahs.checks import optional_probability
-from lit_sahs.data.sources import parse_label
+from lit_sahs.data.user_files import parse_label
+from lit_sahs.detectors.metrics import summary_metrics
 from lit_sahs.errors import LitSahsError
 from lit_sahs.family import ModelFamily
 from lit_sahs.guarding import threshold_override
-from lit_sahs.outputs import check_outputs
 from lit_sahs.heads import HeadSet
-from lit_sahs.runtime import (DetectorOptions, capture_forward, encode_prompts, load_detector_and_target, run_options,
-                              summary_metrics, write_jsonl)
-from lit_sahs.runtime import EarlyExit, StopForward  # noqa: F401 - defined beside capture_forward, part of screen's API
+from lit_sahs.hooks import capture_forward
+from lit_sahs.hooks import EarlyExit, StopForward  # noqa: F401 - defined beside capture_forward, part of screen's API
+from lit_sahs.loading import load_detector_and_target
+from lit_sahs.options import DetectorOptions, run_options
+from lit_sahs.outputs import check_outputs
+from lit_sahs.prompts import encode_prompts, write_jsonl
 from lit_sahs.targets import Target
 
 

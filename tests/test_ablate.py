@@ -8,10 +8,10 @@ import torch
 
 from lit_sahs.ablate import (AblationConfig, agreement, answer_nll, benign_means, generate_answers, random_heads,
                              run_study, study_configs, summarise, trim_answer)
-from lit_sahs.capture import HeadAblation, HeadCapture
 from lit_sahs.cli import main
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import HeadSet
+from lit_sahs.hooks import HeadAblation, HeadCapture
 from lit_sahs.judge import REFUSAL_PHRASES, PhraseJudge, load_judge
 from lit_sahs.targets import prompting
 
@@ -130,7 +130,7 @@ def test_answer_nll_is_the_models_own_loss(smollm2):
 
 
 def test_study_rows_and_configs(smollm2):
-    from lit_sahs.locate import HeadRanking
+    from lit_sahs.ranking import HeadRanking
 
     g = smollm2.geometry
     ranking = HeadRanking(smollm2.fingerprint, [{"layer": l, "head": h, "auroc": 1.0 - 0.01 * i, "accuracy": 1.0}

@@ -514,7 +514,7 @@ def test_ctrl_c_during_tune_leaves_no_run_running(mlflow_workdir, cli, monkeypat
     ("attack.jsonl", json.dumps({"text": "a", "label": 1, "attack": ["x"]}) + "\n", "`attack` must be text"),
 ])
 def test_reader_refuses_what_it_used_to_guess(tmp_path, name, body, needle):
-    from lit_sahs.data.sources import load_user_file
+    from lit_sahs.data.user_files import load_user_file
 
     (tmp_path / name).write_text(body)
     with pytest.raises(LitSahsError) as e:
@@ -527,14 +527,14 @@ def test_reader_refuses_what_it_used_to_guess(tmp_path, name, body, needle):
     ("f.jsonl", json.dumps({"text": "hello", "label": 1.0}) + "\n" + json.dumps({"text": "bye", "label": 0.0}) + "\n"),
 ])
 def test_float_labels_are_read(tmp_path, name, body):
-    from lit_sahs.data.sources import load_user_file
+    from lit_sahs.data.user_files import load_user_file
 
     (tmp_path / name).write_text(body)
     assert sorted((s.text, s.label) for s in load_user_file(tmp_path / name)) == [("bye", 0), ("hello", 1)]
 
 
 def test_prompt_file_csv_with_a_surplus_field_is_refused(tmp_path):
-    from lit_sahs.runtime import read_prompts
+    from lit_sahs.prompts import read_prompts
 
     (tmp_path / "p.csv").write_text("text,id\nhello, there,1\n")
     with pytest.raises(LitSahsError, match="3 fields but the header names 2"):

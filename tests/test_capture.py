@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from lit_sahs.capture import HeadCapture
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import HeadSet
+from lit_sahs.hooks import HeadCapture
 from lit_sahs.targets import prompting
 
 PROMPTS = [
@@ -99,7 +99,7 @@ def test_image_for_text_only_target_is_an_error(smollm2, tmp_path):
 
 
 def test_residual_and_prompt_nll_match_the_model(smollm2):
-    from lit_sahs.capture import ResidualCapture
+    from lit_sahs.hooks import ResidualCapture
 
     batch = prompting.encode(smollm2, PROMPTS)
     with torch.no_grad(), ResidualCapture(smollm2.model) as res:
@@ -119,7 +119,7 @@ def test_residual_and_prompt_nll_match_the_model(smollm2):
 def test_prompt_nll_skips_image_tokens_and_matches_a_per_prompt_loop(tiny_llava):
     """Vision-language prompts: image-token targets are not scored; the batched computation equals
     scoring each unpadded prompt on its own."""
-    from lit_sahs.capture import ResidualCapture
+    from lit_sahs.hooks import ResidualCapture
     from lit_sahs.data.images import natural_images
 
     images = [str(im.path) for im in natural_images()[:2]]

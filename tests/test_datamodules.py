@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from lit_sahs.capture import HeadCapture
 from lit_sahs.data.datamodules import CachedActivationDataModule, LiveActivationDataModule, RunningMoments
 from lit_sahs.data.samples import Sample
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import Geometry, HeadSet, TargetFingerprint
-from lit_sahs.locate import HeadRanking
+from lit_sahs.hooks import HeadCapture
+from lit_sahs.ranking import HeadRanking
 from lit_sahs.targets import prompting
 
 GEOM = Geometry(num_layers=4, num_heads=3, head_dim=8)

@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from lit_sahs.capture import HeadAblation, HeadCapture, ResidualCapture
 from lit_sahs.data.samples import Sample
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.errors import LitSahsError
 from lit_sahs.extract import run_extraction
 from lit_sahs.heads import HeadSet
+from lit_sahs.hooks import HeadAblation, HeadCapture, ResidualCapture
 from lit_sahs.targets import load_target, prompting
 
 sys.path.insert(0, str(Path(__file__).parent))

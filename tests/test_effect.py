@@ -14,7 +14,7 @@ from lit_sahs.ablate import study_configs
 from lit_sahs.effect import ablation_scorer, first_order_effects, locate_by_effect, pearson, spearman
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import Geometry, HeadSet, TargetFingerprint
-from lit_sahs.locate import HeadRanking
+from lit_sahs.ranking import HeadRanking
 from lit_sahs.refusal import encode_batches, refusal_scores, refusal_token_ids
 from lit_sahs.targets import load_target, sites
 

@@ -1,8 +1,9 @@
 """The engine: a fit from Python writes what the CLI writes; modules import alone, without cycles."""
+import ast
 import json
-import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,55 +44,154 @@ def test_family_trainer_defaults_and_caller_overrides():
     assert Engine(max_epochs=None).trainer(SparseHeadDetector).max_epochs == 5
 
 
-def _module_imports() -> dict[str, set[str]]:
-    """lit_sahs module -> the lit_sahs modules it imports at load time (module level, outside functions)."""
-    import ast
-    from pathlib import Path
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
-    root = Path(lit_sahs.__file__).parent
-    mods = {m.name: Path(m.module_finder.path) / (m.name.rsplit(".", 1)[-1] + ("/__init__.py" if m.ispkg else ".py"))
-            for m in pkgutil.walk_packages(lit_sahs.__path__, "lit_sahs.")}
-    mods["lit_sahs"] = root / "__init__.py"
-    graph = {}
-    for name, path in mods.items():
-        tree = ast.parse(path.read_text())
-        deps = set()
-        for node in tree.body:  # load-time imports only: an import inside a function runs later
-            if isinstance(node, ast.If):  # TYPE_CHECKING blocks never run
+
+def import_graph(root: Path, package: str) -> dict[str, dict[str, str]]:
+    """module -> {imported module: where ("path:line")} over every module of `package` (its folder
+    `root`), counting every import wherever it is written (module level, functions, methods), except
+    under ``if TYPE_CHECKING:``. ``from pkg import name`` counts the module that defines ``name``:
+    the submodule ``pkg.name``, else the module a package __init__ re-exports it from, else ``pkg``.
+    A package's __init__ importing its submodules is an edge; a module importing a package above it
+    is not (that __init__ has run before the module does)."""
+    files = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = (package,) + path.relative_to(root).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    trees = {mod: ast.parse(path.read_text(), str(path)) for mod, path in files.items()}
+
+    def base(mod: str, node: ast.ImportFrom) -> str:
+        """The absolute module a `from ... import` names (relative imports resolved)."""
+        if not node.level:
+            return node.module or ""
+        here = mod.split(".") if files[mod].name == "__init__.py" else mod.split(".")[:-1]
+        return ".".join(here[:len(here) - node.level + 1] + ([node.module] if node.module else []))
+
+    def top_level_from(mod: str):
+        for node in trees[mod].body:
+            if isinstance(node, ast.ImportFrom):
+                yield node
+
+    reexports = {mod: {a.asname or a.name: (base(mod, node), a.name) for node in top_level_from(mod) for a in node.names}
+                 for mod in files if files[mod].name == "__init__.py"}
+
+    def defining(module: str, name: str, seen=()) -> str:
+        if f"{module}.{name}" in files:
+            return f"{module}.{name}"
+        if name in reexports.get(module, {}) and module not in seen:
+            source, original = reexports[module][name]
+            return defining(source, original, seen + (module,)) if source in files else module
+        return module
+
+    graph: dict[str, dict[str, str]] = {}
+    for mod, tree in trees.items():
+        skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
+                   for stmt in node.body for n in ast.walk(stmt)}
+        edges: dict[str, str] = {}
+        for node in ast.walk(tree):
+            if id(node) in skipped:
                 continue
-            for n in ast.walk(node) if isinstance(node, (ast.Import, ast.ImportFrom, ast.Try)) else []:
-                if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("lit_sahs"):
-                    deps.add(n.module)
-                    deps.update(f"{n.module}.{a.name}" for a in n.names if f"{n.module}.{a.name}" in mods)
-                elif isinstance(n, ast.Import):
-                    deps.update(a.name for a in n.names if a.name.startswith("lit_sahs"))
-        graph[name] = {d for d in deps if d in mods and d != name}
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                module = base(mod, node)
+                targets = [defining(module, a.name) for a in node.names] if module in files else [module]
+            else:
+                continue
+            for target in targets:
+                while target and target not in files:  # import a.b.c of a name-less path: its longest module
+                    target = target.rpartition(".")[0]
+                if target and target != mod and not mod.startswith(target + "."):
+                    edges.setdefault(target, f"{files[mod].relative_to(root.parent)}:{node.lineno}")
+        graph[mod] = edges
     return graph
 
 
+def import_cycles(graph: dict[str, dict[str, str]]) -> list[list[str]]:
+    """One shortest cycle through each strongly connected group of modules (Tarjan), as a path that
+    returns to its start."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[set[str]] = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = set()
+            while True:
+                w = stack.pop()
+                group.add(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(group)
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    cycles = []
+    for group in groups:
+        start = min(group)
+        paths, seen = [[start]], {start}
+        while paths:  # breadth first, inside the group, back to start
+            path = paths.pop(0)
+            nxt = sorted(w for w in graph[path[-1]] if w in group)
+            if start in nxt:
+                cycles.append(path + [start])
+                break
+            for w in nxt:
+                if w not in seen:
+                    seen.add(w)
+                    paths.append(path + [w])
+    return sorted(cycles)
+
+
+def test_import_graph_counts_every_import(tmp_path):
+    """The checker sees an import written inside a method, resolves a package's re-export to the module
+    that defines the name, and skips TYPE_CHECKING imports and a submodule importing its own package."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from pkg.sub.low import Low\n")
+    (pkg / "sub" / "low.py").write_text("import pkg.sub\nclass Low:\n    def up(self):\n        from ..high import High\n")
+    (pkg / "high.py").write_text("from typing import TYPE_CHECKING\nfrom pkg.sub import Low\n"
+                                 "if TYPE_CHECKING:\n    from pkg.other import Other\n")
+    (pkg / "other.py").write_text("import pkg.high\n")
+    graph = import_graph(pkg, "pkg")
+    assert set(graph["pkg.high"]) == {"pkg.sub.low"} and graph["pkg.high"]["pkg.sub.low"] == "pkg/high.py:2"
+    assert set(graph["pkg.sub.low"]) == {"pkg.high"}  # the method's import; not its own package pkg.sub
+    assert set(graph["pkg.sub"]) == {"pkg.sub.low"} and set(graph["pkg.other"]) == {"pkg.high"}
+    assert import_cycles(graph) == [["pkg.high", "pkg.sub.low", "pkg.high"]]
+
+
 def test_no_import_cycles():
-    """No cycle among load-time imports (a package's __init__ may import its own submodules)."""
-    graph = _module_imports()
-    state: dict[str, int] = {}
+    """No cycle among lit_sahs modules, counting imports inside functions too: a low module never
+    imports a higher one, even lazily."""
+    graph = import_graph(Path(lit_sahs.__file__).parent, "lit_sahs")
+    cycles = import_cycles(graph)
+    assert not cycles, "import cycles:\n" + "\n".join(
+        "  " + " -> ".join(f"{a} ({graph[a][b]})" for a, b in zip(c, c[1:])) + f" -> {c[-1]}" for c in cycles)
 
-    def visit(node, path):
-        state[node] = 1
-        for dep in graph[node]:
-            if node.startswith(dep + ".") or dep.startswith(node + "."):
-                continue  # a package and its submodules
-            if state.get(dep) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(path + [dep]))
-            if dep not in state:
-                visit(dep, path + [dep])
-        state[node] = 2
 
-    for mod in sorted(graph):
-        if mod not in state:
-            visit(mod, [mod])
+def test_no_module_over_500_lines():
+    root = Path(lit_sahs.__file__).parent
+    lengths = {str(p.relative_to(root)): len(p.read_text().splitlines()) for p in root.rglob("*.py")}
+    assert not {p: n for p, n in lengths.items() if n > 500}
 
 
 @pytest.mark.parametrize("module", ["lit_sahs.registry", "lit_sahs.tune", "lit_sahs.tracking", "lit_sahs.folds",
-                                    "lit_sahs.artifact", "lit_sahs.evaluate", "lit_sahs.runtime"])
+                                    "lit_sahs.artifact", "lit_sahs.evaluate", "lit_sahs.hooks",
+                                    "lit_sahs.loading", "lit_sahs.options", "lit_sahs.prompts"])
 def test_module_imports_alone(module):
     r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-1500:]
@@ -141,3 +241,16 @@ def test_redact_hides_the_whole_password_even_with_an_unencoded_at(url, shown):
 
     assert redact(url) == shown
     assert "ss@word" not in redact(url) and "secret" not in redact(url)
+
+
+def test_holdout_label_names_every_held_out_family_and_source(tmp_path, capsys):
+    """The report and ROC title name the whole holdout (families and sources), not only the families."""
+    from lit_sahs.data.holdout import Holdout
+
+    assert Holdout(("dan",), ("past_tense", "sharegpt_instructions")).label == "dan, past_tense, sharegpt_instructions"
+    assert Holdout().label == "random" and Holdout.of("dan,pliny").families == ("dan", "pliny")
+    make_store(tmp_path / "store")
+    dm = CachedActivationDataModule(tmp_path / "store", heads="2.1,3.0", held_out_families=["pliny"], batch_size=64)
+    assert dm.holdout == Holdout(("pliny",), ())
+    Engine(output_dir=tmp_path / "out", baselines=[], max_epochs=2).fit(LogisticDetector(l2=1e-3), dm)
+    assert "Test split (held out: pliny)" in capsys.readouterr().out

@@ -57,7 +57,7 @@ def test_killed_then_resumed_run_equals_uninterrupted(smollm2, samples, tmp_path
 def test_store_rows_match_direct_capture(smollm2, samples, tmp_path):
     import torch
 
-    from lit_sahs.capture import HeadCapture
+    from lit_sahs.hooks import HeadCapture
     from lit_sahs.targets import prompting
 
     run_extraction(smollm2, samples[2:5], tmp_path / "s", batch_size=3, trainer_kwargs=TRAINER)

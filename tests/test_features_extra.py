@@ -52,7 +52,7 @@ def make_store(path, n=160, seed=0, signal="resid", extras=True):
 # ---------------------------------------------------------------- extraction
 
 def test_extraction_records_extras_equal_to_a_direct_forward(tmp_path):
-    from lit_sahs.capture import default_residual_layers
+    from lit_sahs.data.extra_features import default_residual_layers
     from lit_sahs.extract import run_extraction
     from lit_sahs.refusal import refusal_token_ids
     from lit_sahs.targets import load_target, prompting
@@ -199,7 +199,7 @@ def test_guard_and_screen_compute_the_stored_features_from_their_own_prefill(tmp
     from lit_sahs.evaluate import detector_scores
     from lit_sahs.extract import run_extraction
     from lit_sahs.detectors.guard import SafetyGuard
-    from lit_sahs.runtime import capture_forward
+    from lit_sahs.hooks import capture_forward
     from lit_sahs.screen import Screener
     from lit_sahs.targets import load_target, prompting
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_sahs.capture import HeadCapture
 from lit_sahs.cli import main
 from lit_sahs.detectors import LogisticDetector
 from lit_sahs.artifact import save_detector
@@ -14,7 +13,10 @@ from lit_sahs.detectors.guard import SafetyGuard
 from lit_sahs.guard import load_guard
 from lit_sahs.guarding import DEFAULT_REFUSAL
 from lit_sahs.heads import HeadSet
-from lit_sahs.runtime import encode_prompts, load_detector_and_target, read_prompts, repeatable, resolve_detector
+from lit_sahs.hooks import HeadCapture
+from lit_sahs.loading import load_detector_and_target, resolve_detector
+from lit_sahs.options import repeatable
+from lit_sahs.prompts import encode_prompts, read_prompts
 from lit_sahs.targets import prompting
 
 HEADS = HeadSet([(12, 0), (19, 2), (9, 1)])

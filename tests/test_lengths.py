@@ -12,7 +12,7 @@ from lit_sahs.data.samples import Sample
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.errors import LitSahsError
 from lit_sahs.extract import run_extraction
-from lit_sahs.runtime import encode_prompts
+from lit_sahs.prompts import encode_prompts
 from lit_sahs.targets import load_target, prompting
 from test_score_file import tiny_detector, write_jsonl
 
@@ -78,17 +78,17 @@ def test_encode_prompts_applies_the_same_policy(short_llava):
 
 def test_memory_is_bounded_by_the_batch(short_llava, detector, monkeypatch, tmp_path):
     """score_file: every forward holds at most batch_size prompts of at most the context's length."""
-    import lit_sahs.runtime as runtime
+    import lit_sahs.hooks as hooks
     from lit_sahs.evaluate import score_file
 
     shapes = []
-    real = runtime.capture_forward
+    real = hooks.capture_forward
 
     def recording(target, enc, heads, **kw):
         shapes.append(tuple(enc["input_ids"].shape))
         return real(target, enc, heads, **kw)
 
-    monkeypatch.setattr(runtime, "capture_forward", recording)
+    monkeypatch.setattr(hooks, "capture_forward", recording)
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "label": i % 2} for i, t in
                                               enumerate(["hi", LONG, LONGER, "what is rain?", LONG + " again"])])
     report = score_file(str(detector), str(data), target=short_llava, batch_size=2, truncate="left")
@@ -104,7 +104,7 @@ def _file(tmp_path):
 
 def _no_forward(monkeypatch):
     """Every command's forward runs under a HeadCapture: entering one is the first forward."""
-    from lit_sahs.capture import HeadCapture
+    from lit_sahs.hooks import HeadCapture
 
     def refuse(*a, **k):
         raise AssertionError("a forward ran before the prompt lengths were checked")

@@ -13,8 +13,9 @@ from lit_sahs.data.samples import Sample
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import Geometry, HeadSet, TargetFingerprint
-from lit_sahs.locate import HeadRanking, batched_auroc, fit_head_probes, locate, rank_heads, save_ranking_outputs
+from lit_sahs.locate import batched_auroc, fit_head_probes, locate, rank_heads, save_ranking_outputs
 from lit_sahs.plots import head_heatmap
+from lit_sahs.ranking import HeadRanking
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

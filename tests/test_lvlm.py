@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lit_sahs.capture import HeadCapture
 from lit_sahs.errors import LitSahsError
+from lit_sahs.hooks import HeadCapture
 from lit_sahs.targets import load_target, prompting
 
 TEXTS = [

@@ -14,12 +14,12 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from lit_sahs.data.samples import Sample
-from lit_sahs.data.sources import load_user_file
+from lit_sahs.data.user_files import load_user_file
 from lit_sahs.detectors import LogisticDetector, SafetyDetector
 from lit_sahs.artifact import load_detector, save_detector
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import Geometry, HeadSet, TargetFingerprint
-from lit_sahs.runtime import read_prompts
+from lit_sahs.prompts import read_prompts
 
 # the number of examples, the deadline and the example database come from the profile tests/conftest.py loads
 SETTINGS = settings()

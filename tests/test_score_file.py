@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from lit_sahs.capture import HeadCapture
 from lit_sahs.detectors import LogisticDetector
 from lit_sahs.artifact import save_detector
+from lit_sahs.detectors.metrics import SUMMARY_COLUMNS
 from lit_sahs.heads import HeadSet
-from lit_sahs.runtime import SUMMARY_COLUMNS
+from lit_sahs.hooks import HeadCapture
 from lit_sahs.targets import prompting
 
 HEADS = HeadSet([(1, 0), (3, 2)])
@@ -121,13 +121,13 @@ def test_one_class_file_reports_the_rate_it_can(detector, mlflow_workdir, tmp_pa
 
 
 def _no_loading(monkeypatch):
-    import lit_sahs.runtime as runtime
+    import lit_sahs.loading as loading
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the output paths were checked")
 
-    monkeypatch.setattr(runtime, "resolve_detector", refuse)
-    monkeypatch.setattr(runtime, "load_target", refuse)
+    monkeypatch.setattr(loading, "resolve_detector", refuse)
+    monkeypatch.setattr(loading, "load_target", refuse)
 
 
 def _bad_paths(tmp_path):

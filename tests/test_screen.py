@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from lit_sahs.capture import HeadCapture
 from lit_sahs.cli import main
 from lit_sahs.artifact import save_detector
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import HeadSet
+from lit_sahs.hooks import HeadCapture
 from lit_sahs.screen import EarlyExit, Screener, head_activations
 from lit_sahs.targets import prompting
 from test_guard import CHOSEN, FLAGS, HEADS, PROMPTS, fit_flagging_detector, full_forward_probs

@@ -5,8 +5,9 @@ import pytest
 
 from lit_sahs.data import sources
 from lit_sahs.data.sources import (
-    BENIGN_SOURCES, HARMFUL_SOURCES, SOURCES, load_source, load_user_file, package_dir, package_file,
+    BENIGN_SOURCES, HARMFUL_SOURCES, SOURCES, load_source, package_dir, package_file,
 )
+from lit_sahs.data.user_files import load_user_file
 from lit_sahs.errors import LitSahsError
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lit_sahs.data.protocol import SampleSpec
-from lit_sahs.data.sources import load_user_file
+from lit_sahs.data.user_files import load_user_file
 from lit_sahs.artifact import load_detector, save_detector
 from lit_sahs.detectors.logistic import LogisticDetector
 from lit_sahs.errors import LitSahsError
@@ -109,7 +109,7 @@ def set_threshold(path, value):
 @pytest.mark.parametrize("value", [-0.25, 1.5, float("nan")])
 def test_threshold_outside_0_1_is_refused(artifact, value):
     set_threshold(artifact, value)
-    with pytest.raises(LitSahsError, match=r"threshold .* is not a probability in \[0, 1\]"):
+    with pytest.raises(LitSahsError, match=r"threshold .* is not a probability in \[0, 1\]|NaN or inf"):
         load_detector(artifact)
 
 

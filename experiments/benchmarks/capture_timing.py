@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from lit_sahs.capture import HeadCapture
+from lit_sahs.hooks import HeadCapture
 
 
 def sync(device) -> None:

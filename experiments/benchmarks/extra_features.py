@@ -21,8 +21,9 @@ import time
 
 import torch
 
-from lit_sahs.capture import HeadCapture, LayerResidualCapture, ResidualCapture, default_residual_layers
+from lit_sahs.data.extra_features import default_residual_layers
 from lit_sahs.data.protocol import build_dataset
+from lit_sahs.hooks import HeadCapture, LayerResidualCapture, ResidualCapture
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
 from lit_sahs.targets import load_target, prompting
 

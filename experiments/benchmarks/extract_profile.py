@@ -35,7 +35,7 @@ STAGES = [
     ("    predict_step", "lit_sahs/extract.py", "predict_step"),
     ("      target forward (the CausalLM's forward, incl. capture hooks)", "transformers/models/", "forward"),
     ("      all nn.Module calls (forward + the extras' own module calls)", "torch/nn/modules/module.py", "_call_impl"),
-    ("      prompt NLL (baseline extra)", "lit_sahs/capture.py", "prompt_nll"),
+    ("      prompt NLL (baseline extra)", "lit_sahs/hooks.py", "prompt_nll"),
     ("    store writes (StoreWriter.flush)", "lit_sahs/extract.py", "flush"),
     ("      zarr array write", "lit_sahs/data/blocks.py", "write_block_files"),
     ("      checksums (seal_block)", "lit_sahs/data/blocks.py", "seal_block"),

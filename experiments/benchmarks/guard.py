@@ -84,7 +84,7 @@ def build_detector(target, k: int, depth: float, seed: int = 0):
 def prefill_logit_diff(model, enc: dict, heads, geometry) -> tuple[float, float]:
     """Max |difference| of the prefill's last-position logits: bare vs bare, bare vs under the
     guard's HeadCapture (the only thing the guard adds to the prefill)."""
-    from lit_sahs.capture import HeadCapture
+    from lit_sahs.hooks import HeadCapture
 
     with torch.no_grad():
         a = model(**enc, logits_to_keep=1).logits.float()
@@ -135,12 +135,12 @@ def main() -> int:
 
     from lit_sahs.data.sources import load_source
     from lit_sahs.guard import SafetyGuard
-    from lit_sahs.runtime import encode_prompts
+    from lit_sahs.prompts import encode_prompts
     from lit_sahs.screen import head_activations
-    from lit_sahs.capture import HeadCapture
+    from lit_sahs.hooks import HeadCapture
     from lit_sahs.targets import load_target as load
-    from lit_sahs.targets.registry import (LLAVA_15_7B_TEXT, LLAVA_15_7B_VISION, RANDOM_LLAVA_7B, parse_dtype,
-                                           random_llava_target)
+    from lit_sahs.targets.registry import RANDOM_LLAVA_7B, parse_dtype
+    from lit_sahs.targets.tiny import LLAVA_15_7B_TEXT, LLAVA_15_7B_VISION, random_llava_target
 
     def load_target(name, dtype, device):
         if name == RANDOM_LLAVA_7B and args.tokenizer:

@@ -34,7 +34,7 @@ import torch
 from capture_timing import alternate_bare_and_capture, sync
 from lit_sahs.data.protocol import build_dataset
 from lit_sahs.targets import prompting
-from lit_sahs.targets.registry import LLAVA_15_7B_TEXT, LLAVA_15_7B_VISION, random_llava_target
+from lit_sahs.targets.tiny import LLAVA_15_7B_TEXT, LLAVA_15_7B_VISION, random_llava_target
 
 SMALL_TEXT = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-5)

@@ -91,7 +91,7 @@ def train_stage(target_name: str, stage: int, tokens: int, batch_size: int, step
 
 
 def inference(target_name: str, tokens: int, pairs: int, new_tokens: int, device: str, dtype: str) -> dict:
-    from lit_sahs.runtime import encode_prompts
+    from lit_sahs.prompts import encode_prompts
     from lit_sahs.safevlm import SafeVLM
     from lit_sahs.safevlm.guard import SafeVLMGuard
     from lit_sahs.targets import load_target

@@ -12,8 +12,6 @@ the chosen variant is recorded in `meta["variant"]`.
 from __future__ import annotations
 
 import json
-import random
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -23,6 +21,7 @@ import jinja2.meta
 import jinja2.sandbox
 import yaml
 
+from lit_sahs.data.attack_base import Attack, Variant, registered_attacks
 from lit_sahs.data.samples import Sample
 from lit_sahs.packages import package_file
 from lit_sahs.errors import LitSahsError
@@ -33,44 +32,6 @@ INTHEWILD_SLOTS = ("[INSERT PROMPT HERE]", "[PROMPT]")  # the slots in-the-wild 
 
 # the environment pyrit itself renders with, so templates read exactly as their authors tested them
 _JINJA = jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined)
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One concrete template: `render` turns the request text into the attacked prompt."""
-
-    key: str
-    family: str
-    render: Callable[[str], str]
-
-
-@dataclass(frozen=True)
-class Attack:
-    """A named transform; with several variants each sample gets one, chosen deterministically."""
-
-    name: str
-    family: str
-    variants: Callable[[], Sequence[Variant]]  # lazy: reading 650 templates is paid only when used
-
-    def apply(self, sample: Sample, seed: int = 0, max_chars: int | None = None) -> Sample:
-        """`max_chars` restricts the choice to variants whose attacked prompt fits (CPU budgets);
-        when none fits, all stay eligible."""
-        if self.name == "plain":
-            return sample
-        variants = self.variants()
-        if max_chars is not None and len(variants) > 1:
-            fitting = [v for v in variants if len(v.render(sample.text)) <= max_chars]
-            variants = fitting or variants
-        if len(variants) == 1:
-            variant = variants[0]
-        else:
-            variant = random.Random(f"{self.name}|{sample.id}|{seed}").choice(variants)
-        return Sample.make(
-            variant.render(sample.text), sample.label, source=sample.source,
-            attack=self.name, attack_family=variant.family, category=sample.category,
-            image=sample.image, base_id=sample.base_id or sample.id,
-            meta={**sample.meta, "variant": variant.key},
-        )
 
 
 # ---------------------------------------------------------------- pyrit templates
@@ -180,21 +141,12 @@ _FIXED: dict[str, Attack] = {
 ATTACKS: tuple[str, ...] = tuple(_FIXED)  # plus pyrit:<template> for every usable pyrit template
 
 
-# Attacks defined in other modules register here; the visual attacks (figstep, mmsb,
-# unrelated_image: prompts with rendered or natural images) live in visual_attacks.py.
-_REGISTERED: dict[str, Attack] = {}
-
-
-def register_attack(attack: Attack) -> Attack:
-    """Make `attack` known to get_attack / apply_attacks / build_dataset by its name."""
-    _REGISTERED[attack.name] = attack
-    return attack
-
-
 def _registered() -> dict[str, Attack]:
+    """Attacks defined in other modules: the visual ones (figstep, mmsb, unrelated_image: prompts
+    with rendered or natural images) live in visual_attacks.py and register on import."""
     import lit_sahs.data.visual_attacks  # noqa: F401  (importing registers the visual attacks)
 
-    return _REGISTERED
+    return registered_attacks()
 
 
 def list_attacks() -> list[str]:
@@ -206,7 +158,7 @@ def get_attack(name: str) -> Attack:
     if name in _FIXED:
         return _FIXED[name]
     if name in _registered():
-        return _REGISTERED[name]
+        return _registered()[name]
     if name.startswith(PYRIT_PREFIX):
         variant = pyrit_templates().get(name)
         if variant is not None:

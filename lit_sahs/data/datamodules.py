@@ -333,8 +333,7 @@ class LiveActivationDataModule(_SplitDataModule):
         """Selected heads [B, k, D] (float32, cpu), then any extra features' slots, for the samples at
         `positions`, and all heads [B, L, H, D] when writing through (else None). Only the needed
         layers are hooked."""
-        from lit_sahs.capture import HeadCapture
-        from lit_sahs.runtime import capture_forward
+        from lit_sahs.hooks import HeadCapture, capture_forward
         from lit_sahs.targets import prompting
 
         batch = [self.samples[int(i)] for i in positions]

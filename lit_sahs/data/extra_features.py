@@ -12,8 +12,8 @@ Names (a *feature spec* is a comma-separated list of them):
 Detectors keep one input layout, raw ``[B, k, D]``: each feature is packed after the heads into
 ``ceil(width / D)`` slots of ``D = head_dim`` values, zero-padded (a zero column normalises to 0
 and carries no weight). ``FeatureSpec`` records the names and widths, so a fitted detector knows
-its layout, its artifact records it, and the runtime computes the same features from the same
-forward (``compute_features``). The sparse detector treats each feature as one group.
+its layout, its artifact records it, and ``hooks.FeatureCapture`` computes the same features from the
+same forward (``from_forward``). The sparse detector treats each feature as one group.
 """
 from __future__ import annotations
 
@@ -32,6 +32,14 @@ _NAME = re.compile(r"^(resid:\d+|resid|refusal)$")
 REEXTRACT = ("re-extract into a new store with this version of `python -m lit_sahs extract` "
              "(it records residual_layers, residual_layer_ids and refusal_prob)")
 PROB_EPS = 1e-6
+
+
+def default_residual_layers(num_layers: int, count: int = 4) -> tuple[int, ...]:
+    """The residual layers extraction records by default: `count` evenly spaced decoder layers ending
+    with the last, 30 layers -> (6, 14, 21, 29)."""
+    if num_layers < 1:
+        raise LitSahsError(f"a target needs at least one layer, got {num_layers}")
+    return tuple(sorted({max(0, round(num_layers * i / count) - 1) for i in range(1, count + 1)}))
 
 
 def parse_names(spec: Union[str, Sequence[str], None]) -> tuple[str, ...]:
@@ -99,8 +107,7 @@ class FeatureSpec:
     @classmethod
     def for_target(cls, target, spec: Union[str, Sequence[str], None]) -> "FeatureSpec":
         """The spec a live forward of `target` serves: ``resid`` means the layers extraction records by
-        default (lit_sahs.capture.default_residual_layers), so a live fit reads what a store would."""
-        from lit_sahs.capture import default_residual_layers
+        default (``default_residual_layers``), so a live fit reads what a store would."""
         from lit_sahs.targets import sites
 
         names = parse_names(spec)

@@ -32,7 +32,7 @@ def resolve_heads(fingerprint: TargetFingerprint, heads: Union[str, HeadSet, Seq
         if not len(head_set):
             raise LitSahsError("the HeadSet given with --data.heads is empty: name at least one 'layer.head'")
     elif ranking:
-        from lit_sahs.locate import HeadRanking  # late: locate is a sibling stage, not a data dependency
+        from lit_sahs.ranking import HeadRanking
 
         r = HeadRanking.load(ranking)
         r.fingerprint.check(fingerprint, f"head ranking {ranking}")

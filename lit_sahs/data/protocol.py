@@ -9,12 +9,13 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from lit_sahs.checks import at_least
 from lit_sahs.data.attacks import apply_attacks, get_attack
-from lit_sahs.data.samples import BENIGN, MALICIOUS, Sample, normalise_text
-from lit_sahs.data.sources import FILE_PREFIX, load_source, source_label
+from lit_sahs.data.samples import BENIGN, MALICIOUS, Sample, dedupe
+from lit_sahs.data.sources import load_source, source_label
+from lit_sahs.data.user_files import FILE_PREFIX, load_user_file
 from lit_sahs.errors import LitSahsError
 
 if TYPE_CHECKING:
@@ -51,8 +52,6 @@ class SampleSpec:
 
     def build(self) -> list[Sample]:
         """The labelled, attacked samples (the same spec gives the same list)."""
-        from lit_sahs.data.sources import load_user_file
-
         at_least({"limit": self.limit, "max_chars": self.max_chars}, 1)  # a negative limit would slice from the end
         if self.data:
             samples = apply_attacks(load_user_file(self.data), names(self.attacks), seed=self.seed,
@@ -60,32 +59,6 @@ class SampleSpec:
             return samples[: self.limit] if self.limit is not None else samples
         return build_dataset(harmful=names(self.harmful), benign=names(self.benign), attacks=names(self.attacks),
                              limit=self.limit, seed=self.seed, max_chars=self.max_chars)
-
-
-def _dedupe_key(sample: Sample) -> tuple[str, str]:
-    # image is part of the key: one text over different images is different input to a vision target
-    return normalise_text(sample.text), sample.image or ""
-
-
-def dedupe(samples: Iterable[Sample]) -> list[Sample]:
-    """Drop repeats of a prompt (same normalised text and image), keeping the first, across sources.
-
-    A prompt that appears with BOTH labels (e.g. one dataset calls it harmful, another benign) is
-    dropped entirely: any label we kept would be wrong for one of its sources, and a contradictory
-    pair would only teach the detector noise.
-    """
-    samples = list(samples)
-    labels: dict[tuple[str, str], set[int]] = defaultdict(set)
-    for s in samples:
-        labels[_dedupe_key(s)].add(s.label)
-    seen: set[tuple[str, str]] = set()
-    out = []
-    for s in samples:
-        key = _dedupe_key(s)
-        if len(labels[key]) == 1 and key not in seen:
-            seen.add(key)
-            out.append(s)
-    return out
 
 
 def even_split(sizes: Sequence[int], total: int) -> list[int]:

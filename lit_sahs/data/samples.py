@@ -4,8 +4,9 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
-from typing import Optional
+from typing import Iterable, Optional
 
 MALICIOUS, BENIGN = 1, 0
 
@@ -15,6 +16,11 @@ def normalise_text(text: str) -> str:
     t = unicodedata.normalize("NFKC", text).casefold()
     t = re.sub(r"[^\w\s]", " ", t)
     return re.sub(r"\s+", " ", t).strip()
+
+
+def clean_text(value) -> str:
+    """A text field as read from a file or package: stripped, '' when missing or not text."""
+    return value.strip() if isinstance(value, str) else ""
 
 
 def stable_id(*parts: str) -> str:
@@ -60,3 +66,29 @@ class Sample:
         d = asdict(self)
         d.pop("meta")
         return d
+
+
+def dedupe_key(sample: Sample) -> tuple[str, str]:
+    # image is part of the key: one text over different images is different input to a vision target
+    return normalise_text(sample.text), sample.image or ""
+
+
+def dedupe(samples: Iterable[Sample]) -> list[Sample]:
+    """Drop repeats of a prompt (same normalised text and image), keeping the first, across sources.
+
+    A prompt that appears with BOTH labels (e.g. one dataset calls it harmful, another benign) is
+    dropped entirely: any label we kept would be wrong for one of its sources, and a contradictory
+    pair would only teach the detector noise.
+    """
+    samples = list(samples)
+    labels: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for s in samples:
+        labels[dedupe_key(s)].add(s.label)
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for s in samples:
+        key = dedupe_key(s)
+        if len(labels[key]) == 1 and key not in seen:
+            seen.add(key)
+            out.append(s)
+    return out

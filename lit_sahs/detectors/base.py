@@ -26,7 +26,7 @@ the guard, split scores) is implemented here once for all of them.
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Sequence
 
 import lightning as L
 import numpy as np
@@ -35,19 +35,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lit_sahs
-from lit_sahs.artifact_format import check_threshold, init_args, state_error_reason
 from lit_sahs.detectors.metrics import calibrate_threshold, detection_metrics, set_threshold, ScoreCollector
 from lit_sahs.data.extra_features import FeatureSpec
 from lit_sahs.errors import LitSahsError
-from lit_sahs.family import CHECKPOINT_KEY, ModelFamily
+from lit_sahs.detectors.interface import HeadFamily
+from lit_sahs.family import CHECKPOINT_KEY
 from lit_sahs.heads import Geometry, HeadSet, TargetFingerprint
 
 log = logging.getLogger(__name__)
 
 
-class SafetyDetector(ModelFamily, L.LightningModule):
+class SafetyDetector(HeadFamily, L.LightningModule):
     family: ClassVar[str] = ""
-    reads_store: ClassVar[bool] = True
 
     default_lr: ClassVar[float] = 1e-3
     # Full-batch families switch automatic_optimization off and implement fit_full_batch; this
@@ -154,10 +153,6 @@ class SafetyDetector(ModelFamily, L.LightningModule):
         self._require_bound()
         self.fingerprint.check(fingerprint, what=f"this {self.family or type(self).__name__} detector")
 
-    def prepare(self, target) -> None:
-        self.check_target(target.fingerprint)
-        self.head_set.validate(target.geometry)
-
     def _check_datamodule(self, dm: Any) -> None:
         fp = getattr(dm, "fingerprint", None)
         if fp is not None:
@@ -246,77 +241,6 @@ class SafetyDetector(ModelFamily, L.LightningModule):
         x = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not torch.is_tensor(x) else x.float()
         out = [self.predict_proba(x[i:i + batch_size].to(self.threshold.device)).cpu() for i in range(0, len(x), batch_size)]
         return torch.cat(out).numpy() if out else np.empty(0)
-
-    # ------------------------------------------------------------------ the ModelFamily interface
-
-    def score_encoded(self, target, enc: dict) -> np.ndarray:
-        """The detector's heads (and features) at the first-token position, from a forward that stops
-        after the deepest layer it reads (runs to the end when it reads extra features)."""
-        from lit_sahs.runtime import capture_forward
-
-        x = capture_forward(target, enc, self.head_set, features=self.feature_spec)
-        return self.scores(x)
-
-    def report_label(self) -> str:
-        return f"{len(self.head_set)} heads; {self.report_name} = {type(self).__name__}"
-
-    def layers_run(self, target) -> int:
-        if self.feature_spec:  # residual layers and the refusal logits: the whole forward
-            return target.geometry.num_layers
-        return max(self.head_set.layers) + 1
-
-    def make_guard(self, target, refusal: Optional[str] = None, threshold: Optional[float] = None,
-                   fail_closed: bool = True):
-        from lit_sahs.detectors.guard import SafetyGuard
-
-        return SafetyGuard(target, self, refusal=refusal, fail_closed=fail_closed, threshold=threshold)
-
-    def split_scores(self, dm, split: str) -> np.ndarray:
-        """Scores of one split of a CachedActivationDataModule, read from its store (heads, then the
-        extra features the detector reads)."""
-        from lit_sahs.data.extra_features import read_inputs
-
-        return self.scores(read_inputs(dm.store, self.head_set, self.feature_spec, self.geometry.head_dim,
-                                       rows=dm.splits[split]))
-
-    def artifact_metadata(self) -> dict[str, Any]:
-        return {"class": f"{type(self).__module__}.{type(self).__qualname__}",
-                "hparams": init_args(self.hparams), **self.metadata()}
-
-    def artifact_tensors(self) -> dict[str, Tensor]:
-        return {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
-
-    @classmethod
-    def _instantiate(cls, hparams: Any, source: str) -> "SafetyDetector":
-        if not isinstance(hparams, dict):
-            raise LitSahsError(f"{source}: hyper-parameters are not a mapping: the artifact is corrupt")
-        try:
-            return cls(**init_args(hparams))
-        except TypeError as e:
-            raise LitSahsError(f"{source}: hyper-parameters do not fit {cls.__name__} ({e}): "
-                               "was it written by another lit_sahs version?") from e
-
-    def _load_state(self, state: Mapping[str, Tensor], source: str) -> None:
-        try:
-            self.load_state_dict(dict(state), strict=True)
-        except RuntimeError as e:
-            raise LitSahsError(f"{source} does not fit its own description ({state_error_reason(e)}): "
-                               "the artifact is corrupt, re-save it") from e
-        check_threshold(self.threshold, source)
-
-    @classmethod
-    def from_artifact(cls, meta: Mapping[str, Any], tensors: Mapping[str, Tensor], source: str) -> "SafetyDetector":
-        det = cls._instantiate(meta.get("hparams", {}), source)
-        det.bind_from_metadata(dict(meta))
-        det._load_state(tensors, source)
-        return det
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: Mapping[str, Any], source: str) -> "SafetyDetector":
-        det = cls._instantiate(checkpoint.get("hyper_parameters", {}), source)
-        det.bind_from_metadata(checkpoint[CHECKPOINT_KEY])
-        det._load_state(checkpoint["state_dict"], source)
-        return det
 
     # ------------------------------------------------------------------ loops
 

@@ -34,10 +34,10 @@ from typing import Optional, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from lit_sahs.capture import HeadCapture, capture_for  # noqa: F401 - HeadCapture: GateProcessor's type
+from lit_sahs.hooks import HeadCapture, capture_for  # noqa: F401 - HeadCapture: GateProcessor's type
 from lit_sahs.errors import LitSahsError
 from lit_sahs.guarding import DEFAULT_REFUSAL, UNSUPPORTED_GENERATE, GuardResult, eos_token_id, threshold_override
-from lit_sahs.runtime import encode_prompts
+from lit_sahs.prompts import encode_prompts
 
 
 # ---------------------------------------------------------------- the logits processor

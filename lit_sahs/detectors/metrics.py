@@ -330,3 +330,20 @@ def set_threshold(collection: MetricCollection, threshold: float) -> None:
     for m in collection.values():
         if isinstance(m, AtThreshold):
             m.threshold = float(threshold)
+
+
+# the columns screen and score_file report: the row counts, the threshold-free metrics, the rates at
+# the threshold and the share of rows flagged (derived from the counts and rates, see summary_metrics)
+SUMMARY_COLUMNS = COUNT_COLUMNS + SCORE_COLUMNS + THRESHOLD_COLUMNS + ("flagged_share",)
+
+
+def summary_metrics(metrics: dict) -> dict:
+    """One group of compute_report cut to SUMMARY_COLUMNS, NaN (undefined: AUROC of a one-class
+    group, TPR without malicious rows, FPR without benign ones) as None for JSON. ``flagged_share``:
+    the share of all the group's rows flagged at the threshold, malicious and benign together."""
+    m = dict(metrics)
+    if "flagged_share" not in m and all(k in m for k in ("n", "n_malicious", "n_benign", "tpr", "fpr")):
+        flagged = sum(round(float(m[rate]) * m[count]) for rate, count in (("tpr", "n_malicious"), ("fpr", "n_benign"))
+                      if m[count])
+        m["flagged_share"] = flagged / m["n"] if m["n"] else float("nan")
+    return {k: (None if isinstance(m[k], float) and math.isnan(m[k]) else m[k]) for k in SUMMARY_COLUMNS if k in m}

@@ -49,7 +49,7 @@ class AnswerCache:
         """The target's greedy answer to each prompt, generating (and caching) the missing ones."""
         from tqdm.auto import tqdm
 
-        from lit_sahs.runtime import encode_prompts
+        from lit_sahs.prompts import encode_prompts
 
         images = list(images) if images is not None else [None] * len(texts)
         keys = [self.key(t, im) for t, im in zip(texts, images)]

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_sahs.errors import LitSahsError
-from lit_sahs.runtime import StopForward
+from lit_sahs.hooks import StopForward
 from lit_sahs.targets import prompting, sites
 
 IGNORE_INDEX = -100

@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from safetensors.torch import save_model
@@ -82,6 +82,17 @@ class Target:
         return next(self.model.parameters()).device
 
 
+# targets built in memory by name (random weights: lit_sahs.targets.tiny registers TINY_NAMES and
+# RANDOM_LLAVA_7B when the package is imported): name -> build(dtype, device)
+_BUILDERS: dict[str, Callable[[torch.dtype, "str | torch.device"], Target]] = {}
+
+
+def register_target(name: str, build: Callable[[torch.dtype, "str | torch.device"], Target]) -> None:
+    """Make `load_target(name)` call ``build(dtype, device)`` (device: "cpu" when a device map
+    places the target afterwards)."""
+    _BUILDERS[name] = build
+
+
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -110,15 +121,8 @@ def load_target(spec: str = DEFAULT_TARGET, dtype: str | torch.dtype | None = No
         target = _load_gguf(path, SMOLLM2, spec, torch_dtype, place)
     elif spec in CHUNKED_GGUF:
         target = _load_gguf(_assemble_chunks(spec), spec, spec, torch_dtype, place)
-    elif spec in TINY_NAMES:
-        from lit_sahs.targets import tiny
-
-        target = tiny.build(spec, torch_dtype)
-    elif spec == RANDOM_LLAVA_7B:
-        from lit_sahs.targets import tiny
-
-        target = tiny.random_llava_target(RANDOM_LLAVA_7B, tiny.LLAVA_15_7B_TEXT, tiny.LLAVA_15_7B_VISION,
-                                          dtype=torch_dtype, device="cpu" if place else device)
+    elif spec in _BUILDERS:
+        target = _BUILDERS[spec](torch_dtype, "cpu" if place else device)
     elif spec.endswith(".gguf"):
         path = Path(spec).expanduser()
         if not path.exists():
@@ -340,15 +344,7 @@ def _image_only_qwen2_vl_class():
     return cls
 
 
-# built in lit_sahs.targets.tiny, importable from here as before
-_TINY_EXPORTS = ("LLAVA_15_7B_TEXT", "LLAVA_15_7B_VISION", "random_llava_target")
-
-
 def __getattr__(name: str):
     if name == "ImageOnlyQwen2VLProcessor":  # unpickling in a fresh process
         return _image_only_qwen2_vl_class()
-    if name in _TINY_EXPORTS:
-        from lit_sahs.targets import tiny
-
-        return getattr(tiny, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

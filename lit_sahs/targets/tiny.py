@@ -1,5 +1,6 @@
 """Targets with random weights, built offline from configs: the tiny ones that tests use and the
-full-size benchmark shapes. `load_target` dispatches their names here.
+full-size benchmark shapes. Each registers its name with `registry.register_target`, so that
+`load_target` builds it (the package imports this module).
 
 `tiny-llama` is a text-only Llama decoder; `tiny-llava` (LLaVA-1.5), `tiny-llava-next`
 (LLaVA-NeXT: "anyres" tiles, image token count depending on the image size), `tiny-qwen2-vl`
@@ -18,22 +19,15 @@ from pathlib import Path
 import torch
 
 from lit_sahs.errors import LitSahsError
-from lit_sahs.targets.registry import (SMOLLM2, TINY_IDEFICS3, TINY_LLAMA, TINY_LLAVA, TINY_LLAVA_NEXT, TINY_QWEN2_VL,
-                                       Target, finish_target, image_only_qwen2_vl_processor, load_target,
-                                       state_dict_hash)
+from lit_sahs.targets.registry import (RANDOM_LLAVA_7B, SMOLLM2, TINY_IDEFICS3, TINY_LLAMA, TINY_LLAVA, TINY_LLAVA_NEXT,
+                                       TINY_QWEN2_VL, Target, finish_target, image_only_qwen2_vl_processor,
+                                       load_target, register_target, state_dict_hash)
 
 # LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf): Vicuna-7B decoder + CLIP ViT-L/14 at 336 px
 LLAVA_15_7B_TEXT = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                         num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32064)
 LLAVA_15_7B_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                           projection_dim=768)
-
-
-def build(name: str, dtype: torch.dtype) -> Target:
-    """The tiny target called `name` (one of registry.TINY_NAMES)."""
-    builders = {TINY_LLAMA: _tiny_llama, TINY_LLAVA: _tiny_llava, TINY_LLAVA_NEXT: _tiny_llava_next,
-                TINY_QWEN2_VL: _tiny_qwen2_vl, TINY_IDEFICS3: _tiny_idefics3}
-    return builders[name](dtype)
 
 
 _LLAVA_TEMPLATE = (
@@ -262,3 +256,15 @@ def _tiny_llama(dtype: torch.dtype) -> Target:
     tok = _tiny_tokenizer([])
     model = _seeded(lambda: LlamaForCausalLM(LlamaConfig(**_tiny_text_config(tok))).to(dtype))
     return finish_target(TINY_LLAMA, TINY_LLAMA, model, tok, None, state_dict_hash(model))
+
+
+def _on_cpu(build):
+    """A tiny builder as load_target calls it: built on the CPU, moved or dispatched by load_target."""
+    return lambda dtype, device: build(dtype)
+
+
+for _name, _build in {TINY_LLAMA: _tiny_llama, TINY_LLAVA: _tiny_llava, TINY_LLAVA_NEXT: _tiny_llava_next,
+                      TINY_QWEN2_VL: _tiny_qwen2_vl, TINY_IDEFICS3: _tiny_idefics3}.items():
+    register_target(_name, _on_cpu(_build))
+register_target(RANDOM_LLAVA_7B, lambda dtype, device: random_llava_target(
+    RANDOM_LLAVA_7B, LLAVA_15_7B_TEXT, LLAVA_15_7B_VISION, dtype=dtype, device=device))

@@ -1,10 +1,18 @@
-"""HeadCapture: read every attention head's output at the first-token position.
+"""Every forward hook on a target, and the capture forward that runs them.
 
-A forward pre-hook on each attention output projection sees the concatenated head outputs
-[batch, seq, heads*head_dim] before they are mixed; slicing the first-token column and
-reshaping gives [batch, heads, head_dim] per layer. Inside `generate`, only the first call
-(the prefill) is recorded: each hook removes itself after it fires once, so decode steps run
-hook-free.
+* ``HeadCapture``: read every attention head's output at the first-token position;
+  ``ResidualCapture`` / ``LayerResidualCapture``: the residual stream (baselines, extra features);
+  ``FeatureCapture``: heads plus a detector's extra features (``lit_sahs.data.extra_features``: residuals,
+  the refusal probability of the first-token logits) from one prefill; ``capture_for`` picks one;
+* ``HeadAblation``: switch heads off (zero / mean) in every forward it wraps;
+* ``EarlyExit`` / ``StopForward``: stop a forward once the needed layers have run;
+* ``capture_forward``: one forward of an encoded batch under the capture a detector reads.
+
+Each hook is a context manager that always removes itself. A forward pre-hook on each attention
+output projection sees the concatenated head outputs [batch, seq, heads*head_dim] before they are
+mixed; slicing the first-token column and reshaping gives [batch, heads, head_dim] per layer.
+Inside `generate`, only the first call (the prefill) is recorded: each hook removes itself after
+it fires once, so decode steps run hook-free.
 
 Targets dispatched over several devices (``load_target(..., device_map=...)``, accelerate hooks,
 layers on different GPUs or offloaded to CPU/disk): a pre-hook sees a layer's input on that
@@ -14,15 +22,20 @@ HeadAblation builds its masks on the device of the input it rewrites.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 
+from lit_sahs.data.extra_features import from_forward
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import Geometry, HeadSet
+from lit_sahs.refusal import refusal_probability, refusal_token_ids
 from lit_sahs.targets import sites
 from lit_sahs.targets.prompting import FIRST_TOKEN_INDEX
+
+if TYPE_CHECKING:
+    from lit_sahs.targets import Target
 
 
 class HeadCapture:
@@ -158,13 +171,6 @@ class ResidualCapture:
         return sums / counts  # NaN where no token is scored (0 / 0)
 
 
-def default_residual_layers(num_layers: int, count: int = 4) -> tuple[int, ...]:
-    """`count` evenly spaced decoder layers ending with the last: 30 layers -> (6, 14, 21, 29)."""
-    if num_layers < 1:
-        raise LitSahsError(f"a target needs at least one layer, got {num_layers}")
-    return tuple(sorted({max(0, round(num_layers * i / count) - 1) for i in range(1, count + 1)}))
-
-
 class LayerResidualCapture:
     """Context manager recording the residual stream after each of `layers` (decoder layer
     outputs) at the first-token position, prefill only, in the same forward as HeadCapture.
@@ -215,8 +221,6 @@ class FeatureCapture:
     stands in for a HeadCapture wherever one is read (the guard's gate, ``capture_forward``)."""
 
     def __init__(self, model: nn.Module, heads: HeadSet, geometry: Geometry, spec, tokenizer):
-        from lit_sahs.refusal import refusal_token_ids
-
         self.model, self.spec, self.geometry = model, spec, geometry
         self.head_capture = HeadCapture(model, heads, geometry)
         self.heads = self.head_capture.heads
@@ -252,9 +256,6 @@ class FeatureCapture:
             self._handle = None
 
     def selected(self) -> torch.Tensor:
-        from lit_sahs.data.extra_features import from_forward
-        from lit_sahs.refusal import refusal_probability
-
         x = self.head_capture.selected()
         res = self.residual_capture.residuals() if self.residual_capture is not None else None
         prob = None
@@ -357,3 +358,71 @@ class HeadAblation:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+# ---------------------------------------------------------------- early exit and the capture forward
+
+class StopForward(Exception):
+    """Raised by EarlyExit's hook to abandon a forward once the needed layers have run."""
+
+
+class EarlyExit:
+    """Context manager: a forward on `model` stops at the attention output projection of `layer`
+    (its input, i.e. that layer's head outputs, has been computed; nothing after it runs). Enter
+    it *after* the HeadCapture whose hooks must see that input. Call the model through ``run``,
+    which swallows the StopForward."""
+
+    def __init__(self, model: nn.Module, layer: int):
+        projs = sites.output_projections(model)
+        if not 0 <= layer < len(projs):
+            raise LitSahsError(f"early exit at layer {layer} is outside the target's {len(projs)} layers")
+        self.model, self.layer, self._proj = model, layer, projs[layer]
+        self._handle = None
+        self.stopped = False
+
+    def _hook(self, module, args):
+        self.stopped = True
+        raise StopForward()
+
+    def __enter__(self) -> "EarlyExit":
+        self.stopped = False
+        self._handle = self._proj.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        return exc[0] is StopForward  # a StopForward escaping a `with` block is the expected exit
+
+    def run(self, **inputs) -> None:
+        try:
+            self.model(**inputs)
+        except StopForward:
+            pass
+        if not self.stopped:
+            raise LitSahsError(f"the forward never reached layer {self.layer}: early exit did not fire")
+
+
+@torch.no_grad()
+def capture_forward(target: Target, enc: dict, heads: HeadSet, early_exit: bool = False,
+                    features=None) -> torch.Tensor:
+    """[batch, k, head_dim]: `heads` at the first-token position for an encoded batch, from one
+    forward without a KV cache whose LM head runs on the last position only; with `early_exit` the
+    forward stops after the deepest layer of `heads` (the same values, bit for bit). With extra
+    `features` (a detector's ``feature_spec``) they follow the heads, [batch, k + slots, head_dim],
+    from the same forward (run to the end: the refusal feature needs the logits)."""
+    heads = heads.validate(target.geometry)
+    model = target.model
+    enc = {k: v.to(target.device) if torch.is_tensor(v) else v for k, v in enc.items()}
+    if features:
+        with FeatureCapture(model, heads, target.geometry, features, target.tokenizer) as cap:
+            model(**enc, use_cache=False, logits_to_keep=1)
+        return cap.selected()
+    with HeadCapture(model, heads, target.geometry) as cap:
+        if early_exit:
+            with EarlyExit(model, max(heads.layers)) as stop:
+                stop.run(**enc, use_cache=False)
+        else:
+            model(**enc, use_cache=False, logits_to_keep=1)
+    return cap.selected()
