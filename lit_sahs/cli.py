@@ -66,6 +66,9 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
         raise LitSahsError("give --store (zero-shot matrix) or --detector with --data (score a file)")
     if protocol not in ("families", "sources"):
         raise LitSahsError(f"unknown protocol {protocol!r}: use families or sources")
+    from lit_sahs.outputs import check_outputs
+
+    check_outputs(dirs={"--out": out or os.path.join(store, "zero_shot" if protocol == "families" else "sources")})
     if protocol == "sources":
         return _source_report(store, ranking if not relocate else None, heads, top_k, detector_family, pairing,
                               sources, min_rows, max_epochs, seed, out, tracking_uri, experiment)
@@ -212,6 +215,13 @@ def _lit_sahs_cause(e: BaseException) -> Optional[LitSahsError]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    from lit_sahs.interrupts import exit_on_interrupt
+
+    with exit_on_interrupt():  # Ctrl+C: one line, exit status 130
+        _main(argv)
+
+
+def _main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     configure_logging()
     if argv and argv[0] in LIGHTNING_COMMANDS:

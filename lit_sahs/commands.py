@@ -20,7 +20,12 @@ import dataclasses
 import inspect
 from typing import Any, Callable, Optional, Sequence
 
+from argparse import ArgumentError
+
 from jsonargparse import ActionConfigFile, ArgumentParser
+
+from lit_sahs.errors import LitSahsError
+from lit_sahs.parse_errors import one_line
 
 
 def _summary(obj: Any) -> str:
@@ -43,7 +48,11 @@ def command_parser(fn: Callable | type, prog: str, description: Optional[str] = 
 def parse_command(fn: Callable | type, argv: Sequence[str], prog: str, skip: Sequence[str] = ()) -> dict[str, Any]:
     """argv -> the keyword arguments of `fn` (config files applied, `config` removed)."""
     parser = command_parser(fn, prog, skip=skip)
-    cfg = parser.parse_args(list(argv))
+    parser.exit_on_error = False  # one `error:` line (the CLI prints LitSahsError) instead of usage + details
+    try:
+        cfg = parser.parse_args(list(argv))
+    except ArgumentError as e:
+        raise LitSahsError(one_line(e)) from None
     kwargs = parser.instantiate_classes(cfg).as_dict()
     kwargs.pop("config", None)
     kwargs.pop("__path__", None)

@@ -80,7 +80,10 @@ class Engine:
         """The callbacks that write the test report and the artifact into output_dir."""
         if self.output_dir is None:
             return []
+        from lit_sahs.outputs import check_outputs
         from lit_sahs.reporting import ExportDetector, TestReport
+
+        check_outputs(dirs={"output_dir": self.output_dir})  # before training, not after it
 
         return [TestReport(self.output_dir, baselines=self.baselines), ExportDetector(self.output_dir)]
 

@@ -121,48 +121,10 @@ SCORE_CSV_COLUMNS = ("id", "source", "attack", "label", "score", "flagged")
 
 
 def check_output_paths(paths: dict[str, Optional[str]]) -> None:
-    """Refuse, before anything loads, an output path (option name -> path; None: not asked for) that
-    is a directory or another non-file, sits under a file, is given twice, or cannot be written
-    (probed with a hidden temporary file or folder, removed at once), so a run never ends in an
-    unwritable report after the scoring."""
-    import os
-    import uuid
-    from pathlib import Path
+    """Refuse, before anything loads, an output file that cannot be written (``outputs.check_outputs``)."""
+    from lit_sahs.outputs import check_outputs
 
-    from lit_sahs.io import temp_path
-
-    seen: dict[str, str] = {}
-    for flag, path in paths.items():
-        if path is None:
-            continue
-        p = Path(path).expanduser()
-        where = f"{flag} {path}"
-        if not str(path).strip() or p.is_dir():
-            raise LitSahsError(f"{where} is a directory: give a file path, e.g. {Path(path) / 'out'}")
-        if p.exists() and not p.is_file():
-            raise LitSahsError(f"{where} exists and is not a regular file: give a file path")
-        key = os.path.abspath(p)
-        if key in seen:
-            raise LitSahsError(f"{seen[key]} and {flag} name the same file {path}: give two paths")
-        seen[key] = flag
-        folder = p.parent
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
-        if not folder.is_dir():
-            raise LitSahsError(f"{where}: {folder} is a file, so the folder {p.parent} cannot be created")
-        try:
-            if folder == p.parent:  # the folder exists: can a file be created in it?
-                probe = temp_path(p)
-                with open(probe, "xb"):
-                    pass
-                probe.unlink()
-            else:  # the folder is missing: can it be created?
-                probe = folder / f".tmp-{uuid.uuid4().hex}-probe"
-                probe.mkdir()
-                probe.rmdir()
-        except OSError as e:
-            raise LitSahsError(f"{where} cannot be written ({e.strerror or e} in {folder}): "
-                               "choose a writable location") from None
+    check_outputs(files=paths)
 
 
 def score_file(detector_path: str, data: str, target: Optional[str] = None, batch_size: int = 8,

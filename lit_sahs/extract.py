@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -25,6 +26,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
+from lit_sahs.checks import at_least
 from lit_sahs.data.extra_features import default_residual_layers
 from lit_sahs.data.protocol import DEFAULT_ATTACKS, DEFAULT_BENIGN, DEFAULT_HARMFUL, SampleSpec
 from lit_sahs.data.samples import Sample
@@ -33,6 +35,7 @@ from lit_sahs.data.writer import BlockWriter
 from lit_sahs.engine import Engine
 from lit_sahs.errors import LitSahsError
 from lit_sahs.hooks import HeadCapture, LayerResidualCapture, ResidualCapture
+from lit_sahs.outputs import check_outputs
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
 from lit_sahs.targets import Target, load_target, prompting
 from lit_sahs.targets.registry import DeviceMap, parse_device_map
@@ -167,19 +170,21 @@ class StoreWriter(BasePredictionWriter):
         self._acts: list[torch.Tensor] = []
         self._extras: dict[str, list[torch.Tensor]] = {}
         self._written = 0
+        self.tag = uuid.uuid4().hex[:6]  # every block of this run, on every rank (see setup), carries it
 
     @property
     def rows_written(self) -> int:
         return self._written + (self._writer.rows_written if self._writer is not None else 0)
 
     def setup(self, trainer, pl_module, stage=None) -> None:
+        self.tag = trainer.strategy.broadcast(self.tag)  # processes started by torchrun drew their own
         target = pl_module.target
         self.store = ActivationStore.create_or_open(self.store_path, target.fingerprint,
                                                     prompting.POSITION_RULE, prompt_format(target))
 
     def on_predict_start(self, trainer, pl_module) -> None:
         if self.background and self._writer is None:
-            self._writer = BlockWriter(self.store, max_pending=self.max_pending)
+            self._writer = BlockWriter(self.store, max_pending=self.max_pending, tag=self.tag)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         if self._writer is not None:
@@ -212,7 +217,8 @@ class StoreWriter(BasePredictionWriter):
         if self._writer is not None:
             self._writer.submit(rows, acts, rank=rank, extras=extras)
             return
-        if self.store.write_block(rows, torch.cat(acts), rank=rank, extras={k: torch.cat(v) for k, v in extras.items()}):
+        if self.store.write_block(rows, torch.cat(acts), rank=rank, extras={k: torch.cat(v) for k, v in extras.items()},
+                                  tag=self.tag):
             self._written += len(rows)
 
 
@@ -249,6 +255,8 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
     A prompt longer than the target's context is refused before the store is created, naming it,
     or its text is cut to fit with `truncate` left / right (``prompting.fit_context``)."""
     prompting.truncate_side(truncate)  # before loading the target
+    at_least({"batch_size": batch_size, "block_rows": block_rows}, 1)
+    check_outputs(dirs={"--store": store_path})
     if not samples:
         raise LitSahsError("no samples to extract: check the sources, attacks and --limit")
     if num_workers is not None and num_workers < 0:  # before loading the target
@@ -281,8 +289,9 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
     trainer.predict(module, loader, return_predictions=False)
     trainer.strategy.barrier("extraction written")  # DDP: every rank has committed its blocks
     store = ActivationStore.open(store_path)
-    done = store.written_ids()  # counted in the store: a rank's (or spawned process's) writer sees only its rows
-    return {"written": sum(s.id in done for s in todo), "skipped": skipped, "total": len(store)}
+    # counted in the store, in the blocks tagged by this run: a rank's (or spawned process's) writer
+    # sees only its own rows, and another run writing to the same store adds rows that are not ours
+    return {"written": store.rows_tagged(writer.tag), "skipped": skipped, "total": len(store)}
 
 
 def _extraction_trainer(module: HeadExtractor, writer: StoreWriter, trainer_kwargs: Optional[dict]) -> L.Trainer:
@@ -354,9 +363,11 @@ def extract_command(target: str = "smollm2-135m-instruct", dtype: str = "float32
             extra feature (default: 4 evenly spaced, the last included)
         trainer: Lightning Trainer settings
     """
+    store = store or os.path.join("stores", os.path.basename(str(target)).removesuffix(".gguf"))
+    at_least({"--batch_size": batch_size, "--block_rows": block_rows, "--limit": limit}, 1)  # before any source loads
+    check_outputs(dirs={"--store": store})
     samples = SampleSpec(harmful=harmful, benign=benign, attacks=attacks, data=data, limit=limit,
                          max_chars=max_chars, seed=seed).build()
-    store = store or os.path.join("stores", os.path.basename(str(target)).removesuffix(".gguf"))
     result = run_extraction(target, samples, store, batch_size=batch_size, block_rows=block_rows, dtype=dtype,
                             trainer_kwargs=dataclasses.asdict(trainer), num_workers=num_workers,
                             device_map=parse_device_map(device_map), offload_folder=offload_folder,

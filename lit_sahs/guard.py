@@ -19,10 +19,12 @@ from typing import Optional
 
 import torch
 
+from lit_sahs.checks import optional_probability
 from lit_sahs.errors import LitSahsError
 from lit_sahs.guarding import DEFAULT_REFUSAL
 from lit_sahs.loading import load_detector_and_target
 from lit_sahs.options import DetectorOptions, run_options
+from lit_sahs.outputs import check_outputs
 from lit_sahs.prompts import write_jsonl
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,8 @@ class GuardOptions(DetectorOptions):
 
 def guard_command(a: GuardOptions) -> int:
     """Guarded generation for every prompt; one JSON line {id, prompt, flagged, score, response} each."""
+    check_outputs(files={"--out": a.out})
+    optional_probability(a.threshold)  # above 1 would pass every prompt, below 0 refuse every one
     rows = a.rows()
     if a.batch_size < 1:
         raise LitSahsError(f"batch_size must be >= 1, got {a.batch_size}")

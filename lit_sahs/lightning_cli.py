@@ -14,6 +14,7 @@ from lit_sahs.baselines import BASELINES
 from lit_sahs.engine import Engine, family_defaults
 from lit_sahs.errors import LitSahsError
 from lit_sahs.pipeline import Prepare, ensure_ranking, ensure_store
+from lit_sahs.redact import redact
 from lit_sahs.tracking import MLflowSettings
 
 
@@ -25,7 +26,8 @@ class LogConfigToMLflow(SaveConfigCallback):
         logger = trainer.logger
         if getattr(logger, "run_id", None) is not None:
             text = self.parser.dump(self.config, skip_none=False)
-            logger.experiment.log_text(logger.run_id, text, "config.yaml")
+            uri = getattr(self.config.get("mlflow"), "tracking_uri", None)  # its password stays out of the run
+            logger.experiment.log_text(logger.run_id, redact(text, uri), "config.yaml")
 
 
 class SahsCLI(LightningCLI):

@@ -385,6 +385,10 @@ def locate_command(store: Optional[str] = None, out: Optional[str] = None, by: s
             default_out = None if local_path(store) is None else str(local_path(store))
             if not (out or default_out):
                 raise LitSahsError(f"locate on the store URL {store} needs --out (a local output directory)")
+    if out or default_out:
+        from lit_sahs.outputs import check_outputs
+
+        check_outputs(dirs={"--out": out or default_out})  # before the ranking is computed
     if by == "effect":
         from lit_sahs.effect import effect_ranking
 

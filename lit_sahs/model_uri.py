@@ -44,7 +44,7 @@ def registered_model(c, name: str, where: str):
         return c.get_registered_model(name)
     except mlflow_error() as e:
         if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(e).lower():
-            raise LitSahsError(f"the model registry at {redact(where)} failed: {error_text(e)}") from None
+            raise LitSahsError(redact(f"the model registry at {where} failed: {error_text(e)}", where)) from None
     try:
         names = sorted(m.name for m in c.search_registered_models(max_results=50))
     except Exception:  # noqa: BLE001
@@ -64,7 +64,7 @@ def resolve_version(uri: str, tracking_uri: Optional[str] = None):
     except LitSahsError:
         raise
     except Exception as e:  # noqa: BLE001 - an unreachable registry
-        raise LitSahsError(f"cannot reach the model registry at {redact(where)}: {error_text(e)}") from None
+        raise LitSahsError(redact(f"cannot reach the model registry at {where}: {error_text(e)}", where)) from None
     versions = sorted((v.version for v in c.search_model_versions(f"name='{name}'")), key=int)
     try:
         if alias is not None:
@@ -96,7 +96,7 @@ def download(uri: str, dst: str | os.PathLike, tracking_uri: Optional[str] = Non
             try:
                 source = mlflow_client(tracking_uri).get_run(RUN_URI.match(uri)["run_id"]).info.artifact_uri
             except Exception as e:  # noqa: BLE001
-                raise LitSahsError(f"cannot find run {uri} in {redact(turi)}: {error_text(e)}") from None
+                raise LitSahsError(redact(f"cannot find run {uri} in {turi}: {error_text(e)}", turi)) from None
     else:
         raise LitSahsError(f"{uri!r} is not a registry or run URI: use models:/<name>/<version>, "
                            "models:/<name>@<alias> or runs:/<run_id>/<path>")

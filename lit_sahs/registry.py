@@ -127,10 +127,10 @@ def register_detector(detector: str, name: str, alias: Optional[str] = None, tag
             existing = c.get_registered_model(name)
         except mlflow_error() as e:
             if "not found" not in str(e).lower() and getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
-                raise LitSahsError(f"the model registry at {redact(turi)} failed: {_msg(e)}") from None
+                raise LitSahsError(redact(f"the model registry at {turi} failed: {_msg(e)}", turi)) from None
             existing = None
         except Exception as e:  # noqa: BLE001 - unreachable registry
-            raise LitSahsError(f"cannot reach the model registry at {redact(turi)}: {_msg(e)}") from None
+            raise LitSahsError(redact(f"cannot reach the model registry at {turi}: {_msg(e)}", turi)) from None
         if existing is not None:
             fp = (existing.tags or {}).get(TAG_FINGERPRINT)
             if fp is None and c.search_model_versions(f"name='{name}'"):
@@ -186,8 +186,8 @@ def register_detector(detector: str, name: str, alias: Optional[str] = None, tag
         _rollback(c, name, created_model, created_version, created_run)
         if isinstance(e, (LitSahsError, KeyboardInterrupt)):
             raise
-        raise LitSahsError(f"registering {detector} as {name!r} failed ({type(e).__name__}: {_msg(e)}); "
-                           "nothing was registered") from None
+        raise LitSahsError(redact(f"registering {detector} as {name!r} failed ({type(e).__name__}: {_msg(e)}); "
+                                  "nothing was registered", turi)) from None
     return {"name": name, "version": int(mv.version), "uri": f"models:/{name}/{mv.version}",
             "alias": alias, "alias_uri": f"models:/{name}@{alias}" if alias else None, "source": source,
             "run_id": run_id, "tags": vtags, "tracking_uri": redact(turi)}

@@ -31,6 +31,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from lit_sahs.checks import optional_probability
+from lit_sahs.data.user_files import parse_label
 from lit_sahs.detectors.metrics import summary_metrics
 from lit_sahs.errors import LitSahsError
 from lit_sahs.family import ModelFamily
@@ -40,6 +42,7 @@ from lit_sahs.hooks import capture_forward
 from lit_sahs.hooks import EarlyExit, StopForward  # noqa: F401 - defined beside capture_forward, part of screen's API
 from lit_sahs.loading import load_detector_and_target
 from lit_sahs.options import DetectorOptions, run_options
+from lit_sahs.outputs import check_outputs
 from lit_sahs.prompts import encode_prompts, write_jsonl
 from lit_sahs.targets import Target
 
@@ -123,6 +126,8 @@ class ScreenOptions(DetectorOptions):
 
 def screen_command(a: ScreenOptions) -> int:
     """Score every prompt; the last stdout line is a summary (with AUROC etc. when every row has a label)."""
+    check_outputs(files={"--out": a.out, "--passed": a.passed})
+    optional_probability(a.threshold)  # above 1 would pass every prompt, below 0 flag every one
     rows = a.rows()
     det, target = a.load()
     screener = Screener(target, det, threshold=a.threshold, batch_size=a.batch_size)
@@ -134,10 +139,10 @@ def screen_command(a: ScreenOptions) -> int:
     if all(l is not None for l in labels):
         from lit_sahs.detectors import compute_report
 
-        try:
-            y = np.array([int(l) for l in labels])
-        except (TypeError, ValueError):
-            raise LitSahsError("labels must be 0 (benign) or 1 (malicious)") from None
+        parsed = [parse_label(l) for l in labels]
+        if any(l is None for l in parsed):
+            raise LitSahsError("labels must be 0 (benign) or 1 (malicious)")
+        y = np.array(parsed)
         if set(y.tolist()) <= {0, 1} and len(set(y.tolist())) == 2 and not np.isnan(res.scores).any():
             summary["metrics"] = summary_metrics(compute_report(res.scores, y, threshold=res.threshold)["overall"])
     if a.out:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -20,12 +19,12 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from lit_sahs.errors import LitSahsError
+from lit_sahs.redact import redact
 
 DEFAULT_DIR = Path("mlruns")
 DEFAULT_TRACKING_URI = f"sqlite:///{DEFAULT_DIR}/mlflow.db"
 DEFAULT_STORAGE = f"sqlite:///{DEFAULT_DIR}/optuna.db"  # Optuna studies
 REFIT_ATTR = "lit_sahs.best_refit"  # study user attribute: the refit detector of a tune study
-_CREDENTIALS = re.compile(r"^(?P<scheme>[A-Za-z][\w+.-]*://)(?P<user>[^:/@]*):(?P<pw>.*)@(?P<rest>[^@]*)$")
 
 
 @dataclass
@@ -53,15 +52,6 @@ def artifact_location(experiment: str, uri: str) -> Optional[str]:
     if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
         return (DEFAULT_DIR / "artifacts" / experiment).resolve().as_uri()
     return None
-
-
-def redact(url: str) -> str:
-    """A storage / tracking URL with its password hidden (for messages, tags and logs). The password
-    runs to the last '@' of the address, so an unencoded '@' inside it is hidden too."""
-    m = _CREDENTIALS.match(str(url))
-    if not m:
-        return str(url)
-    return f"{m['scheme']}{m['user']}:***@{m['rest']}"
 
 
 def absolute_uri(tracking_uri: Optional[str]) -> str:
@@ -96,16 +86,27 @@ def probe_database(url: str, what: str) -> None:
         with engine.connect():
             pass
     except sqlalchemy.exc.OperationalError as e:
-        raise LitSahsError(f"cannot reach {what} {redact(url)}: {first_line(e)}; check the URL, that the server "
-                           "is running and accepts this user") from None
+        raise LitSahsError(redact(f"cannot reach {what} {url}: {first_line(e)}; check the URL, that the server "
+                                  "is running and accepts this user", url)) from None
     except ModuleNotFoundError as e:
-        raise LitSahsError(f"{what} {redact(url)} needs the database driver {e.name!r}: "
-                           f"pip install {'psycopg2-binary' if 'psycopg2' in str(e.name) else 'psycopg[binary]' if 'psycopg' in str(e.name) else e.name}") from None
-    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as e:
-        raise LitSahsError(f"{what} {redact(url)} is not a usable database URL: {first_line(e)}") from None
+        raise LitSahsError(redact(f"{what} {url} needs the database driver {e.name!r}: pip install "
+                                  f"{_driver_package(e.name)}", url)) from None
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError) as e:
+        # ValueError: a URL SQLAlchemy cannot split (an unencoded '@', ':' or '/' in the password)
+        raise LitSahsError(redact(f"{what} {url} is not a usable database URL: {first_line(e)}{_ENCODE_HINT}",
+                                  url)) from None
     finally:
         if engine is not None:
             engine.dispose()
+
+
+_ENCODE_HINT = ("; if the password holds '@', ':', '/', '?', '{' or '}', percent-encode them "
+                "(urllib.parse.quote(password, safe=''))")
+
+
+def _driver_package(module: Optional[str]) -> str:
+    name = str(module)
+    return "psycopg2-binary" if "psycopg2" in name else "psycopg[binary]" if "psycopg" in name else name
 
 
 def open_storage(url: str, heartbeat_interval: Optional[int] = 60):
@@ -114,8 +115,8 @@ def open_storage(url: str, heartbeat_interval: Optional[int] = 60):
     import sqlalchemy.exc
 
     if not url or "://" not in url:
-        raise LitSahsError(f"storage {url!r} is not a database URL: use sqlite:///path.db or "
-                           "postgresql+psycopg2://user:password@host:port/db")
+        raise LitSahsError(redact(f"storage {url!r} is not a database URL: use sqlite:///path.db or "
+                                  "postgresql+psycopg2://user:password@host:port/db", url))
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         path = url.split(":///", 1)[-1]
@@ -123,7 +124,7 @@ def open_storage(url: str, heartbeat_interval: Optional[int] = 60):
             try:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise LitSahsError(f"cannot create the folder of storage {url}: {e}") from None
+                raise LitSahsError(redact(f"cannot create the folder of storage {url}: {e}", url)) from None
         engine_kwargs["connect_args"] = {"timeout": 60}
     elif url.startswith("postgresql"):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
@@ -140,16 +141,18 @@ def open_storage(url: str, heartbeat_interval: Optional[int] = 60):
             last = e  # two workers creating the tables of a fresh database at once: the loser retries
             time.sleep(0.5 + attempt)
         except sqlalchemy.exc.OperationalError as e:
-            raise LitSahsError(f"cannot reach the study storage {redact(url)}: {first_line(e)}; check the URL, "
-                               "that the server is running and accepts this user") from None
-        except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError) as e:
-            raise LitSahsError(f"storage {redact(url)} is not a usable SQLAlchemy URL: {first_line(e)}") from None
+            raise LitSahsError(redact(f"cannot reach the study storage {url}: {first_line(e)}; check the URL, "
+                                      "that the server is running and accepts this user", url)) from None
+        except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError, IndexError, KeyError) as e:
+            # IndexError/KeyError: Optuna fills `{...}` in the URL as a template, so a brace in a password breaks it
+            raise LitSahsError(redact(f"storage {url} is not a usable SQLAlchemy URL: {first_line(e)}{_ENCODE_HINT}",
+                                      url)) from None
         except ModuleNotFoundError as e:
-            raise LitSahsError(f"storage {redact(url)} needs the database driver {e.name!r}: "
-                               f"pip install {'psycopg2-binary' if 'psycopg2' in str(e.name) else 'psycopg[binary]' if 'psycopg' in str(e.name) else e.name}") from None
+            raise LitSahsError(redact(f"storage {url} needs the database driver {e.name!r}: pip install "
+                                      f"{_driver_package(e.name)}", url)) from None
         except sqlalchemy.exc.SQLAlchemyError as e:
-            raise LitSahsError(f"study storage {redact(url)} failed: {first_line(e)}") from None
-    raise LitSahsError(f"study storage {redact(url)} could not be initialised: {first_line(last)}")
+            raise LitSahsError(redact(f"study storage {url} failed: {first_line(e)}", url)) from None
+    raise LitSahsError(redact(f"study storage {url} could not be initialised: {first_line(last)}", url))
 
 
 def mlflow_client(tracking_uri: Optional[str] = None):
@@ -161,7 +164,34 @@ def mlflow_client(tracking_uri: Optional[str] = None):
     probe_database(uri, "the MLflow tracking store")
     if registry != uri:
         probe_database(registry, "the MLflow model registry")
-    return MlflowClient(tracking_uri=uri, registry_uri=registry)
+    with first_use_lock(uri):  # the client opens (and on first use creates) the database
+        return MlflowClient(tracking_uri=uri, registry_uri=registry)
+
+
+@contextlib.contextmanager
+def first_use_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a local SQLite database while MLflow opens it: two processes
+    that open a new database at once (two tune workers started together) would both run MLflow's
+    table creation and migrations, and the second would fail half-way. Other URIs: no lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        fcntl = None
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    if fcntl is None or not path or path.startswith(":memory:"):
+        yield
+        return
+    lock = Path(path).with_name(Path(path).name + ".lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError:  # a read-only folder: nobody can create the database there either
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @contextlib.contextmanager
@@ -185,7 +215,7 @@ def study_refit(study: str, storage: Optional[str] = None) -> dict:
         sid = st.get_study_id_from_name(study)
     except KeyError:
         names = sorted(s.study_name for s in st.get_all_studies())
-        raise LitSahsError(f"no study {study!r} in {redact(storage)} (studies: {names or 'none'})") from None
+        raise LitSahsError(redact(f"no study {study!r} in {storage} (studies: {names or 'none'})", storage)) from None
     info = st.get_study_user_attrs(sid).get(REFIT_ATTR)
     if not info:
         raise LitSahsError(f"study {study!r} has no refit detector yet: run `python -m lit_sahs tune ... --refit true`")
@@ -202,8 +232,9 @@ class Tracker:
         self.uri = absolute_uri(tracking_uri)
         probe_database(self.uri, "the MLflow tracking store")
         try:
-            self.client = MlflowClient(self.uri, self.uri)
-            exp = self.client.get_experiment_by_name(experiment)
+            with first_use_lock(self.uri):
+                self.client = MlflowClient(self.uri, self.uri)
+                exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 try:
                     exp_id = self.client.create_experiment(experiment,
@@ -218,7 +249,7 @@ class Tracker:
         except LitSahsError:
             raise
         except Exception as e:  # noqa: BLE001 - MlflowException, SQLAlchemy errors, connection errors
-            raise LitSahsError(f"cannot use the MLflow tracking store {redact(self.uri)}: {first_line(e)}") from None
+            raise LitSahsError(redact(f"cannot use the MLflow tracking store {self.uri}: {first_line(e)}", self.uri)) from None
         self.experiment_id = exp_id
 
     def create_run(self, name: str, tags: dict, parent: Optional[str] = None) -> str:
@@ -321,8 +352,9 @@ def start_run(experiment: str, tracking_uri: Optional[str] = None, run_name: Opt
 
     uri = resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        mlflow.create_experiment(experiment, artifact_location=artifact_location(experiment, uri))
+    with first_use_lock(uri):
+        if mlflow.get_experiment_by_name(experiment) is None:
+            mlflow.create_experiment(experiment, artifact_location=artifact_location(experiment, uri))
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=run_name) as run:
         yield RunLog(run)

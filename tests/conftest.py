@@ -2,8 +2,16 @@ import os
 import shutil
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Property tests: 500 examples a test in CI (the CI environment sets CI=true), 60 in a local run;
+# HYPOTHESIS_PROFILE=ci|dev chooses explicitly. No example database: nothing is written into the repo.
+_PROPERTY = dict(deadline=None, database=None, suppress_health_check=list(HealthCheck))
+settings.register_profile("ci", max_examples=500, **_PROPERTY)
+settings.register_profile("dev", max_examples=60, **_PROPERTY)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 
 @pytest.fixture(autouse=True)

@@ -113,3 +113,16 @@ def test_store_of_another_target_is_refused(smollm2, samples, tmp_path, capsys):
                          "--store", str(tmp_path / "s")], capsys)
     assert code == 2 and "another target" in err[-1]
     assert len(ActivationStore.open(tmp_path / "s")) == 2
+
+
+def test_a_run_racing_another_counts_only_the_rows_it_added(smollm2, samples, tmp_path, monkeypatch):
+    """Two runs on one store, both looking before either committed: the store keeps the first copy
+    of each row, and the second run says it wrote none of them (not all 8)."""
+    from lit_sahs import extract
+
+    first = run_extraction(smollm2, samples, tmp_path / "s", batch_size=4, block_rows=4, trainer_kwargs=TRAINER)
+    assert first["written"] == 8
+    monkeypatch.setattr(extract, "pending_samples", lambda samples, *a: list(samples))  # looked before the commit
+    monkeypatch.setattr(ActivationStore, "written_ids", lambda self: set())
+    second = run_extraction(smollm2, samples, tmp_path / "s", batch_size=4, block_rows=4, trainer_kwargs=TRAINER)
+    assert second == {"written": 0, "skipped": 0, "total": 8}

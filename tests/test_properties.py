@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from lit_sahs.data.samples import Sample
@@ -21,8 +21,8 @@ from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import Geometry, HeadSet, TargetFingerprint
 from lit_sahs.prompts import read_prompts
 
-# no example database: nothing is written into the repository
-SETTINGS = settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+# the number of examples, the deadline and the example database come from the profile tests/conftest.py loads
+SETTINGS = settings()
 COLUMNS = ("text", "label", "id", "attack", "attack_family", "source", "category", "image", "extra")
 ENCODINGS = ("utf-8", "utf-8-sig", "utf-16", "utf-32", "latin-1", "cp1252", "ascii")
 

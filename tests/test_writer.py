@@ -77,7 +77,7 @@ class _SlowStore:
         self.release = threading.Event()
         self.written = []
 
-    def write_block(self, rows, acts, rank=0, extras=None):
+    def write_block(self, rows, acts, rank=0, extras=None, tag=""):
         self.release.wait(5)
         self.written.append(list(rows))
         return "b"

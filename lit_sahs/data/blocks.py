@@ -82,14 +82,24 @@ def committed_names(blocks_dir: Path) -> list[str]:
     return sorted(names)
 
 
-def next_block_name(blocks_dir: Path, rank: int) -> str:
-    """A fresh name for `rank`'s next block, sorting after that rank's committed blocks."""
+def next_block_name(blocks_dir: Path, rank: int, tag: str = "") -> str:
+    """A fresh name for `rank`'s next block, sorting after that rank's committed blocks. `tag` (a few
+    hex digits) starts the name's unique part: one extraction run tags all its blocks alike, so it
+    can count the rows it wrote itself while another run writes to the same store."""
+    if not re.fullmatch(r"[0-9a-f]{0,8}", tag):
+        raise LitSahsError(f"block tag must be at most 8 hex digits, got {tag!r}")
     seq = 0
     for name in committed_names(blocks_dir):
         m = _BLOCK_RE.match(name)
         if m and int(m.group(2)) == rank:
             seq = max(seq, int(m.group(1)))
-    return f"b{seq + 1:06d}-r{rank:04d}-{uuid.uuid4().hex[:12]}"
+    return f"b{seq + 1:06d}-r{rank:04d}-{tag}{uuid.uuid4().hex[:12 - len(tag)]}"
+
+
+def block_tag_is(name: str, tag: str) -> bool:
+    """Whether the block `name` was written with `tag` (see next_block_name)."""
+    m = _BLOCK_RE.match(name)
+    return bool(tag) and m is not None and m.group(3).startswith(tag)
 
 
 def repair_hint(store: Path) -> str:
@@ -103,6 +113,18 @@ class DamagedBlock(LitSahsError):
         store = block_path.parent.parent
         super().__init__(f"block {block_path.name} of activation store {store} is damaged ({what}): {repair_hint(store)}")
         self.block, self.what = block_path.name, what
+
+
+class GeometryMismatch(LitSahsError):
+    """A block whose activations have a whole [layers, heads, head_dim] other than the manifest's:
+    either the block belongs to another store or the manifest is wrong (``verify`` tells which)."""
+
+    def __init__(self, block_path: Path, have: tuple, want: tuple):
+        store = block_path.parent.parent
+        super().__init__(f"block {block_path.name} of activation store {store} holds activations shaped {have} "
+                         f"[layers, heads, head_dim] but its manifest.json says {want}: the manifest or the block "
+                         f"belongs to another target; run `python -m lit_sahs store verify {store}` to see which")
+        self.block, self.have, self.want = block_path.name, tuple(have), tuple(want)
 
 
 def damaged(block_path: Path, what: str) -> DamagedBlock:
@@ -201,20 +223,43 @@ def load_extra(block: Block, name: str) -> np.ndarray:
 
 class VerifiedStore(WrapperStore):
     """A block's zarr store that checks every whole file it returns against the block's checksums,
-    so only the bytes actually read are hashed."""
+    so only the bytes actually read are hashed.
 
-    def __init__(self, store, sums: dict[str, str], block_path: Path):
+    A file that fails its check is not raised inside zarr's concurrent reads (an exception there
+    leaves the other chunk tasks pending, and asyncio logs each one when it is destroyed): it reads
+    as absent and the damage is kept in ``damage``, which ``raise_damage`` raises once zarr returns."""
+
+    def __init__(self, store, sums: dict[str, str], block_path: Path, _found: list | None = None):
         super().__init__(store)
         self._sums, self._block_path = sums, block_path
+        self._found: list[DamagedBlock] = [] if _found is None else _found  # shared with its copies
+
+    @property
+    def damage(self) -> DamagedBlock | None:
+        return self._found[0] if self._found else None
 
     def _with_store(self, store):
-        return type(self)(store, self._sums, self._block_path)
+        return type(self)(store, self._sums, self._block_path, self._found)
 
     async def get(self, key, prototype, byte_range=None):
         buf = await self._store.get(key, prototype, byte_range)
         if byte_range is None:
-            check_bytes(self._block_path, key, None if buf is None else buf.as_numpy_array(), self._sums)
+            try:
+                check_bytes(self._block_path, key, None if buf is None else buf.as_numpy_array(), self._sums)
+            except DamagedBlock as e:
+                self._found.append(e)
+                return None
         return buf
+
+
+def raise_damage(zstore) -> None:
+    """Raise the damage a VerifiedStore found during the last zarr call (no-op for other stores),
+    and forget it: the next read of other chunks of the block starts clean."""
+    found = getattr(zstore, "_found", None)
+    if found:
+        damage = found[0]
+        found.clear()
+        raise damage
 
 
 # ---------------------------------------------------------------- temp blocks, locks and the commit
@@ -278,9 +323,50 @@ def committing(blocks_dir: Path, name: str) -> Iterator[Path]:
 
 # ---------------------------------------------------------------- block files
 
+class SettlingStore(WrapperStore):
+    """A block's zarr store for writing that counts the chunk writes in flight. zarr writes chunks
+    concurrently and, when one fails (a full disk), raises at once while the others still run, and
+    they would recreate files in the temp block after it is removed; ``settle`` waits for them."""
+
+    def __init__(self, store, _state: list | None = None):
+        super().__init__(store)
+        self._state = [0, None] if _state is None else _state  # [writes in flight, first error], shared with copies
+
+    def _with_store(self, store):
+        return type(self)(store, self._state)
+
+    async def set(self, key, value, *args, **kwargs):
+        if self._state[1] is not None:
+            raise self._state[1]  # after a failure nothing more is written
+        self._state[0] += 1
+        try:
+            return await self._store.set(key, value, *args, **kwargs)
+        except BaseException as e:
+            self._state[1] = self._state[1] or e
+            raise
+        finally:
+            self._state[0] -= 1
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait (at most `timeout` seconds) until no chunk write is in flight."""
+        end = time.monotonic() + timeout
+        while self._state[0] > 0 and time.monotonic() < end:
+            time.sleep(0.01)
+
+
 def write_block_files(zstore, tmp: Path, rows: list[dict], arr: np.ndarray, rank: int) -> None:
     """Write activations `arr` [n, L, H, D] into the zarr store `zstore` of the temp block `tmp`
-    (one chunk per (layer, head)) and its n index rows next to them."""
+    (one chunk per (layer, head)) and its n index rows next to them. On a failure every chunk write
+    still running has ended before the error leaves, so the temp block can be removed whole."""
+    zstore = SettlingStore(zstore)
+    try:
+        _write_block_files(zstore, tmp, rows, arr, rank)
+    except BaseException:
+        zstore.settle()
+        raise
+
+
+def _write_block_files(zstore, tmp: Path, rows: list[dict], arr: np.ndarray, rank: int) -> None:
     n, D = arr.shape[0], arr.shape[3]
     z = zarr.create_array(
         store=zstore,
@@ -308,9 +394,13 @@ def open_block_array(zstore, block: Block, shape: tuple[int, int, int]) -> zarr.
     except (LitSahsError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - whatever zarr raises on a broken zarr.json
+        raise_damage(zstore)
         raise damaged(block.path, f"zarr.json unreadable: {_first_line(e)}") from e
+    raise_damage(zstore)
     if block.sums is None and (z.attrs.get("lit_sahs") or {}).get("checksums"):
         raise damaged(block.path, f"{CHECKSUMS} is missing")
+    if len(z.shape) == 4 and z.shape[0] == len(block.rows) and tuple(z.shape[1:]) != tuple(shape):
+        raise GeometryMismatch(block.path, tuple(z.shape[1:]), tuple(shape))
     if z.shape != (len(block.rows),) + shape:
         raise damaged(block.path, f"array shape {z.shape} does not match its {len(block.rows)} index rows "
                                   f"and geometry {shape}")
@@ -334,6 +424,7 @@ def read_block(z: zarr.Array, block: Block, heads: HeadSet | None, local: np.nda
         raise
     except Exception as e:  # noqa: BLE001 - zstd/codec errors of an unverified (pre-checksum) block
         raise damaged(block.path, f"a chunk does not decode: {_first_line(e)}") from e
+    raise_damage(z.store)
     if not np.isfinite(out).all():
         raise damaged(block.path, "a chunk file is missing or holds non-finite values")
     return out

@@ -4,10 +4,13 @@ Cached activations are only comparable with the target, position rule and prompt
 made them, so every store records these once, when it is created, and every writer that
 reopens it must match them (a resumed or second-rank extraction must not mix two targets or
 two prompt formats into one store). The manifest also carries ``format_version`` and ``dtype``,
-so a store written by an incompatible lit_sahs is refused instead of misread.
+so a store written by an incompatible lit_sahs is refused instead of misread, and
+``manifest_sha256``, the digest of everything else in it, so an edited or damaged manifest is
+reported as such (stores made before it existed are read without it).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +25,13 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DTYPE = "float16"
 EXTRACT_HINT = "run `python -m lit_sahs extract ...` first"
+CHECKSUM_KEY = "manifest_sha256"
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own checksum."""
+    body = {k: v for k, v in manifest.items() if k != CHECKSUM_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def jsonable(x: Any) -> Any:
@@ -44,6 +54,7 @@ def write_manifest(path: Path, fingerprint: TargetFingerprint, position_rule: st
         "prompt_format": jsonable(prompt_format),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    manifest[CHECKSUM_KEY] = manifest_digest(manifest)
     return atomic_write_json(path / MANIFEST, manifest, exclusive=True, indent=2, sort_keys=True)
 
 
@@ -58,6 +69,10 @@ def read_manifest(path: Path) -> dict:
         raise LitSahsError(f"corrupt {mpath}: {e}; delete the store and re-run extract") from e
     if not isinstance(manifest, dict) or "format_version" not in manifest:
         raise LitSahsError(f"corrupt {mpath}: not a lit_sahs manifest; delete the store and re-run extract")
+    if CHECKSUM_KEY in manifest and manifest[CHECKSUM_KEY] != manifest_digest(manifest):
+        raise LitSahsError(f"{mpath} does not match its checksum ({CHECKSUM_KEY}): it was edited or damaged; "
+                           "restore it from a copy of the store (the blocks were not touched: do not run "
+                           "`store verify --repair` against a wrong manifest)")
     if manifest["format_version"] != FORMAT_VERSION:
         raise LitSahsError(
             f"activation store {path} has format_version {manifest['format_version']!r}, this lit_sahs "

@@ -11,6 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
+from lit_sahs.checks import at_least
 from lit_sahs.data.attacks import apply_attacks, get_attack
 from lit_sahs.data.samples import BENIGN, MALICIOUS, Sample, dedupe
 from lit_sahs.data.sources import load_source, source_label
@@ -51,6 +52,7 @@ class SampleSpec:
 
     def build(self) -> list[Sample]:
         """The labelled, attacked samples (the same spec gives the same list)."""
+        at_least({"limit": self.limit, "max_chars": self.max_chars}, 1)  # a negative limit would slice from the end
         if self.data:
             samples = apply_attacks(load_user_file(self.data), names(self.attacks), seed=self.seed,
                                     max_chars=self.max_chars)

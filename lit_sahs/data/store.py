@@ -209,12 +209,13 @@ class ActivationStore:
         return set(self._ids)
 
     def write_block(self, rows: Sequence[dict], activations: Any, rank: int = 0,
-                    extras: dict[str, Any] | None = None) -> str | None:
+                    extras: dict[str, Any] | None = None, tag: str = "") -> str | None:
         """Commit one block: rows (Sample.index_row() dicts) with activations [n, L, H, D] and
         optional per-row `extras` {name: array [n, ...]} committed in the same block.
 
         Rows whose id is already committed (or repeated within `rows`) are dropped first, so a
-        resumed extraction never duplicates. Returns the block name, or None if nothing was new."""
+        resumed extraction never duplicates. `tag`: hex digits that start the block name's unique
+        part (``rows_tagged`` counts them). Returns the block name, or None if nothing was new."""
         if self.remote:
             raise LitSahsError(f"activation store {self.path} was opened from a URL, read-only: write to a local path")
         rows = list(rows)
@@ -259,7 +260,7 @@ class ActivationStore:
                 "check the target's dtype/outputs before storing them"
             )
 
-        name = _blocks.next_block_name(self.blocks_dir, rank)
+        name = _blocks.next_block_name(self.blocks_dir, rank, tag)
         with _blocks.committing(self.blocks_dir, name) as tmp:  # renamed to `name` when the body is done
             self._write_block_files(tmp, rows, arr, rank)
             for k, v in extras.items():
@@ -310,6 +311,11 @@ class ActivationStore:
 
     def block_names(self) -> list[str]:
         return [b.name for b in self._blocks]
+
+    def rows_tagged(self, tag: str) -> int:
+        """Rows read from blocks written with `tag` (a row another block holds first is not counted):
+        what one extraction run added, even while another run wrote to the same store."""
+        return sum(len(b.keep) for b in self._blocks if _blocks.block_tag_is(b.name, tag))
 
     def _check_heads(self, heads: HeadSet | None) -> HeadSet | None:
         if heads is None:

@@ -22,9 +22,10 @@ IMAGE_FIELDS = ("image_sha256", "image_file")  # added by write_block to rows th
 
 def store_images(root: Path, rows: list[dict]) -> list[dict]:
     """Copy each row's image into ``<root>/images/`` under its content hash (once per distinct image)
-    and record the hash in the row. A file already there is not written again."""
+    and record the hash in the row. A copy already there is written again only when its bytes do
+    not hash to its name (a damaged copy is replaced, never reused)."""
     images_dir = root / IMAGES
-    out = []
+    out, checked = [], set()
     for r in rows:
         src = r.get("image") if isinstance(r, dict) else None
         if not src:
@@ -44,11 +45,20 @@ def store_images(root: Path, rows: list[dict]) -> list[dict]:
             ext = ".img"
         rel = f"{IMAGES}/{sha}{ext}"
         dest = root / rel
-        if not dest.is_file() or dest.stat().st_size != len(data):
+        if rel not in checked and not _intact(dest, sha):
             images_dir.mkdir(exist_ok=True)
             atomic_write_bytes(dest, data)  # same content from two writers: either rename wins
+        checked.add(rel)
         out.append({**r, "image_sha256": sha, "image_file": rel})
     return out
+
+
+def _intact(path: Path, sha: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest() == sha
+    except OSError:
+        return False
 
 
 def clean_partial_images(images_dir: Path) -> None:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
-from lit_sahs.data.samples import Sample, clean_text, dedupe, dedupe_key
+from lit_sahs.data.samples import Sample, dedupe, dedupe_key
 from lit_sahs.errors import LitSahsError
 
 log = logging.getLogger("lit_sahs.data.sources")  # a user file is a source (file:<path>): its warnings say so
@@ -102,47 +103,80 @@ def jsonl_rows(path: Path, columns: Sequence[str] = ("text", "label")) -> Iterat
 
 
 def csv_rows(path: Path, columns: Sequence[str] = ("text", "label")) -> Iterator[tuple[int, dict]]:
-    """(line number, row) for each row of a CSV file whose header names every one of `columns`."""
+    """(line number, row) for each row of a CSV file whose header names every one of `columns`. A row
+    with more or fewer fields than the header, or a quote never closed, is refused by line, since
+    reading on would shift or swallow the values."""
     with open(path, encoding="utf-8-sig", newline="") as f, _text_errors(path):  # -sig: spreadsheets save CSV with a BOM
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(f, strict=True)
         if not reader.fieldnames or any(c not in reader.fieldnames for c in columns):
             raise LitSahsError(f"{path}, line 1: the CSV header must name {_columns(columns)} "
                                f"column{'s' if len(columns) > 1 else ''}, got {reader.fieldnames}")
-        for row in reader:
-            yield reader.line_num, row
+        width, last = len(reader.fieldnames), reader.line_num
+        try:
+            for row in reader:
+                extra = row.get(None)
+                got = width + len(extra) if extra is not None else sum(v is not None for v in row.values())
+                if got != width:
+                    fix = ('quote a value that holds a comma ("a, b")' if got > width
+                           else "give every column a cell (an empty one is fine)")
+                    raise LitSahsError(f"{path}, line {reader.line_num}: {got} field{'s' * (got != 1)} but the header "
+                                       f"names {width} columns; {fix}")
+                yield reader.line_num, row
+                last = reader.line_num
+        except csv.Error as e:
+            if "unexpected end of data" in str(e):
+                raise LitSahsError(f"{path}, line {last + 1}: a quoted field starts here and is never closed "
+                                   "(a \" without its closing \"); close the quote, or write a quote inside "
+                                   "a quoted field as \"\"") from None
+            raise
 
 
-def _parse_label(value):
+_LABEL_TEXT = re.compile(r"^[01](\.0*)?$")
+
+
+def parse_label(value) -> Optional[int]:
+    """0 or 1 from a label cell: the numbers 0, 1, 0.0, 1.0 or their text; None for anything else."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int) and value in (0, 1):
-        return value
-    if isinstance(value, str) and value.strip() in ("0", "1"):
-        return int(value.strip())
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return int(value)
+    if isinstance(value, str) and _LABEL_TEXT.match(value.strip()):
+        return int(float(value.strip()))
     return None
+
+
+def _text_field(where: str, row: dict, key: str) -> str:
+    """A text column's value, stripped ('' when absent or empty); a number, list or object is refused
+    rather than silently replaced by the default."""
+    value = row.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise LitSahsError(f"{where}: `{key}` must be text, got {value!r}")
+    return value.strip()
 
 
 def _user_sample(path: Path, lineno: int, row: dict) -> Sample:
     where = f"{path}, line {lineno}"
-    text = clean_text(row.get("text"))
+    text = _text_field(where, row, "text")
     if not text:
         raise LitSahsError(f"{where}: missing or empty `text`; every row needs the prompt text")
-    label = _parse_label(row.get("label"))
+    label = parse_label(row.get("label"))
     if label is None:
         raise LitSahsError(f"{where}: `label` must be 0 (benign) or 1 (malicious), got {row.get('label')!r}")
-    image = clean_text(row.get("image"))
+    image = _text_field(where, row, "image")
     if image:
         resolved = (path.parent / image).resolve()
         if not resolved.is_file():
             raise LitSahsError(f"{where}: image {image!r} not found at {resolved}; paths are relative to the data file")
         image = str(resolved)
-    attack = clean_text(row.get("attack")) or "plain"
+    attack = _text_field(where, row, "attack") or "plain"
     sample = Sample.make(
         text, label,
-        source=clean_text(row.get("source")) or f"{FILE_PREFIX}{path.name}",
+        source=_text_field(where, row, "source") or f"{FILE_PREFIX}{path.name}",
         attack=attack,
-        attack_family=clean_text(row.get("attack_family")) or attack,
-        category=clean_text(row.get("category")),
+        attack_family=_text_field(where, row, "attack_family") or attack,
+        category=_text_field(where, row, "category"),
         image=image or None,
     )
     uid = _user_id(where, row.get("id"))

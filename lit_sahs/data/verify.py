@@ -6,6 +6,13 @@ must decode to finite values. Bad blocks are listed (exit status 2). ``--repair`
 each with one atomic rename out of ``blocks/`` (then deleted), so the store reads every other
 row and a re-run of the same ``extract`` command writes exactly the removed rows again (extract
 skips the sample ids that are still committed).
+
+The store's image copies (``images/<sha256>.<ext>``) are checked too: each must hash to its name,
+and each one a row refers to must exist. ``--repair`` rewrites a bad or missing copy from the row's
+original image when that file still has the same bytes.
+
+When every block disagrees with the manifest's geometry in the same way, the manifest is what is
+wrong: that is reported as such and ``--repair`` removes nothing (it would remove every row).
 """
 from __future__ import annotations
 
@@ -21,10 +28,11 @@ from zarr.storage import LocalStore
 
 from lit_sahs.commands import run_command
 from lit_sahs.data import blocks as _blocks
-from lit_sahs.data.blocks import BLOCKS, CHECKSUMS, Block, DamagedBlock
+from lit_sahs.data.blocks import BLOCKS, CHECKSUMS, Block, DamagedBlock, GeometryMismatch
 from lit_sahs.data.manifest import parse_manifest, read_manifest
+from lit_sahs.data.store_images import IMAGES
 from lit_sahs.errors import LitSahsError
-from lit_sahs.io import TMP_PREFIX
+from lit_sahs.io import TMP_PREFIX, atomic_write_bytes
 
 PROG = "python -m lit_sahs store verify"
 USAGE = f"usage: {PROG} STORE [--repair]\n\ncommands:\n  verify     check every block of a store; --repair removes the bad ones"
@@ -36,6 +44,7 @@ class BlockCheck:
     rows: Optional[int]  # None when the index itself is unreadable
     sealed: bool  # has checksums
     problems: list[str] = field(default_factory=list)
+    geometry: Optional[tuple] = None  # [layers, heads, head_dim] of a block that disagrees with the manifest
 
 
 def _file_problems(path: Path, sums: dict[str, str]) -> list[str]:
@@ -73,7 +82,59 @@ def check_block(path: Path, shape: tuple[int, int, int]) -> BlockCheck:
                     check.problems.append(f"{extra.name} does not have one entry per row")
     except DamagedBlock as e:
         check.problems.append(e.what)
+    except GeometryMismatch as e:
+        check.geometry = e.have
     return check
+
+
+def _geometry_problems(path: Path, checks: list[BlockCheck], want: tuple) -> None:
+    """Blocks shaped unlike the manifest: when no block matches it and they all agree, the manifest is
+    wrong (one error, nothing removed); otherwise those blocks are bad."""
+    odd = [c for c in checks if c.geometry is not None]
+    if not odd:
+        return
+    shapes = {c.geometry for c in odd}
+    if len(odd) == len(checks) and len(shapes) == 1:
+        raise LitSahsError(f"every block of activation store {path} holds activations shaped {odd[0].geometry} "
+                           f"[layers, heads, head_dim] but its manifest.json says {want}: the manifest is wrong, "
+                           "not the blocks; restore manifest.json from a copy of the store (nothing was removed: "
+                           "--repair would delete every row)")
+    for c in odd:
+        c.problems.append(f"activations shaped {c.geometry}, the manifest says {want}")
+
+
+@dataclass
+class ImageCheck:
+    file: str  # relative to the store: images/<sha256>.<ext>
+    problem: str
+    source: Optional[str] = None  # the original image of a row that refers to it, with the same bytes
+
+
+def verify_images(path: Path, checks: list[BlockCheck]) -> list[ImageCheck]:
+    """Image copies that do not hash to their name, and copies a row refers to that are missing."""
+    images = path / IMAGES
+    bad: dict[str, ImageCheck] = {}
+    if images.is_dir():
+        for p in sorted(images.iterdir()):
+            if p.name.startswith(TMP_PREFIX) or not p.is_file():
+                continue
+            if _blocks.file_digest(p) != p.name.split(".", 1)[0]:
+                rel = f"{IMAGES}/{p.name}"
+                bad[rel] = ImageCheck(rel, "does not match its checksum (its name)")
+    for c in checks:
+        if c.problems:
+            continue
+        block = path / BLOCKS / c.name
+        for row in _blocks.load_index(block, _blocks.load_checksums(block)):
+            rel = row.get("image_file")
+            if not rel:
+                continue
+            if rel not in bad and not (path / rel).is_file():
+                bad[rel] = ImageCheck(rel, "is missing")
+            if rel in bad and bad[rel].source is None and row.get("image") and Path(row["image"]).is_file():
+                if _blocks.file_digest(Path(row["image"])) == row.get("image_sha256"):
+                    bad[rel].source = row["image"]
+    return list(bad.values())
 
 
 def verify_store(store: str | Path) -> tuple[list[BlockCheck], list[str]]:
@@ -87,7 +148,9 @@ def verify_store(store: str | Path) -> tuple[list[BlockCheck], list[str]]:
     names = _blocks.committed_names(blocks_dir)
     incomplete = sorted(p.name for p in blocks_dir.iterdir()
                         if p.is_dir() and not p.name.startswith(".") and p.name not in names)
-    return [check_block(blocks_dir / n, geometry.shape) for n in names], incomplete
+    checks = [check_block(blocks_dir / n, geometry.shape) for n in names]
+    _geometry_problems(path, checks, geometry.shape)
+    return checks, incomplete
 
 
 def remove_block(blocks_dir: Path, name: str) -> None:
@@ -116,21 +179,38 @@ def verify(store: str, repair: bool = False) -> int:
         print(f"bad {c.name} ({'?' if c.rows is None else c.rows} rows): {'; '.join(c.problems[:3])}{more}")
     for name in incomplete:
         print(f"bad {name}: incomplete (no index.jsonl or zarr.json), not read by lit_sahs")
+    images = verify_images(path, checks)
+    for im in images:
+        print(f"bad {im.file}: {im.problem}" + ("" if im.source else "; its original image is gone or changed"))
     names = [c.name for c in bad] + incomplete
     lost = sum(c.rows or 0 for c in bad)
-    if names and not repair:
-        print(json.dumps({"store": str(path), "blocks": len(checks), "bad": names, "removed": []}))
-        raise LitSahsError(f"{len(names)} of {len(checks) + len(incomplete)} blocks of activation store {path} are "
-                           f"damaged ({lost} rows): run `{PROG} {path} --repair` to remove them, then re-run "
-                           "extract to rewrite their rows")
+    summary = {"store": str(path), "blocks": len(checks), "bad": names, "bad_images": [im.file for im in images]}
+    if (names or images) and not repair:
+        print(json.dumps({**summary, "removed": [], "restored_images": []}))
+        what = [f"{len(names)} of {len(checks) + len(incomplete)} blocks ({lost} rows)"] if names else []
+        what += [f"{len(images)} image copies"] if images else []
+        raise LitSahsError(f"{' and '.join(what)} of activation store {path} are damaged: run "
+                           f"`{PROG} {path} --repair` to " + ("remove the blocks, then re-run extract to rewrite "
+                                                             "their rows" if names else "rewrite the image copies"))
     for name in names:
         remove_block(path / BLOCKS, name)
         print(f"removed {name}")
+    restored = []
+    for im in images:
+        if im.source:
+            atomic_write_bytes(path / im.file, Path(im.source).read_bytes())
+            restored.append(im.file)
+            print(f"restored {im.file} from {im.source}")
     if names:
         print(f"re-run the same extract command with --store {path} to write the {lost} removed rows again")
-    else:
+    elif not images:
         print("all blocks are good")
-    print(json.dumps({"store": str(path), "blocks": len(checks), "bad": names, "removed": names}))
+    print(json.dumps({**summary, "removed": names, "restored_images": restored}))
+    lost_images = [im.file for im in images if not im.source]
+    if lost_images:
+        raise LitSahsError(f"{len(lost_images)} image copies of {path} could not be restored (their original "
+                           f"images are gone or changed): {', '.join(lost_images[:3])}; the rows' activations are "
+                           "intact, only their image copies are missing")
     return 0
 
 

@@ -43,10 +43,11 @@ class BlockWriter:
     concatenated on the writer thread); `close()` waits for every queued block and raises the
     thread's error, if any; `abort()` does the same without raising (the caller is already failing)."""
 
-    def __init__(self, store, max_pending: int = 2):
+    def __init__(self, store, max_pending: int = 2, tag: str = ""):
         if max_pending < 1:
             raise LitSahsError(f"max_pending must be >= 1, got {max_pending}")
         self.store = store
+        self.tag = tag  # ActivationStore.write_block's block-name tag
         self.rows_written = 0
         self.blocks_written = 0
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
@@ -102,7 +103,7 @@ class BlockWriter:
             rows, acts, rank, extras = item
             try:
                 extras = {k: _cat(v) for k, v in extras.items()}
-                if self.store.write_block(rows, _cat(acts), rank=rank, extras=extras):
+                if self.store.write_block(rows, _cat(acts), rank=rank, extras=extras, tag=self.tag):
                     self.rows_written += len(rows)
                     self.blocks_written += 1
             except BaseException as e:  # noqa: BLE001 - surfaced in the caller's thread by check()

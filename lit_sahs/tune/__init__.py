@@ -24,6 +24,7 @@ import json
 import logging
 import warnings
 
+from lit_sahs.interrupts import quiet_interrupt_tracebacks
 from lit_sahs.tune.config import TuneConfig, parse_config
 from lit_sahs.tune.objective import Objective, score_fold
 from lit_sahs.tune.refit import refit_best
@@ -51,6 +52,7 @@ def _quiet() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.INFO)
+    quiet_interrupt_tracebacks("optuna")  # Ctrl+C: the CLI's one line, not the stopped trial's traceback
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from lit_sahs.data.holdout import Holdout
 from lit_sahs.folds import Folds, fit_fold
+from lit_sahs.interrupts import interrupted
 from lit_sahs.tracking import Tracker
 from lit_sahs.tune.config import TuneConfig
 from lit_sahs.tune.space import SearchSpace
@@ -99,6 +100,11 @@ class Objective:
             return value
         except Diverged as e:
             self.tracker.log(run, tags={"optuna.state": "FAIL", "error": str(e)[:500]})
+            raise
+        except (KeyboardInterrupt, SystemExit) as e:
+            status = "KILLED"
+            if isinstance(e, SystemExit) and interrupted():  # Lightning's exit after Ctrl+C in a fit: Optuna
+                raise KeyboardInterrupt from None  # marks the trial failed on an interrupt, not on SystemExit
             raise
         finally:
             self.tracker.end(run, status)

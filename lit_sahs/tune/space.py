@@ -3,7 +3,7 @@
 or a fixed scalar, and optionally `features`: the extra features served after the heads
 (lit_sahs.data.extra_features), a list such as `[none, resid, refusal, "resid,refusal"]` — `none`
 is heads only. Checked against the detector classes (and, in `run_tune`, the store) before any
-study is created."""
+study is created; the default `k` range is cut to the store's ranked heads."""
 from __future__ import annotations
 
 import inspect
@@ -132,7 +132,10 @@ class SearchSpace:
             raise LitSahsError(f"search space 'detector' names unknown families {unknown}: use {sorted(DETECTORS)}")
         if "k" not in space:
             raise LitSahsError("the search space needs 'k' (number of heads from the ranking), e.g. {low: 1, high: 32}")
-        k = _dim("k", space.pop("k"))
+        k_spec = space.pop("k")
+        if k_spec == DEFAULT_SPACE["k"] and max_heads < k_spec["high"]:  # the default fits any store
+            k_spec = {**k_spec, "high": max_heads} if max_heads > k_spec["low"] else k_spec["low"]
+        k = _dim("k", k_spec)
         features = _dim("features", space.pop("features", None))
         if features.kind not in ("categorical", "fixed") or not all(
                 c is None or isinstance(c, str) for c in (features.choices or (features.value,))):

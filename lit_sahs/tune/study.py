@@ -165,10 +165,6 @@ def open_study(cfg: TuneConfig, storage, space: dict, objective: dict, tracker: 
 
 def run_tune(cfg: TuneConfig) -> dict:
     """Create or join the study, run this worker's trials, refit the best. Returns a summary dict."""
-    import optuna
-
-    from lit_sahs.tune.refit import log_baselines, log_plots, refit_best
-
     cfg.check()
     folds = Folds(cfg.store, cfg.ranking, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
     holdouts = folds.holdouts(cfg.objective, cfg.families, cfg.min_rows, cfg.pairing, cfg.sources)
@@ -181,6 +177,21 @@ def run_tune(cfg: TuneConfig) -> dict:
     storage = open_storage(cfg.storage, cfg.heartbeat_interval)
     tracker = Tracker(cfg.tracking_uri, cfg.experiment)
     study, parent, created = open_study(cfg, storage, space.to_dict(), objective, tracker)
+    try:
+        return _optimise(cfg, study, parent, created, folds, holdouts, space, tracker)
+    except BaseException as e:  # the parent run never stays RUNNING: KILLED on Ctrl+C, else FAILED
+        with contextlib.suppress(Exception):
+            tracker.end(parent, "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        raise
+
+
+def _optimise(cfg: TuneConfig, study, parent: str, created: bool, folds: Folds, holdouts, space: SearchSpace,
+              tracker: Tracker) -> dict:
+    """This worker's trials, then the study's summary, plots and refit, logged to the parent run."""
+    import optuna
+
+    from lit_sahs.tune.refit import log_baselines, log_plots, refit_best
+
     if created and cfg.baselines:
         log_baselines(folds, holdouts, cfg, tracker, parent)
 
