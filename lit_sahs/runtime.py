@@ -32,9 +32,11 @@ from torch import nn
 from lit_sahs.capture import HeadCapture
 from lit_sahs.detectors import SafetyDetector, load_detector
 from lit_sahs.detectors.metrics import COUNT_COLUMNS, SCORE_COLUMNS, THRESHOLD_COLUMNS
+from lit_sahs.devices import Device, resolve_device
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import HeadSet
 from lit_sahs.io import atomic_write_text
+from lit_sahs.choices import Dtype, Truncate
 from lit_sahs.targets import Target, load_target, prompting, sites
 from lit_sahs.targets.registry import parse_device_map
 
@@ -52,7 +54,7 @@ def resolve_detector(spec: str | os.PathLike | SafetyDetector, tracking_uri: Opt
 
 
 def load_detector_and_target(detector: str | os.PathLike | SafetyDetector, target: Target | str | None = None,
-                             device: Optional[str | torch.device] = "cpu", dtype: Optional[str] = None,
+                             device: Optional[str | torch.device] = "auto", dtype: Optional[str] = None,
                              tracking_uri: Optional[str] = None, device_map=None,
                              offload_folder: Optional[str] = None) -> tuple[SafetyDetector, Target]:
     """(detector in eval mode on the target's device, target). The target is `target` when it is a
@@ -64,7 +66,8 @@ def load_detector_and_target(detector: str | os.PathLike | SafetyDetector, targe
     if not det.is_bound:
         raise LitSahsError("the detector is not fitted: fit it or load a saved one")
     if not isinstance(target, Target):
-        target = load_target(target or det.fingerprint.name, dtype=dtype, device=device or "cpu",
+        device = device if isinstance(device, torch.device) else resolve_device(device)
+        target = load_target(target or det.fingerprint.name, dtype=dtype, device=device,
                              device_map=parse_device_map(device_map), offload_folder=offload_folder)
     det.check_target(target.fingerprint)
     det.head_set.validate(target.geometry)
@@ -266,7 +269,7 @@ class DetectorOptions:
         data: a prompt file: .jsonl/.csv (text[, id, image, label]) or .txt (one prompt a line)
         threshold: override the detector's threshold
         dtype: the target's dtype: float32, bfloat16 or float16
-        device: where the target runs, e.g. cpu or cuda
+        device: where the target runs: auto (a GPU when there is one), cpu, cuda, cuda:N or mps
         device_map: a target larger than one device: auto, balanced, sequential or a JSON
             {module: device, "cpu" or "disk"} (accelerate), as for extract
         offload_folder: where layers the device map puts on "disk" are kept
@@ -281,12 +284,12 @@ class DetectorOptions:
     image: Optional[list[str]] = None
     data: Optional[str] = None
     threshold: Optional[float] = None
-    dtype: str = "float32"
-    device: str = "cpu"
+    dtype: Dtype = "float32"
+    device: Device = "auto"
     device_map: Optional[str] = None
     offload_folder: Optional[str] = None
     tracking_uri: Optional[str] = None
-    truncate: Optional[str] = None
+    truncate: Truncate = None
 
     def __post_init__(self) -> None:
         prompting.truncate_side(self.truncate)  # a bad value fails before anything loads
