@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from lit_sahs.errors import LitSahsError
 from lit_sahs.io import atomic_write_json
@@ -318,6 +319,7 @@ def locate(
     auroc = np.empty(geom.num_layers * geom.num_heads)  # flat, (layer, head) order
     accuracy = np.empty_like(auroc)
     iterations = 0
+    bar = tqdm(total=len(auroc), desc="locating heads", unit="head", disable=None, dynamic_ncols=True, leave=False)
     for a, b in chunks:
         if (a, b) == (0, len(auroc)):
             x = store.read(None, rows=pick)  # [n, L, H, D]
@@ -331,6 +333,8 @@ def locate(
         auroc[a:b] = out["auroc"].numpy().reshape(-1)
         accuracy[a:b] = out["accuracy"].numpy().reshape(-1)
         iterations = max(iterations, int(out["iterations"]))
+        bar.update(b - a)
+    bar.close()
     auroc, accuracy = auroc.reshape(geom.num_layers, geom.num_heads), accuracy.reshape(geom.num_layers, geom.num_heads)
     meta = {
         "store": str(store.path) if getattr(store, "remote", False) else str(Path(store.path).resolve()),
