@@ -113,3 +113,21 @@ def test_cuda_on_a_cpu_only_torch_is_one_error_line(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("error: device cuda") and "Traceback" not in r.stderr
+
+
+def test_fit_on_an_accelerator_this_machine_lacks_is_one_error_line(tmp_path, monkeypatch, cli):
+    import torch
+
+    from test_fit_cli import write_config
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.chdir(tmp_path)
+    from synthetic import make_store
+
+    make_store(tmp_path / "store")
+    cfg = write_config(tmp_path, {"class_path": "lit_sahs.detectors.LogisticDetector"}, {"ranking": None,
+                                                                                        "heads": "2.1,3.0"})
+    code, out, err = cli(["fit", "--config", str(cfg), "--trainer.accelerator", "gpu"])
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error:") and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
