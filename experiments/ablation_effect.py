@@ -100,7 +100,7 @@ def main() -> int:
     from lit_sahs.io import atomic_write_text
     from lit_sahs.judge import PhraseJudge
     from lit_sahs.ranking import HeadRanking
-    from lit_sahs.locate import main as locate_main
+    from lit_sahs.cli.locate import main as locate_main
     from lit_sahs.targets import load_target
 
     t_all = time.perf_counter()

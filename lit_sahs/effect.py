@@ -26,6 +26,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import HeadSet
@@ -201,7 +202,9 @@ def locate_by_effect(target, texts: Sequence[str], mode: str = "zero", means: Op
     flat = sorted(((float(estimate[l, h]), (l, h)) for l in range(estimate.shape[0])
                    for h in range(estimate.shape[1])))  # most negative (largest estimated drop) first
     score = ablation_scorer(target, batches, token_ids, mode, means)
-    effects = {head: score([head]) - base for _, head in flat[:confirm_top]}
+    effects = {head: score([head]) - base for _, head in tqdm(flat[:confirm_top], desc="confirming heads",
+                                                               unit="head", disable=None if progress else True,
+                                                               dynamic_ncols=True, leave=False)}
     t_conf = time.perf_counter() - t0 - t_est
     say(f"confirmed {len(effects)} heads by real ablation: {t_conf:.1f} s", flush=True)
     steps = greedy_heads(score, [head for _, head in flat[:greedy_candidates]], greedy) if greedy else []

@@ -7,12 +7,14 @@ extraction's predict loop — so a fit from Python writes what the CLI writes:
     result = Engine(output_dir="artifacts/mine", max_epochs=15).fit(LogisticDetector(), datamodule)
     result.detector, result.reports["heads"]["overall"]["auroc"], result.paths
 
-Trainer settings come, in rising priority, from `BASE_TRAINER`, the model family's
-`trainer_defaults` (a LightningModule class attribute, e.g. full-batch detectors need few epochs)
-and the caller's keyword arguments. What happens after training is Lightning callbacks
-(`lit_sahs.reporting`): with an `output_dir` the engine tests the best checkpoint on the test
-split, and `TestReport` writes report.md / report.json / benign_fpr.json / roc.png, `ExportDetector`
-the safetensors artifact, and both attach their files to the MLflow run when the logger is one.
+Trainer settings come, in rising priority, from `BASE_TRAINER` (plus `QUIET_TRAINER` for a quiet
+engine: folds and trials nobody watches), the model family's `trainer_defaults` (a LightningModule
+class attribute, e.g. full-batch detectors need few epochs) and the caller's keyword arguments.
+What happens after training is Lightning callbacks (`lit_sahs.reporting`): with an `output_dir`
+the engine tests the best checkpoint on the test split, and `TestReport` writes report.md /
+report.json / benign_fpr.json / roc.png, `ExportDetector` the safetensors artifact, and both attach
+their files to the MLflow run when the logger is one. Checkpoints without a `dirpath` of their own
+go to `<output_dir>/checkpoints`.
 """
 from __future__ import annotations
 
@@ -28,9 +30,11 @@ from lit_sahs.errors import LitSahsError
 from lit_sahs.family import ModelFamily
 
 # what every fit starts from; a family's trainer_defaults and the caller override it
-BASE_TRAINER: dict[str, Any] = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
-                                "enable_progress_bar": False, "enable_model_summary": False,
-                                "num_sanity_val_steps": 0}
+BASE_TRAINER: dict[str, Any] = {"accelerator": "auto", "devices": 1}
+# a quiet engine's fits (evaluation folds, tune trials, extraction): no logger, checkpoint, bar or summary;
+# a fit a person runs (the CLI's `fit`, quiet=False) keeps Lightning's own settings for these
+QUIET_TRAINER: dict[str, Any] = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+                                 "enable_model_summary": False, "num_sanity_val_steps": 0}
 
 
 def family_defaults(model: L.LightningModule | type) -> dict[str, Any]:
@@ -53,6 +57,8 @@ class Engine:
     validate_once: validate (and calibrate the threshold) only after the last epoch — what
     evaluation folds and tune trials want, since per-epoch validation costs more than training
     these small detectors; the CLI's `fit` validates every epoch for its checkpoint callback.
+    quiet: `QUIET_TRAINER` settings and Lightning's warnings silenced during the fit (off for a fit
+    a person runs, such as the CLI's `fit`).
     """
 
     def __init__(self, output_dir: Optional[str | Path] = None, baselines: Optional[Sequence[str]] = None,
@@ -71,7 +77,8 @@ class Engine:
         # None means "not set here": it must not override the family's default (max_epochs=None
         # would otherwise fall through to Lightning's 1000 epochs)
         given = {k: v for k, v in {**self.trainer_kwargs, **overrides}.items() if v is not None}
-        kw = {**BASE_TRAINER, **(family_defaults(model) if model is not None else {}), **given}
+        kw = {**BASE_TRAINER, **(QUIET_TRAINER if self.quiet else {}),
+              **(family_defaults(model) if model is not None else {}), **given}
         if self.validate_once and kw.get("max_epochs"):
             kw["check_val_every_n_epoch"] = int(kw["max_epochs"])
         return kw
@@ -91,15 +98,21 @@ class Engine:
                 **overrides: Any) -> L.Trainer:
         kw = self.trainer_settings(model, **overrides)
         kw["callbacks"] = list(kw.get("callbacks") or []) + self.callbacks + list(callbacks) + self.report_callbacks()
-        return L.Trainer(**kw)
+        trainer = L.Trainer(**kw)
+        if self.output_dir is not None:  # not Lightning's <logger dir>/<version>/checkpoints in the working directory
+            for ckpt in trainer.checkpoint_callbacks:
+                if getattr(ckpt, "dirpath", "") is None:
+                    ckpt.dirpath = str(self.output_dir / "checkpoints")
+        return trainer
 
     # ------------------------------------------------------------------ fit
 
     def fit(self, model: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: Optional[str] = None,
-            **overrides: Any) -> FitResult:
+            trainer: Optional[L.Trainer] = None, **overrides: Any) -> FitResult:
         """Fit `model` on the DataModule's train split (validating on val); with an output_dir, then
-        test the best checkpoint and write the report and the artifact."""
-        trainer = self.trainer(model, **overrides)
+        test the best checkpoint and write the report and the artifact. `trainer`: one this engine
+        built already (`self.trainer(model, ...)`), as LightningCLI holds it; else it is built here."""
+        trainer = trainer if trainer is not None else self.trainer(model, **overrides)
         if isinstance(model, ModelFamily):  # DDP checks before processes start
             model.prepare_launch(trainer, datamodule)
         with warnings.catch_warnings():

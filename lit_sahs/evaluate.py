@@ -128,7 +128,7 @@ def check_output_paths(paths: dict[str, Optional[str]]) -> None:
 
 
 def score_file(detector_path: str, data: str, target: Optional[str] = None, batch_size: int = 8,
-               device: str = "cpu", tracking_uri: Optional[str] = None, truncate: Optional[str] = None,
+               device: str = "auto", tracking_uri: Optional[str] = None, truncate: Optional[str] = None,
                scores_out: Optional[str] = None, progress: bool = False) -> dict:
     """Load a detector and the target named in it, score every prompt of a user JSONL/CSV, and
     report, overall, per attack and per source: the counts, AUROC and the other threshold-free
@@ -199,7 +199,7 @@ def _metric_name(*parts: str) -> str:
 
 def score_file_command(detector: str, data: str, json_out: Optional[str] = None, target: Optional[str] = None,
                        tracking_uri: Optional[str] = None, experiment: str = "evaluate", scores: Optional[str] = None,
-                       batch_size: int = 8, device: str = "cpu", truncate: Optional[str] = None) -> int:
+                       batch_size: int = 8, device: str = "auto", truncate: Optional[str] = None) -> int:
     """`evaluate --detector … --data …`: score the file, write the JSON report (and the per-row
     scores), track it in MLflow. The output paths are checked before anything loads."""
     import json

@@ -10,25 +10,19 @@ duplicates rows. A target larger than one device is placed by a device map inste
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
-import json
 import logging
-import os
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from lit_sahs.checks import at_least
 from lit_sahs.data.extra_features import default_residual_layers
-from lit_sahs.data.protocol import DEFAULT_ATTACKS, DEFAULT_BENIGN, DEFAULT_HARMFUL, SampleSpec
 from lit_sahs.data.samples import Sample
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.data.writer import BlockWriter
@@ -38,7 +32,7 @@ from lit_sahs.hooks import HeadCapture, LayerResidualCapture, ResidualCapture
 from lit_sahs.outputs import check_outputs
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
 from lit_sahs.targets import Target, load_target, prompting
-from lit_sahs.targets.registry import DeviceMap, parse_device_map
+from lit_sahs.targets.registry import DeviceMap
 
 log = logging.getLogger(__name__)
 
@@ -308,85 +302,3 @@ def _extraction_trainer(module: HeadExtractor, writer: StoreWriter, trainer_kwar
                            f"devices), but the Trainer asks for {trainer.world_size} processes: use "
                            "--trainer.devices 1 --trainer.num_nodes 1, or drop --device_map to run DDP")
     return trainer
-
-
-# ---------------------------------------------------------------- command line
-
-@dataclass
-class TrainerSettings:
-    """The Trainer options extraction takes; DDP across devices and nodes is Lightning's.
-
-    Args:
-        accelerator: cpu, gpu or auto
-        devices: number of devices or 'auto'
-        num_nodes: machines taking part
-        strategy: e.g. ddp for several devices
-    """
-
-    accelerator: str = "auto"
-    devices: Union[int, str] = "auto"
-    num_nodes: int = 1
-    strategy: str = "auto"
-
-
-def extract_command(target: str = "smollm2-135m-instruct", dtype: str = "float32",
-            harmful: str = ",".join(DEFAULT_HARMFUL), benign: str = ",".join(DEFAULT_BENIGN),
-            data: Optional[str] = None, attacks: str = ",".join(DEFAULT_ATTACKS), limit: Optional[int] = 400,
-            max_chars: Optional[int] = None, seed: int = 0, batch_size: int = 8, block_rows: int = 256,
-            num_workers: Optional[int] = None, store: Optional[str] = None,
-            device_map: Optional[str] = None, offload_folder: Optional[str] = None,
-            truncate: Optional[str] = None, residual_layers: Optional[str] = None,
-            trainer: TrainerSettings = TrainerSettings()) -> int:
-    """Capture every head's output at the first-token position into a store.
-
-    Args:
-        target: target name, .gguf path, HF dir or hub id
-        dtype: float32, bfloat16 or float16
-        harmful: comma-separated harmful sources or file:path.jsonl
-        benign: comma-separated benign sources or file:path.jsonl
-        data: a user JSONL/CSV (text,label,...) used instead of --harmful/--benign
-        attacks: comma-separated attack names
-        limit: total samples after attacks
-        max_chars: pick jailbreak templates whose attacked prompt fits in this many characters
-        seed: sampling seed
-        batch_size: prompts per forward
-        block_rows: rows per committed store block
-        num_workers: DataLoader processes that tokenise and preprocess images beside the forward
-            (default: 4 on a GPU, 0 on the CPU, where they would compete with it)
-        store: store directory (default stores/<target>)
-        device_map: a target larger than one device: auto (balanced over the GPUs, then CPU, then
-            disk), balanced, sequential, or a JSON object {module name: device, "cpu" or "disk"}
-        offload_folder: where layers the device map puts on "disk" are kept
-        truncate: a prompt longer than the target's context is refused (default), or its text cut to
-            fit: left (keep the end) or right (keep the start)
-        residual_layers: comma-separated decoder layers whose first-token residual is stored as an
-            extra feature (default: 4 evenly spaced, the last included)
-        trainer: Lightning Trainer settings
-    """
-    store = store or os.path.join("stores", os.path.basename(str(target)).removesuffix(".gguf"))
-    at_least({"--batch_size": batch_size, "--block_rows": block_rows, "--limit": limit}, 1)  # before any source loads
-    check_outputs(dirs={"--store": store})
-    samples = SampleSpec(harmful=harmful, benign=benign, attacks=attacks, data=data, limit=limit,
-                         max_chars=max_chars, seed=seed).build()
-    result = run_extraction(target, samples, store, batch_size=batch_size, block_rows=block_rows, dtype=dtype,
-                            trainer_kwargs=dataclasses.asdict(trainer), num_workers=num_workers,
-                            device_map=parse_device_map(device_map), offload_folder=offload_folder,
-                            truncate=truncate, residual_layers=_parse_layers(residual_layers))
-    if rank_zero_only.rank == 0:  # under DDP every rank runs this command; one summary
-        print(json.dumps({"store": store, **result}))
-    return 0
-
-
-def _parse_layers(spec: Optional[str]) -> Optional[tuple[int, ...]]:
-    if spec is None or not str(spec).strip():
-        return None
-    try:
-        return tuple(int(x) for x in str(spec).split(",") if x.strip())
-    except ValueError:
-        raise LitSahsError(f"--residual_layers {spec!r}: give comma-separated layer numbers, e.g. 7,14,21,29") from None
-
-
-def main(argv: list[str]) -> int:
-    from lit_sahs.commands import run_command
-
-    return run_command(extract_command, argv, "python -m lit_sahs extract")

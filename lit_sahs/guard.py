@@ -73,7 +73,10 @@ def guard_command(a: GuardOptions) -> int:
     det, target = a.load()
     guard = det.make_guard(target, refusal=a.refusal, fail_closed=a.fail_closed, threshold=a.threshold)
     out, unscored, reasons = [], 0, []
-    for i in range(0, len(rows), a.batch_size):
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(0, len(rows), a.batch_size), desc="guarding", unit="batch", disable=None, dynamic_ncols=True,
+                  leave=False):
         chunk = rows[i:i + a.batch_size]
         res = guard.generate([r["text"] for r in chunk], [r["image"] for r in chunk], [r["id"] for r in chunk],
                              max_new_tokens=a.max_new_tokens)

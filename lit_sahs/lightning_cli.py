@@ -1,7 +1,8 @@
 """`python -m lit_sahs fit|validate|test|predict`: LightningCLI over the detector families and
 DataModules, with the quickstart's extra steps: extract and locate before fitting when the config
-asks for them. The Trainer's family defaults and what `fit` writes afterwards (test report with
-baselines, detector artifact, MLflow artifacts) come from the engine, as for a fit from Python."""
+asks for them. LightningCLI parses the config; the Trainer and the fit itself are the engine's
+(`Engine.trainer`, `Engine.fit`: family defaults, test report with baselines, detector artifact,
+MLflow artifacts), so a fit from the command line and one from Python take one route."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,12 +11,11 @@ from typing import Optional
 import lightning as L
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from lit_sahs.baselines import BASELINES
-from lit_sahs.engine import Engine, family_defaults
+from lit_sahs.cli.fit import PROG, add_sahs_arguments
+from lit_sahs.engine import Engine
 from lit_sahs.errors import LitSahsError
-from lit_sahs.pipeline import Prepare, ensure_ranking, ensure_store
+from lit_sahs.pipeline import ensure_ranking, ensure_store
 from lit_sahs.redact import redact
-from lit_sahs.tracking import MLflowSettings
 
 
 class LogConfigToMLflow(SaveConfigCallback):
@@ -32,11 +32,7 @@ class LogConfigToMLflow(SaveConfigCallback):
 
 class SahsCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_class_arguments(Prepare, "prepare")
-        parser.add_class_arguments(MLflowSettings, "mlflow")
-        parser.add_argument("--output_dir", type=Optional[str], default=None,
-                            help="where fit writes the detector artifact and the report (default artifacts/<experiment>)")
-        parser.add_argument("--baselines", type=list[str], default=list(BASELINES))
+        add_sahs_arguments(parser)
 
     @property
     def _cfg(self):
@@ -65,35 +61,45 @@ class SahsCLI(LightningCLI):
             kwargs["logger"] = make_logger(mlcfg.experiment, mlcfg.tracking_uri, run_name=self.subcommand)
         return super().instantiate_trainer(**kwargs)
 
-    def _engine(self) -> Engine:
-        if self.subcommand != "fit":
-            return Engine()
-        out = self._cfg.output_dir or Path("artifacts") / self._cfg.mlflow.experiment
-        return Engine(output_dir=out, baselines=self._cfg.baselines)
+    @property
+    def engine(self) -> Engine:
+        """The one engine of this run: it builds the Trainer and, for `fit`, runs `Engine.fit`
+        (test report, export, checkpoints under output_dir) as a fit from Python does."""
+        if getattr(self, "_sahs_engine", None) is None:
+            if self.subcommand == "fit":
+                out = self._cfg.output_dir or Path("artifacts") / self._cfg.mlflow.experiment
+                self._sahs_engine = Engine(output_dir=out, baselines=self._cfg.baselines, quiet=False)
+            else:
+                self._sahs_engine = Engine(quiet=False)
+        return self._sahs_engine
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
-        """The engine's part of the Trainer: the family's trainer defaults where the config leaves a
-        setting unset, and for `fit` the report and export callbacks."""
-        for key, value in family_defaults(self.model).items():
-            if config.get(key) is None:
-                config[key] = value
-        return super()._instantiate_trainer(config, list(callbacks) + self._engine().report_callbacks())
+        """The Trainer comes from the engine (its defaults, the family's, then the config's settings);
+        LightningCLI's part is the callbacks the config names and the one that saves the config."""
+        config = dict(config)
+        config["callbacks"] = list(config.get("callbacks") or []) + list(callbacks)
+        if self.save_config_callback and not config.get("fast_dev_run", False):
+            config["callbacks"].append(self.save_config_callback(
+                self._parser(self.subcommand), self.config.get(str(self.subcommand), self.config),
+                **self.save_config_kwargs))
+        return self.engine.trainer(self.model, **config)
 
-    def before_fit(self) -> None:
-        # what Engine.fit does before trainer.fit: DDP checks, and binding the detector in this process,
-        # since a spawn/fork launcher copies rank 0's weights back only into a bound detector
-        prepare = getattr(self.model, "prepare_launch", None)
-        if prepare is not None:
-            prepare(self.trainer, self.datamodule)
-
-    def after_fit(self) -> None:
-        Engine.test_best(self.trainer, self.model, self.datamodule)
+    def fit(self, model: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: Optional[str] = None,
+            **_: object) -> None:
+        """`fit` is `Engine.fit` on the Trainer the engine built above."""
+        self.engine.fit(model, datamodule, ckpt_path=ckpt_path, trainer=self.trainer)
 
 
 def run_lightning_cli(argv: list[str]) -> None:
     import sys
 
-    # any LightningModule: the safety-head detectors (SafetyDetector) and SafeVLM (lit_sahs.safevlm)
-    SahsCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-            args=None if argv == sys.argv[1:] else argv, save_config_callback=LogConfigToMLflow,
-            save_config_kwargs={"save_to_log_dir": False}, auto_configure_optimizers=False)
+    # LightningCLI reads sys.argv (handing it `args` as well draws a warning); a launcher that starts
+    # more processes by re-running the command line sees the same arguments
+    saved, sys.argv = sys.argv, [sys.argv[0], *argv]
+    try:
+        # any LightningModule: the safety-head detectors (SafetyDetector) and SafeVLM (lit_sahs.safevlm)
+        SahsCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                save_config_callback=LogConfigToMLflow, save_config_kwargs={"save_to_log_dir": False},
+                auto_configure_optimizers=False, parser_kwargs={"prog": PROG})
+    finally:
+        sys.argv = saved

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from lit_sahs.artifact import load_detector
+from lit_sahs.devices import resolve_device
 from lit_sahs.errors import LitSahsError
 from lit_sahs.family import ModelFamily
 from lit_sahs.targets import Target, load_target
@@ -27,7 +28,7 @@ def resolve_detector(spec: str | os.PathLike | ModelFamily, tracking_uri: Option
 
 
 def load_detector_and_target(detector: str | os.PathLike | ModelFamily, target: Target | str | None = None,
-                             device: Optional[str | torch.device] = "cpu", dtype: Optional[str] = None,
+                             device: Optional[str | torch.device] = "auto", dtype: Optional[str] = None,
                              tracking_uri: Optional[str] = None, device_map=None,
                              offload_folder: Optional[str] = None) -> tuple[ModelFamily, Target]:
     """(detector in eval mode on the target's device, target). The target is `target` when it is a
@@ -39,7 +40,8 @@ def load_detector_and_target(detector: str | os.PathLike | ModelFamily, target: 
     if not det.is_bound:
         raise LitSahsError("the detector is not fitted: fit it or load a saved one")
     if not isinstance(target, Target):
-        target = load_target(target or det.fingerprint.name, dtype=dtype, device=device or "cpu",
+        device = device if isinstance(device, torch.device) else resolve_device(device)
+        target = load_target(target or det.fingerprint.name, dtype=dtype, device=device,
                              device_map=parse_device_map(device_map), offload_folder=offload_folder)
     det.prepare(target)
     return det.to(target.device).eval(), target

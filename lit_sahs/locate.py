@@ -1,16 +1,15 @@
 """Locate safety heads: one probe per (layer, head), all fitted at once, ranked by held-out AUROC."""
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from lit_sahs.data.protocol import names
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import HeadSet
 from lit_sahs.ranking import HeadRanking
@@ -275,6 +274,7 @@ def locate(
     auroc = np.empty(geom.num_layers * geom.num_heads)  # flat, (layer, head) order
     accuracy = np.empty_like(auroc)
     iterations = 0
+    bar = tqdm(total=len(auroc), desc="locating heads", unit="head", disable=None, dynamic_ncols=True, leave=False)
     for a, b in chunks:
         if (a, b) == (0, len(auroc)):
             x = store.read(None, rows=pick)  # [n, L, H, D]
@@ -288,6 +288,8 @@ def locate(
         auroc[a:b] = out["auroc"].numpy().reshape(-1)
         accuracy[a:b] = out["accuracy"].numpy().reshape(-1)
         iterations = max(iterations, int(out["iterations"]))
+        bar.update(b - a)
+    bar.close()
     auroc, accuracy = auroc.reshape(geom.num_layers, geom.num_heads), accuracy.reshape(geom.num_layers, geom.num_heads)
     meta = {
         "store": str(store.path) if getattr(store, "remote", False) else str(Path(store.path).resolve()),
@@ -335,94 +337,3 @@ def save_ranking_outputs(ranking: HeadRanking, out_dir: str | Path, top_k: int =
     title = f"{ranking.fingerprint.name}: per-head probe AUROC ({where})"
     png_path = head_heatmap(ranking_grid(ranking, "auroc"), out_dir / "heads.png", title, top_k=top_k)
     return json_path, png_path
-
-
-# ---------------------------------------------------------------- command line
-
-def locate_command(store: Optional[str] = None, out: Optional[str] = None, by: str = "probe",
-                   held_out_families: str = "", held_out_sources: str = "", val_fraction: float = 0.2,
-                   test_fraction: float = 0.2, l2: float = 1e-2, top_k: int = 8, seed: int = 0, device: str = "cpu",
-                   target: Optional[str] = None, harmful: Optional[str] = None, n_prompts: int = 32,
-                   mode: str = "zero", confirm_top: int = 16, greedy: int = 0, greedy_candidates: int = 8,
-                   batch_size: int = 8, dtype: str = "float32", tracking_uri: Optional[str] = None,
-                   experiment: str = "locate") -> int:
-    """Rank every (layer, head): by held-out AUROC of its own probe, or by its effect on refusal.
-
-    Args:
-        store: activation store directory (probe: required; effect: its train split's harmful prompts)
-        out: output directory (default: the store directory)
-        by: probe (per-head probe AUROC) or effect (refusal drop when the head is ablated)
-        held_out_families: comma-separated families kept out (test only)
-        held_out_sources: comma-separated sources kept out (test only)
-        val_fraction: share of base prompts that score the probes
-        test_fraction: share of base prompts never read
-        l2: L2 strength of each head's probe
-        top_k: heads marked on the heatmap
-        seed: split seed (effect: also the prompt draw)
-        device: where the probes are fitted / the target runs
-        target: effect: the target (default: the store's)
-        harmful: effect: comma-separated harmful sources instead of the store's train split
-        n_prompts: effect: harmful prompts the refusal score is averaged over
-        mode: effect: ablation mode, zero or mean (mean: benign means from --store)
-        confirm_top: effect: best estimated heads confirmed by real ablation
-        greedy: effect: size of the greedy head set (0: none)
-        greedy_candidates: effect: best estimated heads the greedy search picks from
-        batch_size: effect: prompts per forward
-        dtype: effect: the target's dtype
-        tracking_uri: MLflow tracking URI (default sqlite in mlruns/)
-        experiment: MLflow experiment
-    """
-
-    from lit_sahs.tracking import start_run
-
-    split = dict(held_out_families=names(held_out_families), held_out_sources=names(held_out_sources),
-                 val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-    default_out = store
-    if store:
-        from lit_sahs.data.fspath import is_url, local_path
-
-        if is_url(store):  # a file:// store is a local directory; outputs are never written into a bucket
-            default_out = None if local_path(store) is None else str(local_path(store))
-            if not (out or default_out):
-                raise LitSahsError(f"locate on the store URL {store} needs --out (a local output directory)")
-    if out or default_out:
-        from lit_sahs.outputs import check_outputs
-
-        check_outputs(dirs={"--out": out or default_out})  # before the ranking is computed
-    if by == "effect":
-        from lit_sahs.effect import effect_ranking
-
-        ranking = effect_ranking(store, target, harmful, n_prompts, mode, confirm_top, greedy, greedy_candidates,
-                                 batch_size, seed, dtype, device, split)
-        params = {"target": ranking.fingerprint.name, "harmful": harmful, "n_prompts": n_prompts, "mode": mode,
-                  "confirm_top": confirm_top, "greedy": greedy, "greedy_candidates": greedy_candidates}
-    elif by == "probe":
-        if not store:
-            raise LitSahsError("locate --by probe needs --store (an activation store directory)")
-        ranking = locate(store, l2=l2, device=device, **split)
-        params = {"held_out_families": held_out_families, "l2": l2}
-    else:
-        raise LitSahsError(f"unknown --by {by!r}: use probe (probe AUROC) or effect (refusal drop when ablated)")
-    if not (out or default_out):
-        raise LitSahsError("locate --by effect without --store needs --out (the output directory)")
-    json_path, png_path = save_ranking_outputs(ranking, out or default_out, top_k=top_k)
-    key = ranking.score_key
-    with start_run(experiment, tracking_uri, run_name=f"locate-{by}") as run:
-        run.log_params({"by": by, "store": store, "seed": seed, **params})
-        for i, s in enumerate(ranking.scores[:top_k]):
-            run.log_metric(f"top_{key}", s[key], step=i)
-        run.log_metrics(ranking.meta.get("metrics", {}))
-        run.log_artifact(str(json_path))
-        run.log_artifact(str(png_path))
-    top = ", ".join(f"{s['layer']}.{s['head']} ({s[key]:.3f})" for s in ranking.scores[:top_k])
-    print(f"top {top_k} heads by {'val AUROC' if by == 'probe' else 'refusal drop'}: {top}")
-    if ranking.meta.get("greedy", {}).get("heads"):
-        print("greedy set: " + ", ".join(f"{l}.{h}" for l, h in ranking.meta["greedy"]["heads"]))
-    print(json.dumps({"ranking": str(json_path), "heatmap": str(png_path)}))
-    return 0
-
-
-def main(argv: list[str]) -> int:
-    from lit_sahs.commands import run_command
-
-    return run_command(locate_command, argv, "python -m lit_sahs locate")

@@ -8,7 +8,9 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, TypeVar
 
-from lit_sahs.detectors import SafetyDetector
+from lit_sahs.choices import Dtype, Truncate
+from lit_sahs.devices import Device
+from lit_sahs.family import ModelFamily
 from lit_sahs.loading import load_detector_and_target
 from lit_sahs.prompts import gather_prompts
 from lit_sahs.targets import Target, prompting
@@ -26,7 +28,7 @@ class DetectorOptions:
         data: a prompt file: .jsonl/.csv (text[, id, image, label]) or .txt (one prompt a line)
         threshold: override the detector's threshold
         dtype: the target's dtype: float32, bfloat16 or float16
-        device: where the target runs, e.g. cpu or cuda
+        device: where the target runs: auto (a GPU when there is one), cpu, cuda, cuda:N or mps
         device_map: a target larger than one device: auto, balanced, sequential or a JSON
             {module: device, "cpu" or "disk"} (accelerate), as for extract
         offload_folder: where layers the device map puts on "disk" are kept
@@ -41,12 +43,12 @@ class DetectorOptions:
     image: Optional[list[str]] = None
     data: Optional[str] = None
     threshold: Optional[float] = None
-    dtype: str = "float32"
-    device: str = "cpu"
+    dtype: Dtype = "float32"
+    device: Device = "auto"
     device_map: Optional[str] = None
     offload_folder: Optional[str] = None
     tracking_uri: Optional[str] = None
-    truncate: Optional[str] = None
+    truncate: Truncate = None
 
     def __post_init__(self) -> None:
         prompting.truncate_side(self.truncate)  # a bad value fails before anything loads
@@ -58,7 +60,7 @@ class DetectorOptions:
             self._rows = gather_prompts(self.prompt, self.data, self.image)
         return self._rows
 
-    def load(self) -> tuple[SafetyDetector, Target]:
+    def load(self) -> tuple[ModelFamily, Target]:
         """(detector, target); then every prompt of ``rows()`` is checked against the target's context
         (plus ``max_new_tokens`` where the command generates) before any forward: the run is refused
         naming the long prompts, or, with ``truncate``, their texts are cut in those same rows."""

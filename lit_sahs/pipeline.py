@@ -10,6 +10,7 @@ from typing import Optional
 
 from lit_sahs.data.protocol import SampleSpec, names
 from lit_sahs.errors import LitSahsError
+from lit_sahs.choices import Dtype
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ class Prepare(SampleSpec):
 
     target: Optional[str] = None
     batch_size: int = 8
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
 
 
 def ensure_store(p, store: str, trainer_kwargs: Optional[dict] = None) -> dict:

@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from lit_sahs.checks import optional_probability
 from lit_sahs.data.user_files import parse_label
@@ -88,7 +89,8 @@ class Screener:
         return self.detector.layers_run(self.target)
 
     def score(self, texts: Sequence[str], images: Optional[Sequence[Optional[str]]] = None,
-              ids: Optional[Sequence[str]] = None) -> ScreenResult:
+              ids: Optional[Sequence[str]] = None, progress: bool = False) -> ScreenResult:
+        """`progress`: a bar over the prompts on stderr (when it is a terminal)."""
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
@@ -98,10 +100,14 @@ class Screener:
             raise LitSahsError("no prompts given: pass at least one non-empty prompt")
         order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
         scores = np.full(len(texts), np.nan)
+        bar = tqdm(total=len(texts), desc="screening", unit="prompt", disable=None if progress else True,
+                   dynamic_ncols=True, leave=False)
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             enc = encode_prompts(self.target, [texts[i] for i in idx], [images[i] for i in idx], [ids[i] for i in idx])
             scores[idx] = self.detector.score_encoded(self.target, enc)
+            bar.update(len(idx))
+        bar.close()
         flagged = ~(scores < self.threshold)  # NaN -> flagged
         return ScreenResult(ids, scores, flagged, self.threshold)
 
@@ -131,7 +137,7 @@ def screen_command(a: ScreenOptions) -> int:
     rows = a.rows()
     det, target = a.load()
     screener = Screener(target, det, threshold=a.threshold, batch_size=a.batch_size)
-    res = screener.score([r["text"] for r in rows], [r["image"] for r in rows], [r["id"] for r in rows])
+    res = screener.score([r["text"] for r in rows], [r["image"] for r in rows], [r["id"] for r in rows], progress=True)
     scored = [{**r, **s} for r, s in zip(rows, res.rows())]
     summary = {"prompts": len(rows), "flagged": int(res.flagged.sum()), "threshold": res.threshold,
                "layers_run": f"{screener.layers_run}/{target.geometry.num_layers}"}

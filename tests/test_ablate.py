@@ -168,7 +168,7 @@ def test_ablate_cli(smollm2, tmp_path, capsys):
 def test_ablate_config_parses():
     from pathlib import Path
 
-    from lit_sahs.ablate import ablate_command
+    from lit_sahs.cli.ablate import ablate_command
     from lit_sahs.commands import parse_command
 
     cfg = parse_command(ablate_command, ["--config", str(Path(__file__).parents[1] / "configs" / "ablate.yaml")],

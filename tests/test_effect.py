@@ -180,8 +180,8 @@ def test_bad_input_is_one_clear_error(cli, mlflow_workdir):
     from lit_sahs.data.samples import Sample
     from lit_sahs.data.store import ActivationStore
 
-    code, _, err = cli(["locate", "--by", "nonsense", "--store", "x"])
-    assert code == 2 and err.strip().splitlines()[-1].startswith("error: unknown --by 'nonsense'")
+    code, _, err = cli(["locate", "--by", "nonsense", "--store", "x"])  # a choice the parser refuses
+    assert code == 2 and "error:" in err and "nonsense" in err.strip().splitlines()[-1]
     geom = Geometry(2, 2, 4)
     store = ActivationStore.create_or_open(mlflow_workdir / "s", TargetFingerprint("t", geom, "h"), "last", {"f": 1})
     rows = [Sample.make(f"benign {i}", 0, "src").index_row() for i in range(6)]

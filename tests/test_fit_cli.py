@@ -161,3 +161,20 @@ def test_fit_with_prepare_extracts_locates_and_reports(workdir, cli):
     report = json.loads((workdir / "out" / "report.json").read_text())
     assert report["heads"]["overall"]["n"] > 0
     assert (workdir / "out" / "detector" / "detector.json").exists()
+
+
+def test_checkpoints_without_a_dirpath_go_under_the_output_dir(workdir, cli):
+    """A ModelCheckpoint with no dirpath writes under --output_dir/checkpoints, not into
+    ./<experiment id>/<run id>/checkpoints of the working directory; Lightning's tips stay out."""
+    cfg = yaml.safe_load(write_config(workdir, {"class_path": "lit_sahs.detectors.LogisticDetector"}).read_text())
+    cfg["trainer"]["callbacks"][0]["init_args"].pop("dirpath")
+    cfg["trainer"].pop("default_root_dir")
+    cfg["trainer"]["max_epochs"] = 2
+    cfg["baselines"] = []
+    (workdir / "nodir.yaml").write_text(yaml.safe_dump(cfg))
+    before = {p.name for p in workdir.iterdir()}
+    code, out, err = cli(["fit", "--config", str(workdir / "nodir.yaml")])
+    assert code == 0, err[-2000:]
+    assert (workdir / "out" / "checkpoints" / "best.ckpt").exists()
+    assert {p.name for p in workdir.iterdir()} - before <= {"out", "mlruns"}
+    assert "Tip:" not in out + err

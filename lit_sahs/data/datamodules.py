@@ -38,6 +38,7 @@ from lit_sahs.data.holdout import Holdout
 from lit_sahs.data.protocol import DEFAULT_BENIGN, DEFAULT_HARMFUL, SPLITS, SampleSpec, names, split_rows as _split_rows
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.data.store_splits import MemorySplit, StreamSplit
+from lit_sahs.devices import resolve_device
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import Geometry, HeadSet, TargetFingerprint
 
@@ -286,8 +287,7 @@ class LiveActivationDataModule(_SplitDataModule):
         if isinstance(target, Target):
             self.target = target
         else:
-            self.target = load_target(str(target), dtype=dtype,
-                                      device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            self.target = load_target(str(target), dtype=dtype, device=resolve_device(device))
         self.fingerprint: TargetFingerprint = self.target.fingerprint
         self.geometry: Geometry = self.target.geometry
         self.head_set: HeadSet = resolve_heads(self.fingerprint, heads, ranking, top_k, all_heads)

@@ -73,8 +73,9 @@ class SafetyDataModule(L.LightningDataModule):
         if isinstance(target, Target):
             self.target = target
         else:
-            dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            self.target = load_target(str(target), dtype=dtype, device=dev)
+            from lit_sahs.devices import resolve_device
+
+            self.target = load_target(str(target), dtype=dtype, device=resolve_device(device))
         self.fingerprint = self.target.fingerprint
         self.rows: list[dict] = []
         self.splits: dict[str, np.ndarray] = {}

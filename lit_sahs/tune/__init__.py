@@ -26,17 +26,27 @@ import warnings
 
 from lit_sahs.interrupts import quiet_interrupt_tracebacks
 from lit_sahs.tune.config import TuneConfig, parse_config
-from lit_sahs.tune.objective import Objective, score_fold
-from lit_sahs.tune.refit import refit_best
-from lit_sahs.tune.space import DEFAULT_SPACE, Dim, SearchSpace
-from lit_sahs.tune.study import open_study, run_tune
+
+# the rest is imported on first use (PEP 562), so `tune --help` does not load torch, Lightning or Optuna
+_LAZY = {"Objective": "objective", "score_fold": "objective", "refit_best": "refit", "DEFAULT_SPACE": "space",
+         "Dim": "space", "SearchSpace": "space", "open_study": "study", "run_tune": "study"}
 
 __all__ = ["DEFAULT_SPACE", "Dim", "Objective", "SearchSpace", "TuneConfig", "main", "open_study", "parse_config",
            "refit_best", "run_tune", "score_fold"]
 
 
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"lit_sahs.tune.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'lit_sahs.tune' has no attribute {name!r}")
+
+
 def main(argv: list[str]) -> int:
-    cfg = parse_config(argv)
+    cfg = parse_config(argv)  # before the study's imports: --help and a bad option need none of them
+    from lit_sahs.tune.study import run_tune
+
     _quiet()
     result = run_tune(cfg)
     print(_summary(result))

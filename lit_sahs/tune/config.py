@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 from lit_sahs.errors import LitSahsError
+from lit_sahs.choices import Pairing
 from lit_sahs.tracking import DEFAULT_STORAGE
 from lit_sahs.tune.space import DEFAULT_SPACE
 
@@ -51,10 +52,10 @@ class TuneConfig:
     """
 
     store: str
-    objective: str = "sources"
+    objective: Literal["sources", "families", "both"] = "sources"
     ranking: str = "per_fold"
     families: list[str] = field(default_factory=list)
-    pairing: str = "round_robin"
+    pairing: Pairing = "round_robin"
     sources: list[str] = field(default_factory=list)
     min_rows: int = 40
     study_name: str = "lit_sahs"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 import time
 from typing import Any, Optional
 
@@ -206,8 +207,9 @@ def _optimise(cfg: TuneConfig, study, parent: str, created: bool, folds: Folds, 
         if cfg.study_trials and _finished(study) >= cfg.study_trials:
             log.warning("study %s already holds %d finished trials", cfg.study_name, _finished(study))
         else:
-            study.optimize(objective_fn, n_trials=cfg.n_trials,
-                           timeout=cfg.timeout, callbacks=callbacks, catch=(Diverged,), gc_after_trial=True)
+            study.optimize(objective_fn, n_trials=cfg.n_trials, timeout=cfg.timeout, callbacks=callbacks,
+                           catch=(Diverged,), gc_after_trial=True,
+                           show_progress_bar=sys.stderr.isatty())  # Optuna's bar over this worker's trials
     states = _counts(study)
     result: dict[str, Any] = {"study": cfg.study_name, "storage": redact(cfg.storage), "created": created,
                               "objective": cfg.objective, "families": [h.name for h in holdouts], "trials": states, "ran_here": objective_fn.started,

@@ -1,26 +1,27 @@
-"""`python -m lit_sahs <command>`: one parser per subcommand; every LitSahsError becomes one
-`error: ...` line on stderr and exit status 2."""
+"""`python -m lit_sahs evaluate`: held-out reports on a store (attack families or sources), or a
+labelled user file scored with a trained detector."""
 from __future__ import annotations
 
 import json
-import logging
 import os
-import sys
-from typing import Callable, Optional
+from typing import Optional
 
+from lit_sahs.choices import Pairing, Protocol, Truncate
 from lit_sahs.commands import run_command
 from lit_sahs.data.protocol import names
+from lit_sahs.devices import Device
 from lit_sahs.errors import LitSahsError
 from lit_sahs.io import atomic_write_text
+
 
 def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_out: Optional[str] = None,
              target: Optional[str] = None, store: Optional[str] = None, ranking: Optional[str] = None,
              heads: Optional[str] = None, top_k: int = 8, detector_family: str = "logistic", families: str = "",
              min_rows: int = 20, relocate: bool = True, max_epochs: Optional[int] = 30, out: Optional[str] = None,
              seed: int = 0, tracking_uri: Optional[str] = None, experiment: str = "evaluate",
-             protocol: str = "families", pairing: str = "round_robin", sources: str = "",
-             scores: Optional[str] = None, batch_size: int = 8, device: str = "cpu",
-             truncate: Optional[str] = None) -> int:
+             protocol: Protocol = "families", pairing: Pairing = "round_robin", sources: str = "",
+             scores: Optional[str] = None, batch_size: int = 8, device: Device = "auto",
+             truncate: Truncate = None) -> int:
     """Held-out reports on a store — attack families (zero-shot matrix) or prompt sources never seen —
     or score a user file with a trained detector.
 
@@ -48,7 +49,7 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
         sources: with --protocol sources: only these sources (default all)
         scores: with --data, write one CSV row per prompt here (id, source, attack, label, score, flagged)
         batch_size: with --data, prompts per forward
-        device: with --data, where the target runs, e.g. cpu or cuda
+        device: with --data, where the target runs: auto (a GPU when there is one), cpu, cuda, cuda:N or mps
         truncate: with --data, a prompt longer than the target's context is refused (default), or its
             text cut to fit: left (keep the end) or right (keep the start)
     """
@@ -134,120 +135,7 @@ def _source_report(store, ranking, heads, top_k, detector_family, pairing, sourc
     return 0
 
 
-def _evaluate_main(argv: list[str]) -> int:
+def main(argv: list[str]) -> int:
     # `--json` reads better on the command line; the parameter cannot be called json
     argv = ["--json_out" if a == "--json" else a.replace("--json=", "--json_out=", 1) for a in argv]
     return run_command(evaluate, argv, "python -m lit_sahs evaluate")
-
-
-# name -> a function taking argv and returning the exit status, or "module:function" for commands
-# that live beside their stage (imported only when used, so `--help` stays fast)
-COMMANDS: dict[str, Callable[[list[str]], int] | str] = {
-    "extract": "lit_sahs.extract:main",
-    "locate": "lit_sahs.locate:main",
-    "evaluate": _evaluate_main,
-    "tune": "lit_sahs.tune:main",
-    "register": "lit_sahs.registry:main",
-    "guard": "lit_sahs.guard:main",
-    "screen": "lit_sahs.screen:main",
-    "ablate": "lit_sahs.ablate:main",
-    "store": "lit_sahs.data.verify:main",
-}
-
-
-def _command(name: str) -> Callable[[list[str]], int]:
-    fn = COMMANDS[name]
-    if isinstance(fn, str):
-        import importlib
-
-        module, attr = fn.split(":")
-        try:
-            fn = getattr(importlib.import_module(module), attr)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            raise LitSahsError(f"command {name!r} is not available in this version of lit_sahs") from None
-    return fn
-
-
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-
-
-def configure_logging() -> None:
-    """Warnings from every library through one root handler. Lightning prints its own INFO lines
-    with its own handler; the root handler takes WARNING and above only, so those lines are not
-    printed a second time when they propagate to the root."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.setLevel(logging.WARNING)
-SUMMARIES = {
-    "fit": "train a detector (LightningCLI; extracts and locates first when the config says so)",
-    "validate": "validate a detector checkpoint (LightningCLI)",
-    "test": "test a detector checkpoint (LightningCLI)",
-    "predict": "score with a detector checkpoint (LightningCLI)",
-    "extract": "capture every head at the first-token position into an activation store",
-    "locate": "rank every head by its own probe's held-out AUROC, or --by effect: by what ablating it does to refusal",
-    "evaluate": "zero-shot matrix over attack families, or score a labelled file with a detector",
-    "tune": "Optuna study over detector family, head count and regularisation",
-    "register": "put a detector in the MLflow model registry",
-    "guard": "guarded generation: score at prefill, refuse or decode",
-    "screen": "score prompts without generating (runs only the layers the detector reads)",
-    "ablate": "attack success and utility with heads switched off",
-    "store": "store verify STORE [--repair]: check an activation store's blocks, remove damaged ones",
-}
-
-
-def usage() -> str:
-    lines = ["usage: python -m lit_sahs <command> [--help] [--config FILE] ...", "", "commands:"]
-    lines += [f"  {name:<10} {SUMMARIES.get(name, '')}" for name in list(LIGHTNING_COMMANDS) + list(COMMANDS)]
-    return "\n".join(lines)
-
-
-def _lit_sahs_cause(e: BaseException) -> Optional[LitSahsError]:
-    """The LitSahsError behind `e` (its cause or context chain), if any."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, LitSahsError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    from lit_sahs.interrupts import exit_on_interrupt
-
-    with exit_on_interrupt():  # Ctrl+C: one line, exit status 130
-        _main(argv)
-
-
-def _main(argv: Optional[list[str]] = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    configure_logging()
-    if argv and argv[0] in LIGHTNING_COMMANDS:
-        from lit_sahs.lightning_cli import run_lightning_cli
-
-        try:
-            run_lightning_cli(argv)
-        except LitSahsError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except ValueError as e:  # jsonargparse wraps an error raised while it builds a class from the config
-            inner = _lit_sahs_cause(e)
-            if inner is None:
-                raise
-            print(f"error: {inner}", file=sys.stderr)
-            sys.exit(2)
-        sys.exit(0)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        if argv and argv[0] not in ("-h", "--help"):
-            listed = ", ".join(list(LIGHTNING_COMMANDS) + list(COMMANDS))
-            print(f"error: unknown command {argv[0]!r}: use one of {listed}", file=sys.stderr)
-            sys.exit(2)
-        print(usage())
-        sys.exit(0)
-    try:
-        sys.exit(_command(argv[0])(argv[1:]))
-    except LitSahsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
