@@ -21,8 +21,8 @@ from types import SimpleNamespace
 
 import torch
 
-from lit_sahs.commands import script_main
 from lit_sahs.capture import HeadCapture, LayerResidualCapture, ResidualCapture, default_residual_layers
+from lit_sahs.commands import script_main
 from lit_sahs.data.protocol import build_dataset
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
 from lit_sahs.targets import load_target, prompting

@@ -27,10 +27,10 @@ from unittest import mock
 import lightning as L
 import torch
 
+from lit_sahs import extract as _extract
 from lit_sahs.capture_timing import alternate_bare_and_capture
 from lit_sahs.commands import script_main
 from lit_sahs.data.protocol import build_dataset
-from lit_sahs import extract as _extract
 from lit_sahs.targets import load_target, prompting
 
 TRAINER = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
