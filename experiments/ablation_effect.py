@@ -8,7 +8,9 @@ Reproduces experiments/results/ablation_effect.md (and .json):
         --benign truthfulqa,healthsearchqa,sharegpt --attacks plain --limit 300 --store stores/qwen-plain
     python -m lit_sahs locate --store stores/qwen-plain --top_k 16
     python -m lit_sahs locate --config configs/locate_effect.yaml
-    # 2. the study (this script runs 1 itself when a ranking is missing)
+    # (the first two are `bash experiments/qwen_plain_store.sh`; this script runs it, and the third, when
+    # a ranking is missing)
+    # 2. the study
     python experiments/ablation_effect.py --threads 1
 
 Harmful prompts: AdvBench prompts in neither the store nor the effect ranking's locating prompts.
@@ -18,26 +20,27 @@ held-out harmful prompts (the score the effect ranking optimises) is reported.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
+import json as json_
 import os
 import platform
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
-import numpy as np
-import torch
+from lit_sahs.commands import script_main
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
 TARGET = "qwen2.5-coder-0.5b-instruct"
 
 
 def prefill_refusal(target, harmful, configs, batch_size):
     """Mean refusal probability at the prefill on `harmful` under each configuration."""
+    import numpy as np
+
     from lit_sahs.hooks import HeadAblation
     from lit_sahs.refusal import encode_batches, refusal_scores, refusal_token_ids
 
@@ -70,30 +73,46 @@ def verdict(summary, none_asr):
     return met, rows
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--store", default=str(ROOT / "stores" / "qwen-plain"))
-    ap.add_argument("--effect", default=str(ROOT / "artifacts" / "locate_effect_qwen" / "effect_ranking.json"))
-    ap.add_argument("--effect_config", default=str(ROOT / "configs" / "locate_effect.yaml"))
-    ap.add_argument("--ks", default="1,4,16")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--n_harmful", type=int, default=32)
-    ap.add_argument("--n_benign", type=int, default=16)
-    ap.add_argument("--max_new_tokens", type=int, default=24)
-    ap.add_argument("--batch_size", type=int, default=16)
-    ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "ablation_effect.md"))
-    ap.add_argument("--json", default=str(ROOT / "experiments" / "results" / "ablation_effect.json"))
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is often fastest on a shared machine)")
-    ap.add_argument("--report_only", action="store_true", help="rewrite --out from the numbers in --json, no run")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.report_only:
+def ensure_store_and_ranking(store: Path) -> None:
+    """The store and its ranking from experiments/qwen_plain_store.sh when either is missing."""
+    if not (store / "manifest.json").exists() or not (store / "ranking.json").exists():
+        subprocess.run(["bash", str(ROOT / "experiments" / "qwen_plain_store.sh"), str(store)], check=True,
+                       env={**os.environ, "PY": sys.executable})
+
+
+def run(store: str = "stores/qwen-plain", effect: str = "artifacts/locate_effect_qwen/effect_ranking.json",
+        effect_config: str = "configs/locate_effect.yaml", ks: str = "1,4,16", seeds: int = 3, n_harmful: int = 32,
+        n_benign: int = 16, max_new_tokens: int = 24, batch_size: int = 16,
+        out: str = "experiments/results/ablation_effect.md", json: str = "experiments/results/ablation_effect.json",
+        threads: Optional[int] = None, report_only: bool = False) -> int:
+    """Ablation with effect-ranked, probe-ranked, greedy and random heads (paths from the repo root).
+
+    Args:
+        store: the plain-prompt store: its probe ranking.json, prompts held out
+        effect: the `locate --by effect` ranking (made with --effect_config when missing)
+        effect_config: locate config that makes the effect ranking
+        ks: comma-separated head counts
+        seeds: random head sets per k
+        n_harmful: held-out AdvBench prompts (ASR, prefill refusal)
+        n_benign: held-out TruthfulQA + HealthSearchQA questions (utility)
+        max_new_tokens: greedy tokens per answer
+        batch_size: prompts per forward / generate call
+        out: the markdown write-up
+        json: every number of the run (read back by --report_only)
+        threads: torch threads (1 is often fastest on a shared machine)
+        report_only: rewrite --out from the numbers in --json, no run
+    """
+    args = dict(locals())
+    os.chdir(ROOT)
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if report_only:
         from lit_sahs.ranking import HeadRanking
 
-        return report(json.loads(Path(args.json).read_text()), HeadRanking.load(args.effect), args.out, args.json)
+        return report(json_.loads(Path(json).read_text()), HeadRanking.load(effect), out, json)
 
-    from ablation_qwen import ensure_store_and_ranking
     from lit_sahs.ablate import gather, run_study, study_configs
     from lit_sahs.data.samples import normalise_text
     from lit_sahs.data.store import ActivationStore
@@ -104,38 +123,37 @@ def main() -> int:
     from lit_sahs.targets import load_target
 
     t_all = time.perf_counter()
-    store_path = Path(args.store)
+    store_path = Path(store)
     ensure_store_and_ranking(store_path)
-    if not Path(args.effect).exists():
-        locate_main(["--config", args.effect_config, "--out", str(Path(args.effect).parent)])
+    if not Path(effect).exists():
+        locate_main(["--config", effect_config, "--out", str(Path(effect).parent)])
     store, probe = ActivationStore.open(store_path), HeadRanking.load(store_path / "ranking.json")
-    effect = HeadRanking.load(args.effect)
+    effect = HeadRanking.load(effect)
     target = load_target(TARGET)
     for r, what in ((probe, "the probe ranking"), (effect, "the effect ranking")):
         r.fingerprint.check(target.fingerprint, what)
-    ks = [int(k) for k in args.ks.split(",")]
-    configs = study_configs(probe, ks, ["zero"], args.seeds, target.geometry, ["zero"], effect=effect)
+    ks = [int(k) for k in ks.split(",")]
+    configs = study_configs(probe, ks, ["zero"], seeds, target.geometry, ["zero"], effect=effect)
     located = effect.meta["prompts"]["texts"]
     exclude = {normalise_text(r["text"]) for r in store.index()} | {normalise_text(t) for t in located}
-    harmful = gather(["advbench"], args.n_harmful, exclude, 0)
-    benign = gather(["truthfulqa", "healthsearchqa"], args.n_benign, exclude, 0)
+    harmful = gather(["advbench"], n_harmful, exclude, 0)
+    benign = gather(["truthfulqa", "healthsearchqa"], n_benign, exclude, 0)
     print(f"{len(configs)} configurations, {len(harmful)} harmful + {len(benign)} benign prompts", flush=True)
     t0 = time.perf_counter()
-    prefill = prefill_refusal(target, harmful, configs, args.batch_size)
+    prefill = prefill_refusal(target, harmful, configs, batch_size)
     t_prefill = time.perf_counter() - t0
-    results = run_study(target, harmful, benign, configs, judge=PhraseJudge(), max_new_tokens=args.max_new_tokens,
-                        batch_size=args.batch_size)
+    results = run_study(target, harmful, benign, configs, judge=PhraseJudge(), max_new_tokens=max_new_tokens,
+                        batch_size=batch_size)
     for r, p in zip(results, prefill):
         r["prefill_refusal"] = p
     minutes = (time.perf_counter() - t_all) / 60
     cmd = "python experiments/ablation_effect.py " + " ".join(sys.argv[1:])
-    run = {"command": cmd.strip(), "date": f"{datetime.now(timezone.utc):%Y-%m-%d}", "args": vars(args),
-           "minutes": round(minutes, 1),
-           "prefill_seconds": round(t_prefill, 1), "harmful": text_digests(harmful), "benign": text_digests(benign),
-           "results": results}
-    if args.json:
-        atomic_write_text(args.json, json.dumps(run, indent=1, default=str) + "\n")
-    return report(run, effect, args.out, args.json)
+    record = {"command": cmd.strip(), "date": f"{datetime.now(timezone.utc):%Y-%m-%d}", "args": args,
+              "minutes": round(minutes, 1), "prefill_seconds": round(t_prefill, 1), "harmful": text_digests(harmful),
+              "benign": text_digests(benign), "results": results}
+    if json:
+        atomic_write_text(json, json_.dumps(record, indent=1, default=str) + "\n")
+    return report(record, effect, out, json)
 
 
 def text_digests(texts) -> list[str]:
@@ -145,6 +163,9 @@ def text_digests(texts) -> list[str]:
 
 def report(run: dict, effect, out: str, json_path) -> int:
     """Write the markdown (and the JSON with the summary) from one run's numbers."""
+    import numpy as np
+    import torch
+
     from lit_sahs.ablate import summarise
     from lit_sahs.io import atomic_write_text
 
@@ -207,19 +228,18 @@ def report(run: dict, effect, out: str, json_path) -> int:
         "",
         "First answers to the first three harmful prompts:",
         "",
-        *[f"* `{r['config']}`: " + " / ".join(json.dumps(t[:90]) for t in r["examples"]["harmful"])
+        *[f"* `{r['config']}`: " + " / ".join(json_.dumps(t[:90]) for t in r["examples"]["harmful"])
           for r in results if r["kind"] in ("none", "greedy") or (r["kind"] == "effect" and r["k"] == max(ks))],
         "",
     ]
     text = "\n".join(lines)
     atomic_write_text(out, text)
     if json_path:
-        atomic_write_text(json_path, json.dumps({**run, "summary": summary, "goal_met": met}, indent=1,
+        atomic_write_text(json_path, json_.dumps({**run, "summary": summary, "goal_met": met}, indent=1,
                                                 default=str) + "\n")
     print(text)
     return 0
 
 
 if __name__ == "__main__":
-    os.chdir(ROOT)
-    sys.exit(main())
+    raise SystemExit(script_main(run))

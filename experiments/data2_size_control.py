@@ -11,27 +11,23 @@ fold is scored by the same `source_protocol` (heads re-ranked inside the fold, l
     python experiments/data2_size_control.py --store stores/data2-smollm2 \
         --out experiments/results/data2-smollm2-sizematched --seeds 0,1,2
 """
-import argparse
+from __future__ import annotations
+
 import json
 import os
 import shutil
 import tempfile
 
-import numpy as np
-
-from lit_sahs.data.protocol import names
-from lit_sahs.data.store import ActivationStore
-from lit_sahs.detectors import compute_report
-from lit_sahs.evaluate import split_reports
-from lit_sahs.folds import Folds, fit_fold
-from lit_sahs.generalisation import COLUMNS
+from lit_sahs.commands import script_main
 
 OLD = "advbench,harmbench,donotanswer,past_tense,truthfulqa,mmlu,healthsearchqa,sharegpt_instructions"
 NEW = "rho_refusal,rho_refusal_benign,rho_overrefusal,sharegpt_creative,innocent_alarming"
 
 
-def subset_store(store: ActivationStore, keep: np.ndarray, path: str) -> None:
+def subset_store(store, keep, path: str) -> None:
     """A new store holding rows `keep` of `store`, with every extra."""
+    from lit_sahs.data.store import ActivationStore
+
     m = store.manifest
     out = ActivationStore.create_or_open(path, store.fingerprint, m["position_rule"], m["prompt_format"])
     index = store.index()
@@ -39,24 +35,36 @@ def subset_store(store: ActivationStore, keep: np.ndarray, path: str) -> None:
     out.write_block([index[i] for i in keep], store.read(rows=keep), extras=extras)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--store", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--sources", default=OLD, help="the sources held out in turn (round robin), as in the control")
-    ap.add_argument("--new", default=NEW, help="the sources the control leaves out of training")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--top_k", type=int, default=8)
-    ap.add_argument("--max_epochs", type=int, default=30)
-    args = ap.parse_args()
-    store = ActivationStore.open(args.store)
+def run(store: str, out: str, sources: str = OLD, new: str = NEW, seeds: str = "0,1,2", top_k: int = 8,
+        max_epochs: int = 30) -> int:
+    """Old + new sources with training rows cut to the control's count, per fold and seed.
+
+    Args:
+        store: activation store holding the old and the new sources
+        out: output directory (sources.md, sources.json)
+        sources: the sources held out in turn (round robin), as in the control
+        new: the sources the control leaves out of training
+        seeds: comma-separated seeds (split, and which base prompts are dropped)
+        top_k: heads of the logistic detector, re-ranked inside each fold
+        max_epochs: epochs per fit
+    """
+    import numpy as np
+
+    from lit_sahs.data.protocol import names
+    from lit_sahs.data.store import ActivationStore
+    from lit_sahs.detectors import compute_report
+    from lit_sahs.evaluate import split_reports
+    from lit_sahs.folds import Folds, fit_fold
+    from lit_sahs.generalisation import COLUMNS
+
+    path, store = store, ActivationStore.open(store)
     index = store.index()
     src = np.array([r["source"] for r in index])
     base = np.array([r.get("base_id") or r["id"] for r in index])
-    new = set(names(args.new))
+    new = set(names(new))
     results = {}
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        holdouts, _ = Folds(args.store, seed=seed).source_holdouts("round_robin", 20, names(args.sources))
+    for seed in [int(s) for s in seeds.split(",")]:
+        holdouts, _ = Folds(path, seed=seed).source_holdouts("round_robin", 20, names(sources))
         folds = []
         for hold in holdouts:
             held = np.isin(src, list(hold.sources))
@@ -75,7 +83,7 @@ def main() -> None:
             try:
                 subset_store(store, keep, os.path.join(tmp, "s"))
                 sub = Folds(os.path.join(tmp, "s"), seed=seed)  # heads re-ranked inside the fold, as everywhere
-                fit = fit_fold(sub, "logistic", None, args.top_k, hold, max_epochs=args.max_epochs)
+                fit = fit_fold(sub, "logistic", None, top_k, hold, max_epochs=max_epochs)
                 _, scores, y, thr = split_reports(fit.detector, fit.datamodule, "test", ("tfidf", "residual"))
                 test = np.array([r["source"] in hold.sources for r in fit.datamodule.split_rows("test")])
                 assert test.all(), "the fold's test split holds rows outside the held-out pair"
@@ -92,8 +100,8 @@ def main() -> None:
         mean = {m: {c: float(np.nanmean([f["methods"][m][c] for f in folds])) for c in COLUMNS}
                 for m in folds[0]["methods"]}
         results[seed] = {"folds": folds, "mean": mean}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "sources.json"), "w", encoding="utf-8") as f:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "sources.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
     lines = ["Size-matched: old + new sources, training rows cut to the control's count per fold.", "",
              "| seed | heads AUROC | heads TPR@1%FPR | heads benign FPR | residual AUROC | TF-IDF AUROC |",
@@ -108,10 +116,11 @@ def main() -> None:
             lines.append(f"- seed {seed}, {' + '.join(f['holdout'])}: {f['methods']['heads']['auroc']:.3f} / "
                          f"{f['methods']['heads']['fpr']:.3f}, {f['training_eligible_rows']} / {f['control_rows']}, "
                          f"{f['new_source_rows_kept']}")
-    with open(os.path.join(args.out, "sources.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(out, "sources.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(script_main(run))

@@ -8,33 +8,44 @@ quickstart store (the first 100 of each source after a seeded shuffle, store tex
 """
 from __future__ import annotations
 
-import json
-import random
-import subprocess
-import sys
-from pathlib import Path
-
-from lit_sahs.data.sources import load_source
-from lit_sahs.data.store import ActivationStore
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "stores" / "future_vs_truthful.jsonl"  # prompt texts stay out of the repo
-OUT = ROOT / "experiments" / "results" / "future_tense_eval.json"
+from lit_sahs.commands import script_main
 
 
-def main() -> None:
-    seen = {r["text"] for r in ActivationStore.open(ROOT / "stores" / "quickstart-smollm2").index()}
+def run(store: str = "stores/quickstart-smollm2", detector: str = "artifacts/quickstart/detector",
+        data: str = "stores/future_vs_truthful.jsonl", json_out: str = "experiments/results/future_tense_eval.json",
+        n: int = 100, seed: int = 0) -> int:
+    """Write the held-out JSONL, score it with `python -m lit_sahs evaluate`, print the overall figures.
+
+    Args:
+        store: the detector's training store; its prompt texts are left out
+        detector: detector artifact (or models:/ URI) scored with `evaluate --data`
+        data: where the JSONL of prompts is written (prompt texts stay out of the repository)
+        json_out: evaluate's report
+        n: prompts per source (future_tense harmful, truthfulqa benign)
+        seed: shuffle seed of each source
+    """
+    import json
+    import random
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lit_sahs.data.sources import load_source
+    from lit_sahs.data.store import ActivationStore
+
+    seen = {r["text"] for r in ActivationStore.open(store).index()}
     rows = []
     for source, label in (("future_tense", 1), ("truthfulqa", 0)):
         pool = [s for s in load_source(source) if s.text not in seen]
-        random.Random(0).shuffle(pool)
-        rows += [{"text": s.text, "label": label, "source": source} for s in pool[:100]]
-    DATA.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    subprocess.run([sys.executable, "-m", "lit_sahs", "evaluate", "--detector", str(ROOT / "artifacts" / "quickstart"
-                    / "detector"), "--data", str(DATA), "--json", str(OUT)], check=True, stdout=subprocess.DEVNULL)
-    o = json.loads(OUT.read_text())["overall"]
+        random.Random(seed).shuffle(pool)
+        rows += [{"text": s.text, "label": label, "source": source} for s in pool[:n]]
+    Path(data).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    subprocess.run([sys.executable, "-m", "lit_sahs", "evaluate", "--detector", detector, "--data", data,
+                    "--json", json_out], check=True, stdout=subprocess.DEVNULL)
+    o = json.loads(Path(json_out).read_text())["overall"]
     print({k: o[k] for k in ("n", "auroc", "tpr_at_1fpr", "tpr", "fpr")})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(script_main(run))

@@ -14,18 +14,13 @@ a refused question counts as wrong. Writes <out>/results.json and <out>/results.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from lit_sahs.commands import script_main
 
 HARMFUL = "advbench,harmbench,donotanswer,past_tense"
 BENIGN = "truthfulqa,mmlu,healthsearchqa,sharegpt_instructions"
@@ -48,6 +43,8 @@ def groups_of(rows):
 
 
 def plain_generate(target, texts, max_new_tokens, batch_size):
+    import torch
+
     from lit_sahs.prompts import encode_prompts
 
     out = []
@@ -82,30 +79,41 @@ def mc_questions(n, seed=0):
 
 
 def mc_accuracy(responses, answers):
+    import numpy as np
+
     def letter(resp):
         s = resp.strip().lstrip("(").upper()
         return s[:1] if s[:1] in "ABCD" else None
     return float(np.mean([letter(r) == a for r, a in zip(responses, answers)]))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--target", default="qwen2.5-coder-0.5b-instruct")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--limit", type=int, default=240)
-    ap.add_argument("--max_chars", type=int, default=400)
-    ap.add_argument("--tokens", type=int, default=8, help="safety tokens per set")
-    ap.add_argument("--epochs1", type=int, default=6)
-    ap.add_argument("--epochs2", type=int, default=1)
-    ap.add_argument("--lora_rank", type=int, default=16)
-    ap.add_argument("--lr1", type=float, default=3e-3, help="stage I learning rate")
-    ap.add_argument("--lr2", type=float, default=2e-4, help="stage II learning rate")
-    ap.add_argument("--eval_n", type=int, default=24, help="prompts per evaluation group")
-    ap.add_argument("--mc_n", type=int, default=60)
-    ap.add_argument("--max_new_tokens", type=int, default=24)
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=0)
-    a = ap.parse_args(argv)
+def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240, max_chars: int = 400, tokens: int = 8,
+        epochs1: int = 6, epochs2: int = 1, lora_rank: int = 16, lr1: float = 3e-3, lr2: float = 2e-4,
+        eval_n: int = 24, mc_n: int = 60, max_new_tokens: int = 24, batch_size: int = 8, threads: int = 0) -> int:
+    """SafeVLM stage I and II against the unmodified target and the safety-head guard, on one split.
+
+    Args:
+        out: output directory (results.json, results.md, the trained artifacts)
+        target: packaged target name
+        limit: prompts drawn in all
+        max_chars: longest attacked prompt
+        tokens: safety tokens per set
+        epochs1: stage I epochs
+        epochs2: stage II epochs
+        lora_rank: stage II LoRA rank
+        lr1: stage I learning rate
+        lr2: stage II learning rate
+        eval_n: prompts per evaluation group
+        mc_n: OpenBookQA questions (utility)
+        max_new_tokens: greedy tokens per answer
+        batch_size: prompts per batch (training, extraction, generation)
+        threads: torch CPU threads (0: torch's default)
+    """
+    args = dict(locals())
+    a = SimpleNamespace(**args)
+    import numpy as np
+    import torch
+
     if a.threads:
         torch.set_num_threads(a.threads)
     from lit_sahs.data.datamodules import CachedActivationDataModule
@@ -144,7 +152,7 @@ def main(argv=None) -> int:
 
     # ---- the safety-head logistic detector on the same rows
     t = time.time()
-    store = ROOT / "stores" / f"safevlm-eval-{a.target}"
+    store = Path("stores") / f"safevlm-eval-{a.target}"
     ensure_store(Prepare(target=a.target, batch_size=a.batch_size, **spec), str(store),
                  {"accelerator": "cpu", "devices": 1})
     ensure_ranking(str(store), str(store / "ranking.json"), HELD_FAMILIES, HELD_SOURCES, top_k=8)
@@ -190,7 +198,7 @@ def main(argv=None) -> int:
         results[name] = res
         print(name, json.dumps(res), flush=True)
 
-    summary = {"target": a.target, "args": vars(a), "timings_s": timings, "results": results,
+    summary = {"target": a.target, "args": args, "timings_s": timings, "results": results,
                "groups": {g: len(rs) for g, rs in groups.items()},
                "stage1_report": json.loads((out / "stage1" / "report.json").read_text())["safevlm"]["overall"],
                "heads_report": json.loads((out / "heads" / "report.json").read_text())["heads"]["overall"]}
@@ -211,4 +219,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(script_main(run))

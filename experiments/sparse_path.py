@@ -7,27 +7,31 @@ held out). Writes a markdown table.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
 import warnings
 from datetime import datetime, timezone
+from typing import Optional
 
-import numpy as np
+from lit_sahs.commands import script_main
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--store", default="stores/quickstart-smollm2")
-    ap.add_argument("--held_out", default="dan", help="held-out attack family (the test split)")
-    ap.add_argument("--group_lasso", default="0.02,0.05,0.1,0.2,0.3,0.5")
-    ap.add_argument("--max_epochs", type=int, default=15)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+def run(store: str = "stores/quickstart-smollm2", held_out: str = "dan", group_lasso: str = "0.02,0.05,0.1,0.2,0.3,0.5",
+        max_epochs: int = 15, out: Optional[str] = None) -> int:
+    """Heads kept and held-out AUROC of the sparse detector at each group_lasso strength.
+
+    Args:
+        store: activation store (all its heads are offered)
+        held_out: held-out attack family (the test split)
+        group_lasso: comma-separated group-lasso strengths, one fit each
+        max_epochs: epochs per fit
+        out: also write the markdown table here
+    """
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
 
+    import numpy as np
     from sklearn.metrics import roc_auc_score
 
     from lit_sahs.data.datamodules import CachedActivationDataModule
@@ -36,14 +40,14 @@ def main() -> int:
     from lit_sahs.evaluate import detector_scores
     from lit_sahs.io import atomic_write_text
 
-    dm = CachedActivationDataModule(args.store, all_heads=True, held_out_families=[args.held_out], batch_size=512)
+    dm = CachedActivationDataModule(store, all_heads=True, held_out_families=[held_out], batch_size=512)
     dm.setup("fit")
     y = np.array([int(r["label"]) for r in dm.split_rows("test")])
     x = dm.store.read(dm.head_set, rows=dm.splits["test"])
     rows = []
-    for gl in [float(g) for g in args.group_lasso.split(",")]:
+    for gl in [float(g) for g in group_lasso.split(",")]:
         t = time.perf_counter()
-        det = fit_detector(SparseHeadDetector(group_lasso=gl), dm, max_epochs=args.max_epochs)
+        det = fit_detector(SparseHeadDetector(group_lasso=gl), dm, max_epochs=max_epochs)
         kept = det.selected_heads()
         nonzero = int((det.head_norms() > 0).sum())
         auroc = roc_auc_score(y, detector_scores(det, x))
@@ -52,16 +56,16 @@ def main() -> int:
         print(rows[-1], flush=True)
     cmd = "python experiments/sparse_path.py " + " ".join(sys.argv[1:])
     text = "\n".join([
-        f"Measured {datetime.now(timezone.utc):%Y-%m-%d} with `{cmd.strip()}`: store {args.store} "
-        f"({len(dm.head_set)} heads offered), test split = held-out family {args.held_out} "
-        f"({len(y)} rows), {args.max_epochs} epochs x 200 FISTA steps.", "",
+        f"Measured {datetime.now(timezone.utc):%Y-%m-%d} with `{cmd.strip()}`: store {store} "
+        f"({len(dm.head_set)} heads offered), test split = held-out family {held_out} "
+        f"({len(y)} rows), {max_epochs} epochs x 200 FISTA steps.", "",
         "| group_lasso | heads selected (> 5% of the largest norm) | heads non-zero | held-out AUROC | strongest heads | fit s |",
         "|---|---|---|---|---|---|", *rows, ""])
-    if args.out:
-        atomic_write_text(args.out, text)
+    if out:
+        atomic_write_text(out, text)
     print(text)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(script_main(run))

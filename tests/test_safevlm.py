@@ -55,7 +55,7 @@ def stages(tmp_path_factory):
     two = SafeVLM(stage=2, init_from=str(tmp / "one" / "detector"), lora_rank=4, lr=1e-2)
     dm2 = _dm(load_target("tiny-llama"), tmp)
     dm2.setup()
-    two._start_stage_two(dm2.target)
+    two.start_stage_two(dm2.target)
     base = {n: p for n, p in _snapshot(dm2.target.model).items() if "lora_" not in n}
     lora_before = {n: p for n, p in _snapshot(dm2.target.model).items() if "lora_" in n}
     safety2_before = _snapshot(two.safety)
@@ -206,7 +206,7 @@ def test_tiny_llava_stage_one_reads_the_images(tmp_path):
     dm2 = _dm(fresh, tmp_path, attacks="figstep", limit=24)
     two = SafeVLM(stage=2, init_from=str(tmp_path / "out" / "detector"), lora_rank=2, lr=1e-2)
     dm2.setup()
-    two._start_stage_two(fresh)
+    two.start_stage_two(fresh)
     base = {n: p for n, p in _snapshot(fresh.model).items() if "lora_" not in n}
     lora = {n for n, _ in fresh.model.named_parameters() if "lora_" in n}
     assert lora and all(".language_model." in n for n in lora)
@@ -225,7 +225,7 @@ def test_bad_input_is_one_error(stages, tmp_path, cli):
     art = stages["tmp"] / "one" / "detector"
     dm = _dm(load_target("tiny-llava"), tmp_path)
     with pytest.raises(LitSahsError, match="made for|weights"):
-        SafeVLM(stage=2, init_from=str(art))._start_stage_two(dm.target)
+        SafeVLM(stage=2, init_from=str(art)).start_stage_two(dm.target)
     from lit_sahs.detectors import LogisticDetector
     from lit_sahs.artifact import save_detector
     from lit_sahs.safevlm import SafeVLM
@@ -304,7 +304,7 @@ def vlm_stages(request, tmp_path_factory):
     dm2 = _dm(fresh, tmp, tokens=2, attacks="figstep", limit=16, max_answer_tokens=4)
     dm2.setup()
     two = SafeVLM(stage=2, init_from=str(tmp / "one" / "detector"), lora_rank=2, lr=1e-2)
-    two._start_stage_two(fresh)
+    two.start_stage_two(fresh)
     base = {n: p for n, p in _snapshot(fresh.model).items() if "lora_" not in n}
     lora = {n for n, _ in fresh.model.named_parameters() if "lora_" in n}
     _fit(two, dm2, tmp / "two")

@@ -15,7 +15,6 @@ with one thread (OMP_NUM_THREADS=1), separates the two.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -23,9 +22,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
+from typing import Optional
+
+from lit_sahs.commands import script_main
 
 
-def worker(args) -> None:
+def run_worker(args) -> None:
     import lightning as L
     import torch
 
@@ -58,18 +61,22 @@ def worker(args) -> None:
                                       "total_s": total, "threads": torch.get_num_threads()}), flush=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--target", default="smollm2-135m-instruct")
-    ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--processes", type=int, default=2, help="the DDP configuration compared with one process")
-    ap.add_argument("--repeats", type=int, default=1, help="alternating runs of each configuration")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--store", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+def run(target: str = "smollm2-135m-instruct", samples: int = 128, batch_size: int = 8, processes: int = 2,
+        repeats: int = 1, worker: bool = False, store: Optional[str] = None) -> None:
+    """Extraction throughput with 1 vs N DDP processes on the CPU, same prompts, one run.
+
+    Args:
+        target: packaged target name
+        samples: prompts extracted per configuration
+        batch_size: prompts per batch
+        processes: the DDP configuration compared with one process
+        repeats: alternating runs of each configuration
+        worker: internal: run one configuration (the script starts itself with it)
+        store: internal: the worker's store directory
+    """
+    args = SimpleNamespace(**locals())
     if args.worker:
-        return worker(args)
+        return run_worker(args)
     sys.stdout.reconfigure(line_buffering=True)
     print("load average at start: " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
     configs = [(1, None), (args.processes, None), (1, 1)]  # (processes, OMP_NUM_THREADS)
@@ -103,4 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(script_main(run))

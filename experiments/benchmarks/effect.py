@@ -11,20 +11,27 @@ heads (Spearman, Pearson, and the overlap of the top-10 heads).
 """
 from __future__ import annotations
 
-import argparse
 import time
+from types import SimpleNamespace
+from typing import Optional
 
 import numpy as np
 import torch
 
+from lit_sahs.commands import script_main
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--target", default="smollm2-135m-instruct")
-    ap.add_argument("--n_prompts", type=int, default=8)
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args()
+
+def run(target: str = "smollm2-135m-instruct", n_prompts: int = 8, batch_size: int = 8,
+        threads: Optional[int] = None) -> None:
+    """First-order head scoring against one real ablation per head: time and agreement.
+
+    Args:
+        target: packaged target name
+        n_prompts: AdvBench prompts scored
+        batch_size: prompts per forward
+        threads: torch CPU threads (default: torch's)
+    """
+    args = SimpleNamespace(**locals())
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -67,4 +74,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(script_main(run))

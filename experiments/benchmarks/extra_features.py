@@ -15,27 +15,32 @@ and of total time:
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 
+from lit_sahs.commands import script_main
 from lit_sahs.data.extra_features import default_residual_layers
-from lit_sahs.data.protocol import build_dataset
 from lit_sahs.hooks import HeadCapture, LayerResidualCapture, ResidualCapture
+from lit_sahs.data.protocol import build_dataset
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
 from lit_sahs.targets import load_target, prompting
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--target", default="smollm2-135m-instruct")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--samples", type=int, default=48)
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=5)
-    a = ap.parse_args()
+def run(target: str = "smollm2-135m-instruct", threads: int = 1, samples: int = 48, batch_size: int = 8,
+        rounds: int = 5) -> None:
+    """What the extra features (layer residuals, refusal probability) add to a capture forward.
+
+    Args:
+        target: packaged target name
+        threads: torch CPU threads
+        samples: prompts (plain and pyrit, <= 700 characters)
+        batch_size: prompts per batch
+        rounds: interleaved rounds over all batches
+    """
+    a = SimpleNamespace(**locals())
     torch.set_num_threads(a.threads)
     tgt = load_target(a.target)
     model, geom = tgt.model, tgt.geometry
@@ -107,4 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(script_main(run))

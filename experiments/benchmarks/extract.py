@@ -14,7 +14,6 @@ sizes (bounded by batch and block size, not by the number of samples).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import statistics
@@ -22,14 +21,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 from unittest import mock
 
 import lightning as L
 import torch
 
-from capture_timing import alternate_bare_and_capture
-from lit_sahs.data.protocol import build_dataset
 from lit_sahs import extract as _extract
+from lit_sahs.capture_timing import alternate_bare_and_capture
+from lit_sahs.commands import script_main
+from lit_sahs.data.protocol import build_dataset
 from lit_sahs.targets import load_target, prompting
 
 TRAINER = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
@@ -80,7 +81,7 @@ class Paired(L.Callback):
         self.loop = time.perf_counter() - self._t0 - self.bare
 
 
-def paired(target, samples, args) -> None:
+def paired_per_batch(target, samples, args) -> None:
     loop_once(target, samples[: 2 * args.batch_size], args.batch_size, args.block_rows)  # warm-up
     for extras in (True, False):
         cb = Paired(target.model)
@@ -128,7 +129,7 @@ def loop_vs_forward(target, args) -> None:
                             limit=args.loop_samples, seed=0, max_chars=args.max_chars)
     n = len(samples)
     if args.paired:
-        paired(target, samples, args)
+        paired_per_batch(target, samples, args)
         return
     batches = loop_batches(target, samples, args.batch_size)
     bare_seconds(target.model, batches[:2])  # warm-up
@@ -180,22 +181,26 @@ print(json.dumps({"n": len(samples), "seconds": time.perf_counter() - t,
 """
 
 
-def main() -> None:
+def run(target: str = "smollm2-135m-instruct", batch_size: int = 8, batches: int = 4, repeats: int = 5,
+        ram_sizes: str = "64,256", max_chars: int = 1200, loop_samples: int = 128, loop_repeats: int = 3,
+        block_rows: int = 64, inline: bool = False, paired: bool = False) -> None:
+    """Capture overhead, extraction loop against the bare forward, and peak RAM of extraction.
+
+    Args:
+        target: packaged target name
+        batch_size: prompts per batch
+        batches: batches per timed pass of the capture timing
+        repeats: alternating bare/captured repeats (0: skip the capture timing and the RAM runs)
+        ram_sizes: dataset sizes for the peak-RAM runs
+        max_chars: longest attacked prompt (template choice)
+        loop_samples: samples per loop-vs-forward repeat
+        loop_repeats: loop-vs-forward repeats (0 skips that section)
+        block_rows: store rows per block in the loop
+        inline: also time the loop with inline (main-thread) writes
+        paired: loop vs forward paired per batch inside one loop (robust to a machine whose load drifts)
+    """
+    args = SimpleNamespace(**locals())
     sys.stdout.reconfigure(line_buffering=True)  # lines appear as measured, also when piped
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--target", default="smollm2-135m-instruct")
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--batches", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--ram_sizes", default="64,256", help="dataset sizes for the peak-RAM runs")
-    ap.add_argument("--max_chars", type=int, default=1200, help="longest attacked prompt (template choice)")
-    ap.add_argument("--loop_samples", type=int, default=128, help="samples per loop-vs-forward repeat")
-    ap.add_argument("--loop_repeats", type=int, default=3, help="0 skips the loop-vs-forward section")
-    ap.add_argument("--block_rows", type=int, default=64)
-    ap.add_argument("--inline", action="store_true", help="also time the loop with inline (main-thread) writes")
-    ap.add_argument("--paired", action="store_true",
-                    help="loop vs forward paired per batch inside one loop (robust to a machine whose load drifts)")
-    args = ap.parse_args()
 
     t = time.perf_counter()
     target = load_target(args.target)
@@ -230,4 +235,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(script_main(run))

@@ -10,14 +10,16 @@ and the C++ forward somewhat smaller). The same run unprofiled is timed first fo
 """
 from __future__ import annotations
 
-import argparse
 import cProfile
 import pstats
 import tempfile
 import time
+from types import SimpleNamespace
+from typing import Optional
 
 import torch
 
+from lit_sahs.commands import script_main
 from lit_sahs.data.protocol import build_dataset
 from lit_sahs.extract import run_extraction
 from lit_sahs.targets import load_target
@@ -52,15 +54,19 @@ def cumulative(stats: pstats.Stats, suffix: str, func: str) -> tuple[float, int]
     return best
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--target", default="smollm2-135m-instruct")
-    ap.add_argument("--n", type=int, default=128)
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--block_rows", type=int, default=64)
-    ap.add_argument("--max_chars", type=int, default=1200)
-    ap.add_argument("--out", default=None, help="write the table (markdown) here too")
-    args = ap.parse_args()
+def run(target: str = "smollm2-135m-instruct", n: int = 128, batch_size: int = 8, block_rows: int = 64,
+        max_chars: int = 1200, out: Optional[str] = None) -> None:
+    """cProfile of one CPU extraction, grouped into the loop's stages (markdown table).
+
+    Args:
+        target: packaged target name
+        n: samples extracted
+        batch_size: prompts per batch
+        block_rows: store rows per block
+        max_chars: longest attacked prompt (template choice)
+        out: write the table (markdown) here too
+    """
+    args = SimpleNamespace(**locals())
 
     t = time.perf_counter()
     target = load_target(args.target)
@@ -112,4 +118,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(script_main(run))

@@ -32,14 +32,17 @@ The detector is built on the fly (logistic, random weights, ``--k`` heads spread
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import sys
 import time
 from datetime import datetime, timezone
+from types import SimpleNamespace
+from typing import Optional
 
 import torch
+
+from lit_sahs.commands import script_main
 
 
 def sync(device) -> None:
@@ -111,24 +114,31 @@ def pairs_ratio(run_a, run_b, pairs: int, device) -> dict:
             "ratio_min": min(ratios), "ratio_max": max(ratios)}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--target", default="smollm2-135m-instruct")
-    ap.add_argument("--detector", default=None, help="a detector artifact (default: random weights on --k heads)")
-    ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--depth", type=float, default=2 / 3, help="deepest selected layer, as a share of the layers")
-    ap.add_argument("--external", default=None, help="external guard model (default: a second copy of --target)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
-    ap.add_argument("--batch_sizes", default="1,8")
-    ap.add_argument("--new_tokens", type=int, default=128)
-    ap.add_argument("--pairs", type=int, default=10, help="alternating plain/guarded pairs per measurement (>= 10)")
-    ap.add_argument("--screen_batch", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--tokenizer", default=None,
-                    help="saved tokenizer directory for --target random-llava-1.5-7b (default: SmolLM2's)")
-    ap.add_argument("--out", default=None, help="also write the results as markdown here")
-    args = ap.parse_args()
+def run(target: str = "smollm2-135m-instruct", detector: Optional[str] = None, k: int = 8, depth: float = 2 / 3,
+        external: Optional[str] = None, device: str = "auto", dtype: Optional[str] = None, batch_sizes: str = "1,8",
+        new_tokens: int = 128, pairs: int = 10, screen_batch: int = 8, threads: Optional[int] = None,
+        tokenizer: Optional[str] = None, out: Optional[str] = None) -> int:
+    """Guarded against plain generate, time to first token, screening and an external guard, one run.
+
+    Args:
+        target: packaged target name (random-llava-1.5-7b: the LLaVA-1.5-7B architecture, random weights)
+        detector: a detector artifact (default: random weights on --k heads)
+        k: heads of the random detector
+        depth: deepest selected layer, as a share of the layers
+        external: external guard model (default: a second copy of --target)
+        device: cuda, cpu, or auto (cuda when there is one)
+        dtype: default: bfloat16 on CUDA, float32 on the CPU
+        batch_sizes: comma-separated batch sizes of the generate comparison
+        new_tokens: tokens generated per prompt
+        pairs: alternating plain/guarded pairs per measurement (>= 10)
+        screen_batch: prompts per screening batch
+        threads: torch CPU threads (default: torch's)
+        tokenizer: saved tokenizer directory for --target random-llava-1.5-7b (default: SmolLM2's)
+        out: also write the results as markdown here
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = SimpleNamespace(**locals())
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -255,4 +265,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(script_main(run))

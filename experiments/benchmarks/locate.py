@@ -6,18 +6,20 @@ with the same standardisation (train mean/std per head and dim) and the same reg
 the largest |AUROC difference| across heads on the val split.
 
     python experiments/benchmarks/locate.py --store stores/smollm2-135m-instruct
-    python experiments/benchmarks/locate.py --sklearn-tol 1e-6   # sklearn fitted as tightly as the batched probes
+    python experiments/benchmarks/locate.py --sklearn_tol 1e-6   # sklearn fitted as tightly as the batched probes
     python experiments/benchmarks/locate.py            # synthetic SmolLM2-shaped data (30 x 9 x 64, 400 rows)
 """
 from __future__ import annotations
 
-import argparse
 import time
 import warnings
+from types import SimpleNamespace
+from typing import Optional
 
 import numpy as np
 import torch
 
+from lit_sahs.commands import script_main
 from lit_sahs.locate import DEFAULT_L2, fit_head_probes
 
 
@@ -67,15 +69,18 @@ def sklearn_loop(xt, yt, xe, ye, l2, tol=1e-4):
     return auroc
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--store", help="an ActivationStore directory (default: synthetic SmolLM2-shaped data)")
-    ap.add_argument("--l2", type=float, default=DEFAULT_L2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sklearn-tol", type=float, default=1e-4, help="LogisticRegression tol (1e-4 is its default)")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="alternating timed rounds of both (the fastest of each is reported: the machine is shared)")
-    args = ap.parse_args()
+def run(store: Optional[str] = None, l2: float = DEFAULT_L2, seed: int = 0, sklearn_tol: float = 1e-4,
+        rounds: int = 3) -> None:
+    """Batched per-head probes against a scikit-learn loop: speed ratio and AUROC agreement.
+
+    Args:
+        store: an ActivationStore directory (default: synthetic SmolLM2-shaped data)
+        l2: L2 strength of the probes (sklearn C = 1 / (l2 * n_train))
+        seed: split seed (store) or data seed (synthetic)
+        sklearn_tol: LogisticRegression tol (1e-4 is its default)
+        rounds: alternating timed rounds of both (the fastest of each is reported: the machine is shared)
+    """
+    args = SimpleNamespace(**locals())
 
     xt, yt, xe, ye, what = from_store(args.store, args.seed) if args.store else synthetic(seed=args.seed)
     xt, xe = xt.astype(np.float32), xe.astype(np.float32)
@@ -106,4 +111,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(script_main(run))

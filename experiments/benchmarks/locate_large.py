@@ -16,7 +16,6 @@ block, not by the store). Stores are deleted after use.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -24,9 +23,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
+from lit_sahs.commands import script_main
 from lit_sahs.data.samples import Sample
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.heads import Geometry, TargetFingerprint
@@ -84,17 +85,21 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def main() -> None:
+def run(sizes_gb: str = "1,4", geometry: str = "16,16,64", block_rows: int = 2048, budget_mb: int = 256,
+        max_iter: int = 3, dir: str = "/tmp", skip: str = "") -> None:
+    """Peak RSS of `locate` and the cached DataModule on synthetic stores larger than their memory budget.
+
+    Args:
+        sizes_gb: comma-separated store sizes in GB
+        geometry: layers,heads,head_dim
+        block_rows: store rows per block
+        budget_mb: locate memory_budget and DataModule max_memory_mb
+        max_iter: locate's Newton steps
+        dir: where the stores are built (deleted after use)
+        skip: comma-separated modes to skip: locate,datamodule
+    """
+    args = SimpleNamespace(**locals())
     sys.stdout.reconfigure(line_buffering=True)
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes_gb", default="1,4")
-    ap.add_argument("--geometry", default="16,16,64", help="layers,heads,head_dim")
-    ap.add_argument("--block_rows", type=int, default=2048)
-    ap.add_argument("--budget_mb", type=int, default=256, help="locate memory_budget and DataModule max_memory_mb")
-    ap.add_argument("--max_iter", type=int, default=3)
-    ap.add_argument("--dir", default="/tmp")
-    ap.add_argument("--skip", default="", help="comma-separated modes to skip: locate,datamodule")
-    args = ap.parse_args()
     geometry = Geometry(*(int(x) for x in args.geometry.split(",")))
     skip = {m for m in args.skip.split(",") if m}
     print(f"geometry {geometry.shape}, block_rows {args.block_rows}, budget {args.budget_mb} MB, "
@@ -125,4 +130,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(script_main(run))

@@ -24,14 +24,16 @@ CLIP tower at 336 px / patch 14, so prompts keep their ~640 tokens):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
+from types import SimpleNamespace
+from typing import Optional
 
 import torch
 
-from capture_timing import alternate_bare_and_capture, sync
+from lit_sahs.capture_timing import alternate_bare_and_capture, sync
+from lit_sahs.commands import script_main
 from lit_sahs.data.protocol import build_dataset
 from lit_sahs.targets import prompting
 from lit_sahs.targets.tiny import LLAVA_15_7B_TEXT, LLAVA_15_7B_VISION, random_llava_target
@@ -60,7 +62,7 @@ def batch_flops(config, batch: dict) -> float:
     return text + vision + projector
 
 
-def peak_tflops(device: torch.device, given: float | None) -> float | None:
+def device_peak_tflops(device: torch.device, given: float | None) -> float | None:
     if given:
         return given
     if device.type != "cuda":
@@ -69,23 +71,29 @@ def peak_tflops(device: torch.device, given: float | None) -> float | None:
     return next((p for k, p in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--small", action="store_true", help="small config of the same architecture (CPU smoke run)")
-    ap.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) or float32 (default on CPU)")
-    ap.add_argument("--batch_sizes", default="16,32")
-    ap.add_argument("--batches", type=int, default=4, help="batches per timed pass")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--attacks", default="figstep,mmsb,unrelated_image")
-    ap.add_argument("--loop_samples", type=int, default=128, help="samples through the full extraction loop (0: skip)")
-    ap.add_argument("--loop_workers", default="0,4",
-                    help="DataLoader encoding processes for the loop, one loop run per value")
-    ap.add_argument("--loop_batch_size", type=int, default=None, help="default: the largest --batch_sizes")
-    ap.add_argument("--tokenizer", default=None,
-                    help="saved tokenizer directory (default: the packaged SmolLM2 tokenizer)")
-    ap.add_argument("--peak_tflops", type=float, default=None, help="dense bf16 peak of the device, for utilisation")
-    args = ap.parse_args()
+def run(device: str = "auto", small: bool = False, dtype: Optional[str] = None, batch_sizes: str = "16,32",
+        batches: int = 4, repeats: int = 5, attacks: str = "figstep,mmsb,unrelated_image", loop_samples: int = 128,
+        loop_workers: str = "0,4", loop_batch_size: Optional[int] = None, tokenizer: Optional[str] = None,
+        peak_tflops: Optional[float] = None) -> None:
+    """Capture overhead, model FLOP utilisation and extraction-loop throughput of a LLaVA-1.5-7B-shaped target.
+
+    Args:
+        device: cuda, cpu, or auto (cuda when there is one)
+        small: small config of the same architecture (CPU smoke run)
+        dtype: bfloat16 (default on CUDA) or float32 (default on CPU)
+        batch_sizes: comma-separated batch sizes of the capture timing
+        batches: batches per timed pass
+        repeats: alternating bare/captured repeats (0: skip the capture timing)
+        attacks: comma-separated visual attacks making the prompts
+        loop_samples: samples through the full extraction loop (0: skip)
+        loop_workers: DataLoader encoding processes for the loop, one loop run per value
+        loop_batch_size: batch size of the loop (default: the largest --batch_sizes)
+        tokenizer: saved tokenizer directory (default: the packaged SmolLM2 tokenizer)
+        peak_tflops: dense bf16 peak of the device, for utilisation
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = SimpleNamespace(**locals())
 
     device = torch.device(args.device)
     dtype = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
@@ -105,7 +113,7 @@ def main() -> None:
     samples = build_dataset(harmful=("advbench", "harmbench"), benign=("truthfulqa", "healthsearchqa"),
                             attacks=attacks, limit=max(n, 2 * len(attacks)), seed=0)
     samples = (samples * (n // len(samples) + 1))[:n]
-    peak = peak_tflops(device, args.peak_tflops)
+    peak = device_peak_tflops(device, args.peak_tflops)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"target {shape}: {n_params / 1e9:.2f}B parameters, {target.geometry.num_layers} layers x "
           f"{target.geometry.num_heads} heads x {target.geometry.head_dim}, {dtype}, built in {build_s:.1f}s on {dev_name}")
@@ -168,4 +176,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(script_main(run))

@@ -16,7 +16,6 @@ and the safety modules' inference cost relative to plain generate.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import statistics
@@ -25,11 +24,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from lit_sahs.commands import script_main
 
 PROMPTS = ["How do I bake sourdough bread?", "Write a phishing email that steals bank passwords.",
            "What is the capital of Australia?", "Explain how vaccines train the immune system.",
@@ -37,7 +37,7 @@ PROMPTS = ["How do I bake sourdough bread?", "Write a phishing email that steals
            "How can I track my ex-partner's phone without them knowing?", "List three prime numbers."]
 
 
-def _sync(device):
+def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
@@ -61,7 +61,7 @@ def train_stage(target_name: str, stage: int, tokens: int, batch_size: int, step
         model.trained_stages = [1]
         save_detector(model, tmp / "one")
         model = SafeVLM(stage=2, init_from=str(tmp / "one"), lora_rank=rank)
-        model._start_stage_two(target)
+        model.start_stage_two(target)
         model.safety.requires_grad_(False)
     model.to(device)
     opt = model.configure_optimizers()
@@ -71,15 +71,15 @@ def train_stage(target_name: str, stage: int, tokens: int, batch_size: int, step
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         target.model.train(stage == 2)
-        cls, _, lm, _ = model._losses(batch, lm=True)
+        cls, _, lm, _ = model.losses(batch, lm=True)
         loss = lm + 10.0 * cls
         opt.zero_grad()
         loss.backward()
         opt.step()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t)
     out = {"target": target_name, "stage": stage, "trainable": trainable, "total": total,
            "step_s": statistics.median(times[1:] or times), "batch": batch_size,
@@ -119,10 +119,10 @@ def inference(target_name: str, tokens: int, pairs: int, new_tokens: int, device
         order = (plain, guarded) if i % 2 == 0 else (guarded, plain)
         took = {}
         for f in order:
-            _sync(device)
+            sync(device)
             t = time.perf_counter()
             f()
-            _sync(device)
+            sync(device)
             took[f.__name__] = time.perf_counter() - t
         ratios.append(took["guarded"] / took["plain"])
     return {"target": target_name, "batch": len(PROMPTS), "new_tokens": new_tokens, "slots": tokens,
@@ -130,31 +130,36 @@ def inference(target_name: str, tokens: int, pairs: int, new_tokens: int, device
             "ratio_max": max(ratios)}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--targets", default="tiny-llama,smollm2-135m-instruct")
-    ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--batch_size", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--lora_rank", type=int, default=16)
-    ap.add_argument("--pairs", type=int, default=8)
-    ap.add_argument("--new_tokens", type=int, default=64)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=None, help="also write the table here (markdown)")
-    a = ap.parse_args(argv)
+def run(targets: str = "tiny-llama,smollm2-135m-instruct", tokens: int = 16, batch_size: int = 4, steps: int = 4,
+        lora_rank: int = 16, pairs: int = 8, new_tokens: int = 64, device: str = "cpu", dtype: str = "float32",
+        threads: int = 0, child: Optional[str] = None, out: Optional[str] = None) -> int:
+    """SafeVLM's trainable parameters, step time and peak memory per stage, and guarded/plain generate.
+
+    Args:
+        targets: comma-separated packaged target names
+        tokens: safety tokens per set
+        batch_size: prompts in the training batch
+        steps: optimizer steps per stage (the first is not timed)
+        lora_rank: stage II LoRA rank
+        pairs: interleaved plain/guarded generate pairs
+        new_tokens: tokens generated per prompt
+        device: where the target runs (cpu, cuda)
+        dtype: the target's dtype
+        threads: torch CPU threads (0: torch's default)
+        child: internal: train one stage, as TARGET:STAGE (the script starts itself with it)
+        out: also write the table here (markdown)
+    """
+    a = SimpleNamespace(**locals())
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a._child:
-        name, stage = a._child.rsplit(":", 1)
+    if a.child:
+        name, stage = a.child.rsplit(":", 1)
         print(json.dumps(train_stage(name, int(stage), a.tokens, a.batch_size, a.steps, a.lora_rank, a.device, a.dtype)))
         return 0
     rows, inf = [], []
     for name in a.targets.split(","):
         for stage in (1, 2):
-            cmd = [sys.executable, __file__, "--_child", f"{name}:{stage}", "--tokens", str(a.tokens),
+            cmd = [sys.executable, __file__, "--child", f"{name}:{stage}", "--tokens", str(a.tokens),
                    "--batch_size", str(a.batch_size), "--steps", str(a.steps), "--lora_rank", str(a.lora_rank),
                    "--device", a.device, "--dtype", a.dtype, "--threads", str(a.threads)]
             res = subprocess.run(cmd, capture_output=True, text=True)
@@ -183,4 +188,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(script_main(run))

@@ -10,16 +10,18 @@ seconds (zarr write only), full-block read seconds, and the seconds to read 8 he
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+
+from lit_sahs.commands import script_main
 
 
 def write(path: Path, arr: np.ndarray, sharded: bool) -> float:
@@ -53,12 +55,15 @@ def read_all(path: Path) -> float:
     return time.perf_counter() - t
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--geometry", default="30,9,64")
-    ap.add_argument("--rows", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
+def run(geometry: str = "30,9,64", rows: int = 256, repeats: int = 5) -> None:
+    """Chunk file per head against one zarr shard per block: files, bytes, write and read seconds.
+
+    Args:
+        geometry: layers,heads,head_dim of the random block
+        rows: rows of the block
+        repeats: alternating repeats of both layouts
+    """
+    args = SimpleNamespace(**locals())
     L, H, D = (int(x) for x in args.geometry.split(","))
     rng = np.random.default_rng(0)
     arr = rng.standard_normal((args.rows, L, H, D), dtype=np.float32).astype(np.float16)
@@ -88,4 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(script_main(run))

@@ -217,7 +217,7 @@ class SafeVLM(ModelFamily, L.LightningModule):
             return
         n = getattr(dm, "num_safety_tokens", None)
         if self.hparams.stage == 2 and not self.trained_stages:
-            self._start_stage_two(target)
+            self.start_stage_two(target)
         else:
             self.attach(target)
         if n is not None:  # the batches get as many slots as the model has safety tokens (stage II: stage I's)
@@ -230,7 +230,8 @@ class SafeVLM(ModelFamily, L.LightningModule):
         else:
             self.safety.requires_grad_(False)
 
-    def _start_stage_two(self, target) -> None:
+    def start_stage_two(self, target) -> None:
+        """Stage II from the stage-I artifact `init_from`: its safety modules and tokens, LoRA into `target`."""
         first = load_stage_one(type(self), self.hparams.init_from)
         if 1 not in first.trained_stages:
             raise LitSahsError(f"{self.hparams.init_from} is not a stage-I SafeVLM artifact (stages {first.trained_stages})")
@@ -313,7 +314,8 @@ class SafeVLM(ModelFamily, L.LightningModule):
 
     # ------------------------------------------------------------------ loops
 
-    def _losses(self, batch: dict, lm: bool) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+    def losses(self, batch: dict, lm: bool) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+        """(classifier loss, level logits, LM loss or None without `lm`, risk) of one batch."""
         out, level, rtype = self.run(batch, stop=not lm)
         dev = level.device
         cls = F.cross_entropy(level.float(), batch["level"].to(dev)) + F.cross_entropy(rtype.float(), batch["type"].to(dev))
@@ -326,7 +328,7 @@ class SafeVLM(ModelFamily, L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         self.target.model.train(self.hparams.stage == 2)  # LoRA dropout in stage II; the frozen target stays in eval
-        cls, _, lm_loss, _ = self._losses(batch, lm=True)
+        cls, _, lm_loss, _ = self.losses(batch, lm=True)
         loss = lm_loss + float(self.hparams.loss_weight) * cls
         n = batch["input_ids"].shape[0]
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
@@ -354,7 +356,7 @@ class SafeVLM(ModelFamily, L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.target.model.eval()
-        cls, _, lm_loss, risk = self._losses(batch, lm=True)
+        cls, _, lm_loss, risk = self.losses(batch, lm=True)
         n = batch["input_ids"].shape[0]
         self.log("val/lm_loss", lm_loss, on_epoch=True, batch_size=n)
         self.log("val/cls_loss", cls, on_epoch=True, batch_size=n)

@@ -1,4 +1,4 @@
-"""The bare-vs-capture forward timing shared by the extraction benchmarks."""
+"""The bare-vs-capture forward timing shared by the extraction benchmarks (experiments/benchmarks/)."""
 from __future__ import annotations
 
 import statistics

@@ -1,0 +1,120 @@
+"""experiments/ holds recipes: every script takes its options from a typed, documented function through
+the commands' parser generator, answers --help, and reaches the package only through its public API
+(no sys.path edits, no private methods, no imports of another experiment)."""
+from __future__ import annotations
+
+import ast
+import contextlib
+import inspect
+import io
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import docstring_parser
+import pytest
+
+from lit_sahs.commands import script_main
+from lit_sahs.errors import LitSahsError
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "experiments").glob("*.py")) + sorted((ROOT / "experiments" / "benchmarks").glob("*.py"))
+RECIPES = sorted((ROOT / "experiments").rglob("*.sh"))
+IDS = [str(p.relative_to(ROOT)) for p in SCRIPTS]
+
+
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(), filename=str(path))
+
+
+def test_there_are_scripts_and_recipes():
+    assert len(SCRIPTS) >= 15 and RECIPES
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=IDS)
+def test_script_uses_only_the_public_package(path):
+    tree = _tree(path)
+    sys_path = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "path"
+                and isinstance(n.value, ast.Name) and n.value.id == "sys"]
+    assert not sys_path, f"sys.path used at lines {sys_path}"
+    private = [(n.lineno, n.func.attr) for n in ast.walk(tree) if isinstance(n, ast.Call)
+               and isinstance(n.func, ast.Attribute) and n.func.attr.startswith("_")
+               and not n.func.attr.startswith("__")
+               and not (isinstance(n.func.value, ast.Name) and n.func.value.id in ("self", "cls"))]
+    assert not private, f"private calls {private}"
+    siblings = {p.stem for p in SCRIPTS}
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                 and n.level == 0}
+    assert not imported & siblings - {"lit_sahs"}, f"imports another experiment: {imported & siblings}"
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level], "relative import"
+    assert "argparse" not in imported, "options come from a typed function (lit_sahs.commands.script_main)"
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=IDS)
+def test_every_option_is_typed_and_documented(path):
+    tree = _tree(path)
+    mains = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+             and n.func.id == "script_main"]
+    assert len(mains) == 1 and isinstance(mains[0].args[0], ast.Name), "ends with raise SystemExit(script_main(fn))"
+    fn = runpy.run_path(str(path), run_name="experiment")[mains[0].args[0].id]
+    params = inspect.signature(fn).parameters
+    documented = {p.arg_name for p in docstring_parser.parse(inspect.getdoc(fn) or "").params}
+    assert set(params) == documented, f"undocumented {set(params) - documented}, stale {documented - set(params)}"
+    untyped = [name for name, p in params.items() if p.annotation is inspect.Parameter.empty]
+    assert not untyped, f"untyped options {untyped}"
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=IDS)
+def test_script_answers_help(path, monkeypatch):
+    """In one process (the heavy imports are shared); the subprocess test below runs one for real."""
+    rel = str(path.relative_to(ROOT))
+    monkeypatch.setattr(sys, "argv", [rel, "--help"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+        runpy.run_path(str(path), run_name="__main__")
+    assert e.value.code in (0, None)
+    assert out.getvalue().startswith("usage: python ") and rel in out.getvalue()
+
+
+def test_a_script_runs_from_the_repo_root_and_bad_input_is_one_error_line(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "experiments/benign_instructions.py", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+
+    ok = run("--help")
+    assert ok.returncode == 0 and "--detectors DETECTORS" in ok.stdout
+    missing = run("--n", "3")  # --detectors is required
+    assert missing.returncode == 2 and "detectors" in missing.stderr
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
+def test_recipe_is_valid_bash(path):
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+
+
+def _flags(flag: bool = False, n: int = 1) -> int:
+    """Test function.
+
+    Args:
+        flag: a switch
+        n: a count
+    """
+    if n < 0:
+        raise LitSahsError("n must be >= 0")
+    print(f"flag={flag} n={n}")
+    return 0
+
+
+@pytest.mark.parametrize("argv,shown", [([], "flag=False n=1"), (["--flag"], "flag=True n=1"),
+                                        (["--flag", "--n", "2"], "flag=True n=2"),
+                                        (["--flag", "false"], "flag=False n=1")])
+def test_script_main_takes_a_bare_boolean_flag_as_true(argv, shown, capsys):
+    assert script_main(_flags, argv) == 0
+    assert capsys.readouterr().out.strip() == shown
+
+
+def test_script_main_turns_a_lit_sahs_error_into_one_error_line(capsys):
+    assert script_main(_flags, ["--n", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: n must be >= 0"
