@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of experiments/RESULTS.md in one run: LLaVA-1.5-7B-shaped extraction throughput
+# The GPU figures of docs/results.md in one run: LLaVA-1.5-7B-shaped extraction throughput
 # and capture overhead (lvlm_extract.py), then guarded vs plain generate, time to first token,
 # screening and an external guard on the same shape (guard.py). Logs and tables go to OUT_DIR.
 #
