@@ -42,7 +42,8 @@ print(json.dumps({"plain": plain.to_dict("list"), "chats": chats.to_dict("list")
 def env(workdir: Path) -> dict:
     e = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{workdir}/mlruns/mlflow.db",
              PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-             MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", TOKENIZERS_PARALLELISM="false")
+             MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", TOKENIZERS_PARALLELISM="false",
+             PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))  # uvicorn
     e.pop("MLFLOW_REGISTRY_URI", None)
     return e
 
