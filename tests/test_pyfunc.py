@@ -227,3 +227,22 @@ def test_mlflow_models_serve_answers_invocations(mlflow_workdir, heads_model, ti
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=20)
         log.close()
+
+
+def test_only_the_tracking_layer_imports_mlflow():
+    """MLflow stays behind tracking.py and the model modules; only commands above them import those."""
+    import ast
+
+    root = Path(lit_sahs.__file__).parent
+    importers: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            for name in names:
+                importers.setdefault(name.split(".")[0] if name.startswith("mlflow") else name, set()).add(
+                    str(path.relative_to(root)))
+    assert importers["mlflow"] <= {"tracking.py", "mlflow_model.py", "pyfunc_model.py"}
+    assert importers.get("lit_sahs.mlflow_model", set()) <= {"pyfunc_model.py", "registry.py", "reporting.py",
+                                                             "tune/refit.py"}
+    assert not importers.get("lit_sahs.pyfunc_model", set()) - {"mlflow_model.py"}  # MLflow runs it, nobody imports it
