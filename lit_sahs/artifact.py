@@ -81,7 +81,7 @@ def _from_uri(uri: str, map_location, tracking_uri) -> ModelFamily:
 def load_detector(path: str | os.PathLike, map_location: str | torch.device = "cpu",
                   tracking_uri: str | None = None) -> ModelFamily:
     """Load a detector (eval mode) from an artifact directory, its detector.json/.safetensors, a .ckpt,
-    or an MLflow URI: models:/<name>/<version>, models:/<name>@<alias>, runs:/<run_id>/<path>
+    a lit_sahs MLflow pyfunc model directory (its detector artifact is read), or an MLflow URI: models:/<name>/<version>, models:/<name>@<alias>, runs:/<run_id>/<path>
     (tracking/registry URI: `tracking_uri`, else MLFLOW_TRACKING_URI, else the SQLite store in mlruns/)."""
     if isinstance(path, str) and path.startswith(("models:/", "runs:/")):
         return _from_uri(path, map_location, tracking_uri)
@@ -89,6 +89,9 @@ def load_detector(path: str | os.PathLike, map_location: str | torch.device = "c
     if not p.exists():
         raise LitSahsError(f"{p} does not exist: pass a directory written by save_detector or a Lightning .ckpt")
     if p.is_dir():
+        inner = p / "artifacts" / "detector"  # a lit_sahs pyfunc model: read the artifact inside, never its code
+        if not (p / META_FILE).exists() and (p / "MLmodel").is_file() and inner.is_dir():
+            p = inner
         return _from_directory(p, map_location)
     if p.name in (META_FILE, WEIGHTS_FILE):
         return _from_directory(p.parent, map_location)

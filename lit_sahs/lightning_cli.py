@@ -58,8 +58,17 @@ class SahsCLI(LightningCLI):
             from lit_sahs.tracking import make_logger
 
             mlcfg = self._cfg.mlflow
-            kwargs["logger"] = make_logger(mlcfg.experiment, mlcfg.tracking_uri, run_name=self.subcommand)
+            kwargs["logger"] = make_logger(mlcfg.experiment, mlcfg.tracking_uri, run_name=self._run_name())
         return super().instantiate_trainer(**kwargs)
+
+    def _run_name(self) -> str:
+        """The MLflow run's name: the subcommand and the (last) config file, e.g. fit-quickstart."""
+        configs = [c for c in (self._cfg.get("config") or []) if c]
+        if not configs:
+            return self.subcommand
+        last = configs[-1]
+        name = Path(str(getattr(last, "relative", None) or getattr(last, "absolute", None) or last)).stem
+        return f"{self.subcommand}-{name}" if name else self.subcommand
 
     @property
     def engine(self) -> Engine:

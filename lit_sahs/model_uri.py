@@ -1,7 +1,9 @@
 """models:/ and runs:/ URIs of detector artifacts: resolve a registry version and download its
 directory, reading nothing. Loading is ``lit_sahs.artifact.load_detector``; registering is
-``lit_sahs.registry``. Only a directory holding detector.json + detector.safetensors is accepted: a
-pickle, a .ckpt or an MLflow flavour is refused before any byte of it is interpreted.
+``lit_sahs.registry``. Only a directory holding detector.json + detector.safetensors is accepted
+(directly, or as the ``detector`` artifact inside a lit_sahs pyfunc model: the model's code is never
+run here): a pickle, a .ckpt or an MLflow flavour without that directory is refused before any byte
+of it is interpreted.
 """
 from __future__ import annotations
 
@@ -106,7 +108,10 @@ def download(uri: str, dst: str | os.PathLike, tracking_uri: Optional[str] = Non
         raise LitSahsError(f"cannot download {uri} ({source}): {error_text(e)}") from None
     except OSError as e:
         raise LitSahsError(f"cannot download {uri} ({source}): {e}") from None
-    for d in ([local, local / "detector"] if local.is_dir() else []):
+    # the artifact itself, a run's root holding it, or a lit_sahs pyfunc model (lit_sahs.mlflow_model)
+    # holding it as its "detector" artifact: only the safetensors + JSON inside is ever read
+    candidates = [local, local / "detector"] + ([local / "artifacts" / "detector"] if (local / "MLmodel").is_file() else [])
+    for d in (candidates if local.is_dir() else []):
         if d.is_dir() and (d / META_FILE).is_file() and (d / WEIGHTS_FILE).is_file():
             return local, d, mv
     found = (sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())[:10] if local.is_dir()

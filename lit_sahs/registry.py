@@ -4,11 +4,15 @@
     python -m lit_sahs register --study quickstart-smollm2 --name smollm2-guard   # the study's refit
     load_detector("models:/smollm2-guard@champion")     # or models:/smollm2-guard/3, runs:/<id>/detector
 
-A registered version points at a detector artifact (detector.safetensors + detector.json,
-written by save_detector). Loading downloads that directory and reads it with safetensors and
-json only: a registry entry that holds anything else (a pickle, an MLflow pyfunc/pytorch
-flavour, a .ckpt) is refused before any byte of it is interpreted, so a detector someone else
-registered cannot run code on the machine that loads it.
+A registered version is an MLflow pyfunc model (``lit_sahs.mlflow_model``: built from code, no
+pickle) whose ``detector`` artifact is the detector (detector.safetensors + detector.json, written
+by save_detector), so ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` take it. Registering
+a run's detector (``runs:/<id>/detector``, what ``fit`` and ``tune`` print) links the version to that
+training run and its metrics; a local directory gets a run of its own in the `registry` experiment.
+lit_sahs's own loading downloads the version and reads only the detector directory inside, with
+safetensors and json: a registry entry without one (a pickle, an MLflow pytorch flavour, a .ckpt)
+is refused before any byte of it is interpreted, so a detector someone else registered cannot run
+code on the machine that loads it.
 
 A registered model belongs to one target: its first version records the target fingerprint
 (tag ``lit_sahs.target_fingerprint``) and a detector for another target is refused. Each
@@ -28,7 +32,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 from lit_sahs.errors import LitSahsError
-from lit_sahs.artifact import load_detector, save_detector
+from lit_sahs.artifact import load_detector
+from lit_sahs.mlflow_model import DETECTOR_PATH, MODEL_PATH, log_detector_and_model, log_pyfunc_model, run_has_model
 from lit_sahs.model_uri import RUN_URI, TAG_FINGERPRINT, download as _download, error_text as _msg
 from lit_sahs.tracking import absolute_uri, artifact_location, mlflow_client, mlflow_error, redact, study_refit
 
@@ -108,10 +113,16 @@ def register_detector(detector: str, name: str, alias: Optional[str] = None, tag
         m = RUN_URI.match(detector)
         src_run, src_path = m["run_id"], (m["path"] or "").strip("/")
         sub = Path(tempfile.mkdtemp(prefix="lit_sahs-check-"))
-        try:  # the version must point at the artifact directory itself, not a folder above it
+        try:  # the version points at the run's pyfunc model holding this artifact (logged here if missing)
             local, directory, _ = _download(detector, sub, tracking_uri)
-            if directory != local:
-                src_path = f"{src_path}/{directory.name}".strip("/")
+            if (local / "MLmodel").is_file():
+                model_path = src_path
+            else:
+                if directory != local:
+                    src_path = f"{src_path}/{directory.name}".strip("/")
+                model_path = MODEL_PATH if src_path == DETECTOR_PATH else f"{src_path}-model"
+                if not run_has_model(c, src_run, model_path):
+                    log_pyfunc_model(c, src_run, det, directory, model_path)
         finally:
             shutil.rmtree(sub, ignore_errors=True)
     tags_v = _detector_tags(det)
@@ -152,7 +163,7 @@ def register_detector(detector: str, name: str, alias: Optional[str] = None, tag
 
         # 3. where the version's files live: the source run's artifact, or a run made here
         if src_run:
-            source, run_id = f"runs:/{src_run}/{src_path}" if src_path else f"runs:/{src_run}", src_run
+            source, run_id = f"runs:/{src_run}/{model_path}", src_run
         else:
             exp = c.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else c.create_experiment(
@@ -160,11 +171,8 @@ def register_detector(detector: str, name: str, alias: Optional[str] = None, tag
             run_id = c.create_run(exp_id, run_name=f"register-{name}",
                                   tags={"lit_sahs.kind": "register", "lit_sahs.source": str(detector)}).info.run_id
             created_run = run_id
-            with tempfile.TemporaryDirectory() as tmp:
-                art = save_detector(det, Path(tmp) / "detector")
-                c.log_artifacts(run_id, str(art), artifact_path="detector")
+            source = log_detector_and_model(c, run_id, det)
             c.set_terminated(run_id)
-            source = f"runs:/{run_id}/detector"
 
         # 4. the version, its tags and alias
         metric_tags = {f"metric.{k}": f"{v:.6g}" for k, v in run_metrics.items() if k in KEY_METRICS}

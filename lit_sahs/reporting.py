@@ -5,7 +5,8 @@ TestReport      at the end of the test loop: the detector and the baselines on t
                 false-positive rate per source, ROC curves -> report.md, report.json,
                 benign_fpr.json, roc.png; printed, logged to the MLflow run.
 ExportDetector  at the end of the test loop: the detector artifact (safetensors + JSON) and, for
-                head-selecting families, heads.json; logged to the MLflow run.
+                head-selecting families, heads.json; logged to the MLflow run with the detector's
+                MLflow pyfunc model (runs:/<id>/model, ``lit_sahs.mlflow_model``), whose URI it prints.
 """
 from __future__ import annotations
 
@@ -22,6 +23,16 @@ def _log_files(trainer: L.Trainer, paths: Sequence[Path]) -> None:
     from lit_sahs.tracking import log_artifacts
 
     log_artifacts(trainer.logger, [p for p in paths if p is not None])
+
+
+def _log_model(trainer: L.Trainer, detector, detector_dir: Path) -> Optional[str]:
+    """The detector as an MLflow pyfunc model in the fit's run (an MLflow logger only); its URI."""
+    run_id = getattr(trainer.logger, "run_id", None)
+    if run_id is None or not trainer.is_global_zero:
+        return None
+    from lit_sahs.mlflow_model import log_pyfunc_model
+
+    return log_pyfunc_model(trainer.logger.experiment, run_id, detector, detector_dir)
 
 
 class TestReport(L.Callback):
@@ -84,6 +95,7 @@ class ExportDetector(L.Callback):
         self.output_dir = Path(output_dir)
         self.verbose = verbose
         self.paths: dict[str, Path] = {}
+        self.model_uri: Optional[str] = None
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lit_sahs.artifact import save_detector
@@ -92,8 +104,13 @@ class ExportDetector(L.Callback):
         for name, doc in pl_module.extra_artifacts().items():
             self.paths[name] = atomic_write_text(self.output_dir / name, json.dumps(doc, indent=1) + "\n")
         _log_files(trainer, list(self.paths.values()))
+        self.model_uri = _log_model(trainer, pl_module, self.paths["detector"])
         if self.verbose:
             print(f"detector: {self.paths['detector']}")
+            if self.model_uri:
+                run_id = trainer.logger.run_id
+                print(f"MLflow run: {run_id}\nmodel:    {self.model_uri} (detector runs:/{run_id}/detector; register it "
+                      f"with: python -m lit_sahs register --detector runs:/{run_id}/detector --name NAME)")
 
     def collect(self, result: Any) -> None:
         result.paths.update(self.paths)

@@ -73,7 +73,22 @@ def test_fit_locates_fits_tests_and_tracks(workdir, cli):
     assert run_["metrics.val/auroc"] > 0.95
     assert "metrics.report/heads/pliny/auroc" in runs.columns
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_["run_id"])}
-    assert {"detector", "report.md", "roc.png", "ranking.json", "heads.png"} <= arts
+    assert {"detector", "model", "report.md", "roc.png", "ranking.json", "heads.png"} <= arts
+    # lineage: the run is named after the config, its id and model URI are printed, and registering
+    # runs:/<id>/detector makes a version of the run's pyfunc model, linked to the run and its metrics
+    run_id = run_["run_id"]
+    assert run_["tags.mlflow.runName"] == "fit-cfg"
+    assert f"MLflow run: {run_id}" in out and f"runs:/{run_id}/model" in out
+    code, out, err = cli(["register", "--detector", f"runs:/{run_id}/detector", "--name", "unit-guard",
+                          "--alias", "champion", "--tracking_uri", f"sqlite:///{workdir}/mlruns/mlflow.db"])
+    assert code == 0, err[-2000:]
+    c = mlflow.MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
+    mv = c.get_model_version_by_alias("unit-guard", "champion")
+    assert mv.run_id == run_id and mv.source == f"runs:/{run_id}/model"
+    assert c.get_run(mv.run_id).data.metrics["val/auroc"] == pytest.approx(run_["metrics.val/auroc"])
+    assert mlflow.get_experiment_by_name("registry") is None  # no run made for the files
+    for uri in ("models:/unit-guard@champion", f"runs:/{run_id}/detector", f"runs:/{run_id}/model"):
+        assert load_detector(uri, tracking_uri=f"sqlite:///{workdir}/mlruns/mlflow.db").head_set == exported.head_set
 
 
 def test_sparse_detector_keeps_the_signal_heads(workdir, cli):

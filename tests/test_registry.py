@@ -96,16 +96,57 @@ def test_register_a_run_artifact_with_its_metrics(workdir, detector_dir):
     c.log_metric(run_id, "mean_held_out_auroc", 0.875)
     c.log_metric(run_id, "mean_tpr_at_1fpr", 0.25)
     out = register_detector(f"runs:/{run_id}/detector", "from-run", alias="candidate")
-    assert out["source"] == f"runs:/{run_id}/detector" and out["run_id"] == run_id
+    # a run without a pyfunc model gets one beside its detector: the version is that model, linked to the run
+    assert out["source"] == f"runs:/{run_id}/model" and out["run_id"] == run_id
+    assert {a.path for a in c.list_artifacts(run_id)} == {"detector", "model"}
+    mv = c.get_model_version("from-run", "1")
+    assert mv.run_id == run_id and c.get_run(mv.run_id).data.metrics["mean_held_out_auroc"] == 0.875
     assert out["tags"]["metric.mean_held_out_auroc"] == "0.875" and out["tags"]["metric.mean_tpr_at_1fpr"] == "0.25"
     assert json.loads(out["tags"]["lit_sahs.metrics"])["mean_held_out_auroc"] == 0.875
     # the run's root URI is resolved to the detector folder inside it
     out2 = register_detector(f"runs:/{run_id}", "from-run")
-    assert out2["source"] == f"runs:/{run_id}/detector" and out2["version"] == 2
+    assert out2["source"] == f"runs:/{run_id}/model" and out2["version"] == 2
+    # the model URI itself registers the same way, and lit_sahs loads the detector inside it
+    out3 = register_detector(f"runs:/{run_id}/model", "from-run")
+    assert out3["source"] == f"runs:/{run_id}/model" and out3["run_id"] == run_id
+    assert {a.path for a in c.list_artifacts(run_id)} == {"detector", "model"}  # no second model
 
     from lit_sahs.artifact import load_detector
 
     assert load_detector(f"runs:/{run_id}/detector").head_set.to_list() == [[2, 1], [3, 0]]
+    assert load_detector(f"runs:/{run_id}/model").head_set.to_list() == [[2, 1], [3, 0]]
+    local = c.download_artifacts(run_id, "model", str(workdir))
+    assert load_detector(local).head_set.to_list() == [[2, 1], [3, 0]]  # a pyfunc model directory
+
+
+def test_a_local_detector_registers_as_a_pyfunc_model(workdir, detector_dir):
+    """A directory gets a run in the registry experiment holding the detector and its pyfunc model;
+    the version's MLmodel is a models-from-code pyfunc with a signature, an example and requirements."""
+    import yaml
+    from mlflow import MlflowClient
+
+    from lit_sahs.registry import register_detector
+
+    out = register_detector(str(detector_dir), "local-guard", alias="champion")
+    run_id = out["run_id"]
+    assert out["source"] == f"runs:/{run_id}/model"
+    c = MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
+    assert {a.path for a in c.list_artifacts(run_id)} == {"detector", "model"}
+    model = Path(c.download_artifacts(run_id, "model", str(workdir)))
+    mlmodel = yaml.safe_load((model / "MLmodel").read_text())
+    pyfunc = mlmodel["flavors"]["python_function"]
+    assert pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert (model / Path(pyfunc["model_code_path"]).name).is_file()
+    assert not list(model.rglob("*.pkl"))  # no pickle anywhere
+    assert sorted(p.name for p in (model / "artifacts" / "detector").iterdir()) == ["detector.json",
+                                                                                    "detector.safetensors"]
+    sig_in = [col["name"] for col in json.loads(mlmodel["signature"]["inputs"])]
+    sig_out = [col["name"] for col in json.loads(mlmodel["signature"]["outputs"])]
+    assert sig_in == ["text", "messages"] and sig_out == ["score", "flagged", "threshold"]
+    assert (model / "input_example.json").is_file()
+    reqs = (model / "requirements.txt").read_text()
+    assert "lit_sahs" in reqs and "mlflow" in reqs and "torch" in reqs
+    assert mlmodel["metadata"]["lit_sahs"]["family"] == "logistic"
 
 
 def test_unknown_registry_names_are_one_error(workdir, detector_dir, cli):

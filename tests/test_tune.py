@@ -99,6 +99,8 @@ def test_study_nests_trials_in_mlflow_refits_and_registers(workdir, cli):
     assert parent_run.data.metrics["best_value"] == pytest.approx(best.value)
     assert "baseline/tfidf/mean_held_out_auroc" in parent_run.data.metrics
     assert result["refit"]["detector"] == f"runs:/{refit_id}/detector"
+    assert result["refit"]["model"] == f"runs:/{refit_id}/model"
+    assert "model/MLmodel" in {a.path for a in client.list_artifacts(refit_id, "model")}
 
     # the refit detector: local copy and the run's artifact load alike; register the study's refit
     from lit_sahs.artifact import load_detector
@@ -110,7 +112,11 @@ def test_study_nests_trials_in_mlflow_refits_and_registers(workdir, cli):
                           "--tracking_uri", f"sqlite:///{workdir}/mlruns/mlflow.db"])
     assert code == 0, err[-2000:]
     reg = json.loads(out.strip().splitlines()[-1])
-    assert reg["source"] == f"runs:/{refit_id}/detector" and reg["version"] == 1
+    # the version is the refit run's pyfunc model, linked to that run and its metrics
+    assert reg["source"] == f"runs:/{refit_id}/model" and reg["version"] == 1 and reg["run_id"] == refit_id
+    mv = client.get_model_version("syn-guard", "1")
+    assert mv.run_id == refit_id
+    assert client.get_run(mv.run_id).data.metrics["mean_held_out_auroc"] == pytest.approx(best.value)
     assert float(reg["tags"]["metric.mean_held_out_auroc"]) == pytest.approx(best.value, abs=1e-5)
     assert reg["tags"]["optuna.study"] == "syn"
     reg_det = load_detector("models:/syn-guard@champion")  # default tracking URI: mlruns/ in the cwd

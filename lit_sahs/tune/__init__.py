@@ -76,6 +76,7 @@ def _summary(result: dict) -> str:
                      f"{(best.get('mean_tpr_at_1fpr') or float('nan')):.4f}, params {best['params']}")
     refit = result.get("refit")
     if refit:
-        lines.append(f"refit detector: {refit['detector']} (local copy {refit['local_detector']}); register it with "
+        lines.append(f"refit run {refit['run_id']}: model {refit.get('model')}, detector {refit['detector']} "
+                     f"(local copy {refit['local_detector']}); register it with "
                      f"`python -m lit_sahs register --detector {refit['detector']} --name <name> --alias champion`")
     return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""After the trials: the best trial refitted on all families and logged (safetensors + JSON, a local
-copy too), the study's plots and trials table, and the baselines scored on the same folds."""
+"""After the trials: the best trial refitted on all families and logged (safetensors + JSON and its
+MLflow pyfunc model, in the refit run that ``register --study`` links the version to; a local copy too), the study's plots and trials table, and the baselines scored on the same folds."""
 from __future__ import annotations
 
 import json
@@ -77,9 +77,10 @@ def log_plots(study, tracker: Tracker, parent: str) -> None:
 
 
 def refit_best(cfg: TuneConfig, study, space: SearchSpace, folds: Folds, tracker: Tracker, parent: str) -> dict:
-    """Refit the best trial's settings on all families; log the detector (safetensors + JSON) as a
-    child run of the study and keep a local copy."""
+    """Refit the best trial's settings on all families; log the detector (safetensors + JSON) and its
+    pyfunc model in a child run of the study and keep a local copy."""
     from lit_sahs.artifact import save_detector
+    from lit_sahs.mlflow_model import log_detector_and_model
 
     best = study.best_trial
     family, k, hparams, features = SearchSpace.from_params(best.params, space)
@@ -103,9 +104,9 @@ def refit_best(cfg: TuneConfig, study, space: SearchSpace, folds: Folds, tracker
                        "refit_test": {AUROC: test[AUROC], TPR_AT_1FPR: test[TPR_AT_1FPR], "n": r.n_test,
                                       "split": f"random {cfg.test_fraction} of base prompts (in distribution)"},
                        "threshold": float(det.threshold), "mlflow_run_id": run,
-                       "detector_uri": f"runs:/{run}/detector"}
+                       "detector_uri": f"runs:/{run}/detector", "model_uri": f"runs:/{run}/model"}
             Path(tmp, "best.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
-            tracker.client.log_artifacts(run, str(art), artifact_path="detector")
+            model_uri = log_detector_and_model(tracker.client, run, det, art)  # runs:/<run>/detector and /model
             for extra in ("best.json", "ranking.json"):
                 if Path(tmp, extra).exists():
                     tracker.client.log_artifact(run, str(Path(tmp, extra)))
@@ -124,7 +125,7 @@ def refit_best(cfg: TuneConfig, study, space: SearchSpace, folds: Folds, tracker
     except BaseException:
         tracker.end(run, "FAILED")
         raise
-    info = {"trial": best.number, "run_id": run, "detector": f"runs:/{run}/detector",
+    info = {"trial": best.number, "run_id": run, "detector": f"runs:/{run}/detector", "model": model_uri,
             "local_detector": str(out / "detector"), f"refit_test_{AUROC}": test[AUROC],
             f"refit_test_{TPR_AT_1FPR}": test[TPR_AT_1FPR], "head_set": det.head_set.to_list(), "features": features}
     study.set_user_attr(REFIT_ATTR, info)
