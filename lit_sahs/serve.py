@@ -15,9 +15,9 @@
   ``GET /v1/models``.
 
 Concurrent requests are batched dynamically (``serving.Batcher``: up to ``--max_batch_size`` prompts,
-waiting at most ``--batch_timeout`` seconds for a batch to fill). Bad requests get a 4xx with one
-message in OpenAI's error shape and the server keeps serving. Prompt text is never logged unless
-``--log_prompts``.
+waiting at most ``--batch_timeout`` seconds for the requests expected to fill a batch). Bad requests
+get a 4xx with one message in OpenAI's error shape and the server keeps serving. Prompt text is never
+logged unless ``--log_prompts``.
 
 Built on FastAPI + uvicorn (the stack LitServe itself runs on) rather than LitServe: LitServe runs
 each API in its own worker process with its own copy of the model, so moderation and chat could not
@@ -57,7 +57,7 @@ class ServeOptions:
         port: port to listen on
         model_name: the model name clients send (default: the target's name)
         max_batch_size: most prompts scored or generated in one batch
-        batch_timeout: seconds a batch waits to fill before it runs
+        batch_timeout: seconds a batch waits at most for the requests expected to fill it
         max_new_tokens: default and largest max_tokens of a chat request
         max_inputs: most texts in one moderation request
         max_body_bytes: largest request body accepted
@@ -75,7 +75,7 @@ class ServeOptions:
     port: int = 8000
     model_name: Optional[str] = None
     max_batch_size: int = 16
-    batch_timeout: float = 0.01
+    batch_timeout: float = 0.05
     max_new_tokens: int = 128
     max_inputs: int = 256
     max_body_bytes: int = 1 << 20

@@ -121,9 +121,12 @@ class Batcher:
     """Gathers concurrent submissions into batches for ``run(key, items) -> results``.
 
     Items with the same `key` (the work they need: moderation, or chat with one max_new_tokens) are
-    batched together: a batch starts with the oldest waiting item and closes when it holds
-    `max_batch_size` items or `batch_timeout` seconds have passed; while one batch runs (in a worker
-    thread, so the loop keeps accepting requests) the next gathers. A LitSahsError from a batch of
+    batched together: a batch starts with the oldest waiting item and closes when it holds as many
+    items as are expected, or `batch_timeout` seconds have passed; while one batch runs (in a worker
+    thread, so the loop keeps accepting requests) the next gathers. Expected: the items waiting when
+    the last batch ended plus that batch's size (at most `max_batch_size`), since clients answered
+    usually send again. So a lone client never waits for a batch to fill, and clients answered
+    together are batched together again instead of splitting into a late small batch and a large one. A LitSahsError from a batch of
     several items is retried item by item, so one bad prompt fails only its own request."""
 
     def __init__(self, run: Callable[[Hashable, list], list], max_batch_size: int = 16, batch_timeout: float = 0.01):
@@ -135,6 +138,7 @@ class Batcher:
         self.pending: collections.deque[_Pending] = collections.deque()
         self.batches = 0  # batches run and the largest of them (health reports them)
         self.largest_batch = 0
+        self._expected = 1
         self._wake: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
 
@@ -167,7 +171,8 @@ class Batcher:
                 await self._wake.wait()
             key = self.pending[0].key
             deadline = loop.time() + self.batch_timeout
-            while len(self._same(key)) < self.max_batch_size and loop.time() < deadline:
+            target = min(self.max_batch_size, max(1, self._expected))
+            while len(self._same(key)) < target and loop.time() < deadline:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), deadline - loop.time())
@@ -181,6 +186,7 @@ class Batcher:
                 self.batches += 1
                 self.largest_batch = max(self.largest_batch, len(batch))
                 await self._run(key, batch)
+                self._expected = len(self.pending) + len(batch)
 
     async def _run(self, key: Hashable, batch: list[_Pending]) -> None:
         try:

@@ -1,10 +1,10 @@
 """What serving costs: moderation requests/s and latency through ``python -m lit_sahs serve`` against the
 same detector scored in-process, at 1, 8 and 32 concurrent clients.
 
-Served: a server process on a free loopback port (``--max_batch_size`` = the largest concurrency,
-``--batch_timeout``); `concurrency` client threads, each with its own keep-alive connection, send one
-prompt per ``POST /v1/moderations`` until `requests` have been answered. Latency is per request
-(send to answer). In-process: ``Screener(batch_size=concurrency)`` scores the same `requests` prompts
+Served: a server process on a free loopback port (``--max_batch_size`` = the largest concurrency);
+`concurrency` client threads, each with its own keep-alive connection, send one prompt per
+``POST /v1/moderations`` until the measurement's requests have been answered. Latency is per request
+(send to answer). In-process: ``Screener(batch_size=concurrency)`` scores as many of the same prompts
 in the benchmark process (the server idle); its latency is the time of the batch a prompt is in.
 The figure is served/in-process throughput at each concurrency (goal >= 0.8 at 32 clients): what the
 HTTP layer, JSON and dynamic batching cost on top of the forward.
@@ -13,7 +13,7 @@ The detector is a logistic one with random weights on ``--k`` heads in the first
 layers (the cost does not depend on the weights; ``guard.py``'s ``build_detector``), or ``--detector``.
 
     python experiments/benchmarks/serve.py                                 # SmolLM2 on the CPU
-    python experiments/benchmarks/serve.py --concurrency [1,8,32] --requests 96 --out serve_benchmark.md
+    python experiments/benchmarks/serve.py --concurrency [1,8,32] --rounds 5 --out serve_benchmark.md
 """
 from __future__ import annotations
 
@@ -58,11 +58,12 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
 
 
-def start_server(detector: str, port: int, max_batch: int, batch_timeout: float, log_path: Path,
+def start_server(detector: str, port: int, max_batch: int, batch_timeout: Optional[float], log_path: Path,
                  deadline_s: float = 300) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "lit_sahs", "serve", "--detector", detector, "--port", str(port),
-           "--max_batch_size", str(max_batch), "--batch_timeout", str(batch_timeout)]
+           "--max_batch_size", str(max_batch)]
+    cmd += [] if batch_timeout is None else ["--batch_timeout", str(batch_timeout)]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     end = time.monotonic() + deadline_s
@@ -130,17 +131,23 @@ def in_process(screener, concurrency: int, requests: int) -> dict:
 
 
 def main(target: str = "smollm2-135m-instruct", detector: Optional[str] = None, k: int = 8,
-         concurrency: list[int] = [1, 8, 32], requests: int = 96, batch_timeout: float = 0.01,
-         out: Optional[str] = None) -> int:
+         concurrency: list[int] = [1, 8, 32], requests_per_client: int = 4, min_requests: int = 16,
+         rounds: int = 3, batch_timeout: Optional[float] = None, out: Optional[str] = None) -> int:
     """Served vs in-process moderation throughput and latency.
+
+    Each concurrency runs `rounds` pairs (served then in-process, in-process first in odd pairs) of
+    max(min_requests, requests_per_client * clients) requests; the table gives the medians and the
+    median of the per-pair ratios (a shared machine's load drifts between and within runs).
 
     Args:
         target: packaged target name
         detector: a detector artifact (default: random weights on --k heads of --target)
         k: heads of the random detector
         concurrency: concurrent clients (and in-process batch sizes)
-        requests: requests answered at each concurrency (after a warm-up)
-        batch_timeout: the server's batch_timeout, seconds
+        requests_per_client: requests per client in one measurement
+        min_requests: fewest requests in one measurement
+        rounds: served / in-process pairs per concurrency
+        batch_timeout: the server's --batch_timeout (default: serve's own)
         out: also write the markdown table here
     """
     sys.path.insert(0, str(HERE))
@@ -152,6 +159,7 @@ def main(target: str = "smollm2-135m-instruct", detector: Optional[str] = None, 
     from lit_sahs.targets import load_target
 
     tgt = load_target(target)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if detector is None:
             detector = str(save_detector(build_detector(tgt, k, 2 / 3), Path(tmp) / "det"))
@@ -160,15 +168,25 @@ def main(target: str = "smollm2-135m-instruct", detector: Optional[str] = None, 
         proc = start_server(detector, port, max(concurrency), batch_timeout, log_path)
         try:
             served(port, 4, 16)  # warm-up
-            rows = []
             for c in concurrency:
-                s = served(port, c, requests)
+                n = max(min_requests, requests_per_client * c)
                 screener = Screener(tgt, detector, batch_size=c)
-                in_process(screener, c, min(requests, 2 * c))  # warm-up
-                p = in_process(screener, c, requests)
-                rows.append((c, s, p))
-                print(f"concurrency {c}: served {s['rps']:.1f} req/s, in-process {p['rps']:.1f} req/s, "
-                      f"ratio {s['rps'] / p['rps']:.2f}", file=sys.stderr, flush=True)
+                in_process(screener, c, c)  # warm-up
+                pairs = []
+                for r in range(rounds):
+                    if r % 2 == 0:
+                        s = served(port, c, n)
+                        p = in_process(screener, c, n)
+                    else:
+                        p = in_process(screener, c, n)
+                        s = served(port, c, n)
+                    pairs.append((s, p))
+                    print(f"clients {c}, round {r}: served {s['rps']:.2f} req/s, in-process {p['rps']:.2f} req/s",
+                          file=sys.stderr, flush=True)
+                med = lambda side, key: statistics.median(x[side][key] for x in pairs)  # noqa: E731
+                rows.append((c, n, {k: med(0, k) for k in ("rps", "p50", "p99")},
+                             {k: med(1, k) for k in ("rps", "p50", "p99")},
+                             statistics.median(s["rps"] / p["rps"] for s, p in pairs)))
         finally:
             proc.terminate()
             try:
@@ -176,16 +194,17 @@ def main(target: str = "smollm2-135m-instruct", detector: Optional[str] = None, 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=15)
-    lines = [f"Target {target}, logistic detector ({k} heads), {requests} one-prompt moderation requests per "
-             f"row, server --max_batch_size {max(concurrency)} --batch_timeout {batch_timeout}; "
-             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} CPUs, Python {platform.python_version()}.", "",
-             "| clients | served req/s | served p50 ms | served p99 ms | in-process req/s | in-process p50 ms "
-             "| in-process p99 ms | served / in-process |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for c, s, p in rows:
-        lines.append(f"| {c} | {s['rps']:.1f} | {1000 * s['p50']:.0f} | {1000 * s['p99']:.0f} | {p['rps']:.1f} | "
-                     f"{1000 * p['p50']:.0f} | {1000 * p['p99']:.0f} | {s['rps'] / p['rps']:.2f} |")
+    timeout = "serve's default" if batch_timeout is None else f"{batch_timeout} s"
+    lines = [f"Target {target}, logistic detector ({k} heads), one prompt per moderation request, server "
+             f"--max_batch_size {max(concurrency)}, batch timeout {timeout}; medians of {rounds} alternating "
+             f"served / in-process pairs; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
+             f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}.", "",
+             "| clients | requests | served req/s | served p50 ms | served p99 ms | in-process req/s "
+             "| in-process p50 ms | in-process p99 ms | served / in-process |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c, n, s, p, ratio in rows:
+        lines.append(f"| {c} | {n} | {s['rps']:.2f} | {1000 * s['p50']:.0f} | {1000 * s['p99']:.0f} | "
+                     f"{p['rps']:.2f} | {1000 * p['p50']:.0f} | {1000 * p['p99']:.0f} | {ratio:.2f} |")
     table = "\n".join(lines)
     print(table)
     if out:
