@@ -4,8 +4,11 @@ same detector scored in-process, at 1, 8 and 32 concurrent clients.
 Served: a server process on a free loopback port (``--max_batch_size`` = the largest concurrency);
 `concurrency` client threads, each with its own keep-alive connection, send one prompt per
 ``POST /v1/moderations`` until the measurement's requests have been answered. Latency is per request
-(send to answer). In-process: ``Screener(batch_size=concurrency)`` scores as many of the same prompts
-in the benchmark process (the server idle); its latency is the time of the batch a prompt is in.
+(send to answer). In-process: ``GuardService.moderate`` (what the server runs: ``encode_prompts`` and
+the family's ``score_encoded``, as ``screen`` does) scores as many of the same prompts, `concurrency`
+at a time, in a worker process of its own that loaded the same target and detector (the server idle
+meanwhile), its forwards in a worker thread as the server's are; a prompt's latency is its batch's
+time.
 The figure is served/in-process throughput at each concurrency (goal >= 0.8 at 32 clients): what the
 HTTP layer, JSON and dynamic batching cost on top of the forward.
 
@@ -21,6 +24,7 @@ import http.client
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -117,17 +121,59 @@ def served(port: int, concurrency: int, requests: int) -> dict:
     return {"rps": requests / wall, "p50": percentile(lat, 50), "p99": percentile(lat, 99)}
 
 
-def in_process(screener, concurrency: int, requests: int) -> dict:
-    """The same prompts scored in batches of `concurrency`; a prompt's latency is its batch's time."""
+def in_process(batch_size: int, requests: int, scorer) -> dict:
+    """The same prompts scored in batches of `batch_size` by `scorer`; a prompt's latency is its
+    batch's time. Run in a worker thread, as the server runs its forwards."""
     texts = [PROMPTS[i % len(PROMPTS)] for i in range(requests)]
-    lat = []
-    t0 = time.perf_counter()
-    for s in range(0, requests, concurrency):
-        b0 = time.perf_counter()
-        screener.score(texts[s:s + concurrency])
-        lat += [time.perf_counter() - b0] * len(texts[s:s + concurrency])
-    wall = time.perf_counter() - t0
-    return {"rps": requests / wall, "p50": percentile(lat, 50), "p99": percentile(lat, 99)}
+    lat, out = [], {}
+
+    def run():
+        t0 = time.perf_counter()
+        for s in range(0, requests, batch_size):
+            b0 = time.perf_counter()
+            scorer(texts[s:s + batch_size])
+            lat.extend([time.perf_counter() - b0] * len(texts[s:s + batch_size]))
+        out["wall"] = time.perf_counter() - t0
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    return {"rps": requests / out["wall"], "p50": percentile(lat, 50), "p99": percentile(lat, 99)}
+
+
+def scoring_worker(target: str, detector: str) -> None:
+    """The in-process side, in its own process like the server (on an oversubscribed CPU the process
+    that ran the client threads scored 5-10x slower than a fresh one): loads `target` and `detector`,
+    then answers one JSON line {batch_size, requests} on stdin with one JSON line of results."""
+    from lit_sahs.serving import GuardService
+
+    service = GuardService(detector, target)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        job = json.loads(line)
+        print(json.dumps(in_process(job["batch_size"], job["requests"], service.moderate)), flush=True)
+
+
+class ScoringWorker:
+    def __init__(self, target: str, detector: str):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import serve; serve.scoring_worker({target!r}, {detector!r})"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=env, text=True)
+        if json.loads(self.proc.stdout.readline() or "{}").get("ready") is not True:
+            raise RuntimeError("the in-process scoring worker did not start")
+
+    def measure(self, batch_size: int, requests: int) -> dict:
+        self.proc.stdin.write(json.dumps({"batch_size": batch_size, "requests": requests}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 def main(target: str = "smollm2-135m-instruct", detector: Optional[str] = None, k: int = 8,
@@ -155,30 +201,30 @@ def main(target: str = "smollm2-135m-instruct", detector: Optional[str] = None, 
     from guard import build_detector  # the guard benchmark's random-weight detector
 
     from lit_sahs.artifact import save_detector
-    from lit_sahs.screen import Screener
     from lit_sahs.targets import load_target
 
-    tgt = load_target(target)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed benchmark still stops its server (finally)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if detector is None:
-            detector = str(save_detector(build_detector(tgt, k, 2 / 3), Path(tmp) / "det"))
+            detector = str(save_detector(build_detector(load_target(target), k, 2 / 3), Path(tmp) / "det"))
         port = free_port()
         log_path = Path(tmp) / "server.log"
         proc = start_server(detector, port, max(concurrency), batch_timeout, log_path)
+        scorer = None
         try:
+            scorer = ScoringWorker(target, detector)
             served(port, 4, 16)  # warm-up
             for c in concurrency:
                 n = max(min_requests, requests_per_client * c)
-                screener = Screener(tgt, detector, batch_size=c)
-                in_process(screener, c, c)  # warm-up
+                scorer.measure(c, c)  # warm-up
                 pairs = []
                 for r in range(rounds):
                     if r % 2 == 0:
                         s = served(port, c, n)
-                        p = in_process(screener, c, n)
+                        p = scorer.measure(c, n)
                     else:
-                        p = in_process(screener, c, n)
+                        p = scorer.measure(c, n)
                         s = served(port, c, n)
                     pairs.append((s, p))
                     print(f"clients {c}, round {r}: served {s['rps']:.2f} req/s, in-process {p['rps']:.2f} req/s",
@@ -188,6 +234,8 @@ def main(target: str = "smollm2-135m-instruct", detector: Optional[str] = None, 
                              {k: med(1, k) for k in ("rps", "p50", "p99")},
                              statistics.median(s["rps"] / p["rps"] for s, p in pairs)))
         finally:
+            if scorer is not None:
+                scorer.close()
             proc.terminate()
             try:
                 proc.wait(timeout=15)

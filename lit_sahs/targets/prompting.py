@@ -61,9 +61,8 @@ def is_conversation(prompt) -> bool:
 
 
 def prompt_text(prompt) -> str:
-    """The text a prompt asks about: itself, or a conversation's last user turn."""
-    return prompt[-1]["content"] if is_conversation(prompt) and prompt and isinstance(prompt[-1], dict) \
-        and isinstance(prompt[-1].get("content"), str) else (prompt if isinstance(prompt, str) else "")
+    """The text a prompt asks about: itself, or a checked conversation's last user turn."""
+    return prompt[-1]["content"] if is_conversation(prompt) else prompt
 
 
 def prefixed(prompt, prefix: str):
