@@ -234,7 +234,8 @@ def build_app(service: GuardService, opts: ServeOptions):
 
     def check_model(name: Optional[str]) -> None:
         if name is not None and name != model_name:
-            raise RequestError(404, f"model {name!r} is not served here: use {model_name!r}", "model_not_found", "model")
+            raise RequestError(404, f"model {name!r} is not served here: use {model_name!r}", "model_not_found",
+                               "model")
 
     def checked(fn, *args, param: str):
         try:

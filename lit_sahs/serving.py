@@ -126,10 +126,11 @@ class Batcher:
     thread, so the loop keeps accepting requests) the next gathers. Expected: the items waiting when
     the last batch ended plus that batch's size (at most `max_batch_size`), since clients answered
     usually send again. So a lone client never waits for a batch to fill, and clients answered
-    together are batched together again instead of splitting into a late small batch and a large one. A LitSahsError from a batch of
-    several items is retried item by item, so one bad prompt fails only its own request."""
+    together are batched together again instead of splitting into a late small batch and a large one.
+    A LitSahsError from a batch of several items is retried item by item, so one bad prompt fails only
+    its own request."""
 
-    def __init__(self, run: Callable[[Hashable, list], list], max_batch_size: int = 16, batch_timeout: float = 0.01):
+    def __init__(self, run: Callable[[Hashable, list], list], max_batch_size: int = 16, batch_timeout: float = 0.05):
         if max_batch_size < 1:
             raise LitSahsError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if not batch_timeout >= 0:

@@ -210,3 +210,10 @@ def test_no_prompt_text_in_the_log(server, client):
     log = log_path.read_text()
     assert "moderation: 1 input(s)" in log and "chat: 2 message(s)" in log  # the requests were logged ...
     assert SECRET not in log and "banana" not in log  # ... without their text
+
+
+@pytest.mark.parametrize("args, message", [(["--threshold", "1.5"], "threshold must be a probability in [0, 1]"),
+                                           (["--max_batch_size", "0"], "max_batch_size must be >= 1")])
+def test_bad_options_are_one_error_before_anything_loads(cli, args, message):
+    code, _, err = cli(["serve", "--detector", "does/not/exist", *args])
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: ") and message in err
