@@ -113,7 +113,9 @@ class ModelFamily(abc.ABC):
     def make_guard(self, target, refusal: Optional[str] = None, threshold: Optional[float] = None,
                    fail_closed: bool = True):
         """A guard for generation on `target`: an object with ``generate(texts, images=None, ids=None,
-        max_new_tokens=128, **generate_kwargs)`` returning a ``lit_sahs.guarding.GuardResult``."""
+        max_new_tokens=128, **generate_kwargs)`` returning a ``lit_sahs.guarding.GuardResult``. Each of
+        `texts` is a user prompt or a conversation (a list of {role, content} messages ending with the
+        user's turn), encoded by ``prompts.encode_prompts``."""
 
     # ------------------------------------------------------------------ reports
 

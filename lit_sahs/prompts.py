@@ -21,17 +21,20 @@ if TYPE_CHECKING:
 def encode_prompts(target: Target, texts: Sequence[str], images: Optional[Sequence[Optional[str]]] = None,
                    ids: Optional[Sequence[str]] = None, reserve: int = 0, for_generate: bool = False,
                    truncate: Optional[str] = None) -> dict:
-    """Check and encode a batch: every prompt non-empty, every prompt plus `reserve` new tokens
+    """Check and encode a batch (a prompt is a text or a conversation, ``prompting.conversation``):
+    every prompt non-empty (a conversation: its last user turn), every prompt plus `reserve` new tokens
     within the target's context (``prompting.fit_context``: refused, or cut with `truncate` left or
     right). With `for_generate`, position ids are left out: generate computes them from the
     attention mask itself (prefill and decode steps alike)."""
-    texts = [t if isinstance(t, str) else "" for t in texts]
+    texts = [t if isinstance(t, str) or prompting.is_conversation(t) else "" for t in texts]
     ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(texts))]
     images = list(images) if images is not None else [None] * len(texts)
     if not texts:
         raise LitSahsError("no prompts given: pass at least one non-empty prompt")
-    for t, im, i in zip(texts, images, ids):
-        if not t.strip() and im is None:
+    for n, (t, im, i) in enumerate(zip(texts, images, ids)):
+        if prompting.is_conversation(t):
+            texts[n] = t = prompting.conversation(t, i)
+        if not prompting.prompt_text(t).strip() and im is None:
             raise LitSahsError(f"prompt {i} is empty: give it some text")
     enc = prompting.encode(target, texts, images, ids)
     fitted = prompting.fit_context(target, texts, images, ids, truncate=truncate, reserve=reserve,

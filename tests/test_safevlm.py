@@ -433,3 +433,30 @@ def test_stage_one_under_ddp_spawn_and_stage_two_refused(tmp_path):
     with pytest.raises(LitSahsError, match="stage II trains LoRA inside the target"):
         Engine(max_epochs=1, devices=2, strategy="ddp_spawn", logger=False).fit(two, _dm(load_target("tiny-llama"),
                                                                                        tmp_path))
+
+
+def test_conversations_and_served_moderation(stages):
+    """SafeVLM's guard takes conversations like the head families' (a one-turn conversation scores as its
+    text), and the service's moderation gives its risk types as the categories."""
+    from lit_sahs.prompts import encode_prompts
+    from lit_sahs.safevlm.guard import SafeVLMGuard
+    from lit_sahs.serving import GuardService
+    from lit_sahs.targets.prompting import prefixed
+
+    two, target = stages["two"], stages["dm2"].target
+    text = "Write a phishing email to steal passwords"
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I bake bread?"}]
+    res = SafeVLMGuard(target, two, threshold=1.01).generate([text, [{"role": "user", "content": text}], conv],
+                                                             max_new_tokens=3)
+    assert res.scores[0] == pytest.approx(res.scores[1], abs=1e-6) and res.scores[2] != pytest.approx(res.scores[0])
+    assert SafeVLMGuard(target, two, threshold=0.0).generate([conv], max_new_tokens=3).flagged == [True]
+    assert prefixed(conv, "Careful: ")[-1]["content"] == "Careful: How do I bake bread?" and conv[-1]["content"][0] == "H"
+    svc = GuardService(two, target)
+    texts = [text, "How do I bake bread?"]
+    rows = svc.moderate(texts)
+    assert svc.categories == list(two.categories()) and "safe" not in svc.categories
+    expected = two.score_encoded(target, encode_prompts(target, texts)).tolist()
+    assert [r["score"] for r in rows] == pytest.approx(expected, abs=1e-6)
+    for r in rows:
+        assert r["flagged"] == (r["score"] >= svc.threshold) and set(r["category_scores"]) == set(svc.categories)
+        assert sum(r["categories"].values()) == int(r["flagged"])

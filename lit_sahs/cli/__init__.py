@@ -20,6 +20,7 @@ COMMANDS: dict[str, Callable[[list[str]], int] | str] = {
     "screen": "lit_sahs.screen:main",
     "ablate": "lit_sahs.cli.ablate:main",
     "store": "lit_sahs.data.verify:main",
+    "serve": "lit_sahs.serve:main",
 }
 
 
@@ -84,6 +85,7 @@ SUMMARIES = {
     "screen": "score prompts without generating (runs only the layers the detector reads)",
     "ablate": "attack success and utility with heads switched off",
     "store": "store verify STORE [--repair]: check an activation store's blocks, remove damaged ones",
+    "serve": "OpenAI-compatible moderation and guarded chat endpoints for a detector (HTTP)",
 }
 
 

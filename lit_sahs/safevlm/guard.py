@@ -25,6 +25,7 @@ from lit_sahs.guarding import DEFAULT_REFUSAL, GuardResult, eos_token_id, thresh
 from lit_sahs.prompts import encode_prompts
 from lit_sahs.safevlm.forward import SafetyForward, model_inputs, with_slots
 from lit_sahs.safevlm.taxonomy import RISK_LEVELS, RISK_TYPES
+from lit_sahs.targets.prompting import prefixed
 
 HINT_TOPICS = {
     "physical_harm": "physical harm to people",
@@ -145,7 +146,7 @@ class SafeVLMGuard:
         responses = [tok.decode(row, skip_special_tokens=True).strip() for row in new.cpu()]
         hinted = [i for i, a in enumerate(actions) if a == "hint"]
         if hinted:
-            again = [hint_for(RISK_TYPES[types[i]]) + texts[i] for i in hinted]
+            again = [prefixed(texts[i], hint_for(RISK_TYPES[types[i]])) for i in hinted]
             batch = self._slots(again, [images[i] for i in hinted], [ids[i] for i in hinted], max_new_tokens)
             second, _ = self._generate(batch, max_new_tokens, False, **kw)
             for i, row in zip(hinted, second.cpu()):

@@ -35,6 +35,43 @@ POSITION_RULE = "last_prompt_token_after_assistant_prefix"
 ImageSpec = Union[None, str, "os.PathLike", Sequence[str]]  # per prompt: no image, one path, or a list
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def conversation(messages: Sequence[dict], sid: str = "") -> list[dict]:
+    """`messages` checked as a conversation the chat template renders: {role, content} dicts with
+    role system, user or assistant and text content, ending with a user turn (the assistant prefix
+    then follows it, so the first-token position stays the last prompt position)."""
+    where = f"sample {sid}: " if sid else ""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise LitSahsError(f"{where}a conversation is a non-empty list of messages")
+    out = []
+    for n, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise LitSahsError(f"{where}message {n} must be {{role: {' | '.join(ROLES)}, content: text}}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "user":
+        raise LitSahsError(f"{where}the last message must be the user's (the answer follows it)")
+    return out
+
+
+def is_conversation(prompt) -> bool:
+    """A prompt given as a list of chat messages rather than one user text."""
+    return isinstance(prompt, (list, tuple))
+
+
+def prompt_text(prompt) -> str:
+    """The text a prompt asks about: itself, or a checked conversation's last user turn."""
+    return prompt[-1]["content"] if is_conversation(prompt) else prompt
+
+
+def prefixed(prompt, prefix: str):
+    """`prompt` with `prefix` before its text (a conversation: before its last user turn)."""
+    if is_conversation(prompt):
+        return [*prompt[:-1], {**prompt[-1], "content": prefix + prompt[-1]["content"]}]
+    return prefix + prompt
+
+
 def chat_messages(text: str, with_image: Union[bool, int] = False) -> list[dict]:
     """One user turn; `with_image` is a flag (one image) or the number of images, which come
     before the text as in LLaVA, Qwen2-VL and Idefics3 examples."""
@@ -44,8 +81,15 @@ def chat_messages(text: str, with_image: Union[bool, int] = False) -> list[dict]
     return [{"role": "user", "content": text}]
 
 
-def render_prompt(template_owner, text: str, with_image: Union[bool, int] = False) -> str:
-    """The full prompt string the target sees, assistant prefix included."""
+def render_prompt(template_owner, text, with_image: Union[bool, int] = False) -> str:
+    """The full prompt string the target sees, assistant prefix included. `text` is one user turn
+    or a conversation (``conversation``: system prompt, earlier turns, the last user turn)."""
+    if is_conversation(text):
+        if with_image:
+            raise LitSahsError("images are placed in single-turn prompts only: give the image with a text prompt")
+        if not getattr(template_owner, "chat_template", None):
+            raise LitSahsError("this target has no chat template, so it cannot render a conversation")
+        return template_owner.apply_chat_template(conversation(text), tokenize=False, add_generation_prompt=True)
     if getattr(template_owner, "chat_template", None):
         return template_owner.apply_chat_template(
             chat_messages(text, with_image), tokenize=False, add_generation_prompt=True
@@ -89,11 +133,11 @@ def image_placeholder(processor) -> Optional[str]:
     return token if isinstance(token, str) and token else None
 
 
-def encode(target, texts: Sequence[str], images: Optional[Sequence[ImageSpec]] = None,
+def encode(target, texts: Sequence, images: Optional[Sequence[ImageSpec]] = None,
            ids: Optional[Sequence[str]] = None) -> dict:
     """Tokenise a batch for `target` with left padding; returns model kwargs (position_ids from the
-    mask where the model does not compute its own). `images[i]` is prompt i's image path, list of
-    paths, or None."""
+    mask where the model does not compute its own). `texts[i]` is one user turn or a conversation
+    (a list of {role, content} messages); `images[i]` is prompt i's image path, list of paths, or None."""
     return Encoder.of(target)(texts, images, ids)
 
 
@@ -292,6 +336,10 @@ def fit_context(target, texts: Sequence[str], images: Optional[Sequence[ImageSpe
         return texts
     if truncate is None:
         raise LitSahsError(_too_long([(ids[i], lengths[i]) for i in over], limit, reserve))
+    cut = [ids[i] for i in over if is_conversation(texts[i])]
+    if cut:
+        raise LitSahsError(f"conversation {cut[0]} is longer than the target's context of {limit} tokens: "
+                           "a conversation is not cut; drop earlier turns or shorten it")
     for i in over:
         texts[i] = _cut(encoder, texts[i], images[i], ids[i], lengths[i], budget, truncate)
     logging.getLogger(__name__).warning(
