@@ -24,7 +24,6 @@ from lit_sahs.errors import LitSahsError
 from lit_sahs.guarding import DEFAULT_REFUSAL, eos_token_id
 from lit_sahs.loading import load_detector_and_target
 from lit_sahs.prompts import encode_prompts
-from lit_sahs.targets import prompting
 
 log = logging.getLogger(__name__)
 

@@ -161,10 +161,16 @@ def test_guard_counts_the_new_tokens_and_truncates(detector, tmp_path, cli, monk
     assert len((tmp_path / "g_out.jsonl").read_text().splitlines()) == 2
 
 
-def test_guard_fail_closed_warns_once_how_many_were_refused(tiny_llava, tmp_path, cli, caplog):
+def test_guard_fail_closed_warns_once_how_many_were_refused(tiny_llava, tmp_path, cli, caplog, monkeypatch):
     det = tiny_detector(tiny_llava, tmp_path / "nan_det", nan=True)
     data = write_jsonl(tmp_path / "p.jsonl", [{"id": f"p{i}", "text": t} for i, t in
                                               enumerate(["hello", "what is rain?", "tell me a joke"])])
+    code, _, err = cli(["guard", "--detector", str(det), "--data", str(data), "--max_new_tokens", "2"])
+    assert code == 2 and "NaN or inf" in err.strip().splitlines()[-1]  # such an artifact is refused on load
+    # a detector that scores NaN at run time (here: the load check switched off) is failed closed
+    import lit_sahs.artifact_format as fmt
+
+    monkeypatch.setattr(fmt, "check_finite", lambda tensors, source: None)
     with caplog.at_level(logging.WARNING):
         code, out, err = cli(["guard", "--detector", str(det), "--data", str(data), "--max_new_tokens", "2",
                               "--batch_size", "2"])
