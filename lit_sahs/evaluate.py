@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from lit_sahs.baselines import BASELINES, baseline_scores
+from lit_sahs.choices import truncate_side
 from lit_sahs.detectors.metrics import compute_report
 from lit_sahs.errors import LitSahsError
 from lit_sahs.family import ModelFamily
@@ -147,7 +148,7 @@ def score_file(detector_path: str, data: str, target: Optional[str] = None, batc
 
     if batch_size < 1:
         raise LitSahsError(f"batch_size must be >= 1, got {batch_size}")
-    prompting.truncate_side(truncate)
+    truncate_side(truncate)
     check_output_paths({"--scores": scores_out})
     det = resolve_detector(detector_path, tracking_uri=tracking_uri)  # a bad detector fails before the file is read
     samples = load_user_file(data)

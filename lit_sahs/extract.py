@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from lit_sahs.checks import at_least
+from lit_sahs.choices import truncate_side
 from lit_sahs.data.extra_features import default_residual_layers
 from lit_sahs.data.samples import Sample
 from lit_sahs.data.store import ActivationStore
@@ -248,7 +249,7 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
     and commits its own blocks; 'written' counts the rows of all ranks.
     A prompt longer than the target's context is refused before the store is created, naming it,
     or its text is cut to fit with `truncate` left / right (``prompting.fit_context``)."""
-    prompting.truncate_side(truncate)  # before loading the target
+    truncate_side(truncate)  # before loading the target
     at_least({"batch_size": batch_size, "block_rows": block_rows}, 1)
     check_outputs(dirs={"--store": store_path})
     if not samples:

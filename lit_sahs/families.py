@@ -14,10 +14,9 @@ from importlib.metadata import entry_points
 import lit_sahs.detectors  # noqa: F401 - registers logistic, mlp, sparse
 import lit_sahs.safevlm  # noqa: F401 - registers safevlm
 from lit_sahs.errors import LitSahsError
-from lit_sahs.family import FAMILIES, ModelFamily, family_class as _registered
+from lit_sahs.family import ENTRY_POINT_GROUP, FAMILIES, ModelFamily, family_class as _registered
 
 log = logging.getLogger(__name__)
-ENTRY_POINT_GROUP = "lit_sahs.families"
 _plugins_loaded = False
 
 

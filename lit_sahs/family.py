@@ -146,6 +146,28 @@ class ModelFamily(abc.ABC):
 # ---------------------------------------------------------------- the registry
 
 FAMILIES: dict[str, type[ModelFamily]] = {}
+
+# The built-in families by name, as "module:Class" strings, so that ``fit --help`` lists them without
+# importing them (they are LightningModules: importing one loads torch and Lightning). They register
+# when ``lit_sahs.families`` imports their packages; a test checks this table against what registers.
+BUILTIN_FAMILIES: dict[str, str] = {
+    "logistic": "lit_sahs.detectors.logistic:LogisticDetector",
+    "mlp": "lit_sahs.detectors.mlp:MLPDetector",
+    "sparse": "lit_sahs.detectors.sparse:SparseHeadDetector",
+    "safevlm": "lit_sahs.safevlm.module:SafeVLM",
+}
+ENTRY_POINT_GROUP = "lit_sahs.families"  # plug-in packages name their family modules here
+
+
+def family_paths() -> dict[str, str]:
+    """Every family a command can use, without importing one: name -> "module.Class" for the
+    built-ins, entry-point name -> "module (plug-in)" for the declared plug-ins."""
+    from importlib.metadata import entry_points
+
+    paths = {name: path.replace(":", ".") for name, path in BUILTIN_FAMILIES.items()}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        paths.setdefault(ep.name, f"{ep.value} (plug-in)")
+    return dict(sorted(paths.items()))
 F = TypeVar("F", bound=type)
 
 

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from lit_sahs.checks import optional_probability
 from lit_sahs.errors import LitSahsError
-from lit_sahs.guarding import DEFAULT_REFUSAL
+from lit_sahs.choices import DEFAULT_REFUSAL
 from lit_sahs.loading import load_detector_and_target
-from lit_sahs.options import DetectorOptions, run_options
+from lit_sahs.options import GuardOptions
 from lit_sahs.outputs import check_outputs
 from lit_sahs.prompts import write_jsonl
 
@@ -41,27 +40,7 @@ def load_guard(target, detector, refusal: str = DEFAULT_REFUSAL, fail_closed: bo
     return det.make_guard(target, refusal=refusal, threshold=threshold, fail_closed=fail_closed)
 
 
-# ---------------------------------------------------------------- command line
-
-@dataclass
-class GuardOptions(DetectorOptions):
-    """Generate with a detector guarding each prompt: flagged prompts get a refusal, scored from the
-    prefill of the same generate call.
-
-    Args:
-        max_new_tokens: tokens to generate for each prompt that is not flagged
-        batch_size: prompts per guarded generate call
-        refusal: the answer given to a flagged prompt
-        fail_closed: refuse prompts whose scoring failed (else error)
-        out: write one JSON line per prompt here (default: stdout)
-    """
-
-    max_new_tokens: int = 128
-    batch_size: int = 8
-    refusal: str = DEFAULT_REFUSAL
-    fail_closed: bool = True
-    out: Optional[str] = None
-
+# ---------------------------------------------------------------- command line (options: lit_sahs.options)
 
 def guard_command(a: GuardOptions) -> int:
     """Guarded generation for every prompt; one JSON line {id, prompt, flagged, score, response} each."""
@@ -95,6 +74,3 @@ def guard_command(a: GuardOptions) -> int:
             print(json.dumps(r, ensure_ascii=False))
     return 0
 
-
-def main(argv: Optional[list[str]] = None) -> int:
-    return run_options(guard_command, GuardOptions, argv, prog="python -m lit_sahs guard")

@@ -1,17 +1,17 @@
-"""What every family's guard shares: the refusal message, the EOS token a refused answer ends
+"""What every family's guard shares: the EOS token a refused answer ends
 with, the result type, the generate() options no guard can honour, and the threshold override check.
 Families build their guards on this (``ModelFamily.make_guard``); ``lit_sahs.guard`` is the command."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Optional
 
 from lit_sahs.errors import LitSahsError
 
-DEFAULT_REFUSAL = "I'm sorry, but I can't help with that request."
+if TYPE_CHECKING:
+    import torch
+
 
 # generate() options the guard cannot honour: they change what the prefill is (chunks, beams,
 # a draft model), so the capture would not see the whole prompt's first-token position once.
@@ -37,7 +37,7 @@ def eos_token_id(target, override=None) -> int:
         eos = getattr(target.model.generation_config, "eos_token_id", None)
     if eos is None:
         eos = target.tokenizer.eos_token_id
-    if isinstance(eos, torch.Tensor):
+    if type(eos).__module__.startswith("torch"):  # a tensor (torch is not imported for the check)
         eos = eos.flatten().tolist()
     if isinstance(eos, (list, tuple)):
         eos = eos[0] if eos else None

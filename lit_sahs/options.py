@@ -1,19 +1,21 @@
-"""The command line of the commands that score prompts with a detector: ``DetectorOptions``, the
-options guard and screen share (one declaration, so names, types and defaults stay equal),
-``run_options`` (argv -> options -> command) and ``repeatable`` (``--prompt A --prompt B``)."""
+"""The options of the commands that score prompts with a detector (guard, screen, serve), one
+declaration each so names, types and defaults stay equal, and how their argv is read:
+``parse_options`` (argv -> options) and ``repeatable`` (``--prompt A --prompt B``).
+
+Nothing here imports torch: ``--help`` and a bad option answer at once, and the command's own
+module (which loads the target) is imported by ``lit_sahs.cli.scoring`` only after parsing."""
 from __future__ import annotations
 
 import re
 import sys
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import Optional, Sequence, TypeVar
 
-from lit_sahs.choices import Dtype, Truncate
+from lit_sahs.checks import optional_probability
+from lit_sahs.commands import parse_command
+from lit_sahs.choices import DEFAULT_REFUSAL, Dtype, Truncate, truncate_side
 from lit_sahs.devices import Device
-from lit_sahs.family import ModelFamily
-from lit_sahs.loading import load_detector_and_target
-from lit_sahs.prompts import gather_prompts
-from lit_sahs.targets import Target, prompting
+from lit_sahs.errors import LitSahsError
 
 
 @dataclass
@@ -51,19 +53,24 @@ class DetectorOptions:
     truncate: Truncate = None
 
     def __post_init__(self) -> None:
-        prompting.truncate_side(self.truncate)  # a bad value fails before anything loads
+        truncate_side(self.truncate)  # a bad value fails before anything loads
         self._rows: Optional[list[dict]] = None
 
     def rows(self) -> list[dict]:
         """The prompts (read once); ``load`` checks them against the target's context."""
         if self._rows is None:
+            from lit_sahs.prompts import gather_prompts
+
             self._rows = gather_prompts(self.prompt, self.data, self.image)
         return self._rows
 
-    def load(self) -> tuple[ModelFamily, Target]:
+    def load(self) -> tuple:  # (ModelFamily, Target); not annotated so that parsing never resolves them
         """(detector, target); then every prompt of ``rows()`` is checked against the target's context
         (plus ``max_new_tokens`` where the command generates) before any forward: the run is refused
         naming the long prompts, or, with ``truncate``, their texts are cut in those same rows."""
+        from lit_sahs.loading import load_detector_and_target
+        from lit_sahs.targets import prompting
+
         det, target = load_detector_and_target(self.detector, self.target, device=self.device, dtype=self.dtype,
                                                tracking_uri=self.tracking_uri, device_map=self.device_map,
                                                offload_folder=self.offload_folder)
@@ -75,6 +82,93 @@ class DetectorOptions:
             r["text"] = t
         return det, target
 
+
+
+@dataclass
+class GuardOptions(DetectorOptions):
+    """Generate with a detector guarding each prompt: flagged prompts get a refusal, scored from the
+    prefill of the same generate call.
+
+    Args:
+        max_new_tokens: tokens to generate for each prompt that is not flagged
+        batch_size: prompts per guarded generate call
+        refusal: the answer given to a flagged prompt
+        fail_closed: refuse prompts whose scoring failed (else error)
+        out: write one JSON line per prompt here (default: stdout)
+    """
+
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    refusal: str = DEFAULT_REFUSAL
+    fail_closed: bool = True
+    out: Optional[str] = None
+
+
+@dataclass
+class ScreenOptions(DetectorOptions):
+    """Score prompts with a detector without generating (the target runs only up to the detector's
+    deepest layer).
+
+    Args:
+        batch_size: prompts per forward (batched by length)
+        out: write one JSON line per prompt (id, score, flagged) here
+        passed: write the rows that were NOT flagged here (bulk filtering)
+    """
+
+    batch_size: int = 16
+    out: Optional[str] = None
+    passed: Optional[str] = None
+
+
+@dataclass
+class ServeOptions:
+    """Serve a detector behind OpenAI-compatible moderation and guarded chat endpoints.
+
+    Args:
+        detector: detector artifact dir, .ckpt or MLflow URI (models:/name@alias, runs:/<id>/detector)
+        target: target (default: the one named in the detector)
+        threshold: a probability in [0, 1] replacing the detector's calibrated threshold
+        host: address to listen on (127.0.0.1: this machine only)
+        port: port to listen on
+        model_name: the model name clients send (default: the target's name)
+        max_batch_size: most prompts scored or generated in one batch
+        batch_timeout: seconds a batch waits at most for the requests expected to fill it
+        max_new_tokens: default and largest max_tokens of a chat request
+        max_inputs: most texts in one moderation request
+        max_body_bytes: largest request body accepted
+        refusal: the answer a flagged conversation gets
+        log_prompts: write prompt texts into the log (off: only counts, scores and timings)
+        dtype: the target's dtype: float32, bfloat16 or float16
+        device: where the target runs: auto (a GPU when there is one), cpu, cuda, cuda:N or mps
+        tracking_uri: MLflow tracking URI for models:/ and runs:/ detectors
+    """
+
+    detector: str
+    target: Optional[str] = None
+    threshold: Optional[float] = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: Optional[str] = None
+    max_batch_size: int = 16
+    batch_timeout: float = 0.05
+    max_new_tokens: int = 128
+    max_inputs: int = 256
+    max_body_bytes: int = 1 << 20
+    refusal: str = DEFAULT_REFUSAL
+    log_prompts: bool = False
+    dtype: Dtype = "float32"
+    device: Device = "auto"
+    tracking_uri: Optional[str] = None
+
+    def __post_init__(self) -> None:  # bad values fail before anything loads
+        optional_probability(self.threshold, "threshold")
+        for name in ("max_batch_size", "max_new_tokens", "max_inputs", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise LitSahsError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.batch_timeout <= 10:
+            raise LitSahsError(f"batch_timeout must be between 0 and 10 seconds, got {self.batch_timeout}")
+        if not 0 <= self.port <= 65535:
+            raise LitSahsError(f"port must be between 0 and 65535, got {self.port}")
 
 REPEATABLE = ("prompt", "image")
 _NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
@@ -123,10 +217,7 @@ def repeatable(argv: Sequence[str], options: Sequence[str] = REPEATABLE) -> list
 Options = TypeVar("Options")
 
 
-def run_options(command: Callable[[Options], int], options: type[Options], argv: Optional[Sequence[str]],
-                prog: str) -> int:
-    """Parse argv (default sys.argv[1:]) into the dataclass `options` and run `command` on it."""
-    from lit_sahs.commands import parse_command
-
+def parse_options(options: type[Options], argv: Optional[Sequence[str]], prog: str) -> Options:
+    """argv (default sys.argv[1:]) parsed into the dataclass `options`."""
     argv = sys.argv[1:] if argv is None else argv
-    return int(command(options(**parse_command(options, repeatable(argv), prog))) or 0)
+    return options(**parse_command(options, repeatable(argv), prog))

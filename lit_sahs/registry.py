@@ -29,13 +29,13 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 from lit_sahs.errors import LitSahsError
 from lit_sahs.artifact import load_detector
 from lit_sahs.mlflow_model import DETECTOR_PATH, MODEL_PATH, log_detector_and_model, log_pyfunc_model, run_has_model
 from lit_sahs.model_uri import RUN_URI, TAG_FINGERPRINT, download as _download, error_text as _msg
-from lit_sahs.tracking import absolute_uri, artifact_location, mlflow_client, mlflow_error, redact, study_refit
+from lit_sahs.tracking import absolute_uri, artifact_location, mlflow_client, mlflow_error, redact
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _check_alias(alias: Optional[str]) -> None:
         raise LitSahsError(f"alias {alias!r} is not allowed: use letters, digits, '_' or '-' (not 'latest' or 'v<number>')")
 
 
-def _parse_tags(tags: Optional[list[str] | dict]) -> dict[str, str]:
+def parse_tags(tags: Optional[list[str] | dict]) -> dict[str, str]:
     if not tags:
         return {}
     if isinstance(tags, dict):
@@ -101,7 +101,7 @@ def register_detector(detector: str, name: str, alias: Optional[str] = None, tag
     if not name or not re.fullmatch(r"[^/@:]{1,255}", name):
         raise LitSahsError(f"registered model name {name!r} is not allowed: no '/', '@' or ':'")
     _check_alias(alias)
-    user_tags = _parse_tags(tags)
+    user_tags = parse_tags(tags)
     turi = absolute_uri(tracking_uri)
     c = mlflow_client(tracking_uri)
 
@@ -210,45 +210,3 @@ def _rollback(c, name: str, created_model: Optional[str], created_version: Optio
             fn()
         except Exception as e:  # noqa: BLE001 - best effort; report what could not be removed
             log.warning("could not remove the %s created before the failure: %s", what, _msg(e))
-
-
-# ---------------------------------------------------------------- command line
-
-def register_command(name: str, detector: Optional[str] = None, study: Optional[str] = None,
-                     storage: Optional[str] = None, alias: Optional[str] = None,
-                     tag: Union[str, list[str], None] = None, description: Optional[str] = None,
-                     tracking_uri: Optional[str] = None, experiment: str = "registry") -> int:
-    """Put a detector in the MLflow model registry (name, version, alias, tags).
-
-    Args:
-        name: registered model name
-        detector: detector directory, .ckpt, runs:/<run_id>/detector or models:/ URI
-        study: register the refit detector of this tune study instead
-        storage: the study's storage URL (default: tune's default SQLite file)
-        alias: alias to point at the new version, e.g. champion
-        tag: extra version tags: key=value[,key=value...] (or a YAML list)
-        description: the version's description
-        tracking_uri: MLflow tracking/registry URI (default sqlite in mlruns/)
-        experiment: experiment for the run that holds a local detector's files
-    """
-    if bool(detector) == bool(study):
-        raise LitSahsError("give exactly one of --detector (a detector or URI) and --study (a tune study's refit)")
-    extra = {}
-    if study:
-        info = study_refit(study, storage)
-        detector = info["detector"]
-        extra = {"optuna.study": study, "optuna.trial": str(info.get("trial"))}
-    for noisy in ("mlflow", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    out = register_detector(detector, name, alias=alias, tags={**extra, **_parse_tags(tag)},
-                            description=description, tracking_uri=tracking_uri, experiment=experiment)
-    print(f"registered {out['uri']}" + (f" (alias {out['alias_uri']})" if out["alias"] else "")
-          + f" from {out['source']}; target {out['tags'][TAG_TARGET]}, heads {out['tags'][TAG_HEADS]}")
-    print(json.dumps(out))
-    return 0
-
-
-def main(argv: list[str]) -> int:
-    from lit_sahs.commands import run_command
-
-    return run_command(register_command, argv, prog="python -m lit_sahs register")

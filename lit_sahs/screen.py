@@ -42,7 +42,7 @@ from lit_sahs.heads import HeadSet
 from lit_sahs.hooks import capture_forward
 from lit_sahs.hooks import EarlyExit, StopForward  # noqa: F401 - defined beside capture_forward, part of screen's API
 from lit_sahs.loading import load_detector_and_target
-from lit_sahs.options import DetectorOptions, run_options
+from lit_sahs.options import ScreenOptions
 from lit_sahs.outputs import check_outputs
 from lit_sahs.prompts import encode_prompts, write_jsonl
 from lit_sahs.targets import Target
@@ -112,23 +112,7 @@ class Screener:
         return ScreenResult(ids, scores, flagged, self.threshold)
 
 
-# ---------------------------------------------------------------- command line
-
-@dataclass
-class ScreenOptions(DetectorOptions):
-    """Score prompts with a detector without generating (the target runs only up to the detector's
-    deepest layer).
-
-    Args:
-        batch_size: prompts per forward (batched by length)
-        out: write one JSON line per prompt (id, score, flagged) here
-        passed: write the rows that were NOT flagged here (bulk filtering)
-    """
-
-    batch_size: int = 16
-    out: Optional[str] = None
-    passed: Optional[str] = None
-
+# ---------------------------------------------------------------- command line (options: lit_sahs.options)
 
 def screen_command(a: ScreenOptions) -> int:
     """Score every prompt; the last stdout line is a summary (with AUROC etc. when every row has a label)."""
@@ -164,6 +148,3 @@ def screen_command(a: ScreenOptions) -> int:
     print(json.dumps(summary))
     return 0
 
-
-def main(argv: Optional[list[str]] = None) -> int:
-    return run_options(screen_command, ScreenOptions, argv, prog="python -m lit_sahs screen")

@@ -32,68 +32,15 @@ import logging
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, Field
 
 from lit_sahs.errors import LitSahsError
-from lit_sahs.guarding import DEFAULT_REFUSAL
-from lit_sahs.options import run_options
-from lit_sahs.serving import Batcher, GuardService, checked_threshold
+from lit_sahs.options import ServeOptions
+from lit_sahs.serving import Batcher, GuardService
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ServeOptions:
-    """Serve a detector behind OpenAI-compatible moderation and guarded chat endpoints.
-
-    Args:
-        detector: detector artifact dir, .ckpt or MLflow URI (models:/name@alias, runs:/<id>/detector)
-        target: target (default: the one named in the detector)
-        threshold: a probability in [0, 1] replacing the detector's calibrated threshold
-        host: address to listen on (127.0.0.1: this machine only)
-        port: port to listen on
-        model_name: the model name clients send (default: the target's name)
-        max_batch_size: most prompts scored or generated in one batch
-        batch_timeout: seconds a batch waits at most for the requests expected to fill it
-        max_new_tokens: default and largest max_tokens of a chat request
-        max_inputs: most texts in one moderation request
-        max_body_bytes: largest request body accepted
-        refusal: the answer a flagged conversation gets
-        log_prompts: write prompt texts into the log (off: only counts, scores and timings)
-        dtype: the target's dtype: float32, bfloat16 or float16
-        device: where the target runs, e.g. cpu or cuda
-        tracking_uri: MLflow tracking URI for models:/ and runs:/ detectors
-    """
-
-    detector: str
-    target: Optional[str] = None
-    threshold: Optional[float] = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    model_name: Optional[str] = None
-    max_batch_size: int = 16
-    batch_timeout: float = 0.05
-    max_new_tokens: int = 128
-    max_inputs: int = 256
-    max_body_bytes: int = 1 << 20
-    refusal: str = DEFAULT_REFUSAL
-    log_prompts: bool = False
-    dtype: str = "float32"
-    device: str = "cpu"
-    tracking_uri: Optional[str] = None
-
-    def __post_init__(self) -> None:  # bad values fail before anything loads
-        checked_threshold(self.threshold)
-        for name in ("max_batch_size", "max_new_tokens", "max_inputs", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise LitSahsError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.batch_timeout <= 10:
-            raise LitSahsError(f"batch_timeout must be between 0 and 10 seconds, got {self.batch_timeout}")
-        if not 0 <= self.port <= 65535:
-            raise LitSahsError(f"port must be between 0 and 65535, got {self.port}")
 
 
 class ModerationRequest(BaseModel):
@@ -353,6 +300,3 @@ def serve_command(opts: ServeOptions) -> int:
     server.run()
     return 0
 
-
-def main(argv: Optional[list[str]] = None) -> int:
-    return run_options(serve_command, ServeOptions, argv, prog="python -m lit_sahs serve")

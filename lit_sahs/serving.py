@@ -20,23 +20,16 @@ from typing import Any, Callable, Hashable, Optional, Sequence
 
 import numpy as np
 
+from lit_sahs.checks import optional_probability
 from lit_sahs.errors import LitSahsError
-from lit_sahs.guarding import DEFAULT_REFUSAL, eos_token_id
+from lit_sahs.choices import DEFAULT_REFUSAL
+from lit_sahs.guarding import eos_token_id
 from lit_sahs.loading import load_detector_and_target
 from lit_sahs.prompts import encode_prompts
 
 log = logging.getLogger(__name__)
 
 UNSAFE = "unsafe"  # the one category of a family without per-category scores
-
-
-def checked_threshold(value: Optional[float]) -> Optional[float]:
-    """A served threshold override: None (the artifact's calibrated one) or a probability in [0, 1]."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) <= 1.0):
-        raise LitSahsError(f"threshold must be a probability in [0, 1], got {value!r}")
-    return float(value)
 
 
 class GuardService:
@@ -47,7 +40,7 @@ class GuardService:
 
     def __init__(self, detector, target=None, threshold: Optional[float] = None, refusal: str = DEFAULT_REFUSAL,
                  device: str = "cpu", dtype: Optional[str] = None, tracking_uri: Optional[str] = None):
-        override = checked_threshold(threshold)
+        override = optional_probability(threshold, "threshold")
         self.detector, self.target = load_detector_and_target(detector, target, device=device, dtype=dtype,
                                                               tracking_uri=tracking_uri)
         self.threshold = float(self.detector.threshold) if override is None else override

@@ -469,7 +469,7 @@ def test_ctrl_c_during_a_fit_exits_130_and_fails_the_run(mlflow_workdir, cli, mo
     code, _, err = cli(["fit", "--config", str(fit_config(mlflow_workdir, mlflow_workdir / "out"))])
     lines = err.strip().splitlines()
     assert code == 130 and lines[-1] == "error: interrupted" and not {"KeyboardInterrupt", "SystemExit: 1"} & set(lines)
-    assert run_statuses(mlflow_workdir / "mlruns" / "mlflow.db") == {"fit": "FAILED"}
+    assert run_statuses(mlflow_workdir / "mlruns" / "mlflow.db") == {"fit-cfg": "FAILED"}  # fit-<config name>
 
 
 def run_statuses(db: Path) -> dict:

@@ -10,7 +10,8 @@ from torch import nn
 from lit_sahs.artifact import load_detector, save_detector
 from lit_sahs.errors import LitSahsError
 from lit_sahs.family import FAMILIES, ModelFamily, register_family
-from lit_sahs.guarding import DEFAULT_REFUSAL, GuardResult
+from lit_sahs.choices import DEFAULT_REFUSAL
+from lit_sahs.guarding import GuardResult
 
 
 class LengthGuard:
@@ -176,3 +177,13 @@ def test_nan_weights_are_refused_on_load(tmp_path):
     save_file(state, str(art / "detector.safetensors"))
     with pytest.raises(LitSahsError, match="NaN or inf"):
         load_detector(art)
+
+
+def test_the_builtin_table_names_exactly_the_families_that_register():
+    """`fit --help` lists families from BUILTIN_FAMILIES without importing them; it must not drift."""
+    from lit_sahs.families import FAMILIES
+    from lit_sahs.family import BUILTIN_FAMILIES
+
+    registered = {n: f"{c.__module__}:{c.__qualname__}" for n, c in FAMILIES.items()
+                  if c.__module__.startswith("lit_sahs.")}
+    assert registered == BUILTIN_FAMILIES

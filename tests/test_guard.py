@@ -11,7 +11,7 @@ from lit_sahs.artifact import save_detector
 from lit_sahs.errors import LitSahsError
 from lit_sahs.detectors.guard import SafetyGuard
 from lit_sahs.guard import load_guard
-from lit_sahs.guarding import DEFAULT_REFUSAL
+from lit_sahs.choices import DEFAULT_REFUSAL
 from lit_sahs.heads import HeadSet
 from lit_sahs.hooks import HeadCapture
 from lit_sahs.loading import load_detector_and_target, resolve_detector
@@ -233,7 +233,7 @@ def test_load_detector_and_target_checks_the_fingerprint(smollm2, detector, tmp_
 
 def test_repeated_prompt_options_stay_literal():
     from lit_sahs.commands import parse_command
-    from lit_sahs.guard import GuardOptions
+    from lit_sahs.options import GuardOptions
 
     texts = ["What is 2 + 2?", "# Title", "null", "- item", '["x", "y"]', "a: b", "", "tab\there\nnewline \\ \"q\"",
              "émoji 😀 中文", "-5", "- a list item"]

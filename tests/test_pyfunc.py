@@ -188,21 +188,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_mlflow_models_serve_answers_invocations(mlflow_workdir, heads_model, tiny):
-    from lit_sahs.targets import prompting
-
+def serve_and_invoke(workdir, uri: str) -> list[dict]:
+    """Start `mlflow models serve` on `uri` (loopback, free port), POST TEXTS to /invocations, stop it."""
     port = free_port()
-    log = open(mlflow_workdir / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/tiny-guard@champion",
+    log = open(workdir / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri,
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                            cwd=mlflow_workdir, env=env(mlflow_workdir), stdout=log, stderr=subprocess.STDOUT,
+                            cwd=workdir, env=env(workdir), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
         while True:
-            assert proc.poll() is None, (mlflow_workdir / "serve.log").read_text()[-3000:]
+            assert proc.poll() is None, (workdir / "serve.log").read_text()[-3000:]
             try:
                 with urllib.request.urlopen(f"{base}/ping", timeout=5) as r:
                     if r.status == 200:
@@ -214,10 +212,7 @@ def test_mlflow_models_serve_answers_invocations(mlflow_workdir, heads_model, ti
         body = json.dumps({"dataframe_records": [{"text": t} for t in TEXTS]}).encode()
         req = urllib.request.Request(f"{base}/invocations", data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=120) as r:
-            preds = json.loads(r.read())["predictions"]
-        want = heads_model.score_encoded(tiny, prompting.encode(tiny, TEXTS))
-        assert [p["score"] for p in preds] == pytest.approx(list(want), abs=1e-5)
-        assert [p["flagged"] for p in preds] == [bool(s >= float(heads_model.threshold)) for s in want]
+            return json.loads(r.read())["predictions"]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -227,6 +222,33 @@ def test_mlflow_models_serve_answers_invocations(mlflow_workdir, heads_model, ti
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=20)
         log.close()
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_invocations(mlflow_workdir, heads_model, tiny):
+    from lit_sahs.targets import prompting
+
+    preds = serve_and_invoke(mlflow_workdir, "models:/tiny-guard@champion")
+    want = heads_model.score_encoded(tiny, prompting.encode(tiny, TEXTS))
+    assert [p["score"] for p in preds] == pytest.approx(list(want), abs=1e-5)
+    assert [p["flagged"] for p in preds] == [bool(s >= float(heads_model.threshold)) for s in want]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_invocations_for_safevlm(mlflow_workdir, safevlm_artifact):
+    from lit_sahs.artifact import load_detector
+    from lit_sahs.registry import register_detector
+    from lit_sahs.targets import load_target, prompting
+
+    register_detector(str(safevlm_artifact), "safevlm-served", alias="champion")
+    preds = serve_and_invoke(mlflow_workdir, "models:/safevlm-served@champion")
+    det, t = load_detector(safevlm_artifact), load_target("tiny-llama")
+    enc = prompting.encode(t, TEXTS)
+    assert [p["score"] for p in preds] == pytest.approx(list(det.score_encoded(t, enc)), abs=1e-5)
+    cats = det.categories()
+    want = det.category_scores(t, enc)
+    for j, c in enumerate(cats):
+        assert [p[f"category/{c}"] for p in preds] == pytest.approx(list(want[:, j]), abs=1e-5)
 
 
 def test_only_the_tracking_layer_imports_mlflow():

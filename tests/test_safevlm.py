@@ -114,7 +114,7 @@ def test_stage_two_artifact_reloads_with_the_same_outputs(stages):
 
 
 def test_guard_refuses_exactly_the_flagged_prompts_and_hints_the_rest(stages):
-    from lit_sahs.guarding import DEFAULT_REFUSAL
+    from lit_sahs.choices import DEFAULT_REFUSAL
     from lit_sahs.safevlm.guard import SafeVLMGuard
 
     two, target = stages["two"], stages["dm2"].target

@@ -9,11 +9,10 @@ import re
 import subprocess
 import sys
 import time
-
 from typing import Optional
 
 from lit_sahs.cli import COMMANDS, LIGHTNING_COMMANDS
-from lit_sahs.commands import run_command
+from lit_sahs.commands import script_main
 
 HEAVY = ("torch", "lightning", "transformers", "mlflow", "optuna")
 
@@ -43,4 +42,4 @@ def benchmark(commands: Optional[list[str]] = None, repeat: int = 3) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(benchmark, sys.argv[1:], "python experiments/benchmarks/cli_help.py"))
+    raise SystemExit(script_main(benchmark))

@@ -58,32 +58,6 @@ def timed(fn, device) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def build_detector(target, k: int, depth: float, seed: int = 0):
-    """A logistic detector bound to `target` with random weights on k heads in the first `depth` of
-    the layers, the deepest at exactly that depth."""
-    from lit_sahs.detectors import LogisticDetector
-    from lit_sahs.heads import HeadSet
-
-    g = target.geometry
-    deepest = max(0, round(depth * g.num_layers) - 1)
-    gen = torch.Generator().manual_seed(seed)
-    layers = torch.linspace(deepest / 2, deepest, k).round().long().tolist()
-    heads, used = [], set()
-    for i, l in enumerate(layers):
-        h = int(torch.randint(g.num_heads, (1,), generator=gen))
-        while (l, h) in used:
-            h = (h + 1) % g.num_heads
-        used.add((l, h))
-        heads.append((l, h))
-    heads[-1] = (deepest, heads[-1][1])
-    hs = HeadSet(dict.fromkeys(heads))
-    det = LogisticDetector().bind(hs, g, target.fingerprint, torch.zeros(len(hs), g.head_dim),
-                                  torch.ones(len(hs), g.head_dim))
-    with torch.no_grad():
-        det.linear.weight.normal_(0, 0.01, generator=gen)
-    return det.eval()
-
-
 def prefill_logit_diff(model, enc: dict, heads, geometry) -> tuple[float, float]:
     """Max |difference| of the prefill's last-position logits: bare vs bare, bare vs under the
     guard's HeadCapture (the only thing the guard adds to the prefill)."""
@@ -144,6 +118,7 @@ def run(target: str = "smollm2-135m-instruct", detector: Optional[str] = None, k
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
     from lit_sahs.data.sources import load_source
+    from lit_sahs.detectors.placeholder import random_detector
     from lit_sahs.guard import SafetyGuard
     from lit_sahs.prompts import encode_prompts
     from lit_sahs.screen import head_activations
@@ -159,7 +134,7 @@ def run(target: str = "smollm2-135m-instruct", detector: Optional[str] = None, k
         return load(name, dtype=dtype, device=device)
 
     target = load_target(args.target, dtype=dtype, device=args.device)
-    det = build_detector(target, args.k, args.depth) if args.detector is None else None
+    det = random_detector(target, args.k, args.depth) if args.detector is None else None
     guard = SafetyGuard(target, det if det is not None else args.detector, threshold=2.0)  # scores, never flags
     heads = guard.head_set
     external = load_target(args.external or args.target, dtype=dtype, device=args.device)

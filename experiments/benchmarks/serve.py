@@ -13,7 +13,7 @@ The figure is served/in-process throughput at each concurrency (goal >= 0.8 at 3
 HTTP layer, JSON and dynamic batching cost on top of the forward.
 
 The detector is a logistic one with random weights on ``--k`` heads in the first two thirds of the
-layers (the cost does not depend on the weights; ``guard.py``'s ``build_detector``), or ``--detector``.
+layers (the cost does not depend on the weights; ``lit_sahs.detectors.placeholder``), or ``--detector``.
 
     python experiments/benchmarks/serve.py                                 # SmolLM2 on the CPU
     python experiments/benchmarks/serve.py --concurrency [1,8,32] --rounds 5 --out serve_benchmark.md
@@ -35,6 +35,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
+
+from lit_sahs.commands import script_main
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -157,7 +159,8 @@ def scoring_worker(target: str, detector: str) -> None:
 class ScoringWorker:
     def __init__(self, target: str, detector: str):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import serve; serve.scoring_worker({target!r}, {detector!r})"
+        code = (f"import runpy; runpy.run_path({__file__!r}, run_name='scoring_worker')"
+                f"['scoring_worker']({target!r}, {detector!r})")
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      env=env, text=True)
         if json.loads(self.proc.stdout.readline() or "{}").get("ready") is not True:
@@ -196,18 +199,15 @@ def main(target: str = "smollm2-135m-instruct", detector: Optional[str] = None, 
         batch_timeout: the server's --batch_timeout (default: serve's own)
         out: also write the markdown table here
     """
-    sys.path.insert(0, str(HERE))
-    sys.path.insert(0, str(ROOT))
-    from guard import build_detector  # the guard benchmark's random-weight detector
-
     from lit_sahs.artifact import save_detector
+    from lit_sahs.detectors.placeholder import random_detector
     from lit_sahs.targets import load_target
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed benchmark still stops its server (finally)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if detector is None:
-            detector = str(save_detector(build_detector(load_target(target), k, 2 / 3), Path(tmp) / "det"))
+            detector = str(save_detector(random_detector(load_target(target), k, 2 / 3), Path(tmp) / "det"))
         port = free_port()
         log_path = Path(tmp) / "server.log"
         proc = start_server(detector, port, max(concurrency), batch_timeout, log_path)
@@ -261,6 +261,4 @@ def main(target: str = "smollm2-135m-instruct", detector: Optional[str] = None, 
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
-
-    CLI(main, as_positional=False)
+    raise SystemExit(script_main(main))

@@ -15,12 +15,12 @@ COMMANDS: dict[str, Callable[[list[str]], int] | str] = {
     "locate": "lit_sahs.cli.locate:main",
     "evaluate": "lit_sahs.cli.evaluate:main",
     "tune": "lit_sahs.tune:main",
-    "register": "lit_sahs.registry:main",
-    "guard": "lit_sahs.guard:main",
-    "screen": "lit_sahs.screen:main",
+    "register": "lit_sahs.cli.register:main",
+    "guard": "lit_sahs.cli.scoring:guard",
+    "screen": "lit_sahs.cli.scoring:screen",
     "ablate": "lit_sahs.cli.ablate:main",
     "store": "lit_sahs.data.verify:main",
-    "serve": "lit_sahs.serve:main",
+    "serve": "lit_sahs.cli.scoring:serve",
 }
 
 

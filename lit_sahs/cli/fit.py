@@ -27,11 +27,10 @@ SUMMARY = {
 
 
 def families() -> dict[str, str]:
-    """Detector family name -> class path, read from the family registry (the one list of them)."""
-    from lit_sahs.families import FAMILIES, load_plugins
+    """Detector family name -> class path (``lit_sahs.family.family_paths``: nothing is imported)."""
+    from lit_sahs.family import family_paths
 
-    load_plugins()
-    return {name: f"{cls.__module__}.{cls.__qualname__}" for name, cls in sorted(FAMILIES.items())}
+    return family_paths()
 
 
 def add_sahs_arguments(parser: ArgumentParser) -> None:

@@ -36,7 +36,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from lit_sahs.hooks import HeadCapture, capture_for  # noqa: F401 - HeadCapture: GateProcessor's type
 from lit_sahs.errors import LitSahsError
-from lit_sahs.guarding import DEFAULT_REFUSAL, UNSUPPORTED_GENERATE, GuardResult, eos_token_id, threshold_override
+from lit_sahs.choices import DEFAULT_REFUSAL
+from lit_sahs.guarding import UNSUPPORTED_GENERATE, GuardResult, eos_token_id, threshold_override
 from lit_sahs.prompts import encode_prompts
 
 

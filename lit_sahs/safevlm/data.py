@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from lit_sahs.data.holdout import Holdout
 from lit_sahs.data.protocol import DEFAULT_ATTACKS, DEFAULT_BENIGN, DEFAULT_HARMFUL, SampleSpec, split_rows
 from lit_sahs.errors import LitSahsError
-from lit_sahs.guarding import DEFAULT_REFUSAL, eos_token_id
+from lit_sahs.choices import DEFAULT_REFUSAL
+from lit_sahs.guarding import eos_token_id
 from lit_sahs.safevlm.answers import AnswerCache
 from lit_sahs.safevlm.forward import with_slots
 from lit_sahs.safevlm.taxonomy import labels_of

@@ -21,7 +21,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from lit_sahs.errors import LitSahsError
-from lit_sahs.guarding import DEFAULT_REFUSAL, GuardResult, eos_token_id, threshold_override
+from lit_sahs.choices import DEFAULT_REFUSAL
+from lit_sahs.guarding import GuardResult, eos_token_id, threshold_override
 from lit_sahs.prompts import encode_prompts
 from lit_sahs.safevlm.forward import SafetyForward, model_inputs, with_slots
 from lit_sahs.safevlm.taxonomy import RISK_LEVELS, RISK_TYPES

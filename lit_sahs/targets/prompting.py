@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from PIL import Image
 
+from lit_sahs.choices import truncate_side
 from lit_sahs.errors import LitSahsError
 
 FIRST_TOKEN_INDEX = -1  # column of the first-token position in a left-padded batch
@@ -271,7 +272,6 @@ def _uses_mrope(target) -> bool:
 
 # ---------------------------------------------------------------- prompts longer than the context
 
-TRUNCATE_SIDES = ("left", "right")  # left: drop the start of the text (keep its end); right: keep its start
 _SHOWN = 10  # offending rows named in the error
 
 
@@ -282,14 +282,6 @@ def context_length(target) -> Optional[int]:
     cfg = text_config(target.model.config)
     n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     return int(n) if n else None
-
-
-def truncate_side(truncate: Optional[str]) -> Optional[str]:
-    """`truncate` checked: None (refuse long prompts), "left" or "right"."""
-    if truncate is not None and truncate not in TRUNCATE_SIDES:
-        raise LitSahsError(f"truncate must be left (keep the end of a long prompt) or right (keep its start), "
-                           f"got {truncate!r}; leave it unset to refuse prompts longer than the context")
-    return truncate
 
 
 def prompt_lengths(target, texts: Sequence[str], images: Optional[Sequence[ImageSpec]] = None,
