@@ -42,11 +42,15 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
                     pairing: str = "round_robin", sources: Sequence[str] = (), min_rows: int = 20,
                     max_epochs: Optional[int] = None, baselines: Sequence[str] = BASELINES, seed: int = 0,
                     ranking: Optional[str] = PER_FOLD, heads: Optional[str] = None, progress: bool = True,
-                    feature_sets: Optional[dict] = None, sparse_all: Optional[bool] = None) -> dict:
+                    feature_sets: Optional[dict] = None, sparse_all: Optional[bool] = None,
+                    crossfit: bool = False, target_fpr: float = 0.05) -> dict:
     """Fit and score every source fold. Returns {"folds": [{"holdout", "n_malicious", "n_benign",
     "methods": {method: {column: value}}}], "mean": {method: {column: mean}}, "skipped": {fold: reason}}.
     `feature_sets` ({method: 'resid,refusal'}; None: FEATURE_SETS when the store records the extra
-    features, else none) and `sparse_all` (None: likewise) add detector fits on the same folds."""
+    features, else none) and `sparse_all` (None: likewise) add detector fits on the same folds.
+    `crossfit`: also cross-fit the detector's threshold over each fold's training sources
+    (``lit_sahs.crossfit``) and report the held-out benign FPR and harmful TPR at both thresholds
+    (``folds[i]["calibration"]``, ``"calibration"`` for the means); every threshold targets `target_fpr`."""
     from tqdm import tqdm
 
     from lit_sahs.evaluate import split_reports
@@ -58,8 +62,10 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
     sparse_all = has_extras if sparse_all is None else sparse_all
     out = []
     for hold in tqdm(holdouts, desc="source folds", disable=not progress):
-        fit = fit_fold(folds, detector, detector_args, top_k, hold, max_epochs=max_epochs)
+        fit = fit_fold(folds, detector, detector_args, top_k, hold, max_epochs=max_epochs, target_fpr=target_fpr)
         reports, _, labels, thresholds = split_reports(fit.detector, fit.datamodule, "test", baselines)
+        calibration = _calibration(folds, fit, detector, detector_args, top_k, hold, labels, target_fpr,
+                                   max_epochs) if crossfit else None
         extra_fits = {m: fit_fold(folds, detector, detector_args, top_k, hold, max_epochs=max_epochs, features=f)
                       for m, f in feature_sets.items()}
         if sparse_all:
@@ -73,13 +79,38 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
                     "n_benign": int((labels == 0).sum()), "thresholds": thresholds,
                     "head_set": fit.detector.head_set.to_list(),
                     "methods": {m: {c: float(rep["overall"][c]) for c in COLUMNS} for m, rep in reports.items()}})
+        if calibration is not None:
+            out[-1]["calibration"] = calibration
         if sparse_all:
             out[-1]["sparse_selected"] = [r["name"] for r in extra_fits[SPARSE_ALL].detector.head_report()
                                           if r["selected"]]
     methods = list(out[0]["methods"])
     mean = {m: {c: float(np.nanmean([f["methods"][m][c] for f in out])) for c in COLUMNS} for m in methods}
-    return {"protocol": "sources", "pairing": pairing, "detector": detector, "top_k": top_k, "folds": out,
-            "mean": mean, "skipped": skipped, "relocate": folds.per_fold}
+    result = {"protocol": "sources", "pairing": pairing, "detector": detector, "top_k": top_k, "folds": out,
+              "mean": mean, "skipped": skipped, "relocate": folds.per_fold, "target_fpr": target_fpr}
+    if crossfit:
+        result["calibration"] = {k: float(np.nanmean([f["calibration"][k] for f in out])) for k in CALIBRATION}
+    return result
+
+
+# held-out benign FPR and harmful TPR at the validation threshold and at the cross-fitted one
+CALIBRATION = ("fpr_validation", "fpr_crossfit", "tpr_validation", "tpr_crossfit")
+
+
+def _calibration(folds, fit, detector, detector_args, top_k, hold, labels, target_fpr, max_epochs) -> dict:
+    """The fold detector's held-out benign FPR and harmful TPR at its validation threshold and at the
+    threshold cross-fitted over the fold's training sources."""
+    from lit_sahs.crossfit import crossfit_threshold
+
+    cf = crossfit_threshold(folds, detector, detector_args, top_k, hold, target_fpr=target_fpr, max_epochs=max_epochs)
+    scores = np.asarray(fit.scores("test"), dtype=np.float64)
+    benign, harmful = scores[labels == 0], scores[labels == 1]
+    out = {"threshold_validation": float(fit.detector.threshold), "threshold_crossfit": cf.threshold,
+           "inner_folds": cf.folds, "per_source": cf.per_source}
+    for name, t in (("validation", out["threshold_validation"]), ("crossfit", cf.threshold)):
+        out[f"fpr_{name}"] = float((benign >= t).mean()) if len(benign) else float("nan")
+        out[f"tpr_{name}"] = float((harmful >= t).mean()) if len(harmful) else float("nan")
+    return out
 
 
 def _fit_report(fit, labels: np.ndarray) -> tuple[dict, float]:
@@ -118,6 +149,19 @@ def format_source_tables(result: dict) -> str:
                   "probability), per fold:", ""]
         lines += [f"- {' + '.join(h)}: {', '.join(sel[:12])}" + (f" … ({len(sel)} in all)" if len(sel) > 12 else "")
                   for h, sel in kept]
+    if "calibration" in result:
+        m = result["calibration"]
+        lines += ["", f"Threshold calibration of {result['detector']} (target: {result['target_fpr']:.0%} of benign "
+                  "prompts flagged): on the validation benign rows of the training sources, or cross-fitted over "
+                  "the training sources (each source scored by a fit that left it out); held-out benign FPR and "
+                  "harmful TPR at each:", "",
+                  "| held out | threshold val / cross-fit | benign FPR val | benign FPR cross-fit "
+                  "| harmful TPR val | harmful TPR cross-fit |", "|---|---|---|---|---|---|"]
+        for f in result["folds"]:
+            c = f["calibration"]
+            lines.append(f"| {' + '.join(f['holdout'])} | {c['threshold_validation']:.3f} / "
+                         f"{c['threshold_crossfit']:.3f} | " + " | ".join(_cell(c[k]) for k in CALIBRATION) + " |")
+        lines.append("| **mean** | | " + " | ".join(_cell(m[k]) for k in CALIBRATION) + " |")
     if result["skipped"]:
         lines += ["", "Skipped folds: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items())]
     return "\n".join(lines)

@@ -21,7 +21,7 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
              seed: int = 0, tracking_uri: Optional[str] = None, experiment: str = "evaluate",
              protocol: Protocol = "families", pairing: Pairing = "round_robin", sources: str = "",
              scores: Optional[str] = None, batch_size: int = 8, device: Device = "auto",
-             truncate: Truncate = None) -> int:
+             truncate: Truncate = None, crossfit: bool = False, target_fpr: float = 0.05) -> int:
     """Held-out reports on a store — attack families (zero-shot matrix) or prompt sources never seen —
     or score a user file with a trained detector.
 
@@ -52,6 +52,9 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
         device: with --data, where the target runs: auto (a GPU when there is one), cpu, cuda, cuda:N or mps
         truncate: with --data, a prompt longer than the target's context is refused (default), or its
             text cut to fit: left (keep the end) or right (keep the start)
+        crossfit: with --protocol sources, also cross-fit the detector's threshold over each fold's
+            training sources and report held-out benign FPR and harmful TPR at both thresholds
+        target_fpr: with --protocol sources, the benign FPR every threshold is calibrated to
     """
 
     from lit_sahs import evaluate as ev
@@ -72,7 +75,8 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
     check_outputs(dirs={"--out": out or os.path.join(store, "zero_shot" if protocol == "families" else "sources")})
     if protocol == "sources":
         return _source_report(store, ranking if not relocate else None, heads, top_k, detector_family, pairing,
-                              sources, min_rows, max_epochs, seed, out, tracking_uri, experiment)
+                              sources, min_rows, max_epochs, seed, out, tracking_uri, experiment, crossfit,
+                              target_fpr)
     from lit_sahs.folds import matrix_csv, zero_shot
     from lit_sahs.plots import family_matrix
 
@@ -102,7 +106,7 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
 
 
 def _source_report(store, ranking, heads, top_k, detector_family, pairing, sources, min_rows, max_epochs, seed,
-                   out, tracking_uri, experiment) -> int:
+                   out, tracking_uri, experiment, crossfit=False, target_fpr=0.05) -> int:
     """`evaluate --protocol sources`: the source-level table, written as sources.md/json and a plot."""
 
     from lit_sahs.folds import PER_FOLD
@@ -112,7 +116,7 @@ def _source_report(store, ranking, heads, top_k, detector_family, pairing, sourc
 
     result = source_protocol(store, top_k=top_k, detector=detector_family, pairing=pairing, sources=names(sources),
                              min_rows=min_rows, max_epochs=max_epochs, seed=seed, heads=heads,
-                             ranking=ranking or PER_FOLD)
+                             ranking=ranking or PER_FOLD, crossfit=crossfit, target_fpr=target_fpr)
     out = out or os.path.join(store, "sources")
     table = format_source_tables(result)
     folds = [" + ".join(f["holdout"]) for f in result["folds"]]
@@ -128,6 +132,9 @@ def _source_report(store, ranking, heads, top_k, detector_family, pairing, sourc
             for col, v in cols.items():
                 if v == v:
                     run.log_metric(f"mean/{method}/{col}", v)
+        for col, v in result.get("calibration", {}).items():
+            if v == v:
+                run.log_metric(f"mean/calibration/{col}", v)
         for p in paths:
             run.log_artifact(str(p))
     print(table)

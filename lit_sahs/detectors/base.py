@@ -26,7 +26,7 @@ the guard, split scores) is implemented here once for all of them.
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import lightning as L
 import numpy as np
@@ -70,6 +70,7 @@ class SafetyDetector(HeadFamily, L.LightningModule):
         self.families: list[str] = []
         self._eval_families: list[str] = []
         self.feature_spec: FeatureSpec = FeatureSpec((), ())
+        self.calibration: Optional[dict] = None  # how the threshold was set if not on validation (lit_sahs.crossfit)
 
     @property
     def num_inputs(self) -> int:
@@ -363,6 +364,7 @@ class SafetyDetector(HeadFamily, L.LightningModule):
             benign = preds[target == 0]
             if benign.numel():
                 self.threshold.fill_(calibrate_threshold(benign, self.hparams.target_fpr))
+                self.calibration = None
             else:
                 log.warning("validation split has no benign samples: threshold left at %.4f", float(self.threshold))
         self._val_scores.reset()
@@ -399,6 +401,8 @@ class SafetyDetector(HeadFamily, L.LightningModule):
             "families": list(self.families),
             "lit_sahs_version": lit_sahs.__version__,
             **({"features": self.feature_spec.to_dict()} if self.feature_spec else {}),
+            # how the threshold was set when not on the validation split (``lit_sahs.crossfit``)
+            **({"calibration": dict(self.calibration)} if self.calibration else {}),
         }
 
     def bind_from_metadata(self, meta: dict[str, Any]) -> None:
@@ -421,6 +425,8 @@ class SafetyDetector(HeadFamily, L.LightningModule):
             return  # resuming: keep the parameters the optimizer already holds
         k, d = len(head_set) + features.num_slots(geometry.head_dim), geometry.head_dim
         self.bind(head_set, geometry, fingerprint, torch.zeros(k, d), torch.ones(k, d), families, features)
+        calibration = meta.get("calibration")
+        self.calibration = dict(calibration) if isinstance(calibration, dict) else None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.is_bound:

@@ -1,0 +1,70 @@
+"""`python -m lit_sahs calibrate`: give a trained detector the threshold cross-fitted over the sources
+of the store it was trained on (``lit_sahs.crossfit``), so that the false-positive rate it was
+calibrated to holds better on benign prompts from collections it never read.
+
+    python -m lit_sahs calibrate --detector artifacts/guard/detector --store stores/guard-smollm2
+"""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+from lit_sahs.choices import Pairing
+from lit_sahs.commands import run_command
+from lit_sahs.errors import LitSahsError
+
+
+def calibrate_command(detector: str, store: str, out: Optional[str] = None, target_fpr: Optional[float] = None,
+                      pairing: Pairing = "round_robin", min_rows: int = 10, max_epochs: Optional[int] = None,
+                      relocate: bool = True, seed: int = 0, tracking_uri: Optional[str] = None) -> int:
+    """Cross-fit a detector's threshold over the sources of its store and write the detector with it.
+
+    Args:
+        detector: detector artifact dir, .ckpt or MLflow URI
+        store: the activation store the detector was trained on (its sources are the folds)
+        out: where to write the recalibrated detector (default: over --detector, a directory)
+        target_fpr: share of benign prompts of an unseen source to flag (default: the detector's own)
+        pairing: source folds: round_robin (every source left out once) or all_pairs
+        min_rows: smallest source fold used
+        max_epochs: epochs per fold fit (default: the family's own)
+        relocate: locate the heads again inside each fold (else every fold uses the detector's heads)
+        seed: split seed of the fold fits
+        tracking_uri: MLflow tracking URI for models:/ and runs:/ detectors
+    """
+    from lit_sahs.artifact import load_detector, save_detector
+    from lit_sahs.checks import probability
+    from lit_sahs.crossfit import crossfit_threshold
+    from lit_sahs.folds import PER_FOLD, Folds
+    from lit_sahs.model_uri import is_uri
+    from lit_sahs.outputs import check_outputs
+
+    if out is None and (is_uri(detector) or str(detector).endswith(".ckpt")):
+        raise LitSahsError("--out is needed when --detector is an MLflow URI or a checkpoint")
+    check_outputs(dirs={"--out": out})
+    det = load_detector(detector, tracking_uri=tracking_uri)
+    if not det.reads_store:
+        raise LitSahsError(f"a {det.family} detector does not train on a store: calibrate cross-fits families that do")
+    meta = det.artifact_metadata()
+    target_fpr = probability(meta["hparams"].get("target_fpr", 0.05) if target_fpr is None else target_fpr,
+                             "--target_fpr")
+    heads = det.head_set
+    explicit = ",".join(f"{layer}.{head}" for layer, head in heads.heads)
+    folds = Folds(store, ranking=PER_FOLD if relocate else None, heads=None if relocate else explicit, seed=seed)
+    if not folds.fingerprint.matches(det.fingerprint):
+        raise LitSahsError(f"store {store} was extracted from {folds.fingerprint.name}, the detector reads "
+                           f"{det.fingerprint.name}: give the store it was trained on")
+    all_heads = len(heads) == folds.geometry.num_layers * folds.geometry.num_heads
+    before = float(det.threshold)
+    cf = crossfit_threshold(folds, det.family, meta["hparams"], len(heads), target_fpr=target_fpr,
+                            pairing=pairing, min_rows=min_rows, max_epochs=max_epochs,
+                            features=",".join(det.feature_spec.names) or None, all_heads=all_heads, progress=True)
+    det.threshold.fill_(cf.threshold)
+    det.calibration = cf.metadata()
+    path = save_detector(det, out or detector, overwrite=True)
+    print(json.dumps({"detector": str(path), "threshold_before": before, "threshold": cf.threshold,
+                      "target_fpr": target_fpr, "folds": cf.folds, "per_source": cf.per_source}))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    return run_command(calibrate_command, argv, prog="python -m lit_sahs calibrate")

@@ -1,0 +1,104 @@
+"""Thresholds cross-fitted over source folds: they keep their false-positive rate on a benign
+source the detector never read better than the validation-calibrated threshold."""
+import json
+
+import numpy as np
+import pytest
+
+from lit_sahs.crossfit import crossfit_threshold, weighted_threshold
+from lit_sahs.data.holdout import Holdout
+from lit_sahs.data.samples import Sample
+from lit_sahs.data.store import ActivationStore
+from lit_sahs.errors import LitSahsError
+from lit_sahs.folds import Folds
+from synthetic import FP, GEOM, SIGNAL_HEADS
+
+HEADS = ",".join(f"{l}.{h}" for l, h in SIGNAL_HEADS)
+# benign sources whose prompts sit closer to the harmful side, by a source-level shift: what a
+# collection of borderline requests looks like to a detector trained on ordinary ones
+SHIFT = {"ben0": 0.0, "ben1": 0.0, "ben2": 1.6, "ben3": 1.6}
+
+
+def shifted_store(path, n_per_source: int = 36, seed: int = 0) -> ActivationStore:
+    rng = np.random.default_rng(seed)
+    rows, acts = [], []
+    sources = [(f"harm{j}", 1) for j in range(3)] + [(b, 0) for b in SHIFT]
+    for src, label in sources:
+        for i in range(n_per_source):
+            s = Sample(id=f"{src}-{i}", text=f"{src} prompt {i}", label=label, source=src, attack="plain",
+                       attack_family="plain", base_id=f"{src}-{i}")
+            rows.append(s.index_row())
+            a = rng.standard_normal(GEOM.shape)
+            for l, h in SIGNAL_HEADS:
+                a[l, h, :3] += 2.5 * (2 * label - 1) + SHIFT.get(src, 0.0)
+            acts.append(a)
+    store = ActivationStore.create_or_open(path, FP, "rule", {"fmt": 1})
+    store.write_block(rows, np.stack(acts))
+    return store
+
+
+def test_weighted_threshold_weighs_every_source_the_same():
+    big, small = np.linspace(0, 0.5, 1000), np.linspace(0.5, 1.0, 10)
+    t = weighted_threshold({"big": big, "small": small}, 0.25)
+    # pooled, 1% of the rows come from `small`; weighted, a quarter of the benign weight is half of it
+    assert (small >= t).mean() == pytest.approx(0.5) and (big >= t).mean() == 0.0
+    assert weighted_threshold({"a": np.array([0.2, 0.2, 0.2])}, 0.5) > 0.2  # ties are never split
+    assert weighted_threshold({"a": np.array([0.1, 0.9])}, 0.0) > 0.9
+    with pytest.raises(LitSahsError, match="no benign rows"):
+        weighted_threshold({"a": np.array([])}, 0.05)
+    with pytest.raises(LitSahsError, match="NaN"):
+        weighted_threshold({"a": np.array([0.1, np.nan])}, 0.05)
+
+
+def test_crossfit_threshold_scores_each_source_with_a_fit_that_left_it_out(tmp_path):
+    shifted_store(tmp_path / "s")
+    folds = Folds(tmp_path / "s", ranking=None, heads=HEADS)
+    cf = crossfit_threshold(folds, "logistic", {}, 2, target_fpr=0.05, max_epochs=3)
+    assert set(cf.per_source) == set(SHIFT) and cf.folds[0] == "harm0__ben0"
+    assert all(v["rows"] == 36 for v in cf.per_source.values())
+    # equal weights: the mean over sources of each one's flagged share is the budget at most
+    assert np.mean([v["fpr"] for v in cf.per_source.values()]) <= 0.05 + 1e-9
+    assert cf.per_source["ben2"]["fpr"] > cf.per_source["ben0"]["fpr"]  # the shifted sources take the budget
+    json.dumps(cf.metadata())
+    with pytest.raises(LitSahsError, match="two harmful and two benign"):
+        crossfit_threshold(folds, "logistic", {}, 2, Holdout(sources=("ben0", "ben1", "ben2")), max_epochs=1)
+
+
+def test_crossfit_keeps_the_held_out_benign_fpr_within_its_target(tmp_path):
+    """On the folds that hold out a shifted benign source the validation threshold (calibrated on the
+    other sources' rows, mostly unshifted) flags far more than 5%; the cross-fitted one, which saw
+    what leaving a source out does, flags fewer, while still catching most harmful prompts."""
+    from lit_sahs.generalisation import format_source_tables, source_protocol
+
+    shifted_store(tmp_path / "s")
+    res = source_protocol(str(tmp_path / "s"), top_k=2, heads=HEADS, ranking=None, max_epochs=3, baselines=(),
+                          progress=False, crossfit=True, target_fpr=0.05)
+    shifted = [f["calibration"] for f in res["folds"] if f["holdout"][1] in ("ben2", "ben3")]
+    assert len(shifted) == 2
+    for c in shifted:
+        assert c["threshold_crossfit"] > c["threshold_validation"] and c["fpr_crossfit"] < c["fpr_validation"]
+    assert np.mean([c["fpr_validation"] for c in shifted]) > 0.1  # twice the target and more
+    m = res["calibration"]
+    assert m["fpr_crossfit"] <= 0.05 < m["fpr_validation"]  # the promise kept on average, and broken without it
+    assert m["tpr_crossfit"] > 0.8
+    assert "Threshold calibration of logistic" in format_source_tables(res)
+
+
+def test_calibrate_command_rewrites_the_artifact_with_its_calibration(tmp_path, cli):
+    from lit_sahs.artifact import load_detector, save_detector
+    from lit_sahs.folds import fit_fold
+
+    shifted_store(tmp_path / "s")
+    folds = Folds(tmp_path / "s", ranking=None, heads=HEADS)
+    det = fit_fold(folds, "logistic", {}, 2, max_epochs=3).detector
+    path = save_detector(det, tmp_path / "det")
+    before = float(det.threshold)
+    code, out, err = cli(["calibrate", "--detector", str(path), "--store", str(tmp_path / "s"), "--relocate", "false",
+                          "--max_epochs", "3"])
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    loaded = load_detector(path)
+    assert float(loaded.threshold) == pytest.approx(summary["threshold"]) and summary["threshold"] != before
+    assert loaded.calibration["method"] == "crossfit_sources" and set(loaded.calibration["per_source"]) == set(SHIFT)
+    code, _, err = cli(["calibrate", "--detector", str(path), "--store", str(tmp_path / "nosuch")])
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error:")
