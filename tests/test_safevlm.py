@@ -460,3 +460,22 @@ def test_conversations_and_served_moderation(stages):
     for r in rows:
         assert r["flagged"] == (r["score"] >= svc.threshold) and set(r["category_scores"]) == set(svc.categories)
         assert sum(r["categories"].values()) == int(r["flagged"])
+
+
+def test_both_stages_run_under_fast_dev_run(tmp_path, monkeypatch, cli):
+    """Lightning's debugging flag: one batch of each loop; the test report scores the whole test split
+    again (the loop saw one batch of it) instead of failing on mismatched lengths."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    small = ["--data.init_args.target", "tiny-llama", "--data.init_args.limit", "40", "--data.init_args.answers",
+             str(tmp_path / "a.jsonl"), "--data.init_args.max_answer_tokens", "6", "--trainer.fast_dev_run", "true"]
+    code, out, err = cli(["fit", "--config", str(root / "configs/safevlm_stage1.yaml"), *small,
+                          "--model.init_args.feature_layer", "2", "--model.init_args.head_heads", "2"])
+    assert code == 0, err[-2000:]
+    report = json.loads((tmp_path / "artifacts/safevlm-stage1/report.json").read_text())
+    assert report["safevlm"]["overall"]["n"] > 8  # the whole test split, not the one batch the loop ran
+    code, out, err = cli(["fit", "--config", str(root / "configs/safevlm_stage2.yaml"), *small])
+    assert code == 0, err[-2000:]
+    assert json.loads((tmp_path / "artifacts/safevlm-stage2/detector/detector.json").read_text())["stages"] == [1, 2]
