@@ -14,8 +14,10 @@ slightly different model than the one shipped).
     cf = crossfit_threshold(Folds("stores/guard-smollm2"), "logistic", {}, k=8, target_fpr=0.05)
     cf.threshold, cf.per_source        # the threshold; each source's own FPR at it
 
-``python -m lit_sahs calibrate`` applies it to a detector artifact; ``evaluate --protocol sources
---crossfit true`` measures, per held-out source, the benign FPR it predicts against the one observed.
+``CrossFitCalibration`` (a callback: ``trainer.callbacks`` in a fit config) gives a detector the
+cross-fitted threshold before it is tested and exported; ``python -m lit_sahs calibrate`` applies
+it to a detector artifact; ``evaluate --protocol sources --crossfit true`` measures, per held-out
+source, the benign FPR it promises against the one observed.
 """
 from __future__ import annotations
 
@@ -23,11 +25,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+import lightning as L
 import numpy as np
 
+from lit_sahs.checks import probability
+from lit_sahs.choices import Pairing
 from lit_sahs.data.holdout import Holdout
 from lit_sahs.errors import LitSahsError
-from lit_sahs.folds import Folds, fit_fold, source_holdouts
+from lit_sahs.family import ModelFamily
+from lit_sahs.folds import PER_FOLD, Folds, fit_fold, source_holdouts
 
 METHOD = "crossfit_sources"
 
@@ -101,3 +107,81 @@ def crossfit_threshold(folds: Folds, family: str, hparams: Optional[dict], k: in
     t = weighted_threshold(pooled, target_fpr)
     per_source = {src: {"rows": int(len(v)), "fpr": float((v >= t).mean())} for src, v in sorted(pooled.items())}
     return CrossFitThreshold(t, float(target_fpr), [h.name for h in inner], per_source)
+
+
+def crossfit_detector(det: ModelFamily, folds: Folds, held_out: Holdout = Holdout(), target_fpr: Optional[float] = None,
+                      pairing: Pairing = "round_robin", min_rows: int = 10, max_epochs: Optional[int] = None,
+                      progress: bool = False) -> CrossFitThreshold:
+    """Cross-fit `det`'s own recipe (family, hyper-parameters, head count, extra features) over the
+    sources of `folds`, then give `det` the threshold and its calibration record."""
+    if not det.reads_store:
+        raise LitSahsError(f"a {det.family} detector does not train on a store: only families that do can be "
+                           "cross-fitted over its sources")
+    if not folds.fingerprint.matches(det.fingerprint):
+        raise LitSahsError(f"store {folds.store_path} was extracted from {folds.fingerprint.name}, the detector "
+                           f"reads {det.fingerprint.name}: give the store it was trained on")
+    hparams = det.artifact_metadata()["hparams"]
+    target_fpr = probability(hparams.get("target_fpr", 0.05) if target_fpr is None else target_fpr, "target_fpr")
+    g = folds.geometry
+    cf = crossfit_threshold(folds, det.family, hparams, len(det.head_set), held_out, target_fpr, pairing, min_rows,
+                            max_epochs, features=",".join(det.feature_spec.names) or None,
+                            all_heads=len(det.head_set) == g.num_layers * g.num_heads, progress=progress)
+    det.threshold.fill_(cf.threshold)
+    det.calibration = cf.metadata()
+    return cf
+
+
+class CrossFitCalibration(L.Callback):
+    """Give the fitted detector the threshold cross-fitted over its store's training sources, before
+    the test report and the export read it (after the best checkpoint is restored). The sources the
+    DataModule holds out stay out of every inner fit, so the test report still describes unseen ones.
+
+    In a fit config::
+
+        trainer:
+          callbacks:
+            - class_path: lit_sahs.crossfit.CrossFitCalibration
+
+    Args:
+        pairing: inner source folds: round_robin (every source left out once) or all_pairs
+        min_rows: smallest inner fold used
+        max_epochs: epochs per inner fit (default: the outer fit's)
+        relocate: with a ranking, locate the heads again inside each inner fold (else its top-k)
+        target_fpr: share of an unseen source's benign prompts to flag (default: the detector's own)
+    """
+
+    def __init__(self, pairing: Pairing = "round_robin", min_rows: int = 10, max_epochs: Optional[int] = None,
+                 relocate: bool = True, target_fpr: Optional[float] = None):
+        self.pairing, self.min_rows, self.max_epochs = pairing, min_rows, max_epochs
+        self.relocate, self.target_fpr = relocate, target_fpr
+        self.result: Optional[CrossFitThreshold] = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lit_sahs.data.datamodules import CachedActivationDataModule
+
+        dm = trainer.datamodule
+        if trainer.fast_dev_run:
+            return  # a debugging run: one batch, nothing worth calibrating
+        if not isinstance(dm, CachedActivationDataModule):
+            raise LitSahsError("CrossFitCalibration re-fits the detector on the sources of an activation store: "
+                               "use it with lit_sahs.data.datamodules.CachedActivationDataModule")
+        g = dm.geometry
+        explicit = ",".join(f"{layer}.{head}" for layer, head in dm.head_set.heads)
+        if dm.ranking_path and self.relocate:
+            ranking, heads = PER_FOLD, None
+        elif dm.ranking_path:
+            ranking, heads = dm.ranking_path, None
+        else:  # explicit heads (every head included)
+            ranking, heads = None, explicit if len(dm.head_set) < g.num_layers * g.num_heads else None
+        folds = Folds(dm.store_path, ranking=ranking, heads=heads, seed=dm.seed, val_fraction=dm.val_fraction,
+                      test_fraction=dm.test_fraction)
+        self.result = crossfit_detector(pl_module, folds, dm.holdout, self.target_fpr, self.pairing, self.min_rows,
+                                        self.max_epochs or trainer.max_epochs, progress=True)
+        ps = ", ".join(f"{s} {v['fpr']:.2f}" for s, v in self.result.per_source.items())
+        print(f"threshold cross-fitted over {len(self.result.folds)} source folds: {self.result.threshold:.4f} "
+              f"(target FPR {self.result.target_fpr:.0%}; each left-out benign source flagged at it: {ps})")
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.result is not None:  # the best checkpoint restored its own (validation) threshold
+            pl_module.threshold.fill_(self.result.threshold)
+            pl_module.calibration = self.result.metadata()

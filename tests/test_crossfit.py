@@ -102,3 +102,33 @@ def test_calibrate_command_rewrites_the_artifact_with_its_calibration(tmp_path, 
     assert loaded.calibration["method"] == "crossfit_sources" and set(loaded.calibration["per_source"]) == set(SHIFT)
     code, _, err = cli(["calibrate", "--detector", str(path), "--store", str(tmp_path / "nosuch")])
     assert code == 2 and err.strip().splitlines()[-1].startswith("error:")
+
+
+def test_a_fit_config_with_the_callback_ships_the_cross_fitted_threshold(tmp_path, cli, monkeypatch):
+    """The callback runs after training, the held-out sources stay out of its inner fits, and the
+    report and the exported artifact both use its threshold (not the best checkpoint's)."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    shifted_store(tmp_path / "s")
+    cfg = {
+        "seed_everything": 0,
+        "mlflow": {"experiment": "unit", "tracking_uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db"},
+        "output_dir": str(tmp_path / "out"),
+        "trainer": {"accelerator": "cpu", "max_epochs": 3, "enable_progress_bar": False, "logger": False,
+                    "callbacks": [{"class_path": "lit_sahs.crossfit.CrossFitCalibration"},
+                                  {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"monitor": "val/auroc", "mode": "max"}}]},
+        "model": {"class_path": "lit_sahs.detectors.LogisticDetector"},
+        "data": {"class_path": "lit_sahs.data.datamodules.CachedActivationDataModule",
+                 "init_args": {"store": str(tmp_path / "s"), "heads": HEADS, "held_out_sources": ["harm2", "ben3"]}},
+    }
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, err = cli(["fit", "--config", str(tmp_path / "fit.yaml")])
+    assert code == 0, err[-2000:]
+    assert "threshold cross-fitted over" in out
+    meta = json.loads((tmp_path / "out" / "detector" / "detector.json").read_text())
+    cal = meta["calibration"]
+    assert cal["method"] == "crossfit_sources" and meta["threshold"] == pytest.approx(cal["threshold"])
+    assert set(cal["per_source"]) == {"ben0", "ben1", "ben2"}  # ben3 is the report's, never the calibration's
+    assert not any("harm2" in f or "ben3" in f for f in cal["folds"])

@@ -32,8 +32,7 @@ def calibrate_command(detector: str, store: str, out: Optional[str] = None, targ
         tracking_uri: MLflow tracking URI for models:/ and runs:/ detectors
     """
     from lit_sahs.artifact import load_detector, save_detector
-    from lit_sahs.checks import probability
-    from lit_sahs.crossfit import crossfit_threshold
+    from lit_sahs.crossfit import crossfit_detector
     from lit_sahs.folds import PER_FOLD, Folds
     from lit_sahs.model_uri import is_uri
     from lit_sahs.outputs import check_outputs
@@ -42,27 +41,14 @@ def calibrate_command(detector: str, store: str, out: Optional[str] = None, targ
         raise LitSahsError("--out is needed when --detector is an MLflow URI or a checkpoint")
     check_outputs(dirs={"--out": out})
     det = load_detector(detector, tracking_uri=tracking_uri)
-    if not det.reads_store:
-        raise LitSahsError(f"a {det.family} detector does not train on a store: calibrate cross-fits families that do")
-    meta = det.artifact_metadata()
-    target_fpr = probability(meta["hparams"].get("target_fpr", 0.05) if target_fpr is None else target_fpr,
-                             "--target_fpr")
-    heads = det.head_set
-    explicit = ",".join(f"{layer}.{head}" for layer, head in heads.heads)
+    explicit = ",".join(f"{layer}.{head}" for layer, head in det.head_set.heads)
     folds = Folds(store, ranking=PER_FOLD if relocate else None, heads=None if relocate else explicit, seed=seed)
-    if not folds.fingerprint.matches(det.fingerprint):
-        raise LitSahsError(f"store {store} was extracted from {folds.fingerprint.name}, the detector reads "
-                           f"{det.fingerprint.name}: give the store it was trained on")
-    all_heads = len(heads) == folds.geometry.num_layers * folds.geometry.num_heads
     before = float(det.threshold)
-    cf = crossfit_threshold(folds, det.family, meta["hparams"], len(heads), target_fpr=target_fpr,
-                            pairing=pairing, min_rows=min_rows, max_epochs=max_epochs,
-                            features=",".join(det.feature_spec.names) or None, all_heads=all_heads, progress=True)
-    det.threshold.fill_(cf.threshold)
-    det.calibration = cf.metadata()
+    cf = crossfit_detector(det, folds, target_fpr=target_fpr, pairing=pairing, min_rows=min_rows,
+                           max_epochs=max_epochs, progress=True)
     path = save_detector(det, out or detector, overwrite=True)
     print(json.dumps({"detector": str(path), "threshold_before": before, "threshold": cf.threshold,
-                      "target_fpr": target_fpr, "folds": cf.folds, "per_source": cf.per_source}))
+                      "target_fpr": cf.target_fpr, "folds": cf.folds, "per_source": cf.per_source}))
     return 0
 
 
