@@ -132,3 +132,34 @@ def test_a_fit_config_with_the_callback_ships_the_cross_fitted_threshold(tmp_pat
     assert cal["method"] == "crossfit_sources" and meta["threshold"] == pytest.approx(cal["threshold"])
     assert set(cal["per_source"]) == {"ben0", "ben1", "ben2"}  # ben3 is the report's, never the calibration's
     assert not any("harm2" in f or "ben3" in f for f in cal["folds"])
+
+
+def test_low_fpr_loss_ranks_harmful_prompts_above_the_top_benign_ones_only():
+    import torch
+
+    from lit_sahs.detectors.base import low_fpr_loss
+
+    logits = torch.tensor([3.0, 1.0, -1.0, -2.0, 0.5, 2.0], requires_grad=True)
+    y = torch.tensor([0, 0, 0, 0, 1, 1])
+    loss = low_fpr_loss(logits, y, 0.25)  # one benign prompt (of four) in the region: the 3.0
+    expected = torch.nn.functional.softplus(torch.tensor([3.0 - 0.5, 3.0 - 2.0])).mean()
+    assert float(loss) == pytest.approx(float(expected))
+    loss.backward()
+    assert logits.grad[0] > 0 and (logits.grad[1:4] == 0).all() and (logits.grad[4:] < 0).all()
+    assert float(low_fpr_loss(torch.tensor([1.0, 2.0]), torch.tensor([0, 0]), 0.05)) == 0.0
+
+
+def test_the_low_fpr_objective_is_a_hyper_parameter_that_travels_with_the_artifact(tmp_path):
+    from lit_sahs.artifact import load_detector, save_detector
+    from lit_sahs.detectors import LogisticDetector
+    from lit_sahs.folds import fit_fold
+
+    shifted_store(tmp_path / "s")
+    folds = Folds(tmp_path / "s", ranking=None, heads=HEADS)
+    det = fit_fold(folds, "logistic", {"low_fpr_weight": 1.0, "low_fpr": 0.1}, 2, max_epochs=2).detector
+    loaded = load_detector(save_detector(det, tmp_path / "det"))
+    assert loaded.hparams.low_fpr_weight == 1.0 and loaded.hparams.low_fpr == 0.1
+    with pytest.raises(LitSahsError, match="low_fpr"):
+        LogisticDetector(low_fpr=0.0)
+    with pytest.raises(LitSahsError, match="low_fpr_weight"):
+        LogisticDetector(low_fpr_weight=-1.0)

@@ -21,7 +21,8 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
              seed: int = 0, tracking_uri: Optional[str] = None, experiment: str = "evaluate",
              protocol: Protocol = "families", pairing: Pairing = "round_robin", sources: str = "",
              scores: Optional[str] = None, batch_size: int = 8, device: Device = "auto",
-             truncate: Truncate = None, crossfit: bool = False, target_fpr: float = 0.05) -> int:
+             truncate: Truncate = None, crossfit: bool = False, target_fpr: float = 0.05,
+             extra_rows: bool = True, detector_args: Optional[dict] = None) -> int:
     """Held-out reports on a store — attack families (zero-shot matrix) or prompt sources never seen —
     or score a user file with a trained detector.
 
@@ -55,6 +56,10 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
         crossfit: with --protocol sources, also cross-fit the detector's threshold over each fold's
             training sources and report held-out benign FPR and harmful TPR at both thresholds
         target_fpr: with --protocol sources, the benign FPR every threshold is calibrated to
+        extra_rows: with --protocol sources on a store with extra features, also fit the heads+features
+            detectors and the sparse selector over everything (sparse_all: minutes per fold)
+        detector_args: with --protocol sources, the detector family's arguments, e.g.
+            '{low_fpr_weight: 1.0}'
     """
 
     from lit_sahs import evaluate as ev
@@ -76,7 +81,7 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
     if protocol == "sources":
         return _source_report(store, ranking if not relocate else None, heads, top_k, detector_family, pairing,
                               sources, min_rows, max_epochs, seed, out, tracking_uri, experiment, crossfit,
-                              target_fpr)
+                              target_fpr, extra_rows, detector_args)
     from lit_sahs.folds import matrix_csv, zero_shot
     from lit_sahs.plots import family_matrix
 
@@ -106,7 +111,8 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
 
 
 def _source_report(store, ranking, heads, top_k, detector_family, pairing, sources, min_rows, max_epochs, seed,
-                   out, tracking_uri, experiment, crossfit=False, target_fpr=0.05) -> int:
+                   out, tracking_uri, experiment, crossfit=False, target_fpr=0.05, extra_rows=True,
+                   detector_args=None) -> int:
     """`evaluate --protocol sources`: the source-level table, written as sources.md/json and a plot."""
 
     from lit_sahs.folds import PER_FOLD
@@ -116,7 +122,9 @@ def _source_report(store, ranking, heads, top_k, detector_family, pairing, sourc
 
     result = source_protocol(store, top_k=top_k, detector=detector_family, pairing=pairing, sources=names(sources),
                              min_rows=min_rows, max_epochs=max_epochs, seed=seed, heads=heads,
-                             ranking=ranking or PER_FOLD, crossfit=crossfit, target_fpr=target_fpr)
+                             ranking=ranking or PER_FOLD, crossfit=crossfit, target_fpr=target_fpr,
+                             detector_args=detector_args,
+                             **({} if extra_rows else {"feature_sets": {}, "sparse_all": False}))
     out = out or os.path.join(store, "sources")
     table = format_source_tables(result)
     folds = [" + ".join(f["holdout"]) for f in result["folds"]]
@@ -127,7 +135,8 @@ def _source_report(store, ranking, heads, top_k, detector_family, pairing, sourc
                        title=f"AUROC on held-out sources, {detector_family} on top-{top_k} heads")]
     with start_run(experiment, tracking_uri, run_name="sources") as run:
         run.log_params({"store": store, "protocol": "sources", "pairing": pairing, "top_k": top_k,
-                           "detector": detector_family})
+                        "detector": detector_family, "detector_args": json.dumps(detector_args or {}),
+                        "crossfit": crossfit, "target_fpr": target_fpr})
         for method, cols in result["mean"].items():
             for col, v in cols.items():
                 if v == v:

@@ -26,6 +26,7 @@ the guard, split scores) is implemented here once for all of them.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, ClassVar, Optional, Sequence
 
 import lightning as L
@@ -45,6 +46,18 @@ from lit_sahs.heads import Geometry, HeadSet, TargetFingerprint
 log = logging.getLogger(__name__)
 
 
+def low_fpr_loss(logits: Tensor, y: Tensor, fpr: float) -> Tensor:
+    """A smooth surrogate of the one-way partial AUROC below `fpr`: every harmful prompt against the
+    benign prompts that score highest (the top `fpr` share, at least one), mean softplus(s_benign -
+    s_harmful). Cross-entropy weighs every benign prompt alike; this term works only where a low
+    threshold is decided. Zero (with a gradient) when the batch lacks a class."""
+    neg, pos = logits[y == 0], logits[y == 1]
+    if not len(neg) or not len(pos):
+        return logits.sum() * 0.0
+    top = neg.topk(max(1, math.ceil(fpr * len(neg)))).values
+    return F.softplus(top[None, :] - pos[:, None]).mean()
+
+
 class SafetyDetector(HeadFamily, L.LightningModule):
     family: ClassVar[str] = ""
 
@@ -53,10 +66,15 @@ class SafetyDetector(HeadFamily, L.LightningModule):
     # names the setting that trains them on mini-batches instead (for DDP).
     mini_batch_setting: ClassVar[str] = ""
 
-    def __init__(self, lr: float | None = None, weight_decay: float = 0.0, target_fpr: float = 0.05) -> None:
+    def __init__(self, lr: float | None = None, weight_decay: float = 0.0, target_fpr: float = 0.05,
+                 low_fpr_weight: float = 0.0, low_fpr: float = 0.05) -> None:
+        """low_fpr_weight: weight of the low-FPR objective (``low_fpr_loss``) added to cross-entropy
+        (0: cross-entropy alone); low_fpr: the benign share it ranks harmful prompts above."""
         super().__init__()
         if not 0.0 <= target_fpr < 1.0:
             raise LitSahsError(f"target_fpr must lie in [0, 1), got {target_fpr}: e.g. 0.05 for 5% of benign prompts flagged")
+        if low_fpr_weight < 0 or not 0.0 < low_fpr <= 1.0:
+            raise LitSahsError(f"low_fpr_weight must be >= 0 and low_fpr in (0, 1], got {low_fpr_weight} and {low_fpr}")
         if lr is not None and lr <= 0:
             raise LitSahsError(f"lr must be positive, got {lr}")
         if weight_decay < 0:
@@ -290,7 +308,9 @@ class SafetyDetector(HeadFamily, L.LightningModule):
 
     def training_loss(self, x: Tensor, y: Tensor) -> Tensor:
         logits = self(x)
-        return F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype)) + self.penalty()
+        loss = F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype)) + self.penalty()
+        weight = float(self.hparams.get("low_fpr_weight", 0.0))
+        return loss + weight * low_fpr_loss(logits, y, self.hparams.get("low_fpr", 0.05)) if weight else loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         """Mini-batch families return the batch loss; full-batch ones (automatic_optimization off)

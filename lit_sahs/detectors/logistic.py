@@ -39,8 +39,11 @@ class LogisticDetector(SafetyDetector):
         lr: float | None = None,
         weight_decay: float = 0.0,
         target_fpr: float = 0.05,
+        low_fpr_weight: float = 0.0,
+        low_fpr: float = 0.05,
     ) -> None:
-        super().__init__(lr=lr, weight_decay=weight_decay, target_fpr=target_fpr)
+        super().__init__(lr=lr, weight_decay=weight_decay, target_fpr=target_fpr, low_fpr_weight=low_fpr_weight,
+                         low_fpr=low_fpr)
         if optimizer not in ("lbfgs", "adam"):
             raise LitSahsError(f"unknown optimizer {optimizer!r} for the logistic detector: use 'lbfgs' or 'adam'")
         if l2 < 0:

@@ -24,8 +24,11 @@ class MLPDetector(SafetyDetector):
         lr: float | None = None,
         weight_decay: float = 1e-2,
         target_fpr: float = 0.05,
+        low_fpr_weight: float = 0.0,
+        low_fpr: float = 0.05,
     ) -> None:
-        super().__init__(lr=lr, weight_decay=weight_decay, target_fpr=target_fpr)
+        super().__init__(lr=lr, weight_decay=weight_decay, target_fpr=target_fpr, low_fpr_weight=low_fpr_weight,
+                         low_fpr=low_fpr)
         if hidden < 1 or num_layers < 1:
             raise LitSahsError(f"hidden and num_layers must be >= 1, got hidden={hidden}, num_layers={num_layers}")
         if not 0.0 <= dropout < 1.0:
