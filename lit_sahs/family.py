@@ -50,6 +50,8 @@ class ModelFamily(abc.ABC):
     reads_store: ClassVar[bool] = False   # trains on stored head activations: tune and the folds can search it
     threshold: "torch.Tensor"
     fingerprint: Optional[TargetFingerprint]
+    # how the threshold was set when not on the validation benign prompts (``lit_sahs.crossfit``)
+    calibration: Optional[dict] = None
 
     # ------------------------------------------------------------------ identity and target
 

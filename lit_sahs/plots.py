@@ -126,6 +126,6 @@ def fold_bars(values: dict[str, list[float]], folds: list[str], path: str | Path
     ax.set_ylim(0, 1.02)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=len(methods))
+    ax.legend(fontsize=7, ncol=2 if any(len(m) > 12 for m in methods) else len(methods))
     fig.tight_layout()
     return _save(fig, path)

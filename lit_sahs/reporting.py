@@ -77,7 +77,10 @@ class TestReport(L.Callback):
             logger.log_metrics(flat)
         if self.verbose:
             what = pl_module.report_label()
-            print(f"\nTest split (held out: {held}), {what}, baselines trained on the same rows, every threshold calibrated "
+            cal = pl_module.calibration
+            how = ("the detector's threshold cross-fitted over the training sources, the baselines' calibrated"
+                   if cal else "every threshold calibrated")
+            print(f"\nTest split (held out: {held}), {what}, baselines trained on the same rows, {how} "
                   f"on validation benign prompts:\n")
             print(table)
             print("\n" + benign_table)

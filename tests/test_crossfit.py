@@ -163,3 +163,16 @@ def test_the_low_fpr_objective_is_a_hyper_parameter_that_travels_with_the_artifa
         LogisticDetector(low_fpr=0.0)
     with pytest.raises(LitSahsError, match="low_fpr_weight"):
         LogisticDetector(low_fpr_weight=-1.0)
+
+
+def test_evaluate_command_reports_and_plots_both_thresholds(tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shifted_store(tmp_path / "s")
+    code, out, err = cli(["evaluate", "--store", str(tmp_path / "s"), "--protocol", "sources", "--heads", HEADS,
+                          "--relocate", "false", "--max_epochs", "3", "--crossfit", "true", "--target_fpr", "0.05",
+                          "--tracking_uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    assert code == 0, err[-2000:]
+    result = json.loads((tmp_path / "s" / "sources" / "sources.json").read_text())
+    assert set(result["calibration"]) == {"fpr_validation", "fpr_crossfit", "tpr_validation", "tpr_crossfit"}
+    assert (tmp_path / "s" / "sources" / "sources_calibration.png").stat().st_size > 1000
+    assert "benign FPR cross-fit" in (tmp_path / "s" / "sources" / "sources.md").read_text()

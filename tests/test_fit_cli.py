@@ -158,6 +158,7 @@ def test_guard_config_parses_and_its_sources_assemble(cli):
     cfg = yaml.safe_load(out)
     assert cfg["model"]["class_path"].endswith("SparseHeadDetector")  # the source-protocol winner (sparse_all)
     assert cfg["data"]["init_args"]["all_heads"] and cfg["data"]["init_args"]["features"] == "resid,refusal"
+    assert cfg["trainer"]["callbacks"][0]["class_path"] == "lit_sahs.crossfit.CrossFitCalibration"
 
 
 def test_fit_with_prepare_extracts_locates_and_reports(workdir, cli):

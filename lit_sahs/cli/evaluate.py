@@ -133,6 +133,14 @@ def _source_report(store, ranking, heads, top_k, detector_family, pairing, sourc
              fold_bars({m: [f["methods"][m]["auroc"] for f in result["folds"]] for m in result["mean"]}, folds,
                        os.path.join(out, "sources_auroc.png"),
                        title=f"AUROC on held-out sources, {detector_family} on top-{top_k} heads")]
+    if "calibration" in result:
+        cal = [f["calibration"] for f in result["folds"]]
+        paths.append(fold_bars({"benign FPR, validation threshold": [c["fpr_validation"] for c in cal],
+                                "benign FPR, cross-fitted": [c["fpr_crossfit"] for c in cal],
+                                "harmful TPR, validation threshold": [c["tpr_validation"] for c in cal],
+                                "harmful TPR, cross-fitted": [c["tpr_crossfit"] for c in cal]}, folds,
+                               os.path.join(out, "sources_calibration.png"), ylabel="share flagged",
+                               title=f"held-out sources at each threshold (target FPR {target_fpr:.0%})"))
     with start_run(experiment, tracking_uri, run_name="sources") as run:
         run.log_params({"store": store, "protocol": "sources", "pairing": pairing, "top_k": top_k,
                         "detector": detector_family, "detector_args": json.dumps(detector_args or {}),
