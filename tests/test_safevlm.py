@@ -479,3 +479,20 @@ def test_both_stages_run_under_fast_dev_run(tmp_path, monkeypatch, cli):
     code, out, err = cli(["fit", "--config", str(root / "configs/safevlm_stage2.yaml"), *small])
     assert code == 0, err[-2000:]
     assert json.loads((tmp_path / "artifacts/safevlm-stage2/detector/detector.json").read_text())["stages"] == [1, 2]
+
+
+@pytest.mark.parametrize("key, value, message", [("rank", -1, "LoRA rank"), ("alpha", "8", "LoRA alpha"),
+                                                 ("dropout", 2.0, "LoRA dropout"),
+                                                 ("modules", ["q_proj; import os"], "module names"),
+                                                 ("modules", [], "module names")])
+def test_a_crafted_lora_description_is_one_error_line_before_peft_sees_it(stages, tmp_path, cli, key, value, message):
+    import shutil
+
+    art = tmp_path / "crafted"
+    shutil.copytree(stages["tmp"] / "two" / "detector", art)
+    meta = json.loads((art / "detector.json").read_text())
+    meta["lora"][key] = value
+    (art / "detector.json").write_text(json.dumps(meta))
+    code, out, err = cli(["screen", "--detector", str(art), "--prompt", "Name a river"])
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error:") and message in last and "Traceback" not in err
