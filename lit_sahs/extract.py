@@ -23,13 +23,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_sahs.checks import at_least
 from lit_sahs.choices import truncate_side
-from lit_sahs.data.extra_features import default_residual_layers
+from lit_sahs.data.extra_features import POOLS, check_store_pooling, default_residual_layers, pool_extra
 from lit_sahs.data.samples import Sample
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.data.writer import BlockWriter
 from lit_sahs.engine import Engine
 from lit_sahs.errors import LitSahsError
-from lit_sahs.hooks import HeadCapture, LayerResidualCapture, ResidualCapture
+from lit_sahs.hooks import HeadCapture, LayerResidualCapture, PooledHeadCapture, ResidualCapture
 from lit_sahs.outputs import check_outputs
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
 from lit_sahs.targets import Target, load_target, prompting
@@ -55,12 +55,16 @@ class EncodeBatch:
     ``num_workers`` processes tokenise and preprocess images while the target runs the previous
     batch: on a GPU the CPU-side processor otherwise stalls the forward."""
 
-    def __init__(self, target: Target):
+    def __init__(self, target: Target, user_mask: bool = False):
         self.encoder = prompting.Encoder.of(target)  # tokenizer and processor, not the weights
+        self.with_user_mask = user_mask  # the prompt's own tokens, for pooled features
 
     def __call__(self, batch: list[Sample]) -> dict[str, Any]:
-        return {"samples": batch, "enc": self.encoder([s.text for s in batch], [s.image for s in batch],
-                                                      [s.id for s in batch])}
+        texts = [s.text for s in batch]
+        out = {"samples": batch, "enc": self.encoder(texts, [s.image for s in batch], [s.id for s in batch])}
+        if self.with_user_mask:
+            out["user_mask"] = self.encoder.user_mask(texts)
+        return out
 
 
 def prompt_format(target: Target) -> dict:
@@ -87,9 +91,11 @@ class HeadExtractor(L.LightningModule):
 
     def __init__(self, target: str | Target = "smollm2-135m-instruct", dtype: str = "float32",
                  baselines: bool = True, device_map: Optional[DeviceMap] = None,
-                 offload_folder: Optional[str] = None, residual_layers: Optional[Sequence[int]] = None):
+                 offload_folder: Optional[str] = None, residual_layers: Optional[Sequence[int]] = None,
+                 pool: Sequence[str] = ()):
         super().__init__()
         self.baselines = baselines
+        self.pool = tuple(pool)  # also record every head pooled over the prompt's tokens (POOLS)
         self._residual_layers = tuple(residual_layers) if residual_layers is not None else None
         self._refusal_ids: Optional[torch.Tensor] = None
         if isinstance(target, Target):
@@ -112,7 +118,9 @@ class HeadExtractor(L.LightningModule):
         samples = batch["samples"]
         model, device = self.target.model, self.target.device
         enc = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch["enc"].items()}
-        with HeadCapture(model, geometry=self.target.geometry) as cap, \
+        pooled = PooledHeadCapture(model, batch["user_mask"], self.pool, self.target.geometry) if self.pool \
+            else contextlib.nullcontext()
+        with HeadCapture(model, geometry=self.target.geometry) as cap, pooled, \
                 ResidualCapture(model) if self.baselines else contextlib.nullcontext() as res, \
                 LayerResidualCapture(model, self.residual_layers) if self.baselines else contextlib.nullcontext() as lres:
             # logits_to_keep=1: only the last position's logits; the full [batch, seq, vocab] is the
@@ -126,6 +134,8 @@ class HeadExtractor(L.LightningModule):
                              "residual_layers": lres.residuals().to(torch.float16).cpu(),
                              "residual_layer_ids": layers.clone(),
                              "refusal_prob": refusal_probability(logits, self.refusal_ids).float().cpu()}
+        if self.pool:
+            out.setdefault("extras", {}).update({pool_extra(p): v.to(torch.float16) for p, v in pooled.pooled().items()})
         return out
 
     @property
@@ -239,7 +249,8 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
                    batch_size: int = 8, block_rows: int = 256, dtype: str = "float32",
                    trainer_kwargs: Optional[dict] = None, num_workers: Optional[int] = None,
                    device_map: Optional[DeviceMap] = None, offload_folder: Optional[str] = None,
-                   truncate: Optional[str] = None, residual_layers: Optional[Sequence[int]] = None) -> dict:
+                   truncate: Optional[str] = None, residual_layers: Optional[Sequence[int]] = None,
+                   pool: Sequence[str] = ()) -> dict:
     """Extract head activations for `samples` into the store at `store_path`, skipping samples
     already there. Returns {'written': n, 'skipped': n, 'total': rows in store}.
     `num_workers` None: 4 encoding processes when the run uses a GPU, 0 on the CPU.
@@ -248,7 +259,10 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
     Under DDP (``trainer_kwargs={"strategy": "ddp", "devices": n}``) every rank extracts its share
     and commits its own blocks; 'written' counts the rows of all ranks.
     A prompt longer than the target's context is refused before the store is created, naming it,
-    or its text is cut to fit with `truncate` left / right (``prompting.fit_context``)."""
+    or its text is cut to fit with `truncate` left / right (``prompting.fit_context``).
+    `pool` ('mean', 'max'): also record every head's output pooled over the prompt's own tokens
+    (extras ``pool_mean`` / ``pool_max``, [n, layers, heads, head_dim] float16 each); a store keeps
+    one choice for all its rows."""
     truncate_side(truncate)  # before loading the target
     at_least({"batch_size": batch_size, "block_rows": block_rows}, 1)
     check_outputs(dirs={"--store": store_path})
@@ -256,8 +270,13 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
         raise LitSahsError("no samples to extract: check the sources, attacks and --limit")
     if num_workers is not None and num_workers < 0:  # before loading the target
         raise LitSahsError(f"num_workers must be >= 0, got {num_workers}")
+    pool = tuple(dict.fromkeys(pool))
+    bad = [p for p in pool if p not in POOLS]
+    if bad:
+        raise LitSahsError(f"unknown pooling {bad}: use {' and/or '.join(POOLS)}")
+    check_store_pooling(store_path, pool)
     module = HeadExtractor(target, dtype=dtype, device_map=device_map, offload_folder=offload_folder,
-                           residual_layers=residual_layers)
+                           residual_layers=residual_layers, pool=pool)
     if not module.target.is_vision_language:  # fail before the store is created, not mid-run
         bad = next((s for s in samples if s.image), None)
         if bad is not None:
@@ -279,7 +298,7 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
     if num_workers is None:
         num_workers = 4 if trainer.strategy.root_device.type == "cuda" else 0
     loader = DataLoader(SampleDataset(todo), batch_size=batch_size, shuffle=False,
-                        collate_fn=EncodeBatch(module.target), num_workers=num_workers,
+                        collate_fn=EncodeBatch(module.target, user_mask=bool(pool)), num_workers=num_workers,
                         pin_memory=torch.cuda.is_available() and num_workers > 0)
     trainer.predict(module, loader, return_predictions=False)
     trainer.strategy.barrier("extraction written")  # DDP: every rank has committed its blocks

@@ -23,13 +23,16 @@ from typing import Optional, Sequence
 import numpy as np
 
 from lit_sahs.baselines import BASELINES
-from lit_sahs.data.extra_features import REFUSAL_EXTRA, RESIDUAL_EXTRA
+from lit_sahs.data.extra_features import REFUSAL_EXTRA, RESIDUAL_EXTRA, pool_extra
 from lit_sahs.folds import PER_FOLD, Folds, fit_fold
 from lit_sahs.detectors.metrics import AUROC, FPR, METRIC_LABELS, TPR_AT_1FPR, TPR_AT_5FPR
 
 # detector fits beside the heads on a store with the extra features: method name -> features
 # (names are valid MLflow metric key parts: no '+' or parentheses)
 FEATURE_SETS = {"heads_resid": "resid", "heads_refusal": "refusal", "heads_resid_refusal": "resid,refusal"}
+# on a store extracted with --pool: the same heads read at the first-token position and pooled
+# over the prompt's own tokens (lit_sahs.data.extra_features)
+POOLED_SETS = {"heads_mean": "mean", "heads_max": "max", "heads_mean_max": "mean,max"}
 SPARSE_ALL = "sparse_all"
 SPARSE_ALL_ARGS = {"group_lasso": 0.02}
 
@@ -57,8 +60,14 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
 
     folds = Folds(store, ranking=ranking, heads=heads, seed=seed)
     holdouts, skipped = folds.source_holdouts(pairing, min_rows, sources)
-    has_extras = {RESIDUAL_EXTRA, REFUSAL_EXTRA} <= set(folds.store.extra_names())
-    feature_sets = (FEATURE_SETS if has_extras else {}) if feature_sets is None else dict(feature_sets)
+    stored = set(folds.store.extra_names())
+    has_extras = {RESIDUAL_EXTRA, REFUSAL_EXTRA} <= stored
+    if feature_sets is None:
+        feature_sets = dict(FEATURE_SETS) if has_extras else {}
+        feature_sets.update({m: f for m, f in POOLED_SETS.items()
+                             if all(pool_extra(p) in stored for p in f.split(","))})
+    else:
+        feature_sets = dict(feature_sets)
     sparse_all = has_extras if sparse_all is None else sparse_all
     out = []
     for hold in tqdm(holdouts, desc="source folds", disable=not progress):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
-from lit_sahs.data.extra_features import from_forward
+from lit_sahs.data.extra_features import POOLS, from_forward
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import Geometry, HeadSet
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
@@ -213,6 +213,66 @@ class LayerResidualCapture:
         return torch.stack([self._records[l].to(dev) for l in self.layers], dim=1)
 
 
+class PooledHeadCapture:
+    """Every head's output pooled over the prompt's own tokens (``Encoder.user_mask``), from the same
+    pre-hooks as HeadCapture: ``pooled()`` gives {pool: [batch, layers, heads, head_dim]} for the
+    pools asked for (mean, max). Only the prefill is recorded; hooks are always removed on exit."""
+
+    def __init__(self, model: nn.Module, user_mask: torch.Tensor, pools: "tuple[str, ...]" = POOLS,
+                 geometry: Optional[Geometry] = None):
+        bad = [p for p in pools if p not in POOLS]
+        if bad or not pools:
+            raise LitSahsError(f"unknown pooling {bad or pools}: use {' and/or '.join(POOLS)}")
+        self.model, self.pools = model, tuple(pools)
+        self.geometry = geometry or sites.geometry(model)
+        self.user_mask = user_mask.bool()
+        if not bool(self.user_mask.any(dim=1).all()):
+            raise LitSahsError("a prompt has no tokens of its own to pool over")
+        self._projs = sites.output_projections(model)
+        self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._records: dict[str, dict[int, torch.Tensor]] = {p: {} for p in self.pools}
+
+    def _hook(self, layer: int):
+        g = self.geometry
+
+        def hook(module, args):
+            x = args[0]
+            b, t = x.shape[0], x.shape[1]
+            if self.user_mask.shape != (b, t):
+                raise LitSahsError(f"user mask {tuple(self.user_mask.shape)} does not match the batch ({b}, {t})")
+            m = self.user_mask.to(x.device)[:, :, None]
+            with torch.no_grad():
+                if "mean" in self.pools:
+                    mean = (x * m).sum(1) / m.sum(1)
+                    self._records["mean"][layer] = mean.reshape(b, g.num_heads, g.head_dim).float().cpu()
+                if "max" in self.pools:
+                    mx = x.masked_fill(~m, float("-inf")).amax(1)
+                    self._records["max"][layer] = mx.reshape(b, g.num_heads, g.head_dim).float().cpu()
+            handle = self._handles.pop(layer, None)
+            if handle is not None:
+                handle.remove()
+
+        return hook
+
+    def __enter__(self) -> "PooledHeadCapture":
+        for recs in self._records.values():
+            recs.clear()
+        for layer in range(self.geometry.num_layers):
+            self._handles[layer] = self._projs[layer].register_forward_pre_hook(self._hook(layer))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
+
+    def pooled(self) -> dict[str, torch.Tensor]:
+        layers = range(self.geometry.num_layers)
+        if any(l not in self._records[p] for p in self.pools for l in layers):
+            raise LitSahsError("no pooled activations captured: run a forward inside the capture")
+        return {p: torch.stack([self._records[p][l] for l in layers], dim=1) for p in self.pools}
+
+
 class FeatureCapture:
     """HeadCapture plus the extra features a detector reads (``lit_sahs.data.extra_features``), from
     the same prefill: residuals after the spec's layers, and the refusal-token probability of the
@@ -221,6 +281,9 @@ class FeatureCapture:
     stands in for a HeadCapture wherever one is read (the guard's gate, ``capture_forward``)."""
 
     def __init__(self, model: nn.Module, heads: HeadSet, geometry: Geometry, spec, tokenizer):
+        if any(n.split(":")[0] in POOLS for n in spec.names):
+            raise LitSahsError("this detector reads heads pooled over the prompt (mean, max), which guard and screen "
+                               "cannot compute from a prefill yet: score it on a store (evaluate --protocol sources)")
         self.model, self.spec, self.geometry = model, spec, geometry
         self.head_capture = HeadCapture(model, heads, geometry)
         self.heads = self.head_capture.heads

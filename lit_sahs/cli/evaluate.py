@@ -57,7 +57,8 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
             training sources and report held-out benign FPR and harmful TPR at both thresholds
         target_fpr: with --protocol sources, the benign FPR every threshold is calibrated to
         extra_rows: with --protocol sources on a store with extra features, also fit the heads+features
-            detectors and the sparse selector over everything (sparse_all: minutes per fold)
+            detectors and the sparse selector over everything (sparse_all: minutes per fold); the
+            pooled-head rows of a store extracted with --pool are fitted either way
         detector_args: with --protocol sources, the detector family's arguments, e.g.
             '{low_fpr_weight: 1.0}'
     """
@@ -124,7 +125,7 @@ def _source_report(store, ranking, heads, top_k, detector_family, pairing, sourc
                              min_rows=min_rows, max_epochs=max_epochs, seed=seed, heads=heads,
                              ranking=ranking or PER_FOLD, crossfit=crossfit, target_fpr=target_fpr,
                              detector_args=detector_args,
-                             **({} if extra_rows else {"feature_sets": {}, "sparse_all": False}))
+                             **({} if extra_rows else {"feature_sets": _pooled_rows(store), "sparse_all": False}))
     out = out or os.path.join(store, "sources")
     table = format_source_tables(result)
     folds = [" + ".join(f["holdout"]) for f in result["folds"]]
@@ -157,6 +158,17 @@ def _source_report(store, ranking, heads, top_k, detector_family, pairing, sourc
     print(table)
     print(json.dumps({"out": out}))
     return 0
+
+
+def _pooled_rows(store: str) -> dict:
+    """With --extra_rows false: only the pooled-head rows, where the store records them (they cost
+    what a top-k fit costs, unlike sparse_all)."""
+    from lit_sahs.data.extra_features import pool_extra
+    from lit_sahs.data.store import ActivationStore
+    from lit_sahs.generalisation import POOLED_SETS
+
+    stored = set(ActivationStore.open(store).extra_names())
+    return {m: f for m, f in POOLED_SETS.items() if all(pool_extra(p) in stored for p in f.split(","))}
 
 
 def main(argv: list[str]) -> int:

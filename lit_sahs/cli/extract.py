@@ -10,7 +10,7 @@ from typing import Literal, Optional, Union
 
 from lit_sahs.choices import Dtype, Truncate
 from lit_sahs.commands import run_command
-from lit_sahs.data.protocol import DEFAULT_ATTACKS, DEFAULT_BENIGN, DEFAULT_HARMFUL, SampleSpec
+from lit_sahs.data.protocol import DEFAULT_ATTACKS, DEFAULT_BENIGN, DEFAULT_HARMFUL, SampleSpec, names
 from lit_sahs.errors import LitSahsError
 
 
@@ -37,7 +37,7 @@ def extract_command(target: str = "smollm2-135m-instruct", dtype: Dtype = "float
             max_chars: Optional[int] = None, seed: int = 0, batch_size: int = 8, block_rows: int = 256,
             num_workers: Optional[int] = None, store: Optional[str] = None,
             device_map: Optional[str] = None, offload_folder: Optional[str] = None,
-            truncate: Truncate = None, residual_layers: Optional[str] = None,
+            truncate: Truncate = None, residual_layers: Optional[str] = None, pool: str = "",
             trainer: TrainerSettings = TrainerSettings()) -> int:
     """Capture every head's output at the first-token position into a store.
 
@@ -63,6 +63,8 @@ def extract_command(target: str = "smollm2-135m-instruct", dtype: Dtype = "float
             fit: left (keep the end) or right (keep the start)
         residual_layers: comma-separated decoder layers whose first-token residual is stored as an
             extra feature (default: 4 evenly spaced, the last included)
+        pool: also store every head pooled over the prompt's own tokens: mean, max or mean,max
+            (text-only targets; each costs layers x heads x head_dim x 2 bytes per prompt)
         trainer: Lightning Trainer settings
     """
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -80,7 +82,8 @@ def extract_command(target: str = "smollm2-135m-instruct", dtype: Dtype = "float
     result = run_extraction(target, samples, store, batch_size=batch_size, block_rows=block_rows, dtype=dtype,
                             trainer_kwargs=dataclasses.asdict(trainer), num_workers=num_workers,
                             device_map=parse_device_map(device_map), offload_folder=offload_folder,
-                            truncate=truncate, residual_layers=_parse_layers(residual_layers))
+                            truncate=truncate, residual_layers=_parse_layers(residual_layers),
+                            pool=names(pool))
     if rank_zero_only.rank == 0:  # under DDP every rank runs this command; one summary
         print(json.dumps({"store": store, **result}))
     return 0

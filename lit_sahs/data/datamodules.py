@@ -152,7 +152,7 @@ class CachedActivationDataModule(_SplitDataModule):
         self.geometry: Geometry = self.store.geometry
         self.head_set: HeadSet = resolve_heads(self.fingerprint, heads, ranking, top_k, all_heads)
         # extra features packed after the heads (lit_sahs.data.extra_features): residual layers, refusal
-        self.feature_spec: FeatureSpec = FeatureSpec.for_store(self.store, features)
+        self.feature_spec: FeatureSpec = FeatureSpec.for_store(self.store, features, heads=self.head_set)
         self.ranking_path = ranking if ranking and not heads else None  # reports attach it to the run
         rows = self.store.index()
         if not rows:

@@ -7,7 +7,11 @@ Names (a *feature spec* is a comma-separated list of them):
 * ``resid`` — every residual layer the store recorded (expanded to ``resid:<layer>`` names);
 * ``refusal`` — the target's own behaviour: the log-odds of the probability mass of
   refusal-opening tokens in the first-token distribution (store extra ``refusal_prob``,
-  ``lit_sahs.refusal``'s token set).
+  ``lit_sahs.refusal``'s token set);
+* ``mean:<layer>.<head>`` / ``max:<layer>.<head>`` — that head's output averaged (max-pooled) over
+  the prompt's own tokens, chat template excluded (store extras ``pool_mean`` / ``pool_max``, written
+  by ``extract --pool mean,max``); ``mean`` / ``max`` — the detector's own heads, pooled. A store
+  serves them; guard and screen cannot compute them from a prefill yet.
 
 Detectors keep one input layout, raw ``[B, k, D]``: each feature is packed after the heads into
 ``ceil(width / D)`` slots of ``D = head_dim`` values, zero-padded (a zero column normalises to 0
@@ -28,7 +32,8 @@ import torch
 from lit_sahs.errors import LitSahsError
 
 RESIDUAL_EXTRA, LAYER_IDS_EXTRA, REFUSAL_EXTRA = "residual_layers", "residual_layer_ids", "refusal_prob"
-_NAME = re.compile(r"^(resid:\d+|resid|refusal)$")
+_NAME = re.compile(r"^(resid:\d+|resid|refusal|(mean|max)(:\d+\.\d+)?)$")
+POOLS = ("mean", "max")  # poolings over the prompt's own tokens a store can record
 REEXTRACT = ("re-extract into a new store with this version of `python -m lit_sahs extract` "
              "(it records residual_layers, residual_layer_ids and refusal_prob)")
 PROB_EPS = 1e-6
@@ -50,13 +55,45 @@ def parse_names(spec: Union[str, Sequence[str], None]) -> tuple[str, ...]:
     out = [str(s).strip() for s in items if str(s).strip()]
     bad = [s for s in out if not _NAME.match(s)]
     if bad:
-        raise LitSahsError(f"unknown features {bad}: use resid (every stored residual layer), resid:<layer> "
-                           "or refusal, comma-separated")
+        raise LitSahsError(f"unknown features {bad}: use resid (every stored residual layer), resid:<layer>, "
+                           "refusal, mean or max (the heads pooled over the prompt), comma-separated")
     return tuple(dict.fromkeys(out))
 
 
 def _layer(name: str) -> int:
     return int(name.split(":")[1])
+
+
+def pool_extra(pool: str) -> str:
+    """The store extra holding every head pooled by `pool` ([n, layers, heads, head_dim])."""
+    return f"pool_{pool}"
+
+
+def _pooled(name: str) -> Optional[tuple[str, int, int]]:
+    """(pool, layer, head) of a ``mean:<l>.<h>`` / ``max:<l>.<h>`` name, else None."""
+    pool, _, where = name.partition(":")
+    if pool not in POOLS or not where:
+        return None
+    layer, head = where.split(".")
+    return pool, int(layer), int(head)
+
+
+def check_store_pooling(store_path, pool: Sequence[str]) -> None:
+    """A store keeps one pooling choice for all its rows: extracting more rows into a store with
+    another one is refused before anything loads."""
+    from pathlib import Path
+
+    from lit_sahs.data.store import ActivationStore
+
+    if not (Path(store_path) / "manifest.json").exists():
+        return
+    store = ActivationStore.open(store_path)
+    if not len(store):
+        return
+    have = tuple(p for p in POOLS if pool_extra(p) in store.extra_names())
+    if set(have) != set(pool):
+        raise LitSahsError(f"store {store_path} records pooled heads {list(have) or 'none'}, this extraction asks "
+                           f"for {list(pool) or 'none'}: use the same --pool, or extract into a new store")
 
 
 def store_layers(store) -> tuple[int, ...]:
@@ -87,11 +124,15 @@ class FeatureSpec:
         return bool(self.names)
 
     @classmethod
-    def for_store(cls, store, spec: Union[str, Sequence[str], None]) -> "FeatureSpec":
+    def for_store(cls, store, spec: Union[str, Sequence[str], None], heads=None) -> "FeatureSpec":
+        """The spec a store serves; `heads` (a HeadSet) expands ``mean`` / ``max``."""
         names = parse_names(spec)
         if not names:
             return cls((), ())
         have = set(store.extra_names())
+        for pool in POOLS:
+            if any(n.split(":")[0] == pool for n in names) and pool_extra(pool) not in have:
+                raise LitSahsError(f"store {store.path} has no {pool}-pooled heads: extract it with --pool {pool}")
         layers = store_layers(store) if any(n.startswith("resid") for n in names) else ()
         if "refusal" in names and REFUSAL_EXTRA not in have:
             raise LitSahsError(f"store {store.path} has no refusal_prob extra (extracted before extra features): "
@@ -102,7 +143,7 @@ class FeatureSpec:
                     "pick one of them, or re-extract with those layers")
 
         hidden = int(store.read_extra(RESIDUAL_EXTRA, rows=[0]).shape[-1]) if layers else 0
-        return cls._canonical(names, layers, layers, unknown_layer, hidden)
+        return cls._canonical(names, layers, layers, unknown_layer, hidden, heads, store.geometry)
 
     @classmethod
     def for_target(cls, target, spec: Union[str, Sequence[str], None]) -> "FeatureSpec":
@@ -113,6 +154,9 @@ class FeatureSpec:
         names = parse_names(spec)
         if not names:
             return cls((), ())
+        if any(n.split(":")[0] in POOLS for n in names):
+            raise LitSahsError("heads pooled over the prompt (mean, max) are read from an activation store only: "
+                               "guard, screen and live DataModules cannot compute them from a prefill yet")
         n_layers = target.geometry.num_layers
         return cls._canonical(names, default_residual_layers(n_layers), range(n_layers),
                               lambda n: f"feature {n}: {target.name} has decoder layers 0..{n_layers - 1}",
@@ -120,19 +164,30 @@ class FeatureSpec:
 
     @classmethod
     def _canonical(cls, names: Sequence[str], resid_layers: Sequence[int], valid_layers, unknown_layer,
-                   hidden: int) -> "FeatureSpec":
+                   hidden: int, heads=None, geometry=None) -> "FeatureSpec":
         """``resid`` expanded to ``resid:<layer>`` for `resid_layers`; a ``resid:<layer>`` outside
-        `valid_layers` raises ``unknown_layer(name)``; residuals are `hidden` wide, refusal 1."""
+        `valid_layers` raises ``unknown_layer(name)``; ``mean`` / ``max`` expanded over `heads`;
+        residuals are `hidden` wide, pooled heads head_dim, refusal 1."""
         canon: list[str] = []
         for n in names:
             if n == "resid":
                 canon += [f"resid:{l}" for l in resid_layers]
             elif n.startswith("resid:") and _layer(n) not in valid_layers:
                 raise LitSahsError(unknown_layer(n))
+            elif n in POOLS:
+                if heads is None:
+                    raise LitSahsError(f"feature {n} pools the detector's heads: give the heads first")
+                canon += [f"{n}:{l}.{h}" for l, h in heads]
             else:
+                if _pooled(n) is not None:
+                    _, l, h = _pooled(n)
+                    if geometry is None or not (0 <= l < geometry.num_layers and 0 <= h < geometry.num_heads):
+                        raise LitSahsError(f"feature {n}: no such head in this target")
                 canon.append(n)
         canon = list(dict.fromkeys(canon))
-        return cls(tuple(canon), tuple(hidden if n.startswith("resid") else 1 for n in canon))
+        head_dim = geometry.head_dim if geometry is not None else 0
+        return cls(tuple(canon), tuple(hidden if n.startswith("resid") else head_dim if _pooled(n) else 1
+                                       for n in canon))
 
     # ------------------------------------------------------------ layout
     def slots(self, head_dim: int) -> list[int]:
@@ -187,9 +242,14 @@ def read_values(store, spec: FeatureSpec, rows: Optional[Sequence[int]] = None) 
     out = []
     layers = store_layers(store) if spec.residual_layers else ()
     resid = store.read_extra(RESIDUAL_EXTRA, rows=rows) if layers else None
+    pooled = {p: store.read_extra(pool_extra(p), rows=rows) for p in POOLS
+              if any((_pooled(n) or ("",))[0] == p for n in spec.names)}
     for n in spec.names:
         if n == "refusal":
             out.append(refusal_feature(store.read_extra(REFUSAL_EXTRA, rows=rows)).numpy())
+        elif _pooled(n) is not None:
+            pool, layer, head = _pooled(n)
+            out.append(pooled[pool][:, layer, head].astype(np.float32))
         else:
             out.append(resid[:, layers.index(_layer(n))].astype(np.float32))
     return out

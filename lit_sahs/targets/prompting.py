@@ -204,6 +204,39 @@ class Encoder:
             batch["position_ids"] = position_ids_from_mask(mask)
         return batch
 
+    def user_mask(self, texts: Sequence) -> torch.Tensor:
+        """[batch, seq] bool, aligned with ``self(texts)``: the tokens of each prompt's own text (a
+        conversation's last user turn) inside the chat template, where pooling over the prompt reads.
+
+        The rendered prompt is tokenised again with character offsets; a token belongs to the user
+        when its characters lie inside the text's span (its last occurrence in the rendering). A
+        text the template changed so that it is not found verbatim falls back to every attended
+        token. Text-only targets with a fast tokenizer only."""
+        if self.processor is not None:
+            raise LitSahsError(f"pooling over the prompt's tokens is available for text-only targets; {self.name} "
+                               "is a vision-language target")
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise LitSahsError(f"pooling over the prompt's tokens needs a fast tokenizer (character offsets); "
+                               f"{self.name}'s is not")
+        texts = list(texts)
+        prompts = [render_prompt(self.tokenizer, t) for t in texts]
+        self.tokenizer.padding_side = "left"
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
+                             return_offsets_mapping=True)
+        offsets, attended = enc["offset_mapping"], enc["attention_mask"].bool()
+        out = torch.zeros_like(attended)
+        for i, (prompt, t) in enumerate(zip(prompts, texts)):
+            text = prompt_text(t)
+            start = prompt.rfind(text) if text else -1
+            if start < 0:
+                out[i] = attended[i]
+                continue
+            lo, hi = offsets[i, :, 0], offsets[i, :, 1]
+            out[i] = attended[i] & (lo >= start) & (hi <= start + len(text)) & (hi > lo)
+            if not out[i].any():
+                out[i] = attended[i]
+        return out
+
 
 def _check_placeholders(target, processor, prompts: list[str], per_row: list[list[str]], ids: list[str]) -> None:
     """Each prompt must hold exactly one placeholder per image: more images than placeholders (a
