@@ -9,7 +9,9 @@ and of total time:
                    of the first-token logits (the new features; goal <= 1.05 x `heads`);
 * `baselines`      heads + ResidualCapture + prompt NLL (the extraction before this change: the
                    perplexity baseline runs the LM head over every position);
-* `extraction`     baselines + the new features (what `HeadExtractor.predict_step` computes now).
+* `extraction`     baselines + the new features (what `HeadExtractor.predict_step` computes now);
+* `heads+pool`     heads + every head pooled (mean and max) over the prompt's own tokens
+                   (``extract --pool mean,max``), the user-token mask tokenised in the same step.
 
     python experiments/benchmarks/extra_features.py --target smollm2-135m-instruct --threads 1
 """
@@ -23,7 +25,7 @@ import torch
 
 from lit_sahs.commands import script_main
 from lit_sahs.data.extra_features import default_residual_layers
-from lit_sahs.hooks import HeadCapture, LayerResidualCapture, ResidualCapture
+from lit_sahs.hooks import HeadCapture, LayerResidualCapture, PooledHeadCapture, ResidualCapture
 from lit_sahs.data.protocol import build_dataset
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
 from lit_sahs.targets import load_target, prompting
@@ -46,8 +48,10 @@ def run(target: str = "smollm2-135m-instruct", threads: int = 1, samples: int = 
     model, geom = tgt.model, tgt.geometry
     samples = build_dataset(attacks=("plain", "pyrit"), limit=a.samples, seed=0, max_chars=700)
     samples.sort(key=lambda s: len(s.text))
-    batches = [prompting.encode(tgt, [s.text for s in samples[i:i + a.batch_size]], [None] * len(samples[i:i + a.batch_size]),
-                                [s.id for s in samples[i:i + a.batch_size]]) for i in range(0, len(samples), a.batch_size)]
+    texts = [[s.text for s in samples[i:i + a.batch_size]] for i in range(0, len(samples), a.batch_size)]
+    batches = [prompting.encode(tgt, t, [None] * len(t), [str(j) for j in range(len(t))]) for t in texts]
+    texts_of = {id(enc): t for enc, t in zip(batches, texts)}
+    encoder = prompting.Encoder.of(tgt)
     layers = default_residual_layers(geom.num_layers)
     ids = refusal_token_ids(tgt.tokenizer)
 
@@ -79,8 +83,15 @@ def run(target: str = "smollm2-135m-instruct", threads: int = 1, samples: int = 
         cap.activations().to(torch.float16)
         res.prompt_nll(enc["input_ids"], enc["attention_mask"])
 
+    def heads_pool(enc):
+        mask = encoder.user_mask(texts_of[id(enc)])
+        with HeadCapture(model, geometry=geom) as cap, PooledHeadCapture(model, mask, ("mean", "max"), geom) as pool:
+            model(**enc, logits_to_keep=1, use_cache=False)
+        cap.activations().to(torch.float16)
+        {k: v.to(torch.float16) for k, v in pool.pooled().items()}
+
     variants = {"heads": heads, "heads+extras": heads_extras, "baselines": baselines_only,
-                "extraction": lambda enc: baselines(enc, extras=True)}
+                "extraction": lambda enc: baselines(enc, extras=True), "heads+pool": heads_pool}
     import random
 
     rng = random.Random(0)
@@ -107,8 +118,11 @@ def run(target: str = "smollm2-135m-instruct", threads: int = 1, samples: int = 
     print("ratio (median of per-batch paired ratios; total time ratio):")
     for x, y, note in (("heads+extras", "heads", "goal <= 1.05"),
                       ("extraction", "baselines", "the new extras over the previous extraction"),
-                      ("extraction", "heads", "incl. the perplexity baseline's LM head over every position")):
+                      ("extraction", "heads", "incl. the perplexity baseline's LM head over every position"),
+                      ("heads+pool", "heads", "mean and max pooling of every head over the prompt")):
         print(f"  {x} / {y} = {ratio(x, y):.3f}; {total(x, y):.3f}  ({note})")
+    per_pool = geom.num_layers * geom.num_heads * geom.head_dim * 2
+    print(f"store bytes per prompt: first-token heads {per_pool}, each pooling {per_pool} more (float16)")
 
 
 if __name__ == "__main__":
