@@ -193,6 +193,7 @@ def test_unreachable_tracking_store_is_one_error_and_creates_no_study(workdir, c
     ({"detector": ["forest"], "k": {"low": 1, "high": 4}}, "forest"),
     ({"detector": ["logistic"]}, "'k'"),
     ({"detector": ["mlp"], "k": 2, "mlp.lr": {"low": 0.0, "high": 0.1, "log": True}}, "log scale"),
+    ({"detector": ["logistic"], "k": 2, "features": ["none", "mean"]}, "--pool mean"),  # a store without pools
 ])
 def test_bad_search_space_is_refused_before_the_study(workdir, cli, space, expect):
     code, _, err = cli(["tune", "--config", str(config(workdir, space=space))])
@@ -216,6 +217,12 @@ def test_search_space_parsing():
     f = SearchSpace.parse({"detector": ["logistic"], "k": 2, "features": ["none", "resid,refusal"]}, max_heads=10)
     assert f.feature_specs() == [None, "resid,refusal"] and f.to_dict()["features"] == {"choices": ["none", "resid,refusal"]}
     assert SearchSpace.from_params({"features": "resid,refusal"}, f)[3] == "resid,refusal"
+    # what issue 21 added is searchable: the heads pooled over the prompt and the low-FPR objective
+    p = SearchSpace.parse({"detector": ["logistic"], "k": 2, "features": ["none", "mean", "mean,max"],
+                           "logistic.low_fpr_weight": [0.0, 1.0]}, max_heads=10)
+    assert p.feature_specs() == [None, "mean", "mean,max"]
+    assert SearchSpace.from_params({"detector": "logistic", "k": 2, "features": "mean", "logistic.low_fpr_weight": 1.0},
+                                   p)[2:] == ({"low_fpr_weight": 1.0}, "mean")
     with pytest.raises(LitSahsError, match="feature specs"):
         SearchSpace.parse({"detector": ["logistic"], "k": 2, "features": {"low": 1, "high": 2}}, max_heads=10)
     with pytest.raises(LitSahsError, match="low"):

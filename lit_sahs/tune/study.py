@@ -172,8 +172,10 @@ def run_tune(cfg: TuneConfig) -> dict:
     space = SearchSpace.parse(cfg.space, folds.max_heads())
     from lit_sahs.data.extra_features import FeatureSpec
 
+    from lit_sahs.heads import HeadSet
+
     for spec in space.feature_specs():  # a feature the store lacks: refused before any study exists
-        FeatureSpec.for_store(folds.store, spec)
+        FeatureSpec.for_store(folds.store, spec, heads=HeadSet([(0, 0)]))  # any head: `mean` pools the trial's
     objective = objective_spec(cfg, folds, holdouts)
     storage = open_storage(cfg.storage, cfg.heartbeat_interval)
     tracker = Tracker(cfg.tracking_uri, cfg.experiment)
