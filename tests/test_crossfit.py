@@ -176,3 +176,37 @@ def test_evaluate_command_reports_and_plots_both_thresholds(tmp_path, cli, monke
     assert set(result["calibration"]) == {"fpr_validation", "fpr_crossfit", "tpr_validation", "tpr_crossfit"}
     assert (tmp_path / "s" / "sources" / "sources_calibration.png").stat().st_size > 1000
     assert "benign FPR cross-fit" in (tmp_path / "s" / "sources" / "sources.md").read_text()
+
+
+def test_val_sources_validate_on_collections_never_trained_on(tmp_path):
+    """The threshold calibrated on a held-out validation source: on the shifted store it keeps the
+    other shifted source's benign FPR down, where a random validation split does not."""
+    from lit_sahs.data.datamodules import CachedActivationDataModule
+    from lit_sahs.data.protocol import split_rows
+    from lit_sahs.detectors import LogisticDetector
+    from lit_sahs.engine import Engine
+
+    shifted_store(tmp_path / "s")
+    index = ActivationStore.open(tmp_path / "s").index()
+    split = split_rows(index, held_out_sources=["harm2", "ben3"], val_sources=["harm1", "ben2"])
+    src = np.array([r["source"] for r in index])
+    assert set(src[split["val"]]) == {"harm1", "ben2"} and set(src[split["train"]]) == {"harm0", "ben0", "ben1"}
+    with pytest.raises(LitSahsError, match="both held out"):
+        split_rows(index, held_out_sources=["ben2"], val_sources=["ben2", "harm1"])
+    with pytest.raises(LitSahsError, match="nosuch"):
+        split_rows(index, val_sources=["nosuch"])
+    with pytest.raises(LitSahsError, match="only benign"):
+        split_rows(index, val_sources=["ben2"])
+
+    fpr = {}
+    for name, val in (("random", []), ("sources", ["harm1", "ben2"])):
+        dm = CachedActivationDataModule(str(tmp_path / "s"), heads=HEADS, held_out_sources=["harm2", "ben3"],
+                                        val_sources=val)
+        det = Engine(validate_once=True, max_epochs=3).fit(LogisticDetector(target_fpr=0.05), dm).detector
+        test = dm.split_rows("test")
+        from lit_sahs.folds import FoldFit
+
+        s = np.asarray(FoldFit(det, dm).scores("test"))
+        benign = np.array([r["label"] == 0 for r in test])
+        fpr[name] = float((s[benign] >= float(det.threshold)).mean())
+    assert fpr["sources"] <= 0.05 < fpr["random"], fpr

@@ -64,12 +64,13 @@ class _SplitDataModule(L.LightningDataModule):
     protocol's train / val / test split of them, and the four loaders over ``_loader``."""
 
     def _init_rows(self, rows: list[dict], held_out_families, held_out_sources, train_families,
-                   val_fraction: float, test_fraction: float, batch_size: int, seed: int) -> None:
+                   val_fraction: float, test_fraction: float, batch_size: int, seed: int, val_sources=()) -> None:
         if batch_size < 1:
             raise LitSahsError(f"batch_size must be >= 1, got {batch_size}")
         self._rows = rows
         self.held_out_families = names(held_out_families)
         self.held_out_sources = names(held_out_sources)
+        self.val_sources = names(val_sources)
         self.train_families = names(train_families)
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
         self.batch_size, self.seed = int(batch_size), int(seed)
@@ -86,7 +87,7 @@ class _SplitDataModule(L.LightningDataModule):
         if self._splits is None:
             self._splits = _split_rows(self._rows, self.held_out_families, self.held_out_sources,
                                        self.val_fraction, self.test_fraction, self.seed,
-                                       train_families=self.train_families)
+                                       train_families=self.train_families, val_sources=self.val_sources)
         return self._splits
 
     @property
@@ -135,6 +136,7 @@ class CachedActivationDataModule(_SplitDataModule):
         held_out_families: list[str] = [],  # noqa: B006 - copied, never mutated; a list reads well in YAML
         held_out_sources: list[str] = [],  # noqa: B006
         train_families: list[str] = [],  # noqa: B006 - only these families in train/val (zero-shot matrix)
+        val_sources: list[str] = [],  # noqa: B006 - validate on these sources only, never trained on
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
         batch_size: int = 256,
@@ -158,7 +160,7 @@ class CachedActivationDataModule(_SplitDataModule):
         if not rows:
             raise LitSahsError(f"activation store {store} holds no rows: run `python -m lit_sahs extract ...` first")
         self._init_rows(rows, held_out_families, held_out_sources, train_families, val_fraction, test_fraction,
-                        batch_size, seed)
+                        batch_size, seed, val_sources)
         self.num_workers, self.max_memory_mb = int(num_workers), max_memory_mb
         d = self.geometry.head_dim
         need = len(self._rows) * (len(self.head_set) + self.feature_spec.num_slots(d)) * d * 2  # fp16 in RAM
@@ -271,6 +273,7 @@ class LiveActivationDataModule(_SplitDataModule):
         held_out_families: list[str] = [],  # noqa: B006
         held_out_sources: list[str] = [],  # noqa: B006
         train_families: list[str] = [],  # noqa: B006 - only these families in train/val (zero-shot matrix)
+        val_sources: list[str] = [],  # noqa: B006 - validate on these sources only, never trained on
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
         batch_size: int = 8,
@@ -312,7 +315,7 @@ class LiveActivationDataModule(_SplitDataModule):
                               [s.id for s in samples])
         self.samples = samples
         self._init_rows([s.index_row() for s in samples], held_out_families, held_out_sources, train_families,
-                        val_fraction, test_fraction, batch_size, seed)
+                        val_fraction, test_fraction, batch_size, seed, val_sources)
 
         self.write_through = write_through
         self.store: Optional[ActivationStore] = None

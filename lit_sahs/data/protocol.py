@@ -184,12 +184,14 @@ SPLITS = ("train", "val", "test")
 
 def split_rows(rows: Sequence[dict], held_out_families: Sequence[str] = (), held_out_sources: Sequence[str] = (),
                val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0,
-               train_families: Sequence[str] = ()) -> dict[str, "np.ndarray"]:
+               train_families: Sequence[str] = (), val_sources: Sequence[str] = ()) -> dict[str, "np.ndarray"]:
     """Row positions for train / val / test.
 
     With held-out attack families or sources, test is exactly the rows of those families or sources
     (zero-shot: the detector never sees them); otherwise test is a random `test_fraction` of base
-    prompts. Val is a random `val_fraction` of the remaining base prompts. Both random choices are
+    prompts. Val is a random `val_fraction` of the remaining base prompts, or, with `val_sources`,
+    exactly the remaining rows of those sources (never trained on: the threshold is calibrated and
+    checkpoints chosen on collections unlike the training ones). Both random choices are
     stratified by label. Splitting by `base_id`
     keeps a base prompt and its attacked versions on one side of the train/val (and random test)
     boundary. Unknown held-out names, an empty or single-class split are errors.
@@ -197,11 +199,14 @@ def split_rows(rows: Sequence[dict], held_out_families: Sequence[str] = (), held
     import numpy as np
 
     held_out_families, held_out_sources = _as_tuple(held_out_families), _as_tuple(held_out_sources)
-    train_families = _as_tuple(train_families)
+    train_families, val_sources = _as_tuple(train_families), _as_tuple(val_sources)
     families = {r.get("attack_family", "plain") for r in rows}
     sources = {r.get("source", "") for r in rows}
+    both = set(val_sources) & set(held_out_sources)
+    if both:
+        raise LitSahsError(f"sources {sorted(both)} are both held out (test) and validation sources: pick one")
     for name, known, what in [(f, families, "attack family") for f in held_out_families + train_families] + \
-                             [(s, sources, "source") for s in held_out_sources]:
+                             [(s, sources, "source") for s in held_out_sources + val_sources]:
         if name not in known:
             raise LitSahsError(f"held-out {what} {name!r} has no rows in this data; present: {sorted(known)}")
 
@@ -228,13 +233,15 @@ def split_rows(rows: Sequence[dict], held_out_families: Sequence[str] = (), held
                if explicit else base_of[i] in test_bases for i, r in enumerate(rows)]
     pool = {b: base_label[b] for i, b in enumerate(base_of) if not is_test[i]
             and not (train_families and rows[i].get("attack_family", "plain") not in train_families)}
-    val_bases = pick(pool, val_fraction, "val")
+    val_bases = set() if val_sources else pick(pool, val_fraction, "val")
     assign = []
     for i, r in enumerate(rows):
         if is_test[i]:
             assign.append("test")
         elif train_families and r.get("attack_family", "plain") not in train_families:
             assign.append("none")
+        elif val_sources:
+            assign.append("val" if r.get("source") in val_sources else "train")
         else:
             assign.append("val" if base_of[i] in val_bases else "train")
     assign = np.array(assign)

@@ -47,6 +47,7 @@ class SafetyDataModule(L.LightningDataModule):
         max_chars: Optional[int] = None,
         held_out_families: list[str] = [],  # noqa: B006
         held_out_sources: list[str] = [],  # noqa: B006
+        val_sources: list[str] = [],  # noqa: B006 - validate (threshold, checkpoint choice) on these sources only
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
         num_safety_tokens: int = 64,
@@ -68,6 +69,7 @@ class SafetyDataModule(L.LightningDataModule):
         self.spec = SampleSpec(harmful=_joined(harmful), benign=_joined(benign), attacks=_joined(attacks), data=data,
                                limit=limit, max_chars=max_chars, seed=seed)
         self.held_out_families, self.held_out_sources = list(held_out_families), list(held_out_sources)
+        self.val_sources = list(val_sources)
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.num_safety_tokens, self.batch_size = int(num_safety_tokens), int(batch_size)
         self.answers_path, self.max_answer_tokens, self.refusal = answers, int(max_answer_tokens), str(refusal)
@@ -95,7 +97,7 @@ class SafetyDataModule(L.LightningDataModule):
                          "attack": s.attack, "attack_family": s.attack_family, "base_id": s.base_id,
                          "level": level, "type": rtype})
         splits = split_rows(rows, self.held_out_families, self.held_out_sources, self.val_fraction,
-                            self.test_fraction, self.seed)
+                            self.test_fraction, self.seed, val_sources=self.val_sources)
         self.families = sorted({r["attack_family"] for r in rows})
         for r in rows:
             r["family"] = self.families.index(r["attack_family"])
