@@ -130,7 +130,9 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     spec = dict(harmful=HARMFUL, benign=BENIGN, attacks=ATTACKS, limit=a.limit, max_chars=a.max_chars, seed=0)
-    split = dict(held_out_sources=HELD_SOURCES, held_out_families=HELD_FAMILIES)
+    from lit_sahs.data.holdout import Holdout
+
+    split = dict(held_out=Holdout(families=HELD_FAMILIES, sources=HELD_SOURCES))
 
     # ---- SafeVLM stage I and II (stage II on its own copy of the target: LoRA goes into it)
     t = time.time()

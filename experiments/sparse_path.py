@@ -35,12 +35,13 @@ def run(store: str = "stores/quickstart-smollm2", held_out: str = "dan", group_l
     from sklearn.metrics import roc_auc_score
 
     from lit_sahs.data.datamodules import CachedActivationDataModule
+    from lit_sahs.data.holdout import Holdout
     from lit_sahs.detectors import SparseHeadDetector
     from lit_sahs.engine import fit_detector
     from lit_sahs.evaluate import detector_scores
     from lit_sahs.io import atomic_write_text
 
-    dm = CachedActivationDataModule(store, all_heads=True, held_out_families=[held_out], batch_size=512)
+    dm = CachedActivationDataModule(store, all_heads=True, held_out=Holdout(families=[held_out]), batch_size=512)
     dm.setup("fit")
     y = np.array([int(r["label"]) for r in dm.split_rows("test")])
     x = dm.store.read(dm.head_set, rows=dm.splits["test"])

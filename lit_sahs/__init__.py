@@ -24,6 +24,7 @@ API: dict[str, tuple[str, str]] = {
     "load_target": ("lit_sahs.targets.registry", "load_target"),
     "Target": ("lit_sahs.targets.registry", "Target"),
     "HeadSet": ("lit_sahs.heads", "HeadSet"),
+    "Holdout": ("lit_sahs.data.holdout", "Holdout"),
     "Geometry": ("lit_sahs.heads", "Geometry"),
     "TargetFingerprint": ("lit_sahs.heads", "TargetFingerprint"),
     "HeadCapture": ("lit_sahs.hooks", "HeadCapture"),

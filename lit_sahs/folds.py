@@ -191,9 +191,7 @@ class Folds:
         from lit_sahs.data.datamodules import CachedActivationDataModule
 
         hold = Holdout.of(held_out)
-        return CachedActivationDataModule(self.store_path, heads=heads, features=features,
-                                          held_out_families=list(hold.families),
-                                          held_out_sources=list(hold.sources),
+        return CachedActivationDataModule(self.store_path, heads=heads, features=features, held_out=hold,
                                           train_families=list(names(train_families)), val_fraction=self.val_fraction,
                                           test_fraction=self.test_fraction, batch_size=batch_size, seed=self.seed)
 

@@ -49,7 +49,7 @@ class SahsCLI(LightningCLI):
                                    "section (SafetyDataModule reads prompts from its sources itself)")
             ensure_store(cfg.prepare, data.store)
         if getattr(data, "ranking", None):
-            ensure_ranking(data.store, data.ranking, data.held_out_families, data.held_out_sources,
+            ensure_ranking(data.store, data.ranking, data.held_out.families, data.held_out.sources,
                            data.val_fraction, data.test_fraction, data.seed, top_k=data.top_k)
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:

@@ -263,7 +263,7 @@ def fit_config(workdir: Path, output_dir: Path) -> Path:
         "model": {"class_path": "lit_sahs.detectors.LogisticDetector", "init_args": {"l2": 0.001}},
         "data": {"class_path": "lit_sahs.data.datamodules.CachedActivationDataModule",
                  "init_args": {"store": str(workdir / "store"), "heads": "2.1,3.0",
-                               "held_out_families": ["pliny"], "batch_size": 64}},
+                               "held_out": {"families": ["pliny"]}, "batch_size": 64}},
     }
     path = workdir / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -121,7 +121,7 @@ def test_a_fit_config_with_the_callback_ships_the_cross_fitted_threshold(tmp_pat
                                    "init_args": {"monitor": "val/auroc", "mode": "max"}}]},
         "model": {"class_path": "lit_sahs.detectors.LogisticDetector"},
         "data": {"class_path": "lit_sahs.data.datamodules.CachedActivationDataModule",
-                 "init_args": {"store": str(tmp_path / "s"), "heads": HEADS, "held_out_sources": ["harm2", "ben3"]}},
+                 "init_args": {"store": str(tmp_path / "s"), "heads": HEADS, "held_out": {"sources": ["harm2", "ben3"]}}},
     }
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(cfg))
     code, out, err = cli(["fit", "--config", str(tmp_path / "fit.yaml")])
@@ -200,7 +200,7 @@ def test_val_sources_validate_on_collections_never_trained_on(tmp_path):
 
     fpr = {}
     for name, val in (("random", []), ("sources", ["harm1", "ben2"])):
-        dm = CachedActivationDataModule(str(tmp_path / "s"), heads=HEADS, held_out_sources=["harm2", "ben3"],
+        dm = CachedActivationDataModule(str(tmp_path / "s"), heads=HEADS, held_out=Holdout(sources=["harm2", "ben3"]),
                                         val_sources=val)
         det = Engine(validate_once=True, max_epochs=3).fit(LogisticDetector(target_fpr=0.05), dm).detector
         test = dm.split_rows("test")

@@ -17,6 +17,7 @@ from lit_sahs.heads import Geometry, HeadSet, TargetFingerprint
 from lit_sahs.hooks import HeadCapture
 from lit_sahs.ranking import HeadRanking
 from lit_sahs.targets import prompting
+from lit_sahs.data.holdout import Holdout
 
 GEOM = Geometry(num_layers=4, num_heads=3, head_dim=8)
 FP = TargetFingerprint("tiny-target", GEOM, "b" * 64)
@@ -88,7 +89,7 @@ def test_contract_attributes_and_head_order(store_path):
 
 
 def test_normalisation_from_train_rows_only(store_path):
-    dm = _dm(store_path, held_out_families=["dan"])
+    dm = _dm(store_path, held_out=Holdout(families=["dan"]))
     dm.setup("fit")
     mean, std = dm.normalisation
     assert mean.shape == std.shape == (3, GEOM.head_dim) and mean.dtype == std.dtype == torch.float32
@@ -115,7 +116,7 @@ def test_running_moments_merge_equals_numpy():
 
 
 def test_held_out_family_and_source_only_in_test(store_path):
-    dm = _dm(store_path, held_out_families=["dan"], held_out_sources="src_b")
+    dm = _dm(store_path, held_out=Holdout(families=["dan"], sources="src_b"))
     dm.setup("fit")
     for r in dm.split_rows("train") + dm.split_rows("val"):
         assert r["attack_family"] != "dan" and r["source"] != "src_b"
@@ -134,8 +135,8 @@ def test_held_out_family_and_source_only_in_test(store_path):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_streaming_equals_in_memory(store_path, num_workers):
-    mem = _dm(store_path, held_out_families=["pyrit_x"])
-    stream = _dm(store_path, held_out_families=["pyrit_x"], max_memory_mb=0, num_workers=num_workers)
+    mem = _dm(store_path, held_out=Holdout(families=["pyrit_x"]))
+    stream = _dm(store_path, held_out=Holdout(families=["pyrit_x"]), max_memory_mb=0, num_workers=num_workers)
     assert mem.in_memory and not stream.in_memory
     mem.setup("fit")
     stream.setup("fit")
@@ -232,7 +233,7 @@ def test_live_matches_direct_capture_and_writes_through(smollm2, tmp_path):
     data.write_text("".join(json.dumps({"text": t, "label": y, "source": s}) + "\n" for t, y, s in LIVE_PROMPTS))
     heads = "29.3,4.0,17.8"
     dm = LiveActivationDataModule(target=smollm2, data=str(data), attacks="plain", heads=heads,
-                                  held_out_sources=["b"], val_fraction=0.5, batch_size=3, seed=0,
+                                  held_out=Holdout(sources=["b"]), val_fraction=0.5, batch_size=3, seed=0,
                                   write_through=str(tmp_path / "wt"))
     assert dm.geometry == smollm2.geometry and dm.fingerprint == smollm2.fingerprint
     assert dm.head_set == HeadSet.parse(heads) and dm.families == ["plain"]
@@ -268,7 +269,7 @@ def test_live_matches_direct_capture_and_writes_through(smollm2, tmp_path):
     stored = store.read(hs)
     for sid, x in zip(store.ids(), stored):
         torch.testing.assert_close(torch.from_numpy(x).float(), seen[sid], atol=2e-3, rtol=2e-3)  # fp16 store
-    cached = CachedActivationDataModule(store=str(tmp_path / "wt"), heads=heads, held_out_sources=["b"],
+    cached = CachedActivationDataModule(store=str(tmp_path / "wt"), heads=heads, held_out=Holdout(sources=["b"]),
                                         val_fraction=0.5, seed=0)
     assert cached.fingerprint == smollm2.fingerprint
     for name in ("train", "val", "test"):  # splits depend on the rows, not on where they came from

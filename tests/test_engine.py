@@ -13,11 +13,12 @@ from lit_sahs.detectors import LogisticDetector, MLPDetector, SparseHeadDetector
 from lit_sahs.artifact import load_detector
 from lit_sahs.engine import Engine, family_defaults
 from synthetic import SIGNAL_HEADS, make_store
+from lit_sahs.data.holdout import Holdout
 
 
 def test_engine_fit_from_python_writes_report_and_artifact(tmp_path):
     make_store(tmp_path / "store")
-    dm = CachedActivationDataModule(tmp_path / "store", heads="2.1,3.0", held_out_families=["pliny"], batch_size=64)
+    dm = CachedActivationDataModule(tmp_path / "store", heads="2.1,3.0", held_out=Holdout(families=["pliny"]), batch_size=64)
     result = Engine(output_dir=tmp_path / "out", baselines=["tfidf"], max_epochs=5).fit(LogisticDetector(l2=1e-3), dm)
     out = tmp_path / "out"
     for name in ("report.md", "report.json", "benign_fpr.json", "roc.png", "detector"):
@@ -245,12 +246,11 @@ def test_redact_hides_the_whole_password_even_with_an_unencoded_at(url, shown):
 
 def test_holdout_label_names_every_held_out_family_and_source(tmp_path, capsys):
     """The report and ROC title name the whole holdout (families and sources), not only the families."""
-    from lit_sahs.data.holdout import Holdout
 
     assert Holdout(("dan",), ("past_tense", "sharegpt_instructions")).label == "dan, past_tense, sharegpt_instructions"
     assert Holdout().label == "random" and Holdout.of("dan,pliny").families == ("dan", "pliny")
     make_store(tmp_path / "store")
-    dm = CachedActivationDataModule(tmp_path / "store", heads="2.1,3.0", held_out_families=["pliny"], batch_size=64)
+    dm = CachedActivationDataModule(tmp_path / "store", heads="2.1,3.0", held_out=Holdout(families=["pliny"]), batch_size=64)
     assert dm.holdout == Holdout(("pliny",), ())
     Engine(output_dir=tmp_path / "out", baselines=[], max_epochs=2).fit(LogisticDetector(l2=1e-3), dm)
     assert "Test split (held out: pliny)" in capsys.readouterr().out

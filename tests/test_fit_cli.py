@@ -28,7 +28,7 @@ def write_config(workdir: Path, model: dict, data_extra: dict | None = None) -> 
         "model": model,
         "data": {"class_path": "lit_sahs.data.datamodules.CachedActivationDataModule",
                  "init_args": {"store": str(workdir / "store"), "ranking": str(workdir / "store" / "ranking.json"),
-                               "top_k": 2, "held_out_families": ["pliny"], "batch_size": 64, **(data_extra or {})}},
+                               "top_k": 2, "held_out": {"families": ["pliny"]}, "batch_size": 64, **(data_extra or {})}},
     }
     path = workdir / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -110,7 +110,7 @@ def test_quickstart_config_parses(cli):
     cfg = yaml.safe_load(out)
     assert cfg["model"]["class_path"] == "lit_sahs.detectors.LogisticDetector"
     assert cfg["prepare"]["target"] == "smollm2-135m-instruct"
-    assert cfg["data"]["init_args"]["held_out_families"] == ["dan"]
+    assert cfg["data"]["init_args"]["held_out"]["families"] == ["dan"]
 
 
 def test_locate_and_zero_shot_commands(workdir, cli):
@@ -135,7 +135,7 @@ def test_bad_input_is_one_error_line(workdir, cli):
                         "--tracking_uri", f"sqlite:///{workdir}/mlruns/mlflow.db"])
     assert code == 2 and err.strip().splitlines()[-1].startswith("error:") and "nosuch" in err
     cfg = write_config(workdir, {"class_path": "lit_sahs.detectors.LogisticDetector"},
-                       {"held_out_families": ["nosuch"]})
+                       {"held_out": {"families": ["nosuch"]}})
     code, _, err = cli(["fit", "--config", str(cfg)])
     assert code == 2 and "nosuch" in err.strip().splitlines()[-1]
     assert not (workdir / "out").exists()
@@ -168,7 +168,7 @@ def test_fit_with_prepare_extracts_locates_and_reports(workdir, cli):
     cfg["prepare"] = {"target": "tiny-llava", "harmful": "advbench", "benign": "truthfulqa", "attacks": "plain",
                       "limit": 48, "batch_size": 16}
     cfg["data"]["init_args"].update({"store": str(workdir / "tiny"), "ranking": str(workdir / "tiny" / "ranking.json"),
-                                     "held_out_families": []})
+                                     "held_out": {"families": []}})
     cfg["trainer"]["max_epochs"] = 2
     (workdir / "prep.yaml").write_text(yaml.safe_dump(cfg))
     code, out, err = cli(["fit", "--config", str(workdir / "prep.yaml")])

@@ -11,6 +11,7 @@ from PIL import Image
 from lit_sahs.errors import LitSahsError
 from lit_sahs.hooks import HeadCapture
 from lit_sahs.targets import load_target, prompting
+from lit_sahs.data.holdout import Holdout
 
 TEXTS = [
     "What is in this picture?",
@@ -185,7 +186,7 @@ def test_visual_attack_extraction_stores_each_image_once(tiny_llava, tmp_path, m
         assert store.image_path(r).read_bytes() == open(r["image"], "rb").read()
     assert np.isfinite(store.read_extra("prompt_nll")).all() and store.read_extra("residual").shape == (15, 64)
     # the cached DataModule reads the store as it reads a text-only one
-    dm = CachedActivationDataModule(str(store_path), heads="0.0,3.1", held_out_families=["figstep"], batch_size=8)
+    dm = CachedActivationDataModule(str(store_path), heads="0.0,3.1", held_out=Holdout(families=["figstep"]), batch_size=8)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["x"].shape[1:] == (2, 16)

@@ -10,6 +10,7 @@ import torch
 
 from lit_sahs.errors import LitSahsError
 from synthetic import FP, GEOM, make_store
+from lit_sahs.data.holdout import Holdout
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def detector_dir(workdir):
     from lit_sahs.engine import fit_detector
 
     make_store(workdir / "store", n_base=30)
-    dm = CachedActivationDataModule(str(workdir / "store"), heads="2.1,3.0", held_out_families=["pliny"], batch_size=64)
+    dm = CachedActivationDataModule(str(workdir / "store"), heads="2.1,3.0", held_out=Holdout(families=["pliny"]), batch_size=64)
     det = fit_detector(LogisticDetector(l2=1e-3), dm, max_epochs=2)
     return save_detector(det, workdir / "det")
 

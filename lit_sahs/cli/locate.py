@@ -7,13 +7,13 @@ from typing import Literal, Optional
 
 from lit_sahs.choices import Dtype
 from lit_sahs.commands import run_command
-from lit_sahs.data.protocol import names
+from lit_sahs.data.holdout import Holdout
 from lit_sahs.devices import Device, resolve_device
 from lit_sahs.errors import LitSahsError
 
 
 def locate_command(store: Optional[str] = None, out: Optional[str] = None, by: Literal["probe", "effect"] = "probe",
-                   held_out_families: str = "", held_out_sources: str = "", val_fraction: float = 0.2,
+                   held_out: Holdout = Holdout(), val_fraction: float = 0.2,
                    test_fraction: float = 0.2, l2: float = 1e-2, top_k: int = 8, seed: int = 0, device: Device = "auto",
                    target: Optional[str] = None, harmful: Optional[str] = None, n_prompts: int = 32,
                    mode: Literal["zero", "mean"] = "zero", confirm_top: int = 16, greedy: int = 0,
@@ -26,8 +26,8 @@ def locate_command(store: Optional[str] = None, out: Optional[str] = None, by: L
         store: activation store directory (probe: required; effect: its train split's harmful prompts)
         out: output directory (default: the store directory)
         by: probe (per-head probe AUROC) or effect (refusal drop when the head is ablated)
-        held_out_families: comma-separated families kept out (test only)
-        held_out_sources: comma-separated sources kept out (test only)
+        held_out: attack families and/or sources kept out (test only), e.g. --held_out.families dan
+            or --held_out.sources '[advbench, truthfulqa]'; as in a fit config's data section
         val_fraction: share of base prompts that score the probes
         test_fraction: share of base prompts never read
         l2: L2 strength of each head's probe
@@ -51,7 +51,7 @@ def locate_command(store: Optional[str] = None, out: Optional[str] = None, by: L
     from lit_sahs.tracking import start_run
 
     device = resolve_device(device)
-    split = dict(held_out_families=names(held_out_families), held_out_sources=names(held_out_sources),
+    split = dict(held_out_families=held_out.families, held_out_sources=held_out.sources,
                  val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     default_out = store
     if store:
@@ -76,7 +76,7 @@ def locate_command(store: Optional[str] = None, out: Optional[str] = None, by: L
         if not store:
             raise LitSahsError("locate --by probe needs --store (an activation store directory)")
         ranking = locate(store, l2=l2, device=device, **split)
-        params = {"held_out_families": held_out_families, "l2": l2}
+        params = {"held_out": held_out.label, "l2": l2}
     else:
         raise LitSahsError(f"unknown --by {by!r}: use probe (probe AUROC) or effect (refusal drop when ablated)")
     if not (out or default_out):

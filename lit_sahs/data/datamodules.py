@@ -63,13 +63,14 @@ class _SplitDataModule(L.LightningDataModule):
     """What both DataModules share: index rows with their labels and attack families, the
     protocol's train / val / test split of them, and the four loaders over ``_loader``."""
 
-    def _init_rows(self, rows: list[dict], held_out_families, held_out_sources, train_families,
+    def _init_rows(self, rows: list[dict], held_out: Holdout, train_families,
                    val_fraction: float, test_fraction: float, batch_size: int, seed: int, val_sources=()) -> None:
         if batch_size < 1:
             raise LitSahsError(f"batch_size must be >= 1, got {batch_size}")
         self._rows = rows
-        self.held_out_families = names(held_out_families)
-        self.held_out_sources = names(held_out_sources)
+        if not isinstance(held_out, Holdout):
+            raise LitSahsError(f"held_out must be a Holdout(families=..., sources=...), got {held_out!r}")
+        self.holdout = held_out  # what the test split keeps out of training: one value, to the report's label
         self.val_sources = names(val_sources)
         self.train_families = names(train_families)
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
@@ -85,15 +86,10 @@ class _SplitDataModule(L.LightningDataModule):
     def splits(self) -> dict[str, np.ndarray]:
         """Row positions (into the index rows) of train / val / test."""
         if self._splits is None:
-            self._splits = _split_rows(self._rows, self.held_out_families, self.held_out_sources,
+            self._splits = _split_rows(self._rows, self.holdout.families, self.holdout.sources,
                                        self.val_fraction, self.test_fraction, self.seed,
                                        train_families=self.train_families, val_sources=self.val_sources)
         return self._splits
-
-    @property
-    def holdout(self) -> Holdout:
-        """What the test split keeps out of training."""
-        return Holdout(tuple(self.held_out_families), tuple(self.held_out_sources))
 
     def split_rows(self, name: str) -> list[dict]:
         """Index rows of a split, in the order a batch's ``row`` refers to."""
@@ -133,8 +129,7 @@ class CachedActivationDataModule(_SplitDataModule):
         ranking: Optional[str] = None,
         top_k: int = 8,
         all_heads: bool = False,
-        held_out_families: list[str] = [],  # noqa: B006 - copied, never mutated; a list reads well in YAML
-        held_out_sources: list[str] = [],  # noqa: B006
+        held_out: Holdout = Holdout(),  # attack families and/or sources kept out of training (the test split)
         train_families: list[str] = [],  # noqa: B006 - only these families in train/val (zero-shot matrix)
         val_sources: list[str] = [],  # noqa: B006 - validate on these sources only, never trained on
         val_fraction: float = 0.2,
@@ -159,7 +154,7 @@ class CachedActivationDataModule(_SplitDataModule):
         rows = self.store.index()
         if not rows:
             raise LitSahsError(f"activation store {store} holds no rows: run `python -m lit_sahs extract ...` first")
-        self._init_rows(rows, held_out_families, held_out_sources, train_families, val_fraction, test_fraction,
+        self._init_rows(rows, held_out, train_families, val_fraction, test_fraction,
                         batch_size, seed, val_sources)
         self.num_workers, self.max_memory_mb = int(num_workers), max_memory_mb
         d = self.geometry.head_dim
@@ -270,8 +265,7 @@ class LiveActivationDataModule(_SplitDataModule):
         ranking: Optional[str] = None,
         top_k: int = 8,
         all_heads: bool = False,
-        held_out_families: list[str] = [],  # noqa: B006
-        held_out_sources: list[str] = [],  # noqa: B006
+        held_out: Holdout = Holdout(),  # attack families and/or sources kept out of training (the test split)
         train_families: list[str] = [],  # noqa: B006 - only these families in train/val (zero-shot matrix)
         val_sources: list[str] = [],  # noqa: B006 - validate on these sources only, never trained on
         val_fraction: float = 0.2,
@@ -314,7 +308,7 @@ class LiveActivationDataModule(_SplitDataModule):
         prompting.fit_context(self.target, [s.text for s in samples], [s.image for s in samples],
                               [s.id for s in samples])
         self.samples = samples
-        self._init_rows([s.index_row() for s in samples], held_out_families, held_out_sources, train_families,
+        self._init_rows([s.index_row() for s in samples], held_out, train_families,
                         val_fraction, test_fraction, batch_size, seed, val_sources)
 
         self.write_through = write_through

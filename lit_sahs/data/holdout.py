@@ -22,6 +22,10 @@ class Holdout:
     families: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:  # lists, "a,b" strings and None become tuples of names
+        object.__setattr__(self, "families", _names(self.families))
+        object.__setattr__(self, "sources", _names(self.sources))
+
     @classmethod
     def of(cls, value: "Holdout | Sequence[str] | str | None") -> "Holdout":
         """A Holdout as it is, or held-out attack families given by name."""

@@ -45,8 +45,7 @@ class SafetyDataModule(L.LightningDataModule):
         data: Optional[str] = None,
         limit: Optional[int] = 400,
         max_chars: Optional[int] = None,
-        held_out_families: list[str] = [],  # noqa: B006
-        held_out_sources: list[str] = [],  # noqa: B006
+        held_out: Holdout = Holdout(),  # attack families and/or sources kept out of training (the test split)
         val_sources: list[str] = [],  # noqa: B006 - validate (threshold, checkpoint choice) on these sources only
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
@@ -68,7 +67,9 @@ class SafetyDataModule(L.LightningDataModule):
             raise LitSahsError(f"num_safety_tokens must be >= 1, got {num_safety_tokens}")
         self.spec = SampleSpec(harmful=_joined(harmful), benign=_joined(benign), attacks=_joined(attacks), data=data,
                                limit=limit, max_chars=max_chars, seed=seed)
-        self.held_out_families, self.held_out_sources = list(held_out_families), list(held_out_sources)
+        if not isinstance(held_out, Holdout):
+            raise LitSahsError(f"held_out must be a Holdout(families=..., sources=...), got {held_out!r}")
+        self.holdout = held_out
         self.val_sources = list(val_sources)
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.num_safety_tokens, self.batch_size = int(num_safety_tokens), int(batch_size)
@@ -96,7 +97,7 @@ class SafetyDataModule(L.LightningDataModule):
             rows.append({"id": s.id, "text": s.text, "image": s.image, "label": int(s.label), "source": s.source,
                          "attack": s.attack, "attack_family": s.attack_family, "base_id": s.base_id,
                          "level": level, "type": rtype})
-        splits = split_rows(rows, self.held_out_families, self.held_out_sources, self.val_fraction,
+        splits = split_rows(rows, self.holdout.families, self.holdout.sources, self.val_fraction,
                             self.test_fraction, self.seed, val_sources=self.val_sources)
         self.families = sorted({r["attack_family"] for r in rows})
         for r in rows:
@@ -109,11 +110,6 @@ class SafetyDataModule(L.LightningDataModule):
             if r["label"] == 1:
                 r["answer"] = self.refusal
         self.rows, self.splits = rows, splits
-
-    @property
-    def holdout(self) -> Holdout:
-        """What the test split keeps out of training."""
-        return Holdout(tuple(self.held_out_families), tuple(self.held_out_sources))
 
     def split_rows(self, split: str) -> list[dict]:
         return [self.rows[i] for i in self.splits[split]]
