@@ -46,6 +46,14 @@ from lit_sahs.heads import Geometry, HeadSet, TargetFingerprint
 log = logging.getLogger(__name__)
 
 
+def check_low_fpr(weight: float, fpr: float) -> None:
+    """The low-FPR objective's settings, for the families that train through ``training_loss``:
+    `weight` of ``low_fpr_loss`` beside cross-entropy (0: cross-entropy alone), `fpr` the benign
+    share it ranks harmful prompts above."""
+    if weight < 0 or not 0.0 < fpr <= 1.0:
+        raise LitSahsError(f"low_fpr_weight must be >= 0 and low_fpr in (0, 1], got {weight} and {fpr}")
+
+
 def low_fpr_loss(logits: Tensor, y: Tensor, fpr: float) -> Tensor:
     """A smooth surrogate of the one-way partial AUROC below `fpr`: every harmful prompt against the
     benign prompts that score highest (the top `fpr` share, at least one), mean softplus(s_benign -
@@ -66,15 +74,10 @@ class SafetyDetector(HeadFamily, L.LightningModule):
     # names the setting that trains them on mini-batches instead (for DDP).
     mini_batch_setting: ClassVar[str] = ""
 
-    def __init__(self, lr: float | None = None, weight_decay: float = 0.0, target_fpr: float = 0.05,
-                 low_fpr_weight: float = 0.0, low_fpr: float = 0.05) -> None:
-        """low_fpr_weight: weight of the low-FPR objective (``low_fpr_loss``) added to cross-entropy
-        (0: cross-entropy alone); low_fpr: the benign share it ranks harmful prompts above."""
+    def __init__(self, lr: float | None = None, weight_decay: float = 0.0, target_fpr: float = 0.05) -> None:
         super().__init__()
         if not 0.0 <= target_fpr < 1.0:
             raise LitSahsError(f"target_fpr must lie in [0, 1), got {target_fpr}: e.g. 0.05 for 5% of benign prompts flagged")
-        if low_fpr_weight < 0 or not 0.0 < low_fpr <= 1.0:
-            raise LitSahsError(f"low_fpr_weight must be >= 0 and low_fpr in (0, 1], got {low_fpr_weight} and {low_fpr}")
         if lr is not None and lr <= 0:
             raise LitSahsError(f"lr must be positive, got {lr}")
         if weight_decay < 0:

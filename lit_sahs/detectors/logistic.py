@@ -6,7 +6,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lit_sahs.detectors.base import SafetyDetector
+from lit_sahs.detectors.base import SafetyDetector, check_low_fpr
 from lit_sahs.errors import LitSahsError
 from lit_sahs.family import register_family
 
@@ -42,8 +42,8 @@ class LogisticDetector(SafetyDetector):
         low_fpr_weight: float = 0.0,
         low_fpr: float = 0.05,
     ) -> None:
-        super().__init__(lr=lr, weight_decay=weight_decay, target_fpr=target_fpr, low_fpr_weight=low_fpr_weight,
-                         low_fpr=low_fpr)
+        super().__init__(lr=lr, weight_decay=weight_decay, target_fpr=target_fpr)
+        check_low_fpr(low_fpr_weight, low_fpr)
         if optimizer not in ("lbfgs", "adam"):
             raise LitSahsError(f"unknown optimizer {optimizer!r} for the logistic detector: use 'lbfgs' or 'adam'")
         if l2 < 0:

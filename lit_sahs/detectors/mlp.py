@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lit_sahs.detectors.base import SafetyDetector
+from lit_sahs.detectors.base import SafetyDetector, check_low_fpr
 from lit_sahs.errors import LitSahsError
 from lit_sahs.family import register_family
 
@@ -27,8 +27,8 @@ class MLPDetector(SafetyDetector):
         low_fpr_weight: float = 0.0,
         low_fpr: float = 0.05,
     ) -> None:
-        super().__init__(lr=lr, weight_decay=weight_decay, target_fpr=target_fpr, low_fpr_weight=low_fpr_weight,
-                         low_fpr=low_fpr)
+        super().__init__(lr=lr, weight_decay=weight_decay, target_fpr=target_fpr)
+        check_low_fpr(low_fpr_weight, low_fpr)
         if hidden < 1 or num_layers < 1:
             raise LitSahsError(f"hidden and num_layers must be >= 1, got hidden={hidden}, num_layers={num_layers}")
         if not 0.0 <= dropout < 1.0:
