@@ -262,7 +262,7 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
     or its text is cut to fit with `truncate` left / right (``prompting.fit_context``).
     `pool` ('mean', 'max'): also record every head's output pooled over the prompt's own tokens
     (extras ``pool_mean`` / ``pool_max``, [n, layers, heads, head_dim] float16 each); a store keeps
-    one choice for all its rows."""
+    one choice for all its rows (a run with nothing to add reuses the store whatever it asks)."""
     truncate_side(truncate)  # before loading the target
     at_least({"batch_size": batch_size, "block_rows": block_rows}, 1)
     check_outputs(dirs={"--store": store_path})
@@ -274,7 +274,6 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
     bad = [p for p in pool if p not in POOLS]
     if bad:
         raise LitSahsError(f"unknown pooling {bad}: use {' and/or '.join(POOLS)}")
-    check_store_pooling(store_path, pool)
     module = HeadExtractor(target, dtype=dtype, device_map=device_map, offload_folder=offload_folder,
                            residual_layers=residual_layers, pool=pool)
     if not module.target.is_vision_language:  # fail before the store is created, not mid-run
@@ -288,6 +287,7 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
     if not todo:
         store = ActivationStore.open(store_path)
         return {"written": 0, "skipped": skipped, "total": len(store)}
+    check_store_pooling(store_path, pool)  # only rows to add must match what the store records
     texts = prompting.fit_context(module.target, [s.text for s in todo], [s.image for s in todo],
                                   [s.id for s in todo], truncate=truncate)  # before the store is created
     todo = [s if t == s.text else s.with_(text=t) for s, t in zip(todo, texts)]
