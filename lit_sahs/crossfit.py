@@ -166,13 +166,12 @@ class CrossFitCalibration(L.Callback):
             raise LitSahsError("CrossFitCalibration re-fits the detector on the sources of an activation store: "
                                "use it with lit_sahs.data.datamodules.CachedActivationDataModule")
         g = dm.geometry
-        explicit = ",".join(f"{layer}.{head}" for layer, head in dm.head_set.heads)
         if dm.ranking_path and self.relocate:
             ranking, heads = PER_FOLD, None
         elif dm.ranking_path:
             ranking, heads = dm.ranking_path, None
         else:  # explicit heads (every head included)
-            ranking, heads = None, explicit if len(dm.head_set) < g.num_layers * g.num_heads else None
+            ranking, heads = None, dm.head_set.spec() if len(dm.head_set) < g.num_layers * g.num_heads else None
         folds = Folds(dm.store_path, ranking=ranking, heads=heads, seed=dm.seed, val_fraction=dm.val_fraction,
                       test_fraction=dm.test_fraction)
         self.result = crossfit_detector(pl_module, folds, dm.holdout, self.target_fpr, self.pairing, self.min_rows,

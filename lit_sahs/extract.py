@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_sahs.checks import at_least
 from lit_sahs.choices import truncate_side
-from lit_sahs.data.extra_features import POOLS, check_store_pooling, default_residual_layers, pool_extra
+from lit_sahs.data.extra_features import check_pools, check_store_pooling, default_residual_layers, pool_extra
 from lit_sahs.data.samples import Sample
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.data.writer import BlockWriter
@@ -95,7 +95,7 @@ class HeadExtractor(L.LightningModule):
                  pool: Sequence[str] = ()):
         super().__init__()
         self.baselines = baselines
-        self.pool = tuple(pool)  # also record every head pooled over the prompt's tokens (POOLS)
+        self.pool = check_pools(pool)  # also record every head pooled over the prompt's tokens
         self._residual_layers = tuple(residual_layers) if residual_layers is not None else None
         self._refusal_ids: Optional[torch.Tensor] = None
         if isinstance(target, Target):
@@ -270,10 +270,7 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
         raise LitSahsError("no samples to extract: check the sources, attacks and --limit")
     if num_workers is not None and num_workers < 0:  # before loading the target
         raise LitSahsError(f"num_workers must be >= 0, got {num_workers}")
-    pool = tuple(dict.fromkeys(pool))
-    bad = [p for p in pool if p not in POOLS]
-    if bad:
-        raise LitSahsError(f"unknown pooling {bad}: use {' and/or '.join(POOLS)}")
+    pool = check_pools(pool)  # before the target loads
     module = HeadExtractor(target, dtype=dtype, device_map=device_map, offload_folder=offload_folder,
                            residual_layers=residual_layers, pool=pool)
     if not module.target.is_vision_language:  # fail before the store is created, not mid-run

@@ -46,11 +46,13 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
                     max_epochs: Optional[int] = None, baselines: Sequence[str] = BASELINES, seed: int = 0,
                     ranking: Optional[str] = PER_FOLD, heads: Optional[str] = None, progress: bool = True,
                     feature_sets: Optional[dict] = None, sparse_all: Optional[bool] = None,
-                    crossfit: bool = False, target_fpr: float = 0.05) -> dict:
+                    crossfit: bool = False, target_fpr: float = 0.05, extra_rows: bool = True) -> dict:
     """Fit and score every source fold. Returns {"folds": [{"holdout", "n_malicious", "n_benign",
     "methods": {method: {column: value}}}], "mean": {method: {column: mean}}, "skipped": {fold: reason}}.
     `feature_sets` ({method: 'resid,refusal'}; None: FEATURE_SETS when the store records the extra
-    features, else none) and `sparse_all` (None: likewise) add detector fits on the same folds.
+    features, else none; the pooled-head rows POOLED_SETS where it records the pools) and `sparse_all`
+    (None: likewise) add detector fits on the same folds; `extra_rows` False leaves out the
+    FEATURE_SETS and sparse_all defaults (sparse_all costs minutes a fold), not the pooled rows.
     `crossfit`: also cross-fit the detector's threshold over each fold's training sources
     (``lit_sahs.crossfit``) and report the held-out benign FPR and harmful TPR at both thresholds
     (``folds[i]["calibration"]``, ``"calibration"`` for the means); every threshold targets `target_fpr`."""
@@ -63,12 +65,12 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
     stored = set(folds.store.extra_names())
     has_extras = {RESIDUAL_EXTRA, REFUSAL_EXTRA} <= stored
     if feature_sets is None:
-        feature_sets = dict(FEATURE_SETS) if has_extras else {}
+        feature_sets = dict(FEATURE_SETS) if has_extras and extra_rows else {}
         feature_sets.update({m: f for m, f in POOLED_SETS.items()
                              if all(pool_extra(p) in stored for p in f.split(","))})
     else:
         feature_sets = dict(feature_sets)
-    sparse_all = has_extras if sparse_all is None else sparse_all
+    sparse_all = has_extras and extra_rows if sparse_all is None else sparse_all
     out = []
     for hold in tqdm(holdouts, desc="source folds", disable=not progress):
         fit = fit_fold(folds, detector, detector_args, top_k, hold, max_epochs=max_epochs, target_fpr=target_fpr)

@@ -78,6 +78,10 @@ class HeadSet:
     def to_list(self) -> list[list[int]]:
         return [list(p) for p in self.heads]
 
+    def spec(self) -> str:
+        """The heads as the `heads` option writes them: '3.1,5.0'."""
+        return ",".join(f"{l}.{h}" for l, h in self.heads)
+
 
 @dataclass(frozen=True)
 class TargetFingerprint:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
-from lit_sahs.data.extra_features import POOLS, from_forward
+from lit_sahs.data.extra_features import POOLS, check_pools, from_forward
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import Geometry, HeadSet
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
@@ -220,10 +220,9 @@ class PooledHeadCapture:
 
     def __init__(self, model: nn.Module, user_mask: torch.Tensor, pools: "tuple[str, ...]" = POOLS,
                  geometry: Optional[Geometry] = None):
-        bad = [p for p in pools if p not in POOLS]
-        if bad or not pools:
-            raise LitSahsError(f"unknown pooling {bad or pools}: use {' and/or '.join(POOLS)}")
-        self.model, self.pools = model, tuple(pools)
+        self.model, self.pools = model, check_pools(pools)
+        if not self.pools:
+            raise LitSahsError(f"no pooling asked for: use {' and/or '.join(POOLS)}")
         self.geometry = geometry or sites.geometry(model)
         self.user_mask = user_mask.bool()
         if not bool(self.user_mask.any(dim=1).all()):

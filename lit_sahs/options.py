@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence, TypeVar
 
-from lit_sahs.checks import optional_probability
+from lit_sahs.checks import at_least, optional_probability
 from lit_sahs.commands import parse_command
 from lit_sahs.choices import DEFAULT_REFUSAL, Dtype, Truncate, truncate_side
 from lit_sahs.devices import Device
@@ -162,9 +162,7 @@ class ServeOptions:
 
     def __post_init__(self) -> None:  # bad values fail before anything loads
         optional_probability(self.threshold, "threshold")
-        for name in ("max_batch_size", "max_new_tokens", "max_inputs", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise LitSahsError(f"{name} must be >= 1, got {getattr(self, name)}")
+        at_least({n: getattr(self, n) for n in ("max_batch_size", "max_new_tokens", "max_inputs", "max_body_bytes")}, 1)
         if not 0 <= self.batch_timeout <= 10:
             raise LitSahsError(f"batch_timeout must be between 0 and 10 seconds, got {self.batch_timeout}")
         if not 0 <= self.port <= 65535:

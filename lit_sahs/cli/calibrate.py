@@ -41,8 +41,8 @@ def calibrate_command(detector: str, store: str, out: Optional[str] = None, targ
         raise LitSahsError("--out is needed when --detector is an MLflow URI or a checkpoint")
     check_outputs(dirs={"--out": out})
     det = load_detector(detector, tracking_uri=tracking_uri)
-    explicit = ",".join(f"{layer}.{head}" for layer, head in det.head_set.heads)
-    folds = Folds(store, ranking=PER_FOLD if relocate else None, heads=None if relocate else explicit, seed=seed)
+    folds = Folds(store, ranking=PER_FOLD if relocate else None, heads=None if relocate else det.head_set.spec(),
+                  seed=seed)
     before = float(det.threshold)
     cf = crossfit_detector(det, folds, target_fpr=target_fpr, pairing=pairing, min_rows=min_rows,
                            max_epochs=max_epochs, progress=True)

@@ -125,7 +125,7 @@ def _source_report(store, ranking, heads, top_k, detector_family, pairing, sourc
                              min_rows=min_rows, max_epochs=max_epochs, seed=seed, heads=heads,
                              ranking=ranking or PER_FOLD, crossfit=crossfit, target_fpr=target_fpr,
                              detector_args=detector_args,
-                             **({} if extra_rows else {"feature_sets": _pooled_rows(store), "sparse_all": False}))
+                             extra_rows=extra_rows)
     out = out or os.path.join(store, "sources")
     table = format_source_tables(result)
     folds = [" + ".join(f["holdout"]) for f in result["folds"]]
@@ -158,17 +158,6 @@ def _source_report(store, ranking, heads, top_k, detector_family, pairing, sourc
     print(table)
     print(json.dumps({"out": out}))
     return 0
-
-
-def _pooled_rows(store: str) -> dict:
-    """With --extra_rows false: only the pooled-head rows, where the store records them (they cost
-    what a top-k fit costs, unlike sparse_all)."""
-    from lit_sahs.data.extra_features import pool_extra
-    from lit_sahs.data.store import ActivationStore
-    from lit_sahs.generalisation import POOLED_SETS
-
-    stored = set(ActivationStore.open(store).extra_names())
-    return {m: f for m, f in POOLED_SETS.items() if all(pool_extra(p) in stored for p in f.split(","))}
 
 
 def main(argv: list[str]) -> int:

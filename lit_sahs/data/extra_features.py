@@ -78,6 +78,15 @@ def _pooled(name: str) -> Optional[tuple[str, int, int]]:
     return pool, int(layer), int(head)
 
 
+def check_pools(pools: Sequence[str]) -> tuple[str, ...]:
+    """Pooling names (mean, max), each once; an empty or unknown one is refused."""
+    pools = tuple(dict.fromkeys(pools))
+    bad = [p for p in pools if p not in POOLS]
+    if bad:
+        raise LitSahsError(f"unknown pooling {bad}: use {' and/or '.join(POOLS)}")
+    return pools
+
+
 def check_store_pooling(store_path, pool: Sequence[str]) -> None:
     """A store keeps one pooling choice for all its rows: extracting more rows into a store with
     another one is refused before anything loads."""

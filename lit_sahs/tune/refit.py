@@ -114,7 +114,7 @@ def refit_best(cfg: TuneConfig, study, space: SearchSpace, folds: Folds, tracker
             (out / "best.json").write_text(Path(tmp, "best.json").read_text())
         tracker.log(run, params={"detector": family, "k": k, "features": features or "none",
                                  **{f"{family}.{h}": v for h, v in hparams.items()},
-                                 "head_set": ",".join(f"{l}.{h}" for l, h in det.head_set)},
+                                 "head_set": det.head_set.spec()},
                     metrics={"mean_held_out_auroc": best.value,
                              "mean_tpr_at_1fpr": best.user_attrs.get("mean_tpr_at_1fpr"),
                              **{f"held_out/{f}/auroc": v for f, v in (best.user_attrs.get("held_out_auroc") or {}).items()},
