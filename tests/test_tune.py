@@ -237,3 +237,14 @@ def test_repo_config_parses(capsys):
     space = SearchSpace.parse(cfg.space, max_heads=270).to_dict()
     assert space["detector"] == {"choices": ["logistic", "mlp", "sparse"]}
     assert {"logistic.l2", "mlp.hidden", "mlp.lr", "sparse.group_lasso"} <= set(space)
+
+
+def test_the_recorded_tune_study_config_parses():
+    """experiments/results/tune-guard2000-smollm2/tune.yaml: the study docs/results.md reports."""
+    from lit_sahs.tune import SearchSpace, parse_config
+
+    cfg = parse_config(["--config", str(ROOT / "experiments" / "results" / "tune-guard2000-smollm2" / "tune.yaml")])
+    assert cfg.objective == "sources" and cfg.n_trials == 12 and cfg.store == "stores/guard2000-smollm2"
+    space = SearchSpace.parse(cfg.space, max_heads=270)
+    assert space.feature_specs() == [None, "mean", "max", "mean,max", "resid,refusal"]
+    assert "logistic.low_fpr_weight" in space.to_dict()
