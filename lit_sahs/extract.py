@@ -23,13 +23,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_sahs.checks import at_least
 from lit_sahs.choices import truncate_side
-from lit_sahs.data.extra_features import check_pools, check_store_pooling, default_residual_layers, pool_extra
+from lit_sahs.data.extra_features import (TOKEN_HEADS_EXTRA, TOKEN_LENGTH, TOKEN_MASK_EXTRA, TOKENS_EXTRA, check_pools,
+                                          check_store_pooling, default_residual_layers, pool_extra)
 from lit_sahs.data.samples import Sample
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.data.writer import BlockWriter
 from lit_sahs.engine import Engine
 from lit_sahs.errors import LitSahsError
-from lit_sahs.hooks import HeadCapture, LayerResidualCapture, PooledHeadCapture, ResidualCapture
+from lit_sahs.heads import HeadSet
+from lit_sahs.hooks import HeadCapture, LayerResidualCapture, ResidualCapture
+from lit_sahs.prompt_hooks import PooledHeadCapture, TokenHeadCapture
 from lit_sahs.outputs import check_outputs
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
 from lit_sahs.targets import Target, load_target, prompting
@@ -63,7 +66,7 @@ class EncodeBatch:
         texts = [s.text for s in batch]
         out = {"samples": batch, "enc": self.encoder(texts, [s.image for s in batch], [s.id for s in batch])}
         if self.with_user_mask:
-            out["user_mask"] = self.encoder.user_mask(texts)
+            out["user_mask"] = self.encoder.mask_of(out["enc"])
         return out
 
 
@@ -92,10 +95,13 @@ class HeadExtractor(L.LightningModule):
     def __init__(self, target: str | Target = "smollm2-135m-instruct", dtype: str = "float32",
                  baselines: bool = True, device_map: Optional[DeviceMap] = None,
                  offload_folder: Optional[str] = None, residual_layers: Optional[Sequence[int]] = None,
-                 pool: Sequence[str] = ()):
+                 pool: Sequence[str] = (), token_heads: Optional[HeadSet] = None, token_length: int = TOKEN_LENGTH):
         super().__init__()
         self.baselines = baselines
         self.pool = check_pools(pool)  # also record every head pooled over the prompt's tokens
+        self.token_heads = HeadSet(token_heads) if token_heads else None  # ... and these heads at each token
+        at_least({"token_length": token_length}, 1)
+        self.token_length = int(token_length)
         self._residual_layers = tuple(residual_layers) if residual_layers is not None else None
         self._refusal_ids: Optional[torch.Tensor] = None
         if isinstance(target, Target):
@@ -105,6 +111,8 @@ class HeadExtractor(L.LightningModule):
             self.target = target
         else:
             self.target = load_target(target, dtype=dtype, device_map=device_map, offload_folder=offload_folder)
+        if self.token_heads is not None:
+            self.token_heads.validate(self.target.geometry)
 
     def on_predict_start(self) -> None:
         # the strategy has placed this (parameter-free) module: self.device is this rank's device
@@ -120,7 +128,9 @@ class HeadExtractor(L.LightningModule):
         enc = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch["enc"].items()}
         pooled = PooledHeadCapture(model, batch["user_mask"], self.pool, self.target.geometry) if self.pool \
             else contextlib.nullcontext()
-        with HeadCapture(model, geometry=self.target.geometry) as cap, pooled, \
+        tokens = TokenHeadCapture(model, self.token_heads, self.token_length, batch["user_mask"],
+                                  self.target.geometry) if self.token_heads else contextlib.nullcontext()
+        with HeadCapture(model, geometry=self.target.geometry) as cap, pooled, tokens, \
                 ResidualCapture(model) if self.baselines else contextlib.nullcontext() as res, \
                 LayerResidualCapture(model, self.residual_layers) if self.baselines else contextlib.nullcontext() as lres:
             # logits_to_keep=1: only the last position's logits; the full [batch, seq, vocab] is the
@@ -136,6 +146,11 @@ class HeadExtractor(L.LightningModule):
                              "refusal_prob": refusal_probability(logits, self.refusal_ids).float().cpu()}
         if self.pool:
             out.setdefault("extras", {}).update({pool_extra(p): v.to(torch.float16) for p, v in pooled.pooled().items()})
+        if self.token_heads:
+            values, valid = tokens.tokens()
+            ids = torch.tensor(self.token_heads.to_list(), dtype=torch.int16).expand(len(samples), -1, -1)
+            out.setdefault("extras", {}).update({TOKENS_EXTRA: values.to(torch.float16), TOKEN_MASK_EXTRA:
+                                                 valid.to(torch.uint8), TOKEN_HEADS_EXTRA: ids.clone()})
         return out
 
     @property
@@ -250,7 +265,8 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
                    trainer_kwargs: Optional[dict] = None, num_workers: Optional[int] = None,
                    device_map: Optional[DeviceMap] = None, offload_folder: Optional[str] = None,
                    truncate: Optional[str] = None, residual_layers: Optional[Sequence[int]] = None,
-                   pool: Sequence[str] = ()) -> dict:
+                   pool: Sequence[str] = (), token_heads: Optional[HeadSet] = None,
+                   token_length: int = TOKEN_LENGTH, token_heads_for=None) -> dict:
     """Extract head activations for `samples` into the store at `store_path`, skipping samples
     already there. Returns {'written': n, 'skipped': n, 'total': rows in store}.
     `num_workers` None: 4 encoding processes when the run uses a GPU, 0 on the CPU.
@@ -262,7 +278,12 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
     or its text is cut to fit with `truncate` left / right (``prompting.fit_context``).
     `pool` ('mean', 'max'): also record every head's output pooled over the prompt's own tokens
     (extras ``pool_mean`` / ``pool_max``, [n, layers, heads, head_dim] float16 each); a store keeps
-    one choice for all its rows (a run with nothing to add reuses the store whatever it asks)."""
+    one choice for all its rows (a run with nothing to add reuses the store whatever it asks).
+    `token_heads` (a HeadSet): also record those heads' outputs at each of the prompt's last
+    `token_length` own tokens (extras ``tokens`` [n, T, k, head_dim] float16, ``token_mask`` [n, T],
+    ``token_head_ids`` [n, k, 2]; what the attention-pooling family reads): k x T x head_dim x 2
+    bytes per prompt, one choice per store as for `pool`; `token_heads_for`: the fingerprint of the
+    ranking they came from (checked against the target)."""
     truncate_side(truncate)  # before loading the target
     at_least({"batch_size": batch_size, "block_rows": block_rows}, 1)
     check_outputs(dirs={"--store": store_path})
@@ -272,7 +293,13 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
         raise LitSahsError(f"num_workers must be >= 0, got {num_workers}")
     pool = check_pools(pool)  # before the target loads
     module = HeadExtractor(target, dtype=dtype, device_map=device_map, offload_folder=offload_folder,
-                           residual_layers=residual_layers, pool=pool)
+                           residual_layers=residual_layers, pool=pool, token_heads=token_heads,
+                           token_length=token_length)
+    if token_heads_for is not None:
+        token_heads_for.check(module.target.fingerprint, "the --token_ranking")
+    if (pool or module.token_heads) and module.target.is_vision_language:
+        raise LitSahsError(f"pooled and per-token heads are recorded for text-only targets; {module.target.name} "
+                           "is a vision-language target")
     if not module.target.is_vision_language:  # fail before the store is created, not mid-run
         bad = next((s for s in samples if s.image), None)
         if bad is not None:
@@ -284,7 +311,7 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
     if not todo:
         store = ActivationStore.open(store_path)
         return {"written": 0, "skipped": skipped, "total": len(store)}
-    check_store_pooling(store_path, pool)  # only rows to add must match what the store records
+    check_store_pooling(store_path, pool, module.token_heads, module.token_length)  # only rows to add must match what the store records
     texts = prompting.fit_context(module.target, [s.text for s in todo], [s.image for s in todo],
                                   [s.id for s in todo], truncate=truncate)  # before the store is created
     todo = [s if t == s.text else s.with_(text=t) for s, t in zip(todo, texts)]
@@ -295,7 +322,7 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
     if num_workers is None:
         num_workers = 4 if trainer.strategy.root_device.type == "cuda" else 0
     loader = DataLoader(SampleDataset(todo), batch_size=batch_size, shuffle=False,
-                        collate_fn=EncodeBatch(module.target, user_mask=bool(pool)), num_workers=num_workers,
+                        collate_fn=EncodeBatch(module.target, user_mask=bool(pool) or bool(module.token_heads)), num_workers=num_workers,
                         pin_memory=torch.cuda.is_available() and num_workers > 0)
     trainer.predict(module, loader, return_predictions=False)
     trainer.strategy.barrier("extraction written")  # DDP: every rank has committed its blocks

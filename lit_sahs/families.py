@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from importlib.metadata import entry_points
 
-import lit_sahs.detectors  # noqa: F401 - registers logistic, mlp, sparse
+import lit_sahs.detectors  # noqa: F401 - registers logistic, mlp, sparse, attnpool
 import lit_sahs.safevlm  # noqa: F401 - registers safevlm
 from lit_sahs.errors import LitSahsError
 from lit_sahs.family import ENTRY_POINT_GROUP, FAMILIES, ModelFamily, family_class as _registered

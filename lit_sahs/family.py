@@ -1,7 +1,7 @@
 """Model families: the one interface every trained detector offers the commands, and the one registry.
 
 A *model family* is what ``fit`` trains and ``save_detector`` writes: the safety-head detectors
-(logistic, mlp, sparse), SafeVLM's safety modules, or a family of your own. Every command that
+(logistic, mlp, sparse, attnpool), SafeVLM's safety modules, or a family of your own. Every command that
 holds a detector — artifact load/save, the MLflow registry, ``evaluate``, ``guard``, ``screen``,
 ``tune``, the MLflow pyfunc model — reaches it through ``ModelFamily`` and finds its class through
 ``FAMILIES``; none asks which family it holds.
@@ -153,6 +153,7 @@ FAMILIES: dict[str, type[ModelFamily]] = {}
 # importing them (they are LightningModules: importing one loads torch and Lightning). They register
 # when ``lit_sahs.families`` imports their packages; a test checks this table against what registers.
 BUILTIN_FAMILIES: dict[str, str] = {
+    "attnpool": "lit_sahs.detectors.attnpool:AttentionPoolDetector",
     "logistic": "lit_sahs.detectors.logistic:LogisticDetector",
     "mlp": "lit_sahs.detectors.mlp:MLPDetector",
     "sparse": "lit_sahs.detectors.sparse:SparseHeadDetector",

@@ -163,10 +163,14 @@ class Folds:
             self._rankings[key] = r
         return self._rankings[key]
 
-    def heads_for(self, k: int, held_out: Holdout | Sequence[str] | str = (), train_families: Sequence[str] = ()):
-        """The HeadSet of a fold: the top k of its ranking, or the explicit heads."""
+    def heads_for(self, k: int, held_out: Holdout | Sequence[str] | str = (), train_families: Sequence[str] = (),
+                  within=None):
+        """The HeadSet of a fold: the top k of its ranking (of the heads `within`, when given), or the
+        explicit heads."""
         if self.per_fold:
-            return self.ranking_for(held_out, train_families).top_k(k)
+            return self.ranking_for(held_out, train_families).top_k(k, within)
+        if within is not None and self.heads is None:
+            return self.ranking_for().top_k(k, within)
         from lit_sahs.data.datamodules import resolve_heads
 
         return resolve_heads(self.fingerprint, self.heads, self.ranking, k)
@@ -247,15 +251,17 @@ class FoldFit:
 
 def fit_fold(folds: Folds, family: str, hparams: Optional[dict], k: int, held_out: Holdout | Sequence[str] | str = (),
              train_families: Sequence[str] = (), max_epochs: Optional[int] = None, batch_size: int = 256,
-             target_fpr: Optional[float] = None, features: Optional[str] = None, all_heads: bool = False) -> FoldFit:
+             target_fpr: Optional[float] = None, features: Optional[str] = None, all_heads: bool = False,
+             within=None) -> FoldFit:
     """Fit a `family` detector on the fold's top-k heads (every head with `all_heads`, e.g. for the
     sparse selector), plus extra `features` ('resid,refusal', see lit_sahs.data.extra_features), and
-    training families (max_epochs None: the family's own default); the held-out rows stay unseen."""
+    training families (max_epochs None: the family's own default); the held-out rows stay unseen.
+    `within`: choose the top-k among these heads only (the heads a store recorded at every token)."""
     from lit_sahs.engine import Engine, require_one_process
     from lit_sahs.heads import HeadSet
 
     require_one_process("the held-out folds (evaluate, tune)")  # folds run one after another in one process
-    heads = HeadSet.all(folds.geometry) if all_heads else folds.heads_for(k, held_out, train_families)
+    heads = HeadSet.all(folds.geometry) if all_heads else folds.heads_for(k, held_out, train_families, within)
     dm = folds.datamodule(heads, held_out, train_families, batch_size, features)
     result = Engine(validate_once=True, max_epochs=max_epochs).fit(build_detector(family, hparams, target_fpr), dm)
     return FoldFit(result.detector, dm, result.val_metrics)

@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
-from lit_sahs.data.extra_features import POOLS, check_pools, from_forward
+from lit_sahs.data.extra_features import from_forward
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import Geometry, HeadSet
+from lit_sahs.prompt_hooks import PooledHeadCapture, TokenHeadCapture
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
 from lit_sahs.targets import sites
 from lit_sahs.targets.prompting import FIRST_TOKEN_INDEX
@@ -213,65 +214,6 @@ class LayerResidualCapture:
         return torch.stack([self._records[l].to(dev) for l in self.layers], dim=1)
 
 
-class PooledHeadCapture:
-    """Every head's output pooled over the prompt's own tokens (``Encoder.user_mask``), from the same
-    pre-hooks as HeadCapture: ``pooled()`` gives {pool: [batch, layers, heads, head_dim]} for the
-    pools asked for (mean, max). Only the prefill is recorded; hooks are always removed on exit."""
-
-    def __init__(self, model: nn.Module, user_mask: torch.Tensor, pools: "tuple[str, ...]" = POOLS,
-                 geometry: Optional[Geometry] = None):
-        self.model, self.pools = model, check_pools(pools)
-        if not self.pools:
-            raise LitSahsError(f"no pooling asked for: use {' and/or '.join(POOLS)}")
-        self.geometry = geometry or sites.geometry(model)
-        self.user_mask = user_mask.bool()
-        if not bool(self.user_mask.any(dim=1).all()):
-            raise LitSahsError("a prompt has no tokens of its own to pool over")
-        self._projs = sites.output_projections(model)
-        self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
-        self._records: dict[str, dict[int, torch.Tensor]] = {p: {} for p in self.pools}
-
-    def _hook(self, layer: int):
-        g = self.geometry
-
-        def hook(module, args):
-            x = args[0]
-            b, t = x.shape[0], x.shape[1]
-            if self.user_mask.shape != (b, t):
-                raise LitSahsError(f"user mask {tuple(self.user_mask.shape)} does not match the batch ({b}, {t})")
-            m = self.user_mask.to(x.device)[:, :, None]
-            with torch.no_grad():
-                if "mean" in self.pools:
-                    mean = (x * m).sum(1) / m.sum(1)
-                    self._records["mean"][layer] = mean.reshape(b, g.num_heads, g.head_dim).float().cpu()
-                if "max" in self.pools:
-                    mx = x.masked_fill(~m, float("-inf")).amax(1)
-                    self._records["max"][layer] = mx.reshape(b, g.num_heads, g.head_dim).float().cpu()
-            handle = self._handles.pop(layer, None)
-            if handle is not None:
-                handle.remove()
-
-        return hook
-
-    def __enter__(self) -> "PooledHeadCapture":
-        for recs in self._records.values():
-            recs.clear()
-        for layer in range(self.geometry.num_layers):
-            self._handles[layer] = self._projs[layer].register_forward_pre_hook(self._hook(layer))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles.values():
-            handle.remove()
-        self._handles.clear()
-
-    def pooled(self) -> dict[str, torch.Tensor]:
-        layers = range(self.geometry.num_layers)
-        if any(l not in self._records[p] for p in self.pools for l in layers):
-            raise LitSahsError("no pooled activations captured: run a forward inside the capture")
-        return {p: torch.stack([self._records[p][l] for l in layers], dim=1) for p in self.pools}
-
-
 class FeatureCapture:
     """HeadCapture plus the extra features a detector reads (``lit_sahs.data.extra_features``), from
     the same prefill: residuals after the spec's layers, and the refusal-token probability of the
@@ -280,17 +222,23 @@ class FeatureCapture:
     stands in for a HeadCapture wherever one is read (the guard's gate, ``capture_forward``)."""
 
     def __init__(self, model: nn.Module, heads: HeadSet, geometry: Geometry, spec, tokenizer):
-        if any(n.split(":")[0] in POOLS for n in spec.names):
-            raise LitSahsError("this detector reads heads pooled over the prompt (mean, max), which guard and screen "
-                               "cannot compute from a prefill yet: score it on a store (evaluate --protocol sources)")
         self.model, self.spec, self.geometry = model, spec, geometry
         self.head_capture = HeadCapture(model, heads, geometry)
         self.heads = self.head_capture.heads
         layers = spec.residual_layers
         self.residual_capture = LayerResidualCapture(model, layers) if layers else None
         self.refusal_ids = refusal_token_ids(tokenizer) if "refusal" in spec.names else None
+        # over the prompt's own tokens, found from the forward's ids (lit_sahs.prompt_hooks)
+        self.pooled_capture = (PooledHeadCapture(model, None, spec.pools, geometry, tokenizer=tokenizer)
+                               if spec.pools else None)
+        self.token_capture = (TokenHeadCapture(model, HeadSet(spec.token_heads), spec.token_length, None, geometry,
+                                               tokenizer=tokenizer) if spec.token_heads else None)
         self._handle = None
         self._logits: Optional[torch.Tensor] = None
+
+    def _parts(self):
+        return [c for c in (self.head_capture, self.residual_capture, self.pooled_capture, self.token_capture)
+                if c is not None]
 
     def _lm_hook(self, module, args, output):
         if self._logits is None:
@@ -299,9 +247,8 @@ class FeatureCapture:
 
     def __enter__(self) -> "FeatureCapture":
         self._logits = None
-        self.head_capture.__enter__()
-        if self.residual_capture is not None:
-            self.residual_capture.__enter__()
+        for part in self._parts():
+            part.__enter__()
         if self.refusal_ids is not None:
             head = self.model.get_output_embeddings()
             if head is None:
@@ -310,9 +257,8 @@ class FeatureCapture:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.head_capture.__exit__(*exc)
-        if self.residual_capture is not None:
-            self.residual_capture.__exit__(*exc)
+        for part in self._parts():
+            part.__exit__(*exc)
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
@@ -325,8 +271,10 @@ class FeatureCapture:
             if self._logits is None:
                 raise LitSahsError("no logits captured for the refusal feature: run a forward inside the capture")
             prob = refusal_probability(self._logits, self.refusal_ids)
+        pooled = self.pooled_capture.pooled() if self.pooled_capture is not None else None
+        tokens = self.token_capture.tokens() if self.token_capture is not None else None
         packed = from_forward(self.spec, None if res is None else res.cpu(), None if prob is None else prob.cpu(),
-                              self.geometry.head_dim)
+                              self.geometry.head_dim, pooled=pooled, tokens=tokens)
         return torch.cat([x.float(), packed.to(x.device)], dim=1)
 
 

@@ -26,10 +26,17 @@ class HeadRanking:
         """The row field heads are ranked by (higher is better)."""
         return "drop" if self.method == "effect" else "auroc"
 
-    def top_k(self, k: int) -> HeadSet:
-        if not 1 <= k <= len(self.scores):
-            raise LitSahsError(f"top_k={k} is outside 1..{len(self.scores)} ranked heads")
-        return HeadSet((s["layer"], s["head"]) for s in self.scores[:k])
+    def top_k(self, k: int, within=None) -> HeadSet:
+        """The k best heads; with `within` (heads), the k best of those (e.g. the heads a store
+        recorded at every token)."""
+        scores = self.scores
+        if within is not None:
+            allowed = {tuple(h) for h in within}
+            scores = [s for s in scores if (s["layer"], s["head"]) in allowed]
+        if not 1 <= k <= len(scores):
+            raise LitSahsError(f"top_k={k} is outside 1..{len(scores)} ranked heads"
+                               + (" of those allowed" if within is not None else ""))
+        return HeadSet((s["layer"], s["head"]) for s in scores[:k])
 
     def to_dict(self) -> dict:
         return {"fingerprint": self.fingerprint.to_dict(), "method": self.method, "scores": self.scores,

@@ -92,12 +92,16 @@ def test_extraction_stores_the_pools_and_a_detector_reads_them(tiny, tmp_path):
     with pytest.raises(LitSahsError, match="store .* records pooled heads"):
         run_extraction(tiny, samples + [Sample.make("one more", 0, source="src0")], tmp_path / "s",
                        trainer_kwargs=ONE, pool=("mean",))
-    with pytest.raises(LitSahsError, match="prefill yet"):
-        FeatureSpec.for_target(tiny, "mean")
-    from lit_sahs.hooks import capture_for
+    # live: guard, screen and live DataModules compute the same features from one prefill
+    from lit_sahs.hooks import capture_forward
 
-    with pytest.raises(LitSahsError, match="prefill yet"):  # a detector fitted on them cannot guard
-        capture_for(tiny, dm.head_set, dm.feature_spec)
+    assert FeatureSpec.for_target(tiny, "mean,max:0.0", heads=dm.head_set) == dm.feature_spec
+    texts = [samples[1].text, samples[0].text]  # a padded batch
+    live = capture_forward(tiny, prompting.encode(tiny, texts), dm.head_set, features=dm.feature_spec)
+    for i, text in enumerate(texts):
+        mean, mx, _, _ = direct_pools(tiny, text)
+        torch.testing.assert_close(live[i, 2], mean[1, 0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(live[i, 4], mx[0, 0], atol=1e-4, rtol=1e-4)
 
 
 def test_a_store_without_pools_refuses_pooled_features_naming_the_option(tmp_path):

@@ -38,7 +38,8 @@ def extract_command(target: str = "smollm2-135m-instruct", dtype: Dtype = "float
             num_workers: Optional[int] = None, store: Optional[str] = None,
             device_map: Optional[str] = None, offload_folder: Optional[str] = None,
             truncate: Truncate = None, residual_layers: Optional[str] = None, pool: str = "",
-            trainer: TrainerSettings = TrainerSettings()) -> int:
+            token_heads: Optional[str] = None, token_ranking: Optional[str] = None, token_top_k: int = 16,
+            token_length: int = 64, trainer: TrainerSettings = TrainerSettings()) -> int:
     """Capture every head's output at the first-token position into a store.
 
     Args:
@@ -65,17 +66,35 @@ def extract_command(target: str = "smollm2-135m-instruct", dtype: Dtype = "float
             extra feature (default: 4 evenly spaced, the last included)
         pool: also store every head pooled over the prompt's own tokens: mean, max or mean,max
             (text-only targets; each costs layers x heads x head_dim x 2 bytes per prompt)
+        token_heads: also store these heads ('layer.head,...') at each of the prompt's last
+            --token_length own tokens, for the attention-pooling detector (text-only targets;
+            heads x tokens x head_dim x 2 bytes per prompt)
+        token_ranking: or the top --token_top_k heads of this ranking (from `locate`)
+        token_top_k: how many of the ranking's heads --token_ranking records
+        token_length: prompt tokens recorded per head (the last ones: a longer prompt keeps its end)
         trainer: Lightning Trainer settings
     """
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     from lit_sahs.checks import at_least
     from lit_sahs.extract import run_extraction
+    from lit_sahs.heads import HeadSet
     from lit_sahs.outputs import check_outputs
     from lit_sahs.targets.registry import parse_device_map
 
     store = store or os.path.join("stores", os.path.basename(str(target)).removesuffix(".gguf"))
-    at_least({"--batch_size": batch_size, "--block_rows": block_rows, "--limit": limit}, 1)  # before any source loads
+    at_least({"--batch_size": batch_size, "--block_rows": block_rows, "--limit": limit,
+              "--token_top_k": token_top_k, "--token_length": token_length}, 1)  # before any source loads
+    tokens, ranked_for = None, None
+    if token_heads and token_ranking:
+        raise LitSahsError("give --token_heads or --token_ranking, not both")
+    if token_heads:
+        tokens = HeadSet.parse(token_heads)
+    elif token_ranking:
+        from lit_sahs.ranking import HeadRanking
+
+        ranking = HeadRanking.load(token_ranking)
+        tokens, ranked_for = ranking.top_k(token_top_k), ranking.fingerprint
     check_outputs(dirs={"--store": store})
     samples = SampleSpec(harmful=harmful, benign=benign, attacks=attacks, data=data, limit=limit,
                          max_chars=max_chars, seed=seed).build()
@@ -83,7 +102,8 @@ def extract_command(target: str = "smollm2-135m-instruct", dtype: Dtype = "float
                             trainer_kwargs=dataclasses.asdict(trainer), num_workers=num_workers,
                             device_map=parse_device_map(device_map), offload_folder=offload_folder,
                             truncate=truncate, residual_layers=_parse_layers(residual_layers),
-                            pool=names(pool))
+                            pool=names(pool), token_heads=tokens, token_length=token_length,
+                            token_heads_for=ranked_for)
     if rank_zero_only.rank == 0:  # under DDP every rank runs this command; one summary
         print(json.dumps({"store": store, **result}))
     return 0

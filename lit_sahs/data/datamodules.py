@@ -289,7 +289,7 @@ class LiveActivationDataModule(_SplitDataModule):
         self.geometry: Geometry = self.target.geometry
         self.head_set: HeadSet = resolve_heads(self.fingerprint, heads, ranking, top_k, all_heads)
         # extra features after the heads, from the same forward (lit_sahs.data.extra_features)
-        self.feature_spec: FeatureSpec = FeatureSpec.for_target(self.target, features)
+        self.feature_spec: FeatureSpec = FeatureSpec.for_target(self.target, features, heads=self.head_set)
         if self.feature_spec and write_through:
             raise LitSahsError("--data.features with --data.write_through: the write-through store records heads "
                                "only; extract a store (`python -m lit_sahs extract`) to keep the extra features")

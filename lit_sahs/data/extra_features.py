@@ -10,8 +10,16 @@ Names (a *feature spec* is a comma-separated list of them):
   ``lit_sahs.refusal``'s token set);
 * ``mean:<layer>.<head>`` / ``max:<layer>.<head>`` — that head's output averaged (max-pooled) over
   the prompt's own tokens, chat template excluded (store extras ``pool_mean`` / ``pool_max``, written
-  by ``extract --pool mean,max``); ``mean`` / ``max`` — the detector's own heads, pooled. A store
-  serves them; guard and screen cannot compute them from a prefill yet.
+  by ``extract --pool mean,max``); ``mean`` / ``max`` — the detector's own heads, pooled;
+* ``tok:<layer>.<head>`` — that head's output at each of the prompt's last T own tokens, right-aligned
+  (T x head_dim values, zeros before a short prompt), and ``tokmask`` — which of the T slots hold a
+  token (store extras ``tokens`` / ``token_mask`` / ``token_head_ids``, written by ``extract
+  --token_heads``); ``tokens`` — the detector's own heads at every token, plus ``tokmask``. What the
+  attention-pooling family reads.
+
+Pooled and per-token features come from ``lit_sahs.prompt_hooks``' captures, which find the prompt's
+tokens from the forward's ids, so guard, screen and live DataModules compute them from the same
+prefill as a store does.
 
 Detectors keep one input layout, raw ``[B, k, D]``: each feature is packed after the heads into
 ``ceil(width / D)`` slots of ``D = head_dim`` values, zero-padded (a zero column normalises to 0
@@ -32,7 +40,9 @@ import torch
 from lit_sahs.errors import LitSahsError
 
 RESIDUAL_EXTRA, LAYER_IDS_EXTRA, REFUSAL_EXTRA = "residual_layers", "residual_layer_ids", "refusal_prob"
-_NAME = re.compile(r"^(resid:\d+|resid|refusal|(mean|max)(:\d+\.\d+)?)$")
+TOKENS_EXTRA, TOKEN_MASK_EXTRA, TOKEN_HEADS_EXTRA = "tokens", "token_mask", "token_head_ids"
+TOKEN_LENGTH = 64  # the prompt tokens a live forward records for `tokens` when no store says otherwise
+_NAME = re.compile(r"^(resid:\d+|resid|refusal|(mean|max)(:\d+\.\d+)?|tokens|tokmask|tok:\d+\.\d+)$")
 POOLS = ("mean", "max")  # poolings over the prompt's own tokens a store can record
 REEXTRACT = ("re-extract into a new store with this version of `python -m lit_sahs extract` "
              "(it records residual_layers, residual_layer_ids and refusal_prob)")
@@ -56,7 +66,8 @@ def parse_names(spec: Union[str, Sequence[str], None]) -> tuple[str, ...]:
     bad = [s for s in out if not _NAME.match(s)]
     if bad:
         raise LitSahsError(f"unknown features {bad}: use resid (every stored residual layer), resid:<layer>, "
-                           "refusal, mean or max (the heads pooled over the prompt), comma-separated")
+                           "refusal, mean or max (the heads pooled over the prompt), tokens (the heads at every prompt "
+                           "token), comma-separated")
     return tuple(dict.fromkeys(out))
 
 
@@ -78,6 +89,25 @@ def _pooled(name: str) -> Optional[tuple[str, int, int]]:
     return pool, int(layer), int(head)
 
 
+def _token_head(name: str) -> Optional[tuple[int, int]]:
+    """(layer, head) of a ``tok:<l>.<h>`` name, else None."""
+    if not name.startswith("tok:"):
+        return None
+    layer, head = name[4:].split(".")
+    return int(layer), int(head)
+
+
+def store_token_heads(store) -> tuple[tuple[int, int], ...]:
+    """The heads a store recorded at every prompt token (``extract --token_heads``)."""
+    if TOKEN_HEADS_EXTRA not in store.extra_names():
+        raise LitSahsError(f"store {store.path} has no per-token heads: extract it with --token_heads")
+    ids = store.read_extra(TOKEN_HEADS_EXTRA)
+    if len(ids) and not (ids == ids[0]).all():
+        raise LitSahsError(f"store {store.path} mixes rows extracted with different --token_heads: "
+                           "re-extract into a new store with one list")
+    return tuple((int(l), int(h)) for l, h in ids[0])
+
+
 def check_pools(pools: Sequence[str]) -> tuple[str, ...]:
     """Pooling names (mean, max), each once; an empty or unknown one is refused."""
     pools = tuple(dict.fromkeys(pools))
@@ -87,9 +117,9 @@ def check_pools(pools: Sequence[str]) -> tuple[str, ...]:
     return pools
 
 
-def check_store_pooling(store_path, pool: Sequence[str]) -> None:
-    """A store keeps one pooling choice for all its rows: extracting more rows into a store with
-    another one is refused before anything loads."""
+def check_store_pooling(store_path, pool: Sequence[str], token_heads=None, token_length: int = 0) -> None:
+    """A store keeps one pooling choice and one per-token choice (heads, length) for all its rows:
+    extracting more rows into a store with other ones is refused before anything loads."""
     from pathlib import Path
 
     from lit_sahs.data.store import ActivationStore
@@ -103,6 +133,15 @@ def check_store_pooling(store_path, pool: Sequence[str]) -> None:
     if set(have) != set(pool):
         raise LitSahsError(f"store {store_path} records pooled heads {list(have) or 'none'}, this extraction asks "
                            f"for {list(pool) or 'none'}: use the same --pool, or extract into a new store")
+    recorded = store_token_heads(store) if TOKEN_HEADS_EXTRA in store.extra_names() else ()
+    length = int(store.read_extra(TOKEN_MASK_EXTRA, rows=[0]).shape[-1]) if recorded else 0
+    asked = tuple(tuple(h) for h in token_heads) if token_heads else ()
+    if recorded != asked or (asked and length != token_length):
+        def say(heads, n):
+            return f"heads {','.join(f'{l}.{h}' for l, h in heads)} at {n} tokens" if heads else "no per-token heads"
+        raise LitSahsError(f"store {store_path} records {say(recorded, length)}, this extraction asks for "
+                           f"{say(asked, token_length)}: use the same --token_heads and --token_length, "
+                           "or extract into a new store")
 
 
 def store_layers(store) -> tuple[int, ...]:
@@ -146,57 +185,81 @@ class FeatureSpec:
         if "refusal" in names and REFUSAL_EXTRA not in have:
             raise LitSahsError(f"store {store.path} has no refusal_prob extra (extracted before extra features): "
                                + REEXTRACT)
+        length = 0
+        if any(n == "tokens" or n == "tokmask" or _token_head(n) for n in names):
+            recorded = store_token_heads(store)
+            length = int(store.read_extra(TOKEN_MASK_EXTRA, rows=[0]).shape[-1])
+            asked = [_token_head(n) for n in names if _token_head(n)]
+            asked += list(heads) if "tokens" in names and heads is not None else []
+            missing = [f"{l}.{h}" for l, h in asked if (l, h) not in recorded]
+            if missing:
+                raise LitSahsError(f"store {store.path} recorded heads {', '.join(f'{l}.{h}' for l, h in recorded)} at every token, "
+                                   f"not {', '.join(missing)}: pick those heads, or re-extract with --token_heads")
 
         def unknown_layer(n: str) -> str:
             return (f"feature {n}: store {store.path} recorded residuals at layers {list(layers)} only: "
                     "pick one of them, or re-extract with those layers")
 
         hidden = int(store.read_extra(RESIDUAL_EXTRA, rows=[0]).shape[-1]) if layers else 0
-        return cls._canonical(names, layers, layers, unknown_layer, hidden, heads, store.geometry)
+        return cls._canonical(names, layers, layers, unknown_layer, hidden, heads, store.geometry, length)
 
     @classmethod
-    def for_target(cls, target, spec: Union[str, Sequence[str], None]) -> "FeatureSpec":
+    def for_target(cls, target, spec: Union[str, Sequence[str], None], heads=None,
+                   token_length: int = TOKEN_LENGTH) -> "FeatureSpec":
         """The spec a live forward of `target` serves: ``resid`` means the layers extraction records by
-        default (``default_residual_layers``), so a live fit reads what a store would."""
+        default (``default_residual_layers``), so a live fit reads what a store would; per-token
+        features record the prompt's last `token_length` tokens."""
         from lit_sahs.targets import sites
 
         names = parse_names(spec)
         if not names:
             return cls((), ())
-        if any(n.split(":")[0] in POOLS for n in names):
-            raise LitSahsError("heads pooled over the prompt (mean, max) are read from an activation store only: "
-                               "guard, screen and live DataModules cannot compute them from a prefill yet")
         n_layers = target.geometry.num_layers
         return cls._canonical(names, default_residual_layers(n_layers), range(n_layers),
                               lambda n: f"feature {n}: {target.name} has decoder layers 0..{n_layers - 1}",
-                              int(sites.text_config(target.model.config).hidden_size))
+                              int(sites.text_config(target.model.config).hidden_size), heads, target.geometry,
+                              token_length)
 
     @classmethod
     def _canonical(cls, names: Sequence[str], resid_layers: Sequence[int], valid_layers, unknown_layer,
-                   hidden: int, heads=None, geometry=None) -> "FeatureSpec":
+                   hidden: int, heads=None, geometry=None, token_length: int = 0) -> "FeatureSpec":
         """``resid`` expanded to ``resid:<layer>`` for `resid_layers`; a ``resid:<layer>`` outside
-        `valid_layers` raises ``unknown_layer(name)``; ``mean`` / ``max`` expanded over `heads`;
-        residuals are `hidden` wide, pooled heads head_dim, refusal 1."""
+        `valid_layers` raises ``unknown_layer(name)``; ``mean`` / ``max`` / ``tokens`` expanded over
+        `heads`; residuals are `hidden` wide, pooled heads head_dim, a head's tokens
+        token_length x head_dim, ``tokmask`` token_length, refusal 1."""
         canon: list[str] = []
         for n in names:
             if n == "resid":
                 canon += [f"resid:{l}" for l in resid_layers]
             elif n.startswith("resid:") and _layer(n) not in valid_layers:
                 raise LitSahsError(unknown_layer(n))
-            elif n in POOLS:
+            elif n in POOLS or n == "tokens":
                 if heads is None:
-                    raise LitSahsError(f"feature {n} pools the detector's heads: give the heads first")
-                canon += [f"{n}:{l}.{h}" for l, h in heads]
+                    raise LitSahsError(f"feature {n} reads the detector's heads: give the heads first")
+                canon += [f"{'tok' if n == 'tokens' else n}:{l}.{h}" for l, h in heads]
+                canon += ["tokmask"] if n == "tokens" else []
             else:
-                if _pooled(n) is not None:
-                    _, l, h = _pooled(n)
+                where = _pooled(n)[1:] if _pooled(n) is not None else _token_head(n)
+                if where is not None:
+                    l, h = where
                     if geometry is None or not (0 <= l < geometry.num_layers and 0 <= h < geometry.num_heads):
                         raise LitSahsError(f"feature {n}: no such head in this target")
                 canon.append(n)
         canon = list(dict.fromkeys(canon))
+        if any(_token_head(n) for n in canon) and "tokmask" not in canon:
+            canon.append("tokmask")  # which token slots are real travels with the tokens
         head_dim = geometry.head_dim if geometry is not None else 0
-        return cls(tuple(canon), tuple(hidden if n.startswith("resid") else head_dim if _pooled(n) else 1
-                                       for n in canon))
+
+        def width(n: str) -> int:
+            if n.startswith("resid"):
+                return hidden
+            if _pooled(n):
+                return head_dim
+            if _token_head(n):
+                return token_length * head_dim
+            return token_length if n == "tokmask" else 1
+
+        return cls(tuple(canon), tuple(width(n) for n in canon))
 
     # ------------------------------------------------------------ layout
     def slots(self, head_dim: int) -> list[int]:
@@ -216,6 +279,21 @@ class FeatureSpec:
     @property
     def residual_layers(self) -> tuple[int, ...]:
         return tuple(_layer(n) for n in self.names if n.startswith("resid:"))
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        """The poolings the spec reads (mean, max)."""
+        return tuple(p for p in POOLS if any((_pooled(n) or ("",))[0] == p for n in self.names))
+
+    @property
+    def token_heads(self) -> tuple[tuple[int, int], ...]:
+        """The heads the spec reads at every prompt token, in spec order."""
+        return tuple(_token_head(n) for n in self.names if _token_head(n))
+
+    @property
+    def token_length(self) -> int:
+        """How many prompt tokens the per-token features hold (0: none)."""
+        return dict(zip(self.names, self.widths)).get("tokmask", 0)
 
     def pack(self, values: Sequence[np.ndarray | torch.Tensor], head_dim: int) -> torch.Tensor:
         """Per-feature values [n, width] (in `names` order) -> [n, slots, head_dim] float32, zero-padded."""
@@ -251,14 +329,20 @@ def read_values(store, spec: FeatureSpec, rows: Optional[Sequence[int]] = None) 
     out = []
     layers = store_layers(store) if spec.residual_layers else ()
     resid = store.read_extra(RESIDUAL_EXTRA, rows=rows) if layers else None
-    pooled = {p: store.read_extra(pool_extra(p), rows=rows) for p in POOLS
-              if any((_pooled(n) or ("",))[0] == p for n in spec.names)}
+    pooled = {p: store.read_extra(pool_extra(p), rows=rows) for p in spec.pools}
+    tokens = store.read_extra(TOKENS_EXTRA, rows=rows) if spec.token_heads else None
+    recorded = store_token_heads(store) if spec.token_heads else ()
     for n in spec.names:
         if n == "refusal":
             out.append(refusal_feature(store.read_extra(REFUSAL_EXTRA, rows=rows)).numpy())
         elif _pooled(n) is not None:
             pool, layer, head = _pooled(n)
             out.append(pooled[pool][:, layer, head].astype(np.float32))
+        elif _token_head(n) is not None:
+            j = recorded.index(_token_head(n))
+            out.append(tokens[:, :, j].astype(np.float32).reshape(len(tokens), -1))
+        elif n == "tokmask":
+            out.append(store.read_extra(TOKEN_MASK_EXTRA, rows=rows).astype(np.float32))
         else:
             out.append(resid[:, layers.index(_layer(n))].astype(np.float32))
     return out
@@ -277,13 +361,23 @@ def read_inputs(store, head_set, spec: FeatureSpec, head_dim: int, rows: Optiona
 
 
 def from_forward(spec: FeatureSpec, residuals: Optional[torch.Tensor], refusal_prob: Optional[torch.Tensor],
-                 head_dim: int) -> torch.Tensor:
+                 head_dim: int, pooled: Optional[dict] = None,
+                 tokens: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Packed features from one forward: `residuals` [B, len(spec.residual_layers), hidden] in
-    spec.residual_layers order, `refusal_prob` [B]."""
-    vals, i = [], 0
+    spec.residual_layers order, `refusal_prob` [B], `pooled` {pool: [B, layers, heads, head_dim]},
+    `tokens` (values [B, T, len(spec.token_heads), head_dim] in spec.token_heads order, valid [B, T])."""
+    vals, i, j = [], 0, 0
     for n in spec.names:
         if n == "refusal":
             vals.append(refusal_feature(refusal_prob))
+        elif _pooled(n) is not None:
+            pool, layer, head = _pooled(n)
+            vals.append(pooled[pool][:, layer, head].float())
+        elif _token_head(n) is not None:
+            vals.append(tokens[0][:, :, j].float().reshape(len(tokens[0]), -1))
+            j += 1
+        elif n == "tokmask":
+            vals.append(tokens[1].float())
         else:
             vals.append(residuals[:, i].float())
             i += 1

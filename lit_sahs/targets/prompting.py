@@ -205,37 +205,78 @@ class Encoder:
         return batch
 
     def user_mask(self, texts: Sequence) -> torch.Tensor:
-        """[batch, seq] bool, aligned with ``self(texts)``: the tokens of each prompt's own text (a
-        conversation's last user turn) inside the chat template, where pooling over the prompt reads.
+        """[batch, seq] bool, aligned with ``self(texts)``: each prompt's own tokens (``user_token_mask``).
+        Text-only targets only."""
+        return self.mask_of(self(texts))
 
-        The rendered prompt is tokenised again with character offsets; a token belongs to the user
-        when its characters lie inside the text's span (its last occurrence in the rendering). A
-        text the template changed so that it is not found verbatim falls back to every attended
-        token. Text-only targets with a fast tokenizer only."""
+    def mask_of(self, enc: dict) -> torch.Tensor:
+        """``user_mask`` of a batch this encoder made (no second tokenisation)."""
         if self.processor is not None:
             raise LitSahsError(f"pooling over the prompt's tokens is available for text-only targets; {self.name} "
                                "is a vision-language target")
-        if not getattr(self.tokenizer, "is_fast", False):
-            raise LitSahsError(f"pooling over the prompt's tokens needs a fast tokenizer (character offsets); "
-                               f"{self.name}'s is not")
-        texts = list(texts)
-        prompts = [render_prompt(self.tokenizer, t) for t in texts]
-        self.tokenizer.padding_side = "left"
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
-                             return_offsets_mapping=True)
-        offsets, attended = enc["offset_mapping"], enc["attention_mask"].bool()
-        out = torch.zeros_like(attended)
-        for i, (prompt, t) in enumerate(zip(prompts, texts)):
-            text = prompt_text(t)
-            start = prompt.rfind(text) if text else -1
-            if start < 0:
-                out[i] = attended[i]
+        return user_token_mask(self.tokenizer, enc["input_ids"], enc["attention_mask"])
+
+
+USER_SENTINEL = "LITSAHSUSERTEXT"  # stands for the user's text when the chat template is rendered alone
+
+
+def user_markers(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(opener, closer): the token ids the chat template puts right before the last user turn's text
+    (from its last special token on, e.g. ``<|im_start|> user \n``) and right after it (the end of the
+    turn and the assistant prefix, up to the first-token position). Both empty without a template.
+    Cached on the tokenizer: rendering costs more than matching."""
+    cached = getattr(tokenizer, "_lit_sahs_user_markers", None)
+    if cached is not None:
+        return cached
+    if not getattr(tokenizer, "chat_template", None):
+        markers: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+    else:
+        prompt = render_prompt(tokenizer, USER_SENTINEL)
+        at = prompt.rfind(USER_SENTINEL)
+        if at < 0:
+            raise LitSahsError("the chat template does not place the user's text verbatim: "
+                               "pooling over the prompt's tokens cannot find it")
+        before = tokenizer(prompt[:at], add_special_tokens=False)["input_ids"]
+        after = tokenizer(prompt[at + len(USER_SENTINEL):], add_special_tokens=False)["input_ids"]
+        special = set(getattr(tokenizer, "all_special_ids", ())) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+        last = max((i for i, t in enumerate(before) if t in special), default=max(len(before) - 1, 0))
+        markers = (tuple(before[last:]), tuple(after))
+    try:
+        tokenizer._lit_sahs_user_markers = markers
+    except AttributeError:  # pragma: no cover - a tokenizer that refuses attributes: no cache
+        pass
+    return markers
+
+
+def user_token_mask(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] bool: the tokens of each row's own text (a conversation's last user turn) in a
+    left-padded batch: after the last occurrence of the template's user-turn opener and before its
+    closer, which ends every row (``user_markers``). The one definition of "the prompt's tokens"
+    that pooled features read, computed from the ids alone, so a capture inside any forward
+    (extraction, a live DataModule, the guard's prefill) finds the same tokens. A row where the
+    markers are not found falls back to every attended token."""
+    opener, closer = user_markers(tokenizer)
+    ids, attended = input_ids.cpu(), attention_mask.cpu().bool()
+    out = attended.clone()
+    seq = ids.shape[1]
+    for i in range(ids.shape[0]):
+        row = ids[i].tolist()
+        end = seq - len(closer)
+        if closer and tuple(row[end:]) != closer:
+            continue
+        start = 0
+        if opener:
+            n = len(opener)
+            hits = [p for p in range(end - n, -1, -1) if tuple(row[p:p + n]) == opener]
+            if not hits:
                 continue
-            lo, hi = offsets[i, :, 0], offsets[i, :, 1]
-            out[i] = attended[i] & (lo >= start) & (hi <= start + len(text)) & (hi > lo)
-            if not out[i].any():
-                out[i] = attended[i]
-        return out
+            start = hits[0] + n
+        if start >= end:
+            continue
+        span = torch.zeros(seq, dtype=torch.bool)
+        span[start:end] = True
+        out[i] = attended[i] & span
+    return out.to(input_ids.device)
 
 
 def _check_placeholders(target, processor, prompts: list[str], per_row: list[list[str]], ids: list[str]) -> None:
