@@ -14,7 +14,9 @@ Features beyond heads (``lit_sahs.data.extra_features``): on a store that record
 folds also fit the detector on the heads plus residual layers and/or the refusal probability
 (``heads_resid``, ``heads_refusal``, ``heads_resid_refusal``) and the sparse group-lasso selector over
 every head, every residual layer and the refusal probability (``sparse_all``); the baselines add the
-harm direction, the multi-layer residual probe and the refusal probability alone.
+harm direction, the multi-layer residual probe and the refusal probability alone. On a store that
+records heads at every prompt token (``extract --token_heads``), ``heads_attnpool`` fits the
+attention-pooling family on the fold's top-k of those heads (ranked on the fold's training rows).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from lit_sahs.baselines import BASELINES
-from lit_sahs.data.extra_features import REFUSAL_EXTRA, RESIDUAL_EXTRA, pool_extra
+from lit_sahs.data.extra_features import REFUSAL_EXTRA, RESIDUAL_EXTRA, TOKEN_HEADS_EXTRA, pool_extra, store_token_heads
 from lit_sahs.folds import PER_FOLD, Folds, fit_fold
 from lit_sahs.detectors.metrics import AUROC, FPR, METRIC_LABELS, TPR_AT_1FPR, TPR_AT_5FPR
 
@@ -35,6 +37,8 @@ FEATURE_SETS = {"heads_resid": "resid", "heads_refusal": "refusal", "heads_resid
 POOLED_SETS = {"heads_mean": "mean", "heads_max": "max", "heads_mean_max": "mean,max"}
 SPARSE_ALL = "sparse_all"
 SPARSE_ALL_ARGS = {"group_lasso": 0.02}
+# on a store extracted with --token_heads: the attention-pooling family over the heads at every token
+ATTNPOOL = "heads_attnpool"
 
 # the columns of the table: threshold-free operating points, and the held-out benign source's FPR
 COLUMNS = (AUROC, TPR_AT_1FPR, TPR_AT_5FPR, FPR)
@@ -71,6 +75,7 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
     else:
         feature_sets = dict(feature_sets)
     sparse_all = has_extras and extra_rows if sparse_all is None else sparse_all
+    token_heads = store_token_heads(folds.store) if TOKEN_HEADS_EXTRA in stored else ()
     out = []
     for hold in tqdm(holdouts, desc="source folds", disable=not progress):
         fit = fit_fold(folds, detector, detector_args, top_k, hold, max_epochs=max_epochs, target_fpr=target_fpr)
@@ -84,6 +89,9 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
             # max_epochs (30) is sized for the logistic detector, and 6000 steps over every head cost minutes a fold
             extra_fits[SPARSE_ALL] = fit_fold(folds, "sparse", SPARSE_ALL_ARGS, top_k, hold, all_heads=True,
                                               features="resid,refusal" if has_extras else None)
+        if token_heads:  # the fold's best heads among those recorded at every token
+            extra_fits[ATTNPOOL] = fit_fold(folds, "attnpool", None, min(top_k, len(token_heads)), hold,
+                                            target_fpr=target_fpr, features="tokens", within=token_heads)
         for m, f in extra_fits.items():
             reports[m], thresholds[m] = _fit_report(f, labels)
         out.append({"holdout": list(hold.sources), "n_malicious": int(labels.sum()),

@@ -202,3 +202,15 @@ def test_guard_and_screen_score_an_attention_pooling_detector_as_the_store_does(
     np.testing.assert_allclose(res.scores, want, atol=2e-3)
     screened = Screener(tiny, det, batch_size=3).score([s.text for s in samples[:4]]).scores
     np.testing.assert_allclose(screened, want, atol=2e-3)
+
+
+def test_the_source_protocol_adds_the_attention_pooling_row_on_a_token_store(tmp_path):
+    """Signal at one token only: the attention-pooled row finds it on held-out sources, the
+    first-token heads do not."""
+    from lit_sahs.generalisation import source_protocol
+
+    torch.manual_seed(0)
+    make_token_store(tmp_path / "s", n=300)
+    res = source_protocol(str(tmp_path / "s"), top_k=2, max_epochs=3, baselines=(), progress=False)
+    assert set(res["mean"]) == {"heads", "heads_attnpool"}
+    assert res["mean"]["heads_attnpool"]["auroc"] > 0.85 and res["mean"]["heads"]["auroc"] < 0.7

@@ -34,7 +34,7 @@ class AttentionPoolDetector(SafetyDetector):
 
     family = "attnpool"
     report_name = "attention-pooled heads"
-    trainer_defaults = {"max_epochs": 40}
+    trainer_defaults = {"max_epochs": 100}  # small batches of data per epoch in source folds (batch 256)
     default_lr = 3e-3
 
     def __init__(self, queries: int = 1, dropout: float = 0.1, first_token: bool = True, lr: float | None = None,
