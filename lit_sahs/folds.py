@@ -256,11 +256,19 @@ def fit_fold(folds: Folds, family: str, hparams: Optional[dict], k: int, held_ou
     """Fit a `family` detector on the fold's top-k heads (every head with `all_heads`, e.g. for the
     sparse selector), plus extra `features` ('resid,refusal', see lit_sahs.data.extra_features), and
     training families (max_epochs None: the family's own default); the held-out rows stay unseen.
-    `within`: choose the top-k among these heads only (the heads a store recorded at every token)."""
+    `within`: choose the top-k (at most all) among these heads only; features with ``tokens`` default it
+    to the heads the store recorded at every token."""
     from lit_sahs.engine import Engine, require_one_process
     from lit_sahs.heads import HeadSet
 
     require_one_process("the held-out folds (evaluate, tune)")  # folds run one after another in one process
+    if within is None and features:  # per-token features: the heads the store recorded at every token
+        from lit_sahs.data.extra_features import TOKEN_HEADS_EXTRA, parse_names, store_token_heads
+
+        if "tokens" in parse_names(features) and TOKEN_HEADS_EXTRA in folds.store.extra_names():
+            within = store_token_heads(folds.store)
+    if within is not None:
+        k = min(k, len(within))  # a search over k may ask for more than were recorded
     heads = HeadSet.all(folds.geometry) if all_heads else folds.heads_for(k, held_out, train_families, within)
     dm = folds.datamodule(heads, held_out, train_families, batch_size, features)
     result = Engine(validate_once=True, max_epochs=max_epochs).fit(build_detector(family, hparams, target_fpr), dm)

@@ -90,8 +90,8 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
             extra_fits[SPARSE_ALL] = fit_fold(folds, "sparse", SPARSE_ALL_ARGS, top_k, hold, all_heads=True,
                                               features="resid,refusal" if has_extras else None)
         if token_heads:  # the fold's best heads among those recorded at every token
-            extra_fits[ATTNPOOL] = fit_fold(folds, "attnpool", None, min(top_k, len(token_heads)), hold,
-                                            target_fpr=target_fpr, features="tokens", within=token_heads)
+            extra_fits[ATTNPOOL] = fit_fold(folds, "attnpool", None, top_k, hold, target_fpr=target_fpr,
+                                            features="tokens")
         for m, f in extra_fits.items():
             reports[m], thresholds[m] = _fit_report(f, labels)
         out.append({"holdout": list(hold.sources), "n_malicious": int(labels.sum()),

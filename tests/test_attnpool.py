@@ -214,3 +214,35 @@ def test_the_source_protocol_adds_the_attention_pooling_row_on_a_token_store(tmp
     res = source_protocol(str(tmp_path / "s"), top_k=2, max_epochs=3, baselines=(), progress=False)
     assert set(res["mean"]) == {"heads", "heads_attnpool"}
     assert res["mean"]["heads_attnpool"]["auroc"] > 0.85 and res["mean"]["heads"]["auroc"] < 0.7
+
+
+def test_tune_searches_the_attention_pooling_family_within_the_recorded_heads(mlflow_workdir, cli):
+    """A study over attnpool with `tokens` scores the planted token on held-out sources; k is capped at
+    the heads the store recorded at every token, and the refit reads them."""
+    import json
+
+    import yaml
+
+    from lit_sahs.artifact import load_detector
+
+    torch.manual_seed(0)
+    make_token_store(mlflow_workdir / "s", n=300)
+    cfg = {"store": str(mlflow_workdir / "s"), "objective": "sources", "ranking": "per_fold", "study_name": "tok",
+           "storage": f"sqlite:///{mlflow_workdir}/optuna.db", "n_trials": 1, "max_epochs": {"attnpool": 40}, "seed": 0, "min_rows": 20,
+           "batch_size": 64, "space": {"detector": ["attnpool"], "k": {"low": 2, "high": 4},
+                                       "features": ["tokens"]},
+           "sampler": {"name": "random"}, "pruner": {"name": "none"}, "heartbeat_interval": None, "refit": True,
+           "plots": False, "baselines": [], "output_dir": str(mlflow_workdir / "art"),
+           "tracking_uri": f"sqlite:///{mlflow_workdir}/mlruns/mlflow.db"}
+    (mlflow_workdir / "tune.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = cli(["tune", "--config", str(mlflow_workdir / "tune.yaml")])
+    assert code == 0, err[-2000:]
+    best = json.loads((mlflow_workdir / "art" / "tok" / "best.json").read_text())
+    assert best["detector"] == "attnpool" and best["value"] > 0.85
+    det = load_detector(mlflow_workdir / "art" / "tok" / "detector")
+    assert set(det.head_set) <= {(1, 0), (2, 1)} and det.feature_spec.token_length == T  # k capped at the recorded
+
+    cfg["space"] = {"detector": ["logistic", "attnpool"], "k": 2, "features": ["none", "tokens"]}
+    (mlflow_workdir / "tune.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = cli(["tune", "--config", str(mlflow_workdir / "tune.yaml")])
+    assert code == 2 and "lack 'tokens'" in err.strip().splitlines()[-1]

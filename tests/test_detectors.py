@@ -395,7 +395,7 @@ def test_bad_hparams_and_bind():
         det.bind(HeadSet([(7, 0)]), GEOMETRY, FINGERPRINT, torch.zeros(1, 16), torch.ones(1, 16))
     from lit_sahs.families import trainable_families
 
-    assert set(trainable_families()) == {"logistic", "mlp", "sparse"}
+    assert set(trainable_families()) == {"logistic", "mlp", "sparse", "attnpool"}
     assert all(issubclass(c, SafetyDetector) for c in trainable_families().values())
 
 

@@ -145,6 +145,10 @@ class SearchSpace:
 
         for c in features.choices or (features.value,):
             parse_names(feature_choice(c))  # unknown names: one clear error
+        without = [c for c in features.choices or (features.value,) if "tokens" not in parse_names(feature_choice(c))]
+        if "attnpool" in det.choices and without:
+            raise LitSahsError(f"search space: the attnpool detector reads heads at every prompt token, but the "
+                               f"features choices {without} lack 'tokens': give features such as [tokens, \"tokens,mean\"]")
         ks = list(k.choices) if k.kind == "categorical" else [k.value] if k.kind == "fixed" else [k.low, k.high]
         if k.kind == "float" or not all(_is_int(v) for v in ks):
             raise LitSahsError(f"search space 'k' must be integers, got {k.to_dict()}")

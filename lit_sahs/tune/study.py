@@ -170,12 +170,14 @@ def run_tune(cfg: TuneConfig) -> dict:
     folds = Folds(cfg.store, cfg.ranking, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
     holdouts = folds.holdouts(cfg.objective, cfg.families, cfg.min_rows, cfg.pairing, cfg.sources)
     space = SearchSpace.parse(cfg.space, folds.max_heads())
-    from lit_sahs.data.extra_features import FeatureSpec
+    from lit_sahs.data.extra_features import TOKEN_HEADS_EXTRA, FeatureSpec, store_token_heads
 
     from lit_sahs.heads import HeadSet
 
+    # any head the store serves: `mean` pools the trial's heads, `tokens` reads them at every token
+    probe = HeadSet(store_token_heads(folds.store)[:1] if TOKEN_HEADS_EXTRA in folds.store.extra_names() else [(0, 0)])
     for spec in space.feature_specs():  # a feature the store lacks: refused before any study exists
-        FeatureSpec.for_store(folds.store, spec, heads=HeadSet([(0, 0)]))  # any head: `mean` pools the trial's
+        FeatureSpec.for_store(folds.store, spec, heads=probe)
     objective = objective_spec(cfg, folds, holdouts)
     storage = open_storage(cfg.storage, cfg.heartbeat_interval)
     tracker = Tracker(cfg.tracking_uri, cfg.experiment)
