@@ -11,7 +11,9 @@ and of total time:
                    perplexity baseline runs the LM head over every position);
 * `extraction`     baselines + the new features (what `HeadExtractor.predict_step` computes now);
 * `heads+pool`     heads + every head pooled (mean and max) over the prompt's own tokens
-                   (``extract --pool mean,max``), the user-token mask tokenised in the same step.
+                   (``extract --pool mean,max``), the user-token mask found from the batch's ids;
+* `heads+tokens`   heads + 32 heads at each of the prompt's last 64 own tokens (``extract
+                   --token_top_k 32 --token_length 64``: what the attention-pooling family reads).
 
     python experiments/benchmarks/extra_features.py --target smollm2-135m-instruct --threads 1
 """
@@ -25,14 +27,16 @@ import torch
 
 from lit_sahs.commands import script_main
 from lit_sahs.data.extra_features import default_residual_layers
-from lit_sahs.hooks import HeadCapture, LayerResidualCapture, PooledHeadCapture, ResidualCapture
+from lit_sahs.heads import HeadSet
+from lit_sahs.hooks import HeadCapture, LayerResidualCapture, ResidualCapture
+from lit_sahs.prompt_hooks import PooledHeadCapture, TokenHeadCapture
 from lit_sahs.data.protocol import build_dataset
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
 from lit_sahs.targets import load_target, prompting
 
 
 def run(target: str = "smollm2-135m-instruct", threads: int = 1, samples: int = 48, batch_size: int = 8,
-        rounds: int = 5) -> None:
+        rounds: int = 5, token_heads: int = 32, token_length: int = 64) -> None:
     """What the extra features (layer residuals, refusal probability) add to a capture forward.
 
     Args:
@@ -41,6 +45,8 @@ def run(target: str = "smollm2-135m-instruct", threads: int = 1, samples: int = 
         samples: prompts (plain and pyrit, <= 700 characters)
         batch_size: prompts per batch
         rounds: interleaved rounds over all batches
+        token_heads: heads recorded at every token (`heads+tokens`: the first ones of layer order)
+        token_length: prompt tokens recorded per head
     """
     a = SimpleNamespace(**locals())
     torch.set_num_threads(a.threads)
@@ -50,8 +56,9 @@ def run(target: str = "smollm2-135m-instruct", threads: int = 1, samples: int = 
     samples.sort(key=lambda s: len(s.text))
     texts = [[s.text for s in samples[i:i + a.batch_size]] for i in range(0, len(samples), a.batch_size)]
     batches = [prompting.encode(tgt, t, [None] * len(t), [str(j) for j in range(len(t))]) for t in texts]
-    texts_of = {id(enc): t for enc, t in zip(batches, texts)}
     encoder = prompting.Encoder.of(tgt)
+    some_heads = HeadSet(list(HeadSet.all(geom))[:: max(1, geom.num_layers * geom.num_heads // a.token_heads)]
+                         [: a.token_heads])
     layers = default_residual_layers(geom.num_layers)
     ids = refusal_token_ids(tgt.tokenizer)
 
@@ -84,14 +91,23 @@ def run(target: str = "smollm2-135m-instruct", threads: int = 1, samples: int = 
         res.prompt_nll(enc["input_ids"], enc["attention_mask"])
 
     def heads_pool(enc):
-        mask = encoder.user_mask(texts_of[id(enc)])
+        mask = encoder.mask_of(enc)
         with HeadCapture(model, geometry=geom) as cap, PooledHeadCapture(model, mask, ("mean", "max"), geom) as pool:
             model(**enc, logits_to_keep=1, use_cache=False)
         cap.activations().to(torch.float16)
         {k: v.to(torch.float16) for k, v in pool.pooled().items()}
 
+    def heads_tokens(enc):
+        mask = encoder.mask_of(enc)
+        with HeadCapture(model, geometry=geom) as cap, \
+                TokenHeadCapture(model, some_heads, a.token_length, mask, geom) as tok:
+            model(**enc, logits_to_keep=1, use_cache=False)
+        cap.activations().to(torch.float16)
+        tok.tokens()[0].to(torch.float16)
+
     variants = {"heads": heads, "heads+extras": heads_extras, "baselines": baselines_only,
-                "extraction": lambda enc: baselines(enc, extras=True), "heads+pool": heads_pool}
+                "extraction": lambda enc: baselines(enc, extras=True), "heads+pool": heads_pool,
+                "heads+tokens": heads_tokens}
     import random
 
     rng = random.Random(0)
@@ -119,10 +135,13 @@ def run(target: str = "smollm2-135m-instruct", threads: int = 1, samples: int = 
     for x, y, note in (("heads+extras", "heads", "goal <= 1.05"),
                       ("extraction", "baselines", "the new extras over the previous extraction"),
                       ("extraction", "heads", "incl. the perplexity baseline's LM head over every position"),
-                      ("heads+pool", "heads", "mean and max pooling of every head over the prompt")):
+                      ("heads+pool", "heads", "mean and max pooling of every head over the prompt"),
+                      ("heads+tokens", "heads", f"{len(some_heads)} heads at the last {a.token_length} tokens")):
         print(f"  {x} / {y} = {ratio(x, y):.3f}; {total(x, y):.3f}  ({note})")
     per_pool = geom.num_layers * geom.num_heads * geom.head_dim * 2
-    print(f"store bytes per prompt: first-token heads {per_pool}, each pooling {per_pool} more (float16)")
+    per_tokens = len(some_heads) * a.token_length * (geom.head_dim * 2) + a.token_length + len(some_heads) * 4
+    print(f"store bytes per prompt: first-token heads {per_pool}, each pooling {per_pool} more, "
+          f"{len(some_heads)} heads x {a.token_length} tokens {per_tokens} more (float16)")
 
 
 if __name__ == "__main__":
