@@ -124,7 +124,7 @@ def crossfit_detector(det: ModelFamily, folds: Folds, held_out: Holdout = Holdou
     target_fpr = probability(hparams.get("target_fpr", 0.05) if target_fpr is None else target_fpr, "target_fpr")
     g = folds.geometry
     cf = crossfit_threshold(folds, det.family, hparams, len(det.head_set), held_out, target_fpr, pairing, min_rows,
-                            max_epochs, features=",".join(det.feature_spec.names) or None,
+                            max_epochs, features=det.feature_spec.request(det.head_set),
                             all_heads=len(det.head_set) == g.num_layers * g.num_heads, progress=progress)
     det.threshold.fill_(cf.threshold)
     det.calibration = cf.metadata()

@@ -50,7 +50,8 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
                     max_epochs: Optional[int] = None, baselines: Sequence[str] = BASELINES, seed: int = 0,
                     ranking: Optional[str] = PER_FOLD, heads: Optional[str] = None, progress: bool = True,
                     feature_sets: Optional[dict] = None, sparse_all: Optional[bool] = None,
-                    crossfit: bool = False, target_fpr: float = 0.05, extra_rows: bool = True) -> dict:
+                    crossfit: bool = False, target_fpr: float = 0.05, extra_rows: bool = True,
+                    features: Optional[str] = None) -> dict:
     """Fit and score every source fold. Returns {"folds": [{"holdout", "n_malicious", "n_benign",
     "methods": {method: {column: value}}}], "mean": {method: {column: mean}}, "skipped": {fold: reason}}.
     `feature_sets` ({method: 'resid,refusal'}; None: FEATURE_SETS when the store records the extra
@@ -59,7 +60,8 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
     FEATURE_SETS and sparse_all defaults (sparse_all costs minutes a fold), not the pooled rows.
     `crossfit`: also cross-fit the detector's threshold over each fold's training sources
     (``lit_sahs.crossfit``) and report the held-out benign FPR and harmful TPR at both thresholds
-    (``folds[i]["calibration"]``, ``"calibration"`` for the means); every threshold targets `target_fpr`."""
+    (``folds[i]["calibration"]``, ``"calibration"`` for the means); every threshold targets `target_fpr`.
+    `features`: what the `heads` row's detector reads after its heads (e.g. 'tokens' for attnpool)."""
     from tqdm import tqdm
 
     from lit_sahs.evaluate import split_reports
@@ -78,10 +80,11 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
     token_heads = store_token_heads(folds.store) if TOKEN_HEADS_EXTRA in stored else ()
     out = []
     for hold in tqdm(holdouts, desc="source folds", disable=not progress):
-        fit = fit_fold(folds, detector, detector_args, top_k, hold, max_epochs=max_epochs, target_fpr=target_fpr)
+        fit = fit_fold(folds, detector, detector_args, top_k, hold, max_epochs=max_epochs, target_fpr=target_fpr,
+                       features=features)
         reports, _, labels, thresholds = split_reports(fit.detector, fit.datamodule, "test", baselines)
         calibration = _calibration(folds, fit, detector, detector_args, top_k, hold, labels, target_fpr,
-                                   max_epochs) if crossfit else None
+                                   max_epochs, features) if crossfit else None
         extra_fits = {m: fit_fold(folds, detector, detector_args, top_k, hold, max_epochs=max_epochs, features=f)
                       for m, f in feature_sets.items()}
         if sparse_all:
@@ -116,12 +119,14 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
 CALIBRATION = ("fpr_validation", "fpr_crossfit", "tpr_validation", "tpr_crossfit")
 
 
-def _calibration(folds, fit, detector, detector_args, top_k, hold, labels, target_fpr, max_epochs) -> dict:
+def _calibration(folds, fit, detector, detector_args, top_k, hold, labels, target_fpr, max_epochs,
+                 features=None) -> dict:
     """The fold detector's held-out benign FPR and harmful TPR at its validation threshold and at the
     threshold cross-fitted over the fold's training sources."""
     from lit_sahs.crossfit import crossfit_threshold
 
-    cf = crossfit_threshold(folds, detector, detector_args, top_k, hold, target_fpr=target_fpr, max_epochs=max_epochs)
+    cf = crossfit_threshold(folds, detector, detector_args, top_k, hold, target_fpr=target_fpr, max_epochs=max_epochs,
+                            features=features)
     scores = np.asarray(fit.scores("test"), dtype=np.float64)
     benign, harmful = scores[labels == 0], scores[labels == 1]
     out = {"threshold_validation": float(fit.detector.threshold), "threshold_crossfit": cf.threshold,

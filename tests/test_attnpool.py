@@ -246,3 +246,15 @@ def test_tune_searches_the_attention_pooling_family_within_the_recorded_heads(ml
     (mlflow_workdir / "tune.yaml").write_text(yaml.safe_dump(cfg))
     code, _, err = cli(["tune", "--config", str(mlflow_workdir / "tune.yaml")])
     assert code == 2 and "lack 'tokens'" in err.strip().splitlines()[-1]
+
+
+def test_a_refit_asks_for_the_features_of_its_own_heads():
+    """A cross-fit or fold refit picks its own heads: per-head names over exactly the detector's heads
+    go back to mean / max / tokens; names of other heads stay as they are."""
+    from lit_sahs.data.extra_features import FeatureSpec
+
+    spec = FeatureSpec(("resid:3", "tok:1.0", "tok:2.1", "tokmask", "mean:1.0", "mean:2.1", "max:0.0"),
+                       (12, 80, 80, 10, 8, 8, 8))
+    assert spec.request([(1, 0), (2, 1)]) == "resid:3,tokens,mean,max:0.0"
+    assert spec.request([(1, 0)]) == ",".join(spec.names)
+    assert FeatureSpec((), ()).request([(1, 0)]) is None

@@ -22,7 +22,7 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
              protocol: Protocol = "families", pairing: Pairing = "round_robin", sources: str = "",
              scores: Optional[str] = None, batch_size: int = 8, device: Device = "auto",
              truncate: Truncate = None, crossfit: bool = False, target_fpr: float = 0.05,
-             extra_rows: bool = True, detector_args: Optional[dict] = None) -> int:
+             extra_rows: bool = True, detector_args: Optional[dict] = None, features: Optional[str] = None) -> int:
     """Held-out reports on a store — attack families (zero-shot matrix) or prompt sources never seen —
     or score a user file with a trained detector.
 
@@ -35,7 +35,7 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
         ranking: head ranking JSON (default <store>/ranking.json)
         heads: explicit HeadSet instead of a ranking, e.g. '3.1,5.0'
         top_k: heads taken from the ranking
-        detector_family: logistic, mlp or sparse
+        detector_family: logistic, mlp, sparse or attnpool (with --features tokens)
         families: restrict the matrix to these families
         min_rows: smallest family used
         relocate: rank heads again inside each fit on its training families only (no test leakage)
@@ -61,6 +61,8 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
             pooled-head rows of a store extracted with --pool are fitted either way
         detector_args: with --protocol sources, the detector family's arguments, e.g.
             '{low_fpr_weight: 1.0}'
+        features: with --protocol sources, what the detector reads after its heads (the `heads` row and
+            --crossfit), e.g. tokens for --detector_family attnpool, or resid,refusal
     """
 
     from lit_sahs import evaluate as ev
@@ -82,7 +84,7 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
     if protocol == "sources":
         return _source_report(store, ranking if not relocate else None, heads, top_k, detector_family, pairing,
                               sources, min_rows, max_epochs, seed, out, tracking_uri, experiment, crossfit,
-                              target_fpr, extra_rows, detector_args)
+                              target_fpr, extra_rows, detector_args, features)
     from lit_sahs.folds import matrix_csv, zero_shot
     from lit_sahs.plots import family_matrix
 
@@ -113,7 +115,7 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
 
 def _source_report(store, ranking, heads, top_k, detector_family, pairing, sources, min_rows, max_epochs, seed,
                    out, tracking_uri, experiment, crossfit=False, target_fpr=0.05, extra_rows=True,
-                   detector_args=None) -> int:
+                   detector_args=None, features=None) -> int:
     """`evaluate --protocol sources`: the source-level table, written as sources.md/json and a plot."""
 
     from lit_sahs.folds import PER_FOLD
@@ -124,7 +126,7 @@ def _source_report(store, ranking, heads, top_k, detector_family, pairing, sourc
     result = source_protocol(store, top_k=top_k, detector=detector_family, pairing=pairing, sources=names(sources),
                              min_rows=min_rows, max_epochs=max_epochs, seed=seed, heads=heads,
                              ranking=ranking or PER_FOLD, crossfit=crossfit, target_fpr=target_fpr,
-                             detector_args=detector_args,
+                             detector_args=detector_args, features=features,
                              extra_rows=extra_rows)
     out = out or os.path.join(store, "sources")
     table = format_source_tables(result)

@@ -306,6 +306,22 @@ class FeatureSpec:
             parts.append(torch.nn.functional.pad(t, (0, s * head_dim - w)).reshape(len(t), s, head_dim))
         return torch.cat(parts, dim=1) if parts else torch.zeros(0, 0, head_dim)
 
+    def request(self, heads) -> Optional[str]:
+        """The spec as a fit asks for it: per-head names over exactly the detector's `heads` collapse
+        back into ``mean`` / ``max`` / ``tokens``, so a refit that picks other heads (a source fold,
+        a cross-fit) pools and reads its own heads, as the original fit did."""
+        heads = [tuple(h) for h in heads]
+        names = list(self.names)
+        for short, of in (("mean", lambda n: _pooled(n)[1:] if (_pooled(n) or ("",))[0] == "mean" else None),
+                          ("max", lambda n: _pooled(n)[1:] if (_pooled(n) or ("",))[0] == "max" else None),
+                          ("tokens", _token_head)):
+            mine = [n for n in names if of(n)]
+            if mine and [of(n) for n in mine] == heads:
+                at = names.index(mine[0])
+                names = [n for n in names if n not in mine and not (short == "tokens" and n == "tokmask")]
+                names.insert(min(at, len(names)), short)
+        return ",".join(names) or None
+
     def to_dict(self) -> dict:
         return {"names": list(self.names), "widths": list(self.widths)}
 
