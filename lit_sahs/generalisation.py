@@ -92,7 +92,7 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
             # max_epochs (30) is sized for the logistic detector, and 6000 steps over every head cost minutes a fold
             extra_fits[SPARSE_ALL] = fit_fold(folds, "sparse", SPARSE_ALL_ARGS, top_k, hold, all_heads=True,
                                               features="resid,refusal" if has_extras else None)
-        if token_heads:  # the fold's best heads among those recorded at every token
+        if token_heads and detector != "attnpool":  # the fold's best heads among those recorded at every token
             extra_fits[ATTNPOOL] = fit_fold(folds, "attnpool", None, top_k, hold, target_fpr=target_fpr,
                                             features="tokens")
         for m, f in extra_fits.items():
