@@ -18,11 +18,16 @@ log = logging.getLogger(__name__)
 @dataclass
 class Prepare(SampleSpec):
     """Extraction settings for `fit`: when `target` is set, samples missing from `data.store` are
-    extracted first (a complete store is reused as it is)."""
+    extracted first (a complete store is reused as it is). `pool` ('mean,max') and `token_heads`
+    ('layer.head,...', at the prompt's last `token_length` tokens) record what pooled and
+    attention-pooling detectors read, as ``extract --pool / --token_heads`` do."""
 
     target: Optional[str] = None
     batch_size: int = 8
     dtype: Dtype = "float32"
+    pool: str = ""
+    token_heads: Optional[str] = None
+    token_length: int = 64
 
 
 def ensure_store(p, store: str, trainer_kwargs: Optional[dict] = None) -> dict:
@@ -30,8 +35,12 @@ def ensure_store(p, store: str, trainer_kwargs: Optional[dict] = None) -> dict:
 
     if not isinstance(p, Prepare):  # LightningCLI hands the parsed section over as a namespace
         p = Prepare(**(p.as_dict() if hasattr(p, "as_dict") else dict(vars(p))))
+    from lit_sahs.heads import HeadSet
+
     result = run_extraction(p.target, p.build(), store, batch_size=p.batch_size, dtype=p.dtype,
-                            trainer_kwargs=trainer_kwargs or {"accelerator": "auto", "devices": 1})
+                            trainer_kwargs=trainer_kwargs or {"accelerator": "auto", "devices": 1},
+                            pool=names(p.pool), token_heads=HeadSet.parse(p.token_heads) if p.token_heads else None,
+                            token_length=p.token_length)
     log.warning("store %s: %s", store, json.dumps(result))
     return result
 

@@ -179,6 +179,27 @@ def test_fit_with_prepare_extracts_locates_and_reports(workdir, cli):
     assert (workdir / "out" / "detector" / "detector.json").exists()
 
 
+def test_fit_prepares_heads_at_every_token_and_trains_the_attention_pooling_family(workdir, cli):
+    """`prepare.token_heads` records the heads at every token; `fit --model AttentionPoolDetector` with
+    `features: tokens` trains on them and exports an artifact that reads them."""
+    from lit_sahs.artifact import load_detector
+
+    cfg = yaml.safe_load(write_config(workdir, {"class_path": "lit_sahs.detectors.AttentionPoolDetector"}).read_text())
+    cfg["prepare"] = {"target": "tiny-llama", "harmful": "advbench", "benign": "truthfulqa", "attacks": "plain",
+                      "limit": 48, "batch_size": 16, "token_heads": "2.1,0.3", "token_length": 16}
+    cfg["data"]["init_args"].update({"store": str(workdir / "tok"), "heads": "2.1,0.3", "features": "tokens",
+                                     "held_out": {"families": []}})
+    cfg["data"]["init_args"].pop("ranking", None)
+    cfg["trainer"]["max_epochs"] = 2
+    cfg["baselines"] = []
+    (workdir / "tok.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, err = cli(["fit", "--config", str(workdir / "tok.yaml")])
+    assert code == 0, err[-2000:]
+    det = load_detector(workdir / "out" / "detector")
+    assert det.family == "attnpool" and det.feature_spec.names == ("tok:2.1", "tok:0.3", "tokmask")
+    assert det.feature_spec.token_length == 16
+
+
 def test_checkpoints_without_a_dirpath_go_under_the_output_dir(workdir, cli):
     """A ModelCheckpoint with no dirpath writes under --output_dir/checkpoints, not into
     ./<experiment id>/<run id>/checkpoints of the working directory; Lightning's tips stay out."""
