@@ -267,10 +267,10 @@ def user_token_mask(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Te
         start = 0
         if opener:
             n = len(opener)
-            hits = [p for p in range(end - n, -1, -1) if tuple(row[p:p + n]) == opener]
-            if not hits:
+            hit = next((p for p in range(end - n, -1, -1) if tuple(row[p:p + n]) == opener), None)
+            if hit is None:
                 continue
-            start = hits[0] + n
+            start = hit + n
         if start >= end:
             continue
         span = torch.zeros(seq, dtype=torch.bool)
