@@ -136,3 +136,14 @@ def test_the_source_protocol_adds_pooled_rows_where_the_store_records_them(tmp_p
     assert set(res["mean"]) == {"heads", "heads_mean"}  # no max pool stored: no max rows
     assert res["mean"]["heads_mean"]["auroc"] > 0.9 and res["mean"]["heads"]["auroc"] < 0.75
     json.dumps(res)
+
+
+def test_the_user_mask_of_a_conversation_is_its_last_user_turn_and_falls_back_without_markers(tiny):
+    conv = [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "an answer"},
+            {"role": "user", "content": "the second question here"}]
+    enc = prompting.encode(tiny, [conv, "short"])
+    mask = prompting.user_token_mask(tiny.tokenizer, enc["input_ids"], enc["attention_mask"])
+    assert tiny.tokenizer.decode(enc["input_ids"][0][mask[0]]).strip() == "the second question here"
+    assert tiny.tokenizer.decode(enc["input_ids"][1][mask[1]]).strip() == "short"
+    raw = tiny.tokenizer(["no template at all"], return_tensors="pt")  # no closer at the end: every token
+    assert prompting.user_token_mask(tiny.tokenizer, raw["input_ids"], raw["attention_mask"]).all()
