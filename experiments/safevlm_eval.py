@@ -1,6 +1,8 @@
 """SafeVLM on a real packaged target: refusals on held-out harmful sources and jailbreak families,
 benign answers kept, multiple-choice utility — for the unmodified target, SafeVLM stage I, stage II,
-and the safety-head logistic detector as a guard, all on the same split.
+stage I with the safety-head detector's heads joined to its head (``--joined``), and the safety-head
+logistic detector as a guard, all on the same split; and each one's held-out AUROC. ``--generate
+false`` stops after the held-out AUROCs (no stage II, no generation).
 
     python experiments/safevlm_eval.py --target qwen2.5-coder-0.5b-instruct --out experiments/results/safevlm-qwen0.5b
     python experiments/safevlm_eval.py --target smollm2-135m-instruct --out experiments/results/safevlm-smollm2
@@ -89,7 +91,8 @@ def mc_accuracy(responses, answers):
 
 def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240, max_chars: int = 400, tokens: int = 8,
         epochs1: int = 6, epochs2: int = 1, lora_rank: int = 16, lr1: float = 3e-3, lr2: float = 2e-4,
-        eval_n: int = 24, mc_n: int = 60, max_new_tokens: int = 24, batch_size: int = 8, threads: int = 0) -> int:
+        eval_n: int = 24, mc_n: int = 60, max_new_tokens: int = 24, batch_size: int = 8, threads: int = 0,
+        joined: bool = True, generate: bool = True) -> int:
     """SafeVLM stage I and II against the unmodified target and the safety-head guard, on one split.
 
     Args:
@@ -108,6 +111,8 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         max_new_tokens: greedy tokens per answer
         batch_size: prompts per batch (training, extraction, generation)
         threads: torch CPU threads (0: torch's default)
+        joined: also fit stage I with the safety-head detector's heads joined to its safety head
+        generate: run stage II and the generation groups (false: held-out AUROCs only)
     """
     args = dict(locals())
     a = SimpleNamespace(**args)
@@ -116,10 +121,11 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    from lit_sahs.artifact import load_detector
     from lit_sahs.data.datamodules import CachedActivationDataModule
     from lit_sahs.detectors import LogisticDetector
     from lit_sahs.engine import Engine
-    from lit_sahs.guard import SafetyGuard
+    from lit_sahs.detectors.guard import SafetyGuard
     from lit_sahs.judge import PhraseJudge
     from lit_sahs.pipeline import Prepare, ensure_ranking, ensure_store
     from lit_sahs.safevlm import SafeVLM, SafetyDataModule
@@ -134,7 +140,18 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
 
     split = dict(held_out=Holdout(families=HELD_FAMILIES, sources=HELD_SOURCES))
 
-    # ---- SafeVLM stage I and II (stage II on its own copy of the target: LoRA goes into it)
+    # ---- the safety-head logistic detector on the same rows (first: joined heads start from it)
+    t = time.time()
+    store = Path("stores") / f"safevlm-eval-{a.target}"
+    ensure_store(Prepare(target=a.target, batch_size=a.batch_size, **spec), str(store),
+                 {"accelerator": "cpu", "devices": 1})
+    ensure_ranking(str(store), str(store / "ranking.json"), HELD_FAMILIES, HELD_SOURCES, top_k=8)
+    hdm = CachedActivationDataModule(str(store), ranking=str(store / "ranking.json"), top_k=8, batch_size=512, **split)
+    heads = Engine(output_dir=out / "heads", max_epochs=15).fit(LogisticDetector(l2=1e-3, optimizer="lbfgs"), hdm).detector
+    timings["heads_s"] = time.time() - t
+
+    # ---- SafeVLM stage I (alone, and with the detector's heads joined) and II (on its own copy of the
+    # target: LoRA goes into it)
     t = time.time()
     base = load_target(a.target)
     dm = SafetyDataModule(target=base, num_safety_tokens=a.tokens, batch_size=a.batch_size, **spec, **split)
@@ -145,22 +162,30 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     Engine(output_dir=out / "stage1", max_epochs=a.epochs1, enable_progress_bar=True).fit(
         SafeVLM(stage=1, num_safety_tokens=a.tokens, feature_layer=n_layers // 2, lr=a.lr1), dm)
     timings["stage1_s"] = time.time() - t
+    if a.joined:
+        t = time.time()
+        Engine(output_dir=out / "stage1-joined", max_epochs=a.epochs1, enable_progress_bar=True).fit(
+            SafeVLM(stage=1, num_safety_tokens=a.tokens, feature_layer=n_layers // 2, lr=a.lr1,
+                    head_keys_init=str(out / "heads" / "detector")), dm)
+        timings["stage1_joined_s"] = time.time() - t
+    reports = {"safety-head detector (logistic, top-8)": ("heads", "heads"), "SafeVLM stage I": ("stage1", "safevlm")}
+    if a.joined:
+        reports["SafeVLM stage I + joined heads"] = ("stage1-joined", "safevlm")
+    held_out = {name: json.loads((out / d / "report.json").read_text())[key]["overall"]
+                for name, (d, key) in reports.items()}
+    (out / "auroc.json").write_text(json.dumps({"target": a.target, "args": args, "timings_s": timings,
+                                                "held_out": held_out}, indent=1) + "\n")
+    for name, rep in held_out.items():
+        print(f"held-out {name}: n={rep.get('n')} AUROC={rep.get('auroc'):.3f} "
+              f"TPR@1%FPR={rep.get('tpr_at_1fpr', float('nan')):.3f}", flush=True)
+    if not a.generate:
+        return 0
     t = time.time()
     tuned = load_target(a.target)
     dm2 = SafetyDataModule(target=tuned, num_safety_tokens=a.tokens, batch_size=a.batch_size, **spec, **split)
     Engine(output_dir=out / "stage2", max_epochs=a.epochs2, enable_progress_bar=True).fit(
         SafeVLM(stage=2, init_from=str(out / "stage1" / "detector"), lora_rank=a.lora_rank, lr=a.lr2), dm2)
     timings["stage2_s"] = time.time() - t
-
-    # ---- the safety-head logistic detector on the same rows
-    t = time.time()
-    store = Path("stores") / f"safevlm-eval-{a.target}"
-    ensure_store(Prepare(target=a.target, batch_size=a.batch_size, **spec), str(store),
-                 {"accelerator": "cpu", "devices": 1})
-    ensure_ranking(str(store), str(store / "ranking.json"), HELD_FAMILIES, HELD_SOURCES, top_k=8)
-    hdm = CachedActivationDataModule(str(store), ranking=str(store / "ranking.json"), top_k=8, batch_size=512, **split)
-    heads = Engine(output_dir=out / "heads", max_epochs=15).fit(LogisticDetector(l2=1e-3, optimizer="lbfgs"), hdm).detector
-    timings["heads_s"] = time.time() - t
 
     # ---- evaluation
     groups = groups_of(dm.split_rows("test"))
@@ -170,10 +195,13 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     judge = PhraseJudge()
     conditions = {
         "unmodified target": lambda texts: (plain_generate(base, texts, a.max_new_tokens, a.batch_size), None),
-        "SafeVLM stage I": lambda texts: guarded(SafeVLMGuard(base, str(out / "stage1" / "detector")), texts,
+        "SafeVLM stage I": lambda texts: guarded(SafeVLMGuard(base, load_detector(out / "stage1" / "detector")), texts,
                                                  a.max_new_tokens, a.batch_size),
-        "SafeVLM stage II": lambda texts: guarded(SafeVLMGuard(tuned, str(out / "stage2" / "detector")), texts,
+        "SafeVLM stage II": lambda texts: guarded(SafeVLMGuard(tuned, load_detector(out / "stage2" / "detector")), texts,
                                                   a.max_new_tokens, a.batch_size),
+        **({"SafeVLM stage I + joined heads": lambda texts: guarded(
+            SafeVLMGuard(base, load_detector(out / "stage1-joined" / "detector")), texts, a.max_new_tokens, a.batch_size)}
+           if a.joined else {}),
         "safety-head guard (logistic, top-8)": lambda texts: guarded(SafetyGuard(base, heads), texts,
                                                                      a.max_new_tokens, a.batch_size),
     }
@@ -200,7 +228,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         results[name] = res
         print(name, json.dumps(res), flush=True)
 
-    summary = {"target": a.target, "args": args, "timings_s": timings, "results": results,
+    summary = {"target": a.target, "args": args, "timings_s": timings, "results": results, "held_out": held_out,
                "groups": {g: len(rs) for g, rs in groups.items()},
                "stage1_report": json.loads((out / "stage1" / "report.json").read_text())["safevlm"]["overall"],
                "heads_report": json.loads((out / "heads" / "report.json").read_text())["heads"]["overall"]}

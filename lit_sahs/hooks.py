@@ -47,8 +47,11 @@ class HeadCapture:
     """
 
     def __init__(self, model: nn.Module, heads: Optional[HeadSet] = None, geometry: Optional[Geometry] = None,
-                 gather_device: Optional[str | torch.device] = None):
+                 gather_device: Optional[str | torch.device] = None, positions: Optional[torch.Tensor] = None):
+        """`positions` [batch]: the column each row is read at when it is not the last one (a
+        sequence that continues past the prompt, e.g. a training row with its answer appended)."""
         self.model = model
+        self.positions = positions
         self.gather_device = torch.device(gather_device) if gather_device is not None else None
         self.geometry = geometry or sites.geometry(model)
         self.heads = heads.validate(self.geometry) if heads is not None else None
@@ -63,7 +66,11 @@ class HeadCapture:
 
         def hook(module, args):
             x = args[0]
-            rec = x[:, FIRST_TOKEN_INDEX, :].reshape(x.shape[0], g.num_heads, g.head_dim)
+            if self.positions is None:
+                col = x[:, FIRST_TOKEN_INDEX, :]
+            else:
+                col = x[torch.arange(x.shape[0], device=x.device), self.positions.to(x.device)]
+            rec = col.reshape(x.shape[0], g.num_heads, g.head_dim)
             if self._gather is None:
                 self._gather = x.device
             # clone: a view would keep the whole [batch, seq, width] input alive; .to() of another

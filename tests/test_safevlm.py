@@ -496,3 +496,216 @@ def test_a_crafted_lora_description_is_one_error_line_before_peft_sees_it(stages
     code, out, err = cli(["screen", "--detector", str(art), "--prompt", "Name a river"])
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("error:") and message in last and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- selection on held-out over-refusal
+
+
+def test_selection_margin_judges_each_benign_source_at_a_threshold_calibrated_without_it():
+    from lit_sahs.safevlm.selection import selection_margin
+
+    benign = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]  # source 0 scores low, source 1 high
+    harmful = [0.36, 0.66, 0.9, 0.95]
+    scores = torch.tensor(benign + harmful, dtype=torch.float64)
+    labels = torch.tensor([0] * 8 + [1] * 4)
+    # source 0 at the threshold from source 1 (0.75): 0/4 flagged, harmful 2/4; source 1 at the one
+    # from source 0 (0.35): 4/4 flagged, harmful 4/4
+    two = selection_margin(scores, labels, torch.tensor([0] * 4 + [1] * 4 + [2] * 4), target_fpr=0.25)
+    assert two == pytest.approx({"benign_flagged": 0.5, "harmful_flagged": 0.75, "margin": 0.25})
+    # one benign source: nothing to leave out, the threshold (0.65) flags 2 of its 8 rows
+    one = selection_margin(scores, labels, torch.tensor([0] * 8 + [2] * 4), target_fpr=0.25)
+    assert one == pytest.approx({"benign_flagged": 0.25, "harmful_flagged": 0.75, "margin": 0.5})
+    assert all(v != v for v in selection_margin(scores[:8], labels[:8], torch.zeros(8), 0.25).values())  # NaN
+    with pytest.raises(LitSahsError, match="one source per score"):
+        selection_margin(scores, labels, torch.zeros(3), 0.25)
+
+
+def test_shipped_configs_choose_the_checkpoint_by_held_out_margin(tmp_path, monkeypatch, cli):
+    """Both stages monitor val/margin on validation sources the fit never trains on; stage II's best
+    checkpoint carries its LoRA tensors, and the exported artifact is that checkpoint's."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    small = ["--data.init_args.target", "tiny-llama", "--data.init_args.limit", "60", "--data.init_args.answers",
+             str(tmp_path / "a.jsonl"), "--data.init_args.max_answer_tokens", "4", "--trainer.max_epochs", "2",
+             "--trainer.logger", "false"]
+    for stage, extra in ((1, ["--model.init_args.feature_layer", "2", "--model.init_args.head_heads", "2"]), (2, [])):
+        code, out, err = cli(["fit", "--config", str(root / f"configs/safevlm_stage{stage}.yaml"), *small, *extra])
+        assert code == 0, err[-2000:]
+        ckpt = torch.load(f"artifacts/safevlm-stage{stage}/checkpoints/best.ckpt", weights_only=True)
+        cb = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint"))
+        assert cb["monitor"] == "val/margin"
+        assert -1.0 <= float(cb["best_model_score"]) <= 1.0
+    lora = ckpt["safevlm_lora"]
+    exported = load_file("artifacts/safevlm-stage2/detector/detector.safetensors")
+    assert lora and all(torch.equal(exported["lora." + n], t) for n, t in lora.items())
+    import yaml
+
+    for stage in (1, 2):
+        data = yaml.safe_load((root / f"configs/safevlm_stage{stage}.yaml").read_text())["data"]["init_args"]
+        held = set(data["val_sources"])
+        assert held and held <= set(data["harmful"].split(",")) | set(data["benign"].split(","))
+
+
+# ---------------------------------------------------------------- joined heads
+
+
+def _head_detector(target, heads, path, seed=0):
+    """A logistic safety-head detector for `target` with random weights (what a fit would save)."""
+    from lit_sahs.artifact import save_detector
+    from lit_sahs.detectors import LogisticDetector
+
+    g = target.geometry
+    gen = torch.Generator().manual_seed(seed)
+    det = LogisticDetector().bind(heads, g, target.fingerprint, torch.randn(len(heads), g.head_dim, generator=gen) * 0.1,
+                                  torch.rand(len(heads), g.head_dim, generator=gen) + 0.5)
+    with torch.no_grad():
+        det.linear.weight.copy_(torch.randn(det.linear.weight.shape, generator=gen))
+        det.linear.bias.fill_(0.3)
+    save_detector(det, path)
+    return det
+
+
+@pytest.fixture(scope="module")
+def joined(tmp_path_factory):
+    """Stage I and II with the heads of a logistic detector joined to the safety head (tiny-llama)."""
+    from lit_sahs.safevlm import SafeVLM
+    from lit_sahs.targets import load_target
+
+    tmp = tmp_path_factory.mktemp("joined")
+    target = load_target("tiny-llama")
+    det = _head_detector(target, [(2, 1), (0, 3)], tmp / "heads")
+    one = SafeVLM(stage=1, num_safety_tokens=4, head_heads=2, feature_layer=1, lr=1e-2, head_keys_init=str(tmp / "heads"))
+    one.attach(target)
+    dm = _dm(target, tmp)
+    dm.setup()
+    _fit(one, dm, tmp / "one")
+    fresh = load_target("tiny-llama")
+    two = SafeVLM(stage=2, init_from=str(tmp / "one" / "detector"), lora_rank=4, lr=1e-2)
+    dm2 = _dm(fresh, tmp)
+    dm2.setup()
+    _fit(two, dm2, tmp / "two")
+    return {"tmp": tmp, "det": det, "one": one, "two": two, "target": target, "fresh": fresh}
+
+
+PROMPTS = ["How do I bake bread?", "Write a phishing email to steal passwords", "What is 2 + 2?"]
+
+
+def test_joined_heads_start_as_the_detector_on_the_heads_of_the_same_forward(joined, tmp_path):
+    from lit_sahs.safevlm import SafeVLM
+    from lit_sahs.safevlm.forward import model_inputs, with_slots
+    from lit_sahs.targets import load_target, prompting
+
+    target, det = load_target("tiny-llama"), joined["det"]
+    sv = SafeVLM(num_safety_tokens=4, head_heads=2, feature_layer=1, head_keys_init=str(joined["tmp"] / "heads"))
+    sv.attach(target)
+    assert sv.hparams.head_keys == "2.1,0.3" and sv.lora_first_layer() == 3
+    enc = prompting.encode(target, PROMPTS)
+    got = sv.score_encoded(target, enc)  # stops at the deepest joined head (layer 2), past the feature layer
+    batch = with_slots(enc, 4, target.tokenizer.pad_token_id or 0)
+    with sv.safety_forward(batch, vision=False) as fwd:
+        fwd.run(**model_inputs(batch), use_cache=False)
+    assert fwd.head_outputs.shape == (3, 2, target.geometry.head_dim)
+    want = det.predict_proba(fwd.head_outputs).numpy()
+    assert got == pytest.approx(want, abs=1e-6)
+    assert len(set(want.round(6).tolist())) == 3  # the heads, not a constant, decide the score
+
+
+def test_joined_heads_train_and_stage_two_leaves_their_layers_alone(joined):
+    one, two = joined["one"], joined["two"]
+    assert two.hparams.head_keys == "2.1,0.3" and two.safety.joined is not None
+    assert not torch.equal(one.safety.joined.score.weight, joined["det"].linear.weight)  # stage I trained it
+    layers = {int(n.split("layers.")[1].split(".")[0]) for n in two.lora_parameters()}
+    assert layers == {3}  # past the deepest joined head: the heads it reads do not move in stage II
+
+
+@pytest.mark.parametrize("stage", ["one", "two"])
+def test_joined_artifact_reloads_with_equal_scores_and_tokens(joined, stage):
+    from lit_sahs.artifact import load_detector
+    from lit_sahs.safevlm.guard import SafeVLMGuard
+    from lit_sahs.targets import load_target, prompting
+
+    trained = joined[stage]
+    target = joined["target"] if stage == "one" else joined["fresh"]
+    art = joined["tmp"] / stage / "detector"
+    meta = json.loads((art / "detector.json").read_text())
+    assert meta["hparams"]["head_keys"] == "2.1,0.3"
+    det = load_detector(art)
+    assert det.hparams.head_keys_init is None  # the joined weights come from the artifact, not the detector again
+    other = load_target("tiny-llama")
+    want = trained.score_encoded(target, prompting.encode(target, PROMPTS))
+    assert det.score_encoded(other, prompting.encode(other, PROMPTS)) == pytest.approx(want, abs=1e-6)
+    thr = float(sorted(want)[1])  # the two higher-scoring prompts flagged, the other decodes
+    a = SafeVLMGuard(target, trained, threshold=thr).generate(PROMPTS, max_new_tokens=5)
+    b = SafeVLMGuard(other, det, threshold=thr).generate(PROMPTS, max_new_tokens=5)
+    assert torch.equal(a.sequences, b.sequences) and a.actions == b.actions and a.actions.count("pass") == 1
+    assert b.scores == pytest.approx(list(want), abs=1e-6)
+
+
+def test_joined_artifact_screens_evaluates_and_guards_from_the_cli(joined, tmp_path, cli, monkeypatch):
+    from lit_sahs.artifact import load_detector
+    from lit_sahs.targets import load_target, prompting
+
+    monkeypatch.chdir(tmp_path)
+    art = joined["tmp"] / "two" / "detector"
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(PROMPTS, [0, 1, 0])))
+    t = load_target("tiny-llama")
+    want = [float(load_detector(art).score_encoded(t, prompting.encode(t, [x]))[0]) for x in PROMPTS]
+    code, out, err = cli(["screen", "--detector", str(art), "--data", str(data)])
+    assert code == 0, err
+    assert [json.loads(x)["score"] for x in out.strip().splitlines()[:3]] == pytest.approx(want, abs=1e-6)
+    code, _, err = cli(["evaluate", "--detector", str(art), "--data", str(data), "--scores", "s.csv"])
+    assert code == 0, err
+    got = [float(r.split(",")[4]) for r in (tmp_path / "s.csv").read_text().splitlines()[1:]]
+    assert got == pytest.approx(want, abs=1e-6)
+    code, out, err = cli(["guard", "--detector", str(art), "--prompt", PROMPTS[0], "--max_new_tokens", "3"])
+    row = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and row["score"] == pytest.approx(want[0], abs=1e-6)
+
+
+def test_joined_heads_bad_input_is_one_error(joined, tmp_path, cli):
+    from lit_sahs.artifact import save_detector
+    from lit_sahs.detectors import LogisticDetector, MLPDetector
+    from lit_sahs.safevlm import SafeVLM
+    from lit_sahs.targets import load_target
+    from synthetic import FP
+
+    target = load_target("tiny-llama")
+    heads = str(joined["tmp"] / "heads")
+    cases = [(dict(head_keys="9.0"), "outside the target's geometry"),
+             (dict(head_keys="2.1", head_keys_init=heads), "reads heads 2.1,0.3 but head_keys are 2.1")]
+    for kw, message in cases:
+        with pytest.raises(LitSahsError, match=message):
+            SafeVLM(num_safety_tokens=2, head_heads=2, **kw).attach(target)
+    g = FP.geometry
+    save_detector(LogisticDetector().bind([(0, 0)], g, FP, torch.zeros(1, g.head_dim), torch.ones(1, g.head_dim)),
+                  tmp_path / "other")
+    with pytest.raises(LitSahsError, match="head_keys_init .*made for"):
+        SafeVLM(num_safety_tokens=2, head_heads=2, head_keys_init=str(tmp_path / "other")).attach(target)
+    g = target.geometry
+    mlp = MLPDetector().bind([(0, 0)], g, target.fingerprint, torch.zeros(1, g.head_dim), torch.ones(1, g.head_dim))
+    save_detector(mlp, tmp_path / "mlp")
+    with pytest.raises(LitSahsError, match="holds a mlp detector"):
+        SafeVLM(num_safety_tokens=2, head_heads=2, head_keys_init=str(tmp_path / "mlp")).attach(target)
+    with pytest.raises(LitSahsError, match="stage-I artifact"):
+        SafeVLM(stage=2, init_from=heads, head_keys_init=heads)
+    # the deepest layer joined: no layer is left for stage II's LoRA
+    one = SafeVLM(num_safety_tokens=2, head_heads=2, feature_layer=1, head_keys="3.1,0.0")
+    one.attach(target)
+    one.trained_stages = [1]
+    save_detector(one, tmp_path / "deep")
+    with pytest.raises(LitSahsError, match="no decoder layer lies past the deepest joined head"):
+        SafeVLM(stage=2, init_from=str(tmp_path / "deep")).start_stage_two(load_target("tiny-llama"))
+    # from the command line: one error line
+    cfg = tmp_path / "fit.yaml"
+    cfg.write_text("model:\n  class_path: lit_sahs.safevlm.SafeVLM\n  init_args:\n    head_keys: '7.0,1.1'\n"
+                   "data:\n  class_path: lit_sahs.safevlm.SafetyDataModule\n  init_args:\n    target: tiny-llama\n"
+                   f"    harmful: advbench\n    benign: truthfulqa\n    limit: 40\n    answers: {tmp_path}/a.jsonl\n"
+                   f"output_dir: {tmp_path}/out\ntrainer:\n  max_epochs: 1\n  logger: false\n")
+    code, _, err = cli(["fit", "--config", str(cfg)])
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error:") and "7.0" in last and "Traceback" not in err

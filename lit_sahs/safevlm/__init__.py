@@ -6,6 +6,8 @@ forward.py    safety-token slots in the input sequence; hooks that feed the head
 answers.py    the LM loss's answers: a refusal, or the target's own cached answer
 data.py       SafetyDataModule (the product's sources and splits)
 module.py     SafeVLM LightningModule (stage 1: safety modules; stage 2: LoRA via peft)
+joined.py     joined heads: the logistic safety-head detector they start from, loaded and checked
+selection.py  val/margin: held-out harmful minus benign flagged rate, the checkpoint-choice metric
 artifact.py   safetensors + JSON artifacts, loaded by load_detector / the registry
 guard.py      SafeVLMGuard: refuse, add a safety hint, or pass, decided at the prefill
 """

@@ -50,6 +50,7 @@ def rebuild(cls, meta: Mapping[str, Any], state: Mapping[str, torch.Tensor], sou
         hp = {k: v for k, v in dict(meta["hparams"]).items() if not str(k).startswith("_")}
         hp["stage"] = 1  # stage and init_from describe how it was trained, not what to load
         hp["init_from"] = None
+        hp["head_keys_init"] = None  # the joined heads' weights are in the tensors
         det = cls(**hp)
         fingerprint = TargetFingerprint.from_dict(meta["fingerprint"])
         dims = {k: int(v) for k, v in dict(meta["dims"]).items()}

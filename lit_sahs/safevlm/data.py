@@ -84,6 +84,7 @@ class SafetyDataModule(L.LightningDataModule):
         self.rows: list[dict] = []
         self.splits: dict[str, np.ndarray] = {}
         self.families: list[str] = []
+        self.sources: list[str] = []
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.rows:
@@ -100,8 +101,10 @@ class SafetyDataModule(L.LightningDataModule):
         splits = split_rows(rows, self.holdout.families, self.holdout.sources, self.val_fraction,
                             self.test_fraction, self.seed, val_sources=self.val_sources)
         self.families = sorted({r["attack_family"] for r in rows})
+        self.sources = sorted({r["source"] for r in rows})
         for r in rows:
             r["family"] = self.families.index(r["attack_family"])
+            r["source_index"] = self.sources.index(r["source"])
         benign = [r for i in np.concatenate([splits["train"], splits["val"]]) for r in [rows[i]] if r["label"] == 0]
         cache = AnswerCache(self.target, self.max_answer_tokens, self.answers_path)
         for r, a in zip(benign, cache.answers([r["text"] for r in benign], [r["image"] for r in benign])):
@@ -129,6 +132,7 @@ class SafetyDataModule(L.LightningDataModule):
         batch["level"] = torch.tensor([r["level"] for r in rows], dtype=torch.long)
         batch["type"] = torch.tensor([r["type"] for r in rows], dtype=torch.long)
         batch["family"] = torch.tensor([r["family"] for r in rows], dtype=torch.long)
+        batch["source"] = torch.tensor([r["source_index"] for r in rows], dtype=torch.long)  # index in self.sources
         return batch
 
     def loader(self, split: str, shuffle: bool = False) -> DataLoader:

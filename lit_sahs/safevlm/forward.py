@@ -17,6 +17,8 @@ over that batch (the prefill of ``generate`` included):
   connector, Qwen2-VL's patch merger), split per prompt by its image tokens
   (``sites.vision_features_per_prompt``) into ``patches`` [B, P, Dv], zero-padded with
   ``patch_padding`` [B, P] where rows differ (image sizes, tiles, a prompt without an image);
+* with ``heads`` (a HeadSet: joined heads), records those attention heads' outputs at each row's
+  first-token position (``hooks.HeadCapture``) in the same forward: ``head_outputs`` [B, k, D];
 * with ``stop=True`` abandons the forward once those are taken (scoring needs nothing later).
 
 Stage II puts LoRA only on layers at or above ``feature_layer``, so the features the frozen
@@ -30,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from lit_sahs.errors import LitSahsError
-from lit_sahs.hooks import StopForward
+from lit_sahs.heads import Geometry, HeadSet
+from lit_sahs.hooks import HeadCapture, StopForward
 from lit_sahs.targets import prompting, sites
 
 IGNORE_INDEX = -100
@@ -96,7 +99,7 @@ def with_slots(enc: dict, n_slots: int, pad_id: int, answers: Optional[Sequence[
     return out
 
 
-MODEL_KEYS_DROPPED = ("slot_mask", "prompt_mask", "first_pos", "labels", "y", "level", "type", "family")
+MODEL_KEYS_DROPPED = ("slot_mask", "prompt_mask", "first_pos", "labels", "y", "level", "type", "family", "source")
 
 
 def model_inputs(batch: dict) -> dict:
@@ -113,7 +116,8 @@ class SafetyForward:
 
     def __init__(self, model: nn.Module, input_tokens: Tensor, feature_layer: int, slot_mask: Tensor,
                  prompt_mask: Tensor, first_pos: Tensor, vision: bool = False, stop: bool = False,
-                 input_ids: Optional[Tensor] = None):
+                 input_ids: Optional[Tensor] = None, heads: Optional[HeadSet] = None,
+                 geometry: Optional[Geometry] = None):
         self.model, self.tokens, self.feature_layer = model, input_tokens, int(feature_layer)
         self.slot_mask, self.prompt_mask, self.first_pos = slot_mask, prompt_mask, first_pos
         self.vision, self.stop, self.input_ids = vision, stop, input_ids
@@ -123,6 +127,7 @@ class SafetyForward:
         if not 0 <= self.feature_layer <= len(layers):
             raise LitSahsError(f"feature_layer {feature_layer} is outside 0..{len(layers)} for this target")
         self._layers = layers
+        self.capture = HeadCapture(model, heads, geometry, positions=first_pos) if heads is not None else None
         self._handles: list = []
         self.query: Optional[Tensor] = None
         self.features: Optional[Tensor] = None
@@ -190,8 +195,17 @@ class SafetyForward:
                 self._maybe_stop()
 
     def _maybe_stop(self) -> None:
-        if self.stop and (not self.vision or self._vision_input is not None):
+        if self.stop and self.features is not None and (not self.vision or self._vision_input is not None) \
+                and (self.capture is None or self.capture.complete):
             raise StopForward()
+
+    def _heads_hook(self, module, args, output):
+        self._maybe_stop()  # the deepest joined head's layer has run
+
+    @property
+    def head_outputs(self) -> Optional[Tensor]:
+        """[B, k, head_dim]: the joined heads at each row's first-token position, or None without heads."""
+        return self.capture.selected() if self.capture is not None else None
 
     def __enter__(self) -> "SafetyForward":
         self._armed = True
@@ -200,6 +214,10 @@ class SafetyForward:
         self._handles.append(self.model.get_input_embeddings().register_forward_hook(self._embed_hook))
         if self.feature_layer > 0:
             self._handles.append(self._layers[self.feature_layer - 1].register_forward_hook(self._layer_hook))
+        if self.capture is not None:
+            self.capture.__enter__()
+            self._handles.append(self.capture)
+            self._handles.append(self._layers[max(self.capture.layers)].register_forward_hook(self._heads_hook))
         return self
 
     def __exit__(self, *exc) -> bool:

@@ -59,9 +59,7 @@ class SafetyGate(LogitsProcessor):
         if self.stop is None:
             batch, vocab = scores.shape
             try:
-                fwd = self.fwd
-                level, rtype = self.det.safety.classify(fwd.query, fwd.features, fwd.padding, fwd.patches,
-                                                        fwd.patch_padding)
+                level, rtype = self.det.classify_forward(self.fwd)
                 risk = self.det.risk(level).to(scores.device)
                 thr = float(self.det.threshold) if self.threshold is None else float(self.threshold)
                 flagged = (risk >= thr) | torch.isnan(risk)
@@ -122,9 +120,7 @@ class SafeVLMGuard:
         inputs = {k: v for k, v in model_inputs(batch).items() if k != "position_ids"}  # generate derives them
         vision = det.safety.vision is not None and "pixel_values" in batch
         kw.setdefault("pad_token_id", self.target.tokenizer.pad_token_id)
-        with SafetyForward(model, det.safety.input_tokens.weight, det.feature_layer, batch["slot_mask"],
-                           batch["prompt_mask"], batch["first_pos"], vision=vision,
-                           input_ids=batch["input_ids"]) as fwd:
+        with det.safety_forward(batch, vision=vision) as fwd:
             g = SafetyGate(det, fwd, eos_token_id(self.target), self.threshold, self.fail_closed) if gate else None
             procs = LogitsProcessorList([g] if g else [])
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=procs, **kw)

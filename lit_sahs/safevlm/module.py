@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Union
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics.aggregation import CatMetric
 
 import lit_sahs
 from lit_sahs.detectors.metrics import (ScoreCollector, calibrate_threshold, detection_metrics,
@@ -40,10 +41,12 @@ from lit_sahs.detectors.metrics import (ScoreCollector, calibrate_threshold, det
 from lit_sahs.artifact_format import init_args
 from lit_sahs.errors import LitSahsError
 from lit_sahs.family import ModelFamily, register_family
-from lit_sahs.heads import TargetFingerprint
+from lit_sahs.heads import HeadSet, TargetFingerprint
 from lit_sahs.safevlm.artifact import LORA_PREFIX, SAFETY_PREFIX, load_stage_one, rebuild
 from lit_sahs.safevlm.forward import IGNORE_INDEX, SafetyForward, model_inputs, with_slots
-from lit_sahs.safevlm.modules import SafetyModules
+from lit_sahs.safevlm.joined import load_head_detector
+from lit_sahs.safevlm.modules import JoinedHeads, SafetyModules
+from lit_sahs.safevlm.selection import finite, selection_margin
 from lit_sahs.safevlm.taxonomy import RISK_LEVELS, RISK_TYPES
 from lit_sahs.targets import sites
 
@@ -89,8 +92,22 @@ class SafeVLM(ModelFamily, L.LightningModule):
                  feature_layer: Optional[int] = None, head_heads: int = 8, vision_queries: int = 16,
                  loss_weight: float = 10.0, lr: Optional[float] = None, weight_decay: float = 0.0,
                  lora_rank: int = 256, lora_alpha: int = 16, lora_dropout: float = 0.05,
-                 target_fpr: float = 0.05, token_lr_scale: float = 0.1) -> None:
+                 target_fpr: float = 0.05, token_lr_scale: float = 0.1,
+                 head_keys: Optional[Union[str, HeadSet]] = None, head_keys_init: Optional[str] = None) -> None:
+        """head_keys: located safety heads ('3.1,5.0') whose first-token outputs join the safety head
+        (``safevlm.joined``); head_keys_init: a fitted logistic safety-head detector (artifact
+        directory) they start from — its heads when head_keys is empty."""
         super().__init__()
+        if isinstance(head_keys, HeadSet):
+            head_keys = head_keys.spec()
+        if head_keys is not None:
+            head_keys = HeadSet.parse(str(head_keys)).spec() or None
+        if head_keys_init and stage == 2:
+            raise LitSahsError("stage 2 takes its joined heads from the stage-I artifact (init_from): "
+                               "leave head_keys_init empty")
+        if head_keys_init and not Path(head_keys_init).exists():
+            raise LitSahsError(f"head_keys_init {head_keys_init} does not exist: point it at a logistic "
+                               "safety-head detector's artifact directory")
         if stage not in (1, 2):
             raise LitSahsError(f"stage must be 1 or 2, got {stage!r}")
         if stage == 2 and not init_from:
@@ -139,6 +156,19 @@ class SafeVLM(ModelFamily, L.LightningModule):
         return int(self.hparams.feature_layer)
 
     @property
+    def head_keys(self) -> Optional[HeadSet]:
+        """The joined heads (None: the safety head reads only its features)."""
+        spec = self.hparams.get("head_keys")
+        return HeadSet.parse(spec) if spec else None
+
+    def lora_first_layer(self) -> int:
+        """LoRA goes on layers at or above this one: the feature layer, or past the deepest joined
+        head (a head's output depends on its own layer's projections), so stage II leaves every
+        input of the frozen safety head as it was."""
+        heads = self.head_keys
+        return max(self.feature_layer, max(heads.layers) + 1) if heads is not None else self.feature_layer
+
+    @property
     def lr(self) -> float:
         return float(self.hparams.lr) if self.hparams.lr is not None else (1e-3 if self.hparams.stage == 1 else 2e-4)
 
@@ -154,8 +184,25 @@ class SafeVLM(ModelFamily, L.LightningModule):
                                f"(0: token embeddings, k: the output of decoder layer k-1)")
         self.safety = SafetyModules(dims["hidden"], dims["hidden"], int(hp.num_safety_tokens), int(hp.head_heads),
                                     len(self.levels), len(self.types), dims["vision_dim"], int(hp.vision_queries))
+        if hp.get("head_keys") or hp.get("head_keys_init"):
+            self._join(fingerprint, dims)
         self.safety.to(self.threshold.device)
         self.fingerprint, self.dims = fingerprint, dict(dims)
+
+    def _join(self, fingerprint: TargetFingerprint, dims: dict[str, int]) -> None:
+        heads, detector = self.head_keys, None
+        if heads is not None:
+            try:
+                heads.validate(fingerprint.geometry)
+            except LitSahsError as e:
+                raise LitSahsError(f"head_keys {heads.spec()}: {e}") from None
+        if self.hparams.get("head_keys_init"):
+            detector, heads = load_head_detector(self.hparams.head_keys_init, fingerprint, heads)
+            self.hparams.head_keys = heads.spec()
+        joined = JoinedHeads(len(heads), fingerprint.geometry.head_dim, dims["hidden"])
+        self.safety.join(joined)
+        if detector is not None:
+            joined.init_from(detector)
 
     def attach(self, target) -> "SafeVLM":
         """Use `target` (checked against the fingerprint); its layers get this SafeVLM's LoRA weights."""
@@ -242,7 +289,7 @@ class SafeVLM(ModelFamily, L.LightningModule):
         if target_dims(target) != first.dims:
             raise LitSahsError(f"init_from {self.hparams.init_from} was built for target shape {first.dims}, "
                                f"this target has {target_dims(target)}")
-        for key in ("num_safety_tokens", "feature_layer", "head_heads", "vision_queries"):
+        for key in ("num_safety_tokens", "feature_layer", "head_heads", "vision_queries", "head_keys"):
             self.hparams[key] = first.hparams[key]  # the architecture is the stage-I artifact's
         self.build(first.fingerprint, first.dims)
         self.safety.load_state_dict(first.safety.state_dict())
@@ -251,7 +298,10 @@ class SafeVLM(ModelFamily, L.LightningModule):
         self.__dict__["_target"] = target
         self.lora = {"rank": int(self.hparams.lora_rank), "alpha": int(self.hparams.lora_alpha),
                      "dropout": float(self.hparams.lora_dropout),
-                     "modules": lora_module_names(target.model, self.feature_layer)}
+                     "modules": lora_module_names(target.model, self.lora_first_layer())}
+        if not self.lora["modules"]:
+            raise LitSahsError(f"no decoder layer lies past the deepest joined head ({self.hparams.head_keys}) and the "
+                               "feature layer: stage II has no layer to put LoRA on; join shallower heads")
         self._inject_lora(self.lora)
 
     # ------------------------------------------------------------------ the forward
@@ -264,17 +314,27 @@ class SafeVLM(ModelFamily, L.LightningModule):
         dev = self.target.device
         batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
         vision = self.safety.vision is not None and "pixel_values" in batch
-        with SafetyForward(model, self.safety.input_tokens.weight, self.feature_layer, batch["slot_mask"],
-                           batch["prompt_mask"], batch["first_pos"], vision=vision, stop=stop,
-                           input_ids=batch["input_ids"]) as fwd:
+        with self.safety_forward(batch, vision=vision, stop=stop) as fwd:
             out = fwd.run(**model_inputs(batch), use_cache=False)
         if fwd.features is None or fwd.query is None:
             raise LitSahsError("the forward never reached the feature layer: the safety hooks did not fire")
         if vision and fwd.patches is None and bool((batch["input_ids"] == sites.image_token_id(model)).any()):
             raise LitSahsError("the batch has images but the target's vision projector never ran: "
                                "the safety hooks did not see them")
-        level, rtype = self.safety.classify(fwd.query, fwd.features, fwd.padding, fwd.patches, fwd.patch_padding)
+        level, rtype = self.classify_forward(fwd)
         return out, level, rtype
+
+    def safety_forward(self, batch: dict, vision: bool, stop: bool = False) -> SafetyForward:
+        """The hooks one forward (or one generate) over a ``with_slots`` batch needs: safety tokens,
+        features, vision patches and, with joined heads, those heads' outputs."""
+        return SafetyForward(self.target.model, self.safety.input_tokens.weight, self.feature_layer,
+                             batch["slot_mask"], batch["prompt_mask"], batch["first_pos"], vision=vision, stop=stop,
+                             input_ids=batch["input_ids"], heads=self.head_keys, geometry=self.fingerprint.geometry)
+
+    def classify_forward(self, fwd: SafetyForward) -> tuple[Tensor, Tensor]:
+        """(level logits, type logits) from what a finished SafetyForward recorded."""
+        return self.safety.classify(fwd.query, fwd.features, fwd.padding, fwd.patches, fwd.patch_padding,
+                                    heads=fwd.head_outputs)
 
     @staticmethod
     def risk(level_logits: Tensor) -> Tensor:
@@ -353,6 +413,7 @@ class SafeVLM(ModelFamily, L.LightningModule):
     def on_fit_start(self) -> None:
         self.val_metrics = detection_metrics().to(self.threshold.device)
         self._val_scores = ScoreCollector().to(self.threshold.device)
+        self._val_sources = CatMetric().to(self.threshold.device)  # gathered in the same order as the scores
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.target.model.eval()
@@ -363,14 +424,24 @@ class SafeVLM(ModelFamily, L.LightningModule):
         y = batch["y"].to(risk.device)
         self.val_metrics.update(risk, y)
         self._val_scores.update(risk, y)
+        src = batch.get("source")
+        self._val_sources.update((src if src is not None else torch.zeros_like(y)).to(risk.device).double())
 
     def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking and self.trainer.state.fn == "fit" and self._val_scores.update_called:
+        """Recalibrate the threshold (during a fit) and log the selection metric, ``val/margin``
+        (``safevlm.selection``: harmful minus benign flagged rate, benign sources cross-fitted), which
+        the shipped configs' ModelCheckpoint and EarlyStopping monitor."""
+        if self._val_scores.update_called:
             preds, target = self._val_scores.compute()
-            benign = preds[target == 0]
-            if benign.numel():
-                self.threshold.fill_(calibrate_threshold(benign, self.hparams.target_fpr))
+            if not self.trainer.sanity_checking and self.trainer.state.fn == "fit":
+                benign = preds[target == 0]
+                if benign.numel():
+                    self.threshold.fill_(calibrate_threshold(benign, self.hparams.target_fpr))
+            sources = self._val_sources.compute()
+            picked = selection_margin(preds, target, sources.to(preds.device), float(self.hparams.target_fpr))
+            self.log_dict({f"val/{k}": float(v) for k, v in finite(picked).items()})
         self._val_scores.reset()
+        self._val_sources.reset()
         if self.val_metrics["auroc"].update_called:
             set_threshold(self.val_metrics, float(self.threshold))
             self.log_dict({f"val/{k}": v.float() for k, v in self.val_metrics.compute().items()})
@@ -404,6 +475,25 @@ class SafeVLM(ModelFamily, L.LightningModule):
         rest = [p for p in self.safety.parameters() if id(p) not in ids]
         return torch.optim.AdamW([{"params": rest}, {"params": tokens, "lr": self.lr * self.hparams.token_lr_scale}],
                                  lr=self.lr, weight_decay=self.hparams.weight_decay)
+
+    # ------------------------------------------------------------------ checkpoints (ModelCheckpoint)
+
+    LORA_CHECKPOINT_KEY: ClassVar[str] = "safevlm_lora"
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The LoRA tensors live in the target, outside the state dict: a checkpoint carries them too,
+        so testing and exporting the best checkpoint of stage II gets its adapter, not the last one."""
+        lora = self.lora_parameters()
+        if lora:
+            checkpoint[self.LORA_CHECKPOINT_KEY] = {n: p.detach().cpu().clone() for n, p in lora.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(self.LORA_CHECKPOINT_KEY)
+        if state:
+            if self.target is None:
+                self.lora_state = dict(state)
+            else:
+                self._load_lora(state)
 
     # ------------------------------------------------------------------ reports (the TestReport callback)
 

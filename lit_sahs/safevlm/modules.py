@@ -17,9 +17,13 @@ Shapes (H: the language model's width, B: batch, T: prompt positions, P: vision 
 * ``SafetyHead``: multi-head attention whose queries are the prompt's token embeddings and whose
   keys/values are the head's safety tokens followed by the projected features (padding masked);
   the output at the first-token position feeds a risk-level and a risk-type classifier.
+* ``JoinedHeads`` (optional): the located safety heads' outputs [B, k, D] at the first-token
+  position as k more keys/values of the safety head, and a logistic logit added to its risk
+  (``safevlm.joined`` explains why and loads the detector it starts from).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -107,6 +111,52 @@ class SafetyHead(nn.Module):
         return self.level_classifier(out), self.type_classifier(out)
 
 
+class JoinedHeads(nn.Module):
+    def __init__(self, k: int, head_dim: int, hidden: int):
+        super().__init__()
+        self.k, self.head_dim = int(k), int(head_dim)
+        self.register_buffer("mean", torch.zeros(k, head_dim))
+        self.register_buffer("std", torch.ones(k, head_dim))
+        self.keys = SafetyProjector(head_dim, hidden)
+        self.score = nn.Linear(k * head_dim, 1)
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, heads: Tensor) -> tuple[Tensor, Tensor]:
+        """heads [B, k, D] raw outputs in HeadSet order -> (keys [B, k, H], logit s [B])."""
+        if heads.dim() != 3 or tuple(heads.shape[1:]) != (self.k, self.head_dim):
+            raise LitSahsError(f"joined heads need outputs [batch, {self.k}, {self.head_dim}], got {tuple(heads.shape)}")
+        z = (heads.to(self.mean.dtype) - self.mean) / self.std
+        return self.keys(z), self.score(z.flatten(1)).squeeze(-1)
+
+    @torch.no_grad()
+    def init_from(self, detector) -> None:
+        """Copy a logistic detector's normalisation and weights (its logit becomes ``s``)."""
+        self.mean.copy_(detector.mean)
+        self.std.copy_(detector.std)
+        self.score.weight.copy_(detector.linear.weight)
+        self.score.bias.copy_(detector.linear.bias)
+
+
+def join_level_logits(level: Tensor, s: Tensor) -> Tensor:
+    """Level logits [B, L] whose risk 1 - P(safe) is sigmoid(s + u), u the unsafe-vs-safe logit of
+    `level` (logsumexp of the unsafe levels minus the safe one); the unsafe levels keep their
+    proportions. Returned as log-probabilities (valid logits for cross-entropy and softmax)."""
+    level = level.float()
+    t = s.float() + torch.logsumexp(level[:, 1:], dim=-1) - level[:, 0]
+    unsafe = F.logsigmoid(t)[:, None] + torch.log_softmax(level[:, 1:], dim=-1)
+    return torch.cat([F.logsigmoid(-t)[:, None], unsafe], dim=-1)
+
+
+def neutral_level_classifier(classifier: nn.Linear) -> None:
+    """Zero weights and the bias that makes u = 0 (the safe logit equals logsumexp of the others)."""
+    with torch.no_grad():
+        classifier.weight.zero_()
+        classifier.bias.zero_()
+        classifier.bias[0] = math.log(classifier.out_features - 1)
+
+
+
 class SafetyModules(nn.Module):
     """Everything SafeVLM adds to a target, in one module: what stage I trains and the artifact saves."""
 
@@ -118,11 +168,23 @@ class SafetyModules(nn.Module):
         self.projector = SafetyProjector(feature_dim, hidden)
         self.vision = VisionAbstractor(vision_dim, hidden, vision_queries) if vision_dim else None
         self.head = SafetyHead(hidden, num_heads, num_levels, num_types)
+        self.joined: Optional[JoinedHeads] = None
+
+    def join(self, joined: "JoinedHeads") -> None:
+        """Read the located safety heads too (``joined.JoinedHeads``): extra keys for the head's
+        attention and a logit added to its risk; the level classifier starts where that logit alone
+        decides the risk."""
+        self.joined = joined
+        neutral_level_classifier(self.head.level_classifier)
 
     def classify(self, query: Tensor, features: Tensor, feature_padding: Tensor,
-                 patches: Optional[Tensor] = None, patch_padding: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                 patches: Optional[Tensor] = None, patch_padding: Optional[Tensor] = None,
+                 heads: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """query [B, H], features [B, T, F] with feature_padding [B, T]; patches [B, P, Dv] with
-        patch_padding [B, P] (True past a row's own patches; None: every row has all P) or None."""
+        patch_padding [B, P] (True past a row's own patches; None: every row has all P) or None;
+        heads [B, k, D]: the joined heads' outputs (needed exactly when heads are joined)."""
+        if (heads is None) != (self.joined is None):
+            raise LitSahsError("the joined heads' outputs must be given exactly when these safety modules join heads")
         proj = self.projector(features.to(self.projector.linear_1.weight.dtype))
         pad = feature_padding.to(proj.device)
         if patches is not None:
@@ -137,4 +199,8 @@ class SafetyModules(nn.Module):
             proj = torch.cat([vis, proj], dim=1)
             pad = torch.cat([vis_pad, pad], dim=1)
         tokens = self.head_tokens(query.shape[0])
-        return self.head(query.to(proj.dtype), tokens, proj, pad)
+        if self.joined is None:
+            return self.head(query.to(proj.dtype), tokens, proj, pad)
+        keys, s = self.joined(heads.to(proj.device))
+        level, rtype = self.head(query.to(proj.dtype), torch.cat([tokens, keys.to(tokens.dtype)], dim=1), proj, pad)
+        return join_level_logits(level, s), rtype

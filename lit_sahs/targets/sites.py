@@ -45,10 +45,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def output_projections(model: nn.Module) -> list[nn.Linear]:
-    """The attention output projection of every decoder layer, in layer order."""
+    """The attention output projection of every decoder layer, in layer order (a LoRA-wrapped one as
+    peft leaves it: its input is the same head outputs)."""
     projs = []
     for i, layer in enumerate(decoder_layers(model)):
-        proj = next((p for p in (_get(layer, q) for q in _OUT_PROJ_PATHS) if isinstance(p, nn.Linear)), None)
+        proj = next((p for p in (_get(layer, q) for q in _OUT_PROJ_PATHS)
+                     if isinstance(p, nn.Linear) or isinstance(getattr(p, "base_layer", None), nn.Linear)), None)
         if proj is None:
             raise LitSahsError(
                 f"layer {i} of {type(model).__name__} has no attention output projection at any of "

@@ -1,0 +1,55 @@
+"""The number SafeVLM's checkpoints and early stopping are chosen by: refusals on held-out sources.
+
+A guard is judged by what it flags (refuses or hints) at its threshold: harmful prompts it should
+stop, benign ones it should answer. ``selection_margin`` = harmful flagged rate - benign flagged
+rate, on the validation split (``SafetyDataModule(val_sources=...)``: sources never trained on).
+
+The threshold cannot be calibrated on the benign rows it is judged on (their flagged rate would be
+``target_fpr`` by construction), so it is cross-fitted over the validation's benign sources: each
+benign source is judged at the threshold that flags ``target_fpr`` of the *other* benign sources'
+rows, as an unseen collection would be; the harmful rate is taken at each of those thresholds, and
+both rates are averaged over the benign sources (each weighs the same). With one benign source
+there is nothing to leave out: the threshold is calibrated on it, and the margin is the harmful
+rate at the target FPR minus that FPR.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lit_sahs.detectors.metrics import calibrate_threshold
+from lit_sahs.errors import LitSahsError
+
+NAN = float("nan")
+
+
+def selection_margin(scores: Tensor, labels: Tensor, sources: Tensor, target_fpr: float) -> dict[str, float]:
+    """{"margin", "harmful_flagged", "benign_flagged"} for risk `scores` [n], `labels` [n] (1 harmful)
+    and `sources` [n] (any ids, e.g. indices of source names); NaN where a class is missing."""
+    scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    labels = torch.as_tensor(labels).flatten().long()
+    sources = torch.as_tensor(sources).flatten().long()
+    if not scores.shape == labels.shape == sources.shape:
+        raise LitSahsError(f"selection_margin needs one label and one source per score, got {scores.numel()} scores, "
+                           f"{labels.numel()} labels and {sources.numel()} sources")
+    harmful, benign = scores[labels == 1], labels == 0
+    if not harmful.numel() or not bool(benign.any()):
+        return {"margin": NAN, "harmful_flagged": NAN, "benign_flagged": NAN}
+    groups = sorted(set(sources[benign].tolist()))
+    if len(groups) == 1:
+        folds = [(scores[benign], scores[benign])]
+    else:
+        folds = [(scores[benign & (sources != g)], scores[benign & (sources == g)]) for g in groups]
+    h_rates, b_rates = [], []
+    for calibrate_on, judged in folds:
+        t = calibrate_threshold(calibrate_on, target_fpr)
+        b_rates.append(float((judged >= t).double().mean()))
+        h_rates.append(float((harmful >= t).double().mean()))
+    h, b = sum(h_rates) / len(h_rates), sum(b_rates) / len(b_rates)
+    return {"margin": h - b, "harmful_flagged": h, "benign_flagged": b}
+
+
+def finite(values: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in values.items() if not math.isnan(v)}
