@@ -45,41 +45,13 @@ from lit_sahs.heads import HeadSet, TargetFingerprint
 from lit_sahs.safevlm.artifact import LORA_PREFIX, SAFETY_PREFIX, load_stage_one, rebuild
 from lit_sahs.safevlm.forward import IGNORE_INDEX, SafetyForward, model_inputs, with_slots
 from lit_sahs.safevlm.joined import load_head_detector
+from lit_sahs.safevlm.lora import inject_lora, load_lora, lora_module_names, lora_parameters, target_dims
 from lit_sahs.safevlm.modules import JoinedHeads, SafetyModules
 from lit_sahs.safevlm.selection import finite, selection_margin
 from lit_sahs.safevlm.taxonomy import RISK_LEVELS, RISK_TYPES
 from lit_sahs.targets import sites
 
 log = logging.getLogger(__name__)
-
-
-
-def target_dims(target) -> dict[str, int]:
-    """What the safety modules' shapes depend on, read from the target."""
-    model = target.model
-    cfg = sites.text_config(model.config)
-    dims = {"hidden": int(cfg.hidden_size), "num_layers": len(sites.decoder_layers(model)), "vision_dim": 0}
-    if target.is_vision_language:
-        try:
-            sites.vision_projector(model)
-            dims["vision_dim"] = sites.vision_width(model)
-        except LitSahsError as e:
-            raise LitSahsError(f"SafeVLM reads the vision features at the input of the target's vision projector "
-                               f"(LLaVA, Qwen2-VL, Idefics3 / SmolVLM layouts); {target.name!r} has none where "
-                               f"lit_sahs can reach them ({e})") from None
-    return dims
-
-
-def lora_module_names(model: nn.Module, first_layer: int) -> list[str]:
-    """Full names of every nn.Linear inside the decoder layers >= first_layer."""
-    names = {id(m): n for n, m in model.named_modules()}
-    out = []
-    for i, layer in enumerate(sites.decoder_layers(model)):
-        if i < first_layer:
-            continue
-        prefix = names[id(layer)]
-        out += [f"{prefix}.{n}" for n, m in layer.named_modules() if isinstance(m, nn.Linear) and n]
-    return out
 
 
 @register_family()
@@ -224,36 +196,13 @@ class SafeVLM(ModelFamily, L.LightningModule):
         return self
 
     def _inject_lora(self, cfg: dict[str, Any]) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        model = self.target.model
-        if getattr(model, "_lit_sahs_lora", None) is not None:
-            if model._lit_sahs_lora != cfg:
-                raise LitSahsError("this target already carries another SafeVLM's LoRA adapter: load the target again")
-            return
-        inject_adapter_in_model(LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"],
-                                           target_modules=list(cfg["modules"]), bias="none"), model)
-        model._lit_sahs_lora = dict(cfg)
-        for n, p in model.named_parameters():
-            p.requires_grad_("lora_" in n)
+        inject_lora(self.target.model, cfg)
 
     def lora_parameters(self) -> dict[str, nn.Parameter]:
-        if self.target is None:
-            return {}
-        return {n: p for n, p in self.target.model.named_parameters() if "lora_" in n}
+        return {} if self.target is None else lora_parameters(self.target.model)
 
     def _load_lora(self, state: dict[str, Tensor]) -> None:
-        params = self.lora_parameters()
-        if set(params) != set(state):
-            missing, extra = sorted(set(params) - set(state))[:3], sorted(set(state) - set(params))[:3]
-            raise LitSahsError(f"the LoRA tensors do not fit this target (missing {missing}, unexpected {extra}): "
-                               "the artifact was made for another target or is corrupt")
-        with torch.no_grad():
-            for n, p in params.items():
-                if tuple(p.shape) != tuple(state[n].shape):
-                    raise LitSahsError(f"LoRA tensor {n} has shape {tuple(state[n].shape)}, the target needs "
-                                       f"{tuple(p.shape)}: the artifact is corrupt")
-                p.copy_(state[n].to(p.device, p.dtype))
+        load_lora(self.target.model, state)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
