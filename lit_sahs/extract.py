@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_sahs.checks import at_least
 from lit_sahs.choices import truncate_side
-from lit_sahs.data.extra_features import check_pools, check_store_pooling, default_residual_layers, pool_extra
+from lit_sahs.data.extra_features import (JUDGE_EXTRA, check_pools, check_store_judge, check_store_pooling,
+                                          default_residual_layers, pool_extra)
 from lit_sahs.data.samples import Sample
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.data.writer import BlockWriter
@@ -32,6 +33,7 @@ from lit_sahs.errors import LitSahsError
 from lit_sahs.hooks import HeadCapture, LayerResidualCapture, PooledHeadCapture, ResidualCapture
 from lit_sahs.outputs import check_outputs
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
+from lit_sahs.self_judge import judge_logodds, judge_token_ids
 from lit_sahs.targets import Target, load_target, prompting
 from lit_sahs.targets.registry import DeviceMap
 
@@ -92,10 +94,12 @@ class HeadExtractor(L.LightningModule):
     def __init__(self, target: str | Target = "smollm2-135m-instruct", dtype: str = "float32",
                  baselines: bool = True, device_map: Optional[DeviceMap] = None,
                  offload_folder: Optional[str] = None, residual_layers: Optional[Sequence[int]] = None,
-                 pool: Sequence[str] = ()):
+                 pool: Sequence[str] = (), judge: bool = False):
         super().__init__()
         self.baselines = baselines
         self.pool = check_pools(pool)  # also record every head pooled over the prompt's tokens
+        self.judge = bool(judge)  # also run the judge prefill (lit_sahs.self_judge): a second forward
+        self._judge_ids: Optional[tuple[list[int], list[int]]] = None
         self._residual_layers = tuple(residual_layers) if residual_layers is not None else None
         self._refusal_ids: Optional[torch.Tensor] = None
         if isinstance(target, Target):
@@ -136,6 +140,11 @@ class HeadExtractor(L.LightningModule):
                              "refusal_prob": refusal_probability(logits, self.refusal_ids).float().cpu()}
         if self.pool:
             out.setdefault("extras", {}).update({pool_extra(p): v.to(torch.float16) for p, v in pooled.pooled().items()})
+        if self.judge:  # after the capture: its own forward must not fire the capture's hooks
+            if self._judge_ids is None:
+                self._judge_ids = judge_token_ids(self.target.tokenizer)
+            out.setdefault("extras", {})[JUDGE_EXTRA] = judge_logodds(self.target, [s.text for s in samples],
+                                                                      self._judge_ids)
         return out
 
     @property
@@ -250,7 +259,7 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
                    trainer_kwargs: Optional[dict] = None, num_workers: Optional[int] = None,
                    device_map: Optional[DeviceMap] = None, offload_folder: Optional[str] = None,
                    truncate: Optional[str] = None, residual_layers: Optional[Sequence[int]] = None,
-                   pool: Sequence[str] = ()) -> dict:
+                   pool: Sequence[str] = (), judge: bool = False) -> dict:
     """Extract head activations for `samples` into the store at `store_path`, skipping samples
     already there. Returns {'written': n, 'skipped': n, 'total': rows in store}.
     `num_workers` None: 4 encoding processes when the run uses a GPU, 0 on the CPU.
@@ -262,7 +271,10 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
     or its text is cut to fit with `truncate` left / right (``prompting.fit_context``).
     `pool` ('mean', 'max'): also record every head's output pooled over the prompt's own tokens
     (extras ``pool_mean`` / ``pool_max``, [n, layers, heads, head_dim] float16 each); a store keeps
-    one choice for all its rows (a run with nothing to add reuses the store whatever it asks)."""
+    one choice for all its rows (a run with nothing to add reuses the store whatever it asks).
+    `judge`: also record the target's own verdict on each prompt (extra ``judge_logodds``,
+    ``lit_sahs.self_judge``): a second prefill per prompt, about doubling the extraction's time; a
+    store keeps one choice for all its rows too."""
     truncate_side(truncate)  # before loading the target
     at_least({"batch_size": batch_size, "block_rows": block_rows}, 1)
     check_outputs(dirs={"--store": store_path})
@@ -272,7 +284,7 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
         raise LitSahsError(f"num_workers must be >= 0, got {num_workers}")
     pool = check_pools(pool)  # before the target loads
     module = HeadExtractor(target, dtype=dtype, device_map=device_map, offload_folder=offload_folder,
-                           residual_layers=residual_layers, pool=pool)
+                           residual_layers=residual_layers, pool=pool, judge=judge)
     if not module.target.is_vision_language:  # fail before the store is created, not mid-run
         bad = next((s for s in samples if s.image), None)
         if bad is not None:
@@ -285,6 +297,7 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
         store = ActivationStore.open(store_path)
         return {"written": 0, "skipped": skipped, "total": len(store)}
     check_store_pooling(store_path, pool)  # only rows to add must match what the store records
+    check_store_judge(store_path, judge)
     texts = prompting.fit_context(module.target, [s.text for s in todo], [s.image for s in todo],
                                   [s.id for s in todo], truncate=truncate)  # before the store is created
     todo = [s if t == s.text else s.with_(text=t) for s, t in zip(todo, texts)]

@@ -14,7 +14,9 @@ Features beyond heads (``lit_sahs.data.extra_features``): on a store that record
 folds also fit the detector on the heads plus residual layers and/or the refusal probability
 (``heads_resid``, ``heads_refusal``, ``heads_resid_refusal``) and the sparse group-lasso selector over
 every head, every residual layer and the refusal probability (``sparse_all``); the baselines add the
-harm direction, the multi-layer residual probe and the refusal probability alone.
+harm direction, the multi-layer residual probe and the refusal probability alone. On a store extracted
+with ``--judge``, the target's own verdict is a baseline alone (``judge``), a feature beside the heads
+(``heads_judge``) and a group of ``sparse_all``.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from lit_sahs.baselines import BASELINES
-from lit_sahs.data.extra_features import REFUSAL_EXTRA, RESIDUAL_EXTRA, pool_extra
+from lit_sahs.data.extra_features import JUDGE_EXTRA, REFUSAL_EXTRA, RESIDUAL_EXTRA, pool_extra
 from lit_sahs.folds import PER_FOLD, Folds, fit_fold
 from lit_sahs.detectors.metrics import AUROC, FPR, METRIC_LABELS, TPR_AT_1FPR, TPR_AT_5FPR
 
@@ -33,6 +35,8 @@ FEATURE_SETS = {"heads_resid": "resid", "heads_refusal": "refusal", "heads_resid
 # on a store extracted with --pool: the same heads read at the first-token position and pooled
 # over the prompt's own tokens (lit_sahs.data.extra_features)
 POOLED_SETS = {"heads_mean": "mean", "heads_max": "max", "heads_mean_max": "mean,max"}
+# on a store extracted with --judge: the heads beside the target's own verdict (a second prefill)
+JUDGE_SETS = {"heads_judge": "judge"}
 SPARSE_ALL = "sparse_all"
 SPARSE_ALL_ARGS = {"group_lasso": 0.02}
 
@@ -68,6 +72,8 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
         feature_sets = dict(FEATURE_SETS) if has_extras and extra_rows else {}
         feature_sets.update({m: f for m, f in POOLED_SETS.items()
                              if all(pool_extra(p) in stored for p in f.split(","))})
+        if JUDGE_EXTRA in stored:
+            feature_sets.update(JUDGE_SETS)
     else:
         feature_sets = dict(feature_sets)
     sparse_all = has_extras and extra_rows if sparse_all is None else sparse_all
@@ -82,8 +88,9 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
         if sparse_all:
             # the sparse family's own epochs (5 x 200 FISTA steps, warm-started): the evaluate command's
             # max_epochs (30) is sized for the logistic detector, and 6000 steps over every head cost minutes a fold
+            everything = ",".join(["resid,refusal"] * has_extras + ["judge"] * (JUDGE_EXTRA in stored))
             extra_fits[SPARSE_ALL] = fit_fold(folds, "sparse", SPARSE_ALL_ARGS, top_k, hold, all_heads=True,
-                                              features="resid,refusal" if has_extras else None)
+                                              features=everything or None)
         for m, f in extra_fits.items():
             reports[m], thresholds[m] = _fit_report(f, labels)
         out.append({"holdout": list(hold.sources), "n_malicious": int(labels.sum()),

@@ -3,7 +3,8 @@
 * ``HeadCapture``: read every attention head's output at the first-token position;
   ``ResidualCapture`` / ``LayerResidualCapture``: the residual stream (baselines, extra features);
   ``FeatureCapture``: heads plus a detector's extra features (``lit_sahs.data.extra_features``: residuals,
-  the refusal probability of the first-token logits) from one prefill; ``capture_for`` picks one;
+  the refusal probability of the first-token logits) from one prefill; ``capture_for`` picks one (and
+  runs the judge feature's own prefill, ``lit_sahs.self_judge``, before any hook is placed);
 * ``HeadAblation``: switch heads off (zero / mean) in every forward it wraps;
 * ``EarlyExit`` / ``StopForward``: stop a forward once the needed layers have run;
 * ``capture_forward``: one forward of an encoded batch under the capture a detector reads.
@@ -31,6 +32,7 @@ from lit_sahs.data.extra_features import POOLS, check_pools, from_forward
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import Geometry, HeadSet
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
+from lit_sahs.self_judge import judge_logodds
 from lit_sahs.targets import sites
 from lit_sahs.targets.prompting import FIRST_TOKEN_INDEX
 
@@ -277,13 +279,19 @@ class FeatureCapture:
     the same prefill: residuals after the spec's layers, and the refusal-token probability of the
     first-token logits (a forward hook on the LM head, first call only: inside ``generate`` that
     is the prefill). ``selected()`` gives [batch, k + slots, head_dim], the detector's input, so it
-    stands in for a HeadCapture wherever one is read (the guard's gate, ``capture_forward``)."""
+    stands in for a HeadCapture wherever one is read (the guard's gate, ``capture_forward``).
+    The judge feature comes from another prefill over other text: its values, `judge` [batch], are
+    computed before (``capture_for``) and given here."""
 
-    def __init__(self, model: nn.Module, heads: HeadSet, geometry: Geometry, spec, tokenizer):
+    def __init__(self, model: nn.Module, heads: HeadSet, geometry: Geometry, spec, tokenizer,
+                 judge: Optional[torch.Tensor] = None):
         if any(n.split(":")[0] in POOLS for n in spec.names):
             raise LitSahsError("this detector reads heads pooled over the prompt (mean, max), which guard and screen "
                                "cannot compute from a prefill yet: score it on a store (evaluate --protocol sources)")
-        self.model, self.spec, self.geometry = model, spec, geometry
+        if "judge" in spec.names and judge is None:
+            raise LitSahsError("this detector reads the judge feature, a second prefill over the prompts' texts: "
+                               "pass the texts (capture_for(..., texts=...))")
+        self.model, self.spec, self.geometry, self.judge = model, spec, geometry, judge
         self.head_capture = HeadCapture(model, heads, geometry)
         self.heads = self.head_capture.heads
         layers = spec.residual_layers
@@ -325,16 +333,29 @@ class FeatureCapture:
             if self._logits is None:
                 raise LitSahsError("no logits captured for the refusal feature: run a forward inside the capture")
             prob = refusal_probability(self._logits, self.refusal_ids)
+        judge = None
+        if self.judge is not None:
+            judge = self.judge.reshape(-1).cpu()
+            if len(judge) != x.shape[0]:
+                raise LitSahsError(f"the judge prefill scored {len(judge)} prompts but the capture holds {x.shape[0]}: "
+                                   "give the texts of the batch that runs")
         packed = from_forward(self.spec, None if res is None else res.cpu(), None if prob is None else prob.cpu(),
-                              self.geometry.head_dim)
+                              self.geometry.head_dim, judge)
         return torch.cat([x.float(), packed.to(x.device)], dim=1)
 
 
-def capture_for(target, heads: HeadSet, spec=None):
+def capture_for(target, heads: HeadSet, spec=None, texts=None):
     """The capture a detector reads: a HeadCapture of its `heads`, or a FeatureCapture when it was
-    fitted with extra features (`spec`, a non-empty FeatureSpec)."""
+    fitted with extra features (`spec`, a non-empty FeatureSpec). A spec with the judge feature needs
+    the batch's prompt `texts` (or conversations): its prefill runs here, before any hook exists."""
     if spec:
-        return FeatureCapture(target.model, heads, target.geometry, spec, target.tokenizer)
+        judge = None
+        if "judge" in spec.names:
+            if texts is None:
+                raise LitSahsError("this detector reads the judge feature, a second prefill over the prompts' texts: "
+                                   "score it with the prompts' texts (guard, screen and evaluate --data pass them)")
+            judge = judge_logodds(target, texts)
+        return FeatureCapture(target.model, heads, target.geometry, spec, target.tokenizer, judge=judge)
     return HeadCapture(target.model, heads, target.geometry)
 
 
@@ -468,17 +489,18 @@ class EarlyExit:
 
 @torch.no_grad()
 def capture_forward(target: Target, enc: dict, heads: HeadSet, early_exit: bool = False,
-                    features=None) -> torch.Tensor:
+                    features=None, texts=None) -> torch.Tensor:
     """[batch, k, head_dim]: `heads` at the first-token position for an encoded batch, from one
     forward without a KV cache whose LM head runs on the last position only; with `early_exit` the
     forward stops after the deepest layer of `heads` (the same values, bit for bit). With extra
     `features` (a detector's ``feature_spec``) they follow the heads, [batch, k + slots, head_dim],
-    from the same forward (run to the end: the refusal feature needs the logits)."""
+    from the same forward (run to the end: the refusal feature needs the logits); the judge feature
+    needs the batch's prompt `texts` for its own prefill."""
     heads = heads.validate(target.geometry)
     model = target.model
     enc = {k: v.to(target.device) if torch.is_tensor(v) else v for k, v in enc.items()}
     if features:
-        with FeatureCapture(model, heads, target.geometry, features, target.tokenizer) as cap:
+        with capture_for(target, heads, features, texts) as cap:
             model(**enc, use_cache=False, logits_to_keep=1)
         return cap.selected()
     with HeadCapture(model, heads, target.geometry) as cap:

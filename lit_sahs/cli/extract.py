@@ -38,7 +38,7 @@ def extract_command(target: str = "smollm2-135m-instruct", dtype: Dtype = "float
             num_workers: Optional[int] = None, store: Optional[str] = None,
             device_map: Optional[str] = None, offload_folder: Optional[str] = None,
             truncate: Truncate = None, residual_layers: Optional[str] = None, pool: str = "",
-            trainer: TrainerSettings = TrainerSettings()) -> int:
+            judge: bool = False, trainer: TrainerSettings = TrainerSettings()) -> int:
     """Capture every head's output at the first-token position into a store.
 
     Args:
@@ -65,6 +65,9 @@ def extract_command(target: str = "smollm2-135m-instruct", dtype: Dtype = "float
             extra feature (default: 4 evenly spaced, the last included)
         pool: also store every head pooled over the prompt's own tokens: mean, max or mean,max
             (text-only targets; each costs layers x heads x head_dim x 2 bytes per prompt)
+        judge: also store the target's own verdict on each prompt (the `judge` feature: log-odds of
+            answering "unsafe" vs "safe" when asked to classify it), from a second short prefill:
+            about one more forward per prompt, 4 bytes
         trainer: Lightning Trainer settings
     """
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -83,7 +86,7 @@ def extract_command(target: str = "smollm2-135m-instruct", dtype: Dtype = "float
                             trainer_kwargs=dataclasses.asdict(trainer), num_workers=num_workers,
                             device_map=parse_device_map(device_map), offload_folder=offload_folder,
                             truncate=truncate, residual_layers=_parse_layers(residual_layers),
-                            pool=names(pool))
+                            pool=names(pool), judge=judge)
     if rank_zero_only.rank == 0:  # under DDP every rank runs this command; one summary
         print(json.dumps({"store": store, **result}))
     return 0
