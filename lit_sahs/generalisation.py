@@ -54,7 +54,8 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
     """Fit and score every source fold. Returns {"folds": [{"holdout", "n_malicious", "n_benign",
     "methods": {method: {column: value}}}], "mean": {method: {column: mean}}, "skipped": {fold: reason}}.
     `feature_sets` ({method: 'resid,refusal'}; None: FEATURE_SETS when the store records the extra
-    features, else none; the pooled-head rows POOLED_SETS where it records the pools) and `sparse_all`
+    features, else none; the pooled-head rows POOLED_SETS where it records the pools, JUDGE_SETS where
+    it records the judge) and `sparse_all`
     (None: likewise) add detector fits on the same folds; `extra_rows` False leaves out the
     FEATURE_SETS and sparse_all defaults (sparse_all costs minutes a fold), not the pooled rows.
     `crossfit`: also cross-fit the detector's threshold over each fold's training sources

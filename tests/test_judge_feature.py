@@ -236,3 +236,37 @@ def test_bad_judge_band_is_one_error_line(band, cli):
         code, out, err = cli([command, "--detector", "nosuch", "--prompt", "hi", "--judge_band", band])
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and "judge_band" in lines[0], err
+
+
+def test_source_protocol_adds_the_judge_rows_on_a_judge_store(tmp_path):
+    """On a store with judge_logodds (here the only signal), `judge` alone and `heads_judge` join the
+    table and sparse_all keeps the judge group."""
+    from lit_sahs.generalisation import source_protocol
+    from lit_sahs.heads import Geometry, TargetFingerprint
+
+    geom = Geometry(num_layers=2, num_heads=2, head_dim=4)
+    rng = np.random.default_rng(0)
+    n = 160
+    rows = []
+    for i in range(n):
+        label = i % 2
+        src = (("h_a", "h_b") if label else ("b_a", "b_b"))[(i // 2) % 2]
+        rows.append(Sample(id=f"r{i}", text=f"prompt {i}", label=label, source=src, attack="plain",
+                           attack_family="plain", base_id=f"b{i}").index_row())
+    y = np.arange(n) % 2
+    store = ActivationStore.create_or_open(tmp_path / "s", TargetFingerprint("synthetic-judge", geom, "e" * 64),
+                                           "rule", {"fmt": 1})
+    hidden = 5
+    store.write_block(rows, rng.standard_normal((n, *geom.shape)), extras={
+        "residual": rng.standard_normal((n, hidden)).astype(np.float16),
+        "prompt_nll": rng.random(n).astype(np.float32),
+        "residual_layers": rng.standard_normal((n, 2, hidden)).astype(np.float16),
+        "residual_layer_ids": np.tile(np.array([0, 1], dtype=np.int16), (n, 1)),
+        "refusal_prob": rng.random(n).astype(np.float32),
+        "judge_logodds": (rng.standard_normal(n) + 3.0 * (2 * y - 1)).astype(np.float32)})
+    res = source_protocol(str(tmp_path / "s"), top_k=2, heads="0.0,1.1", ranking=None, progress=False,
+                          baselines=("judge",), max_epochs=3, extra_rows=False, sparse_all=True)
+    assert set(res["mean"]) == {"heads", "judge", "heads_judge", "sparse_all"}  # heads_judge: by default
+    m = res["mean"]
+    assert m["judge"]["auroc"] > 0.95 and m["heads_judge"]["auroc"] > 0.9 and m["heads"]["auroc"] < 0.75
+    assert all("judge" in f["sparse_selected"] for f in res["folds"])

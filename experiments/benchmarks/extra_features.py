@@ -11,7 +11,9 @@ and of total time:
                    perplexity baseline runs the LM head over every position);
 * `extraction`     baselines + the new features (what `HeadExtractor.predict_step` computes now);
 * `heads+pool`     heads + every head pooled (mean and max) over the prompt's own tokens
-                   (``extract --pool mean,max``), the user-token mask tokenised in the same step.
+                   (``extract --pool mean,max``), the user-token mask tokenised in the same step;
+* `extraction+judge` extraction + the judge prefill (``extract --judge``, ``lit_sahs.self_judge``): the
+                   judging turn encoded and run through the target, a second forward.
 
     python experiments/benchmarks/extra_features.py --target smollm2-135m-instruct --threads 1
 """
@@ -28,6 +30,7 @@ from lit_sahs.data.extra_features import default_residual_layers
 from lit_sahs.hooks import HeadCapture, LayerResidualCapture, PooledHeadCapture, ResidualCapture
 from lit_sahs.data.protocol import build_dataset
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
+from lit_sahs.self_judge import judge_logodds, judge_token_ids
 from lit_sahs.targets import load_target, prompting
 
 
@@ -54,6 +57,7 @@ def run(target: str = "smollm2-135m-instruct", threads: int = 1, samples: int = 
     encoder = prompting.Encoder.of(tgt)
     layers = default_residual_layers(geom.num_layers)
     ids = refusal_token_ids(tgt.tokenizer)
+    judge_ids = judge_token_ids(tgt.tokenizer)
 
     def heads(enc):
         with HeadCapture(model, geometry=geom) as cap:
@@ -90,8 +94,13 @@ def run(target: str = "smollm2-135m-instruct", threads: int = 1, samples: int = 
         cap.activations().to(torch.float16)
         {k: v.to(torch.float16) for k, v in pool.pooled().items()}
 
+    def extraction_judge(enc):
+        baselines(enc, extras=True)
+        judge_logodds(tgt, texts_of[id(enc)], judge_ids)
+
     variants = {"heads": heads, "heads+extras": heads_extras, "baselines": baselines_only,
-                "extraction": lambda enc: baselines(enc, extras=True), "heads+pool": heads_pool}
+                "extraction": lambda enc: baselines(enc, extras=True), "heads+pool": heads_pool,
+                "extraction+judge": extraction_judge}
     import random
 
     rng = random.Random(0)
@@ -119,10 +128,15 @@ def run(target: str = "smollm2-135m-instruct", threads: int = 1, samples: int = 
     for x, y, note in (("heads+extras", "heads", "goal <= 1.05"),
                       ("extraction", "baselines", "the new extras over the previous extraction"),
                       ("extraction", "heads", "incl. the perplexity baseline's LM head over every position"),
-                      ("heads+pool", "heads", "mean and max pooling of every head over the prompt")):
+                      ("heads+pool", "heads", "mean and max pooling of every head over the prompt"),
+                      ("extraction+judge", "extraction", "the judge prefill (extract --judge)")):
         print(f"  {x} / {y} = {ratio(x, y):.3f}; {total(x, y):.3f}  ({note})")
     per_pool = geom.num_layers * geom.num_heads * geom.head_dim * 2
-    print(f"store bytes per prompt: first-token heads {per_pool}, each pooling {per_pool} more (float16)")
+    print(f"store bytes per prompt: first-token heads {per_pool}, each pooling {per_pool} more (float16), "
+          "the judge 4 (float32)")
+    n = sum(len(t) for t in texts) * a.rounds
+    print(f"per prompt: extraction {1e3 * sum(times['extraction']) / n:.1f} ms, "
+          f"the judge prefill {1e3 * (sum(times['extraction+judge']) - sum(times['extraction'])) / n:.1f} ms more")
 
 
 if __name__ == "__main__":
