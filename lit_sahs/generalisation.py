@@ -164,8 +164,9 @@ def format_source_tables(result: dict) -> str:
                          + " | ".join(cells) + " |")
     kept = [(f["holdout"], f["sparse_selected"]) for f in result["folds"] if "sparse_selected" in f]
     if kept:
-        lines += ["", f"Groups the sparse selector kept ({SPARSE_ALL}: every head, residual layer and the refusal "
-                  "probability), per fold:", ""]
+        judge = " and the judge" if "judge" in result["mean"] else ""
+        lines += ["", f"Groups the sparse selector kept ({SPARSE_ALL}: every head, residual layer, the refusal "
+                  f"probability{judge}), per fold:", ""]
         lines += [f"- {' + '.join(h)}: {', '.join(sel[:12])}" + (f" … ({len(sel)} in all)" if len(sel) > 12 else "")
                   for h, sel in kept]
     if "calibration" in result:
