@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lit_sahs.checks import optional_probability
+from lit_sahs.checks import optional_probability, probability_band
 from lit_sahs.data.user_files import parse_label
 from lit_sahs.detectors.metrics import summary_metrics
 from lit_sahs.errors import LitSahsError
@@ -95,7 +95,7 @@ class Screener:
         override = threshold_override(threshold)
         self.threshold = float(det.threshold) if override is None else override
         self.batch_size = batch_size
-        self.judge_band = judge_band  # (lo, hi): scores in it are decided by the target's own verdict
+        self.judge_band = probability_band(judge_band, "judge_band")  # (lo, hi): decided by the target's own verdict
 
     @property
     def layers_run(self) -> int:

@@ -230,6 +230,16 @@ def test_guard_band_runs_a_judge_prefill_for_the_band_rows_only(tiny, judge_stor
     np.testing.assert_allclose(g.scores, plain.scores)
 
 
+def test_a_bad_band_from_python_is_refused(tiny, judge_detector):
+    from lit_sahs.detectors.guard import SafetyGuard
+    from lit_sahs.screen import Screener
+
+    with pytest.raises(LitSahsError, match="LO <= HI"):
+        Screener(tiny, judge_detector, judge_band=(0.9, 0.1))
+    with pytest.raises(LitSahsError, match="probability"):
+        SafetyGuard(tiny, judge_detector, judge_band=(0.1, 2.0))
+
+
 @pytest.mark.parametrize("band", ["0.8,0.2", "0.2,1.5", "0.5", "a,b", "-0.1,0.4"])
 def test_bad_judge_band_is_one_error_line(band, cli):
     for command in ("screen", "guard"):

@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from lit_sahs.checks import probability_band
 from lit_sahs.hooks import HeadCapture, capture_for  # noqa: F401 - HeadCapture: GateProcessor's type
 from lit_sahs.errors import LitSahsError
 from lit_sahs.choices import DEFAULT_REFUSAL
@@ -128,7 +129,7 @@ class SafetyGuard:
     def __init__(self, target, detector, refusal: Optional[str] = None, fail_closed: bool = True,
                  threshold: Optional[float] = None, judge_band: Optional[tuple[float, float]] = None):
         detector.prepare(target)  # made for this target, heads inside its geometry
-        self.judge_band = judge_band  # (lo, hi): scores in it are decided by the target's own verdict
+        self.judge_band = probability_band(judge_band, "judge_band")  # (lo, hi): decided by the target's own verdict
         self.target = target
         self.detector = detector.to(target.device).eval()
         self.refusal = DEFAULT_REFUSAL if refusal is None else str(refusal)
