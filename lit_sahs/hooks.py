@@ -3,8 +3,7 @@
 * ``HeadCapture``: read every attention head's output at the first-token position;
   ``ResidualCapture`` / ``LayerResidualCapture``: the residual stream (baselines, extra features);
   ``FeatureCapture``: heads plus a detector's extra features (``lit_sahs.data.extra_features``: residuals,
-  the refusal probability of the first-token logits) from one prefill; ``capture_for`` picks one (and
-  runs the judge feature's own prefill, ``lit_sahs.self_judge``, before any hook is placed);
+  the refusal probability of the first-token logits) from one prefill; ``capture_for`` picks one;
 * ``HeadAblation``: switch heads off (zero / mean) in every forward it wraps;
 * ``EarlyExit`` / ``StopForward``: stop a forward once the needed layers have run;
 * ``capture_forward``: one forward of an encoded batch under the capture a detector reads.
@@ -32,7 +31,7 @@ from lit_sahs.data.extra_features import POOLS, check_pools, from_forward
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import Geometry, HeadSet
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
-from lit_sahs.self_judge import judge_logodds
+from lit_sahs.self_judge import NEEDS_TEXTS, judge_feature_values
 from lit_sahs.targets import sites
 from lit_sahs.targets.prompting import FIRST_TOKEN_INDEX
 
@@ -279,9 +278,8 @@ class FeatureCapture:
     the same prefill: residuals after the spec's layers, and the refusal-token probability of the
     first-token logits (a forward hook on the LM head, first call only: inside ``generate`` that
     is the prefill). ``selected()`` gives [batch, k + slots, head_dim], the detector's input, so it
-    stands in for a HeadCapture wherever one is read (the guard's gate, ``capture_forward``).
-    The judge feature comes from another prefill over other text: its values, `judge` [batch], are
-    computed before (``capture_for``) and given here."""
+    stands in for a HeadCapture wherever one is read (the guard's gate, ``capture_forward``). The
+    judge feature's values, `judge` [batch], come from its own prefill, run before (``capture_for``)."""
 
     def __init__(self, model: nn.Module, heads: HeadSet, geometry: Geometry, spec, tokenizer,
                  judge: Optional[torch.Tensor] = None):
@@ -289,8 +287,7 @@ class FeatureCapture:
             raise LitSahsError("this detector reads heads pooled over the prompt (mean, max), which guard and screen "
                                "cannot compute from a prefill yet: score it on a store (evaluate --protocol sources)")
         if "judge" in spec.names and judge is None:
-            raise LitSahsError("this detector reads the judge feature, a second prefill over the prompts' texts: "
-                               "pass the texts (capture_for(..., texts=...))")
+            raise LitSahsError(NEEDS_TEXTS)
         self.model, self.spec, self.geometry, self.judge = model, spec, geometry, judge
         self.head_capture = HeadCapture(model, heads, geometry)
         self.heads = self.head_capture.heads
@@ -333,12 +330,9 @@ class FeatureCapture:
             if self._logits is None:
                 raise LitSahsError("no logits captured for the refusal feature: run a forward inside the capture")
             prob = refusal_probability(self._logits, self.refusal_ids)
-        judge = None
-        if self.judge is not None:
-            judge = self.judge.reshape(-1).cpu()
-            if len(judge) != x.shape[0]:
-                raise LitSahsError(f"the judge prefill scored {len(judge)} prompts but the capture holds {x.shape[0]}: "
-                                   "give the texts of the batch that runs")
+        judge = None if self.judge is None else self.judge.reshape(-1).cpu()
+        if judge is not None and len(judge) != x.shape[0]:
+            raise LitSahsError(f"the judge prefill scored {len(judge)} prompts, the capture {x.shape[0]}")
         packed = from_forward(self.spec, None if res is None else res.cpu(), None if prob is None else prob.cpu(),
                               self.geometry.head_dim, judge)
         return torch.cat([x.float(), packed.to(x.device)], dim=1)
@@ -348,15 +342,10 @@ def capture_for(target, heads: HeadSet, spec=None, texts=None):
     """The capture a detector reads: a HeadCapture of its `heads`, or a FeatureCapture when it was
     fitted with extra features (`spec`, a non-empty FeatureSpec). A spec with the judge feature needs
     the batch's prompt `texts` (or conversations): its prefill runs here, before any hook exists."""
-    if spec:
-        judge = None
-        if "judge" in spec.names:
-            if texts is None:
-                raise LitSahsError("this detector reads the judge feature, a second prefill over the prompts' texts: "
-                                   "score it with the prompts' texts (guard, screen and evaluate --data pass them)")
-            judge = judge_logodds(target, texts)
-        return FeatureCapture(target.model, heads, target.geometry, spec, target.tokenizer, judge=judge)
-    return HeadCapture(target.model, heads, target.geometry)
+    if not spec:
+        return HeadCapture(target.model, heads, target.geometry)
+    return FeatureCapture(target.model, heads, target.geometry, spec, target.tokenizer,
+                          judge=judge_feature_values(target, spec.names, texts))
 
 
 ABLATION_MODES = ("zero", "mean")
@@ -493,9 +482,8 @@ def capture_forward(target: Target, enc: dict, heads: HeadSet, early_exit: bool 
     """[batch, k, head_dim]: `heads` at the first-token position for an encoded batch, from one
     forward without a KV cache whose LM head runs on the last position only; with `early_exit` the
     forward stops after the deepest layer of `heads` (the same values, bit for bit). With extra
-    `features` (a detector's ``feature_spec``) they follow the heads, [batch, k + slots, head_dim],
-    from the same forward (run to the end: the refusal feature needs the logits); the judge feature
-    needs the batch's prompt `texts` for its own prefill."""
+    `features` (a detector's ``feature_spec``) they follow the heads, [batch, k + slots, head_dim], from
+    the same forward run to the end (the refusal feature needs the logits; the judge, `texts`)."""
     heads = heads.validate(target.geometry)
     model = target.model
     enc = {k: v.to(target.device) if torch.is_tensor(v) else v for k, v in enc.items()}

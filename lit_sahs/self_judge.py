@@ -88,6 +88,20 @@ def judge_logodds(target, texts: Sequence, token_ids: Optional[tuple[Sequence[in
     return judge_logodds_of(first_token_logits(target.model, enc), unsafe, safe).float().cpu()
 
 
+NEEDS_TEXTS = ("this detector reads the judge feature, a second prefill over the prompts' texts: "
+               "score it with the texts (guard, screen and evaluate --data pass them)")
+
+
+def judge_feature_values(target, feature_names: Sequence[str], texts: Optional[Sequence]) -> Optional[torch.Tensor]:
+    """The judge feature's values for a batch whose detector reads `feature_names` (None when it does
+    not read ``judge``); refused without the prompts' `texts`."""
+    if "judge" not in feature_names:
+        return None
+    if texts is None:
+        raise LitSahsError(NEEDS_TEXTS)
+    return judge_logodds(target, texts)
+
+
 def band_decisions(scores: np.ndarray, flagged: np.ndarray, band: Optional[tuple[float, float]],
                    judge: Callable[[list[int]], np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The second stage: rows whose detector score lies in `band` = (lo, hi), both ends included, are
