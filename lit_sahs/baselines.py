@@ -7,7 +7,9 @@
   training rows), the prompt's projection on it; the layer is chosen on the training rows only
   (2-fold inside them);
 - `resid_layers`: logistic regression on the residual stream at every recorded layer, concatenated;
-- `refusal`: the target's own refusal-token probability at the first generated position.
+- `refusal`: the target's own refusal-token probability at the first generated position;
+- `judge`: the target asked whether the prompt is safe or unsafe to answer (``lit_sahs.self_judge``),
+  the log-odds of "unsafe": a store extracted with ``--judge`` only.
 
 The residuals, NLL and refusal probability are recorded by extraction (store extras), so baselines
 cost no forward; a store extracted before an extra existed simply lacks that column.
@@ -21,10 +23,10 @@ import numpy as np
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.errors import LitSahsError
 
-BASELINES = ("tfidf", "residual", "perplexity", "harm_direction", "resid_layers", "refusal")
+BASELINES = ("tfidf", "residual", "perplexity", "harm_direction", "resid_layers", "refusal", "judge")
 # the store extra each column needs (tfidf reads the index text)
 NEEDS = {"residual": "residual", "perplexity": "prompt_nll", "harm_direction": "residual_layers",
-         "resid_layers": "residual_layers", "refusal": "refusal_prob"}
+         "resid_layers": "residual_layers", "refusal": "refusal_prob", "judge": "judge_logodds"}
 
 
 def tfidf_scores(train_texts: Sequence[str], y_train: np.ndarray, eval_texts: Sequence[str], seed: int = 0) -> np.ndarray:
@@ -114,6 +116,6 @@ def baseline_scores(store: ActivationStore, train_rows: np.ndarray, eval_rows: n
                                             r[eval_rows].reshape(len(eval_rows), -1), seed)
             elif name == "harm_direction":
                 out[name] = harm_direction_scores(r[train_rows], y[train_rows], r[eval_rows], seed)
-            else:  # perplexity, refusal: the score itself, no training
+            else:  # perplexity, refusal, judge: the score itself, no training
                 out[name] = r[eval_rows].astype(np.float64)
     return out

@@ -39,3 +39,16 @@ def at_least(values: Mapping[str, Any], minimum: int) -> None:
         if value < minimum:
             raise LitSahsError(f"{what} must be >= {minimum}, got {value}")
 
+
+
+def probability_band(value: Any, what: str = "--judge_band") -> Optional[tuple[float, float]]:
+    """'LO,HI' (or a pair) as two probabilities with LO <= HI; None or '' is no band."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    parts = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(parts) != 2:
+        raise LitSahsError(f"{what} must be two probabilities LO,HI (e.g. 0.2,0.8), got {value!r}")
+    lo, hi = (probability(p.strip() if isinstance(p, str) else p, what) for p in parts)
+    if lo > hi:
+        raise LitSahsError(f"{what} must have LO <= HI, got {value!r}")
+    return lo, hi

@@ -163,7 +163,7 @@ def score_file(detector_path: str, data: str, target: Optional[str] = None, batc
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             enc = prompting.encode(tgt, [texts[i] for i in idx], [images[i] for i in idx], [ids[i] for i in idx])
-            scores[idx] = det.score_encoded(tgt, enc)
+            scores[idx] = det.score_prompts(tgt, enc, [texts[i] for i in idx])
             bar.update(len(idx))
     threshold = float(det.threshold)
     labels = np.array([s.label for s in samples])

@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_sahs.checks import at_least
 from lit_sahs.choices import truncate_side
-from lit_sahs.data.extra_features import (TOKEN_HEADS_EXTRA, TOKEN_LENGTH, TOKEN_MASK_EXTRA, TOKENS_EXTRA, check_pools,
-                                          check_store_pooling, default_residual_layers, pool_extra)
+from lit_sahs.data.extra_features import (JUDGE_EXTRA, TOKEN_HEADS_EXTRA, TOKEN_LENGTH, TOKEN_MASK_EXTRA, TOKENS_EXTRA,
+                                          check_pools, check_store_judge, check_store_pooling, default_residual_layers,
+                                          pool_extra)
 from lit_sahs.data.samples import Sample
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.data.writer import BlockWriter
@@ -35,6 +36,7 @@ from lit_sahs.hooks import HeadCapture, LayerResidualCapture, ResidualCapture
 from lit_sahs.prompt_hooks import PooledHeadCapture, TokenHeadCapture
 from lit_sahs.outputs import check_outputs
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
+from lit_sahs.self_judge import judge_logodds, judge_token_ids
 from lit_sahs.targets import Target, load_target, prompting
 from lit_sahs.targets.registry import DeviceMap
 
@@ -95,13 +97,16 @@ class HeadExtractor(L.LightningModule):
     def __init__(self, target: str | Target = "smollm2-135m-instruct", dtype: str = "float32",
                  baselines: bool = True, device_map: Optional[DeviceMap] = None,
                  offload_folder: Optional[str] = None, residual_layers: Optional[Sequence[int]] = None,
-                 pool: Sequence[str] = (), token_heads: Optional[HeadSet] = None, token_length: int = TOKEN_LENGTH):
+                 pool: Sequence[str] = (), token_heads: Optional[HeadSet] = None, token_length: int = TOKEN_LENGTH,
+                 judge: bool = False):
         super().__init__()
         self.baselines = baselines
         self.pool = check_pools(pool)  # also record every head pooled over the prompt's tokens
         self.token_heads = HeadSet(token_heads) if token_heads else None  # ... and these heads at each token
         at_least({"token_length": token_length}, 1)
         self.token_length = int(token_length)
+        self.judge = bool(judge)  # also run the judge prefill (lit_sahs.self_judge): a second forward
+        self._judge_ids: Optional[tuple[list[int], list[int]]] = None
         self._residual_layers = tuple(residual_layers) if residual_layers is not None else None
         self._refusal_ids: Optional[torch.Tensor] = None
         if isinstance(target, Target):
@@ -151,6 +156,11 @@ class HeadExtractor(L.LightningModule):
             ids = torch.tensor(self.token_heads.to_list(), dtype=torch.int16).expand(len(samples), -1, -1)
             out.setdefault("extras", {}).update({TOKENS_EXTRA: values.to(torch.float16), TOKEN_MASK_EXTRA:
                                                  valid.to(torch.uint8), TOKEN_HEADS_EXTRA: ids.clone()})
+        if self.judge:  # after the capture: its own forward must not fire the capture's hooks
+            if self._judge_ids is None:
+                self._judge_ids = judge_token_ids(self.target.tokenizer)
+            out.setdefault("extras", {})[JUDGE_EXTRA] = judge_logodds(self.target, [s.text for s in samples],
+                                                                      self._judge_ids)
         return out
 
     @property
@@ -266,7 +276,7 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
                    device_map: Optional[DeviceMap] = None, offload_folder: Optional[str] = None,
                    truncate: Optional[str] = None, residual_layers: Optional[Sequence[int]] = None,
                    pool: Sequence[str] = (), token_heads: Optional[HeadSet] = None,
-                   token_length: int = TOKEN_LENGTH, token_heads_for=None) -> dict:
+                   token_length: int = TOKEN_LENGTH, token_heads_for=None, judge: bool = False) -> dict:
     """Extract head activations for `samples` into the store at `store_path`, skipping samples
     already there. Returns {'written': n, 'skipped': n, 'total': rows in store}.
     `num_workers` None: 4 encoding processes when the run uses a GPU, 0 on the CPU.
@@ -283,7 +293,10 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
     `token_length` own tokens (extras ``tokens`` [n, T, k, head_dim] float16, ``token_mask`` [n, T],
     ``token_head_ids`` [n, k, 2]; what the attention-pooling family reads): k x T x head_dim x 2
     bytes per prompt, one choice per store as for `pool`; `token_heads_for`: the fingerprint of the
-    ranking they came from (checked against the target)."""
+    ranking they came from (checked against the target).
+    `judge`: also record the target's own verdict on each prompt (extra ``judge_logodds``,
+    ``lit_sahs.self_judge``): a second prefill per prompt, about doubling the extraction's time; a
+    store keeps one choice for all its rows too."""
     truncate_side(truncate)  # before loading the target
     at_least({"batch_size": batch_size, "block_rows": block_rows}, 1)
     check_outputs(dirs={"--store": store_path})
@@ -294,7 +307,7 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
     pool = check_pools(pool)  # before the target loads
     module = HeadExtractor(target, dtype=dtype, device_map=device_map, offload_folder=offload_folder,
                            residual_layers=residual_layers, pool=pool, token_heads=token_heads,
-                           token_length=token_length)
+                           token_length=token_length, judge=judge)
     if token_heads_for is not None:
         token_heads_for.check(module.target.fingerprint, "the --token_ranking")
     if (pool or module.token_heads) and module.target.is_vision_language:
@@ -311,7 +324,8 @@ def run_extraction(target: str | Target, samples: Sequence[Sample], store_path: 
     if not todo:
         store = ActivationStore.open(store_path)
         return {"written": 0, "skipped": skipped, "total": len(store)}
-    check_store_pooling(store_path, pool, module.token_heads, module.token_length)  # only rows to add must match what the store records
+    check_store_pooling(store_path, pool, module.token_heads, module.token_length)  # only rows to add must match
+    check_store_judge(store_path, judge)
     texts = prompting.fit_context(module.target, [s.text for s in todo], [s.image for s in todo],
                                   [s.id for s in todo], truncate=truncate)  # before the store is created
     todo = [s if t == s.text else s.with_(text=t) for s, t in zip(todo, texts)]

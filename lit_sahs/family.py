@@ -99,6 +99,12 @@ class ModelFamily(abc.ABC):
         """Probabilities [batch] (float64, NaN where unscored) for a batch encoded by ``prompting.encode``,
         running `target` only as far as the family needs."""
 
+    def score_prompts(self, target, enc: dict, texts: Sequence) -> "np.ndarray":
+        """``score_encoded`` for a batch whose prompts (texts or conversations, in batch order) are
+        known: a family that reads the prompt again (the judge feature's second prefill) needs them.
+        Screen, guard and evaluate call this one."""
+        return self.score_encoded(target, enc)
+
     def layers_run(self, target) -> int:
         """Decoder layers of `target` one ``score_encoded`` runs (the rest is skipped)."""
         return target.geometry.num_layers

@@ -14,9 +14,11 @@ Features beyond heads (``lit_sahs.data.extra_features``): on a store that record
 folds also fit the detector on the heads plus residual layers and/or the refusal probability
 (``heads_resid``, ``heads_refusal``, ``heads_resid_refusal``) and the sparse group-lasso selector over
 every head, every residual layer and the refusal probability (``sparse_all``); the baselines add the
-harm direction, the multi-layer residual probe and the refusal probability alone. On a store that
-records heads at every prompt token (``extract --token_heads``), ``heads_attnpool`` fits the
-attention-pooling family on the fold's top-k of those heads (ranked on the fold's training rows).
+harm direction, the multi-layer residual probe and the refusal probability alone. On a store extracted
+with ``--judge``, the target's own verdict is a baseline alone (``judge``), a feature beside the heads
+(``heads_judge``) and a group of ``sparse_all``. On a store that records heads at every prompt token
+(``extract --token_heads``), ``heads_attnpool`` fits the attention-pooling family on the fold's top-k of
+those heads (ranked on the fold's training rows).
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from lit_sahs.baselines import BASELINES
-from lit_sahs.data.extra_features import REFUSAL_EXTRA, RESIDUAL_EXTRA, TOKEN_HEADS_EXTRA, pool_extra, store_token_heads
+from lit_sahs.data.extra_features import (JUDGE_EXTRA, REFUSAL_EXTRA, RESIDUAL_EXTRA, TOKEN_HEADS_EXTRA, pool_extra,
+                                          store_token_heads)
 from lit_sahs.folds import PER_FOLD, Folds, fit_fold
 from lit_sahs.detectors.metrics import AUROC, FPR, METRIC_LABELS, TPR_AT_1FPR, TPR_AT_5FPR
 
@@ -35,6 +38,8 @@ FEATURE_SETS = {"heads_resid": "resid", "heads_refusal": "refusal", "heads_resid
 # on a store extracted with --pool: the same heads read at the first-token position and pooled
 # over the prompt's own tokens (lit_sahs.data.extra_features)
 POOLED_SETS = {"heads_mean": "mean", "heads_max": "max", "heads_mean_max": "mean,max"}
+# on a store extracted with --judge: the heads beside the target's own verdict (a second prefill)
+JUDGE_SETS = {"heads_judge": "judge"}
 SPARSE_ALL = "sparse_all"
 SPARSE_ALL_ARGS = {"group_lasso": 0.02}
 # on a store extracted with --token_heads: the attention-pooling family over the heads at every token
@@ -55,7 +60,8 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
     """Fit and score every source fold. Returns {"folds": [{"holdout", "n_malicious", "n_benign",
     "methods": {method: {column: value}}}], "mean": {method: {column: mean}}, "skipped": {fold: reason}}.
     `feature_sets` ({method: 'resid,refusal'}; None: FEATURE_SETS when the store records the extra
-    features, else none; the pooled-head rows POOLED_SETS where it records the pools) and `sparse_all`
+    features, else none; the pooled-head rows POOLED_SETS where it records the pools, JUDGE_SETS where
+    it records the judge) and `sparse_all`
     (None: likewise) add detector fits on the same folds; `extra_rows` False leaves out the
     FEATURE_SETS and sparse_all defaults (sparse_all costs minutes a fold), not the pooled rows.
     `crossfit`: also cross-fit the detector's threshold over each fold's training sources
@@ -74,6 +80,8 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
         feature_sets = dict(FEATURE_SETS) if has_extras and extra_rows else {}
         feature_sets.update({m: f for m, f in POOLED_SETS.items()
                              if all(pool_extra(p) in stored for p in f.split(","))})
+        if JUDGE_EXTRA in stored:
+            feature_sets.update(JUDGE_SETS)
     else:
         feature_sets = dict(feature_sets)
     sparse_all = has_extras and extra_rows if sparse_all is None else sparse_all
@@ -90,8 +98,9 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
         if sparse_all:
             # the sparse family's own epochs (5 x 200 FISTA steps, warm-started): the evaluate command's
             # max_epochs (30) is sized for the logistic detector, and 6000 steps over every head cost minutes a fold
+            everything = ",".join(["resid,refusal"] * has_extras + ["judge"] * (JUDGE_EXTRA in stored))
             extra_fits[SPARSE_ALL] = fit_fold(folds, "sparse", SPARSE_ALL_ARGS, top_k, hold, all_heads=True,
-                                              features="resid,refusal" if has_extras else None)
+                                              features=everything or None)
         if token_heads and detector != "attnpool":  # the fold's best heads among those recorded at every token
             extra_fits[ATTNPOOL] = fit_fold(folds, "attnpool", None, top_k, hold, target_fpr=target_fpr,
                                             features="tokens")
@@ -169,8 +178,9 @@ def format_source_tables(result: dict) -> str:
                          + " | ".join(cells) + " |")
     kept = [(f["holdout"], f["sparse_selected"]) for f in result["folds"] if "sparse_selected" in f]
     if kept:
-        lines += ["", f"Groups the sparse selector kept ({SPARSE_ALL}: every head, residual layer and the refusal "
-                  "probability), per fold:", ""]
+        judge = " and the judge" if "judge" in result["mean"] else ""
+        lines += ["", f"Groups the sparse selector kept ({SPARSE_ALL}: every head, residual layer, the refusal "
+                  f"probability{judge}), per fold:", ""]
         lines += [f"- {' + '.join(h)}: {', '.join(sel[:12])}" + (f" … ({len(sel)} in all)" if len(sel) > 12 else "")
                   for h, sel in kept]
     if "calibration" in result:

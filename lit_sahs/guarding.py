@@ -62,7 +62,12 @@ class GuardResult:
     threshold: float
     scoring_error: Optional[str] = None
     extra: dict = field(default_factory=dict)
+    judged: Optional[list[bool]] = None  # with a judge band: the rows the target's own verdict decided
 
     def rows(self) -> list[dict]:
-        return [{"id": i, "prompt": p, "flagged": f, "score": s, "response": r}
+        rows = [{"id": i, "prompt": p, "flagged": f, "score": s, "response": r}
                 for i, p, f, s, r in zip(self.ids, self.prompts, self.flagged, self.scores, self.responses)]
+        if self.judged is not None:
+            for row, j in zip(rows, self.judged):
+                row["judged"] = bool(j)
+        return rows

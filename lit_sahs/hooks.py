@@ -32,6 +32,7 @@ from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import Geometry, HeadSet
 from lit_sahs.prompt_hooks import PooledHeadCapture, TokenHeadCapture
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
+from lit_sahs.self_judge import NEEDS_TEXTS, judge_feature_values
 from lit_sahs.targets import sites
 from lit_sahs.targets.prompting import FIRST_TOKEN_INDEX
 
@@ -226,10 +227,14 @@ class FeatureCapture:
     the same prefill: residuals after the spec's layers, and the refusal-token probability of the
     first-token logits (a forward hook on the LM head, first call only: inside ``generate`` that
     is the prefill). ``selected()`` gives [batch, k + slots, head_dim], the detector's input, so it
-    stands in for a HeadCapture wherever one is read (the guard's gate, ``capture_forward``)."""
+    stands in for a HeadCapture wherever one is read (the guard's gate, ``capture_forward``). The
+    judge feature's values, `judge` [batch], come from its own prefill, run before (``capture_for``)."""
 
-    def __init__(self, model: nn.Module, heads: HeadSet, geometry: Geometry, spec, tokenizer):
-        self.model, self.spec, self.geometry = model, spec, geometry
+    def __init__(self, model: nn.Module, heads: HeadSet, geometry: Geometry, spec, tokenizer,
+                 judge: Optional[torch.Tensor] = None):
+        if "judge" in spec.names and judge is None:
+            raise LitSahsError(NEEDS_TEXTS)
+        self.model, self.spec, self.geometry, self.judge = model, spec, geometry, judge
         self.head_capture = HeadCapture(model, heads, geometry)
         self.heads = self.head_capture.heads
         layers = spec.residual_layers
@@ -280,17 +285,22 @@ class FeatureCapture:
             prob = refusal_probability(self._logits, self.refusal_ids)
         pooled = self.pooled_capture.pooled() if self.pooled_capture is not None else None
         tokens = self.token_capture.tokens() if self.token_capture is not None else None
+        judge = None if self.judge is None else self.judge.reshape(-1).cpu()
+        if judge is not None and len(judge) != x.shape[0]:
+            raise LitSahsError(f"the judge prefill scored {len(judge)} prompts, the capture {x.shape[0]}")
         packed = from_forward(self.spec, None if res is None else res.cpu(), None if prob is None else prob.cpu(),
-                              self.geometry.head_dim, pooled=pooled, tokens=tokens)
+                              self.geometry.head_dim, pooled=pooled, tokens=tokens, judge_logodds=judge)
         return torch.cat([x.float(), packed.to(x.device)], dim=1)
 
 
-def capture_for(target, heads: HeadSet, spec=None):
+def capture_for(target, heads: HeadSet, spec=None, texts=None):
     """The capture a detector reads: a HeadCapture of its `heads`, or a FeatureCapture when it was
-    fitted with extra features (`spec`, a non-empty FeatureSpec)."""
-    if spec:
-        return FeatureCapture(target.model, heads, target.geometry, spec, target.tokenizer)
-    return HeadCapture(target.model, heads, target.geometry)
+    fitted with extra features (`spec`, a non-empty FeatureSpec). A spec with the judge feature needs
+    the batch's prompt `texts` (or conversations): its prefill runs here, before any hook exists."""
+    if not spec:
+        return HeadCapture(target.model, heads, target.geometry)
+    return FeatureCapture(target.model, heads, target.geometry, spec, target.tokenizer,
+                          judge=judge_feature_values(target, spec.names, texts))
 
 
 ABLATION_MODES = ("zero", "mean")
@@ -423,17 +433,17 @@ class EarlyExit:
 
 @torch.no_grad()
 def capture_forward(target: Target, enc: dict, heads: HeadSet, early_exit: bool = False,
-                    features=None) -> torch.Tensor:
+                    features=None, texts=None) -> torch.Tensor:
     """[batch, k, head_dim]: `heads` at the first-token position for an encoded batch, from one
     forward without a KV cache whose LM head runs on the last position only; with `early_exit` the
     forward stops after the deepest layer of `heads` (the same values, bit for bit). With extra
-    `features` (a detector's ``feature_spec``) they follow the heads, [batch, k + slots, head_dim],
-    from the same forward (run to the end: the refusal feature needs the logits)."""
+    `features` (a detector's ``feature_spec``) they follow the heads, [batch, k + slots, head_dim], from
+    the same forward run to the end (the refusal feature needs the logits; the judge, `texts`)."""
     heads = heads.validate(target.geometry)
     model = target.model
     enc = {k: v.to(target.device) if torch.is_tensor(v) else v for k, v in enc.items()}
     if features:
-        with FeatureCapture(model, heads, target.geometry, features, target.tokenizer) as cap:
+        with capture_for(target, heads, features, texts) as cap:
             model(**enc, use_cache=False, logits_to_keep=1)
         return cap.selected()
     with HeadCapture(model, heads, target.geometry) as cap:

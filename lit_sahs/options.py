@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence, TypeVar
 
-from lit_sahs.checks import at_least, optional_probability
+from lit_sahs.checks import at_least, optional_probability, probability_band
 from lit_sahs.commands import parse_command
 from lit_sahs.choices import DEFAULT_REFUSAL, Dtype, Truncate, truncate_side
 from lit_sahs.devices import Device
@@ -37,6 +37,9 @@ class DetectorOptions:
         tracking_uri: MLflow tracking URI for models:/ detectors
         truncate: a prompt longer than the target's context is refused (default), or its text cut to
             fit: left (keep the end) or right (keep the start)
+        judge_band: LO,HI: prompts whose detector score lies in [LO, HI] are decided by the target's
+            own verdict (a second short prefill asking it whether the prompt is safe or unsafe;
+            flagged where it leans to unsafe), the others by the detector alone
     """
 
     detector: str
@@ -51,10 +54,16 @@ class DetectorOptions:
     offload_folder: Optional[str] = None
     tracking_uri: Optional[str] = None
     truncate: Truncate = None
+    judge_band: Optional[str] = None
 
     def __post_init__(self) -> None:
         truncate_side(self.truncate)  # a bad value fails before anything loads
+        probability_band(self.judge_band)
         self._rows: Optional[list[dict]] = None
+
+    def band(self) -> Optional[tuple[float, float]]:
+        """``judge_band`` as (lo, hi), or None."""
+        return probability_band(self.judge_band)
 
     def rows(self) -> list[dict]:
         """The prompts (read once); ``load`` checks them against the target's context."""

@@ -118,8 +118,8 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
         self.batch_size = int(config.get("batch_size", 8))
         self.categories = list(self.detector.categories())
 
-    def _score(self, enc: dict) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        scores = np.asarray(self.detector.score_encoded(self.target, enc), dtype=np.float64)
+    def _score(self, enc: dict, texts: list) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        scores = np.asarray(self.detector.score_prompts(self.target, enc, texts), dtype=np.float64)
         cats = self.detector.category_scores(self.target, enc) if self.categories else None
         return scores, cats
 
@@ -137,7 +137,7 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
         for start in range(0, len(plain), self.batch_size):
             idx = plain[start:start + self.batch_size]
             enc = encode_prompts(self.target, [rows[i][0] for i in idx], ids=[str(i) for i in idx])
-            s, c = self._score(enc)
+            s, c = self._score(enc, [rows[i][0] for i in idx])
             scores[idx] = s
             if c is not None:
                 cats[idx] = c
@@ -148,7 +148,7 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
             enc = encode_rendered(self.target, [rendered[i] for i in idx])
             if limit is not None and enc["input_ids"].shape[1] > limit:
                 raise LitSahsError(f"a conversation is longer than the target's context ({limit} tokens)")
-            s, c = self._score(enc)
+            s, c = self._score(enc, [rows[i][1] for i in idx])
             scores[idx] = s
             if c is not None:
                 cats[idx] = c

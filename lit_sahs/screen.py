@@ -13,7 +13,11 @@ the module tree untouched.
 With the deepest selected layer at two thirds of the depth, a screen costs about two thirds of a
 full forward: see experiments/benchmarks/guard.py. A detector fitted with extra features
 (``--data.features resid,refusal``) gets them from the same forward, run to the end: the refusal
-probability needs the logits.
+probability needs the logits; the judge feature runs its own short prefill (``lit_sahs.self_judge``).
+
+A judge band (``judge_band=(lo, hi)``, ``--judge_band LO,HI``) makes the target's own verdict a second
+stage: prompts whose detector score lies in the band are decided by the judge prefill (flagged where
+it leans to "unsafe"), the others by the detector alone; ``ScreenResult.judged`` marks which.
 
     screener = Screener("smollm2-135m-instruct", "artifacts/quickstart/detector")
     result = screener.score(["What is the capital of France?", "How do I make a bomb?"])
@@ -32,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lit_sahs.checks import optional_probability
+from lit_sahs.checks import optional_probability, probability_band
 from lit_sahs.data.user_files import parse_label
 from lit_sahs.detectors.metrics import summary_metrics
 from lit_sahs.errors import LitSahsError
@@ -45,6 +49,7 @@ from lit_sahs.loading import load_detector_and_target
 from lit_sahs.options import ScreenOptions
 from lit_sahs.outputs import check_outputs
 from lit_sahs.prompts import encode_prompts, write_jsonl
+from lit_sahs.self_judge import band_decisions, judge_logodds
 from lit_sahs.targets import Target
 
 
@@ -62,10 +67,18 @@ class ScreenResult:
     scores: np.ndarray  # probabilities, NaN where the detector gave NaN
     flagged: np.ndarray  # bool; NaN scores are flagged (a prompt that was not scored is not passed)
     threshold: float
+    judged: Optional[np.ndarray] = None  # with a judge band: bool, the rows the judge decided
+    judge_logodds: Optional[np.ndarray] = None  # its log-odds of "unsafe" (NaN where not judged)
 
     def rows(self) -> list[dict]:
-        return [{"id": i, "score": None if math.isnan(s) else float(s), "flagged": bool(f)}
+        rows = [{"id": i, "score": None if math.isnan(s) else float(s), "flagged": bool(f)}
                 for i, s, f in zip(self.ids, self.scores.tolist(), self.flagged.tolist())]
+        if self.judged is not None:
+            for r, j, v in zip(rows, self.judged.tolist(), self.judge_logodds.tolist()):
+                r["judged"] = bool(j)
+                if j:
+                    r["judge_logodds"] = None if math.isnan(v) else float(v)
+        return rows
 
 
 class Screener:
@@ -74,7 +87,7 @@ class Screener:
 
     def __init__(self, target: Target | str | None, detector: ModelFamily | str | os.PathLike,
                  threshold: Optional[float] = None, batch_size: int = 16, tracking_uri: Optional[str] = None,
-                 device: Optional[str | torch.device] = None):
+                 device: Optional[str | torch.device] = None, judge_band: Optional[tuple[float, float]] = None):
         det, target = load_detector_and_target(detector, target, device=device, tracking_uri=tracking_uri)
         if batch_size < 1:
             raise LitSahsError(f"batch_size must be >= 1, got {batch_size}")
@@ -82,6 +95,7 @@ class Screener:
         override = threshold_override(threshold)
         self.threshold = float(det.threshold) if override is None else override
         self.batch_size = batch_size
+        self.judge_band = probability_band(judge_band, "judge_band")  # (lo, hi): decided by the target's own verdict
 
     @property
     def layers_run(self) -> int:
@@ -105,11 +119,19 @@ class Screener:
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             enc = encode_prompts(self.target, [texts[i] for i in idx], [images[i] for i in idx], [ids[i] for i in idx])
-            scores[idx] = self.detector.score_encoded(self.target, enc)
+            scores[idx] = self.detector.score_prompts(self.target, enc, [texts[i] for i in idx])
             bar.update(len(idx))
         bar.close()
         flagged = ~(scores < self.threshold)  # NaN -> flagged
-        return ScreenResult(ids, scores, flagged, self.threshold)
+        if self.judge_band is None:
+            return ScreenResult(ids, scores, flagged, self.threshold)
+
+        def judge(rows: list[int]) -> np.ndarray:  # the judge prefill for the band's rows only, batched
+            return np.concatenate([judge_logodds(self.target, [texts[i] for i in rows[s:s + self.batch_size]]).numpy()
+                                   for s in range(0, len(rows), self.batch_size)])
+
+        flagged, judged, logodds = band_decisions(scores, flagged, self.judge_band, judge)
+        return ScreenResult(ids, scores, flagged, self.threshold, judged, logodds)
 
 
 # ---------------------------------------------------------------- command line (options: lit_sahs.options)
@@ -120,11 +142,13 @@ def screen_command(a: ScreenOptions) -> int:
     optional_probability(a.threshold)  # above 1 would pass every prompt, below 0 flag every one
     rows = a.rows()
     det, target = a.load()
-    screener = Screener(target, det, threshold=a.threshold, batch_size=a.batch_size)
+    screener = Screener(target, det, threshold=a.threshold, batch_size=a.batch_size, judge_band=a.band())
     res = screener.score([r["text"] for r in rows], [r["image"] for r in rows], [r["id"] for r in rows], progress=True)
     scored = [{**r, **s} for r, s in zip(rows, res.rows())]
     summary = {"prompts": len(rows), "flagged": int(res.flagged.sum()), "threshold": res.threshold,
                "layers_run": f"{screener.layers_run}/{target.geometry.num_layers}"}
+    if res.judged is not None:
+        summary["judged"] = int(res.judged.sum())
     labels = [r.get("label") for r in rows]
     if all(l is not None for l in labels):
         from lit_sahs.detectors import compute_report
@@ -135,16 +159,20 @@ def screen_command(a: ScreenOptions) -> int:
         y = np.array(parsed)
         if set(y.tolist()) <= {0, 1} and len(set(y.tolist())) == 2 and not np.isnan(res.scores).any():
             summary["metrics"] = summary_metrics(compute_report(res.scores, y, threshold=res.threshold)["overall"])
+        if res.judged is not None and set(y.tolist()) == {0, 1}:  # what the two stages flag together
+            summary["flagged_tpr"] = float(res.flagged[y == 1].mean())
+            summary["flagged_fpr"] = float(res.flagged[y == 0].mean())
     if a.out:
         write_jsonl(a.out, [{k: v for k, v in r.items() if k != "image" or v} for r in scored])
         summary["out"] = a.out
     if a.passed:
-        write_jsonl(a.passed, [{k: v for k, v in r.items() if k not in ("score", "flagged") and (k != "image" or v)}
+        write_jsonl(a.passed, [{k: v for k, v in r.items()
+                                if k not in ("score", "flagged", "judged", "judge_logodds") and (k != "image" or v)}
                                for r in scored if not r["flagged"]])
         summary["passed"] = a.passed
     if not a.out:
         for r in scored:
-            print(json.dumps({"id": r["id"], "score": r["score"], "flagged": r["flagged"]}))
+            print(json.dumps({k: r[k] for k in ("id", "score", "flagged", "judged", "judge_logodds") if k in r}))
     print(json.dumps(summary))
     return 0
 

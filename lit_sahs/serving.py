@@ -68,7 +68,7 @@ class GuardService:
     def moderate(self, texts: Sequence[str]) -> list[dict]:
         """One result {flagged, score, categories, category_scores} per text, scored in one batch."""
         enc = encode_prompts(self.target, list(texts))
-        scores = np.asarray(self.detector.score_encoded(self.target, enc), dtype=np.float64)
+        scores = np.asarray(self.detector.score_prompts(self.target, enc, list(texts)), dtype=np.float64)
         per_cat = self.detector.category_scores(self.target, enc) if self.detector.categories() else None
         out = []
         for i, s in enumerate(scores.tolist()):

@@ -13,7 +13,9 @@ and of total time:
 * `heads+pool`     heads + every head pooled (mean and max) over the prompt's own tokens
                    (``extract --pool mean,max``), the user-token mask found from the batch's ids;
 * `heads+tokens`   heads + 32 heads at each of the prompt's last 64 own tokens (``extract
-                   --token_top_k 32 --token_length 64``: what the attention-pooling family reads).
+                   --token_top_k 32 --token_length 64``: what the attention-pooling family reads);
+* `extraction+judge` extraction + the judge prefill (``extract --judge``, ``lit_sahs.self_judge``): the
+                   judging turn encoded and run through the target, a second forward.
 
     python experiments/benchmarks/extra_features.py --target smollm2-135m-instruct --threads 1
 """
@@ -32,6 +34,7 @@ from lit_sahs.hooks import HeadCapture, LayerResidualCapture, ResidualCapture
 from lit_sahs.prompt_hooks import PooledHeadCapture, TokenHeadCapture
 from lit_sahs.data.protocol import build_dataset
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
+from lit_sahs.self_judge import judge_logodds, judge_token_ids
 from lit_sahs.targets import load_target, prompting
 
 
@@ -56,11 +59,13 @@ def run(target: str = "smollm2-135m-instruct", threads: int = 1, samples: int = 
     samples.sort(key=lambda s: len(s.text))
     texts = [[s.text for s in samples[i:i + a.batch_size]] for i in range(0, len(samples), a.batch_size)]
     batches = [prompting.encode(tgt, t, [None] * len(t), [str(j) for j in range(len(t))]) for t in texts]
+    texts_of = {id(enc): t for enc, t in zip(batches, texts)}
     encoder = prompting.Encoder.of(tgt)
     some_heads = HeadSet(list(HeadSet.all(geom))[:: max(1, geom.num_layers * geom.num_heads // a.token_heads)]
                          [: a.token_heads])
     layers = default_residual_layers(geom.num_layers)
     ids = refusal_token_ids(tgt.tokenizer)
+    judge_ids = judge_token_ids(tgt.tokenizer)
 
     def heads(enc):
         with HeadCapture(model, geometry=geom) as cap:
@@ -105,9 +110,13 @@ def run(target: str = "smollm2-135m-instruct", threads: int = 1, samples: int = 
         cap.activations().to(torch.float16)
         tok.tokens()[0].to(torch.float16)
 
+    def extraction_judge(enc):
+        baselines(enc, extras=True)
+        judge_logodds(tgt, texts_of[id(enc)], judge_ids)
+
     variants = {"heads": heads, "heads+extras": heads_extras, "baselines": baselines_only,
                 "extraction": lambda enc: baselines(enc, extras=True), "heads+pool": heads_pool,
-                "heads+tokens": heads_tokens}
+                "heads+tokens": heads_tokens, "extraction+judge": extraction_judge}
     import random
 
     rng = random.Random(0)
@@ -136,12 +145,16 @@ def run(target: str = "smollm2-135m-instruct", threads: int = 1, samples: int = 
                       ("extraction", "baselines", "the new extras over the previous extraction"),
                       ("extraction", "heads", "incl. the perplexity baseline's LM head over every position"),
                       ("heads+pool", "heads", "mean and max pooling of every head over the prompt"),
-                      ("heads+tokens", "heads", f"{len(some_heads)} heads at the last {a.token_length} tokens")):
+                      ("heads+tokens", "heads", f"{len(some_heads)} heads at the last {a.token_length} tokens"),
+                      ("extraction+judge", "extraction", "the judge prefill (extract --judge)")):
         print(f"  {x} / {y} = {ratio(x, y):.3f}; {total(x, y):.3f}  ({note})")
     per_pool = geom.num_layers * geom.num_heads * geom.head_dim * 2
     per_tokens = len(some_heads) * a.token_length * (geom.head_dim * 2) + a.token_length + len(some_heads) * 4
     print(f"store bytes per prompt: first-token heads {per_pool}, each pooling {per_pool} more, "
-          f"{len(some_heads)} heads x {a.token_length} tokens {per_tokens} more (float16)")
+          f"{len(some_heads)} heads x {a.token_length} tokens {per_tokens} more (float16), the judge 4 (float32)")
+    n = sum(len(t) for t in texts) * a.rounds
+    print(f"per prompt: extraction {1e3 * sum(times['extraction']) / n:.1f} ms, "
+          f"the judge prefill {1e3 * (sum(times['extraction+judge']) - sum(times['extraction'])) / n:.1f} ms more")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
         target_fpr: with --protocol sources, the benign FPR every threshold is calibrated to
         extra_rows: with --protocol sources on a store with extra features, also fit the heads+features
             detectors and the sparse selector over everything (sparse_all: minutes per fold); the
-            pooled-head rows of a store extracted with --pool are fitted either way
+            pooled-head rows of a store extracted with --pool, and heads_judge on one extracted with
+            --judge, are fitted either way
         detector_args: with --protocol sources, the detector family's arguments, e.g.
             '{low_fpr_weight: 1.0}'
         features: with --protocol sources, what the detector reads after its heads (the `heads` row and

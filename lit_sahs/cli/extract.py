@@ -39,7 +39,7 @@ def extract_command(target: str = "smollm2-135m-instruct", dtype: Dtype = "float
             device_map: Optional[str] = None, offload_folder: Optional[str] = None,
             truncate: Truncate = None, residual_layers: Optional[str] = None, pool: str = "",
             token_heads: Optional[str] = None, token_ranking: Optional[str] = None, token_top_k: int = 16,
-            token_length: int = 64, trainer: TrainerSettings = TrainerSettings()) -> int:
+            token_length: int = 64, judge: bool = False, trainer: TrainerSettings = TrainerSettings()) -> int:
     """Capture every head's output at the first-token position into a store.
 
     Args:
@@ -72,6 +72,9 @@ def extract_command(target: str = "smollm2-135m-instruct", dtype: Dtype = "float
         token_ranking: or the top --token_top_k heads of this ranking (from `locate`)
         token_top_k: how many of the ranking's heads --token_ranking records
         token_length: prompt tokens recorded per head (the last ones: a longer prompt keeps its end)
+        judge: also store the target's own verdict on each prompt (the `judge` feature: log-odds of
+            answering "unsafe" vs "safe" when asked to classify it), from a second short prefill:
+            about one more forward per prompt, 4 bytes
         trainer: Lightning Trainer settings
     """
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -103,7 +106,7 @@ def extract_command(target: str = "smollm2-135m-instruct", dtype: Dtype = "float
                             device_map=parse_device_map(device_map), offload_folder=offload_folder,
                             truncate=truncate, residual_layers=_parse_layers(residual_layers),
                             pool=names(pool), token_heads=tokens, token_length=token_length,
-                            token_heads_for=ranked_for)
+                            token_heads_for=ranked_for, judge=judge)
     if rank_zero_only.rank == 0:  # under DDP every rank runs this command; one summary
         print(json.dumps({"store": store, **result}))
     return 0

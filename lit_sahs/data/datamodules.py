@@ -339,7 +339,8 @@ class LiveActivationDataModule(_SplitDataModule):
         device = self.target.device
         enc = {k: v.to(device) if torch.is_tensor(v) else v for k, v in enc.items()}
         if self.feature_spec:  # heads and features from one forward, as the guard and screen take them
-            return capture_forward(self.target, enc, self.head_set, features=self.feature_spec).float().cpu(), None
+            return capture_forward(self.target, enc, self.head_set, features=self.feature_spec,
+                                   texts=[s.text for s in batch]).float().cpu(), None
         full = self.store is not None
         with HeadCapture(self.target.model, heads=None if full else self.head_set, geometry=self.geometry) as cap:
             self.target.model(**enc, logits_to_keep=1, use_cache=False)

@@ -8,6 +8,10 @@ Names (a *feature spec* is a comma-separated list of them):
 * ``refusal`` — the target's own behaviour: the log-odds of the probability mass of
   refusal-opening tokens in the first-token distribution (store extra ``refusal_prob``,
   ``lit_sahs.refusal``'s token set);
+* ``judge`` — the target asked whether the prompt is safe or unsafe to answer, in a second short
+  prefill: the log-odds of an "unsafe" over a "safe" first answer token (store extra ``judge_logodds``,
+  written by ``extract --judge``; ``lit_sahs.self_judge``); guard, screen and live DataModules run
+  that prefill beside the detector's own;
 * ``mean:<layer>.<head>`` / ``max:<layer>.<head>`` — that head's output averaged (max-pooled) over
   the prompt's own tokens, chat template excluded (store extras ``pool_mean`` / ``pool_max``, written
   by ``extract --pool mean,max``); ``mean`` / ``max`` — the detector's own heads, pooled;
@@ -42,7 +46,8 @@ from lit_sahs.errors import LitSahsError
 RESIDUAL_EXTRA, LAYER_IDS_EXTRA, REFUSAL_EXTRA = "residual_layers", "residual_layer_ids", "refusal_prob"
 TOKENS_EXTRA, TOKEN_MASK_EXTRA, TOKEN_HEADS_EXTRA = "tokens", "token_mask", "token_head_ids"
 TOKEN_LENGTH = 64  # the prompt tokens a live forward records for `tokens` when no store says otherwise
-_NAME = re.compile(r"^(resid:\d+|resid|refusal|(mean|max)(:\d+\.\d+)?|tokens|tokmask|tok:\d+\.\d+)$")
+JUDGE_EXTRA = "judge_logodds"  # [n] float32, written only by `extract --judge` (a second prefill)
+_NAME = re.compile(r"^(resid:\d+|resid|refusal|judge|(mean|max)(:\d+\.\d+)?|tokens|tokmask|tok:\d+\.\d+)$")
 POOLS = ("mean", "max")  # poolings over the prompt's own tokens a store can record
 REEXTRACT = ("re-extract into a new store with this version of `python -m lit_sahs extract` "
              "(it records residual_layers, residual_layer_ids and refusal_prob)")
@@ -66,8 +71,8 @@ def parse_names(spec: Union[str, Sequence[str], None]) -> tuple[str, ...]:
     bad = [s for s in out if not _NAME.match(s)]
     if bad:
         raise LitSahsError(f"unknown features {bad}: use resid (every stored residual layer), resid:<layer>, "
-                           "refusal, mean or max (the heads pooled over the prompt), tokens (the heads at every prompt "
-                           "token), comma-separated")
+                           "refusal, judge, mean or max (the heads pooled over the prompt), tokens (the heads at "
+                           "every prompt token), comma-separated")
     return tuple(dict.fromkeys(out))
 
 
@@ -144,6 +149,22 @@ def check_store_pooling(store_path, pool: Sequence[str], token_heads=None, token
                            "or extract into a new store")
 
 
+def check_store_judge(store_path, judge: bool) -> None:
+    """A store records the judge feature for all its rows or for none: extracting more rows with the
+    other choice is refused before anything loads."""
+    from pathlib import Path
+
+    from lit_sahs.data.store import ActivationStore
+
+    if not (Path(store_path) / "manifest.json").exists():
+        return
+    store = ActivationStore.open(store_path)
+    if len(store) and (JUDGE_EXTRA in store.extra_names()) != bool(judge):
+        have = "records" if JUDGE_EXTRA in store.extra_names() else "does not record"
+        raise LitSahsError(f"store {store_path} {have} the judge feature, this extraction asks "
+                           f"--judge {str(bool(judge)).lower()}: use the same --judge, or extract into a new store")
+
+
 def store_layers(store) -> tuple[int, ...]:
     """The residual layers a store recorded (refuses a store extracted before they were)."""
     if LAYER_IDS_EXTRA not in store.extra_names():
@@ -185,6 +206,9 @@ class FeatureSpec:
         if "refusal" in names and REFUSAL_EXTRA not in have:
             raise LitSahsError(f"store {store.path} has no refusal_prob extra (extracted before extra features): "
                                + REEXTRACT)
+        if "judge" in names and JUDGE_EXTRA not in have:
+            raise LitSahsError(f"store {store.path} has no {JUDGE_EXTRA} extra: the judge feature costs a second "
+                               "prefill, recorded only when asked: extract into a new store with --judge true")
         length = 0
         if any(n == "tokens" or n == "tokmask" or _token_head(n) for n in names):
             recorded = store_token_heads(store)
@@ -226,7 +250,7 @@ class FeatureSpec:
         """``resid`` expanded to ``resid:<layer>`` for `resid_layers`; a ``resid:<layer>`` outside
         `valid_layers` raises ``unknown_layer(name)``; ``mean`` / ``max`` / ``tokens`` expanded over
         `heads`; residuals are `hidden` wide, pooled heads head_dim, a head's tokens
-        token_length x head_dim, ``tokmask`` token_length, refusal 1."""
+        token_length x head_dim, ``tokmask`` token_length, refusal and judge 1."""
         canon: list[str] = []
         for n in names:
             if n == "resid":
@@ -338,6 +362,11 @@ def refusal_feature(prob: np.ndarray | torch.Tensor) -> torch.Tensor:
     return (p.log() - (1 - p).log()).float().reshape(-1, 1)
 
 
+def judge_feature(logodds: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """The judge feature: the judge prefill's log-odds as they are (``lit_sahs.self_judge``), [n, 1]."""
+    return torch.as_tensor(np.asarray(logodds) if not torch.is_tensor(logodds) else logodds).float().reshape(-1, 1)
+
+
 def read_values(store, spec: FeatureSpec, rows: Optional[Sequence[int]] = None) -> list[np.ndarray]:
     """Per-feature values [n, width] from a store's extras (rows: positions of `index()`)."""
     if not spec:
@@ -351,6 +380,8 @@ def read_values(store, spec: FeatureSpec, rows: Optional[Sequence[int]] = None) 
     for n in spec.names:
         if n == "refusal":
             out.append(refusal_feature(store.read_extra(REFUSAL_EXTRA, rows=rows)).numpy())
+        elif n == "judge":
+            out.append(judge_feature(store.read_extra(JUDGE_EXTRA, rows=rows)).numpy())
         elif _pooled(n) is not None:
             pool, layer, head = _pooled(n)
             out.append(pooled[pool][:, layer, head].astype(np.float32))
@@ -378,14 +409,18 @@ def read_inputs(store, head_set, spec: FeatureSpec, head_dim: int, rows: Optiona
 
 def from_forward(spec: FeatureSpec, residuals: Optional[torch.Tensor], refusal_prob: Optional[torch.Tensor],
                  head_dim: int, pooled: Optional[dict] = None,
-                 tokens: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                 tokens: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                 judge_logodds: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Packed features from one forward: `residuals` [B, len(spec.residual_layers), hidden] in
     spec.residual_layers order, `refusal_prob` [B], `pooled` {pool: [B, layers, heads, head_dim]},
-    `tokens` (values [B, T, len(spec.token_heads), head_dim] in spec.token_heads order, valid [B, T])."""
+    `tokens` (values [B, T, len(spec.token_heads), head_dim] in spec.token_heads order, valid [B, T]);
+    `judge_logodds` [B] from the judge prefill."""
     vals, i, j = [], 0, 0
     for n in spec.names:
         if n == "refusal":
             vals.append(refusal_feature(refusal_prob))
+        elif n == "judge":
+            vals.append(judge_feature(judge_logodds))
         elif _pooled(n) is not None:
             pool, layer, head = _pooled(n)
             vals.append(pooled[pool][:, layer, head].float())

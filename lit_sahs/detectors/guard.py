@@ -18,6 +18,10 @@ How one guarded ``generate`` runs
    greedy outputs are equal token for token). After ``generate`` the flagged rows' answers are
    replaced by the refusal message.
 
+A judge band (``judge_band=(lo, hi)``): rows whose score lies in it are decided by the target's own
+verdict (``lit_sahs.self_judge``), a second short prefill over those rows only, run by the gate at the
+prefill (one host sync there); ``GuardResult.judged`` says which rows it decided.
+
 Failures: if scoring raises or gives NaN, ``fail_closed=True`` (the default) flags the affected
 rows, so a prompt the guard could not score is never passed (``GuardResult.scoring_error`` says why);
 ``fail_closed=False`` raises.
@@ -34,11 +38,13 @@ from typing import Optional, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from lit_sahs.checks import probability_band
 from lit_sahs.hooks import HeadCapture, capture_for  # noqa: F401 - HeadCapture: GateProcessor's type
 from lit_sahs.errors import LitSahsError
 from lit_sahs.choices import DEFAULT_REFUSAL
 from lit_sahs.guarding import UNSUPPORTED_GENERATE, GuardResult, eos_token_id, threshold_override
 from lit_sahs.prompts import encode_prompts
+from lit_sahs.self_judge import band_decisions, judge_logodds
 
 
 # ---------------------------------------------------------------- the logits processor
@@ -51,8 +57,11 @@ class GateProcessor(LogitsProcessor):
     """
 
     def __init__(self, detector, capture: HeadCapture, eos_token_id: int,
-                 threshold: Optional[float] = None, fail_closed: bool = True):
+                 threshold: Optional[float] = None, fail_closed: bool = True,
+                 band: Optional[tuple[float, float]] = None, judge=None):
         self.detector = detector
+        self.band, self.judge = band, judge  # judge: row positions -> the judge prefill's log-odds
+        self.judged: Optional[torch.Tensor] = None
         self.capture = capture
         self.eos_token_id = int(eos_token_id)
         self.threshold = threshold
@@ -72,7 +81,12 @@ class GateProcessor(LogitsProcessor):
         probs = det.predict_proba(x.to(det.mean.device)).to(device)
         threshold = det.threshold.to(device) if self.threshold is None else torch.tensor(
             float(self.threshold), dtype=probs.dtype, device=device)
-        return probs, probs >= threshold
+        flags = probs >= threshold
+        if self.band is not None:  # the uncertain band goes to the judge: one host sync, at the prefill
+            flags, judged, _ = band_decisions(probs.cpu().numpy(), flags.cpu().numpy(), self.band, self.judge)
+            self.judged = torch.from_numpy(judged)
+            flags = torch.from_numpy(flags).to(device)
+        return probs, flags
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.flags is None:
@@ -113,8 +127,9 @@ class SafetyGuard:
     """
 
     def __init__(self, target, detector, refusal: Optional[str] = None, fail_closed: bool = True,
-                 threshold: Optional[float] = None):
+                 threshold: Optional[float] = None, judge_band: Optional[tuple[float, float]] = None):
         detector.prepare(target)  # made for this target, heads inside its geometry
+        self.judge_band = probability_band(judge_band, "judge_band")  # (lo, hi): decided by the target's own verdict
         self.target = target
         self.detector = detector.to(target.device).eval()
         self.refusal = DEFAULT_REFUSAL if refusal is None else str(refusal)
@@ -132,9 +147,10 @@ class SafetyGuard:
     def _eos_token_id(self, kwargs: dict) -> int:
         return eos_token_id(self.target, kwargs.get("eos_token_id", None))
 
-    def generate_tokens(self, enc: dict, **generate_kwargs) -> tuple[torch.Tensor, GateProcessor]:
+    def generate_tokens(self, enc: dict, texts=None, **generate_kwargs) -> tuple[torch.Tensor, GateProcessor]:
         """Guarded ``model.generate`` on an encoded batch (``encode_prompts(..., for_generate=True)``).
-        Returns (generated ids without the prompt, the processor holding ``probs``/``flags``)."""
+        Returns (generated ids without the prompt, the processor holding ``probs``/``flags``).
+        `texts`: the batch's prompts, which the judge feature and the judge band read."""
         bad = [k for k in UNSUPPORTED_GENERATE if k in generate_kwargs and generate_kwargs[k] not in (None, 1)]
         if bad:
             raise LitSahsError(f"guarded generate does not support {bad}: the detector scores one plain prefill")
@@ -145,9 +161,12 @@ class SafetyGuard:
         enc = {k: v.to(self.target.device) if torch.is_tensor(v) else v for k, v in enc.items()}
         procs = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
         generate_kwargs.setdefault("pad_token_id", self.target.tokenizer.pad_token_id)
-        with torch.no_grad(), capture_for(self.target, self.detector.head_set, self.detector.feature_spec) as cap:  # heads (+ extra features)
+        if self.judge_band is not None and texts is None:
+            raise LitSahsError("a judge band needs the prompts' texts: pass texts=...")
+        with torch.no_grad(), capture_for(self.target, self.detector.head_set, self.detector.feature_spec,
+                                          texts) as cap:  # heads (+ extra features)
             gate = GateProcessor(self.detector, cap, self._eos_token_id(generate_kwargs), self.threshold,
-                                 self.fail_closed)
+                                 self.fail_closed, self.judge_band, self._judge(cap, texts))
             procs.append(gate)
             out = model.generate(**enc, logits_processor=procs, **generate_kwargs)
         if gate.flags is None:  # generate never produced a token (max_new_tokens=0)
@@ -155,6 +174,16 @@ class SafetyGuard:
                                "use max_new_tokens >= 1")
         sequences = out.sequences if hasattr(out, "sequences") else out
         return sequences[:, enc["input_ids"].shape[1]:], gate
+
+    def _judge(self, cap, texts):
+        """Row positions -> the judge's log-odds: the values the judge feature already computed, else a
+        judge prefill over those rows alone."""
+        if self.judge_band is None:
+            return None
+        known = getattr(cap, "judge", None)
+        if known is not None:
+            return lambda rows: known.reshape(-1)[rows].numpy()
+        return lambda rows: judge_logodds(self.target, [texts[i] for i in rows]).numpy()
 
     def generate(self, texts: Sequence[str], images: Optional[Sequence[Optional[str]]] = None,
                  ids: Optional[Sequence[str]] = None, max_new_tokens: int = 128, **generate_kwargs) -> GuardResult:
@@ -168,7 +197,7 @@ class SafetyGuard:
         ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(texts))]
         enc = encode_prompts(self.target, texts, images, ids, reserve=max_new_tokens, for_generate=True)
         generate_kwargs.setdefault("do_sample", False)
-        new, gate = self.generate_tokens(enc, max_new_tokens=max_new_tokens, **generate_kwargs)
+        new, gate = self.generate_tokens(enc, texts=list(texts), max_new_tokens=max_new_tokens, **generate_kwargs)
         flags = gate.flags.cpu().tolist()
         probs = gate.probs.cpu().tolist()
         error = gate.error
@@ -180,4 +209,6 @@ class SafetyGuard:
                      for f, row in zip(flags, new.cpu())]
         return GuardResult(ids=ids, prompts=list(texts), flagged=[bool(f) for f in flags],
                            scores=[None if math.isnan(p) else float(p) for p in probs], responses=responses,
-                           sequences=new, threshold=self.effective_threshold, scoring_error=error)
+                           sequences=new, threshold=self.effective_threshold, scoring_error=error,
+                           judged=None if self.judge_band is None else
+                           (gate.judged.tolist() if gate.judged is not None else [False] * len(flags)))

@@ -26,9 +26,13 @@ class HeadFamily(ModelFamily):
     def score_encoded(self, target, enc: dict) -> np.ndarray:
         """The detector's heads (and features) at the first-token position, from a forward that stops
         after the deepest layer it reads (runs to the end when it reads extra features)."""
+        return self.score_prompts(target, enc, None)
+
+    def score_prompts(self, target, enc: dict, texts) -> np.ndarray:
+        """``score_encoded``; the judge feature's prefill reads the prompts' `texts`."""
         from lit_sahs.hooks import capture_forward
 
-        x = capture_forward(target, enc, self.head_set, features=self.feature_spec)
+        x = capture_forward(target, enc, self.head_set, features=self.feature_spec, texts=texts)
         return self.scores(x)
 
     def report_label(self) -> str:
