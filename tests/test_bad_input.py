@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from lit_sahs.data.store import ActivationStore
@@ -127,6 +127,7 @@ def test_redaction_hides_every_secret_fragment(case, data):
 
 @settings()
 @given(pw=passwords, where=st.sampled_from(["userinfo", "query"]))
+@example(pw="psyc", where="userinfo")  # a password that is also a piece of the scheme
 def test_storage_and_tracking_errors_never_show_a_password(pw, where, caplog):
     """The real openers (Optuna storage, MLflow tracking probe), driver messages included: one
     LitSahsError, nothing of the password in it or in any log record."""
@@ -134,13 +135,14 @@ def test_storage_and_tracking_errors_never_show_a_password(pw, where, caplog):
 
     url = (f"postgresql+psycopg2://lit:{pw}@127.0.0.1:1/db" if where == "userinfo"
            else f"postgresql+psycopg2://lit@127.0.0.1:1/db?password={pw}")
+    public = url.replace(pw, "")  # a fragment the URL shows anyway ("psyc" of the scheme) tells nothing
     caplog.clear()
     with caplog.at_level(logging.DEBUG):
         for opener in (lambda: open_storage(url, None), lambda: probe_database(url, "the MLflow tracking store")):
             with pytest.raises(LitSahsError) as e:
                 opener()
-            assert not leaks(str(e.value), pw), str(e.value)
-    assert not leaks(caplog.text, pw)
+            assert not [f for f in leaks(str(e.value), pw) if f not in public], str(e.value)
+    assert not [f for f in leaks(caplog.text, pw) if f not in public]
 
 
 # ---------------------------------------------------------------- numbers on the command line
