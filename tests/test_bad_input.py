@@ -133,9 +133,10 @@ def test_storage_and_tracking_errors_never_show_a_password(pw, where, caplog):
     LitSahsError, nothing of the password in it or in any log record."""
     from lit_sahs.tracking import open_storage, probe_database
 
-    url = (f"postgresql+psycopg2://lit:{pw}@127.0.0.1:1/db" if where == "userinfo"
-           else f"postgresql+psycopg2://lit@127.0.0.1:1/db?password={pw}")
-    public = url.replace(pw, "")  # a fragment the URL shows anyway ("psyc" of the scheme) tells nothing
+    template = ("postgresql+psycopg2://lit:{}@127.0.0.1:1/db" if where == "userinfo"
+                else "postgresql+psycopg2://lit@127.0.0.1:1/db?password={}")
+    url = template.format(pw)
+    public = template.format("")  # a fragment the URL shows anyway ("psyc" of the scheme) tells nothing
     caplog.clear()
     with caplog.at_level(logging.DEBUG):
         for opener in (lambda: open_storage(url, None), lambda: probe_database(url, "the MLflow tracking store")):
