@@ -205,3 +205,15 @@ def test_locate_single_class_training_data_is_a_clear_error(tmp_path):
     store.write_block(rows, np.zeros((20,) + GEOM.shape, np.float16))
     with pytest.raises(LitSahsError, match="only malicious"):
         locate(store)
+
+
+def test_held_out_names_given_comma_separated_on_the_command_line(tmp_path, cli):
+    """`--held_out.families dan,pliny` holds out both families (not one family named 'dan,pliny')."""
+    from synthetic import make_store
+
+    make_store(tmp_path / "s")
+    code, _, err = cli(["locate", "--store", str(tmp_path / "s"), "--held_out.families", "dan,pliny",
+                        "--out", str(tmp_path / "out")])
+    assert code == 0, err[-2000:]
+    split = HeadRanking.load(tmp_path / "out" / "ranking.json").meta["split"]
+    assert split["held_out_families"] == ["dan", "pliny"]

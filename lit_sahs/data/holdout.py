@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Union
 
 
 def _names(value) -> tuple[str, ...]:
@@ -19,8 +19,9 @@ def _names(value) -> tuple[str, ...]:
 class Holdout:
     """What one fold keeps out: attack families and/or sources (both empty: a random test split)."""
 
-    families: tuple[str, ...] = ()
-    sources: tuple[str, ...] = ()
+    # a comma-separated string is accepted too (``--held_out.sources a,b`` on the command line)
+    families: Union[tuple[str, ...], str] = ()
+    sources: Union[tuple[str, ...], str] = ()
 
     def __post_init__(self) -> None:  # lists, "a,b" strings and None become tuples of names
         object.__setattr__(self, "families", _names(self.families))
