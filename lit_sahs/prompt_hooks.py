@@ -66,7 +66,51 @@ class _PromptMask:
         return self.mask.to(device)[:, :, None]
 
 
-class PooledHeadCapture:
+class _PromptCapture:
+    """What the captures here share: the prompt's mask, one pre-hook per layer they read that removes
+    itself after the prefill, and every hook removed on exit. Subclasses say which layers
+    (``_layers``), what to clear before a forward (``_reset``) and what to keep of a layer's
+    input [batch, seq, heads*head_dim] (``_record``)."""
+
+    def _attach(self, model: nn.Module, user_mask: Optional[torch.Tensor], tokenizer) -> None:
+        self.prompt = _PromptMask(model, user_mask, tokenizer)
+        self._projs = sites.output_projections(model)
+        self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
+
+    def _layers(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _reset(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _record(self, layer: int, x: torch.Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _hook(self, layer: int):
+        def hook(module, args):
+            with torch.no_grad():
+                self._record(layer, args[0])
+            handle = self._handles.pop(layer, None)
+            if handle is not None:
+                handle.remove()
+
+        return hook
+
+    def __enter__(self):
+        self._reset()
+        self.prompt.__enter__()
+        for layer in self._layers():
+            self._handles[layer] = self._projs[layer].register_forward_pre_hook(self._hook(layer))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
+        self.prompt.__exit__(*exc)
+
+
+class PooledHeadCapture(_PromptCapture):
     """Every head's output pooled over the prompt's own tokens, from the same pre-hooks as HeadCapture:
     ``pooled()`` gives {pool: [batch, layers, heads, head_dim]} for the pools asked for (mean, max)."""
 
@@ -78,44 +122,25 @@ class PooledHeadCapture:
         if user_mask is not None and not bool(user_mask.bool().any(dim=1).all()):
             raise LitSahsError("a prompt has no tokens of its own to pool over")
         self.geometry = geometry or sites.geometry(model)
-        self.prompt = _PromptMask(model, user_mask, tokenizer)
-        self._projs = sites.output_projections(model)
-        self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._attach(model, user_mask, tokenizer)
         self._records: dict[str, dict[int, torch.Tensor]] = {p: {} for p in self.pools}
 
-    def _hook(self, layer: int):
-        g = self.geometry
+    def _layers(self):
+        return range(self.geometry.num_layers)
 
-        def hook(module, args):
-            x = args[0]
-            b, t = x.shape[0], x.shape[1]
-            m = self.prompt.for_batch(b, t, x.device)
-            with torch.no_grad():
-                if "mean" in self.pools:
-                    mean = (x * m).sum(1) / m.sum(1)
-                    self._records["mean"][layer] = mean.reshape(b, g.num_heads, g.head_dim).float().cpu()
-                if "max" in self.pools:
-                    mx = x.masked_fill(~m, float("-inf")).amax(1)
-                    self._records["max"][layer] = mx.reshape(b, g.num_heads, g.head_dim).float().cpu()
-            handle = self._handles.pop(layer, None)
-            if handle is not None:
-                handle.remove()
-
-        return hook
-
-    def __enter__(self) -> "PooledHeadCapture":
+    def _reset(self) -> None:
         for recs in self._records.values():
             recs.clear()
-        self.prompt.__enter__()
-        for layer in range(self.geometry.num_layers):
-            self._handles[layer] = self._projs[layer].register_forward_pre_hook(self._hook(layer))
-        return self
 
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles.values():
-            handle.remove()
-        self._handles.clear()
-        self.prompt.__exit__(*exc)
+    def _record(self, layer: int, x: torch.Tensor) -> None:
+        g, (b, t) = self.geometry, x.shape[:2]
+        m = self.prompt.for_batch(b, t, x.device)
+        if "mean" in self.pools:
+            mean = (x * m).sum(1) / m.sum(1)
+            self._records["mean"][layer] = mean.reshape(b, g.num_heads, g.head_dim).float().cpu()
+        if "max" in self.pools:
+            mx = x.masked_fill(~m, float("-inf")).amax(1)
+            self._records["max"][layer] = mx.reshape(b, g.num_heads, g.head_dim).float().cpu()
 
     def pooled(self) -> dict[str, torch.Tensor]:
         layers = range(self.geometry.num_layers)
@@ -140,7 +165,7 @@ def last_tokens_index(mask: torch.Tensor, length: int) -> tuple[torch.Tensor, to
     return index, valid
 
 
-class TokenHeadCapture:
+class TokenHeadCapture(_PromptCapture):
     """`heads`' outputs at each of the prompt's last `length` own tokens: ``tokens()`` gives
     (values [batch, length, k, head_dim] float32, valid [batch, length] bool), right-aligned, zeros
     where a prompt is shorter. What an attention-pooling detector reads."""
@@ -154,52 +179,33 @@ class TokenHeadCapture:
         self.heads = HeadSet(heads).validate(self.geometry)
         if not len(self.heads):
             raise LitSahsError("no heads to record at the prompt's tokens")
-        self.prompt = _PromptMask(model, user_mask, tokenizer)
-        self._projs = sites.output_projections(model)
-        self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._attach(model, user_mask, tokenizer)
         self._records: dict[int, torch.Tensor] = {}
-        self._valid: Optional[torch.Tensor] = None
+        self._index: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # one per forward, shared by its layers
 
-    def _hook(self, layer: int):
-        g = self.geometry
-        wanted = [h for l, h in self.heads if l == layer]
+    def _layers(self):
+        return self.heads.layers
 
-        def hook(module, args):
-            x = args[0]
-            b, t = x.shape[0], x.shape[1]
-            m = self.prompt.for_batch(b, t, x.device)[:, :, 0]
-            index, valid = last_tokens_index(m, self.length)
-            with torch.no_grad():
-                rows = torch.gather(x, 1, index[:, :, None].expand(b, self.length, x.shape[2]))
-                rows = rows.reshape(b, self.length, g.num_heads, g.head_dim)[:, :, wanted]
-                self._records[layer] = (rows * valid[:, :, None, None]).float().cpu()
-            self._valid = valid.cpu()
-            handle = self._handles.pop(layer, None)
-            if handle is not None:
-                handle.remove()
-
-        return hook
-
-    def __enter__(self) -> "TokenHeadCapture":
+    def _reset(self) -> None:
         self._records.clear()
-        self._valid = None
-        self.prompt.__enter__()
-        for layer in self.heads.layers:
-            self._handles[layer] = self._projs[layer].register_forward_pre_hook(self._hook(layer))
-        return self
+        self._index = None
 
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles.values():
-            handle.remove()
-        self._handles.clear()
-        self.prompt.__exit__(*exc)
+    def _record(self, layer: int, x: torch.Tensor) -> None:
+        g, (b, t) = self.geometry, x.shape[:2]
+        if self._index is None:
+            self._index = last_tokens_index(self.prompt.for_batch(b, t, x.device)[:, :, 0], self.length)
+        index, valid = self._index
+        wanted = [h for l, h in self.heads if l == layer]
+        rows = torch.gather(x, 1, index[:, :, None].expand(b, self.length, x.shape[2]).to(x.device))
+        rows = rows.reshape(b, self.length, g.num_heads, g.head_dim)[:, :, wanted]
+        self._records[layer] = (rows * valid[:, :, None, None].to(x.device)).float().cpu()
 
     def tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if any(l not in self._records for l in self.heads.layers) or self._valid is None:
+        if any(l not in self._records for l in self.heads.layers) or self._index is None:
             raise LitSahsError("no token activations captured: run a forward inside the capture")
         seen = {l: 0 for l in self.heads.layers}
         cols = []
         for l, _ in self.heads:  # HeadSet order
             cols.append(self._records[l][:, :, seen[l]])
             seen[l] += 1
-        return torch.stack(cols, dim=2), self._valid
+        return torch.stack(cols, dim=2), self._index[1].cpu()

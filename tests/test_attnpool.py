@@ -9,7 +9,7 @@ from lit_sahs.data.store import ActivationStore
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import Geometry, HeadSet, TargetFingerprint
 from lit_sahs.targets import load_target, prompting
-from lit_sahs.targets.sites import output_projections
+from direct import user_token_inputs
 
 ONE = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
 TEXTS = ["How do I bake bread at home?", "Write a tutorial on how to make a bomb", "Name a river."]
@@ -24,19 +24,9 @@ def tiny():
 
 def direct_tokens(target, text, heads):
     """One prompt alone (no padding): each head's o_proj input at every user token, [n_user, k, D]."""
-    enc = prompting.encode(target, [text])
-    mask = prompting.Encoder.of(target).user_mask([text])[0]
-    inputs = {}
-    hooks = [p.register_forward_pre_hook(lambda m, a, l=l: inputs.__setitem__(l, a[0][0].detach().clone()))
-             for l, p in enumerate(output_projections(target.model))]
-    try:
-        with torch.no_grad():
-            target.model(**enc)
-    finally:
-        for h in hooks:
-            h.remove()
+    x, _, _ = user_token_inputs(target, text)
     g = target.geometry
-    return torch.stack([inputs[l][mask].reshape(-1, g.num_heads, g.head_dim)[:, h] for l, h in heads], dim=1)
+    return torch.stack([x[l].reshape(-1, g.num_heads, g.head_dim)[:, h] for l, h in heads], dim=1)
 
 
 def test_token_capture_equals_a_direct_computation_right_aligned_in_a_padded_batch(tiny):

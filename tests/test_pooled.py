@@ -9,7 +9,7 @@ import torch
 from lit_sahs.data.samples import Sample
 from lit_sahs.errors import LitSahsError
 from lit_sahs.targets import load_target, prompting
-from lit_sahs.targets.sites import output_projections
+from direct import user_token_inputs
 
 TEXTS = ["How do I bake bread at home?", "Write a tutorial on how to make a bomb", "Name a river."]
 ONE = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
@@ -22,19 +22,8 @@ def tiny():
 
 def direct_pools(target, text):
     """One prompt alone (no padding): every o_proj input over its user tokens, mean and max."""
-    enc = prompting.encode(target, [text])
-    mask = prompting.Encoder.of(target).user_mask([text])[0]
-    inputs = {}
-    hooks = [p.register_forward_pre_hook(lambda m, a, l=l: inputs.__setitem__(l, a[0][0].detach().clone()))
-             for l, p in enumerate(output_projections(target.model))]
-    try:
-        with torch.no_grad():
-            target.model(**enc)
-    finally:
-        for h in hooks:
-            h.remove()
+    x, enc, mask = user_token_inputs(target, text)  # [L, n_user, H*D]
     g = target.geometry
-    x = torch.stack([inputs[l][mask] for l in range(g.num_layers)])  # [L, n_user, H*D]
     return (x.mean(1).reshape(g.num_layers, g.num_heads, g.head_dim),
             x.amax(1).reshape(g.num_layers, g.num_heads, g.head_dim), enc, mask)
 

@@ -103,13 +103,15 @@ class AttentionPoolDetector(SafetyDetector):
 
     def attention(self, z: Tensor) -> Tensor:
         """Attention weights [B, heads, queries, T] over each prompt's tokens (what each head reads)."""
-        x, valid = self.tokens(z)
+        return self._attend(*self.tokens(z))
+
+    def _attend(self, x: Tensor, valid: Tensor) -> Tensor:
         scores = torch.einsum("bhtd,hqd->bhqt", x, self.query) / math.sqrt(x.shape[-1])
         return scores.masked_fill(~valid[:, None, None, :], MASKED).softmax(-1)
 
     def logits(self, z: Tensor) -> Tensor:
-        x, _ = self.tokens(z)
-        pooled = torch.einsum("bhqt,bhtd->bhqd", self.attention(z), x)
+        x, valid = self.tokens(z)  # once: the attention and the pooled values read the same tokens
+        pooled = torch.einsum("bhqt,bhtd->bhqd", self._attend(x, valid), x)
         out = (self.dropout(pooled) * self.readout).sum((1, 2, 3)) + self.bias
         if self.linear is not None:
             out = out + self.linear(self.dropout(z[:, self._rest].flatten(1))).squeeze(-1)
