@@ -161,6 +161,17 @@ def test_guard_config_parses_and_its_sources_assemble(cli):
     assert cfg["trainer"]["callbacks"][0]["class_path"] == "lit_sahs.crossfit.CrossFitCalibration"
 
 
+def test_the_recorded_attnpool_guard_config_parses(cli):
+    """experiments/results/attnpool-guard2000-smollm2/guard-attnpool.yaml: the run docs/results.md reports."""
+    path = Path(__file__).parents[1] / "experiments" / "results" / "attnpool-guard2000-smollm2" / "guard-attnpool.yaml"
+    code, out, err = cli(["fit", "--config", str(path), "--print_config"])
+    assert code == 0, err
+    cfg = yaml.safe_load(out)
+    assert cfg["model"]["class_path"].endswith("AttentionPoolDetector") and cfg["data"]["init_args"]["features"] == "tokens"
+    assert cfg["data"]["init_args"]["held_out"] == {"families": ["dan"], "sources": ["past_tense", "sharegpt_instructions"]}
+    assert cfg["trainer"]["callbacks"][0]["class_path"] == "lit_sahs.crossfit.CrossFitCalibration"
+
+
 def test_fit_with_prepare_extracts_locates_and_reports(workdir, cli):
     """`prepare.target` set: fit extracts the store first (LightningCLI hands the section over as a
     namespace), locates the heads, fits, and writes the report and the artifact."""
