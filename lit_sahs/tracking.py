@@ -95,12 +95,15 @@ def probe_database(url: str, what: str) -> None:
         # ValueError: a URL SQLAlchemy cannot split (an unencoded '@', ':' or '/' in the password)
         raise LitSahsError(redact(f"{what} {url} is not a usable database URL: {first_line(e)}{_ENCODE_HINT}",
                                   url)) from None
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        # e.g. the driver refusing the DSN ("invalid connection option") when a query password holds '&' or '='
+        raise LitSahsError(redact(f"{what} {url} failed: {first_line(e)}{_ENCODE_HINT}", url)) from None
     finally:
         if engine is not None:
             engine.dispose()
 
 
-_ENCODE_HINT = ("; if the password holds '@', ':', '/', '?', '{' or '}', percent-encode them "
+_ENCODE_HINT = ("; if the password holds '@', ':', '/', '?', '&', '=', '{' or '}', percent-encode them "
                 "(urllib.parse.quote(password, safe=''))")
 
 
