@@ -89,10 +89,27 @@ def mc_accuracy(responses, answers):
     return float(np.mean([letter(r) == a for r, a in zip(responses, answers)]))
 
 
+def selecting(monitor: str, history: list, patience: int = 1) -> list:
+    """Checkpoint choice and early stopping on a validation number (the shipped configs' callbacks), and
+    each validation epoch's selection numbers appended to `history`."""
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    class History(L.Callback):
+        def on_validation_end(self, trainer, module):
+            if not trainer.sanity_checking:
+                history.append({k: round(float(v), 6) for k, v in trainer.callback_metrics.items()
+                                if k.startswith("val/") and ("margin" in k or "refusal" in k or k == "val/auroc")})
+
+    return [ModelCheckpoint(monitor=monitor, mode="max", filename="best", enable_version_counter=False),
+            EarlyStopping(monitor=monitor, mode="max", patience=patience), History()]
+
+
 def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240, max_chars: int = 400, tokens: int = 8,
         epochs1: int = 6, epochs2: int = 1, lora_rank: int = 16, lr1: float = 3e-3, lr2: float = 2e-4,
         eval_n: int = 24, mc_n: int = 60, max_new_tokens: int = 24, batch_size: int = 8, threads: int = 0,
-        joined: bool = True, generate: bool = True) -> int:
+        joined: bool = True, generate: bool = True, harmful: str = HARMFUL, benign: str = BENIGN,
+        val_sources: str = "") -> int:
     """SafeVLM stage I and II against the unmodified target and the safety-head guard, on one split.
 
     Args:
@@ -113,6 +130,11 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         threads: torch CPU threads (0: torch's default)
         joined: also fit stage I with the safety-head detector's heads joined to its safety head
         generate: run stage II and the generation groups (false: held-out AUROCs only)
+        harmful: harmful sources (the held-out ones are added if missing)
+        benign: benign sources (the held-out ones are added if missing)
+        val_sources: validation-only sources (comma-separated, added to the draw); with them, stage I keeps
+            its checkpoint with the best val/margin and stage II the best val/answer_margin (early stopping on
+            each), as configs/safevlm_stage*.yaml do; without them, a random validation split, last epoch kept
     """
     args = dict(locals())
     a = SimpleNamespace(**args)
@@ -135,14 +157,28 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
-    spec = dict(harmful=HARMFUL, benign=BENIGN, attacks=ATTACKS, limit=a.limit, max_chars=a.max_chars, seed=0)
     from lit_sahs.data.holdout import Holdout
+    from lit_sahs.data.sources import HARMFUL_SOURCES
 
-    split = dict(held_out=Holdout(families=HELD_FAMILIES, sources=HELD_SOURCES))
+    val = [v for v in str(a.val_sources).split(",") if v]
+    names = {"harmful": [h for h in a.harmful.split(",") if h], "benign": [b for b in a.benign.split(",") if b]}
+    for extra in HELD_SOURCES + val:
+        side = names["harmful" if extra in HARMFUL_SOURCES else "benign"]
+        side += [] if extra in side else [extra]
+    spec = dict(harmful=",".join(names["harmful"]), benign=",".join(names["benign"]), attacks=ATTACKS, limit=a.limit,
+                max_chars=a.max_chars, seed=0)
+    split = dict(held_out=Holdout(families=HELD_FAMILIES, sources=HELD_SOURCES), val_sources=val)
+    history = {"stage1": [], "stage1-joined": [], "stage2": []}
+    stage1_cb, stage2_cb = ((selecting("val/margin", history["stage1"]), selecting("val/answer_margin", history["stage2"]))
+                            if val else ([], []))
+    ckpt = {"enable_checkpointing": True} if val else {}
 
     # ---- the safety-head logistic detector on the same rows (first: joined heads start from it)
     t = time.time()
-    store = Path("stores") / f"safevlm-eval-{a.target}"
+    import hashlib
+
+    draw = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]  # one store per draw
+    store = Path("stores") / f"safevlm-eval-{a.target}-{draw}"
     ensure_store(Prepare(target=a.target, batch_size=a.batch_size, **spec), str(store),
                  {"accelerator": "cpu", "devices": 1})
     ensure_ranking(str(store), str(store / "ranking.json"), HELD_FAMILIES, HELD_SOURCES, top_k=8)
@@ -159,12 +195,13 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     timings["answers_s"] = time.time() - t
     n_layers = base.geometry.num_layers
     t = time.time()
-    Engine(output_dir=out / "stage1", max_epochs=a.epochs1, enable_progress_bar=True).fit(
+    Engine(output_dir=out / "stage1", max_epochs=a.epochs1, enable_progress_bar=True, callbacks=stage1_cb, **ckpt).fit(
         SafeVLM(stage=1, num_safety_tokens=a.tokens, feature_layer=n_layers // 2, lr=a.lr1), dm)
     timings["stage1_s"] = time.time() - t
     if a.joined:
         t = time.time()
-        Engine(output_dir=out / "stage1-joined", max_epochs=a.epochs1, enable_progress_bar=True).fit(
+        Engine(output_dir=out / "stage1-joined", max_epochs=a.epochs1, enable_progress_bar=True,
+               callbacks=selecting("val/margin", history["stage1-joined"]) if val else [], **ckpt).fit(
             SafeVLM(stage=1, num_safety_tokens=a.tokens, feature_layer=n_layers // 2, lr=a.lr1,
                     head_keys_init=str(out / "heads" / "detector")), dm)
         timings["stage1_joined_s"] = time.time() - t
@@ -173,7 +210,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         reports["SafeVLM stage I + joined heads"] = ("stage1-joined", "safevlm")
     held_out = {name: json.loads((out / d / "report.json").read_text())[key]["overall"]
                 for name, (d, key) in reports.items()}
-    (out / "auroc.json").write_text(json.dumps({"target": a.target, "args": args, "timings_s": timings,
+    (out / "auroc.json").write_text(json.dumps({"target": a.target, "args": args, "timings_s": timings, "validation_by_epoch": history,
                                                 "held_out": held_out}, indent=1) + "\n")
     for name, rep in held_out.items():
         print(f"held-out {name}: n={rep.get('n')} AUROC={rep.get('auroc'):.3f} "
@@ -183,7 +220,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     t = time.time()
     tuned = load_target(a.target)
     dm2 = SafetyDataModule(target=tuned, num_safety_tokens=a.tokens, batch_size=a.batch_size, **spec, **split)
-    Engine(output_dir=out / "stage2", max_epochs=a.epochs2, enable_progress_bar=True).fit(
+    Engine(output_dir=out / "stage2", max_epochs=a.epochs2, enable_progress_bar=True, callbacks=stage2_cb, **ckpt).fit(
         SafeVLM(stage=2, init_from=str(out / "stage1" / "detector"), lora_rank=a.lora_rank, lr=a.lr2), dm2)
     timings["stage2_s"] = time.time() - t
 
@@ -229,6 +266,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         print(name, json.dumps(res), flush=True)
 
     summary = {"target": a.target, "args": args, "timings_s": timings, "results": results, "held_out": held_out,
+               "validation_by_epoch": history, "sources": spec,
                "groups": {g: len(rs) for g, rs in groups.items()},
                "stage1_report": json.loads((out / "stage1" / "report.json").read_text())["safevlm"]["overall"],
                "heads_report": json.loads((out / "heads" / "report.json").read_text())["heads"]["overall"]}

@@ -520,9 +520,29 @@ def test_selection_margin_judges_each_benign_source_at_a_threshold_calibrated_wi
         selection_margin(scores, labels, torch.zeros(3), 0.25)
 
 
+def test_answer_refusal_reads_the_position_that_predicts_the_first_answer_token():
+    from lit_sahs.safevlm.forward import IGNORE_INDEX
+    from lit_sahs.safevlm.selection import answer_margin, answer_refusal
+
+    vocab, refuse = 6, [4, 5]
+    logits = torch.full((3, 5, vocab), -30.0)
+    labels = torch.full((3, 5), IGNORE_INDEX)
+    labels[0, 3:] = 1  # answer starts at 3: predicted at position 2
+    labels[1, 2:] = 1  # predicted at position 1
+    logits[0, 2, 4] = logits[0, 2, 1] = 0.0   # half the mass on a refusal opening
+    logits[0, 1, 4] = 30.0                    # a refusal one position early: must not count
+    logits[1, 1, 5] = 30.0                    # all the mass on a refusal opening
+    logits[1, 2, 1] = 30.0
+    p = answer_refusal(logits, labels, refuse)  # row 2 has no answer
+    assert p[:2].tolist() == pytest.approx([0.5, 1.0]) and torch.isnan(p[2])
+    m = answer_margin(torch.tensor([0.5, 1.0, float("nan"), 0.2]), torch.tensor([1, 1, 0, 0]))
+    assert m == pytest.approx({"answer_margin": 0.55, "answer_refusal_harmful": 0.75, "answer_refusal_benign": 0.2})
+
+
 def test_shipped_configs_choose_the_checkpoint_by_held_out_margin(tmp_path, monkeypatch, cli):
-    """Both stages monitor val/margin on validation sources the fit never trains on; stage II's best
-    checkpoint carries its LoRA tensors, and the exported artifact is that checkpoint's."""
+    """Stage I monitors val/margin (the head), stage II val/answer_margin (the answers LoRA moves), both on
+    validation sources the fit never trains on; stage II's best checkpoint carries its LoRA tensors, and
+    the exported artifact is that checkpoint's."""
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -537,7 +557,7 @@ def test_shipped_configs_choose_the_checkpoint_by_held_out_margin(tmp_path, monk
         assert code == 0, err[-2000:]
         ckpt = torch.load(f"artifacts/safevlm-stage{stage}/checkpoints/best.ckpt", weights_only=True)
         cb = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint"))
-        assert cb["monitor"] == "val/margin"
+        assert cb["monitor"] == ("val/margin" if stage == 1 else "val/answer_margin")
         assert -1.0 <= float(cb["best_model_score"]) <= 1.0
     lora = ckpt["safevlm_lora"]
     exported = load_file("artifacts/safevlm-stage2/detector/detector.safetensors")

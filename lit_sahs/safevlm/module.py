@@ -47,7 +47,8 @@ from lit_sahs.safevlm.forward import IGNORE_INDEX, SafetyForward, model_inputs, 
 from lit_sahs.safevlm.joined import load_head_detector
 from lit_sahs.safevlm.lora import inject_lora, load_lora, lora_module_names, lora_parameters, target_dims
 from lit_sahs.safevlm.modules import JoinedHeads, SafetyModules
-from lit_sahs.safevlm.selection import finite, selection_margin
+from lit_sahs.refusal import refusal_token_ids
+from lit_sahs.safevlm.selection import answer_margin, answer_refusal, finite, selection_margin
 from lit_sahs.safevlm.taxonomy import RISK_LEVELS, RISK_TYPES
 from lit_sahs.targets import sites
 
@@ -325,7 +326,9 @@ class SafeVLM(ModelFamily, L.LightningModule):
 
     def losses(self, batch: dict, lm: bool) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
         """(classifier loss, level logits, LM loss or None without `lm`, risk) of one batch."""
-        out, level, rtype = self.run(batch, stop=not lm)
+        return self.loss_terms(batch, *self.run(batch, stop=not lm), lm=lm)
+
+    def loss_terms(self, batch: dict, out: Any, level: Tensor, rtype: Tensor, lm: bool):
         dev = level.device
         cls = F.cross_entropy(level.float(), batch["level"].to(dev)) + F.cross_entropy(rtype.float(), batch["type"].to(dev))
         lm_loss = None
@@ -363,10 +366,14 @@ class SafeVLM(ModelFamily, L.LightningModule):
         self.val_metrics = detection_metrics().to(self.threshold.device)
         self._val_scores = ScoreCollector().to(self.threshold.device)
         self._val_sources = CatMetric().to(self.threshold.device)  # gathered in the same order as the scores
+        self._val_refusal = CatMetric(nan_strategy="disable").to(self.threshold.device)  # NaN rows stay aligned
+        self._refusal_ids = refusal_token_ids(self.target.tokenizer)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.target.model.eval()
-        cls, _, lm_loss, risk = self.losses(batch, lm=True)
+        out, level, rtype = self.run(batch)
+        cls, _, lm_loss, risk = self.loss_terms(batch, out, level, rtype, lm=True)
+        self._val_refusal.update(answer_refusal(out.logits, batch["labels"], self._refusal_ids).to(risk.device))
         n = batch["input_ids"].shape[0]
         self.log("val/lm_loss", lm_loss, on_epoch=True, batch_size=n)
         self.log("val/cls_loss", cls, on_epoch=True, batch_size=n)
@@ -378,8 +385,9 @@ class SafeVLM(ModelFamily, L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """Recalibrate the threshold (during a fit) and log the selection metric, ``val/margin``
-        (``safevlm.selection``: harmful minus benign flagged rate, benign sources cross-fitted), which
-        the shipped configs' ModelCheckpoint and EarlyStopping monitor."""
+        (``safevlm.selection``: harmful minus benign flagged rate, benign sources cross-fitted) that stage
+        I's ModelCheckpoint and EarlyStopping monitor, and ``val/answer_margin`` (the answers' refusal
+        mass, harmful minus benign) that stage II's monitor."""
         if self._val_scores.update_called:
             preds, target = self._val_scores.compute()
             if not self.trainer.sanity_checking and self.trainer.state.fn == "fit":
@@ -388,9 +396,10 @@ class SafeVLM(ModelFamily, L.LightningModule):
                     self.threshold.fill_(calibrate_threshold(benign, self.hparams.target_fpr))
             sources = self._val_sources.compute()
             picked = selection_margin(preds, target, sources.to(preds.device), float(self.hparams.target_fpr))
+            picked.update(answer_margin(self._val_refusal.compute(), target))
             self.log_dict({f"val/{k}": float(v) for k, v in finite(picked).items()})
-        self._val_scores.reset()
-        self._val_sources.reset()
+        for metric in (self._val_scores, self._val_sources, self._val_refusal):
+            metric.reset()
         if self.val_metrics["auroc"].update_called:
             set_threshold(self.val_metrics, float(self.threshold))
             self.log_dict({f"val/{k}": v.float() for k, v in self.val_metrics.compute().items()})

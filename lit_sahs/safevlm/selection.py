@@ -11,16 +11,23 @@ rows, as an unseen collection would be; the harmful rate is taken at each of tho
 both rates are averaged over the benign sources (each weighs the same). With one benign source
 there is nothing to leave out: the threshold is calibrated on it, and the margin is the harmful
 rate at the target FPR minus that FPR.
+
+Stage II freezes the head, so ``selection_margin`` cannot move there; what moves is the language
+model's own answer. ``answer_margin`` measures it from the validation forward the LM loss runs
+anyway: the refusal-opening mass where the answer starts, harmful minus benign.
 """
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from lit_sahs.detectors.metrics import calibrate_threshold
 from lit_sahs.errors import LitSahsError
+from lit_sahs.refusal import refusal_probability
+from lit_sahs.safevlm.forward import IGNORE_INDEX
 
 NAN = float("nan")
 
@@ -53,3 +60,27 @@ def selection_margin(scores: Tensor, labels: Tensor, sources: Tensor, target_fpr
 
 def finite(values: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in values.items() if not math.isnan(v)}
+
+
+def answer_refusal(logits: Tensor, labels: Tensor, token_ids: Sequence[int]) -> Tensor:
+    """[B] probability mass of refusal openings (``refusal.refusal_token_ids``) where each row's answer
+    starts: the logits [B, T, V] at the position that predicts the first answer token of ``labels``
+    [B, T] (``IGNORE_INDEX`` outside the answer); NaN for a row without an answer. This is what the
+    language model itself would open with, the part of a stage-II refusal the frozen head cannot see."""
+    keep = labels[:, 1:].to(logits.device) != IGNORE_INDEX
+    has = keep.any(1)
+    first = keep.long().argmax(1)  # the first answer token's predicting position
+    mass = refusal_probability(logits[torch.arange(logits.shape[0], device=logits.device), first], token_ids)
+    return torch.where(has, mass, torch.full_like(mass, NAN))
+
+
+def answer_margin(refusal: Tensor, labels: Tensor) -> dict[str, float]:
+    """{"answer_margin", "answer_refusal_harmful", "answer_refusal_benign"}: the mean refusal mass at the
+    answer's start over harmful minus over benign validation rows (rows without an answer left out).
+    Stage II's selection number: its LoRA moves the answers while the head (``selection_margin``) is frozen."""
+    refusal = torch.as_tensor(refusal, dtype=torch.float64).flatten()
+    labels = torch.as_tensor(labels).flatten().long().to(refusal.device)
+    ok = ~torch.isnan(refusal)
+    h = refusal[ok & (labels == 1)].mean() if bool((ok & (labels == 1)).any()) else torch.tensor(NAN)
+    b = refusal[ok & (labels == 0)].mean() if bool((ok & (labels == 0)).any()) else torch.tensor(NAN)
+    return {"answer_margin": float(h - b), "answer_refusal_harmful": float(h), "answer_refusal_benign": float(b)}
