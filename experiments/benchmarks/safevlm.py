@@ -8,8 +8,9 @@ and the safety modules' inference cost relative to plain generate.
 * inference: plain ``generate`` vs ``SafeVLMGuard.generate`` with threshold 1.01 (it classifies
   every prompt at the prefill but passes all, so both sides decode the same number of steps;
   ``min_new_tokens`` = ``max_new_tokens``), alternating which side runs first, median of the
-  per-pair ratios. The guarded side carries the ``--tokens`` safety-token slots in its prefill —
-  part of what the modules cost. Goal: ratio <= 1.03.
+  per-pair ratios with a distribution-free 95% interval of that median (the goal is only shown met when
+  the whole interval lies under it). The guarded side carries the ``--tokens`` safety-token slots in its
+  prefill — part of what the modules cost. Goal: ratio <= 1.03.
 
     python experiments/benchmarks/safevlm.py                               # tiny-llama and SmolLM2, CPU
     python experiments/benchmarks/safevlm.py --targets random-llava-1.5-7b --device cuda --dtype bfloat16
@@ -90,6 +91,20 @@ def train_stage(target_name: str, stage: int, tokens: int, batch_size: int, step
     return out
 
 
+def median_interval(values: list, level: float = 0.95) -> tuple:
+    """Distribution-free confidence interval of the median: the order statistics k and n-k+1 with k the
+    largest index whose two-sided binomial(n, 1/2) tail stays within 1 - level (the whole range when n is
+    too small for that)."""
+    from math import comb
+
+    v, n = sorted(values), len(values)
+    k = 0
+    for j in range(1, n // 2 + 1):  # P(X < j) for X ~ Bin(n, 1/2), twice, must stay <= 1 - level
+        if 2 * sum(comb(n, i) for i in range(j)) / 2 ** n <= 1 - level:
+            k = j
+    return (v[k - 1], v[n - k]) if k else (v[0], v[-1])
+
+
 def inference(target_name: str, tokens: int, pairs: int, new_tokens: int, device: str, dtype: str) -> dict:
     from lit_sahs.prompts import encode_prompts
     from lit_sahs.safevlm import SafeVLM
@@ -125,14 +140,15 @@ def inference(target_name: str, tokens: int, pairs: int, new_tokens: int, device
             sync(device)
             took[f.__name__] = time.perf_counter() - t
         ratios.append(took["guarded"] / took["plain"])
+    low, high = median_interval(ratios)
     return {"target": target_name, "batch": len(PROMPTS), "new_tokens": new_tokens, "slots": tokens,
             "pairs": pairs, "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
-            "ratio_max": max(ratios)}
+            "ratio_max": max(ratios), "median_ci95": [low, high], "ratios": ratios}
 
 
 def run(targets: str = "tiny-llama,smollm2-135m-instruct", tokens: int = 16, batch_size: int = 4, steps: int = 4,
         lora_rank: int = 16, pairs: int = 8, new_tokens: int = 64, device: str = "cpu", dtype: str = "float32",
-        threads: int = 0, child: Optional[str] = None, out: Optional[str] = None) -> int:
+        threads: int = 0, child: Optional[str] = None, out: Optional[str] = None, train: bool = True) -> int:
     """SafeVLM's trainable parameters, step time and peak memory per stage, and guarded/plain generate.
 
     Args:
@@ -148,6 +164,7 @@ def run(targets: str = "tiny-llama,smollm2-135m-instruct", tokens: int = 16, bat
         threads: torch CPU threads (0: torch's default)
         child: internal: train one stage, as TARGET:STAGE (the script starts itself with it)
         out: also write the table here (markdown)
+        train: also measure the two training stages (false: the generate ratio only)
     """
     a = SimpleNamespace(**locals())
     if a.threads:
@@ -158,7 +175,7 @@ def run(targets: str = "tiny-llama,smollm2-135m-instruct", tokens: int = 16, bat
         return 0
     rows, inf = [], []
     for name in a.targets.split(","):
-        for stage in (1, 2):
+        for stage in (1, 2) if a.train else ():
             cmd = [sys.executable, __file__, "--child", f"{name}:{stage}", "--tokens", str(a.tokens),
                    "--batch_size", str(a.batch_size), "--steps", str(a.steps), "--lora_rank", str(a.lora_rank),
                    "--device", a.device, "--dtype", a.dtype, "--threads", str(a.threads)]
@@ -177,9 +194,11 @@ def run(targets: str = "tiny-llama,smollm2-135m-instruct", tokens: int = 16, bat
                      f"{r['step_s']:.3f} | {r['seq_len']} | {r['peak_rss_gb']:.2f} |")
     lines += ["", f"Guarded (SafeVLM, everything passed) / plain generate, {a.new_tokens} new tokens, batch of "
               f"{len(PROMPTS)}, median of interleaved pairs (goal <= 1.03):", "",
-              "| target | pairs | ratio median | min | max |", "|---|---|---|---|---|"]
+              "| target | pairs | ratio median | 95% interval of the median | min | max |", "|---|---|---|---|---|---|"]
     for r in inf:
-        lines.append(f"| {r['target']} | {r['pairs']} | {r['ratio_median']:.3f} | {r['ratio_min']:.3f} | {r['ratio_max']:.3f} |")
+        lo, hi = r["median_ci95"]
+        lines.append(f"| {r['target']} | {r['pairs']} | {r['ratio_median']:.3f} | {lo:.3f}-{hi:.3f} | "
+                     f"{r['ratio_min']:.3f} | {r['ratio_max']:.3f} |")
     text = "\n".join(lines)
     print(text)
     if a.out:
