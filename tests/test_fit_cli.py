@@ -111,6 +111,8 @@ def test_quickstart_config_parses(cli):
     assert cfg["model"]["class_path"] == "lit_sahs.detectors.LogisticDetector"
     assert cfg["prepare"]["target"] == "smollm2-135m-instruct"
     assert cfg["data"]["init_args"]["held_out"]["families"] == ["dan"]
+    # the shipped threshold is the cross-fitted one, as in configs/guard.yaml
+    assert any(cb["class_path"] == "lit_sahs.crossfit.CrossFitCalibration" for cb in cfg["trainer"]["callbacks"])
 
 
 def test_locate_and_zero_shot_commands(workdir, cli):
