@@ -5,6 +5,9 @@ quickstart store (the first 100 of each source after a seeded shuffle, store tex
     python experiments/future_tense_eval.py            # writes the file, then runs:
     python -m lit_sahs evaluate --detector artifacts/quickstart/detector \
         --data stores/future_vs_truthful.jsonl --json experiments/results/future_tense_eval.json
+
+Other sources the store never read: ``--harmful future_tense,rho_refusal --benign
+sharegpt_instructions,sharegpt_creative,rho_refusal_benign,rho_overrefusal,innocent_alarming,liveqa``.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from lit_sahs.commands import script_main
 
 def run(store: str = "stores/quickstart-smollm2", detector: str = "artifacts/quickstart/detector",
         data: str = "stores/future_vs_truthful.jsonl", json_out: str = "experiments/results/future_tense_eval.json",
-        n: int = 100, seed: int = 0) -> int:
+        n: int = 100, seed: int = 0, harmful: str = "future_tense", benign: str = "truthfulqa") -> int:
     """Write the held-out JSONL, score it with `python -m lit_sahs evaluate`, print the overall figures.
 
     Args:
@@ -21,8 +24,10 @@ def run(store: str = "stores/quickstart-smollm2", detector: str = "artifacts/qui
         detector: detector artifact (or models:/ URI) scored with `evaluate --data`
         data: where the JSONL of prompts is written (prompt texts stay out of the repository)
         json_out: evaluate's report
-        n: prompts per source (future_tense harmful, truthfulqa benign)
+        n: prompts per source
         seed: shuffle seed of each source
+        harmful: harmful sources (comma-separated)
+        benign: benign sources (comma-separated)
     """
     import json
     import random
@@ -35,7 +40,7 @@ def run(store: str = "stores/quickstart-smollm2", detector: str = "artifacts/qui
 
     seen = {r["text"] for r in ActivationStore.open(store).index()}
     rows = []
-    for source, label in (("future_tense", 1), ("truthfulqa", 0)):
+    for source, label in [(h, 1) for h in harmful.split(",") if h] + [(b, 0) for b in benign.split(",") if b]:
         pool = [s for s in load_source(source) if s.text not in seen]
         random.Random(seed).shuffle(pool)
         rows += [{"text": s.text, "label": label, "source": source} for s in pool[:n]]
