@@ -30,7 +30,7 @@ from torch import nn
 from lit_sahs.data.extra_features import from_forward
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import Geometry, HeadSet
-from lit_sahs.prompt_hooks import PooledHeadCapture, TokenHeadCapture
+from lit_sahs.prompt_hooks import PooledHeadCapture, PromptMask, TokenHeadCapture
 from lit_sahs.refusal import refusal_probability, refusal_token_ids
 from lit_sahs.self_judge import NEEDS_TEXTS, judge_feature_values
 from lit_sahs.targets import sites
@@ -240,11 +240,11 @@ class FeatureCapture:
         layers = spec.residual_layers
         self.residual_capture = LayerResidualCapture(model, layers) if layers else None
         self.refusal_ids = refusal_token_ids(tokenizer) if "refusal" in spec.names else None
-        # over the prompt's own tokens, found from the forward's ids (lit_sahs.prompt_hooks)
-        self.pooled_capture = (PooledHeadCapture(model, None, spec.pools, geometry, tokenizer=tokenizer)
-                               if spec.pools else None)
-        self.token_capture = (TokenHeadCapture(model, HeadSet(spec.token_heads), spec.token_length, None, geometry,
-                                               tokenizer=tokenizer) if spec.token_heads else None)
+        # over the prompt's own tokens, found once from the forward's ids (lit_sahs.prompt_hooks)
+        prompt = PromptMask(model, None, tokenizer) if spec.pools or spec.token_heads else None
+        self.pooled_capture = PooledHeadCapture(model, prompt, spec.pools, geometry) if spec.pools else None
+        self.token_capture = (TokenHeadCapture(model, HeadSet(spec.token_heads), spec.token_length, prompt, geometry)
+                              if spec.token_heads else None)
         self._handle = None
         self._logits: Optional[torch.Tensor] = None
 

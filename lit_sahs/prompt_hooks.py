@@ -22,8 +22,9 @@ from lit_sahs.targets import sites
 from lit_sahs.targets.prompting import user_token_mask
 
 
-class _PromptMask:
-    """The user mask of the forward being captured: given, or derived from the first forward's ids."""
+class PromptMask:
+    """The user mask of the forward being captured: given, or derived from the first forward's ids.
+    Several captures of one forward can share one (pass it as their ``user_mask``): it is derived once."""
 
     def __init__(self, model: nn.Module, user_mask: Optional[torch.Tensor], tokenizer):
         if user_mask is None and tokenizer is None:
@@ -44,7 +45,9 @@ class _PromptMask:
         self._handle.remove()
         self._handle = None
 
-    def __enter__(self) -> "_PromptMask":
+    def __enter__(self) -> "PromptMask":
+        if self._handle is not None:  # a second capture sharing this mask entered the same forward
+            return self
         self.mask = self.given
         if self.given is None:
             self._handle = self.model.register_forward_pre_hook(self._hook, with_kwargs=True)
@@ -72,8 +75,8 @@ class _PromptCapture:
     (``_layers``), what to clear before a forward (``_reset``) and what to keep of a layer's
     input [batch, seq, heads*head_dim] (``_record``)."""
 
-    def _attach(self, model: nn.Module, user_mask: Optional[torch.Tensor], tokenizer) -> None:
-        self.prompt = _PromptMask(model, user_mask, tokenizer)
+    def _attach(self, model: nn.Module, user_mask: "Optional[torch.Tensor | PromptMask]", tokenizer) -> None:
+        self.prompt = user_mask if isinstance(user_mask, PromptMask) else PromptMask(model, user_mask, tokenizer)
         self._projs = sites.output_projections(model)
         self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
 
@@ -114,12 +117,12 @@ class PooledHeadCapture(_PromptCapture):
     """Every head's output pooled over the prompt's own tokens, from the same pre-hooks as HeadCapture:
     ``pooled()`` gives {pool: [batch, layers, heads, head_dim]} for the pools asked for (mean, max)."""
 
-    def __init__(self, model: nn.Module, user_mask: Optional[torch.Tensor] = None, pools: "tuple[str, ...]" = POOLS,
-                 geometry: Optional[Geometry] = None, tokenizer=None):
+    def __init__(self, model: nn.Module, user_mask: "Optional[torch.Tensor | PromptMask]" = None,
+                 pools: "tuple[str, ...]" = POOLS, geometry: Optional[Geometry] = None, tokenizer=None):
         self.model, self.pools = model, check_pools(pools)
         if not self.pools:
             raise LitSahsError(f"no pooling asked for: use {' and/or '.join(POOLS)}")
-        if user_mask is not None and not bool(user_mask.bool().any(dim=1).all()):
+        if torch.is_tensor(user_mask) and not bool(user_mask.bool().any(dim=1).all()):
             raise LitSahsError("a prompt has no tokens of its own to pool over")
         self.geometry = geometry or sites.geometry(model)
         self._attach(model, user_mask, tokenizer)
@@ -170,8 +173,9 @@ class TokenHeadCapture(_PromptCapture):
     (values [batch, length, k, head_dim] float32, valid [batch, length] bool), right-aligned, zeros
     where a prompt is shorter. What an attention-pooling detector reads."""
 
-    def __init__(self, model: nn.Module, heads: HeadSet, length: int, user_mask: Optional[torch.Tensor] = None,
-                 geometry: Optional[Geometry] = None, tokenizer=None):
+    def __init__(self, model: nn.Module, heads: HeadSet, length: int,
+                 user_mask: "Optional[torch.Tensor | PromptMask]" = None, geometry: Optional[Geometry] = None,
+                 tokenizer=None):
         if length < 1:
             raise LitSahsError(f"token length must be >= 1, got {length}")
         self.model, self.length = model, int(length)

@@ -81,6 +81,28 @@ def test_extraction_stores_tokens_and_live_features_equal_them(tiny, tmp_path):
                        trainer_kwargs=ONE, token_heads=HeadSet([(2, 1)]), token_length=8)
 
 
+def test_pooled_and_token_features_of_one_forward_share_one_prompt_mask(tiny, monkeypatch):
+    """A detector reading pooled and per-token heads: the prompt's tokens are found once per forward,
+    and each capture gives what it gives alone."""
+    import lit_sahs.prompt_hooks as ph
+    from lit_sahs.data.extra_features import FeatureSpec
+    from lit_sahs.hooks import capture_forward
+
+    calls = []
+    real = ph.user_token_mask
+    monkeypatch.setattr(ph, "user_token_mask", lambda *a: calls.append(1) or real(*a))
+    enc = prompting.encode(tiny, TEXTS)
+    both = FeatureSpec.for_target(tiny, "mean,tokens", heads=HEADS, token_length=6)
+    joint = capture_forward(tiny, enc, HEADS, features=both)
+    assert len(calls) == 1
+    alone = [capture_forward(tiny, enc, HEADS, features=FeatureSpec.for_target(tiny, f, heads=HEADS, token_length=6))
+             for f in ("mean", "tokens")]
+    assert len(calls) == 3
+    heads_only = capture_forward(tiny, enc, HEADS)
+    w = heads_only.shape[1]
+    torch.testing.assert_close(joint, torch.cat([alone[0], alone[1][:, w:]], dim=1))
+
+
 # ---------------------------------------------------------------- the family on a synthetic store
 
 GEOM = Geometry(num_layers=3, num_heads=2, head_dim=8)
