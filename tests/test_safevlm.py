@@ -539,6 +539,30 @@ def test_answer_refusal_reads_the_position_that_predicts_the_first_answer_token(
     assert m == pytest.approx({"answer_margin": 0.55, "answer_refusal_harmful": 0.75, "answer_refusal_benign": 0.2})
 
 
+def test_the_lm_head_runs_on_the_answer_positions_only_with_the_same_loss(stages, monkeypatch):
+    """Training and validation forwards keep the logits of the last (longest answer + 1) positions:
+    the LM loss and the answers' refusal mass equal those of full logits."""
+    import lit_sahs.safevlm.module as module
+    from lit_sahs.refusal import refusal_token_ids
+    from lit_sahs.safevlm.selection import answer_refusal
+
+    two, dm = stages["two"], stages["dm2"]
+    batch = next(iter(dm.train_dataloader()))
+    ids = refusal_token_ids(dm.target.tokenizer)
+    with torch.no_grad():
+        out, level, rtype = two.run(batch)
+        cut = two.loss_terms(batch, out, level, rtype, lm=True)[2]
+        cut_refusal = answer_refusal(out.logits, batch["labels"], ids)
+        answer_len = int((batch["labels"] != -100).sum(1).max())
+        assert out.logits.shape[1] == answer_len + 1 < batch["input_ids"].shape[1]
+        monkeypatch.setattr(module, "answer_logits", lambda batch: {})  # every position, as before
+        full_out, level, rtype = two.run(batch)
+        full = two.loss_terms(batch, full_out, level, rtype, lm=True)[2]
+    assert full_out.logits.shape[1] == batch["input_ids"].shape[1]
+    torch.testing.assert_close(cut, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cut_refusal, answer_refusal(full_out.logits, batch["labels"], ids), atol=1e-6, rtol=1e-5)
+
+
 def test_shipped_configs_choose_the_checkpoint_by_held_out_margin(tmp_path, monkeypatch, cli):
     """Stage I monitors val/margin (the head), stage II val/answer_margin (the answers LoRA moves), both on
     validation sources the fit never trains on; stage II's best checkpoint carries its LoRA tensors, and

@@ -102,6 +102,19 @@ def with_slots(enc: dict, n_slots: int, pad_id: int, answers: Optional[Sequence[
 MODEL_KEYS_DROPPED = ("slot_mask", "prompt_mask", "first_pos", "labels", "y", "level", "type", "family", "source")
 
 
+def answer_logits(batch: dict) -> dict:
+    """``logits_to_keep`` for a forward over a batch with answer ``labels``: the answers sit at the end
+    of every row, so the LM head runs on the last (longest answer + 1) positions only. A full
+    [batch, seq, vocab] would dominate memory on long prompts (a 1,100-token jailbreak with a
+    152k vocabulary is 0.7 GB of float32 logits per row, before its gradient)."""
+    labels = batch.get("labels")
+    if labels is None:
+        return {}
+    answer = labels != IGNORE_INDEX
+    first = torch.where(answer.any(1), answer.long().argmax(1), torch.full_like(answer[:, 0], labels.shape[1]).long())
+    return {"logits_to_keep": max(int(labels.shape[1] - first.min()) + 1, 1)}
+
+
 def model_inputs(batch: dict) -> dict:
     """The keys of a ``with_slots`` batch the target's forward takes."""
     return {k: v for k, v in batch.items() if k not in MODEL_KEYS_DROPPED}

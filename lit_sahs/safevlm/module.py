@@ -43,7 +43,7 @@ from lit_sahs.errors import LitSahsError
 from lit_sahs.family import ModelFamily, register_family
 from lit_sahs.heads import HeadSet, TargetFingerprint
 from lit_sahs.safevlm.artifact import LORA_PREFIX, SAFETY_PREFIX, load_stage_one, rebuild
-from lit_sahs.safevlm.forward import IGNORE_INDEX, SafetyForward, model_inputs, with_slots
+from lit_sahs.safevlm.forward import IGNORE_INDEX, SafetyForward, answer_logits, model_inputs, with_slots
 from lit_sahs.safevlm.joined import load_head_detector
 from lit_sahs.safevlm.lora import inject_lora, load_lora, lora_module_names, lora_parameters, target_dims
 from lit_sahs.safevlm.modules import JoinedHeads, SafetyModules
@@ -265,7 +265,7 @@ class SafeVLM(ModelFamily, L.LightningModule):
         batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
         vision = self.safety.vision is not None and "pixel_values" in batch
         with self.safety_forward(batch, vision=vision, stop=stop) as fwd:
-            out = fwd.run(**model_inputs(batch), use_cache=False)
+            out = fwd.run(**model_inputs(batch), use_cache=False, **answer_logits(batch))
         if fwd.features is None or fwd.query is None:
             raise LitSahsError("the forward never reached the feature layer: the safety hooks did not fire")
         if vision and fwd.patches is None and bool((batch["input_ids"] == sites.image_token_id(model)).any()):
@@ -332,8 +332,8 @@ class SafeVLM(ModelFamily, L.LightningModule):
         dev = level.device
         cls = F.cross_entropy(level.float(), batch["level"].to(dev)) + F.cross_entropy(rtype.float(), batch["type"].to(dev))
         lm_loss = None
-        if lm:
-            labels = batch["labels"].to(out.logits.device)[:, 1:]
+        if lm:  # the logits cover the last positions only (answer_logits): align the labels with them
+            labels = batch["labels"].to(out.logits.device)[:, -out.logits.shape[1]:][:, 1:]
             keep = labels != IGNORE_INDEX
             lm_loss = F.cross_entropy(out.logits[:, :-1][keep].float(), labels[keep])
         return cls, level, lm_loss, self.risk(level)

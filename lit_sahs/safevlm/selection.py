@@ -64,10 +64,11 @@ def finite(values: dict[str, float]) -> dict[str, float]:
 
 def answer_refusal(logits: Tensor, labels: Tensor, token_ids: Sequence[int]) -> Tensor:
     """[B] probability mass of refusal openings (``refusal.refusal_token_ids``) where each row's answer
-    starts: the logits [B, T, V] at the position that predicts the first answer token of ``labels``
-    [B, T] (``IGNORE_INDEX`` outside the answer); NaN for a row without an answer. This is what the
+    starts: the logits [B, K, V] of the last K positions (``forward.answer_logits``) at the one that
+    predicts the first answer token of ``labels`` [B, T] (``IGNORE_INDEX`` outside the answer); NaN
+    for a row without an answer. This is what the
     language model itself would open with, the part of a stage-II refusal the frozen head cannot see."""
-    keep = labels[:, 1:].to(logits.device) != IGNORE_INDEX
+    keep = labels[:, -logits.shape[1]:][:, 1:].to(logits.device) != IGNORE_INDEX  # logits of the last positions
     has = keep.any(1)
     first = keep.long().argmax(1)  # the first answer token's predicting position
     mass = refusal_probability(logits[torch.arange(logits.shape[0], device=logits.device), first], token_ids)
