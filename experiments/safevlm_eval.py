@@ -109,7 +109,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         epochs1: int = 6, epochs2: int = 1, lora_rank: int = 16, lr1: float = 3e-3, lr2: float = 2e-4,
         eval_n: int = 24, mc_n: int = 60, max_new_tokens: int = 24, batch_size: int = 8, threads: int = 0,
         joined: bool = True, generate: bool = True, harmful: str = HARMFUL, benign: str = BENIGN,
-        val_sources: str = "") -> int:
+        val_sources: str = "", plain: bool = True) -> int:
     """SafeVLM stage I and II against the unmodified target and the safety-head guard, on one split.
 
     Args:
@@ -135,9 +135,12 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         val_sources: validation-only sources (comma-separated, added to the draw); with them, stage I keeps
             its checkpoint with the best val/margin and stage II the best val/answer_margin (early stopping on
             each), as configs/safevlm_stage*.yaml do; without them, a random validation split, last epoch kept
+        plain: fit stage I without joined heads (false, with --joined true --generate false: the joined heads only)
     """
     args = dict(locals())
     a = SimpleNamespace(**args)
+    if a.generate and not a.plain:
+        raise SystemExit("error: stage II and the generation groups start from the plain stage I: keep --plain true")
     import numpy as np
     import torch
 
@@ -195,9 +198,10 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     timings["answers_s"] = time.time() - t
     n_layers = base.geometry.num_layers
     t = time.time()
-    Engine(output_dir=out / "stage1", max_epochs=a.epochs1, enable_progress_bar=True, callbacks=stage1_cb, **ckpt).fit(
-        SafeVLM(stage=1, num_safety_tokens=a.tokens, feature_layer=n_layers // 2, lr=a.lr1), dm)
-    timings["stage1_s"] = time.time() - t
+    if a.plain:
+        Engine(output_dir=out / "stage1", max_epochs=a.epochs1, enable_progress_bar=True, callbacks=stage1_cb,
+               **ckpt).fit(SafeVLM(stage=1, num_safety_tokens=a.tokens, feature_layer=n_layers // 2, lr=a.lr1), dm)
+        timings["stage1_s"] = time.time() - t
     if a.joined:
         t = time.time()
         Engine(output_dir=out / "stage1-joined", max_epochs=a.epochs1, enable_progress_bar=True,
@@ -205,7 +209,9 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
             SafeVLM(stage=1, num_safety_tokens=a.tokens, feature_layer=n_layers // 2, lr=a.lr1,
                     head_keys_init=str(out / "heads" / "detector")), dm)
         timings["stage1_joined_s"] = time.time() - t
-    reports = {"safety-head detector (logistic, top-8)": ("heads", "heads"), "SafeVLM stage I": ("stage1", "safevlm")}
+    reports = {"safety-head detector (logistic, top-8)": ("heads", "heads")}
+    if a.plain:
+        reports["SafeVLM stage I"] = ("stage1", "safevlm")
     if a.joined:
         reports["SafeVLM stage I + joined heads"] = ("stage1-joined", "safevlm")
     held_out = {name: json.loads((out / d / "report.json").read_text())[key]["overall"]
