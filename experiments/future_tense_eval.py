@@ -16,7 +16,8 @@ from lit_sahs.commands import script_main
 
 def run(store: str = "stores/quickstart-smollm2", detector: str = "artifacts/quickstart/detector",
         data: str = "stores/future_vs_truthful.jsonl", json_out: str = "experiments/results/future_tense_eval.json",
-        n: int = 100, seed: int = 0, harmful: str = "future_tense", benign: str = "truthfulqa") -> int:
+        n: int = 100, seed: int = 0, harmful: str = "future_tense", benign: str = "truthfulqa",
+        scores: str = "") -> int:
     """Write the held-out JSONL, score it with `python -m lit_sahs evaluate`, print the overall figures.
 
     Args:
@@ -28,6 +29,7 @@ def run(store: str = "stores/quickstart-smollm2", detector: str = "artifacts/qui
         seed: shuffle seed of each source
         harmful: harmful sources (comma-separated)
         benign: benign sources (comma-separated)
+        scores: also write evaluate's per-prompt scores CSV here
     """
     import json
     import random
@@ -46,7 +48,7 @@ def run(store: str = "stores/quickstart-smollm2", detector: str = "artifacts/qui
         rows += [{"text": s.text, "label": label, "source": source} for s in pool[:n]]
     Path(data).write_text("".join(json.dumps(r) + "\n" for r in rows))
     subprocess.run([sys.executable, "-m", "lit_sahs", "evaluate", "--detector", detector, "--data", data,
-                    "--json", json_out], check=True, stdout=subprocess.DEVNULL)
+                    "--json", json_out] + (["--scores", scores] if scores else []), check=True, stdout=subprocess.DEVNULL)
     o = json.loads(Path(json_out).read_text())["overall"]
     print({k: o[k] for k in ("n", "auroc", "tpr_at_1fpr", "tpr", "fpr")})
     return 0
