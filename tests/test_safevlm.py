@@ -259,7 +259,7 @@ def test_both_stages_run_from_the_shipped_configs(tmp_path, monkeypatch, cli):
 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(tmp_path)
-    small = ["--data.init_args.target", "tiny-llama", "--data.init_args.limit", "40", "--data.init_args.answers",
+    small = ["--data.init_args.target", "tiny-llama", "--data.init_args.limit", "96", "--data.init_args.answers",
              str(tmp_path / "a.jsonl"), "--data.init_args.max_answer_tokens", "6", "--trainer.max_epochs", "1",
              "--trainer.logger", "false"]
     code, out, err = cli(["fit", "--config", str(root / "configs/safevlm_stage1.yaml"), *small,
@@ -469,7 +469,7 @@ def test_both_stages_run_under_fast_dev_run(tmp_path, monkeypatch, cli):
 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(tmp_path)
-    small = ["--data.init_args.target", "tiny-llama", "--data.init_args.limit", "40", "--data.init_args.answers",
+    small = ["--data.init_args.target", "tiny-llama", "--data.init_args.limit", "96", "--data.init_args.answers",
              str(tmp_path / "a.jsonl"), "--data.init_args.max_answer_tokens", "6", "--trainer.fast_dev_run", "true"]
     code, out, err = cli(["fit", "--config", str(root / "configs/safevlm_stage1.yaml"), *small,
                           "--model.init_args.feature_layer", "2", "--model.init_args.head_heads", "2"])
@@ -573,7 +573,7 @@ def test_shipped_configs_choose_the_checkpoint_by_held_out_margin(tmp_path, monk
 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(tmp_path)
-    small = ["--data.init_args.target", "tiny-llama", "--data.init_args.limit", "60", "--data.init_args.answers",
+    small = ["--data.init_args.target", "tiny-llama", "--data.init_args.limit", "96", "--data.init_args.answers",
              str(tmp_path / "a.jsonl"), "--data.init_args.max_answer_tokens", "4", "--trainer.max_epochs", "2",
              "--trainer.logger", "false"]
     for stage, extra in ((1, ["--model.init_args.feature_layer", "2", "--model.init_args.head_heads", "2"]), (2, [])):
