@@ -329,9 +329,9 @@ class SafeVLM(ModelFamily, L.LightningModule):
         return self.loss_terms(batch, *self.run(batch, stop=not lm), lm=lm)
 
     def loss_terms(self, batch: dict, out: Any, level: Tensor, rtype: Tensor, lm: bool):
-        dev = level.device
+        """``losses`` of a forward already run (validation reads its logits for the answers' refusal too)."""
+        dev, lm_loss = level.device, None
         cls = F.cross_entropy(level.float(), batch["level"].to(dev)) + F.cross_entropy(rtype.float(), batch["type"].to(dev))
-        lm_loss = None
         if lm:  # the logits cover the last positions only (answer_logits): align the labels with them
             labels = batch["labels"].to(out.logits.device)[:, -out.logits.shape[1]:][:, 1:]
             keep = labels != IGNORE_INDEX
