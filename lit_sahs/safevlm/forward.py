@@ -104,15 +104,13 @@ MODEL_KEYS_DROPPED = ("slot_mask", "prompt_mask", "first_pos", "labels", "y", "l
 
 def answer_logits(batch: dict) -> dict:
     """``logits_to_keep`` for a forward over a batch with answer ``labels``: the answers sit at the end
-    of every row, so the LM head runs on the last (longest answer + 1) positions only. A full
+    of every row, so the LM head runs on the positions from the earliest ``first_pos`` (where a row's
+    first answer token is predicted) to the end only. A full
     [batch, seq, vocab] would dominate memory on long prompts (a 1,100-token jailbreak with a
     152k vocabulary is 0.7 GB of float32 logits per row, before its gradient)."""
-    labels = batch.get("labels")
-    if labels is None:
+    if batch.get("labels") is None:
         return {}
-    answer = labels != IGNORE_INDEX
-    first = torch.where(answer.any(1), answer.long().argmax(1), torch.full_like(answer[:, 0], labels.shape[1]).long())
-    return {"logits_to_keep": max(int(labels.shape[1] - first.min()) + 1, 1)}
+    return {"logits_to_keep": int(batch["input_ids"].shape[1] - batch["first_pos"].min())}  # from first_pos on
 
 
 def model_inputs(batch: dict) -> dict:

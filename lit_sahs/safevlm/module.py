@@ -373,7 +373,7 @@ class SafeVLM(ModelFamily, L.LightningModule):
         self.target.model.eval()
         out, level, rtype = self.run(batch)
         cls, _, lm_loss, risk = self.loss_terms(batch, out, level, rtype, lm=True)
-        self._val_refusal.update(answer_refusal(out.logits, batch["labels"], self._refusal_ids).to(risk.device))
+        self._val_refusal.update(answer_refusal(out.logits, batch, self._refusal_ids).to(risk.device))
         n = batch["input_ids"].shape[0]
         self.log("val/lm_loss", lm_loss, on_epoch=True, batch_size=n)
         self.log("val/cls_loss", cls, on_epoch=True, batch_size=n)

@@ -62,26 +62,24 @@ def finite(values: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in values.items() if not math.isnan(v)}
 
 
-def answer_refusal(logits: Tensor, labels: Tensor, token_ids: Sequence[int]) -> Tensor:
+def answer_refusal(logits: Tensor, batch: dict, token_ids: Sequence[int]) -> Tensor:
     """[B] probability mass of refusal openings (``refusal.refusal_token_ids``) where each row's answer
-    starts: the logits [B, K, V] of the last K positions (``forward.answer_logits``) at the one that
-    predicts the first answer token of ``labels`` [B, T] (``IGNORE_INDEX`` outside the answer); NaN
-    for a row without an answer. This is what the
-    language model itself would open with, the part of a stage-II refusal the frozen head cannot see."""
-    keep = labels[:, -logits.shape[1]:][:, 1:].to(logits.device) != IGNORE_INDEX  # logits of the last positions
-    has = keep.any(1)
-    first = keep.long().argmax(1)  # the first answer token's predicting position
+    starts, at the batch's ``first_pos`` (``forward.with_slots``), from the logits [B, K, V] of its last K
+    positions (``forward.answer_logits``); NaN for a row without an answer. This is what the language
+    model itself would open with, the part of a stage-II refusal the frozen head cannot see."""
+    first = batch["first_pos"].to(logits.device) - (batch["input_ids"].shape[1] - logits.shape[1])
     mass = refusal_probability(logits[torch.arange(logits.shape[0], device=logits.device), first], token_ids)
-    return torch.where(has, mass, torch.full_like(mass, NAN))
+    answered = (batch["labels"] != IGNORE_INDEX).any(1).to(mass.device)
+    return torch.where(answered, mass, torch.full_like(mass, NAN))
 
 
 def answer_margin(refusal: Tensor, labels: Tensor) -> dict[str, float]:
     """{"answer_margin", "answer_refusal_harmful", "answer_refusal_benign"}: the mean refusal mass at the
-    answer's start over harmful minus over benign validation rows (rows without an answer left out).
-    Stage II's selection number: its LoRA moves the answers while the head (``selection_margin``) is frozen."""
+    answer's start over harmful minus over benign validation rows (rows without an answer left out; NaN
+    for a class without rows). Stage II's selection number: its LoRA moves the answers while the head
+    (``selection_margin``) is frozen."""
     refusal = torch.as_tensor(refusal, dtype=torch.float64).flatten()
     labels = torch.as_tensor(labels).flatten().long().to(refusal.device)
     ok = ~torch.isnan(refusal)
-    h = refusal[ok & (labels == 1)].mean() if bool((ok & (labels == 1)).any()) else torch.tensor(NAN)
-    b = refusal[ok & (labels == 0)].mean() if bool((ok & (labels == 0)).any()) else torch.tensor(NAN)
-    return {"answer_margin": float(h - b), "answer_refusal_harmful": float(h), "answer_refusal_benign": float(b)}
+    h, b = (float(refusal[ok & (labels == c)].mean()) for c in (1, 0))  # the mean of no rows is NaN
+    return {"answer_margin": h - b, "answer_refusal_harmful": h, "answer_refusal_benign": b}
