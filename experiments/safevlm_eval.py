@@ -135,12 +135,13 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         val_sources: validation-only sources (comma-separated, added to the draw); with them, stage I keeps
             its checkpoint with the best val/margin and stage II the best val/answer_margin (early stopping on
             each), as configs/safevlm_stage*.yaml do; without them, a random validation split, last epoch kept
-        plain: fit stage I without joined heads (false, with --joined true --generate false: the joined heads only)
+        plain: fit stage I without joined heads (false, with --joined true: the joined heads only, and stage II
+            starts from the joined stage I)
     """
     args = dict(locals())
     a = SimpleNamespace(**args)
-    if a.generate and not a.plain:
-        raise SystemExit("error: stage II and the generation groups start from the plain stage I: keep --plain true")
+    if not (a.plain or a.joined):
+        raise SystemExit("error: nothing to fit: --plain false needs --joined true")
     import numpy as np
     import torch
 
@@ -171,8 +172,10 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     spec = dict(harmful=",".join(names["harmful"]), benign=",".join(names["benign"]), attacks=ATTACKS, limit=a.limit,
                 max_chars=a.max_chars, seed=0)
     split = dict(held_out=Holdout(families=HELD_FAMILIES, sources=HELD_SOURCES), val_sources=val)
-    history = {"stage1": [], "stage1-joined": [], "stage2": []}
-    stage1_cb, stage2_cb = ((selecting("val/margin", history["stage1"]), selecting("val/answer_margin", history["stage2"]))
+    first = "stage1" if a.plain else "stage1-joined"  # stage II starts from it
+    second = "stage2" if a.plain else "stage2-joined"
+    history = {"stage1": [], "stage1-joined": [], second: []}
+    stage1_cb, stage2_cb = ((selecting("val/margin", history["stage1"]), selecting("val/answer_margin", history[second]))
                             if val else ([], []))
     ckpt = {"enable_checkpointing": True} if val else {}
 
@@ -226,8 +229,8 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     t = time.time()
     tuned = load_target(a.target)
     dm2 = SafetyDataModule(target=tuned, num_safety_tokens=a.tokens, batch_size=a.batch_size, **spec, **split)
-    Engine(output_dir=out / "stage2", max_epochs=a.epochs2, enable_progress_bar=True, callbacks=stage2_cb, **ckpt).fit(
-        SafeVLM(stage=2, init_from=str(out / "stage1" / "detector"), lora_rank=a.lora_rank, lr=a.lr2), dm2)
+    Engine(output_dir=out / second, max_epochs=a.epochs2, enable_progress_bar=True, callbacks=stage2_cb, **ckpt).fit(
+        SafeVLM(stage=2, init_from=str(out / first / "detector"), lora_rank=a.lora_rank, lr=a.lr2), dm2)
     timings["stage2_s"] = time.time() - t
 
     # ---- evaluation
@@ -238,13 +241,13 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     judge = PhraseJudge()
     conditions = {
         "unmodified target": lambda texts: (plain_generate(base, texts, a.max_new_tokens, a.batch_size), None),
-        "SafeVLM stage I": lambda texts: guarded(SafeVLMGuard(base, load_detector(out / "stage1" / "detector")), texts,
-                                                 a.max_new_tokens, a.batch_size),
-        "SafeVLM stage II": lambda texts: guarded(SafeVLMGuard(tuned, load_detector(out / "stage2" / "detector")), texts,
-                                                  a.max_new_tokens, a.batch_size),
+        **({"SafeVLM stage I": lambda texts: guarded(SafeVLMGuard(base, load_detector(out / "stage1" / "detector")),
+                                                     texts, a.max_new_tokens, a.batch_size)} if a.plain else {}),
         **({"SafeVLM stage I + joined heads": lambda texts: guarded(
             SafeVLMGuard(base, load_detector(out / "stage1-joined" / "detector")), texts, a.max_new_tokens, a.batch_size)}
            if a.joined else {}),
+        "SafeVLM stage II" + ("" if a.plain else " + joined heads"): lambda texts: guarded(
+            SafeVLMGuard(tuned, load_detector(out / second / "detector")), texts, a.max_new_tokens, a.batch_size),
         "safety-head guard (logistic, top-8)": lambda texts: guarded(SafetyGuard(base, heads), texts,
                                                                      a.max_new_tokens, a.batch_size),
     }
@@ -274,7 +277,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     summary = {"target": a.target, "args": args, "timings_s": timings, "results": results, "held_out": held_out,
                "validation_by_epoch": history, "sources": spec,
                "groups": {g: len(rs) for g, rs in groups.items()},
-               "stage1_report": json.loads((out / "stage1" / "report.json").read_text())["safevlm"]["overall"],
+               "stage1_report": json.loads((out / first / "report.json").read_text())["safevlm"]["overall"],
                "heads_report": json.loads((out / "heads" / "report.json").read_text())["heads"]["overall"]}
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     gnames = list(groups)

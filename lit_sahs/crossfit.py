@@ -21,7 +21,6 @@ source, the benign FPR it promises against the one observed.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -33,6 +32,7 @@ from lit_sahs.choices import Pairing
 from lit_sahs.data.holdout import Holdout
 from lit_sahs.errors import LitSahsError
 from lit_sahs.family import ModelFamily
+from lit_sahs.detectors.metrics import weighted_threshold
 from lit_sahs.folds import PER_FOLD, Folds, fit_fold, source_holdouts
 
 METHOD = "crossfit_sources"
@@ -52,30 +52,6 @@ class CrossFitThreshold:
         """What an artifact records about its threshold (JSON-safe)."""
         return {"method": METHOD, "target_fpr": self.target_fpr, "threshold": self.threshold,
                 "folds": list(self.folds), "per_source": {s: dict(v) for s, v in self.per_source.items()}}
-
-
-def weighted_threshold(scores: dict[str, np.ndarray], target_fpr: float) -> float:
-    """The threshold (flag = score >= t) that flags at most `target_fpr` of the benign scores when
-    every source weighs the same, halfway between the highest score left unflagged and the next
-    higher one (as ``detectors.metrics.calibrate_threshold`` does for one pool)."""
-    if not 0.0 <= target_fpr < 1.0:
-        raise LitSahsError(f"target_fpr must lie in [0, 1), got {target_fpr}")
-    scores = {s: np.asarray(v, dtype=np.float64) for s, v in scores.items() if len(v)}
-    if not scores:
-        raise LitSahsError("cannot cross-fit a threshold: no benign rows were scored out of their source")
-    values = np.concatenate(list(scores.values()))
-    if not np.isfinite(values).all():
-        raise LitSahsError("cannot cross-fit a threshold: a fold detector scored NaN or infinity")
-    weights = np.concatenate([np.full(len(v), 1.0 / (len(scores) * len(v))) for v in scores.values()])
-    distinct = np.unique(values)[::-1]  # highest first
-    flagged_weight = np.array([weights[values == v].sum() for v in distinct]).cumsum()
-    allowed = int(np.searchsorted(flagged_weight, target_fpr + 1e-12, side="right"))  # groups that may be flagged
-    if allowed >= len(distinct):
-        return float(np.nextafter(distinct[-1], -np.inf))  # the budget flags every benign score
-    v = float(distinct[allowed])  # the highest score that must stay unflagged
-    upper = float(distinct[allowed - 1]) if allowed else 1.0
-    t = (v + upper) / 2.0
-    return t if t > v else math.nextafter(v, math.inf)
 
 
 def crossfit_threshold(folds: Folds, family: str, hparams: Optional[dict], k: int,

@@ -525,6 +525,29 @@ def test_selection_margin_judges_each_benign_source_at_a_threshold_calibrated_wi
         selection_margin(scores, labels, torch.zeros(3), 0.25)
 
 
+def test_the_level_threshold_weighs_every_validation_source_the_same():
+    from lit_sahs.safevlm.selection import per_source_threshold
+
+    # a large benign source that scores low and a small one that scores high: pooled, the small source's
+    # rows are 2% of the benign ones and a 5% budget would flag all of them; weighed per source, the
+    # threshold flags at most 5% of the rows' weight, so the small source is mostly answered
+    big, small = torch.linspace(0.0, 0.4, 490, dtype=torch.float64), torch.linspace(0.6, 0.9, 10, dtype=torch.float64)
+    scores = torch.cat([big, small, torch.tensor([0.95, 0.99], dtype=torch.float64)])
+    labels = torch.tensor([0] * 500 + [1] * 2)
+    sources = torch.tensor([3] * 490 + [7] * 10 + [1] * 2)
+    t = per_source_threshold(scores, labels, sources, 0.05)
+    assert float((small >= t).double().mean()) == pytest.approx(0.1) and not bool((big >= t).any())
+    assert pooled_flags_all_of(small, torch.cat([big, small]))
+    with pytest.raises(LitSahsError, match="no benign rows"):
+        per_source_threshold(scores[-2:], labels[-2:], sources[-2:], 0.05)
+
+
+def pooled_flags_all_of(part, benign):
+    from lit_sahs.detectors.metrics import calibrate_threshold
+
+    return bool((part >= calibrate_threshold(benign, 0.05)).all())
+
+
 def test_answer_refusal_reads_the_position_that_predicts_the_first_answer_token():
     from lit_sahs.safevlm.forward import IGNORE_INDEX
     from lit_sahs.safevlm.selection import answer_margin, answer_refusal

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
@@ -123,6 +124,30 @@ def calibrate_threshold(benign_scores: Tensor, target_fpr: float) -> float:
     if t <= float(v):  # v == 1.0 or no representable midpoint
         t = math.nextafter(float(v), math.inf)
     return t
+
+
+def weighted_threshold(scores: dict, target_fpr: float) -> float:
+    """The threshold (flag = score >= t) that flags at most `target_fpr` of the benign scores when
+    every source weighs the same, halfway between the highest score left unflagged and the next
+    higher one (as ``detectors.metrics.calibrate_threshold`` does for one pool)."""
+    if not 0.0 <= target_fpr < 1.0:
+        raise LitSahsError(f"target_fpr must lie in [0, 1), got {target_fpr}")
+    scores = {s: np.asarray(torch.as_tensor(v).detach().cpu().double()) for s, v in scores.items() if len(v)}
+    if not scores:
+        raise LitSahsError("cannot calibrate a threshold: no benign rows were scored")
+    values = np.concatenate(list(scores.values()))
+    if not np.isfinite(values).all():
+        raise LitSahsError("cannot calibrate a threshold: a benign score is NaN or infinity")
+    weights = np.concatenate([np.full(len(v), 1.0 / (len(scores) * len(v))) for v in scores.values()])
+    distinct = np.unique(values)[::-1]  # highest first
+    flagged_weight = np.array([weights[values == v].sum() for v in distinct]).cumsum()
+    allowed = int(np.searchsorted(flagged_weight, target_fpr + 1e-12, side="right"))  # groups that may be flagged
+    if allowed >= len(distinct):
+        return float(np.nextafter(distinct[-1], -np.inf))  # the budget flags every benign score
+    v = float(distinct[allowed])  # the highest score that must stay unflagged
+    upper = float(distinct[allowed - 1]) if allowed else 1.0
+    t = (v + upper) / 2.0
+    return t if t > v else math.nextafter(v, math.inf)
 
 
 def compute_report(

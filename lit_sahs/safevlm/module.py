@@ -15,8 +15,9 @@
 Loss: the language model's cross-entropy on the answer tokens + ``loss_weight`` x (risk-level CE
 + risk-type CE). The detector score is the head's risk probability, 1 - P(level = safe); like
 every detector here, its ``threshold`` is recalibrated on the validation benign prompts each
-validation epoch of a fit (``target_fpr`` of them flagged), so the same AUROC / TPR@1%FPR /
-benign-FPR tables compare SafeVLM with the safety-head detectors.
+validation epoch of a fit (``target_fpr`` of them flagged, every validation source weighing the same:
+with ``val_sources`` these are sources never trained on), so the same AUROC / TPR@1%FPR / benign-FPR
+tables compare SafeVLM with the safety-head detectors.
 
 The target is *not* a submodule: checkpoints and artifacts hold only what SafeVLM adds (safety
 modules and, after stage II, the LoRA tensors). ``attach(target)`` ties a loaded SafeVLM to a
@@ -36,8 +37,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import CatMetric
 
 import lit_sahs
-from lit_sahs.detectors.metrics import (ScoreCollector, calibrate_threshold, detection_metrics,
-                                        set_threshold)
+from lit_sahs.detectors.metrics import ScoreCollector, detection_metrics, set_threshold
 from lit_sahs.artifact_format import init_args
 from lit_sahs.errors import LitSahsError
 from lit_sahs.family import ModelFamily, register_family
@@ -48,7 +48,8 @@ from lit_sahs.safevlm.joined import load_head_detector
 from lit_sahs.safevlm.lora import inject_lora, load_lora, lora_module_names, lora_parameters, target_dims
 from lit_sahs.safevlm.modules import JoinedHeads, SafetyModules
 from lit_sahs.refusal import refusal_token_ids
-from lit_sahs.safevlm.selection import answer_margin, answer_refusal, finite, selection_margin
+from lit_sahs.safevlm.selection import (answer_margin, answer_refusal, finite, per_source_threshold,
+                                       selection_margin)
 from lit_sahs.safevlm.taxonomy import RISK_LEVELS, RISK_TYPES
 from lit_sahs.targets import sites
 
@@ -390,12 +391,10 @@ class SafeVLM(ModelFamily, L.LightningModule):
         mass, harmful minus benign) that stage II's monitor."""
         if self._val_scores.update_called:
             preds, target = self._val_scores.compute()
-            if not self.trainer.sanity_checking and self.trainer.state.fn == "fit":
-                benign = preds[target == 0]
-                if benign.numel():
-                    self.threshold.fill_(calibrate_threshold(benign, self.hparams.target_fpr))
-            sources = self._val_sources.compute()
-            picked = selection_margin(preds, target, sources.to(preds.device), float(self.hparams.target_fpr))
+            sources = self._val_sources.compute().to(preds.device)
+            if not self.trainer.sanity_checking and self.trainer.state.fn == "fit" and bool((target == 0).any()):
+                self.threshold.fill_(per_source_threshold(preds, target, sources, self.hparams.target_fpr))
+            picked = selection_margin(preds, target, sources, float(self.hparams.target_fpr))
             picked.update(answer_margin(self._val_refusal.compute(), target))
             self.log_dict({f"val/{k}": float(v) for k, v in finite(picked).items()})
         for metric in (self._val_scores, self._val_sources, self._val_refusal):

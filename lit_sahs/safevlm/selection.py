@@ -7,7 +7,8 @@ rate, on the validation split (``SafetyDataModule(val_sources=...)``: sources ne
 The threshold cannot be calibrated on the benign rows it is judged on (their flagged rate would be
 ``target_fpr`` by construction), so it is cross-fitted over the validation's benign sources: each
 benign source is judged at the threshold that flags ``target_fpr`` of the *other* benign sources'
-rows, as an unseen collection would be; the harmful rate is taken at each of those thresholds, and
+rows (each weighing the same, as ``per_source_threshold``, the shipped threshold, weighs them), as an
+unseen collection would be; the harmful rate is taken at each of those thresholds, and
 both rates are averaged over the benign sources (each weighs the same). With one benign source
 there is nothing to leave out: the threshold is calibrated on it, and the margin is the harmful
 rate at the target FPR minus that FPR.
@@ -24,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from lit_sahs.detectors.metrics import calibrate_threshold
+from lit_sahs.detectors.metrics import weighted_threshold
 from lit_sahs.errors import LitSahsError
 from lit_sahs.refusal import refusal_probability
 from lit_sahs.safevlm.forward import IGNORE_INDEX
@@ -44,18 +45,33 @@ def selection_margin(scores: Tensor, labels: Tensor, sources: Tensor, target_fpr
     harmful, benign = scores[labels == 1], labels == 0
     if not harmful.numel() or not bool(benign.any()):
         return {"margin": NAN, "harmful_flagged": NAN, "benign_flagged": NAN}
-    groups = sorted(set(sources[benign].tolist()))
-    if len(groups) == 1:
-        folds = [(scores[benign], scores[benign])]
+    by_source = _benign_by_source(scores, labels, sources)
+    if len(by_source) == 1:
+        folds = [(by_source, next(iter(by_source.values())))]
     else:
-        folds = [(scores[benign & (sources != g)], scores[benign & (sources == g)]) for g in groups]
+        folds = [({o: v for o, v in by_source.items() if o != g}, by_source[g]) for g in by_source]
     h_rates, b_rates = [], []
     for calibrate_on, judged in folds:
-        t = calibrate_threshold(calibrate_on, target_fpr)
+        t = weighted_threshold(calibrate_on, target_fpr)
         b_rates.append(float((judged >= t).double().mean()))
         h_rates.append(float((harmful >= t).double().mean()))
     h, b = sum(h_rates) / len(h_rates), sum(b_rates) / len(b_rates)
     return {"margin": h - b, "harmful_flagged": h, "benign_flagged": b}
+
+
+def _benign_by_source(scores: Tensor, labels: Tensor, sources: Tensor) -> dict[int, Tensor]:
+    benign = labels == 0
+    return {int(g): scores[benign & (sources == g)] for g in sorted(set(sources[benign].tolist()))}
+
+
+def per_source_threshold(scores: Tensor, labels: Tensor, sources: Tensor, target_fpr: float) -> float:
+    """SafeVLM's level threshold: it flags `target_fpr` of the benign validation rows with every source
+    weighing the same (``detectors.metrics.weighted_threshold``, the detectors' cross-fitted rule), so a
+    large benign source does not set it alone. With ``val_sources`` these are sources never trained on:
+    the held-out calibration the detectors get by cross-fitting, without fitting SafeVLM once per fold."""
+    scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    return weighted_threshold(_benign_by_source(scores, torch.as_tensor(labels).flatten().long(),
+                                                torch.as_tensor(sources).flatten().long()), target_fpr)
 
 
 def finite(values: dict[str, float]) -> dict[str, float]:
