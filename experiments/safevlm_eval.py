@@ -198,6 +198,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     base = load_target(a.target)
     dm = SafetyDataModule(target=base, num_safety_tokens=a.tokens, batch_size=a.batch_size, **spec, **split)
     dm.setup()
+    balance = dm.balance()  # rows per split by label, risk level and type, source, attack family
     timings["answers_s"] = time.time() - t
     n_layers = base.geometry.num_layers
     t = time.time()
@@ -220,7 +221,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     held_out = {name: json.loads((out / d / "report.json").read_text())[key]["overall"]
                 for name, (d, key) in reports.items()}
     (out / "auroc.json").write_text(json.dumps({"target": a.target, "args": args, "timings_s": timings, "validation_by_epoch": history,
-                                                "held_out": held_out}, indent=1) + "\n")
+                                                "held_out": held_out, "balance": balance}, indent=1) + "\n")
     for name, rep in held_out.items():
         print(f"held-out {name}: n={rep.get('n')} AUROC={rep.get('auroc'):.3f} "
               f"TPR@1%FPR={rep.get('tpr_at_1fpr', float('nan')):.3f}", flush=True)
@@ -275,7 +276,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         print(name, json.dumps(res), flush=True)
 
     summary = {"target": a.target, "args": args, "timings_s": timings, "results": results, "held_out": held_out,
-               "validation_by_epoch": history, "sources": spec,
+               "validation_by_epoch": history, "sources": spec, "balance": balance,
                "groups": {g: len(rs) for g, rs in groups.items()},
                "stage1_report": json.loads((out / first / "report.json").read_text())["safevlm"]["overall"],
                "heads_report": json.loads((out / "heads" / "report.json").read_text())["heads"]["overall"]}
@@ -290,6 +291,8 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         cells = [f"{res[g]['refusal_rate']:.2f} (n={res[g]['n']})" for g in gnames]
         same_cell = f"{np.mean(same):.2f}" if same else "(reference)"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {same_cell} | {res['openbookqa_accuracy']:.3f} |")
+    lines += ["", "Training rows: " + "; ".join(f"{key} {json.dumps(balance['train'][key])}"
+                                                for key in ("label", "level", "type"))]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

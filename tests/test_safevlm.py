@@ -68,6 +68,22 @@ def stages(tmp_path_factory):
             "changed_two": changed_two, "lora_names": set(lora_before)}
 
 
+def test_balance_counts_every_row_of_each_split_by_label_level_and_type(stages):
+    dm = stages["dm2"]
+    bal = dm.balance()
+    assert set(bal) == set(dm.splits)
+    for split, counts in bal.items():
+        rows = dm.split_rows(split)
+        harmful = sum(r["label"] for r in rows)
+        assert counts["label"] == {k: v for k, v in (("benign", len(rows) - harmful), ("harmful", harmful)) if v}
+        for key in ("level", "type", "source", "attack_family"):
+            assert sum(counts[key].values()) == len(rows)
+        # benign rows are safe / safe; every harmful row has a level and type other than safe
+        assert counts["level"].get("safe", 0) == counts["label"].get("benign", 0) == counts["type"].get("safe", 0)
+    assert bal["train"]["source"] == {"advbench": sum(r["source"] == "advbench" for r in dm.split_rows("train")),
+                                      "truthfulqa": sum(r["source"] == "truthfulqa" for r in dm.split_rows("train"))}
+
+
 def test_stage_one_trains_only_the_safety_modules(stages):
     target_changed, safety_changed = stages["changed_one"]
     assert target_changed == set()

@@ -9,6 +9,7 @@ batches: the target's chat template, the safety-token slots, the answer after th
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Optional, Union
 
 import lightning as L
@@ -23,7 +24,7 @@ from lit_sahs.choices import DEFAULT_REFUSAL
 from lit_sahs.guarding import eos_token_id
 from lit_sahs.safevlm.answers import AnswerCache
 from lit_sahs.safevlm.forward import with_slots
-from lit_sahs.safevlm.taxonomy import labels_of
+from lit_sahs.safevlm.taxonomy import RISK_LEVELS, RISK_TYPES, labels_of
 from lit_sahs.targets import prompting
 
 
@@ -116,6 +117,20 @@ class SafetyDataModule(L.LightningDataModule):
 
     def split_rows(self, split: str) -> list[dict]:
         return [self.rows[i] for i in self.splits[split]]
+
+    def balance(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Rows per split by label, risk level, risk type, source and attack family: what the head and
+        the LM loss are taught from, for a fit's report ({"train": {"level": {"high": 40, ...}, ...}})."""
+        if not self.rows:
+            self.setup()
+        names = {"label": ("benign", "harmful"), "level": RISK_LEVELS, "type": RISK_TYPES}
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        for split in self.splits:
+            rows = self.split_rows(split)
+            out[split] = {key: dict(sorted(Counter(str(names[key][r[key]]) if key in names else str(r[key])
+                                                   for r in rows).items()))
+                          for key in ("label", "level", "type", "source", "attack_family")}
+        return out
 
     # ------------------------------------------------------------------ batches
 
