@@ -728,7 +728,9 @@ def test_joined_artifact_reloads_with_equal_scores_and_tokens(joined, stage):
     other = load_target("tiny-llama")
     want = trained.score_encoded(target, prompting.encode(target, PROMPTS))
     assert det.score_encoded(other, prompting.encode(other, PROMPTS)) == pytest.approx(want, abs=1e-6)
-    thr = float(sorted(want)[1])  # the two higher-scoring prompts flagged, the other decodes
+    low, mid = sorted(want)[:2]
+    assert mid - low > 1e-5  # distinct scores, so a 1e-6 difference after reloading cannot move a prompt across
+    thr = (low + mid) / 2  # the two higher-scoring prompts flagged, the other decodes
     a = SafeVLMGuard(target, trained, threshold=thr).generate(PROMPTS, max_new_tokens=5)
     b = SafeVLMGuard(other, det, threshold=thr).generate(PROMPTS, max_new_tokens=5)
     assert torch.equal(a.sequences, b.sequences) and a.actions == b.actions and a.actions.count("pass") == 1
