@@ -202,12 +202,16 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     timings["answers_s"] = time.time() - t
     n_layers = base.geometry.num_layers
     t = time.time()
+    from lightning import seed_everything
+
     if a.plain:
+        seed_everything(0, verbose=False)  # the safety modules' initialisation: every run starts from the same one
         Engine(output_dir=out / "stage1", max_epochs=a.epochs1, enable_progress_bar=True, callbacks=stage1_cb,
                **ckpt).fit(SafeVLM(stage=1, num_safety_tokens=a.tokens, feature_layer=n_layers // 2, lr=a.lr1), dm)
         timings["stage1_s"] = time.time() - t
     if a.joined:
         t = time.time()
+        seed_everything(0, verbose=False)
         Engine(output_dir=out / "stage1-joined", max_epochs=a.epochs1, enable_progress_bar=True,
                callbacks=selecting("val/margin", history["stage1-joined"]) if val else [], **ckpt).fit(
             SafeVLM(stage=1, num_safety_tokens=a.tokens, feature_layer=n_layers // 2, lr=a.lr1,
@@ -230,6 +234,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     t = time.time()
     tuned = load_target(a.target)
     dm2 = SafetyDataModule(target=tuned, num_safety_tokens=a.tokens, batch_size=a.batch_size, **spec, **split)
+    seed_everything(0, verbose=False)
     Engine(output_dir=out / second, max_epochs=a.epochs2, enable_progress_bar=True, callbacks=stage2_cb, **ckpt).fit(
         SafeVLM(stage=2, init_from=str(out / first / "detector"), lora_rank=a.lora_rank, lr=a.lr2), dm2)
     timings["stage2_s"] = time.time() - t
