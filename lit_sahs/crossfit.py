@@ -30,9 +30,9 @@ import numpy as np
 from lit_sahs.checks import probability
 from lit_sahs.choices import Pairing
 from lit_sahs.data.holdout import Holdout
+from lit_sahs.detectors.metrics import weighted_threshold
 from lit_sahs.errors import LitSahsError
 from lit_sahs.family import ModelFamily
-from lit_sahs.detectors.metrics import weighted_threshold
 from lit_sahs.folds import PER_FOLD, Folds, fit_fold, source_holdouts
 
 METHOD = "crossfit_sources"

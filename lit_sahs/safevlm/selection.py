@@ -42,10 +42,9 @@ def selection_margin(scores: Tensor, labels: Tensor, sources: Tensor, target_fpr
     if not scores.shape == labels.shape == sources.shape:
         raise LitSahsError(f"selection_margin needs one label and one source per score, got {scores.numel()} scores, "
                            f"{labels.numel()} labels and {sources.numel()} sources")
-    harmful, benign = scores[labels == 1], labels == 0
-    if not harmful.numel() or not bool(benign.any()):
+    harmful, by_source = scores[labels == 1], _benign_by_source(scores, labels, sources)
+    if not harmful.numel() or not by_source:
         return {"margin": NAN, "harmful_flagged": NAN, "benign_flagged": NAN}
-    by_source = _benign_by_source(scores, labels, sources)
     if len(by_source) == 1:
         folds = [(by_source, next(iter(by_source.values())))]
     else:
