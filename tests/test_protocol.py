@@ -65,6 +65,19 @@ def test_limit_split_over_classes_and_attacks():
     assert len(build_dataset(harmful=("harmbench",), benign=("truthfulqa",), limit=61)) == 60
 
 
+def test_spread_attacks_gives_each_base_one_attack_balanced_per_source_and_class():
+    kw = dict(harmful=("advbench", "harmbench"), benign=("truthfulqa", "sharegpt"),
+              attacks=("plain", "pyrit", "dan"), limit=120, seed=1)
+    data = build_dataset(spread=True, **kw)
+    assert len(data) == 120
+    assert len({s.base_id for s in data}) == 120  # every row a distinct prompt (3x the bases of the default)
+    assert len({s.base_id for s in build_dataset(**kw)}) == 40
+    per_group = Counter((s.source, s.attack) for s in data)
+    for source in ("advbench", "harmbench", "truthfulqa", "sharegpt"):  # 30 bases each, 10 per attack
+        assert [per_group[(source, a)] for a in ("plain", "pyrit", "dan")] == [10, 10, 10]
+    assert [s.id for s in build_dataset(spread=True, **kw)] == [s.id for s in data]
+
+
 def test_stable_ids_and_order_for_a_seed():
     kw = dict(harmful=("advbench",), benign=("medicationqa",), attacks=("plain", "inthewild"), limit=40)
     a, b = build_dataset(seed=5, **kw), build_dataset(seed=5, **kw)

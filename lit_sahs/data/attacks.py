@@ -12,6 +12,7 @@ the chosen variant is recorded in `meta["variant"]`.
 from __future__ import annotations
 
 import json
+import random
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -183,10 +184,32 @@ def apply_attacks(samples: Iterable[Sample], attack_names: Sequence[str], seed: 
 
     All names are checked before any work, so a typo fails fast instead of after a long run.
     """
+    attacks = _named(attack_names)
+    samples = list(samples)
+    return [attack.apply(s, seed, max_chars) for attack in attacks for s in samples]
+
+
+def _named(attack_names: Sequence[str]) -> list[Attack]:
     if isinstance(attack_names, str):
         attack_names = (attack_names,)
     attacks = [get_attack(n) for n in dict.fromkeys(attack_names)]
     if not attacks:
         raise LitSahsError(f"no attacks given; name at least one, e.g. plain (known: {_known_summary()})")
-    samples = list(samples)
-    return [attack.apply(s, seed, max_chars) for attack in attacks for s in samples]
+    return attacks
+
+
+def spread_attacks(samples: Iterable[Sample], attack_names: Sequence[str], seed: int = 0,
+                   max_chars: int | None = None) -> list[Sample]:
+    """One attack per sample instead of every attack: taken in turn within each (source, label)
+    group from a seeded offset, so each attack's slice of every source and class differs in size by
+    at most one. The same extraction cost then reads len(attacks) times as many distinct prompts."""
+    attacks = _named(attack_names)
+    seen: dict[tuple, int] = {}
+    out = []
+    for s in samples:
+        group = (s.source, s.label)
+        if group not in seen:
+            seen[group] = random.Random(f"{seed}|{s.source}|{s.label}|spread").randrange(len(attacks))
+        out.append(attacks[seen[group] % len(attacks)].apply(s, seed, max_chars))
+        seen[group] += 1
+    return out

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from lit_sahs.checks import at_least
-from lit_sahs.data.attacks import apply_attacks, get_attack
+from lit_sahs.data.attacks import apply_attacks, get_attack, spread_attacks
 from lit_sahs.data.samples import BENIGN, MALICIOUS, Sample, dedupe
 from lit_sahs.data.sources import load_source, source_label
 from lit_sahs.data.user_files import FILE_PREFIX, load_user_file
@@ -40,7 +40,8 @@ def names(value: Union[str, Sequence[str], None]) -> tuple[str, ...]:
 @dataclass
 class SampleSpec:
     """Which prompts to use: packaged sources (comma-separated names or file:path) or one user
-    file (`data`, JSONL/CSV with text,label,...), the attacks applied to every base prompt, how many."""
+    file (`data`, JSONL/CSV with text,label,...), the attacks applied to every base prompt (or, with
+    `spread_attacks`, one of them to each base prompt in turn), how many."""
 
     harmful: str = ",".join(DEFAULT_HARMFUL)
     benign: str = ",".join(DEFAULT_BENIGN)
@@ -49,16 +50,17 @@ class SampleSpec:
     limit: Optional[int] = 400
     max_chars: Optional[int] = None
     seed: int = 0
+    spread_attacks: bool = False
 
     def build(self) -> list[Sample]:
         """The labelled, attacked samples (the same spec gives the same list)."""
         at_least({"limit": self.limit, "max_chars": self.max_chars}, 1)  # a negative limit would slice from the end
         if self.data:
-            samples = apply_attacks(load_user_file(self.data), names(self.attacks), seed=self.seed,
-                                    max_chars=self.max_chars)
+            attack = spread_attacks if self.spread_attacks else apply_attacks
+            samples = attack(load_user_file(self.data), names(self.attacks), seed=self.seed, max_chars=self.max_chars)
             return samples[: self.limit] if self.limit is not None else samples
         return build_dataset(harmful=names(self.harmful), benign=names(self.benign), attacks=names(self.attacks),
-                             limit=self.limit, seed=self.seed, max_chars=self.max_chars)
+                             limit=self.limit, seed=self.seed, max_chars=self.max_chars, spread=self.spread_attacks)
 
 
 def even_split(sizes: Sequence[int], total: int) -> list[int]:
@@ -124,12 +126,15 @@ def build_dataset(
     seed: int = 0,
     balance: bool = True,
     max_chars: Optional[int] = None,
+    spread: bool = False,
 ) -> list[Sample]:
     """Labelled, attacked samples ready for extraction; the same arguments give the same list, in order.
 
     Sources are packaged names or `file:<path>` (a user file may hold both labels). `limit` caps the
     number of output samples, split evenly over classes and attacks. `max_chars` makes the
     attacks that pick a template per sample pick one whose attacked prompt fits (for CPU budgets).
+    `spread` gives each base prompt one attack in turn (``spread_attacks``) instead of every attack:
+    more distinct prompts for the same number of rows.
     """
     harmful, benign = _as_tuple(harmful), _as_tuple(benign)
     attacks = tuple(dict.fromkeys(_as_tuple(attacks)))
@@ -154,10 +159,10 @@ def build_dataset(
                                f"before it (the same text is one sample); list {name!r} first or drop one of them")
     harm = [s for s in pool if s.label == MALICIOUS]
     ben = [s for s in pool if s.label == BENIGN]
-    n_h, n_b = _class_quotas(len(harm), len(ben), len(attacks), limit, balance)
+    n_h, n_b = _class_quotas(len(harm), len(ben), 1 if spread else len(attacks), limit, balance)
     bases = _pick(harm, n_h, seed) + _pick(ben, n_b, seed)
     random.Random(f"{seed}|order").shuffle(bases)
-    out = apply_attacks(bases, attacks, seed=seed, max_chars=max_chars)
+    out = (spread_attacks if spread else apply_attacks)(bases, attacks, seed=seed, max_chars=max_chars)
     if not out:
         raise LitSahsError(_empty_reason(len(harm), len(ben), len(attacks), limit, balance))
     return out
