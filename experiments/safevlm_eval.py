@@ -109,7 +109,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         epochs1: int = 6, epochs2: int = 1, lora_rank: int = 16, lr1: float = 3e-3, lr2: float = 2e-4,
         eval_n: int = 24, mc_n: int = 60, max_new_tokens: int = 24, batch_size: int = 8, threads: int = 0,
         joined: bool = True, generate: bool = True, harmful: str = HARMFUL, benign: str = BENIGN,
-        val_sources: str = "", plain: bool = True) -> int:
+        val_sources: str = "", plain: bool = True, benign_ratio: float = 1.0) -> int:
     """SafeVLM stage I and II against the unmodified target and the safety-head guard, on one split.
 
     Args:
@@ -137,6 +137,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
             each), as configs/safevlm_stage*.yaml do; without them, a random validation split, last epoch kept
         plain: fit stage I without joined heads (false, with --joined true: the joined heads only, and stage II
             starts from the joined stage I)
+        benign_ratio: benign base prompts per harmful one in the draw (1: balanced, as every run so far)
     """
     args = dict(locals())
     a = SimpleNamespace(**args)
@@ -171,6 +172,8 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         side += [] if extra in side else [extra]
     spec = dict(harmful=",".join(names["harmful"]), benign=",".join(names["benign"]), attacks=ATTACKS, limit=a.limit,
                 max_chars=a.max_chars, seed=0)
+    if a.benign_ratio != 1.0:  # only then: the balanced draw keeps its store name (one store per draw)
+        spec["benign_ratio"] = a.benign_ratio
     split = dict(held_out=Holdout(families=HELD_FAMILIES, sources=HELD_SOURCES), val_sources=val)
     first = "stage1" if a.plain else "stage1-joined"  # stage II starts from it
     second = "stage2" if a.plain else "stage2-joined"

@@ -78,6 +78,17 @@ def test_spread_attacks_gives_each_base_one_attack_balanced_per_source_and_class
     assert [s.id for s in build_dataset(spread=True, **kw)] == [s.id for s in data]
 
 
+def test_benign_ratio_sets_benign_bases_per_harmful_one_within_the_limit():
+    kw = dict(harmful=("harmbench",), benign=("truthfulqa", "sharegpt"), attacks=("plain", "pyrit"))
+    data = build_dataset(benign_ratio=3.0, limit=160, **kw)
+    assert Counter((s.label, s.attack) for s in data) == {(1, "plain"): 20, (0, "plain"): 60,
+                                                           (1, "pyrit"): 20, (0, "pyrit"): 60}
+    capped = build_dataset(benign_ratio=0.5, **kw)  # no limit: every harmbench prompt, half as many benign
+    assert Counter(s.label for s in capped) == {1: 2 * 200, 0: 2 * 100}
+    with pytest.raises(LitSahsError, match="benign_ratio must be > 0"):
+        build_dataset(benign_ratio=0, **kw)
+
+
 def test_stable_ids_and_order_for_a_seed():
     kw = dict(harmful=("advbench",), benign=("medicationqa",), attacks=("plain", "inthewild"), limit=40)
     a, b = build_dataset(seed=5, **kw), build_dataset(seed=5, **kw)

@@ -84,6 +84,16 @@ def test_balance_counts_every_row_of_each_split_by_label_level_and_type(stages):
                                       "truthfulqa": sum(r["source"] == "truthfulqa" for r in dm.split_rows("train"))}
 
 
+def test_benign_ratio_gives_the_safety_data_more_benign_rows(tmp_path):
+    from lit_sahs.targets import load_target
+
+    dm = _dm(load_target("tiny-llama"), tmp_path, benign_ratio=3.0)
+    dm.setup()
+    harmful = sum(r["label"] for r in dm.rows)
+    assert (harmful, len(dm.rows) - harmful) == (10, 30)  # 40 rows, three benign per harmful one
+    assert all(r["answer"] for s in ("train", "val") for r in dm.split_rows(s))  # a refusal or its own answer
+
+
 def test_stage_one_trains_only_the_safety_modules(stages):
     target_changed, safety_changed = stages["changed_one"]
     assert target_changed == set()

@@ -34,7 +34,7 @@ class TrainerSettings:
 def extract_command(target: str = "smollm2-135m-instruct", dtype: Dtype = "float32",
             harmful: str = ",".join(DEFAULT_HARMFUL), benign: str = ",".join(DEFAULT_BENIGN),
             data: Optional[str] = None, attacks: str = ",".join(DEFAULT_ATTACKS), spread_attacks: bool = False,
-            limit: Optional[int] = 400, max_chars: Optional[int] = None, seed: int = 0, batch_size: int = 8, block_rows: int = 256,
+            limit: Optional[int] = 400, benign_ratio: float = 1.0, max_chars: Optional[int] = None, seed: int = 0, batch_size: int = 8, block_rows: int = 256,
             num_workers: Optional[int] = None, store: Optional[str] = None,
             device_map: Optional[str] = None, offload_folder: Optional[str] = None,
             truncate: Truncate = None, residual_layers: Optional[str] = None, pool: str = "",
@@ -52,6 +52,7 @@ def extract_command(target: str = "smollm2-135m-instruct", dtype: Dtype = "float
         spread_attacks: give each base prompt one of the attacks, in turn within each source, instead
             of every attack: as many rows, len(attacks) times as many distinct prompts
         limit: total samples after attacks
+        benign_ratio: benign base prompts per harmful one (packaged sources)
         max_chars: pick jailbreak templates whose attacked prompt fits in this many characters
         seed: sampling seed
         batch_size: prompts per forward
@@ -102,7 +103,8 @@ def extract_command(target: str = "smollm2-135m-instruct", dtype: Dtype = "float
         tokens, ranked_for = ranking.top_k(token_top_k), ranking.fingerprint
     check_outputs(dirs={"--store": store})
     samples = SampleSpec(harmful=harmful, benign=benign, attacks=attacks, data=data, limit=limit,
-                         max_chars=max_chars, seed=seed, spread_attacks=spread_attacks).build()
+                         max_chars=max_chars, seed=seed, spread_attacks=spread_attacks,
+                         benign_ratio=benign_ratio).build()
     result = run_extraction(target, samples, store, batch_size=batch_size, block_rows=block_rows, dtype=dtype,
                             trainer_kwargs=dataclasses.asdict(trainer), num_workers=num_workers,
                             device_map=parse_device_map(device_map), offload_folder=offload_folder,

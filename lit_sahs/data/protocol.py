@@ -41,7 +41,8 @@ def names(value: Union[str, Sequence[str], None]) -> tuple[str, ...]:
 class SampleSpec:
     """Which prompts to use: packaged sources (comma-separated names or file:path) or one user
     file (`data`, JSONL/CSV with text,label,...), the attacks applied to every base prompt (or, with
-    `spread_attacks`, one of them to each base prompt in turn), how many."""
+    `spread_attacks`, one of them to each base prompt in turn), how many, and `benign_ratio` benign
+    base prompts per harmful one (packaged sources)."""
 
     harmful: str = ",".join(DEFAULT_HARMFUL)
     benign: str = ",".join(DEFAULT_BENIGN)
@@ -51,6 +52,7 @@ class SampleSpec:
     max_chars: Optional[int] = None
     seed: int = 0
     spread_attacks: bool = False
+    benign_ratio: float = 1.0
 
     def build(self) -> list[Sample]:
         """The labelled, attacked samples (the same spec gives the same list)."""
@@ -60,7 +62,8 @@ class SampleSpec:
             samples = attack(load_user_file(self.data), names(self.attacks), seed=self.seed, max_chars=self.max_chars)
             return samples[: self.limit] if self.limit is not None else samples
         return build_dataset(harmful=names(self.harmful), benign=names(self.benign), attacks=names(self.attacks),
-                             limit=self.limit, seed=self.seed, max_chars=self.max_chars, spread=self.spread_attacks)
+                             limit=self.limit, seed=self.seed, max_chars=self.max_chars, spread=self.spread_attacks,
+                             benign_ratio=self.benign_ratio)
 
 
 def even_split(sizes: Sequence[int], total: int) -> list[int]:
@@ -105,13 +108,15 @@ def _pick(samples: Sequence[Sample], quota: int, seed: int) -> list[Sample]:
     return picked
 
 
-def _class_quotas(n_harmful: int, n_benign: int, n_attacks: int, limit: Optional[int], balance: bool) -> tuple[int, int]:
-    """Base prompts per class: equal when balanced, and at most limit / attacks in total."""
+def _class_quotas(n_harmful: int, n_benign: int, n_attacks: int, limit: Optional[int], balance: bool,
+                  benign_ratio: float = 1.0) -> tuple[int, int]:
+    """Base prompts per class: `benign_ratio` benign per harmful one when balanced (equal by default),
+    and at most limit / attacks in total."""
     if balance:
-        k = min(n_harmful, n_benign)
+        k = min(n_harmful, int(n_benign / benign_ratio + 1e-9))
         if limit is not None:
-            k = min(k, limit // (2 * n_attacks))
-        return k, k
+            k = min(k, int((limit // n_attacks) / (1 + benign_ratio) + 1e-9))
+        return k, int(k * benign_ratio + 1e-9)
     if limit is None:
         return n_harmful, n_benign
     h, b = even_split([n_harmful, n_benign], limit // n_attacks)
@@ -127,6 +132,7 @@ def build_dataset(
     balance: bool = True,
     max_chars: Optional[int] = None,
     spread: bool = False,
+    benign_ratio: float = 1.0,
 ) -> list[Sample]:
     """Labelled, attacked samples ready for extraction; the same arguments give the same list, in order.
 
@@ -134,7 +140,8 @@ def build_dataset(
     number of output samples, split evenly over classes and attacks. `max_chars` makes the
     attacks that pick a template per sample pick one whose attacked prompt fits (for CPU budgets).
     `spread` gives each base prompt one attack in turn (``spread_attacks``) instead of every attack:
-    more distinct prompts for the same number of rows.
+    more distinct prompts for the same number of rows. `benign_ratio`: benign base prompts per harmful
+    one when balancing (traffic is mostly benign; a model trained to refuse learns a narrower boundary).
     """
     harmful, benign = _as_tuple(harmful), _as_tuple(benign)
     attacks = tuple(dict.fromkeys(_as_tuple(attacks)))
@@ -142,6 +149,8 @@ def build_dataset(
         raise LitSahsError("no sources given; name at least one harmful and one benign source, e.g. harmful=advbench benign=truthfulqa")
     if limit is not None and limit < 1:
         raise LitSahsError(f"limit must be a positive number of samples, got {limit}")
+    if not benign_ratio > 0:
+        raise LitSahsError(f"benign_ratio must be > 0 benign prompts per harmful one, got {benign_ratio}")
     _check_side(harmful, MALICIOUS, "harmful")
     _check_side(benign, BENIGN, "benign")
     for name in attacks:
@@ -159,7 +168,7 @@ def build_dataset(
                                f"before it (the same text is one sample); list {name!r} first or drop one of them")
     harm = [s for s in pool if s.label == MALICIOUS]
     ben = [s for s in pool if s.label == BENIGN]
-    n_h, n_b = _class_quotas(len(harm), len(ben), 1 if spread else len(attacks), limit, balance)
+    n_h, n_b = _class_quotas(len(harm), len(ben), 1 if spread else len(attacks), limit, balance, benign_ratio)
     bases = _pick(harm, n_h, seed) + _pick(ben, n_b, seed)
     random.Random(f"{seed}|order").shuffle(bases)
     out = (spread_attacks if spread else apply_attacks)(bases, attacks, seed=seed, max_chars=max_chars)

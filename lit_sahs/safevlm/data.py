@@ -45,6 +45,7 @@ class SafetyDataModule(L.LightningDataModule):
         attacks: Union[str, list[str]] = ",".join(DEFAULT_ATTACKS),
         data: Optional[str] = None,
         limit: Optional[int] = 400,
+        benign_ratio: float = 1.0,  # benign base prompts per harmful one: more benign rows, a narrower refusal
         max_chars: Optional[int] = None,
         held_out: Holdout = Holdout(),  # attack families and/or sources kept out of training (the test split)
         val_sources: list[str] = [],  # noqa: B006 - validate (threshold, checkpoint choice) on these sources only
@@ -67,7 +68,7 @@ class SafetyDataModule(L.LightningDataModule):
         if num_safety_tokens < 1:
             raise LitSahsError(f"num_safety_tokens must be >= 1, got {num_safety_tokens}")
         self.spec = SampleSpec(harmful=_joined(harmful), benign=_joined(benign), attacks=_joined(attacks), data=data,
-                               limit=limit, max_chars=max_chars, seed=seed)
+                               limit=limit, max_chars=max_chars, seed=seed, benign_ratio=benign_ratio)
         if not isinstance(held_out, Holdout):
             raise LitSahsError(f"held_out must be a Holdout(families=..., sources=...), got {held_out!r}")
         self.holdout = held_out
