@@ -19,6 +19,7 @@ go to `<output_dir>/checkpoints`.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,18 @@ BASE_TRAINER: dict[str, Any] = {"accelerator": "auto", "devices": 1}
 # a fit a person runs (the CLI's `fit`, quiet=False) keeps Lightning's own settings for these
 QUIET_TRAINER: dict[str, Any] = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
                                  "enable_model_summary": False, "num_sanity_val_steps": 0}
+
+
+def log_progress_bar(kw: dict[str, Any]) -> list[L.Callback]:
+    """A bar that a log file shows while the run goes on (a background extraction's log): Lightning's rich
+    bar draws nothing until the end when its output is not a terminal; tqdm's flushes every update."""
+    from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+
+    if not kw.get("enable_progress_bar", True) or sys.stdout.isatty():
+        return []
+    if any(isinstance(c, ProgressBar) for c in kw.get("callbacks") or []):
+        return []
+    return [TQDMProgressBar(refresh_rate=10)]
 
 
 def family_defaults(model: L.LightningModule | type) -> dict[str, Any]:
@@ -98,6 +111,7 @@ class Engine:
                 **overrides: Any) -> L.Trainer:
         kw = self.trainer_settings(model, **overrides)
         kw["callbacks"] = list(kw.get("callbacks") or []) + self.callbacks + list(callbacks) + self.report_callbacks()
+        kw["callbacks"] += log_progress_bar(kw)
         trainer = L.Trainer(**kw)
         if self.output_dir is not None:  # not Lightning's <logger dir>/<version>/checkpoints in the working directory
             for ckpt in trainer.checkpoint_callbacks:

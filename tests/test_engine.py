@@ -45,6 +45,22 @@ def test_family_trainer_defaults_and_caller_overrides():
     assert Engine(max_epochs=None).trainer(SparseHeadDetector).max_epochs == 5
 
 
+def test_a_run_logged_to_a_file_gets_a_bar_that_writes_as_it_goes(monkeypatch):
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    from lit_sahs.engine import log_progress_bar
+
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False)  # output to a file, as a background run's log
+    bars = [c for c in Engine(quiet=False).trainer(LogisticDetector).callbacks if isinstance(c, TQDMProgressBar)]
+    assert len(bars) == 1 and not isinstance(bars[0], RichProgressBar)
+    given = RichProgressBar()  # a bar the caller chose is kept, alone
+    cbs = Engine(quiet=False, callbacks=[given]).trainer(LogisticDetector).callbacks
+    assert [c for c in cbs if isinstance(c, (TQDMProgressBar, RichProgressBar))] == [given]
+    assert not any(isinstance(c, TQDMProgressBar) for c in Engine().trainer(LogisticDetector).callbacks)  # quiet: none
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)  # a terminal keeps Lightning's own choice
+    assert log_progress_bar({"enable_progress_bar": True}) == []
+
+
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
