@@ -18,6 +18,7 @@ go to `<output_dir>/checkpoints`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning as L
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
 from lit_sahs.errors import LitSahsError
 from lit_sahs.family import ModelFamily
@@ -38,16 +40,38 @@ QUIET_TRAINER: dict[str, Any] = {"logger": False, "enable_checkpointing": False,
                                  "enable_model_summary": False, "num_sanity_val_steps": 0}
 
 
+def _on_stderr(init):
+    with contextlib.redirect_stdout(sys.stderr):  # Lightning's bars open file=sys.stdout
+        return init()
+
+
+class StderrProgressBar(TQDMProgressBar):
+    """tqdm's bar on stderr: stdout carries the commands' JSON summaries, which scripts read."""
+
+    def init_sanity_tqdm(self):
+        return _on_stderr(super().init_sanity_tqdm)
+
+    def init_train_tqdm(self):
+        return _on_stderr(super().init_train_tqdm)
+
+    def init_validation_tqdm(self):
+        return _on_stderr(super().init_validation_tqdm)
+
+    def init_test_tqdm(self):
+        return _on_stderr(super().init_test_tqdm)
+
+    def init_predict_tqdm(self):
+        return _on_stderr(super().init_predict_tqdm)
+
+
 def log_progress_bar(kw: dict[str, Any]) -> list[L.Callback]:
     """A bar that a log file shows while the run goes on (a background extraction's log): Lightning's rich
     bar draws nothing until the end when its output is not a terminal; tqdm's flushes every update."""
-    from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
-
     if not kw.get("enable_progress_bar", True) or sys.stdout.isatty():
         return []
     if any(isinstance(c, ProgressBar) for c in kw.get("callbacks") or []):
         return []
-    return [TQDMProgressBar(refresh_rate=10)]
+    return [StderrProgressBar(refresh_rate=10)]
 
 
 def family_defaults(model: L.LightningModule | type) -> dict[str, Any]:

@@ -48,11 +48,17 @@ def test_family_trainer_defaults_and_caller_overrides():
 def test_a_run_logged_to_a_file_gets_a_bar_that_writes_as_it_goes(monkeypatch):
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
+    import contextlib
+    import io
+
     from lit_sahs.engine import log_progress_bar
 
     monkeypatch.setattr("sys.stdout.isatty", lambda: False)  # output to a file, as a background run's log
     bars = [c for c in Engine(quiet=False).trainer(LogisticDetector).callbacks if isinstance(c, TQDMProgressBar)]
     assert len(bars) == 1 and not isinstance(bars[0], RichProgressBar)
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
+        bars[0].init_train_tqdm().close()
+    assert out.getvalue() == "" and err.getvalue()  # stdout stays for the commands' JSON summaries
     given = RichProgressBar()  # a bar the caller chose is kept, alone
     cbs = Engine(quiet=False, callbacks=[given]).trainer(LogisticDetector).callbacks
     assert [c for c in cbs if isinstance(c, (TQDMProgressBar, RichProgressBar))] == [given]
