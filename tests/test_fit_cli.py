@@ -174,6 +174,18 @@ def test_the_recorded_attnpool_guard_config_parses(cli):
     assert cfg["trainer"]["callbacks"][0]["class_path"] == "lit_sahs.crossfit.CrossFitCalibration"
 
 
+def test_the_recorded_largest_store_guard_config_parses(cli):
+    """experiments/results/guard-largest-smollm2/guard-largest.yaml: the guard recipe on the largest store."""
+    path = Path(__file__).parents[1] / "experiments" / "results" / "guard-largest-smollm2" / "guard-largest.yaml"
+    code, out, err = cli(["fit", "--config", str(path), "--print_config"])
+    assert code == 0, err
+    cfg = yaml.safe_load(out)
+    assert cfg["prepare"]["spread_attacks"] is True and cfg["prepare"]["limit"] == 6000
+    assert cfg["data"]["init_args"]["store"] == "stores/largest-smollm2"
+    assert cfg["model"]["class_path"].endswith("SparseHeadDetector")
+    assert cfg["data"]["init_args"]["held_out"] == {"families": ["dan"], "sources": ["past_tense", "sharegpt_instructions"]}
+
+
 def test_fit_with_prepare_extracts_locates_and_reports(workdir, cli):
     """`prepare.target` set: fit extracts the store first (LightningCLI hands the section over as a
     namespace), locates the heads, fits, and writes the report and the artifact."""

@@ -76,6 +76,9 @@ def test_spread_attacks_gives_each_base_one_attack_balanced_per_source_and_class
     for source in ("advbench", "harmbench", "truthfulqa", "sharegpt"):  # 30 bases each, 10 per attack
         assert [per_group[(source, a)] for a in ("plain", "pyrit", "dan")] == [10, 10, 10]
     assert [s.id for s in build_dataset(spread=True, **kw)] == [s.id for s in data]
+    assert len(build_dataset(spread=True, **{**kw, "limit": 2})) == 2  # one row per base: 2 rows suffice
+    with pytest.raises(LitSahsError, match=r"use limit >= 2$"):  # not 2 x 3 attacks: each base is one row
+        build_dataset(spread=True, **{**kw, "limit": 1})
 
 
 def test_benign_ratio_sets_benign_bases_per_harmful_one_within_the_limit():

@@ -168,12 +168,13 @@ def build_dataset(
                                f"before it (the same text is one sample); list {name!r} first or drop one of them")
     harm = [s for s in pool if s.label == MALICIOUS]
     ben = [s for s in pool if s.label == BENIGN]
-    n_h, n_b = _class_quotas(len(harm), len(ben), 1 if spread else len(attacks), limit, balance, benign_ratio)
+    per_base = 1 if spread else len(attacks)  # rows each base prompt becomes
+    n_h, n_b = _class_quotas(len(harm), len(ben), per_base, limit, balance, benign_ratio)
     bases = _pick(harm, n_h, seed) + _pick(ben, n_b, seed)
     random.Random(f"{seed}|order").shuffle(bases)
     out = (spread_attacks if spread else apply_attacks)(bases, attacks, seed=seed, max_chars=max_chars)
     if not out:
-        raise LitSahsError(_empty_reason(len(harm), len(ben), len(attacks), limit, balance))
+        raise LitSahsError(_empty_reason(len(harm), len(ben), per_base, limit, balance))
     return out
 
 
