@@ -29,6 +29,7 @@ BENIGN = "truthfulqa,mmlu,healthsearchqa,sharegpt_instructions"
 ATTACKS = "plain,pyrit,dan"
 HELD_SOURCES = ["past_tense", "healthsearchqa", "sharegpt_instructions"]
 HELD_FAMILIES = ["dan"]
+STAGES = ("stage1", "stage1-joined", "stage2", "stage2-joined")  # output folders of each fitted stage
 
 
 def groups_of(rows):
@@ -109,7 +110,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         epochs1: int = 6, epochs2: int = 1, lora_rank: int = 16, lr1: float = 3e-3, lr2: float = 2e-4,
         eval_n: int = 24, mc_n: int = 60, max_new_tokens: int = 24, batch_size: int = 8, threads: int = 0,
         joined: bool = True, generate: bool = True, harmful: str = HARMFUL, benign: str = BENIGN,
-        val_sources: str = "", plain: bool = True, benign_ratio: float = 1.0) -> int:
+        val_sources: str = "", plain: bool = True, benign_ratio: float = 1.0, compare: str = "") -> int:
     """SafeVLM stage I and II against the unmodified target and the safety-head guard, on one split.
 
     Args:
@@ -138,11 +139,20 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         plain: fit stage I without joined heads (false, with --joined true: the joined heads only, and stage II
             starts from the joined stage I)
         benign_ratio: benign base prompts per harmful one in the draw (1: balanced, as every run so far)
+        compare: earlier runs' output directories (comma-separated) whose trained SafeVLM stages are evaluated on
+            this run's groups too, each on a fresh copy of the target: the groups change with the draw, so a run
+            drawn differently is compared on the same prompts without fitting it again
     """
     args = dict(locals())
     a = SimpleNamespace(**args)
     if not (a.plain or a.joined):
         raise SystemExit("error: nothing to fit: --plain false needs --joined true")
+    earlier = {}  # condition name -> SafeVLM artifact of an earlier run
+    for d in (Path(c) for c in str(a.compare).split(",") if c):
+        found = {f"{d.name}: {stage}": d / stage / "detector" for stage in STAGES if (d / stage / "detector").is_dir()}
+        if not found:
+            raise SystemExit(f"error: --compare {d}: no trained stage in it (looked for {', '.join(STAGES)}/detector)")
+        earlier.update(found)
     import numpy as np
     import torch
 
@@ -260,6 +270,10 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         "safety-head guard (logistic, top-8)": lambda texts: guarded(SafetyGuard(base, heads), texts,
                                                                      a.max_new_tokens, a.batch_size),
     }
+    for name, path in earlier.items():  # a fresh target each: a stage II artifact puts its LoRA weights into it
+        conditions[name] = lambda texts, path=path, cache={}: guarded(
+            cache.get("g") or cache.setdefault("g", SafeVLMGuard(load_target(a.target), load_detector(path))),
+            texts, a.max_new_tokens, a.batch_size)
     results, reference = {}, {}
     for name, run in conditions.items():
         t = time.time()
