@@ -118,3 +118,15 @@ def test_script_main_takes_a_bare_boolean_flag_as_true(argv, shown, capsys):
 def test_script_main_turns_a_lit_sahs_error_into_one_error_line(capsys):
     assert script_main(_flags, ["--n", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "error: n must be >= 0"
+
+
+def test_safevlm_compare_without_a_trained_stage_is_one_error_line(tmp_path):
+    """--compare names earlier runs to evaluate on this run's groups: a folder without a fitted stage is refused
+    before anything is drawn or loaded."""
+    (tmp_path / "stage1").mkdir()  # a stage folder without its detector is not a trained stage
+    res = subprocess.run([sys.executable, "experiments/safevlm_eval.py", "--out", str(tmp_path / "out"),
+                          "--compare", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines() == [
+        f"error: --compare {tmp_path}: no trained stage in it (looked for stage1, stage1-joined, stage2, stage2-joined/detector)"]
+    assert not (tmp_path / "out").exists()
