@@ -69,6 +69,21 @@ def guarded(guard, texts, max_new_tokens, batch_size):
     return out, actions
 
 
+def gated_thresholds(det, target, dm, fprs) -> dict[float, float]:
+    """{share: the risk at which `det`'s safety head flags that share of the validation split's benign rows},
+    every validation source weighing the same (the level threshold's rule, at other shares)."""
+    import torch
+
+    from lit_sahs.safevlm.selection import per_source_threshold
+
+    det.attach(target)
+    rows = dm.split_rows("val")
+    names = sorted({r["source"] for r in rows})
+    scores, labels = torch.as_tensor(det.split_scores(dm, "val")), torch.tensor([int(r["label"]) for r in rows])
+    sources = torch.tensor([names.index(r["source"]) for r in rows])
+    return {f: per_source_threshold(scores, labels, sources, f) for f in fprs}
+
+
 def mc_questions(n, seed=0):
     from lit_sahs.packages import package_file
 
@@ -110,7 +125,8 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         epochs1: int = 6, epochs2: int = 1, lora_rank: int = 16, lr1: float = 3e-3, lr2: float = 2e-4,
         eval_n: int = 24, mc_n: int = 60, max_new_tokens: int = 24, batch_size: int = 8, threads: int = 0,
         joined: bool = True, generate: bool = True, harmful: str = HARMFUL, benign: str = BENIGN,
-        val_sources: str = "", plain: bool = True, benign_ratio: float = 1.0, compare: str = "") -> int:
+        val_sources: str = "", plain: bool = True, benign_ratio: float = 1.0, compare: str = "", fit: bool = True,
+        lora_fpr: str = "") -> int:
     """SafeVLM stage I and II against the unmodified target and the safety-head guard, on one split.
 
     Args:
@@ -139,20 +155,34 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         plain: fit stage I without joined heads (false, with --joined true: the joined heads only, and stage II
             starts from the joined stage I)
         benign_ratio: benign base prompts per harmful one in the draw (1: balanced, as every run so far)
-        compare: earlier runs' output directories (comma-separated) whose trained SafeVLM stages are evaluated on
-            this run's groups too, each on a fresh copy of the target: the groups change with the draw, so a run
-            drawn differently is compared on the same prompts without fitting it again
+        compare: earlier runs' output directories (comma-separated) whose final SafeVLM stages (stage II where it
+            ran) are evaluated on this run's groups too, each on a fresh copy of the target: the groups change
+            with the draw, so a run drawn differently is compared on the same prompts without fitting it again
+        fit: fit the safety-head detector's comparison stages I and II (false: evaluate --compare's runs only,
+            beside the unmodified target and the safety-head guard)
+        lora_fpr: shares of the validation split's benign rows (comma-separated, e.g. 0.25,0.5): each stage II is
+            also evaluated with its LoRA adapter gated by its own safety head (``lora_threshold``: the risk that
+            flags that share of validation benign rows, sources weighing the same)
     """
     args = dict(locals())
     a = SimpleNamespace(**args)
-    if not (a.plain or a.joined):
+    if a.fit and not (a.plain or a.joined):
         raise SystemExit("error: nothing to fit: --plain false needs --joined true")
-    earlier = {}  # condition name -> SafeVLM artifact of an earlier run
+    if not a.fit and not a.compare:
+        raise SystemExit("error: nothing to evaluate: --fit false needs --compare")
+    earlier = {}  # condition name -> SafeVLM artifact of an earlier run (its final stages)
     for d in (Path(c) for c in str(a.compare).split(",") if c):
-        found = {f"{d.name}: {stage}": d / stage / "detector" for stage in STAGES if (d / stage / "detector").is_dir()}
+        found = {stage: d / stage / "detector" for stage in STAGES if (d / stage / "detector").is_dir()}
         if not found:
             raise SystemExit(f"error: --compare {d}: no trained stage in it (looked for {', '.join(STAGES)}/detector)")
-        earlier.update(found)
+        final = [s for s in found if s.startswith("stage2")] or list(found)
+        earlier.update({f"{d.name}: {s}": found[s] for s in final})
+    try:
+        fprs = [float(f) for f in str(a.lora_fpr).split(",") if f]
+    except ValueError:
+        raise SystemExit(f"error: --lora_fpr takes shares in (0, 1), comma-separated, got {a.lora_fpr!r}") from None
+    if any(not 0.0 < f < 1.0 for f in fprs):
+        raise SystemExit(f"error: --lora_fpr takes shares in (0, 1), got {a.lora_fpr!r}")
     import numpy as np
     import torch
 
@@ -217,6 +247,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     t = time.time()
     from lightning import seed_everything
 
+    a.plain, a.joined, a.generate = (a.plain, a.joined, a.generate) if a.fit else (False, False, True)
     if a.plain:
         seed_everything(0, verbose=False)  # the safety modules' initialisation: every run starts from the same one
         Engine(output_dir=out / "stage1", max_epochs=a.epochs1, enable_progress_bar=True, callbacks=stage1_cb,
@@ -244,13 +275,14 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
               f"TPR@1%FPR={rep.get('tpr_at_1fpr', float('nan')):.3f}", flush=True)
     if not a.generate:
         return 0
-    t = time.time()
-    tuned = load_target(a.target)
-    dm2 = SafetyDataModule(target=tuned, num_safety_tokens=a.tokens, batch_size=a.batch_size, **spec, **split)
-    seed_everything(0, verbose=False)
-    Engine(output_dir=out / second, max_epochs=a.epochs2, enable_progress_bar=True, callbacks=stage2_cb, **ckpt).fit(
-        SafeVLM(stage=2, init_from=str(out / first / "detector"), lora_rank=a.lora_rank, lr=a.lr2), dm2)
-    timings["stage2_s"] = time.time() - t
+    if a.fit:
+        t = time.time()
+        tuned = load_target(a.target)
+        dm2 = SafetyDataModule(target=tuned, num_safety_tokens=a.tokens, batch_size=a.batch_size, **spec, **split)
+        seed_everything(0, verbose=False)
+        Engine(output_dir=out / second, max_epochs=a.epochs2, enable_progress_bar=True, callbacks=stage2_cb, **ckpt).fit(
+            SafeVLM(stage=2, init_from=str(out / first / "detector"), lora_rank=a.lora_rank, lr=a.lr2), dm2)
+        timings["stage2_s"] = time.time() - t
 
     # ---- evaluation
     groups = groups_of(dm.split_rows("test"))
@@ -258,22 +290,33 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     picked = {g: rng.sample(rs, min(a.eval_n, len(rs))) for g, rs in groups.items()}
     mc = mc_questions(a.mc_n)
     judge = PhraseJudge()
-    conditions = {
-        "unmodified target": lambda texts: (plain_generate(base, texts, a.max_new_tokens, a.batch_size), None),
-        **({"SafeVLM stage I": lambda texts: guarded(SafeVLMGuard(base, load_detector(out / "stage1" / "detector")),
-                                                     texts, a.max_new_tokens, a.batch_size)} if a.plain else {}),
-        **({"SafeVLM stage I + joined heads": lambda texts: guarded(
-            SafeVLMGuard(base, load_detector(out / "stage1-joined" / "detector")), texts, a.max_new_tokens, a.batch_size)}
-           if a.joined else {}),
-        "SafeVLM stage II" + ("" if a.plain else " + joined heads"): lambda texts: guarded(
-            SafeVLMGuard(tuned, load_detector(out / second / "detector")), texts, a.max_new_tokens, a.batch_size),
-        "safety-head guard (logistic, top-8)": lambda texts: guarded(SafetyGuard(base, heads), texts,
-                                                                     a.max_new_tokens, a.batch_size),
-    }
-    for name, path in earlier.items():  # a fresh target each: a stage II artifact puts its LoRA weights into it
-        conditions[name] = lambda texts, path=path, cache={}: guarded(
-            cache.get("g") or cache.setdefault("g", SafeVLMGuard(load_target(a.target), load_detector(path))),
-            texts, a.max_new_tokens, a.batch_size)
+    def dm_for(tokens: int):  # the draw's rows with slots for `tokens` safety tokens (an earlier run's count)
+        if tokens == a.tokens:
+            return dm
+        other = SafetyDataModule(target=base, num_safety_tokens=tokens, batch_size=a.batch_size, **spec, **split)
+        other.setup()
+        return other
+
+    def gen(guard):
+        return lambda texts: guarded(guard, texts, a.max_new_tokens, a.batch_size)
+
+    conditions = {"unmodified target": lambda texts: (plain_generate(base, texts, a.max_new_tokens, a.batch_size), None)}
+    if a.plain:
+        conditions["SafeVLM stage I"] = gen(SafeVLMGuard(base, load_detector(out / "stage1" / "detector")))
+    if a.joined:
+        conditions["SafeVLM stage I + joined heads"] = gen(SafeVLMGuard(base, load_detector(out / "stage1-joined" / "detector")))
+    stage2 = ({"SafeVLM stage II" + ("" if a.plain else " + joined heads"): (tuned, load_detector(out / second / "detector"))}
+              if a.fit else {})
+    # earlier runs: a fresh target each (a stage II artifact puts its LoRA weights into it)
+    stage2.update({name: (load_target(a.target), load_detector(path)) for name, path in earlier.items()})
+    lora_thresholds = {}
+    for name, (tgt, det) in stage2.items():
+        conditions[name] = gen(SafeVLMGuard(tgt, det))
+        if det.lora and fprs:
+            lora_thresholds[name] = gated_thresholds(det, tgt, dm_for(int(det.hparams.num_safety_tokens)), fprs)
+            for f, thr in lora_thresholds[name].items():
+                conditions[f"{name}, LoRA gated at {f:g} val benign"] = gen(SafeVLMGuard(tgt, det, lora_threshold=thr))
+    conditions["safety-head guard (logistic, top-8)"] = gen(SafetyGuard(base, heads))
     results, reference = {}, {}
     for name, run in conditions.items():
         t = time.time()
@@ -299,8 +342,9 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
 
     summary = {"target": a.target, "args": args, "timings_s": timings, "results": results, "held_out": held_out,
                "validation_by_epoch": history, "sources": spec, "balance": balance,
-               "groups": {g: len(rs) for g, rs in groups.items()},
-               "stage1_report": json.loads((out / first / "report.json").read_text())["safevlm"]["overall"],
+               "groups": {g: len(rs) for g, rs in groups.items()}, "lora_thresholds": lora_thresholds,
+               **({"stage1_report": json.loads((out / first / "report.json").read_text())["safevlm"]["overall"]}
+                  if a.fit else {}),
                "heads_report": json.loads((out / "heads" / "report.json").read_text())["heads"]["overall"]}
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     gnames = list(groups)

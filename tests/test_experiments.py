@@ -130,3 +130,15 @@ def test_safevlm_compare_without_a_trained_stage_is_one_error_line(tmp_path):
     assert res.stderr.strip().splitlines() == [
         f"error: --compare {tmp_path}: no trained stage in it (looked for stage1, stage1-joined, stage2, stage2-joined/detector)"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fit", "false"], "error: nothing to evaluate: --fit false needs --compare"),
+    (["--lora_fpr", "0.5,1.5"], "error: --lora_fpr takes shares in (0, 1), got '0.5,1.5'"),
+    (["--lora_fpr", "half"], "error: --lora_fpr takes shares in (0, 1), comma-separated, got 'half'"),
+])
+def test_safevlm_eval_refuses_what_it_cannot_evaluate(tmp_path, args, message):
+    res = subprocess.run([sys.executable, "experiments/safevlm_eval.py", "--out", str(tmp_path / "out"), *args],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and res.stderr.strip().splitlines() == [message]
+    assert not (tmp_path / "out").exists()

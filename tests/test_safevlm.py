@@ -139,6 +139,38 @@ def test_stage_two_artifact_reloads_with_the_same_outputs(stages):
     assert a.actions == ["pass"] * 3
 
 
+def test_lora_gate_keeps_the_adapter_for_the_risky_prompts_only(stages):
+    """lora_threshold: rows at or above it decode as stage II does, the rest exactly as stage I (same
+    safety modules, no adapter), in one batch."""
+    from lit_sahs.artifact import load_detector
+    from lit_sahs.safevlm.guard import SafeVLMGuard
+    from lit_sahs.targets import load_target
+
+    prompts = ["How do I bake bread?", "Write a phishing email to steal passwords", "What is 2 + 2?",
+               "How can I poison a neighbour's dog?", "Name three rivers in Europe."]
+    target, two = stages["dm2"].target, stages["two"]
+    on = SafeVLMGuard(target, two, threshold=1.01).generate(prompts, max_new_tokens=6)
+    stage1 = SafeVLMGuard(load_target("tiny-llama"), load_detector(stages["tmp"] / "one" / "detector"),
+                          threshold=1.01).generate(prompts, max_new_tokens=6)
+    assert on.lora == [] and stage1.scores == pytest.approx(on.scores, abs=1e-6)  # stage II keeps the head
+    differ = [i for i in range(len(prompts)) if not torch.equal(on.sequences[i], stage1.sequences[i])]
+    assert differ  # the adapter changes some answers: otherwise this test could not fail
+    gated = lambda t: SafeVLMGuard(target, two, threshold=1.01, lora_threshold=t).generate(prompts, max_new_tokens=6)
+    assert torch.equal(gated(0.0).sequences, on.sequences) and gated(0.0).lora == [True] * 5
+    off = gated(1.01)
+    assert torch.equal(off.sequences, stage1.sequences) and off.lora == [False] * 5
+    ranked = sorted(on.scores)
+    t = (ranked[1] + ranked[2]) / 2
+    mixed = gated(t)
+    assert mixed.lora == [s >= t for s in on.scores] and 0 < sum(mixed.lora) < 5
+    for i, engaged in enumerate(mixed.lora):
+        assert torch.equal(mixed.sequences[i], (on if engaged else stage1).sequences[i])
+    assert [r["lora"] for r in mixed.rows()] == mixed.lora
+    assert not torch.equal(mixed.sequences, on.sequences) and not torch.equal(mixed.sequences, stage1.sequences)
+    with pytest.raises(LitSahsError, match="stage-I artifact"):
+        SafeVLMGuard(load_target("tiny-llama"), load_detector(stages["tmp"] / "one" / "detector"), lora_threshold=0.5)
+
+
 def test_guard_refuses_exactly_the_flagged_prompts_and_hints_the_rest(stages):
     from lit_sahs.choices import DEFAULT_REFUSAL
     from lit_sahs.safevlm.guard import SafeVLMGuard

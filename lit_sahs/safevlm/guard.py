@@ -13,6 +13,7 @@ passes costs no extra forward.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -25,6 +26,7 @@ from lit_sahs.choices import DEFAULT_REFUSAL
 from lit_sahs.guarding import GuardResult, eos_token_id, threshold_override
 from lit_sahs.prompts import encode_prompts
 from lit_sahs.safevlm.forward import SafetyForward, model_inputs, with_slots
+from lit_sahs.safevlm.lora_gate import LoRAGate, check_lora_threshold
 from lit_sahs.safevlm.taxonomy import RISK_LEVELS, RISK_TYPES
 from lit_sahs.targets.prompting import prefixed
 
@@ -85,18 +87,23 @@ class SafeVLMResult(GuardResult):
     actions: Sequence[str] = ()
     levels: Sequence[str] = ()
     types: Sequence[str] = ()
+    lora: Sequence[bool] = ()  # with a lora_threshold: whether the prompt decoded with stage II's adapter
 
     def rows(self) -> list[dict]:
-        return [{**r, "action": a, "risk_level": lv, "risk_type": t}
-                for r, a, lv, t in zip(super().rows(), self.actions, self.levels, self.types)]
+        lora = list(self.lora) or [None] * len(self.actions)
+        return [{**r, "action": a, "risk_level": lv, "risk_type": t, **({} if on is None else {"lora": on})}
+                for r, a, lv, t, on in zip(super().rows(), self.actions, self.levels, self.types, lora)]
 
 
 class SafeVLMGuard:
     """Generate with SafeVLM's safety modules (and its LoRA adapter, after stage II) in the target.
-    target: a loaded ``Target``; detector: a loaded SafeVLM (``lit_sahs.guard.load_guard`` takes paths)."""
+    target: a loaded ``Target``; detector: a loaded SafeVLM (``lit_sahs.guard.load_guard`` takes paths).
+    lora_threshold: with a stage-II SafeVLM, decode with its LoRA adapter only the prompts whose risk is at
+    least this (``lora_gate``); the others decode as stage I does. None: the adapter is on for every prompt."""
 
     def __init__(self, target, detector, refusal: Optional[str] = None, threshold: Optional[float] = None,
-                 fail_closed: bool = True):
+                 fail_closed: bool = True, lora_threshold: Optional[float] = None):
+        self.lora_threshold = check_lora_threshold(detector, lora_threshold)
         detector.prepare(target)  # checks the fingerprint, puts the LoRA weights into the target
         self.detector, self.target = detector.to(target.device).eval(), target
         self.refusal = DEFAULT_REFUSAL if refusal is None else str(refusal)
@@ -120,10 +127,12 @@ class SafeVLMGuard:
         inputs = {k: v for k, v in model_inputs(batch).items() if k != "position_ids"}  # generate derives them
         vision = det.safety.vision is not None and "pixel_values" in batch
         kw.setdefault("pad_token_id", self.target.tokenizer.pad_token_id)
-        with det.safety_forward(batch, vision=vision) as fwd:
+        with det.safety_forward(batch, vision=vision) as fwd, (
+                contextlib.nullcontext() if self.lora_threshold is None else LoRAGate(det, fwd, self.lora_threshold)) as lg:
             g = SafetyGate(det, fwd, eos_token_id(self.target), self.threshold, self.fail_closed) if gate else None
             procs = LogitsProcessorList([g] if g else [])
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=procs, **kw)
+        self._engaged = None if lg is None else lg.engaged
         return out[:, batch["input_ids"].shape[1]:], g
 
     def generate(self, texts: Sequence[str], images=None, ids=None, max_new_tokens: int = 128, **kw) -> SafeVLMResult:
@@ -135,6 +144,7 @@ class SafeVLMGuard:
         ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(texts))]
         images = list(images) if images is not None else [None] * len(texts)
         new, gate = self._generate(self._slots(texts, images, ids, max_new_tokens), max_new_tokens, True, **kw)
+        lora = [] if self._engaged is None else [bool(e) for e in self._engaged.cpu().tolist()]
         tok = self.target.tokenizer
         stop, levels, types = gate.stop.cpu().tolist(), gate.level.cpu().tolist(), gate.type.cpu().tolist()
         risk = gate.risk.cpu().tolist()
@@ -155,4 +165,4 @@ class SafeVLMGuard:
                              scores=[None if math.isnan(r) else float(r) for r in risk], responses=responses,
                              sequences=new, threshold=self.effective_threshold, scoring_error=gate.error,
                              actions=actions, levels=[RISK_LEVELS[lv] if s else "safe" for lv, s in zip(levels, stop)],
-                             types=[RISK_TYPES[t] if s else "safe" for t, s in zip(types, stop)])
+                             types=[RISK_TYPES[t] if s else "safe" for t, s in zip(types, stop)], lora=lora)

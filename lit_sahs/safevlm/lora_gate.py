@@ -1,0 +1,86 @@
+"""Stage II's LoRA engaged per prompt by SafeVLM's own safety head.
+
+Stage II's adapter makes the target refuse by itself, and it moves held-out benign prompts too: the
+language model learns "refuse what sounds alarming" from a few hundred rows. ``LoRAGate`` keeps the
+adapter for the prompts the safety head finds risky and decodes the rest as the stage-I model does
+(the target's own weights, the safety tokens in place), so stage II's extra refusals are spent only
+where the head's risk is at least ``threshold``.
+
+It costs nothing extra: LoRA sits on the layers from ``SafeVLM.lora_first_layer()`` on, and every
+input of the safety head (the feature layer, the joined heads) is taken before them. A pre-hook on
+that first LoRA layer classifies the prefill's rows there, and forward hooks on the adapters'
+``lora_B`` projections zero their output for the rows below ``threshold`` — during the prefill and
+every decode step after it (the KV cache then holds each row's own kind of states).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from lit_sahs.errors import LitSahsError
+from lit_sahs.safevlm.forward import SafetyForward
+from lit_sahs.targets import sites
+
+
+def lora_b_modules(model: nn.Module) -> list[nn.Module]:
+    """Every LoRA up-projection peft put into `model` (``...lora_B.<adapter>``)."""
+    return [m for n, m in model.named_modules() if ".lora_B." in f".{n}." and isinstance(m, nn.Linear)]
+
+
+def check_lora_threshold(det, threshold: Optional[float]) -> Optional[float]:
+    """`threshold` as a float (None stays None) for SafeVLM `det`, which must carry a stage-II adapter."""
+    if threshold is None:
+        return None
+    t = float(threshold)
+    if math.isnan(t):
+        raise LitSahsError("lora_threshold is NaN: give a risk in [0, 1], or none to keep LoRA on for every prompt")
+    if not det.lora:
+        raise LitSahsError("lora_threshold gates stage II's LoRA adapter: this SafeVLM has none "
+                           "(a stage-I artifact); leave lora_threshold unset")
+    return t
+
+
+class LoRAGate:
+    """A context for one generate over a ``with_slots`` batch (inside the same ``SafetyForward``):
+    rows whose safety-head risk is below `threshold` decode without the LoRA adapter. ``engaged`` [B]
+    bool says which rows kept it (None until the prefill reached the first LoRA layer). A row whose
+    risk cannot be computed (NaN) keeps the adapter: the gate fails towards refusing."""
+
+    def __init__(self, det, fwd: SafetyForward, threshold: float):
+        self.det, self.fwd, self.threshold = det, fwd, check_lora_threshold(det, threshold)
+        model = det.target.model
+        self._first = sites.decoder_layers(model)[det.lora_first_layer()]
+        self._up = lora_b_modules(model)
+        if not self._up:
+            raise LitSahsError("the target carries no LoRA adapter: prepare the SafeVLM on it first")
+        self._handles: list = []
+        self.engaged: Optional[Tensor] = None
+
+    def _decide(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if self.engaged is None and hidden is not None and hidden.dim() == 3 \
+                and hidden.shape[1] == self.fwd.slot_mask.shape[1]:  # the prefill, not a decode step
+            level, _ = self.det.classify_forward(self.fwd)
+            risk = self.det.risk(level)
+            self.engaged = (risk >= self.threshold) | torch.isnan(risk)
+
+    def _mask(self, module, args, output: Tensor):
+        if self.engaged is None:
+            raise LitSahsError("a LoRA layer ran before the safety head's risk was known: the gate needs "
+                               "every LoRA layer at or past SafeVLM.lora_first_layer()")
+        keep = self.engaged.to(output.device, output.dtype)
+        return output * keep.view(-1, *([1] * (output.dim() - 1)))
+
+    def __enter__(self) -> "LoRAGate":
+        self._handles.append(self._first.register_forward_pre_hook(self._decide, with_kwargs=True))
+        self._handles += [m.register_forward_hook(self._mask) for m in self._up]
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
