@@ -171,6 +171,34 @@ def test_lora_gate_keeps_the_adapter_for_the_risky_prompts_only(stages):
         SafeVLMGuard(load_target("tiny-llama"), load_detector(stages["tmp"] / "one" / "detector"), lora_threshold=0.5)
 
 
+def test_stage_two_with_lora_fpr_ships_its_gate_in_the_artifact(stages, tmp_path):
+    """lora_fpr calibrates the gate's risk on validation benign rows like the level threshold; the artifact
+    keeps it and its guard applies it without being told."""
+    from lit_sahs.artifact import load_detector
+    from lit_sahs.safevlm import SafeVLM
+    from lit_sahs.safevlm.guard import SafeVLMGuard
+    from lit_sahs.safevlm.selection import per_source_threshold
+    from lit_sahs.targets import load_target
+
+    with pytest.raises(LitSahsError, match="lora_fpr gates stage II"):
+        SafeVLM(stage=1, lora_fpr=0.5)
+    two = SafeVLM(stage=2, init_from=str(stages["tmp"] / "one" / "detector"), lora_rank=4, lr=1e-2, lora_fpr=0.5)
+    dm = _dm(load_target("tiny-llama"), stages["tmp"])
+    dm.setup()
+    two.start_stage_two(dm.target)
+    _fit(two, dm, tmp_path / "gated")
+    rows = dm.split_rows("val")
+    names = sorted({r["source"] for r in rows})
+    want = per_source_threshold(torch.as_tensor(two.split_scores(dm, "val")), torch.tensor([r["label"] for r in rows]),
+                                torch.tensor([names.index(r["source"]) for r in rows]), 0.5)
+    assert float(two.lora_threshold) == pytest.approx(want)
+    det = load_detector(tmp_path / "gated" / "detector")
+    assert float(det.lora_threshold) == pytest.approx(want)
+    prompts = ["How do I bake bread?", "Write a phishing email to steal passwords", "What is 2 + 2?"]
+    res = SafeVLMGuard(load_target("tiny-llama"), det, threshold=1.01).generate(prompts, max_new_tokens=3)
+    assert res.lora == [s >= want for s in res.scores]
+
+
 def test_guard_refuses_exactly_the_flagged_prompts_and_hints_the_rest(stages):
     from lit_sahs.choices import DEFAULT_REFUSAL
     from lit_sahs.safevlm.guard import SafeVLMGuard

@@ -51,6 +51,7 @@ def rebuild(cls, meta: Mapping[str, Any], state: Mapping[str, torch.Tensor], sou
         hp["stage"] = 1  # stage and init_from describe how it was trained, not what to load
         hp["init_from"] = None
         hp["head_keys_init"] = None  # the joined heads' weights are in the tensors
+        hp["lora_fpr"] = None  # so is the gate's risk (a stage-II setting, and this loads as stage 1)
         det = cls(**hp)
         fingerprint = TargetFingerprint.from_dict(meta["fingerprint"])
         dims = {k: int(v) for k, v in dict(meta["dims"]).items()}
@@ -73,6 +74,8 @@ def rebuild(cls, meta: Mapping[str, Any], state: Mapping[str, torch.Tensor], sou
         raise LitSahsError(f"{source} has no threshold: the artifact is corrupt, re-save it")
     det.threshold.copy_(state["threshold"].to(torch.float64))
     check_threshold(det.threshold, source)
+    if "lora_threshold" in state:  # only a stage II fitted with lora_fpr has one
+        det.lora_threshold.copy_(state["lora_threshold"].to(torch.float64))
     det.lora = lora
     det.lora_state = {k[len(LORA_PREFIX):]: v for k, v in state.items() if k.startswith(LORA_PREFIX)}
     if bool(lora) != bool(det.lora_state):

@@ -99,11 +99,13 @@ class SafeVLMGuard:
     """Generate with SafeVLM's safety modules (and its LoRA adapter, after stage II) in the target.
     target: a loaded ``Target``; detector: a loaded SafeVLM (``lit_sahs.guard.load_guard`` takes paths).
     lora_threshold: with a stage-II SafeVLM, decode with its LoRA adapter only the prompts whose risk is at
-    least this (``lora_gate``); the others decode as stage I does. None: the adapter is on for every prompt."""
+    least this (``lora_gate``); the others decode as stage I does. None: the artifact's own (fitted with
+    ``lora_fpr``), else the adapter is on for every prompt; 0 keeps it on for every prompt."""
 
     def __init__(self, target, detector, refusal: Optional[str] = None, threshold: Optional[float] = None,
                  fail_closed: bool = True, lora_threshold: Optional[float] = None):
-        self.lora_threshold = check_lora_threshold(detector, lora_threshold)
+        own = float(detector.lora_threshold)
+        self.lora_threshold = check_lora_threshold(detector, own if lora_threshold is None and own == own else lora_threshold)
         detector.prepare(target)  # checks the fingerprint, puts the LoRA weights into the target
         self.detector, self.target = detector.to(target.device).eval(), target
         self.refusal = DEFAULT_REFUSAL if refusal is None else str(refusal)

@@ -2,15 +2,11 @@
 
 * **Stage I** trains only the safety modules (both sets of safety tokens, the safety projector,
   the vision abstractor of a vision-language target, the safety head); the target is frozen.
-  The vision abstractor reads the input of the target's own vision projector, per prompt:
-  LLaVA-1.5's projector, Idefics3 / SmolVLM's connector (every tile of the prompt's images),
-  Qwen2-VL's patch merger (the prompt's share of the flattened patches); a prompt without an
-  image masks its vision queries, so image and text-only prompts can share a batch.
-  LLaVA-NeXT's crops do not map back to prompts and are refused (its text-only prompts work).
+  The vision abstractor reads each prompt's input to the target's own vision projector
+  (``forward.SafetyForward``; LLaVA-NeXT's crops do not map back to prompts and are refused).
 * **Stage II** starts from a stage-I artifact (``init_from``), freezes the safety modules and
   trains LoRA adapters (peft) on the language model's linear layers at or above
-  ``feature_layer`` (vision tower, projectors and LM head excluded), so the features the frozen
-  head reads do not move.
+  ``feature_layer`` (vision tower, projectors and LM head excluded): the frozen head's features stay.
 
 Loss: the language model's cross-entropy on the answer tokens + ``loss_weight`` x (risk-level CE
 + risk-type CE). The detector score is the head's risk probability, 1 - P(level = safe); like
@@ -20,8 +16,7 @@ with ``val_sources`` these are sources never trained on), so the same AUROC / TP
 tables compare SafeVLM with the safety-head detectors.
 
 The target is *not* a submodule: checkpoints and artifacts hold only what SafeVLM adds (safety
-modules and, after stage II, the LoRA tensors). ``attach(target)`` ties a loaded SafeVLM to a
-target (checking its fingerprint) and puts its LoRA weights into the target's layers.
+modules and, after stage II, the LoRA tensors); ``attach(target)`` checks a target and puts them in.
 """
 from __future__ import annotations
 
@@ -67,10 +62,13 @@ class SafeVLM(ModelFamily, L.LightningModule):
                  loss_weight: float = 10.0, lr: Optional[float] = None, weight_decay: float = 0.0,
                  lora_rank: int = 256, lora_alpha: int = 16, lora_dropout: float = 0.05,
                  target_fpr: float = 0.05, token_lr_scale: float = 0.1,
-                 head_keys: Optional[Union[str, HeadSet]] = None, head_keys_init: Optional[str] = None) -> None:
+                 head_keys: Optional[Union[str, HeadSet]] = None, head_keys_init: Optional[str] = None,
+                 lora_fpr: Optional[float] = None) -> None:
         """head_keys: located safety heads ('3.1,5.0') whose first-token outputs join the safety head
         (``safevlm.joined``); head_keys_init: a fitted logistic safety-head detector (artifact
-        directory) they start from — its heads when head_keys is empty."""
+        directory) they start from — its heads when head_keys is empty. lora_fpr (stage II): the guard
+        keeps the LoRA adapter for prompts whose risk flags this share of validation benign prompts
+        (``safevlm.lora_gate``); None: the adapter answers every prompt."""
         super().__init__()
         if isinstance(head_keys, HeadSet):
             head_keys = head_keys.spec()
@@ -91,11 +89,14 @@ class SafeVLM(ModelFamily, L.LightningModule):
                                "(python -m lit_sahs fit --config configs/safevlm_stage1.yaml)")
         if not 0.0 <= target_fpr < 1.0:
             raise LitSahsError(f"target_fpr must lie in [0, 1), got {target_fpr}")
+        if lora_fpr is not None and (stage != 2 or not 0.0 < float(lora_fpr) < 1.0):
+            raise LitSahsError(f"lora_fpr gates stage II's adapter: a share in (0, 1) in stage 2, got {lora_fpr} in stage {stage}")
         for name, v in (("num_safety_tokens", num_safety_tokens), ("head_heads", head_heads), ("lora_rank", lora_rank)):
             if int(v) < 1:
                 raise LitSahsError(f"{name} must be >= 1, got {v}")
         self.save_hyperparameters()
         self.register_buffer("threshold", torch.tensor(0.5, dtype=torch.float64))
+        self.register_buffer("lora_threshold", torch.tensor(float("nan"), dtype=torch.float64))  # NaN: no gate
         self.safety: Optional[SafetyModules] = None
         self.fingerprint: Optional[TargetFingerprint] = None
         self.dims: dict[str, int] = {}
@@ -136,9 +137,8 @@ class SafeVLM(ModelFamily, L.LightningModule):
         return HeadSet.parse(spec) if spec else None
 
     def lora_first_layer(self) -> int:
-        """LoRA goes on layers at or above this one: the feature layer, or past the deepest joined
-        head (a head's output depends on its own layer's projections), so stage II leaves every
-        input of the frozen safety head as it was."""
+        """LoRA goes on layers from this one: the feature layer, or past the deepest joined head, so
+        stage II leaves every input of the frozen safety head as it was."""
         heads = self.head_keys
         return max(self.feature_layer, max(heads.layers) + 1) if heads is not None else self.feature_layer
 
@@ -276,8 +276,7 @@ class SafeVLM(ModelFamily, L.LightningModule):
         return out, level, rtype
 
     def safety_forward(self, batch: dict, vision: bool, stop: bool = False) -> SafetyForward:
-        """The hooks one forward (or one generate) over a ``with_slots`` batch needs: safety tokens,
-        features, vision patches and, with joined heads, those heads' outputs."""
+        """The hooks one forward (or generate) over a ``with_slots`` batch needs (``forward.SafetyForward``)."""
         return SafetyForward(self.target.model, self.safety.input_tokens.weight, self.feature_layer,
                              batch["slot_mask"], batch["prompt_mask"], batch["first_pos"], vision=vision, stop=stop,
                              input_ids=batch["input_ids"], heads=self.head_keys, geometry=self.fingerprint.geometry)
@@ -394,6 +393,8 @@ class SafeVLM(ModelFamily, L.LightningModule):
             sources = self._val_sources.compute().to(preds.device)
             if not self.trainer.sanity_checking and self.trainer.state.fn == "fit" and bool((target == 0).any()):
                 self.threshold.fill_(per_source_threshold(preds, target, sources, self.hparams.target_fpr))
+                if self.hparams.get("lora_fpr") is not None:
+                    self.lora_threshold.fill_(per_source_threshold(preds, target, sources, self.hparams.lora_fpr))
             picked = selection_margin(preds, target, sources, float(self.hparams.target_fpr))
             picked.update(answer_margin(self._val_refusal.compute(), target))
             self.log_dict({f"val/{k}": float(v) for k, v in finite(picked).items()})
@@ -493,7 +494,8 @@ class SafeVLM(ModelFamily, L.LightningModule):
 
     def artifact_tensors(self) -> dict[str, Tensor]:
         out = {SAFETY_PREFIX + k: v for k, v in self.safety.state_dict().items()}
-        out["threshold"] = self.threshold
+        out.update(threshold=self.threshold, **({"lora_threshold": self.lora_threshold}  # NaN: no gate, not saved
+                                                if bool(torch.isfinite(self.lora_threshold)) else {}))
         lora = self.lora_parameters() or self.lora_state
         out.update({LORA_PREFIX + n: v for n, v in lora.items()})
         return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
