@@ -66,9 +66,8 @@ class SafeVLM(ModelFamily, L.LightningModule):
                  lora_fpr: Optional[float] = None) -> None:
         """head_keys: located safety heads ('3.1,5.0') whose first-token outputs join the safety head
         (``safevlm.joined``); head_keys_init: a fitted logistic safety-head detector (artifact
-        directory) they start from — its heads when head_keys is empty. lora_fpr (stage II): the guard
-        keeps the LoRA adapter for prompts whose risk flags this share of validation benign prompts
-        (``safevlm.lora_gate``); None: the adapter answers every prompt."""
+        directory) they start from — its heads when head_keys is empty. lora_fpr (stage II): the guard keeps
+        LoRA for risks that flag this share of validation benign prompts (``safevlm.lora_gate``)."""
         super().__init__()
         if isinstance(head_keys, HeadSet):
             head_keys = head_keys.spec()
