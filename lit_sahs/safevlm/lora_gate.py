@@ -63,8 +63,10 @@ class LoRAGate:
         hidden = args[0] if args else kwargs.get("hidden_states")
         if self.engaged is None and hidden is not None and hidden.dim() == 3 \
                 and hidden.shape[1] == self.fwd.slot_mask.shape[1]:  # the prefill, not a decode step
-            level, _ = self.det.classify_forward(self.fwd)
-            risk = self.det.risk(level)
+            try:
+                risk = self.det.risk(self.det.classify_forward(self.fwd)[0])
+            except Exception:  # noqa: BLE001 - the guard's own gate reports (or raises) the scoring failure
+                risk = torch.full((hidden.shape[0],), float("nan"), dtype=torch.float64, device=hidden.device)
             self.engaged = (risk >= self.threshold) | torch.isnan(risk)
 
     def _mask(self, module, args, output: Tensor):
