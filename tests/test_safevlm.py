@@ -344,12 +344,19 @@ def test_bad_input_is_one_error(stages, tmp_path, cli):
     assert not (tmp_path / "out" / "detector").exists()
 
 
-def test_both_stages_run_from_the_shipped_configs(tmp_path, monkeypatch, cli):
-    """configs/safevlm_stage{1,2}.yaml as shipped, on tiny-llama and fewer prompts; then guard."""
+def test_the_shipped_joined_recipe_runs_from_its_three_configs(tmp_path, monkeypatch, cli):
+    """configs/safevlm_heads.yaml, then safevlm_stage{1,2}.yaml as shipped (the head joins the detector's heads,
+    stage II gates its LoRA), on tiny-llama and fewer prompts; then guard."""
     from pathlib import Path
+
+    from safetensors.torch import load_file
 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(tmp_path)
+    code, out, err = cli(["fit", "--config", str(root / "configs/safevlm_heads.yaml"), "--prepare.target", "tiny-llama",
+                          "--prepare.limit", "96", "--data.init_args.store", str(tmp_path / "store"),
+                          "--data.init_args.ranking", "null", "--data.init_args.heads", "0.1,1.0", "--trainer.logger", "false"])
+    assert code == 0, err[-2000:]
     small = ["--data.init_args.target", "tiny-llama", "--data.init_args.limit", "96", "--data.init_args.answers",
              str(tmp_path / "a.jsonl"), "--data.init_args.max_answer_tokens", "6", "--trainer.max_epochs", "1",
              "--trainer.logger", "false"]
@@ -360,10 +367,13 @@ def test_both_stages_run_from_the_shipped_configs(tmp_path, monkeypatch, cli):
     assert code == 0, err[-2000:]
     meta = json.loads((tmp_path / "artifacts/safevlm-stage2/detector/detector.json").read_text())
     assert meta["stages"] == [1, 2] and meta["hparams"]["feature_layer"] == 2 and meta["lora"]["rank"] == 16
+    assert meta["hparams"]["head_keys"] == "0.1,1.0" and meta["hparams"]["lora_fpr"] == 0.5
+    gate = float(load_file("artifacts/safevlm-stage2/detector/detector.safetensors")["lora_threshold"])
     code, out, err = cli(["guard", "--detector", "artifacts/safevlm-stage2/detector", "--prompt", "Name a river",
                           "--max_new_tokens", "3"])
     row = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and row["action"] in ("pass", "hint", "refuse") and isinstance(row["score"], float)
+    assert row["lora"] == (row["score"] >= gate)  # the artifact's own gate, applied without being asked
 
 
 # ---------------------------------------------------------------- Qwen2-VL and Idefics3: vision features at their own site
@@ -563,7 +573,8 @@ def test_both_stages_run_under_fast_dev_run(tmp_path, monkeypatch, cli):
     small = ["--data.init_args.target", "tiny-llama", "--data.init_args.limit", "96", "--data.init_args.answers",
              str(tmp_path / "a.jsonl"), "--data.init_args.max_answer_tokens", "6", "--trainer.fast_dev_run", "true"]
     code, out, err = cli(["fit", "--config", str(root / "configs/safevlm_stage1.yaml"), *small,
-                          "--model.init_args.feature_layer", "2", "--model.init_args.head_heads", "2"])
+                          "--model.init_args.feature_layer", "2", "--model.init_args.head_heads", "2",
+                          "--model.init_args.head_keys_init", "null"])  # the plain head: no detector to join
     assert code == 0, err[-2000:]
     report = json.loads((tmp_path / "artifacts/safevlm-stage1/report.json").read_text())
     assert report["safevlm"]["overall"]["n"] > 8  # the whole test split, not the one batch the loop ran
@@ -692,7 +703,8 @@ def test_shipped_configs_choose_the_checkpoint_by_held_out_margin(tmp_path, monk
     small = ["--data.init_args.target", "tiny-llama", "--data.init_args.limit", "96", "--data.init_args.answers",
              str(tmp_path / "a.jsonl"), "--data.init_args.max_answer_tokens", "4", "--trainer.max_epochs", "2",
              "--trainer.logger", "false"]
-    for stage, extra in ((1, ["--model.init_args.feature_layer", "2", "--model.init_args.head_heads", "2"]), (2, [])):
+    for stage, extra in ((1, ["--model.init_args.feature_layer", "2", "--model.init_args.head_heads", "2",
+                              "--model.init_args.head_keys_init", "null"]), (2, [])):
         code, out, err = cli(["fit", "--config", str(root / f"configs/safevlm_stage{stage}.yaml"), *small, *extra])
         assert code == 0, err[-2000:]
         ckpt = torch.load(f"artifacts/safevlm-stage{stage}/checkpoints/best.ckpt", weights_only=True)
