@@ -104,8 +104,9 @@ class SafeVLMGuard:
 
     def __init__(self, target, detector, refusal: Optional[str] = None, threshold: Optional[float] = None,
                  fail_closed: bool = True, lora_threshold: Optional[float] = None):
-        own = float(detector.lora_threshold)
-        self.lora_threshold = check_lora_threshold(detector, own if lora_threshold is None and own == own else lora_threshold)
+        own = float(detector.lora_threshold)  # NaN: the artifact has no gate
+        self.lora_threshold = check_lora_threshold(
+            detector, own if lora_threshold is None and not math.isnan(own) else lora_threshold)
         detector.prepare(target)  # checks the fingerprint, puts the LoRA weights into the target
         self.detector, self.target = detector.to(target.device).eval(), target
         self.refusal = DEFAULT_REFUSAL if refusal is None else str(refusal)
@@ -120,6 +121,10 @@ class SafeVLMGuard:
         enc = encode_prompts(self.target, texts, images, ids, reserve=max_new_tokens + n, for_generate=True)
         return with_slots(enc, n, self.target.tokenizer.pad_token_id or 0)
 
+    def _lora_gate(self, fwd: SafetyForward):
+        """The LoRA gate for one generate, or nothing without a lora_threshold."""
+        return contextlib.nullcontext() if self.lora_threshold is None else LoRAGate(self.detector, fwd, self.lora_threshold)
+
     @torch.no_grad()
     def _generate(self, batch: dict, max_new_tokens: int, gate: bool, **kw):
         det, model = self.detector, self.target.model
@@ -129,13 +134,11 @@ class SafeVLMGuard:
         inputs = {k: v for k, v in model_inputs(batch).items() if k != "position_ids"}  # generate derives them
         vision = det.safety.vision is not None and "pixel_values" in batch
         kw.setdefault("pad_token_id", self.target.tokenizer.pad_token_id)
-        with det.safety_forward(batch, vision=vision) as fwd, (
-                contextlib.nullcontext() if self.lora_threshold is None else LoRAGate(det, fwd, self.lora_threshold)) as lg:
+        with det.safety_forward(batch, vision=vision) as fwd, self._lora_gate(fwd) as lg:
             g = SafetyGate(det, fwd, eos_token_id(self.target), self.threshold, self.fail_closed) if gate else None
             procs = LogitsProcessorList([g] if g else [])
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=procs, **kw)
-        self._engaged = None if lg is None else lg.engaged
-        return out[:, batch["input_ids"].shape[1]:], g
+        return out[:, batch["input_ids"].shape[1]:], g, (None if lg is None else lg.engaged)
 
     def generate(self, texts: Sequence[str], images=None, ids=None, max_new_tokens: int = 128, **kw) -> SafeVLMResult:
         if isinstance(texts, str):
@@ -145,8 +148,8 @@ class SafeVLMGuard:
         texts = list(texts)
         ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(texts))]
         images = list(images) if images is not None else [None] * len(texts)
-        new, gate = self._generate(self._slots(texts, images, ids, max_new_tokens), max_new_tokens, True, **kw)
-        lora = [] if self._engaged is None else [bool(e) for e in self._engaged.cpu().tolist()]
+        new, gate, engaged = self._generate(self._slots(texts, images, ids, max_new_tokens), max_new_tokens, True, **kw)
+        lora = [] if engaged is None else [bool(e) for e in engaged.cpu().tolist()]
         tok = self.target.tokenizer
         stop, levels, types = gate.stop.cpu().tolist(), gate.level.cpu().tolist(), gate.type.cpu().tolist()
         risk = gate.risk.cpu().tolist()
@@ -157,7 +160,7 @@ class SafeVLMGuard:
         if hinted:
             again = [prefixed(texts[i], hint_for(RISK_TYPES[types[i]])) for i in hinted]
             batch = self._slots(again, [images[i] for i in hinted], [ids[i] for i in hinted], max_new_tokens)
-            second, _ = self._generate(batch, max_new_tokens, False, **kw)
+            second, _, _ = self._generate(batch, max_new_tokens, False, **kw)
             for i, row in zip(hinted, second.cpu()):
                 responses[i] = tok.decode(row, skip_special_tokens=True).strip()
         for i, a in enumerate(actions):

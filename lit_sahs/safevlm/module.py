@@ -492,9 +492,9 @@ class SafeVLM(ModelFamily, L.LightningModule):
         return rebuild(cls, meta, tensors, source)
 
     def artifact_tensors(self) -> dict[str, Tensor]:
-        out = {SAFETY_PREFIX + k: v for k, v in self.safety.state_dict().items()}
-        out.update(threshold=self.threshold, **({"lora_threshold": self.lora_threshold}  # NaN: no gate, not saved
-                                                if bool(torch.isfinite(self.lora_threshold)) else {}))
+        out = {SAFETY_PREFIX + k: v for k, v in self.safety.state_dict().items()} | {"threshold": self.threshold}
+        if bool(torch.isfinite(self.lora_threshold)):  # NaN: no gate, not saved
+            out["lora_threshold"] = self.lora_threshold
         lora = self.lora_parameters() or self.lora_state
         out.update({LORA_PREFIX + n: v for n, v in lora.items()})
         return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
