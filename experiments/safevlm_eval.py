@@ -69,19 +69,32 @@ def guarded(guard, texts, max_new_tokens, batch_size):
     return out, actions
 
 
-def gated_thresholds(det, target, dm, fprs) -> dict[float, float]:
-    """{share: the risk at which `det`'s safety head flags that share of the validation split's benign rows},
-    every validation source weighing the same (the level threshold's rule, at other shares)."""
+def gated_thresholds(det, target, dm, fprs, tprs=()) -> dict[str, float]:
+    """{"<share> val benign": the risk at which `det`'s safety head flags that share of the validation split's
+    benign rows, "<share> val harmful": the highest risk that keeps that share of its harmful rows}, every
+    validation source weighing the same (``selection.gate_threshold``, the rules SafeVLM fits in-run)."""
     import torch
 
-    from lit_sahs.safevlm.selection import per_source_threshold
+    from lit_sahs.safevlm.selection import gate_threshold
 
     det.attach(target)
     rows = dm.split_rows("val")
     names = sorted({r["source"] for r in rows})
     scores, labels = torch.as_tensor(det.split_scores(dm, "val")), torch.tensor([int(r["label"]) for r in rows])
     sources = torch.tensor([names.index(r["source"]) for r in rows])
-    return {f: per_source_threshold(scores, labels, sources, f) for f in fprs}
+    return {**{f"{f:g} val benign": gate_threshold(scores, labels, sources, lora_fpr=f) for f in fprs},
+            **{f"{f:g} val harmful": gate_threshold(scores, labels, sources, lora_tpr=f) for f in tprs}}
+
+
+def shares(name: str, value: str) -> list[float]:
+    """Comma-separated shares in (0, 1) of option `name`, or one error line."""
+    try:
+        out = [float(f) for f in str(value).split(",") if f]
+    except ValueError:
+        raise SystemExit(f"error: --{name} takes shares in (0, 1), comma-separated, got {value!r}") from None
+    if any(not 0.0 < f < 1.0 for f in out):
+        raise SystemExit(f"error: --{name} takes shares in (0, 1), got {value!r}")
+    return out
 
 
 def mc_questions(n, seed=0):
@@ -126,7 +139,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         eval_n: int = 24, mc_n: int = 60, max_new_tokens: int = 24, batch_size: int = 8, threads: int = 0,
         joined: bool = True, generate: bool = True, harmful: str = HARMFUL, benign: str = BENIGN,
         val_sources: str = "", plain: bool = True, benign_ratio: float = 1.0, compare: str = "", fit: bool = True,
-        lora_fpr: str = "") -> int:
+        lora_fpr: str = "", lora_tpr: str = "") -> int:
     """SafeVLM stage I and II against the unmodified target and the safety-head guard, on one split.
 
     Args:
@@ -163,6 +176,8 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         lora_fpr: shares of the validation split's benign rows (comma-separated, e.g. 0.25,0.5): each stage II is
             also evaluated with its LoRA adapter gated by its own safety head (``lora_threshold``: the risk that
             flags that share of validation benign rows, sources weighing the same)
+        lora_tpr: the same with the harmful-side rule: the highest risk that keeps the adapter for that share of the
+            validation split's harmful rows (comma-separated, e.g. 0.8,0.9)
     """
     args = dict(locals())
     a = SimpleNamespace(**args)
@@ -177,12 +192,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
             raise SystemExit(f"error: --compare {d}: no trained stage in it (looked for {', '.join(STAGES)}/detector)")
         final = [s for s in found if s.startswith("stage2")] or list(found)
         earlier.update({f"{d.name}: {s}": found[s] for s in final})
-    try:
-        fprs = [float(f) for f in str(a.lora_fpr).split(",") if f]
-    except ValueError:
-        raise SystemExit(f"error: --lora_fpr takes shares in (0, 1), comma-separated, got {a.lora_fpr!r}") from None
-    if any(not 0.0 < f < 1.0 for f in fprs):
-        raise SystemExit(f"error: --lora_fpr takes shares in (0, 1), got {a.lora_fpr!r}")
+    fprs, tprs = shares("lora_fpr", a.lora_fpr), shares("lora_tpr", a.lora_tpr)
     import numpy as np
     import torch
 
@@ -312,10 +322,10 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     lora_thresholds = {}
     for name, (tgt, det) in stage2.items():
         conditions[name] = gen(SafeVLMGuard(tgt, det))
-        if det.lora and fprs:
-            lora_thresholds[name] = gated_thresholds(det, tgt, dm_for(int(det.hparams.num_safety_tokens)), fprs)
-            for f, thr in lora_thresholds[name].items():
-                conditions[f"{name}, LoRA gated at {f:g} val benign"] = gen(SafeVLMGuard(tgt, det, lora_threshold=thr))
+        if det.lora and (fprs or tprs):
+            lora_thresholds[name] = gated_thresholds(det, tgt, dm_for(int(det.hparams.num_safety_tokens)), fprs, tprs)
+            for rule, thr in lora_thresholds[name].items():
+                conditions[f"{name}, LoRA gated at {rule}"] = gen(SafeVLMGuard(tgt, det, lora_threshold=thr))
     conditions["safety-head guard (logistic, top-8)"] = gen(SafetyGuard(base, heads))
     results, reference = {}, {}
     for name, run in conditions.items():

@@ -136,6 +136,7 @@ def test_safevlm_compare_without_a_trained_stage_is_one_error_line(tmp_path):
     (["--fit", "false"], "error: nothing to evaluate: --fit false needs --compare"),
     (["--lora_fpr", "0.5,1.5"], "error: --lora_fpr takes shares in (0, 1), got '0.5,1.5'"),
     (["--lora_fpr", "half"], "error: --lora_fpr takes shares in (0, 1), comma-separated, got 'half'"),
+    (["--lora_tpr", "0.9,1"], "error: --lora_tpr takes shares in (0, 1), got '0.9,1'"),
 ])
 def test_safevlm_eval_refuses_what_it_cannot_evaluate(tmp_path, args, message):
     res = subprocess.run([sys.executable, "experiments/safevlm_eval.py", "--out", str(tmp_path / "out"), *args],

@@ -171,26 +171,27 @@ def test_lora_gate_keeps_the_adapter_for_the_risky_prompts_only(stages):
         SafeVLMGuard(load_target("tiny-llama"), load_detector(stages["tmp"] / "one" / "detector"), lora_threshold=0.5)
 
 
-def test_stage_two_with_lora_fpr_ships_its_gate_in_the_artifact(stages, tmp_path):
-    """lora_fpr calibrates the gate's risk on validation benign rows like the level threshold; the artifact
+@pytest.mark.parametrize("rule", ["lora_fpr", "lora_tpr"])
+def test_stage_two_with_a_gate_rule_ships_its_gate_in_the_artifact(stages, tmp_path, rule):
+    """lora_fpr (lora_tpr) calibrates the gate's risk on validation benign (harmful) rows; the artifact
     keeps it and its guard applies it without being told."""
     from lit_sahs.artifact import load_detector
     from lit_sahs.safevlm import SafeVLM
     from lit_sahs.safevlm.guard import SafeVLMGuard
-    from lit_sahs.safevlm.selection import per_source_threshold
+    from lit_sahs.safevlm.selection import gate_threshold
     from lit_sahs.targets import load_target
 
-    with pytest.raises(LitSahsError, match="lora_fpr gates stage II"):
-        SafeVLM(stage=1, lora_fpr=0.5)
-    two = SafeVLM(stage=2, init_from=str(stages["tmp"] / "one" / "detector"), lora_rank=4, lr=1e-2, lora_fpr=0.5)
+    with pytest.raises(LitSahsError, match=f"{rule} gates stage II"):
+        SafeVLM(stage=1, **{rule: 0.5})
+    two = SafeVLM(stage=2, init_from=str(stages["tmp"] / "one" / "detector"), lora_rank=4, lr=1e-2, **{rule: 0.5})
     dm = _dm(load_target("tiny-llama"), stages["tmp"])
     dm.setup()
     two.start_stage_two(dm.target)
     _fit(two, dm, tmp_path / "gated")
     rows = dm.split_rows("val")
     names = sorted({r["source"] for r in rows})
-    want = per_source_threshold(torch.as_tensor(two.split_scores(dm, "val")), torch.tensor([r["label"] for r in rows]),
-                                torch.tensor([names.index(r["source"]) for r in rows]), 0.5)
+    want = gate_threshold(torch.as_tensor(two.split_scores(dm, "val")), torch.tensor([r["label"] for r in rows]),
+                          torch.tensor([names.index(r["source"]) for r in rows]), **{rule: 0.5})
     assert float(two.lora_threshold) == pytest.approx(want)
     det = load_detector(tmp_path / "gated" / "detector")
     assert float(det.lora_threshold) == pytest.approx(want)
@@ -637,6 +638,29 @@ def test_the_level_threshold_weighs_every_validation_source_the_same():
     assert pooled_flags_all_of(small, torch.cat([big, small]))
     with pytest.raises(LitSahsError, match="no benign rows"):
         per_source_threshold(scores[-2:], labels[-2:], sources[-2:], 0.05)
+
+
+def test_the_harmful_side_gate_keeps_the_adapter_for_its_share_of_every_harmful_source():
+    from lit_sahs.safevlm.selection import check_gate_shares, gate_threshold
+
+    # harmful sources of 100 and 10 rows; benign rows far below every harmful one, which the harmful-side
+    # rule must not look at (the benign-side rule follows them alone)
+    big, small = torch.linspace(0.5, 0.99, 100, dtype=torch.float64), torch.linspace(0.1, 0.4, 10, dtype=torch.float64)
+    benign = torch.linspace(0.0, 0.02, 40, dtype=torch.float64)
+    scores = torch.cat([big, small, benign])
+    labels, sources = torch.tensor([1] * 110 + [0] * 40), torch.tensor([0] * 100 + [1] * 10 + [2] * 40)
+    r = gate_threshold(scores, labels, sources, lora_tpr=0.8)
+    # each source weighs half: every big row and 6 of 10 small rows keep it (0.5 + 0.3 = 0.8); pooled, 80%
+    # of 110 rows would let the small source lose its adapter entirely
+    assert int((big >= r).sum()) == 100 and int((small >= r).sum()) == 6
+    assert gate_threshold(scores, labels, sources, lora_fpr=0.5) < 0.02 < r
+    assert gate_threshold(scores, labels, sources) is None
+    with pytest.raises(LitSahsError, match="has none"):
+        gate_threshold(benign, torch.zeros(40), torch.zeros(40), lora_tpr=0.8)
+    with pytest.raises(LitSahsError, match="one rule"):
+        check_gate_shares(2, 0.5, 0.8)
+    with pytest.raises(LitSahsError, match="lora_tpr gates stage II's adapter: a share in \\(0, 1\\) in stage 2, got 1.0"):
+        check_gate_shares(2, None, 1.0)
 
 
 def pooled_flags_all_of(part, benign):

@@ -51,7 +51,7 @@ def rebuild(cls, meta: Mapping[str, Any], state: Mapping[str, torch.Tensor], sou
         hp["stage"] = 1  # stage and init_from describe how it was trained, not what to load
         hp["init_from"] = None
         hp["head_keys_init"] = None  # the joined heads' weights are in the tensors
-        hp["lora_fpr"] = None  # so is the gate's risk (a stage-II setting, and this loads as stage 1)
+        hp["lora_fpr"] = hp["lora_tpr"] = None  # so is the gate's risk (stage-II settings; this loads as stage 1)
         det = cls(**hp)
         fingerprint = TargetFingerprint.from_dict(meta["fingerprint"])
         dims = {k: int(v) for k, v in dict(meta["dims"]).items()}

@@ -43,8 +43,8 @@ from lit_sahs.safevlm.joined import load_head_detector
 from lit_sahs.safevlm.lora import inject_lora, load_lora, lora_module_names, lora_parameters, target_dims
 from lit_sahs.safevlm.modules import JoinedHeads, SafetyModules
 from lit_sahs.refusal import refusal_token_ids
-from lit_sahs.safevlm.selection import (answer_margin, answer_refusal, finite, per_source_threshold,
-                                       selection_margin)
+from lit_sahs.safevlm.selection import (answer_margin, answer_refusal, check_gate_shares, finite, gate_threshold,
+                                       per_source_threshold, selection_margin)
 from lit_sahs.safevlm.taxonomy import RISK_LEVELS, RISK_TYPES
 from lit_sahs.targets import sites
 
@@ -63,11 +63,11 @@ class SafeVLM(ModelFamily, L.LightningModule):
                  lora_rank: int = 256, lora_alpha: int = 16, lora_dropout: float = 0.05,
                  target_fpr: float = 0.05, token_lr_scale: float = 0.1,
                  head_keys: Optional[Union[str, HeadSet]] = None, head_keys_init: Optional[str] = None,
-                 lora_fpr: Optional[float] = None) -> None:
+                 lora_fpr: Optional[float] = None, lora_tpr: Optional[float] = None) -> None:
         """head_keys: located safety heads ('3.1,5.0') whose first-token outputs join the safety head
         (``safevlm.joined``); head_keys_init: a fitted logistic safety-head detector (artifact
-        directory) they start from — its heads when head_keys is empty. lora_fpr (stage II): the guard keeps
-        LoRA for risks that flag this share of validation benign prompts (``safevlm.lora_gate``)."""
+        directory) they start from — its heads when head_keys is empty. lora_fpr / lora_tpr (stage II): the
+        guard keeps LoRA for risks that flag this share of validation benign / harmful prompts (``selection.gate_threshold``)."""
         super().__init__()
         if isinstance(head_keys, HeadSet):
             head_keys = head_keys.spec()
@@ -88,8 +88,7 @@ class SafeVLM(ModelFamily, L.LightningModule):
                                "(python -m lit_sahs fit --config configs/safevlm_stage1.yaml)")
         if not 0.0 <= target_fpr < 1.0:
             raise LitSahsError(f"target_fpr must lie in [0, 1), got {target_fpr}")
-        if lora_fpr is not None and (stage != 2 or not 0.0 < float(lora_fpr) < 1.0):
-            raise LitSahsError(f"lora_fpr gates stage II's adapter: a share in (0, 1) in stage 2, got {lora_fpr} in stage {stage}")
+        check_gate_shares(stage, lora_fpr, lora_tpr)
         for name, v in (("num_safety_tokens", num_safety_tokens), ("head_heads", head_heads), ("lora_rank", lora_rank)):
             if int(v) < 1:
                 raise LitSahsError(f"{name} must be >= 1, got {v}")
@@ -392,8 +391,8 @@ class SafeVLM(ModelFamily, L.LightningModule):
             sources = self._val_sources.compute().to(preds.device)
             if not self.trainer.sanity_checking and self.trainer.state.fn == "fit" and bool((target == 0).any()):
                 self.threshold.fill_(per_source_threshold(preds, target, sources, self.hparams.target_fpr))
-                if self.hparams.get("lora_fpr") is not None:
-                    self.lora_threshold.fill_(per_source_threshold(preds, target, sources, self.hparams.lora_fpr))
+                gate = gate_threshold(preds, target, sources, self.hparams.get("lora_fpr"), self.hparams.get("lora_tpr"))
+                self.lora_threshold.fill_(float("nan") if gate is None else gate)
             picked = selection_margin(preds, target, sources, float(self.hparams.target_fpr))
             picked.update(answer_margin(self._val_refusal.compute(), target))
             self.log_dict({f"val/{k}": float(v) for k, v in finite(picked).items()})

@@ -20,7 +20,7 @@ anyway: the refusal-opening mass where the answer starts, harmful minus benign.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -58,9 +58,9 @@ def selection_margin(scores: Tensor, labels: Tensor, sources: Tensor, target_fpr
     return {"margin": h - b, "harmful_flagged": h, "benign_flagged": b}
 
 
-def _benign_by_source(scores: Tensor, labels: Tensor, sources: Tensor) -> dict[int, Tensor]:
-    benign = labels == 0
-    return {int(g): scores[benign & (sources == g)] for g in sorted(set(sources[benign].tolist()))}
+def _benign_by_source(scores: Tensor, labels: Tensor, sources: Tensor, label: int = 0) -> dict[int, Tensor]:
+    rows = labels == label
+    return {int(g): scores[rows & (sources == g)] for g in sorted(set(sources[rows].tolist()))}
 
 
 def per_source_threshold(scores: Tensor, labels: Tensor, sources: Tensor, target_fpr: float) -> float:
@@ -71,6 +71,36 @@ def per_source_threshold(scores: Tensor, labels: Tensor, sources: Tensor, target
     scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
     return weighted_threshold(_benign_by_source(scores, torch.as_tensor(labels).flatten().long(),
                                                 torch.as_tensor(sources).flatten().long()), target_fpr)
+
+
+def check_gate_shares(stage: int, lora_fpr: Optional[float], lora_tpr: Optional[float]) -> None:
+    """SafeVLM's LoRA-gate settings: at most one, a share in (0, 1), and only in stage II."""
+    for name, share in (("lora_fpr", lora_fpr), ("lora_tpr", lora_tpr)):
+        if share is not None and (stage != 2 or not 0.0 < float(share) < 1.0):
+            raise LitSahsError(f"{name} gates stage II's adapter: a share in (0, 1) in stage 2, got {share} in stage {stage}")
+    if lora_fpr is not None and lora_tpr is not None:
+        raise LitSahsError("the LoRA gate takes one rule: set lora_fpr (a benign share) or lora_tpr (a harmful share), not both")
+
+
+def gate_threshold(scores: Tensor, labels: Tensor, sources: Tensor, lora_fpr: Optional[float] = None,
+                   lora_tpr: Optional[float] = None) -> Optional[float]:
+    """The risk at and above which stage II's adapter stays on (``safevlm.lora_gate``), from validation
+    rows, every source weighing the same; None without a rule. `lora_fpr`: the risk that flags that share
+    of the benign rows (``per_source_threshold``). `lora_tpr`: the highest risk that keeps the adapter for
+    at least that share of the harmful rows. The benign rule follows the head's scores on alarming but
+    innocent prompts, which can sit far below the test prompts' (half of them under 0.015 in one measured
+    run, so nearly every prompt kept the adapter); the harmful rule follows the prompts the adapter is for."""
+    if lora_fpr is None and lora_tpr is None:
+        return None
+    scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    labels, sources = torch.as_tensor(labels).flatten().long(), torch.as_tensor(sources).flatten().long()
+    if lora_fpr is not None:
+        return per_source_threshold(scores, labels, sources, float(lora_fpr))
+    harmful = _benign_by_source(-scores, labels, sources, label=1)  # negated: "flag" the lowest risks
+    if not harmful:
+        raise LitSahsError("lora_tpr calibrates the LoRA gate on harmful validation rows, and the validation split has none")
+    # at most 1 - lora_tpr of the harmful weight has -risk >= t, i.e. risk <= -t: those lose the adapter
+    return math.nextafter(-weighted_threshold(harmful, 1.0 - float(lora_tpr)), math.inf)
 
 
 def finite(values: dict[str, float]) -> dict[str, float]:
