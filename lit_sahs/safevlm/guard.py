@@ -100,7 +100,7 @@ class SafeVLMGuard:
     target: a loaded ``Target``; detector: a loaded SafeVLM (``lit_sahs.guard.load_guard`` takes paths).
     lora_threshold: with a stage-II SafeVLM, decode with its LoRA adapter only the prompts whose risk is at
     least this (``lora_gate``); the others decode as stage I does. None: the artifact's own (fitted with
-    ``lora_fpr``), else the adapter is on for every prompt; 0 keeps it on for every prompt."""
+    ``lora_fpr`` or ``lora_tpr``), else the adapter is on for every prompt; 0 keeps it on for every prompt."""
 
     def __init__(self, target, detector, refusal: Optional[str] = None, threshold: Optional[float] = None,
                  fail_closed: bool = True, lora_threshold: Optional[float] = None):
