@@ -42,7 +42,7 @@ def selection_margin(scores: Tensor, labels: Tensor, sources: Tensor, target_fpr
     if not scores.shape == labels.shape == sources.shape:
         raise LitSahsError(f"selection_margin needs one label and one source per score, got {scores.numel()} scores, "
                            f"{labels.numel()} labels and {sources.numel()} sources")
-    harmful, by_source = scores[labels == 1], _benign_by_source(scores, labels, sources)
+    harmful, by_source = scores[labels == 1], _by_source(scores, labels, sources)
     if not harmful.numel() or not by_source:
         return {"margin": NAN, "harmful_flagged": NAN, "benign_flagged": NAN}
     if len(by_source) == 1:
@@ -58,7 +58,7 @@ def selection_margin(scores: Tensor, labels: Tensor, sources: Tensor, target_fpr
     return {"margin": h - b, "harmful_flagged": h, "benign_flagged": b}
 
 
-def _benign_by_source(scores: Tensor, labels: Tensor, sources: Tensor, label: int = 0) -> dict[int, Tensor]:
+def _by_source(scores: Tensor, labels: Tensor, sources: Tensor, label: int = 0) -> dict[int, Tensor]:
     rows = labels == label
     return {int(g): scores[rows & (sources == g)] for g in sorted(set(sources[rows].tolist()))}
 
@@ -69,7 +69,7 @@ def per_source_threshold(scores: Tensor, labels: Tensor, sources: Tensor, target
     large benign source does not set it alone. With ``val_sources`` these are sources never trained on:
     the held-out calibration the detectors get by cross-fitting, without fitting SafeVLM once per fold."""
     scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
-    return weighted_threshold(_benign_by_source(scores, torch.as_tensor(labels).flatten().long(),
+    return weighted_threshold(_by_source(scores, torch.as_tensor(labels).flatten().long(),
                                                 torch.as_tensor(sources).flatten().long()), target_fpr)
 
 
@@ -96,7 +96,7 @@ def gate_threshold(scores: Tensor, labels: Tensor, sources: Tensor, lora_fpr: Op
     labels, sources = torch.as_tensor(labels).flatten().long(), torch.as_tensor(sources).flatten().long()
     if lora_fpr is not None:
         return per_source_threshold(scores, labels, sources, float(lora_fpr))
-    harmful = _benign_by_source(-scores, labels, sources, label=1)  # negated: "flag" the lowest risks
+    harmful = _by_source(-scores, labels, sources, label=1)  # negated: "flag" the lowest risks
     if not harmful:
         raise LitSahsError("lora_tpr calibrates the LoRA gate on harmful validation rows, and the validation split has none")
     # at most 1 - lora_tpr of the harmful weight has -risk >= t, i.e. risk <= -t: those lose the adapter
