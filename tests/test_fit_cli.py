@@ -158,8 +158,11 @@ def test_guard_config_parses_and_its_sources_assemble(cli):
     assert {n: labels.get(n) for n in prep["harmful"].split(",")} == {n: 1 for n in prep["harmful"].split(",")}
     assert {n: labels.get(n) for n in benign} == {n: 0 for n in benign}
     cfg = yaml.safe_load(out)
-    assert cfg["model"]["class_path"].endswith("SparseHeadDetector")  # the source-protocol winner (sparse_all)
-    assert cfg["data"]["init_args"]["all_heads"] and cfg["data"]["init_args"]["features"] == "resid,refusal"
+    # the source-protocol winner: logistic on the larger target's top first-token heads
+    assert prep["target"] == "qwen2.5-coder-1.5b-instruct"
+    assert cfg["model"]["class_path"].endswith("LogisticDetector") and cfg["model"]["init_args"]["l2"] == 0.9
+    data = cfg["data"]["init_args"]
+    assert data["top_k"] == 9 and data["ranking"].startswith(data["store"] + "/") and not data["all_heads"]
     assert cfg["trainer"]["callbacks"][0]["class_path"] == "lit_sahs.crossfit.CrossFitCalibration"
 
 
