@@ -143,3 +143,11 @@ def test_safevlm_eval_refuses_what_it_cannot_evaluate(tmp_path, args, message):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and res.stderr.strip().splitlines() == [message]
     assert not (tmp_path / "out").exists()
+
+
+def test_judge_band_check_reads_bands_and_refuses_one_upside_down():
+    parse = runpy.run_path(str(ROOT / "experiments" / "judge_band_check.py"), run_name="experiment")["parse_bands"]
+    assert parse("0.5,0.9;0.1,0.99") == [(0.5, 0.9), (0.1, 0.99)]
+    for bad in ("0.9,0.1", "0.2,1.5", ""):
+        with pytest.raises(SystemExit, match="^error: --bands"):
+            parse(bad)

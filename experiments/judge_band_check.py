@@ -1,0 +1,133 @@
+"""The target as a second stage: on a fitted detector's held-out rows, what does the target's own verdict
+(`lit_sahs.self_judge`) add in an uncertain band of detector scores?
+
+The held-out split is the one the detector's config held out (sources and attack families, read from its
+store's index, so the rows are the ones its report scored). `Screener` scores them live with the detector and
+runs the judge prefill on every row (band 0-1), so every band can be evaluated from one run: inside a band the
+judge decides (flagged where it leans to "unsafe"), outside it the detector's threshold does, exactly as
+`screen --judge_band LO,HI` and `guard --judge_band` decide.
+
+    python experiments/judge_band_check.py --detector artifacts/guard/detector \\
+        --store stores/guard-qwen2.5-coder-1.5b --out experiments/results/judge-band-guard-qwen2.5-coder-1.5b
+
+Writes rows.jsonl (score, judge log-odds, label per prompt), report.json, report.md and scores.png.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lit_sahs.commands import script_main
+
+BANDS = "0.5,0.9;0.3,0.9;0.2,0.95;0.1,0.99"
+
+
+def rates(flagged: np.ndarray, labels: np.ndarray) -> dict:
+    """Held-out benign FPR and harmful TPR of a decision."""
+    return {"benign_fpr": float(flagged[labels == 0].mean()), "harmful_tpr": float(flagged[labels == 1].mean())}
+
+
+def parse_bands(text: str) -> list[tuple[float, float]]:
+    out = []
+    for part in (p for p in text.split(";") if p):
+        lo, hi = (float(v) for v in part.split(","))
+        if not 0 <= lo <= hi <= 1:
+            raise SystemExit(f"error: --bands: {part!r} is not LO,HI with 0 <= LO <= HI <= 1")
+        out.append((lo, hi))
+    if not out:
+        raise SystemExit("error: --bands: give at least one LO,HI")
+    return out
+
+
+def run(detector: str = "artifacts/guard/detector", store: str = "stores/guard-qwen2.5-coder-1.5b",
+        out: str = "experiments/results/judge-band", held_out_sources: str = "past_tense,sharegpt_instructions",
+        held_out_families: str = "dan", bands: str = BANDS, batch_size: int = 4, threads: int = 0) -> int:
+    """Detector alone, judge alone and the two-stage cascade on the detector's held-out rows.
+
+    Args:
+        detector: a fitted detector artifact (its target is loaded)
+        store: the store the detector was fitted on (its index holds the prompts)
+        out: output directory
+        held_out_sources: the sources the detector's fit held out (comma-separated)
+        held_out_families: the attack families it held out
+        bands: detector-score bands the judge decides, 'LO,HI;LO,HI'
+        batch_size: prompts per forward
+        threads: torch CPU threads (0: torch's default)
+    """
+    band_list = parse_bands(bands)
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from lit_sahs.data.store import ActivationStore
+    from lit_sahs.detectors.metrics import compute_report
+    from lit_sahs.screen import Screener
+
+    srcs = {s for s in held_out_sources.split(",") if s}
+    fams = {f for f in held_out_families.split(",") if f}
+    rows = [r for r in ActivationStore.open(store).index() if r["source"] in srcs or r["attack_family"] in fams]
+    labels = np.array([int(r["label"]) for r in rows])
+    if len(set(labels.tolist())) < 2:
+        raise SystemExit(f"error: the held-out rows of {store} ({len(rows)}) do not hold both classes")
+    t = time.time()
+    screener = Screener(None, detector, batch_size=batch_size, judge_band=(0.0, 1.0))
+    res = screener.score([r["text"] for r in rows], ids=[r["id"] for r in rows], progress=True)
+    seconds = time.time() - t
+    scores, logodds, thr = res.scores, res.judge_logodds, res.threshold
+    alone = scores >= thr
+    report = {"detector_path": detector, "store": store, "held_out": {"sources": sorted(srcs), "families": sorted(fams)},
+              "n": len(rows), "n_harmful": int(labels.sum()), "threshold": thr, "seconds": seconds,
+              "detector": compute_report(scores, labels, threshold=thr)["overall"],
+              "judge": compute_report(logodds, labels, threshold=0.0)["overall"],
+              "judge_says_unsafe": {"harmful": float((logodds[labels == 1] > 0).mean()),
+                                    "benign": float((logodds[labels == 0] > 0).mean())},
+              "detector_alone": rates(alone, labels), "judge_alone": rates(logodds > 0, labels), "bands": []}
+    for lo, hi in band_list:
+        inside = (scores >= lo) & (scores <= hi)
+        flagged = np.where(inside, logodds > 0, alone)
+        report["bands"].append({"band": [lo, hi], "judged_share": float(inside.mean()), **rates(flagged, labels)})
+    outdir = Path(out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    with open(outdir / "rows.jsonl", "w") as f:
+        for r, s, v in zip(rows, scores.tolist(), logodds.tolist()):
+            f.write(json.dumps({"id": r["id"], "source": r["source"], "attack": r["attack"], "label": int(r["label"]),
+                                "score": s, "judge_logodds": v}) + "\n")
+    (outdir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    lines = [f"Held-out rows of {store} ({report['n']}, {report['n_harmful']} harmful; sources {', '.join(sorted(srcs))}, "
+             f"families {', '.join(sorted(fams))}); detector {detector}, threshold {thr:.3f}. AUROC / TPR@1%FPR: detector "
+             f"{report['detector']['auroc']:.3f} / {report['detector']['tpr_at_1fpr']:.3f}, judge alone "
+             f"{report['judge']['auroc']:.3f} / {report['judge']['tpr_at_1fpr']:.3f}. The judge says unsafe for "
+             f"{report['judge_says_unsafe']['harmful']:.0%} of harmful and {report['judge_says_unsafe']['benign']:.0%} "
+             f"of benign prompts.", "", "| decision | share judged | held-out benign FPR | held-out harmful TPR |",
+             "|---|---:|---:|---:|",
+             f"| detector alone | 0 | {report['detector_alone']['benign_fpr']:.3f} | {report['detector_alone']['harmful_tpr']:.3f} |",
+             f"| judge alone | 1 | {report['judge_alone']['benign_fpr']:.3f} | {report['judge_alone']['harmful_tpr']:.3f} |"]
+    lines += [f"| judge inside [{b['band'][0]}, {b['band'][1]}] | {b['judged_share']:.2f} | {b['benign_fpr']:.3f} | "
+              f"{b['harmful_tpr']:.3f} |" for b in report["bands"]]
+    (outdir / "report.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for lab, color, name in ((0, "tab:blue", "benign"), (1, "tab:red", "harmful")):
+        m = labels == lab
+        ax.scatter(scores[m], logodds[m], s=12, alpha=0.6, color=color, label=name)
+    ax.axvline(thr, color="k", lw=0.8, ls="--", label=f"detector threshold {thr:.2f}")
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xlabel("detector score")
+    ax.set_ylabel("judge log-odds of 'unsafe'")
+    ax.set_title("held-out rows: detector score vs the target's own verdict")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(outdir / "scores.png", dpi=120)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(script_main(run))
