@@ -44,7 +44,8 @@ def parse_bands(text: str) -> list[tuple[float, float]]:
 
 def run(detector: str = "artifacts/guard/detector", store: str = "stores/guard-qwen2.5-coder-1.5b",
         out: str = "experiments/results/judge-band", held_out_sources: str = "past_tense,sharegpt_instructions",
-        held_out_families: str = "dan", bands: str = BANDS, batch_size: int = 4, threads: int = 0) -> int:
+        held_out_families: str = "dan", bands: str = BANDS, sample: int = 0, batch_size: int = 4,
+        threads: int = 0) -> int:
     """Detector alone, judge alone and the two-stage cascade on the detector's held-out rows.
 
     Args:
@@ -54,6 +55,7 @@ def run(detector: str = "artifacts/guard/detector", store: str = "stores/guard-q
         held_out_sources: the sources the detector's fit held out (comma-separated)
         held_out_families: the attack families it held out
         bands: detector-score bands the judge decides, 'LO,HI;LO,HI'
+        sample: judge this many held-out rows, drawn at random (seed 0) with both classes in proportion (0: all)
         batch_size: prompts per forward
         threads: torch CPU threads (0: torch's default)
     """
@@ -69,6 +71,13 @@ def run(detector: str = "artifacts/guard/detector", store: str = "stores/guard-q
     srcs = {s for s in held_out_sources.split(",") if s}
     fams = {f for f in held_out_families.split(",") if f}
     rows = [r for r in ActivationStore.open(store).index() if r["source"] in srcs or r["attack_family"] in fams]
+    if sample:  # a random share of each class: the long jailbreak prompts cost seconds each on a CPU
+        rng = np.random.default_rng(0)
+        keep = []
+        for label in (0, 1):
+            idx = [i for i, r in enumerate(rows) if int(r["label"]) == label]
+            keep += rng.choice(idx, size=min(len(idx), round(sample * len(idx) / len(rows))), replace=False).tolist()
+        rows = [rows[i] for i in sorted(keep)]
     labels = np.array([int(r["label"]) for r in rows])
     if len(set(labels.tolist())) < 2:
         raise SystemExit(f"error: the held-out rows of {store} ({len(rows)}) do not hold both classes")
