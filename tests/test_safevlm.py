@@ -368,7 +368,7 @@ def test_the_shipped_joined_recipe_runs_from_its_three_configs(tmp_path, monkeyp
     assert code == 0, err[-2000:]
     meta = json.loads((tmp_path / "artifacts/safevlm-stage2/detector/detector.json").read_text())
     assert meta["stages"] == [1, 2] and meta["hparams"]["feature_layer"] == 2 and meta["lora"]["rank"] == 16
-    assert meta["hparams"]["head_keys"] == "0.1,1.0" and meta["hparams"]["lora_fpr"] == 0.5
+    assert meta["hparams"]["head_keys"] == "0.1,1.0" and meta["hparams"]["lora_tpr"] == 0.75 and meta["hparams"]["lora_fpr"] is None
     gate = float(load_file("artifacts/safevlm-stage2/detector/detector.safetensors")["lora_threshold"])
     code, out, err = cli(["guard", "--detector", "artifacts/safevlm-stage2/detector", "--prompt", "Name a river",
                           "--max_new_tokens", "3"])
