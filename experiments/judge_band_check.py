@@ -67,6 +67,7 @@ def run(detector: str = "artifacts/guard/detector", store: str = "stores/guard-q
     from lit_sahs.data.store import ActivationStore
     from lit_sahs.detectors.metrics import compute_report
     from lit_sahs.screen import Screener
+    from lit_sahs.self_judge import band_decisions
 
     srcs = {s for s in held_out_sources.split(",") if s}
     fams = {f for f in held_out_families.split(",") if f}
@@ -95,8 +96,8 @@ def run(detector: str = "artifacts/guard/detector", store: str = "stores/guard-q
                                     "benign": float((logodds[labels == 0] > 0).mean())},
               "detector_alone": rates(alone, labels), "judge_alone": rates(logodds > 0, labels), "bands": []}
     for lo, hi in band_list:
-        inside = (scores >= lo) & (scores <= hi)
-        flagged = np.where(inside, logodds > 0, alone)
+        # the product's own second-stage rule, fed the verdicts already computed for every row
+        flagged, inside, _ = band_decisions(scores, alone, (lo, hi), lambda rows: logodds[rows])
         report["bands"].append({"band": [lo, hi], "judged_share": float(inside.mean()), **rates(flagged, labels)})
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
