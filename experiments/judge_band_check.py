@@ -2,10 +2,12 @@
 (`lit_sahs.self_judge`) add in an uncertain band of detector scores?
 
 The held-out split is the one the detector's config held out (sources and attack families, read from its
-store's index, so the rows are the ones its report scored). `Screener` scores them live with the detector and
-runs the judge prefill on every row (band 0-1), so every band can be evaluated from one run: inside a band the
-judge decides (flagged where it leans to "unsafe"), outside it the detector's threshold does, exactly as
-`screen --judge_band LO,HI` and `guard --judge_band` decide.
+store's index, so the rows are the ones its report scored). With ``--scoring live`` `Screener` scores them with
+the detector and runs the judge prefill on every row; with ``--scoring store`` (a store extracted with
+``--judge true``) both come from the store, which holds the same activations. Every rule is then read from one
+set of scores: the detector alone, the judge alone, the detector's own calibrated rule (``calibrate
+--judge_band``: band and cut fitted on out-of-source benign rows of the training sources, which is what
+`screen` and `guard` apply) and, for comparison, each of ``--bands`` with an uncalibrated cut at log-odds 0.
 
     python experiments/judge_band_check.py --detector artifacts/guard/detector \\
         --store stores/guard-qwen2.5-coder-1.5b --out experiments/results/judge-band-guard-qwen2.5-coder-1.5b
@@ -45,7 +47,7 @@ def parse_bands(text: str) -> list[tuple[float, float]]:
 def run(detector: str = "artifacts/guard/detector", store: str = "stores/guard-qwen2.5-coder-1.5b",
         out: str = "experiments/results/judge-band", held_out_sources: str = "past_tense,sharegpt_instructions",
         held_out_families: str = "dan", bands: str = BANDS, sample: int = 0, batch_size: int = 4,
-        threads: int = 0) -> int:
+        threads: int = 0, scoring: str = "live") -> int:
     """Detector alone, judge alone and the two-stage cascade on the detector's held-out rows.
 
     Args:
@@ -58,8 +60,12 @@ def run(detector: str = "artifacts/guard/detector", store: str = "stores/guard-q
         sample: judge this many held-out rows, drawn at random (seed 0) with both classes in proportion (0: all)
         batch_size: prompts per forward
         threads: torch CPU threads (0: torch's default)
+        scoring: live (the target runs the detector's forward and the judge prefill) or store (both read
+            from a store extracted with --judge true)
     """
     band_list = parse_bands(bands)
+    if scoring not in ("live", "store"):
+        raise SystemExit(f"error: --scoring must be live or store, got {scoring!r}")
     import torch
 
     if threads:
@@ -67,11 +73,12 @@ def run(detector: str = "artifacts/guard/detector", store: str = "stores/guard-q
     from lit_sahs.data.store import ActivationStore
     from lit_sahs.detectors.metrics import compute_report
     from lit_sahs.screen import Screener
-    from lit_sahs.self_judge import band_decisions
+    from lit_sahs.self_judge import JudgeRule, band_decisions, stored_rule
 
     srcs = {s for s in held_out_sources.split(",") if s}
     fams = {f for f in held_out_families.split(",") if f}
-    rows = [r for r in ActivationStore.open(store).index() if r["source"] in srcs or r["attack_family"] in fams]
+    st = ActivationStore.open(store)
+    rows = [r for r in st.index() if r["source"] in srcs or r["attack_family"] in fams]
     if sample:  # a random share of each class: the long jailbreak prompts cost seconds each on a CPU
         rng = np.random.default_rng(0)
         keep = []
@@ -83,21 +90,40 @@ def run(detector: str = "artifacts/guard/detector", store: str = "stores/guard-q
     if len(set(labels.tolist())) < 2:
         raise SystemExit(f"error: the held-out rows of {store} ({len(rows)}) do not hold both classes")
     t = time.time()
-    screener = Screener(None, detector, batch_size=batch_size, judge_band=(0.0, 1.0))
-    res = screener.score([r["text"] for r in rows], ids=[r["id"] for r in rows], progress=True)
+    if scoring == "live":  # every row judged: any band can then be read from this one run
+        screener = Screener(None, detector, batch_size=batch_size, judge_band=(0.0, 1.0), judge_cut=0.0)
+        res = screener.score([r["text"] for r in rows], ids=[r["id"] for r in rows], progress=True)
+        scores, logodds, thr, det = res.scores, res.judge_logodds, res.threshold, screener.detector
+    else:
+        from lit_sahs.artifact import load_detector
+        from lit_sahs.data.extra_features import JUDGE_EXTRA, read_inputs
+
+        det = load_detector(detector)
+        position = {r["id"]: i for i, r in enumerate(st.index())}
+        pos = [position[r["id"]] for r in rows]
+        scores = np.asarray(det.scores(read_inputs(st, det.head_set, det.feature_spec, det.geometry.head_dim, rows=pos)),
+                            dtype=np.float64)
+        logodds = st.read_extra(JUDGE_EXTRA, rows=pos).astype(np.float64).reshape(-1)
+        thr = float(det.threshold)
     seconds = time.time() - t
-    scores, logodds, thr = res.scores, res.judge_logodds, res.threshold
     alone = scores >= thr
+    rule = stored_rule(det.judge, detector)
     report = {"detector_path": detector, "store": store, "held_out": {"sources": sorted(srcs), "families": sorted(fams)},
               "n": len(rows), "n_harmful": int(labels.sum()), "threshold": thr, "seconds": seconds,
               "detector": compute_report(scores, labels, threshold=thr)["overall"],
               "judge": compute_report(logodds, labels, threshold=0.0)["overall"],
               "judge_says_unsafe": {"harmful": float((logodds[labels == 1] > 0).mean()),
                                     "benign": float((logodds[labels == 0] > 0).mean())},
-              "detector_alone": rates(alone, labels), "judge_alone": rates(logodds > 0, labels), "bands": []}
+              "detector_alone": rates(alone, labels), "judge_alone": rates(logodds > 0, labels), "bands": [],
+              "scoring": scoring}
+    # the product's own second-stage rule, fed the verdicts already computed for every row
+    if rule is not None:
+        flagged, inside, _ = band_decisions(scores, alone, rule, lambda rows: logodds[rows])
+        report["calibrated"] = {"band": list(rule.band), "cut": rule.cut, "judged_share": float(inside.mean()),
+                                "promised_fpr": det.judge.get("fpr"), "target_fpr": det.judge.get("target_fpr"),
+                                **rates(flagged, labels)}
     for lo, hi in band_list:
-        # the product's own second-stage rule, fed the verdicts already computed for every row
-        flagged, inside, _ = band_decisions(scores, alone, (lo, hi), lambda rows: logodds[rows])
+        flagged, inside, _ = band_decisions(scores, alone, JudgeRule((lo, hi), 0.0), lambda rows: logodds[rows])
         report["bands"].append({"band": [lo, hi], "judged_share": float(inside.mean()), **rates(flagged, labels)})
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -114,9 +140,15 @@ def run(detector: str = "artifacts/guard/detector", store: str = "stores/guard-q
              f"of benign prompts.", "", "| decision | share judged | held-out benign FPR | held-out harmful TPR |",
              "|---|---:|---:|---:|",
              f"| detector alone | 0 | {report['detector_alone']['benign_fpr']:.3f} | {report['detector_alone']['harmful_tpr']:.3f} |",
-             f"| judge alone | 1 | {report['judge_alone']['benign_fpr']:.3f} | {report['judge_alone']['harmful_tpr']:.3f} |"]
-    lines += [f"| judge inside [{b['band'][0]}, {b['band'][1]}] | {b['judged_share']:.2f} | {b['benign_fpr']:.3f} | "
-              f"{b['harmful_tpr']:.3f} |" for b in report["bands"]]
+             f"| judge alone (cut 0) | 1 | {report['judge_alone']['benign_fpr']:.3f} | "
+             f"{report['judge_alone']['harmful_tpr']:.3f} |"]
+    if rule is not None:
+        c = report["calibrated"]
+        lines.append(f"| **the detector's calibrated rule: judge inside [{c['band'][0]:g}, {c['band'][1]:g}], cut "
+                     f"{c['cut']:.2f}** (promised benign FPR {c['promised_fpr']:.3f}) | {c['judged_share']:.2f} | "
+                     f"{c['benign_fpr']:.3f} | {c['harmful_tpr']:.3f} |")
+    lines += [f"| judge inside [{b['band'][0]}, {b['band'][1]}], uncalibrated cut 0 | {b['judged_share']:.2f} | "
+              f"{b['benign_fpr']:.3f} | {b['harmful_tpr']:.3f} |" for b in report["bands"]]
     (outdir / "report.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -129,6 +161,10 @@ def run(detector: str = "artifacts/guard/detector", store: str = "stores/guard-q
         ax.scatter(scores[m], logodds[m], s=12, alpha=0.6, color=color, label=name)
     ax.axvline(thr, color="k", lw=0.8, ls="--", label=f"detector threshold {thr:.2f}")
     ax.axhline(0, color="gray", lw=0.8)
+    if rule is not None:
+        ax.axhline(rule.cut, color="tab:green", lw=0.8, label=f"calibrated cut {rule.cut:.2f}")
+        for edge in rule.band:
+            ax.axvline(edge, color="tab:green", lw=0.6, ls=":")
     ax.set_xlabel("detector score")
     ax.set_ylabel("judge log-odds of 'unsafe'")
     ax.set_title("held-out rows: detector score vs the target's own verdict")

@@ -41,6 +41,17 @@ def at_least(values: Mapping[str, Any], minimum: int) -> None:
 
 
 
+#: ``judge_band`` value that turns the judge's second stage off, even where the detector carries one.
+JUDGE_OFF = "off"
+
+
+def judge_band_arg(value: Any) -> Any:
+    """A ``--judge_band`` value checked: ``"off"``, or 'LO,HI' as (lo, hi), or None (the detector's own)."""
+    if isinstance(value, str) and value.strip().lower() == JUDGE_OFF:
+        return JUDGE_OFF
+    return probability_band(value)
+
+
 def probability_band(value: Any, what: str = "--judge_band") -> Optional[tuple[float, float]]:
     """'LO,HI' (or a pair) as two probabilities with LO <= HI; None or '' is no band."""
     if value is None or (isinstance(value, str) and not value.strip()):

@@ -27,7 +27,7 @@ from typing import Optional
 import lightning as L
 import numpy as np
 
-from lit_sahs.checks import probability
+from lit_sahs.checks import probability, probability_band
 from lit_sahs.choices import Pairing
 from lit_sahs.data.holdout import Holdout
 from lit_sahs.detectors.metrics import weighted_threshold
@@ -41,12 +41,15 @@ METHOD = "crossfit_sources"
 @dataclass
 class CrossFitThreshold:
     """A threshold cross-fitted over source folds. `per_source`: each benign source's rows and the
-    share of them flagged at `threshold` (scored by the fold fit that left the source out)."""
+    share of them flagged at `threshold` (scored by the fold fit that left the source out). `benign`:
+    each source's (row ids, out-of-source scores), what the judge band's cut is fitted on
+    (``lit_sahs.judge_cut``); kept in memory only."""
 
     threshold: float
     target_fpr: float
     folds: list[str]
     per_source: dict[str, dict] = field(default_factory=dict)
+    benign: dict[str, tuple[list[str], np.ndarray]] = field(default_factory=dict, repr=False)
 
     def metadata(self) -> dict:
         """What an artifact records about its threshold (JSON-safe)."""
@@ -69,6 +72,7 @@ def crossfit_threshold(folds: Folds, family: str, hparams: Optional[dict], k: in
     except LitSahsError as e:
         raise LitSahsError(f"cannot cross-fit the threshold over the training sources: {e}") from None
     scores: dict[str, list[np.ndarray]] = {}
+    ids: dict[str, list[str]] = {}
     for hold in tqdm(inner, desc="cross-fitting the threshold", unit="fold", disable=not progress, leave=False):
         fit = fit_fold(folds, family, hparams, k, Holdout(held_out.families, held_out.sources + hold.sources),
                        max_epochs=max_epochs, target_fpr=target_fpr, features=features, all_heads=all_heads)
@@ -79,10 +83,12 @@ def crossfit_threshold(folds: Folds, family: str, hparams: Optional[dict], k: in
                              and r.get("attack_family", "plain") not in held_out.families for r in test])
             if mask.any():
                 scores.setdefault(src, []).append(s[mask])
+                ids.setdefault(src, []).extend(str(r["id"]) for r, m in zip(test, mask) if m)
     pooled = {src: np.concatenate(v) for src, v in scores.items()}
     t = weighted_threshold(pooled, target_fpr)
     per_source = {src: {"rows": int(len(v)), "fpr": float((v >= t).mean())} for src, v in sorted(pooled.items())}
-    return CrossFitThreshold(t, float(target_fpr), [h.name for h in inner], per_source)
+    return CrossFitThreshold(t, float(target_fpr), [h.name for h in inner], per_source,
+                             {src: (ids[src], v) for src, v in pooled.items()})
 
 
 def crossfit_detector(det: ModelFamily, folds: Folds, held_out: Holdout = Holdout(), target_fpr: Optional[float] = None,
@@ -104,6 +110,7 @@ def crossfit_detector(det: ModelFamily, folds: Folds, held_out: Holdout = Holdou
                             all_heads=len(det.head_set) == g.num_layers * g.num_heads, progress=progress)
     det.threshold.fill_(cf.threshold)
     det.calibration = cf.metadata()
+    det.judge = None  # a judge cut fitted at the old threshold no longer keeps its FPR (lit_sahs.judge_cut)
     return cf
 
 
@@ -124,13 +131,19 @@ class CrossFitCalibration(L.Callback):
         max_epochs: epochs per inner fit (default: the outer fit's)
         relocate: with a ranking, locate the heads again inside each inner fold (else its top-k)
         target_fpr: share of an unseen source's benign prompts to flag (default: the detector's own)
+        judge_band: [LO, HI]: also fit the cut of the judge's second stage for this band of scores on
+            the same out-of-source benign rows (``lit_sahs.judge_cut``; the store's judge extra, else
+            a judge prefill on the target), shipped with the detector
     """
 
     def __init__(self, pairing: Pairing = "round_robin", min_rows: int = 10, max_epochs: Optional[int] = None,
-                 relocate: bool = True, target_fpr: Optional[float] = None):
+                 relocate: bool = True, target_fpr: Optional[float] = None,
+                 judge_band: Optional[list[float]] = None):
         self.pairing, self.min_rows, self.max_epochs = pairing, min_rows, max_epochs
         self.relocate, self.target_fpr = relocate, target_fpr
+        self.judge_band = probability_band(judge_band, "judge_band")
         self.result: Optional[CrossFitThreshold] = None
+        self.judge: Optional[dict] = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lit_sahs.data.datamodules import CachedActivationDataModule
@@ -155,8 +168,17 @@ class CrossFitCalibration(L.Callback):
         ps = ", ".join(f"{s} {v['fpr']:.2f}" for s, v in self.result.per_source.items())
         print(f"threshold cross-fitted over {len(self.result.folds)} source folds: {self.result.threshold:.4f} "
               f"(target FPR {self.result.target_fpr:.0%}; each left-out benign source flagged at it: {ps})")
+        if self.judge_band is not None:
+            from lit_sahs.judge_cut import calibrate_judge, live_judge
+
+            self.judge = calibrate_judge(pl_module, self.result, folds.store, self.judge_band,
+                                         live_judge(pl_module, str(pl_module.device)), progress=True)
+            print(f"judge cut for the band {self.judge_band[0]:g}-{self.judge_band[1]:g}: {self.judge['cut']:.3f} "
+                  f"log-odds ({self.judge['judged']:.0%} of cross-fitted benign rows judged; benign FPR "
+                  f"{self.judge['fpr_detector']:.3f} detector alone, {self.judge['fpr']:.3f} with the judge)")
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.result is not None:  # the best checkpoint restored its own (validation) threshold
             pl_module.threshold.fill_(self.result.threshold)
             pl_module.calibration = self.result.metadata()
+            pl_module.judge = self.judge

@@ -52,6 +52,8 @@ class ModelFamily(abc.ABC):
     fingerprint: Optional[TargetFingerprint]
     # how the threshold was set when not on the validation benign prompts (``lit_sahs.crossfit``)
     calibration: Optional[dict] = None
+    # the judge band's calibrated cut, when the detector has one (``lit_sahs.judge_cut``)
+    judge: Optional[dict] = None
 
     # ------------------------------------------------------------------ identity and target
 
@@ -119,11 +121,13 @@ class ModelFamily(abc.ABC):
 
     @abc.abstractmethod
     def make_guard(self, target, refusal: Optional[str] = None, threshold: Optional[float] = None,
-                   fail_closed: bool = True):
+                   fail_closed: bool = True, judge_band=None):
         """A guard for generation on `target`: an object with ``generate(texts, images=None, ids=None,
         max_new_tokens=128, **generate_kwargs)`` returning a ``lit_sahs.guarding.GuardResult``. Each of
         `texts` is a user prompt or a conversation (a list of {role, content} messages ending with the
-        user's turn), encoded by ``prompts.encode_prompts``."""
+        user's turn), encoded by ``prompts.encode_prompts``. `judge_band`: the uncertain band the
+        target's own verdict decides (``lit_sahs.self_judge.judge_rule``: None = the detector's
+        calibrated one, if any; "off" = none); a family without that second stage refuses a band."""
 
     # ------------------------------------------------------------------ reports
 

@@ -50,11 +50,8 @@ def guard_command(a: GuardOptions) -> int:
     if a.batch_size < 1:
         raise LitSahsError(f"batch_size must be >= 1, got {a.batch_size}")
     det, target = a.load()
-    guard = det.make_guard(target, refusal=a.refusal, fail_closed=a.fail_closed, threshold=a.threshold)
-    if a.band() is not None:
-        if not hasattr(guard, "judge_band"):
-            raise LitSahsError(f"--judge_band applies to safety-head detectors; this is a {det.family} detector")
-        guard.judge_band = a.band()
+    guard = det.make_guard(target, refusal=a.refusal, fail_closed=a.fail_closed, threshold=a.threshold,
+                           judge_band=a.band())
     out, unscored, reasons = [], 0, []
     from tqdm.auto import tqdm
 

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence, TypeVar
 
-from lit_sahs.checks import at_least, optional_probability, probability_band
+from lit_sahs.checks import at_least, optional_probability, judge_band_arg
 from lit_sahs.commands import parse_command
 from lit_sahs.choices import DEFAULT_REFUSAL, Dtype, Truncate, truncate_side
 from lit_sahs.devices import Device
@@ -39,7 +39,8 @@ class DetectorOptions:
             fit: left (keep the end) or right (keep the start)
         judge_band: LO,HI: prompts whose detector score lies in [LO, HI] are decided by the target's
             own verdict (a second short prefill asking it whether the prompt is safe or unsafe;
-            flagged where it leans to unsafe), the others by the detector alone
+            flagged where its log-odds reach the cut `calibrate --judge_band` fitted), the others by
+            the detector alone; default: the detector's calibrated band, if any; off: none
     """
 
     detector: str
@@ -58,12 +59,12 @@ class DetectorOptions:
 
     def __post_init__(self) -> None:
         truncate_side(self.truncate)  # a bad value fails before anything loads
-        probability_band(self.judge_band)
+        judge_band_arg(self.judge_band)
         self._rows: Optional[list[dict]] = None
 
-    def band(self) -> Optional[tuple[float, float]]:
-        """``judge_band`` as (lo, hi), or None."""
-        return probability_band(self.judge_band)
+    def band(self):
+        """``judge_band`` as (lo, hi), "off", or None (the detector's calibrated band, if any)."""
+        return judge_band_arg(self.judge_band)
 
     def rows(self) -> list[dict]:
         """The prompts (read once); ``load`` checks them against the target's context."""

@@ -15,9 +15,11 @@ full forward: see experiments/benchmarks/guard.py. A detector fitted with extra 
 (``--data.features resid,refusal``) gets them from the same forward, run to the end: the refusal
 probability needs the logits; the judge feature runs its own short prefill (``lit_sahs.self_judge``).
 
-A judge band (``judge_band=(lo, hi)``, ``--judge_band LO,HI``) makes the target's own verdict a second
-stage: prompts whose detector score lies in the band are decided by the judge prefill (flagged where
-it leans to "unsafe"), the others by the detector alone; ``ScreenResult.judged`` marks which.
+A judge band makes the target's own verdict a second stage: prompts whose detector score lies in the
+band are decided by the judge prefill (flagged where its log-odds of "unsafe" reach the calibrated
+cut), the others by the detector alone; ``ScreenResult.judged`` marks which. A detector calibrated
+with ``calibrate --judge_band LO,HI`` carries band and cut and uses them by default; ``--judge_band off``
+turns them off (``lit_sahs.self_judge.judge_rule``).
 
     screener = Screener("smollm2-135m-instruct", "artifacts/quickstart/detector")
     result = screener.score(["What is the capital of France?", "How do I make a bomb?"])
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lit_sahs.checks import optional_probability, probability_band
+from lit_sahs.checks import optional_probability
 from lit_sahs.data.user_files import parse_label
 from lit_sahs.detectors.metrics import summary_metrics
 from lit_sahs.errors import LitSahsError
@@ -49,7 +51,7 @@ from lit_sahs.loading import load_detector_and_target
 from lit_sahs.options import ScreenOptions
 from lit_sahs.outputs import check_outputs
 from lit_sahs.prompts import encode_prompts, write_jsonl
-from lit_sahs.self_judge import band_decisions, judge_logodds
+from lit_sahs.self_judge import band_decisions, judge_logodds, judge_rule
 from lit_sahs.targets import Target
 
 
@@ -87,7 +89,7 @@ class Screener:
 
     def __init__(self, target: Target | str | None, detector: ModelFamily | str | os.PathLike,
                  threshold: Optional[float] = None, batch_size: int = 16, tracking_uri: Optional[str] = None,
-                 device: Optional[str | torch.device] = None, judge_band: Optional[tuple[float, float]] = None):
+                 device: Optional[str | torch.device] = None, judge_band=None, judge_cut: Optional[float] = None):
         det, target = load_detector_and_target(detector, target, device=device, tracking_uri=tracking_uri)
         if batch_size < 1:
             raise LitSahsError(f"batch_size must be >= 1, got {batch_size}")
@@ -95,7 +97,7 @@ class Screener:
         override = threshold_override(threshold)
         self.threshold = float(det.threshold) if override is None else override
         self.batch_size = batch_size
-        self.judge_band = probability_band(judge_band, "judge_band")  # (lo, hi): decided by the target's own verdict
+        self.judge_rule = judge_rule(judge_band, det.judge, judge_cut)  # the band the target's own verdict decides
 
     @property
     def layers_run(self) -> int:
@@ -123,14 +125,14 @@ class Screener:
             bar.update(len(idx))
         bar.close()
         flagged = ~(scores < self.threshold)  # NaN -> flagged
-        if self.judge_band is None:
+        if self.judge_rule is None:
             return ScreenResult(ids, scores, flagged, self.threshold)
 
         def judge(rows: list[int]) -> np.ndarray:  # the judge prefill for the band's rows only, batched
             return np.concatenate([judge_logodds(self.target, [texts[i] for i in rows[s:s + self.batch_size]]).numpy()
                                    for s in range(0, len(rows), self.batch_size)])
 
-        flagged, judged, logodds = band_decisions(scores, flagged, self.judge_band, judge)
+        flagged, judged, logodds = band_decisions(scores, flagged, self.judge_rule, judge)
         return ScreenResult(ids, scores, flagged, self.threshold, judged, logodds)
 
 

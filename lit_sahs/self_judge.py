@@ -16,15 +16,22 @@ about one more forward per prompt; extraction records it only when asked (``extr
 
 Used as a detector feature (``judge`` in ``lit_sahs.data.extra_features``, store extra
 ``judge_logodds``) and as the second stage of guard and screen for scores inside an uncertain band
-(``band_decisions``: inside the band the judge decides, flagging where it leans to "unsafe").
+(``JudgeRule``, ``band_decisions``: inside the band the judge decides, flagging where its log-odds reach
+the rule's cut). The cut is calibrated, never assumed: a target's log-odds can lean to "unsafe" for
+every prompt (Qwen2.5-Coder-1.5B does), so a cut at 0 would flag the whole band. ``lit_sahs.judge_cut``
+fits it on cross-fitted benign scores the way the detector's threshold is fitted, and the detector
+artifact carries it (``judge_rule`` reads it back).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
+from lit_sahs.checks import JUDGE_OFF, probability_band
 from lit_sahs.errors import LitSahsError
 from lit_sahs.prompts import encode_prompts
 from lit_sahs.refusal import first_token_logits
@@ -102,18 +109,69 @@ def judge_feature_values(target, feature_names: Sequence[str], texts: Optional[S
     return judge_logodds(target, texts)
 
 
-def band_decisions(scores: np.ndarray, flagged: np.ndarray, band: Optional[tuple[float, float]],
+@dataclass(frozen=True)
+class JudgeRule:
+    """The second stage: a row whose detector score lies in `band` (both ends included) is flagged
+    when the judge's log-odds of "unsafe" reach `cut`, passed below it."""
+
+    band: tuple[float, float]
+    cut: float
+
+    def __post_init__(self):
+        if not isinstance(self.cut, (int, float)) or not math.isfinite(self.cut):
+            raise LitSahsError(f"the judge cut must be a finite log-odds, got {self.cut!r}")
+
+
+def stored_rule(record: Optional[dict], source: Any = "the detector") -> Optional[JudgeRule]:
+    """The JudgeRule of a detector's judge calibration record (``lit_sahs.judge_cut``), None without one;
+    a record with a bad band or cut is refused as corrupt."""
+    if not record:
+        return None
+    try:
+        return JudgeRule(probability_band(record["band"], "judge band"), float(record["cut"]))
+    except (KeyError, TypeError, ValueError, LitSahsError) as e:
+        raise LitSahsError(f"{source}: its judge calibration is corrupt ({e}): calibrate it again "
+                           "(python -m lit_sahs calibrate --judge_band LO,HI)") from None
+
+
+def judge_rule(band: Any, record: Optional[dict] = None, cut: Optional[float] = None) -> Optional[JudgeRule]:
+    """The second stage to run. `band`: None takes the detector's calibrated rule (`record`) if it has
+    one; ``"off"`` runs none; (lo, hi) or "LO,HI" must be the band `record` was calibrated for, unless
+    an explicit `cut` (log-odds) is given."""
+    if isinstance(band, str) and band.strip().lower() == JUDGE_OFF:
+        return None
+    band = probability_band(band, "judge_band")
+    stored = stored_rule(record)
+    if band is None:
+        if cut is not None:
+            raise LitSahsError("a judge cut needs a judge band (LO,HI) to apply to")
+        return stored
+    if cut is not None:
+        return JudgeRule(band, float(cut))
+    lo, hi = band
+    if stored is None:
+        raise LitSahsError(f"this detector has no calibrated judge cut: run `python -m lit_sahs calibrate --detector "
+                           f"DIR --store STORE --judge_band {lo:g},{hi:g}` first (a cut at log-odds 0 is no rule: "
+                           "some targets call every prompt unsafe)")
+    if not np.allclose(band, stored.band, rtol=0, atol=1e-9):
+        slo, shi = stored.band
+        raise LitSahsError(f"the detector's judge cut was calibrated for the band {slo:g},{shi:g}, not {lo:g},{hi:g}: "
+                           f"leave --judge_band out to use it, or calibrate again with --judge_band {lo:g},{hi:g}")
+    return stored
+
+
+def band_decisions(scores: np.ndarray, flagged: np.ndarray, rule: Optional[JudgeRule],
                    judge: Callable[[list[int]], np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The second stage: rows whose detector score lies in `band` = (lo, hi), both ends included, are
+    """The second stage: rows whose detector score lies in ``rule.band``, both ends included, are
     decided by `judge` (row positions -> their log-odds; called once, and only for those rows):
-    flagged where it leans to "unsafe" (log-odds > 0). Other rows keep `flagged`; an unscored (NaN)
-    row is never judged. Returns (flagged, judged mask, log-odds with NaN where not judged)."""
+    flagged where the log-odds reach ``rule.cut``. Other rows keep `flagged`; an unscored (NaN) row is
+    never judged. Returns (flagged, judged mask, log-odds with NaN where not judged)."""
     scores = np.asarray(scores, dtype=np.float64)
     flagged = np.asarray(flagged, dtype=bool).copy()
     logodds = np.full(len(scores), np.nan)
-    if band is None:
+    if rule is None:
         return flagged, np.zeros(len(scores), dtype=bool), logodds
-    lo, hi = band
+    lo, hi = rule.band
     judged = (scores >= lo) & (scores <= hi)  # NaN fails both
     rows = np.flatnonzero(judged).tolist()
     if rows:
@@ -121,5 +179,5 @@ def band_decisions(scores: np.ndarray, flagged: np.ndarray, band: Optional[tuple
         if len(values) != len(rows):
             raise LitSahsError(f"the judge gave {len(values)} answers for {len(rows)} prompts")
         logodds[rows] = values
-        flagged[rows] = ~(values <= 0)  # NaN (no answer) is flagged, as an unscored prompt is
+        flagged[rows] = ~(values < rule.cut)  # NaN (no answer) is flagged, as an unscored prompt is
     return flagged, judged, logodds

@@ -144,7 +144,7 @@ def test_screen_guard_and_live_data_score_the_judge_feature_as_stored(tiny, samp
 
 
 def test_band_decisions_call_the_judge_once_for_the_rows_inside():
-    from lit_sahs.self_judge import band_decisions
+    from lit_sahs.self_judge import JudgeRule, band_decisions
 
     calls = []
 
@@ -154,11 +154,13 @@ def test_band_decisions_call_the_judge_once_for_the_rows_inside():
 
     scores = np.array([0.1, 0.3, 0.5, 0.7, 0.9, np.nan])
     flagged = ~(scores < 0.5)
-    out, judged, logodds = band_decisions(scores, flagged, (0.3, 0.7), judge)
+    out, judged, logodds = band_decisions(scores, flagged, JudgeRule((0.3, 0.7), 0.0), judge)
     assert calls == [[1, 2, 3]]
     assert judged.tolist() == [False, True, True, True, False, False]
-    assert out.tolist() == [False, True, False, True, True, True]  # rows 1-3: the judge's sign; NaN stays flagged
+    assert out.tolist() == [False, True, False, True, True, True]  # rows 1-3: log-odds >= 0; NaN stays flagged
     assert np.isnan(logodds[[0, 4, 5]]).all() and logodds[[1, 2, 3]].tolist() == [1.0, -1.0, 1.0]
+    out, _, _ = band_decisions(scores, flagged, JudgeRule((0.3, 0.7), 1.5), judge)  # a cut above every answer
+    assert out.tolist() == [False, False, False, False, True, True]
     calls.clear()
     out, judged, _ = band_decisions(scores, flagged, None, judge)
     assert calls == [] and not judged.any() and out.tolist() == flagged.tolist()
@@ -182,7 +184,7 @@ def test_screen_and_guard_judge_only_the_band(tiny, judge_detector, monkeypatch)
     lo, hi = float(plain.scores[order[2]]), float(plain.scores[order[5]])  # 4 of 8 rows inside
     inside = (plain.scores >= lo) & (plain.scores <= hi)
     monkeypatch.setattr(screen_mod, "judge_logodds", spy)
-    res = Screener(tiny, judge_detector, batch_size=3, judge_band=(lo, hi)).score(texts)
+    res = Screener(tiny, judge_detector, batch_size=3, judge_band=(lo, hi), judge_cut=0.0).score(texts)
     assert sorted(seen) == sorted(t for t, i in zip(texts, inside) if i)
     assert res.judged.tolist() == inside.tolist()
     want = np.where(inside, ["bread" in t for t in texts], plain.flagged)
@@ -191,7 +193,7 @@ def test_screen_and_guard_judge_only_the_band(tiny, judge_detector, monkeypatch)
     # the guard's gate: the detector reads the judge feature, so the band reuses its values
     seen.clear()
     monkeypatch.setattr(guard_mod, "judge_logodds", spy)
-    g = SafetyGuard(tiny, judge_detector, judge_band=(lo, hi)).generate(texts, max_new_tokens=1)
+    g = SafetyGuard(tiny, judge_detector, judge_band=(lo, hi), judge_cut=0.0).generate(texts, max_new_tokens=1)
     assert seen == [] and g.judged == inside.tolist()
     assert [r["judged"] for r in g.rows()] == inside.tolist()
 
@@ -219,11 +221,12 @@ def test_guard_band_runs_a_judge_prefill_for_the_band_rows_only(tiny, judge_stor
         return real(target, batch, token_ids)
 
     monkeypatch.setattr(guard_mod, "judge_logodds", spy)
-    g = SafetyGuard(tiny, det, judge_band=(lo, hi)).generate(texts, max_new_tokens=1)
+    cut = 0.05  # any fixed cut: the gate must apply it to the judge prefill's answers
+    g = SafetyGuard(tiny, det, judge_band=(lo, hi), judge_cut=cut).generate(texts, max_new_tokens=1)
     assert len(seen) == 1 and sorted(seen[0]) == sorted(t for t, i in zip(texts, inside) if i)
     from lit_sahs.self_judge import judge_logodds
 
-    verdict = judge_logodds(tiny, seen[0]).numpy() > 0
+    verdict = judge_logodds(tiny, seen[0]).numpy() >= cut
     got = {t: f for t, f in zip(texts, g.flagged)}
     assert [got[t] for t in seen[0]] == verdict.tolist()
     assert [f for f, i in zip(g.flagged, inside) if not i] == [f for f, i in zip(plain.flagged, inside) if not i]

@@ -42,6 +42,7 @@ from lit_sahs.errors import LitSahsError
 from lit_sahs.detectors.interface import HeadFamily
 from lit_sahs.family import CHECKPOINT_KEY
 from lit_sahs.heads import Geometry, HeadSet, TargetFingerprint
+from lit_sahs.self_judge import stored_rule
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class SafetyDetector(HeadFamily, L.LightningModule):
         self._eval_families: list[str] = []
         self.feature_spec: FeatureSpec = FeatureSpec((), ())
         self.calibration: Optional[dict] = None  # how the threshold was set if not on validation (lit_sahs.crossfit)
+        self.judge: Optional[dict] = None  # the judge band's calibrated cut (lit_sahs.judge_cut)
 
     @property
     def num_inputs(self) -> int:
@@ -388,6 +390,7 @@ class SafetyDetector(HeadFamily, L.LightningModule):
             if benign.numel():
                 self.threshold.fill_(calibrate_threshold(benign, self.hparams.target_fpr))
                 self.calibration = None
+                self.judge = None  # its cut was fitted at the old threshold
             else:
                 log.warning("validation split has no benign samples: threshold left at %.4f", float(self.threshold))
         self._val_scores.reset()
@@ -426,6 +429,7 @@ class SafetyDetector(HeadFamily, L.LightningModule):
             **({"features": self.feature_spec.to_dict()} if self.feature_spec else {}),
             # how the threshold was set when not on the validation split (``lit_sahs.crossfit``)
             **({"calibration": dict(self.calibration)} if self.calibration else {}),
+            **({"judge": dict(self.judge)} if self.judge else {}),  # the judge band's cut (lit_sahs.judge_cut)
         }
 
     def bind_from_metadata(self, meta: dict[str, Any]) -> None:
@@ -450,6 +454,9 @@ class SafetyDetector(HeadFamily, L.LightningModule):
         self.bind(head_set, geometry, fingerprint, torch.zeros(k, d), torch.ones(k, d), families, features)
         calibration = meta.get("calibration")
         self.calibration = dict(calibration) if isinstance(calibration, dict) else None
+        judge = meta.get("judge")
+        stored_rule(judge, "the detector")  # a corrupt record is refused here, not at the first guarded prompt
+        self.judge = dict(judge) if judge else None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.is_bound:

@@ -18,9 +18,11 @@ How one guarded ``generate`` runs
    greedy outputs are equal token for token). After ``generate`` the flagged rows' answers are
    replaced by the refusal message.
 
-A judge band (``judge_band=(lo, hi)``): rows whose score lies in it are decided by the target's own
-verdict (``lit_sahs.self_judge``), a second short prefill over those rows only, run by the gate at the
-prefill (one host sync there); ``GuardResult.judged`` says which rows it decided.
+A judge band: rows whose score lies in it are decided by the target's own verdict
+(``lit_sahs.self_judge``), a second short prefill over those rows only, run by the gate at the prefill
+(one host sync there); ``GuardResult.judged`` says which rows it decided. A detector calibrated with
+``calibrate --judge_band`` carries its band and cut and uses them by default (``judge_band="off"``
+turns them off); ``judge_band=(lo, hi)`` must be that band unless ``judge_cut`` gives the cut.
 
 Failures: if scoring raises or gives NaN, ``fail_closed=True`` (the default) flags the affected
 rows, so a prompt the guard could not score is never passed (``GuardResult.scoring_error`` says why);
@@ -38,13 +40,12 @@ from typing import Optional, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from lit_sahs.checks import probability_band
 from lit_sahs.hooks import HeadCapture, capture_for  # noqa: F401 - HeadCapture: GateProcessor's type
 from lit_sahs.errors import LitSahsError
 from lit_sahs.choices import DEFAULT_REFUSAL
 from lit_sahs.guarding import UNSUPPORTED_GENERATE, GuardResult, eos_token_id, threshold_override
 from lit_sahs.prompts import encode_prompts
-from lit_sahs.self_judge import band_decisions, judge_logodds
+from lit_sahs.self_judge import JudgeRule, band_decisions, judge_logodds, judge_rule
 
 
 # ---------------------------------------------------------------- the logits processor
@@ -58,9 +59,9 @@ class GateProcessor(LogitsProcessor):
 
     def __init__(self, detector, capture: HeadCapture, eos_token_id: int,
                  threshold: Optional[float] = None, fail_closed: bool = True,
-                 band: Optional[tuple[float, float]] = None, judge=None):
+                 rule: Optional[JudgeRule] = None, judge=None):
         self.detector = detector
-        self.band, self.judge = band, judge  # judge: row positions -> the judge prefill's log-odds
+        self.rule, self.judge = rule, judge  # judge: row positions -> the judge prefill's log-odds
         self.judged: Optional[torch.Tensor] = None
         self.capture = capture
         self.eos_token_id = int(eos_token_id)
@@ -82,8 +83,8 @@ class GateProcessor(LogitsProcessor):
         threshold = det.threshold.to(device) if self.threshold is None else torch.tensor(
             float(self.threshold), dtype=probs.dtype, device=device)
         flags = probs >= threshold
-        if self.band is not None:  # the uncertain band goes to the judge: one host sync, at the prefill
-            flags, judged, _ = band_decisions(probs.cpu().numpy(), flags.cpu().numpy(), self.band, self.judge)
+        if self.rule is not None:  # the uncertain band goes to the judge: one host sync, at the prefill
+            flags, judged, _ = band_decisions(probs.cpu().numpy(), flags.cpu().numpy(), self.rule, self.judge)
             self.judged = torch.from_numpy(judged)
             flags = torch.from_numpy(flags).to(device)
         return probs, flags
@@ -123,13 +124,14 @@ class SafetyGuard:
     target: a loaded ``Target``; detector: a fitted ``SafetyDetector`` made for it
     (``lit_sahs.guard.load_guard`` loads both from names, paths and registry URIs). threshold: a probability overriding the detector's calibrated one. refusal: the message that
     replaces a flagged prompt's answer. fail_closed: refuse prompts whose scoring failed (default)
-    instead of raising.
+    instead of raising. judge_band / judge_cut: the second stage (``self_judge.judge_rule``; default: the
+    detector's calibrated one, if any).
     """
 
     def __init__(self, target, detector, refusal: Optional[str] = None, fail_closed: bool = True,
-                 threshold: Optional[float] = None, judge_band: Optional[tuple[float, float]] = None):
+                 threshold: Optional[float] = None, judge_band=None, judge_cut: Optional[float] = None):
         detector.prepare(target)  # made for this target, heads inside its geometry
-        self.judge_band = probability_band(judge_band, "judge_band")  # (lo, hi): decided by the target's own verdict
+        self.judge_rule = judge_rule(judge_band, detector.judge, judge_cut)  # the band the target's verdict decides
         self.target = target
         self.detector = detector.to(target.device).eval()
         self.refusal = DEFAULT_REFUSAL if refusal is None else str(refusal)
@@ -161,12 +163,12 @@ class SafetyGuard:
         enc = {k: v.to(self.target.device) if torch.is_tensor(v) else v for k, v in enc.items()}
         procs = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
         generate_kwargs.setdefault("pad_token_id", self.target.tokenizer.pad_token_id)
-        if self.judge_band is not None and texts is None:
+        if self.judge_rule is not None and texts is None:
             raise LitSahsError("a judge band needs the prompts' texts: pass texts=...")
         with torch.no_grad(), capture_for(self.target, self.detector.head_set, self.detector.feature_spec,
                                           texts) as cap:  # heads (+ extra features)
             gate = GateProcessor(self.detector, cap, self._eos_token_id(generate_kwargs), self.threshold,
-                                 self.fail_closed, self.judge_band, self._judge(cap, texts))
+                                 self.fail_closed, self.judge_rule, self._judge(cap, texts))
             procs.append(gate)
             out = model.generate(**enc, logits_processor=procs, **generate_kwargs)
         if gate.flags is None:  # generate never produced a token (max_new_tokens=0)
@@ -178,7 +180,7 @@ class SafetyGuard:
     def _judge(self, cap, texts):
         """Row positions -> the judge's log-odds: the values the judge feature already computed, else a
         judge prefill over those rows alone."""
-        if self.judge_band is None:
+        if self.judge_rule is None:
             return None
         known = getattr(cap, "judge", None)
         if known is not None:
@@ -210,5 +212,5 @@ class SafetyGuard:
         return GuardResult(ids=ids, prompts=list(texts), flagged=[bool(f) for f in flags],
                            scores=[None if math.isnan(p) else float(p) for p in probs], responses=responses,
                            sequences=new, threshold=self.effective_threshold, scoring_error=error,
-                           judged=None if self.judge_band is None else
+                           judged=None if self.judge_rule is None else
                            (gate.judged.tolist() if gate.judged is not None else [False] * len(flags)))

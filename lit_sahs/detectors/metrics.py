@@ -12,7 +12,7 @@ never a misleading 0.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -139,13 +139,23 @@ def weighted_threshold(scores: dict, target_fpr: float) -> float:
     if not np.isfinite(values).all():
         raise LitSahsError("cannot calibrate a threshold: a benign score is NaN or infinity")
     weights = np.concatenate([np.full(len(v), 1.0 / (len(scores) * len(v))) for v in scores.values()])
+    return budget_threshold(values, weights, target_fpr, ceiling=1.0)
+
+
+def budget_threshold(values: np.ndarray, weights: np.ndarray, budget: float, ceiling: Optional[float] = None) -> float:
+    """The lowest threshold t (flag = value >= t) whose flagged `weights` sum to at most `budget`,
+    halfway between the highest value left unflagged and the next higher one, or just above the
+    highest (halfway to `ceiling` when given) when nothing may be flagged; a tie is never split."""
+    values, weights = np.asarray(values, dtype=np.float64), np.asarray(weights, dtype=np.float64)
     distinct = np.unique(values)[::-1]  # highest first
     flagged_weight = np.array([weights[values == v].sum() for v in distinct]).cumsum()
-    allowed = int(np.searchsorted(flagged_weight, target_fpr + 1e-12, side="right"))  # groups that may be flagged
+    allowed = int(np.searchsorted(flagged_weight, budget + 1e-12, side="right"))  # groups that may be flagged
     if allowed >= len(distinct):
-        return float(np.nextafter(distinct[-1], -np.inf))  # the budget flags every benign score
-    v = float(distinct[allowed])  # the highest score that must stay unflagged
-    upper = float(distinct[allowed - 1]) if allowed else 1.0
+        return float(np.nextafter(distinct[-1], -np.inf))  # the budget flags every value
+    v = float(distinct[allowed])  # the highest value that must stay unflagged
+    upper = float(distinct[allowed - 1]) if allowed else ceiling
+    if upper is None:
+        return math.nextafter(v, math.inf)
     t = (v + upper) / 2.0
     return t if t > v else math.nextafter(v, math.inf)
 

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from lit_sahs.checks import JUDGE_OFF, judge_band_arg
 from lit_sahs.errors import LitSahsError
 from lit_sahs.choices import DEFAULT_REFUSAL
 from lit_sahs.guarding import GuardResult, eos_token_id, threshold_override
@@ -103,7 +104,9 @@ class SafeVLMGuard:
     ``lora_fpr`` or ``lora_tpr``), else the adapter is on for every prompt; 0 keeps it on for every prompt."""
 
     def __init__(self, target, detector, refusal: Optional[str] = None, threshold: Optional[float] = None,
-                 fail_closed: bool = True, lora_threshold: Optional[float] = None):
+                 fail_closed: bool = True, lora_threshold: Optional[float] = None, judge_band=None):
+        if judge_band_arg(judge_band) not in (None, JUDGE_OFF):  # parsed first: a malformed band is reported as such
+            raise LitSahsError("--judge_band applies to safety-head detectors; SafeVLM decides with its safety head")
         own = float(detector.lora_threshold)  # NaN: the artifact has no gate
         self.lora_threshold = check_lora_threshold(
             detector, own if lora_threshold is None and not math.isnan(own) else lora_threshold)

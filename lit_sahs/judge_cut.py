@@ -1,0 +1,131 @@
+"""The judge band's cut, calibrated on cross-fitted benign scores the way the detector's threshold is.
+
+Inside a band [lo, hi] of detector scores the target's own verdict decides (``self_judge.JudgeRule``):
+a prompt is flagged when the judge's log-odds of "unsafe" reach the cut. Where "unsafe" begins differs
+by target (Qwen2.5-Coder-1.5B leans to "unsafe" for every prompt, harmless ones included), so the cut is
+fitted, never assumed. The rule it is fitted to keep is the threshold's: the two-stage decision flags at
+most ``target_fpr`` of the benign prompts of sources the detector never read. On the benign rows that
+cross-fitting scored with fits that left their source out (``crossfit.CrossFitThreshold.benign``), rows
+outside the band keep the detector's decision at the shipped threshold, rows inside get the judge's
+log-odds, every source weighs the same, and the cut is the lowest that keeps that weighted share within
+the budget. Harmful rows are not needed: a lower cut can only flag more of them, so the lowest cut
+within the budget catches the most.
+
+    record = calibrate_judge(det, cf, store, (0.3, 0.9), judge_fn)   # det.judge = record, saved with it
+
+``python -m lit_sahs calibrate --judge_band LO,HI`` runs it; the judge's log-odds come from the store
+when it was extracted with ``--judge true``, else from a judge prefill over the band's benign rows.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from lit_sahs.checks import probability, probability_band
+from lit_sahs.data.extra_features import JUDGE_EXTRA
+from lit_sahs.detectors.metrics import budget_threshold
+from lit_sahs.errors import LitSahsError
+
+METHOD = "crossfit_sources"
+
+
+def fit_judge_cut(benign: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float, band: tuple[float, float],
+                  target_fpr: float) -> dict:
+    """The judge calibration record for `band`. benign: source -> (detector scores, the judge's log-odds
+    for the rows inside the band; any value elsewhere). The record: band, cut, target_fpr, threshold,
+    the weighted benign FPR of the two-stage rule (``fpr``) and of the detector alone (``fpr_detector``),
+    the share of benign rows judged, and each source's figures."""
+    lo, hi = probability_band(band, "judge band")
+    target_fpr = probability(target_fpr, "target_fpr")
+    benign = {s: (np.asarray(v[0], dtype=np.float64), np.asarray(v[1], dtype=np.float64))
+              for s, v in benign.items() if len(v[0])}
+    if not benign:
+        raise LitSahsError("cannot calibrate the judge cut: no benign rows were scored")
+    fixed, values, weights, inside_of = 0.0, [], [], {}
+    for src, (s, j) in benign.items():
+        if len(j) != len(s):
+            raise LitSahsError(f"source {src}: {len(j)} judge values for {len(s)} scores")
+        w = 1.0 / (len(benign) * len(s))
+        inside = (s >= lo) & (s <= hi)
+        inside_of[src] = inside
+        fixed += w * float(((s >= threshold) & ~inside).sum())
+        values.append(j[inside])
+        weights.append(np.full(int(inside.sum()), w))
+    values, weights = np.concatenate(values), np.concatenate(weights)
+    n = sum(len(s) for s, _ in benign.values())
+    if not len(values):
+        raise LitSahsError(f"the band {lo:g},{hi:g} holds none of the {n} cross-fitted benign scores: "
+                           "widen it, or leave the judge out")
+    if not np.isfinite(values).all():
+        raise LitSahsError("cannot calibrate the judge cut: a judge log-odds is NaN or infinity")
+    cut = budget_threshold(values, weights, target_fpr - fixed)
+    per_source = {}
+    for src, (s, j) in sorted(benign.items()):
+        inside = inside_of[src]
+        flagged = np.where(inside, j >= cut, s >= threshold)
+        per_source[src] = {"rows": int(len(s)), "judged": int(inside.sum()), "fpr": float(flagged.mean()),
+                           "fpr_detector": float((s >= threshold).mean())}
+    mean = lambda key: float(np.mean([v[key] for v in per_source.values()]))  # noqa: E731 - sources weigh the same
+    return {"method": METHOD, "band": [lo, hi], "cut": float(cut), "target_fpr": target_fpr,
+            "threshold": float(threshold), "fpr": mean("fpr"), "fpr_detector": mean("fpr_detector"),
+            "judged": float(len(values) / n), "per_source": per_source}
+
+
+def calibrate_judge(det, cf, store, band: tuple[float, float],
+                    judge_fn: Optional[Callable[[Sequence], np.ndarray]] = None, batch_size: int = 8,
+                    progress: bool = False) -> dict:
+    """Fit `det`'s judge cut for `band` on the benign rows `cf` (a ``CrossFitThreshold`` of `det`'s
+    recipe over `store`'s sources) scored out of source, at `det`'s threshold; give `det` the record.
+    The log-odds: `store`'s judge extra when it has one, else ``judge_fn(texts)`` (the judge prefill
+    over a batch of prompt texts), run on the rows inside the band only."""
+    from tqdm.auto import tqdm
+
+    lo, hi = probability_band(band, "judge band")
+    if not cf.benign:
+        raise LitSahsError("cannot calibrate the judge cut: the cross-fit kept no benign rows")
+    position = {str(r["id"]): i for i, r in enumerate(store.index())}
+    wanted = sorted({i for ids, s in cf.benign.values() for i, v in zip(ids, s) if lo <= v <= hi})
+    missing = [i for i in wanted if i not in position]
+    if missing:
+        raise LitSahsError(f"{len(missing)} cross-fitted rows (e.g. {missing[0]}) are not in store {store.path}: "
+                           "give the store the detector was cross-fitted on")
+    logodds: dict[str, float] = {}
+    if wanted and JUDGE_EXTRA in store.extra_names():
+        values = store.read_extra(JUDGE_EXTRA, rows=[position[i] for i in wanted]).reshape(-1)
+        logodds = dict(zip(wanted, values.tolist()))
+    elif wanted:
+        if judge_fn is None:
+            raise LitSahsError(f"store {store.path} has no {JUDGE_EXTRA} extra and no target was given to run the "
+                               "judge prefill")
+        index = store.index()
+        for start in tqdm(range(0, len(wanted), batch_size), desc="judging the band's benign rows", unit="batch",
+                          disable=not progress, leave=False):
+            chunk = wanted[start:start + batch_size]
+            values = np.asarray(judge_fn([index[position[i]]["text"] for i in chunk]), dtype=np.float64).reshape(-1)
+            if len(values) != len(chunk):
+                raise LitSahsError(f"the judge gave {len(values)} answers for {len(chunk)} prompts")
+            logodds.update(zip(chunk, values.tolist()))
+    benign = {src: (s, np.array([logodds.get(i, np.nan) for i in ids])) for src, (ids, s) in cf.benign.items()}
+    record = fit_judge_cut(benign, float(det.threshold), (lo, hi), cf.target_fpr)
+    det.judge = record
+    return record
+
+
+def live_judge(det, device: str = "auto") -> Callable[[Sequence], np.ndarray]:
+    """texts -> the judge prefill's log-odds on the target `det` was made for, loaded at the first call
+    (never, when the store already holds the log-odds); `det` itself is left as it is."""
+    loaded = {}
+
+    def judge(texts: Sequence) -> np.ndarray:
+        from lit_sahs.devices import resolve_device
+        from lit_sahs.self_judge import judge_logodds
+        from lit_sahs.targets import load_target
+
+        if "target" not in loaded:
+            target = load_target(det.fingerprint.name, device=resolve_device(device))
+            det.check_target(target.fingerprint)  # the judge must be the target the detector reads
+            loaded["target"] = target
+        return judge_logodds(loaded["target"], texts).numpy()
+
+    return judge

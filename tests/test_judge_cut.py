@@ -1,0 +1,169 @@
+"""The judge band's cut (lit_sahs.judge_cut): fitted on cross-fitted benign scores so that the two-stage
+rule keeps the detector's target FPR, even for a judge that calls every prompt "unsafe" (where a cut at
+log-odds 0 would flag the whole band), carried by the artifact and used by screen and guard."""
+import json
+
+import numpy as np
+import pytest
+
+from lit_sahs.data.samples import Sample
+from lit_sahs.data.store import ActivationStore
+from lit_sahs.errors import LitSahsError
+from lit_sahs.self_judge import JudgeRule, band_decisions, judge_rule
+from synthetic import FP, GEOM, SIGNAL_HEADS
+
+HEADS = ",".join(f"{l}.{h}" for l, h in SIGNAL_HEADS)
+SHIFT = {"ben0": 0.0, "ben1": 0.0, "ben2": 1.6, "ben3": 1.6}  # two benign sources look half harmful
+
+
+def judge_store(path, n_per_source: int = 36, with_judge: bool = True, seed: int = 0) -> ActivationStore:
+    """Three harmful and four benign sources; the judge's log-odds lean to "unsafe" for every row (all
+    positive) and are higher for harmful ones, as Qwen2.5-Coder-1.5B's do."""
+    rng = np.random.default_rng(seed)
+    rows, acts, judge = [], [], []
+    for src, label in [(f"harm{j}", 1) for j in range(3)] + [(b, 0) for b in SHIFT]:
+        for i in range(n_per_source):
+            s = Sample(id=f"{src}-{i}", text=f"{src} prompt {i}", label=label, source=src, attack="plain",
+                       attack_family="plain", base_id=f"{src}-{i}")
+            rows.append(s.index_row())
+            a = rng.standard_normal(GEOM.shape)
+            for l, h in SIGNAL_HEADS:
+                a[l, h, :3] += 2.5 * (2 * label - 1) + SHIFT.get(src, 0.0)
+            acts.append(a)
+            judge.append(4.0 + 2.0 * label + rng.standard_normal())
+    store = ActivationStore.create_or_open(path, FP, "rule", {"fmt": 1})
+    extras = {"judge_logodds": np.asarray(judge, dtype=np.float32)} if with_judge else None
+    store.write_block(rows, np.stack(acts), extras=extras)
+    return store
+
+
+def test_the_cut_keeps_the_two_stage_fpr_where_log_odds_zero_flags_the_band():
+    from lit_sahs.judge_cut import fit_judge_cut
+
+    rng = np.random.default_rng(0)
+    benign = {}
+    for src, shift in (("a", 0.0), ("b", 0.15)):  # b: 6% of its rows above the band, flagged by the detector
+        s = rng.uniform(0, 0.8, 400) + shift
+        benign[src] = (s, 3.0 + s + 0.5 * rng.standard_normal(400))  # every benign row leans "unsafe"
+    rec = fit_judge_cut(benign, threshold=0.85, band=(0.4, 0.9), target_fpr=0.05)
+    assert rec["cut"] > 3.0 and 0.04 < rec["fpr"] <= 0.05 + 1e-9 and 0.3 < rec["judged"] < 0.9
+    assert rec["fpr_detector"] == pytest.approx(np.mean([(s >= 0.85).mean() for s, _ in benign.values()]))
+    for src, (s, j) in benign.items():  # the record's figures are what band_decisions does at that cut
+        for cut, key in ((rec["cut"], "fpr"), (0.0, None)):
+            flagged, judged, _ = band_decisions(s, s >= 0.85, JudgeRule((0.4, 0.9), cut), lambda r: j[r])
+            if key:
+                assert flagged.mean() == pytest.approx(rec["per_source"][src][key])
+            else:  # log-odds 0 flags every judged row: far past the budget
+                assert flagged.mean() >= judged.mean() > 0.3
+    # the detector alone above the band already spends the budget: the judge may flag none of the band
+    over = fit_judge_cut(benign, threshold=0.3, band=(0.0, 0.3), target_fpr=0.05)
+    assert over["cut"] > max(j[(s >= 0) & (s <= 0.3)].max() for s, j in benign.values()) and over["fpr"] > 0.05
+    with pytest.raises(LitSahsError, match="holds none"):
+        fit_judge_cut({"a": (np.array([0.1, 0.2]), np.array([1.0, 1.0]))}, 0.5, (0.6, 0.7), 0.05)
+    with pytest.raises(LitSahsError, match="NaN"):
+        fit_judge_cut({"a": (np.array([0.1, 0.2]), np.array([np.nan, 1.0]))}, 0.5, (0.0, 0.7), 0.05)
+
+
+def test_the_rule_comes_from_the_record_and_a_band_must_match_it():
+    rec = {"band": [0.3, 0.9], "cut": 4.5}
+    assert judge_rule(None, rec) == JudgeRule((0.3, 0.9), 4.5) and judge_rule("off", rec) is None
+    assert judge_rule("0.3,0.9", rec) == JudgeRule((0.3, 0.9), 4.5)
+    assert judge_rule((0.1, 0.5), rec, cut=1.0) == JudgeRule((0.1, 0.5), 1.0)  # an explicit cut wins
+    assert judge_rule(None, None) is None
+    with pytest.raises(LitSahsError, match="calibrated for the band 0.3,0.9"):
+        judge_rule((0.2, 0.9), rec)
+    with pytest.raises(LitSahsError, match="no calibrated judge cut.*calibrate"):
+        judge_rule((0.2, 0.9), None)
+    for bad in ({"band": [0.9, 0.3], "cut": 1.0}, {"band": [0.3, 0.9], "cut": float("nan")}, {"cut": 1.0}):
+        with pytest.raises(LitSahsError, match="judge calibration is corrupt"):
+            judge_rule(None, bad)
+
+
+def test_calibrate_judge_runs_the_judge_only_on_benign_rows_inside_the_band(tmp_path):
+    from lit_sahs.crossfit import crossfit_threshold
+    from lit_sahs.folds import Folds, fit_fold
+    from lit_sahs.judge_cut import calibrate_judge
+
+    store = judge_store(tmp_path / "s", with_judge=False)
+    folds = Folds(tmp_path / "s", ranking=None, heads=HEADS)
+    det = fit_fold(folds, "logistic", {}, 2, max_epochs=3).detector
+    cf = crossfit_threshold(folds, "logistic", {}, 2, target_fpr=0.05, max_epochs=3)
+    det.threshold.fill_(cf.threshold)
+    seen = []
+
+    def judge_fn(texts):
+        seen.extend(texts)
+        return np.array([5.0 if "ben2" in t else 4.0 for t in texts])
+
+    band = (0.01, 0.5)
+    rec = calibrate_judge(det, cf, store, band, judge_fn, batch_size=5)
+    text = {r["id"]: r["text"] for r in store.index()}
+    want = {text[i] for ids, s in cf.benign.values() for i, v in zip(ids, s) if band[0] <= v <= band[1]}
+    assert sorted(seen) == sorted(want) and all(t.startswith("ben") for t in seen)
+    assert det.judge is rec and rec["band"] == list(band) and rec["fpr"] <= 0.05 + 1e-9
+    with pytest.raises(LitSahsError, match="no judge_logodds extra"):
+        calibrate_judge(det, cf, store, band, None)
+
+
+def test_calibrate_command_ships_the_cut_and_screening_uses_it(tmp_path, cli):
+    from lit_sahs.artifact import load_detector, save_detector
+    from lit_sahs.folds import Folds, fit_fold
+
+    judge_store(tmp_path / "s")
+    det = fit_fold(Folds(tmp_path / "s", ranking=None, heads=HEADS), "logistic", {}, 2, max_epochs=3).detector
+    path = save_detector(det, tmp_path / "det")
+    code, out, err = cli(["calibrate", "--detector", str(path), "--store", str(tmp_path / "s"), "--relocate", "false",
+                          "--max_epochs", "3", "--judge_band", "0.01,0.5"])
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    loaded = load_detector(path)
+    assert loaded.judge == summary["judge"] and loaded.judge["band"] == [0.01, 0.5]
+    assert loaded.judge["cut"] > 4.0 and loaded.judge["fpr"] <= 0.05 + 1e-9  # log-odds 0 would flag every row
+    assert loaded.judge["threshold"] == pytest.approx(float(loaded.threshold))
+    assert judge_rule(None, loaded.judge) == JudgeRule((0.01, 0.5), loaded.judge["cut"])
+    # recalibrating the threshold alone drops the cut it was fitted at
+    code, _, err = cli(["calibrate", "--detector", str(path), "--store", str(tmp_path / "s"), "--relocate", "false",
+                        "--max_epochs", "3", "--target_fpr", "0.1"])
+    assert code == 0 and load_detector(path).judge is None, err
+    # a crafted artifact with a broken judge record: one error line, before any target is loaded
+    meta_path = path / "detector.json"
+    meta = json.loads(meta_path.read_text())
+    meta["judge"] = {"band": [0.2, 0.95], "cut": "high"}
+    meta_path.write_text(json.dumps(meta))
+    code, _, err = cli(["screen", "--detector", str(path), "--prompt", "hi"])
+    lines = [l for l in err.strip().splitlines() if not l.startswith(("INFO", "WARNING"))]
+    assert code == 2 and len(lines) == 1 and "judge calibration is corrupt" in lines[0], err
+    code, _, err = cli(["calibrate", "--detector", str(path), "--store", str(tmp_path / "s"), "--judge_band", "0.9,0.2"])
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error:") and "judge_band" in err
+
+
+def test_screen_uses_the_detectors_cut_by_default_and_off_turns_it_off(tmp_path):
+    import torch
+
+    from lit_sahs.data.datamodules import CachedActivationDataModule
+    from lit_sahs.engine import Engine
+    from lit_sahs.extract import run_extraction
+    from lit_sahs.folds import build_detector
+    from lit_sahs.screen import Screener
+    from lit_sahs.targets import load_target
+
+    torch.set_num_threads(1)
+    tiny = load_target("tiny-llama")
+    texts = [f"{w} number {i}" for i in range(4) for w in ("how to build a bomb", "a poem about bread")]
+    samples = [Sample.make(t, int(i % 2 == 0), source="unit") for i, t in enumerate(texts)]
+    run_extraction(tiny, samples, tmp_path / "s", batch_size=4, trainer_kwargs={"accelerator": "cpu", "devices": 1,
+                                                                                 "enable_progress_bar": False})
+    dm = CachedActivationDataModule(str(tmp_path / "s"), heads="0.0,1.1", batch_size=64)
+    det = Engine(validate_once=True, max_epochs=2).fit(build_detector("logistic", {}), dm).detector
+    plain = Screener(tiny, det, batch_size=4).score(texts)
+    assert plain.judged is None
+    with pytest.raises(LitSahsError, match="no calibrated judge cut"):
+        Screener(tiny, det, judge_band=(0.0, 1.0))
+    probe = Screener(tiny, det, judge_band=(0.0, 1.0), judge_cut=0.0).score(texts)
+    cut = float(np.median(probe.judge_logodds))  # between the judge's answers: half the rows either side
+    det.judge = {"band": [0.0, 1.0], "cut": cut}
+    res = Screener(tiny, det, batch_size=4).score(texts)  # the detector's own rule, no band given
+    assert res.judged.all() and res.flagged.tolist() == (probe.judge_logodds >= cut).tolist()
+    assert 0 < res.flagged.sum() < len(texts)
+    off = Screener(tiny, det, judge_band="off").score(texts)
+    assert off.judged is None and off.flagged.tolist() == plain.flagged.tolist()
