@@ -129,3 +129,26 @@ def live_judge(det, device: str = "auto") -> Callable[[Sequence], np.ndarray]:
         return judge_logodds(loaded["target"], texts).numpy()
 
     return judge
+
+
+def split_two_stage(record: dict, scores: np.ndarray, rows: Sequence[dict], store) -> Optional[dict]:
+    """The detector's two-stage rule on one split of `store` (rows with their detector `scores`), with
+    the judge's log-odds from the store: benign FPR and harmful TPR with and without the judge, and the
+    share judged. None when the store does not hold the judge's log-odds."""
+    from lit_sahs.self_judge import band_decisions, stored_rule
+
+    if JUDGE_EXTRA not in store.extra_names():
+        return None
+    position = {str(r["id"]): i for i, r in enumerate(store.index())}
+    logodds = store.read_extra(JUDGE_EXTRA, rows=[position[str(r["id"])] for r in rows]).astype(np.float64).reshape(-1)
+    labels = np.array([int(r["label"]) for r in rows])
+    scores = np.asarray(scores, dtype=np.float64)
+    alone = scores >= record["threshold"]
+    flagged, judged, _ = band_decisions(scores, alone, stored_rule(record), lambda r: logodds[r])
+
+    def rate(f, label):
+        return float(f[labels == label].mean()) if (labels == label).any() else float("nan")
+
+    return {"band": list(record["band"]), "cut": float(record["cut"]), "promised_fpr": float(record["fpr"]),
+            "judged": float(judged.mean()), "benign_fpr": rate(flagged, 0), "harmful_tpr": rate(flagged, 1),
+            "benign_fpr_detector": rate(alone, 0), "harmful_tpr_detector": rate(alone, 1)}

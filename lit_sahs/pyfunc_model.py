@@ -15,8 +15,10 @@ the model's weights are never unpickled and a detector for another target is ref
                                               {"role": "user", "content": "..."}]]}))
 
 Output: one row per prompt with ``score`` (probability of malicious), ``flagged`` (score at or
-above the threshold), ``threshold`` and, for a family with categories (SafeVLM's risk types), one
-``category/<name>`` column per category.
+above the threshold, or unscored), ``threshold`` and, for a family with categories (SafeVLM's risk
+types), one ``category/<name>`` column per category. A detector with a calibrated judge band
+(``calibrate --judge_band``) decides the band's prompts by the target's own verdict, as guard and
+screen do, and adds a ``judged`` column.
 
 A serving host needs (``mlflow models serve --env-manager local``, or the pip requirements the
 model records for a virtualenv): lit_sahs and its dependencies (torch, transformers, gguf,
@@ -125,6 +127,7 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params: Optional[dict] = None) -> pd.DataFrame:
         from lit_sahs.prompts import encode_prompts
+        from lit_sahs.self_judge import band_decisions, judge_logodds, judge_rule
         from lit_sahs.targets import prompting
 
         rows = rows_of(model_input)
@@ -153,7 +156,16 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
             if c is not None:
                 cats[idx] = c
         threshold = float(self.detector.threshold)
-        out = pd.DataFrame({"score": scores, "flagged": scores >= threshold, "threshold": np.full(n, threshold)})
+        flagged = ~(scores < threshold)  # an unscored (NaN) prompt is flagged
+        rule = judge_rule(None, self.detector.judge)  # the detector's calibrated second stage, if it has one
+        if rule is not None:
+            prompts = [t if m is None else m for t, m in rows]
+            bs = self.batch_size
+            flagged, judged, _ = band_decisions(scores, flagged, rule, lambda r: np.concatenate(
+                [judge_logodds(self.target, [prompts[i] for i in r[s:s + bs]]).numpy() for s in range(0, len(r), bs)]))
+        out = pd.DataFrame({"score": scores, "flagged": flagged, "threshold": np.full(n, threshold)})
+        if rule is not None:
+            out["judged"] = judged
         for j, name in enumerate(self.categories):
             out[CATEGORY_PREFIX + name] = cats[:, j]
         return out

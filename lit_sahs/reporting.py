@@ -3,7 +3,9 @@
 TestReport      at the end of the test loop: the detector and the baselines on the test split
                 (per attack family, thresholds calibrated on validation benign prompts), the benign
                 false-positive rate per source, ROC curves -> report.md, report.json,
-                benign_fpr.json, roc.png; printed, logged to the MLflow run.
+                benign_fpr.json, roc.png; with a calibrated judge band (``lit_sahs.judge_cut``) and a
+                store that holds the judge, the two-stage rule's rates -> judge_band.json;
+                printed, logged to the MLflow run.
 ExportDetector  at the end of the test loop: the detector artifact (safetensors + JSON) and, for
                 head-selecting families, heads.json; logged to the MLflow run with the detector's
                 MLflow pyfunc model (runs:/<id>/model, ``lit_sahs.mlflow_model``), whose URI it prints.
@@ -66,6 +68,12 @@ class TestReport(L.Callback):
             "report.md": atomic_write_text(out / "report.md", table + "\n\n" + benign_table + "\n"),
             "roc.png": roc_curves(scores, labels, out / "roc.png", title=f"test split ({held} held out)"),
         }
+        two_stage = self._two_stage(pl_module, dm, scores, test_rows)
+        if two_stage:  # the detector's calibrated second stage, on the same test rows
+            self.paths["judge_band.json"] = atomic_write_text(out / "judge_band.json",
+                                                              json.dumps(two_stage, indent=1) + "\n")
+            self.paths["report.md"] = atomic_write_text(out / "report.md", table + "\n\n" + benign_table + "\n\n"
+                                                        + self._two_stage_line(two_stage) + "\n")
         self.reports = reports
         ranking = self.ranking or getattr(dm, "ranking_path", None)
         extra = [Path(ranking), Path(ranking).with_name("heads.png")] if ranking and Path(ranking).exists() else []
@@ -84,7 +92,26 @@ class TestReport(L.Callback):
                   f"on validation benign prompts:\n")
             print(table)
             print("\n" + benign_table)
+            if two_stage:
+                print("\n" + self._two_stage_line(two_stage))
             print(f"\nreport:   {self.paths['report.md']}, ROC curves {self.paths['roc.png']}")
+
+    @staticmethod
+    def _two_stage(pl_module, dm, scores: dict, rows: list) -> Optional[dict]:
+        """The detector's calibrated judge band on the test split, when the store holds the judge."""
+        from lit_sahs.data.datamodules import CachedActivationDataModule
+        from lit_sahs.judge_cut import split_two_stage
+
+        if not pl_module.judge or not isinstance(dm, CachedActivationDataModule):
+            return None
+        return split_two_stage(pl_module.judge, scores[pl_module.report_name], rows, dm.store)
+
+    @staticmethod
+    def _two_stage_line(t: dict) -> str:
+        return (f"With the judge deciding scores in [{t['band'][0]:g}, {t['band'][1]:g}] (cut {t['cut']:.2f} log-odds, "
+                f"{t['judged']:.0%} of test rows judged): benign FPR {t['benign_fpr']:.3f} (detector alone "
+                f"{t['benign_fpr_detector']:.3f}; promised {t['promised_fpr']:.3f}), harmful TPR {t['harmful_tpr']:.3f} "
+                f"(detector alone {t['harmful_tpr_detector']:.3f}).")
 
     def collect(self, result: Any) -> None:
         result.reports = self.reports

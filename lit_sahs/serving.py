@@ -26,6 +26,7 @@ from lit_sahs.choices import DEFAULT_REFUSAL
 from lit_sahs.guarding import eos_token_id
 from lit_sahs.loading import load_detector_and_target
 from lit_sahs.prompts import encode_prompts
+from lit_sahs.self_judge import band_decisions, judge_logodds, judge_rule
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class GuardService:
         self.threshold = float(self.detector.threshold) if override is None else override
         self.guard = self.detector.make_guard(self.target, refusal=refusal, threshold=override, fail_closed=True)
         self.categories = list(self.detector.categories()) or [UNSAFE]
+        self.judge_rule = judge_rule(None, self.detector.judge)  # what the guard applies too
         self.eos = eos_token_id(self.target)
 
     def metadata(self) -> dict[str, Any]:
@@ -53,7 +55,9 @@ class GuardService:
         det, fp = self.detector, self.detector.fingerprint
         return {"target": self.target.name, "detector": {**det.describe(), "class": type(det).__name__},
                 "family": det.family, "threshold": self.threshold, "calibrated_threshold": float(det.threshold),
-                "fingerprint": fp.to_dict() if fp is not None else None, "categories": self.categories}
+                "fingerprint": fp.to_dict() if fp is not None else None, "categories": self.categories,
+                "judge_band": None if self.judge_rule is None else {"band": list(self.judge_rule.band),
+                                                                    "cut": self.judge_rule.cut}}
 
     # ------------------------------------------------------------------ checks, one request at a time
 
@@ -70,9 +74,12 @@ class GuardService:
         enc = encode_prompts(self.target, list(texts))
         scores = np.asarray(self.detector.score_prompts(self.target, enc, list(texts)), dtype=np.float64)
         per_cat = self.detector.category_scores(self.target, enc) if self.detector.categories() else None
+        flags = ~(scores < self.threshold)  # NaN (not scored) is flagged, as screen does
+        flags, _, _ = band_decisions(scores, flags, self.judge_rule,  # the calibrated second stage, if any
+                                     lambda rows: judge_logodds(self.target, [texts[i] for i in rows]).numpy())
         out = []
         for i, s in enumerate(scores.tolist()):
-            flagged = not (s < self.threshold)  # NaN (not scored) is flagged, as screen does
+            flagged = bool(flags[i])
             if per_cat is None:
                 cat_scores = {UNSAFE: None if math.isnan(s) else float(s)}
                 cats = {UNSAFE: flagged}

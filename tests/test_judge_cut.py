@@ -167,3 +167,51 @@ def test_screen_uses_the_detectors_cut_by_default_and_off_turns_it_off(tmp_path)
     assert 0 < res.flagged.sum() < len(texts)
     off = Screener(tiny, det, judge_band="off").score(texts)
     assert off.judged is None and off.flagged.tolist() == plain.flagged.tolist()
+    # the MLflow pyfunc model decides the band the same way, and says which rows it judged
+    from lit_sahs.pyfunc_model import DetectorModel
+
+    m = DetectorModel()
+    m.detector, m.target, m.batch_size, m.categories = det, tiny, 3, []
+    frame = m.predict(None, texts)
+    assert frame["judged"].tolist() == res.judged.tolist() and frame["flagged"].tolist() == res.flagged.tolist()
+    # so does the moderation service (guarded chat goes through the guard, which applies it too)
+    from lit_sahs.serving import GuardService
+
+    service = GuardService(det, tiny)
+    assert [r["flagged"] for r in service.moderate(texts)] == res.flagged.tolist()
+    assert service.metadata()["judge_band"] == {"band": [0.0, 1.0], "cut": cut}
+
+
+def test_a_fit_config_ships_the_judge_cut_and_reports_the_two_stage_rule_on_held_out_sources(tmp_path, cli,
+                                                                                               monkeypatch):
+    """CrossFitCalibration(judge_band=...) fits the cut on the training sources only; the test report
+    states the two-stage rule's benign FPR and harmful TPR on the held-out ones, next to the detector's."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    judge_store(tmp_path / "s", n_per_source=30)
+    cfg = {
+        "seed_everything": 0,
+        "mlflow": {"experiment": "unit", "tracking_uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db"},
+        "output_dir": str(tmp_path / "out"),
+        "trainer": {"accelerator": "cpu", "max_epochs": 3, "enable_progress_bar": False, "logger": False,
+                    "callbacks": [{"class_path": "lit_sahs.crossfit.CrossFitCalibration",
+                                   "init_args": {"judge_band": [0.01, 0.5]}}]},
+        "model": {"class_path": "lit_sahs.detectors.LogisticDetector"},
+        "data": {"class_path": "lit_sahs.data.datamodules.CachedActivationDataModule",
+                 "init_args": {"store": str(tmp_path / "s"), "heads": HEADS, "held_out": {"sources": ["harm2", "ben3"]}}},
+    }
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, err = cli(["fit", "--config", str(tmp_path / "fit.yaml")])
+    assert code == 0, err[-2000:]
+    meta = json.loads((tmp_path / "out" / "detector" / "detector.json").read_text())
+    judge = meta["judge"]
+    assert judge["band"] == [0.01, 0.5] and judge["threshold"] == pytest.approx(meta["threshold"])
+    assert set(judge["per_source"]) == {"ben0", "ben1", "ben2"} and judge["fpr"] <= 0.05 + 1e-9
+    report = json.loads((tmp_path / "out" / "judge_band.json").read_text())
+    assert report["cut"] == judge["cut"] and 0 < report["judged"] < 1
+    # the held-out benign source sits inside the band, where the judge's log-odds are as high as the
+    # training sources': the promise (<= 5%, weighted over training sources) is broken there, and the
+    # report says so instead of repeating the promise
+    assert report["benign_fpr"] > report["promised_fpr"] and report["benign_fpr_detector"] == 0.0
+    assert "With the judge deciding scores in [0.01, 0.5]" in out, out
