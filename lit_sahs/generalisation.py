@@ -29,6 +29,7 @@ import numpy as np
 from lit_sahs.baselines import BASELINES
 from lit_sahs.data.extra_features import (JUDGE_EXTRA, REFUSAL_EXTRA, RESIDUAL_EXTRA, TOKEN_HEADS_EXTRA, pool_extra,
                                           store_token_heads)
+from lit_sahs.errors import LitSahsError
 from lit_sahs.folds import PER_FOLD, Folds, fit_fold
 from lit_sahs.detectors.metrics import AUROC, FPR, METRIC_LABELS, TPR_AT_1FPR, TPR_AT_5FPR
 
@@ -56,7 +57,7 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
                     ranking: Optional[str] = PER_FOLD, heads: Optional[str] = None, progress: bool = True,
                     feature_sets: Optional[dict] = None, sparse_all: Optional[bool] = None,
                     crossfit: bool = False, target_fpr: float = 0.05, extra_rows: bool = True,
-                    features: Optional[str] = None) -> dict:
+                    features: Optional[str] = None, judge_band: Optional[tuple[float, float]] = None) -> dict:
     """Fit and score every source fold. Returns {"folds": [{"holdout", "n_malicious", "n_benign",
     "methods": {method: {column: value}}}], "mean": {method: {column: mean}}, "skipped": {fold: reason}}.
     `feature_sets` ({method: 'resid,refusal'}; None: FEATURE_SETS when the store records the extra
@@ -67,12 +68,18 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
     `crossfit`: also cross-fit the detector's threshold over each fold's training sources
     (``lit_sahs.crossfit``) and report the held-out benign FPR and harmful TPR at both thresholds
     (``folds[i]["calibration"]``, ``"calibration"`` for the means); every threshold targets `target_fpr`.
-    `features`: what the `heads` row's detector reads after its heads (e.g. 'tokens' for attnpool)."""
+    `features`: what the `heads` row's detector reads after its heads (e.g. 'tokens' for attnpool).
+    `judge_band` (with `crossfit`, on a store extracted with --judge): also fit the judge's cut for that
+    band on each fold's cross-fitted benign rows (``lit_sahs.judge_cut``) and report the two-stage rule's
+    held-out benign FPR and harmful TPR beside the cross-fitted threshold's."""
     from tqdm import tqdm
 
     from lit_sahs.evaluate import split_reports
 
     folds = Folds(store, ranking=ranking, heads=heads, seed=seed)
+    if judge_band is not None and not (crossfit and JUDGE_EXTRA in set(folds.store.extra_names())):
+        raise LitSahsError("a judge band is calibrated on cross-fitted benign scores with the judge's log-odds: "
+                           "use --crossfit true on a store extracted with --judge true")
     holdouts, skipped = folds.source_holdouts(pairing, min_rows, sources)
     stored = set(folds.store.extra_names())
     has_extras = {RESIDUAL_EXTRA, REFUSAL_EXTRA} <= stored
@@ -92,7 +99,7 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
                        features=features)
         reports, _, labels, thresholds = split_reports(fit.detector, fit.datamodule, "test", baselines)
         calibration = _calibration(folds, fit, detector, detector_args, top_k, hold, labels, target_fpr,
-                                   max_epochs, features) if crossfit else None
+                                   max_epochs, features, judge_band) if crossfit else None
         extra_fits = {m: fit_fold(folds, detector, detector_args, top_k, hold, max_epochs=max_epochs, features=f)
                       for m, f in feature_sets.items()}
         if sparse_all:
@@ -118,21 +125,27 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
     methods = list(out[0]["methods"])
     mean = {m: {c: float(np.nanmean([f["methods"][m][c] for f in out])) for c in COLUMNS} for m in methods}
     result = {"protocol": "sources", "pairing": pairing, "detector": detector, "top_k": top_k, "folds": out,
-              "mean": mean, "skipped": skipped, "relocate": folds.per_fold, "target_fpr": target_fpr}
+              "mean": mean, "skipped": skipped, "relocate": folds.per_fold, "target_fpr": target_fpr,
+              **({"judge_band": list(judge_band)} if judge_band is not None else {})}
     if crossfit:
-        result["calibration"] = {k: float(np.nanmean([f["calibration"][k] for f in out])) for k in CALIBRATION}
+        keys = CALIBRATION + (JUDGE_CALIBRATION if judge_band is not None else ())
+        result["calibration"] = {k: float(np.nanmean([f["calibration"][k] for f in out])) for k in keys}
     return result
 
 
 # held-out benign FPR and harmful TPR at the validation threshold and at the cross-fitted one
 CALIBRATION = ("fpr_validation", "fpr_crossfit", "tpr_validation", "tpr_crossfit")
+# and with the judge deciding a band of scores at a cut fitted on the same cross-fitted benign rows
+JUDGE_CALIBRATION = ("fpr_judge", "tpr_judge", "judged")
 
 
 def _calibration(folds, fit, detector, detector_args, top_k, hold, labels, target_fpr, max_epochs,
-                 features=None) -> dict:
-    """The fold detector's held-out benign FPR and harmful TPR at its validation threshold and at the
-    threshold cross-fitted over the fold's training sources."""
+                 features=None, judge_band=None) -> dict:
+    """The fold detector's held-out benign FPR and harmful TPR at its validation threshold, at the
+    threshold cross-fitted over the fold's training sources and, with `judge_band`, with the judge
+    deciding that band at a cut fitted on the same cross-fitted benign rows."""
     from lit_sahs.crossfit import crossfit_threshold
+    from lit_sahs.judge_cut import fit_judge_cut, held_out_two_stage, store_logodds
 
     cf = crossfit_threshold(folds, detector, detector_args, top_k, hold, target_fpr=target_fpr, max_epochs=max_epochs,
                             features=features)
@@ -143,6 +156,13 @@ def _calibration(folds, fit, detector, detector_args, top_k, hold, labels, targe
     for name, t in (("validation", out["threshold_validation"]), ("crossfit", cf.threshold)):
         out[f"fpr_{name}"] = float((benign >= t).mean()) if len(benign) else float("nan")
         out[f"tpr_{name}"] = float((harmful >= t).mean()) if len(harmful) else float("nan")
+    if judge_band is not None:
+        record = fit_judge_cut({src: (s, store_logodds(folds.store, ids)) for src, (ids, s) in cf.benign.items()},
+                               cf.threshold, judge_band, target_fpr)
+        test = held_out_two_stage(record, scores, labels,
+                                  store_logodds(folds.store, [r["id"] for r in fit.datamodule.split_rows("test")]))
+        out.update({"judge_cut": record["cut"], "fpr_judge": test["benign_fpr"], "tpr_judge": test["harmful_tpr"],
+                    "judged": test["judged"]})
     return out
 
 
@@ -196,6 +216,17 @@ def format_source_tables(result: dict) -> str:
             lines.append(f"| {' + '.join(f['holdout'])} | {c['threshold_validation']:.3f} / "
                          f"{c['threshold_crossfit']:.3f} | " + " | ".join(_cell(c[k]) for k in CALIBRATION) + " |")
         lines.append("| **mean** | | " + " | ".join(_cell(m[k]) for k in CALIBRATION) + " |")
+        if "fpr_judge" in m:
+            band = result.get("judge_band") or ["?", "?"]
+            lines += ["", f"With the judge deciding detector scores in [{band[0]}, {band[1]}] at a cut fitted on the "
+                      "same cross-fitted benign rows (the cross-fitted threshold outside the band):", "",
+                      "| held out | judge cut (log-odds) | held-out rows judged | benign FPR | harmful TPR |",
+                      "|---|---|---|---|---|"]
+            for f in result["folds"]:
+                c = f["calibration"]
+                lines.append(f"| {' + '.join(f['holdout'])} | {c['judge_cut']:.2f} | {_cell(c['judged'])} | "
+                             f"{_cell(c['fpr_judge'])} | {_cell(c['tpr_judge'])} |")
+            lines.append(f"| **mean** | | {_cell(m['judged'])} | {_cell(m['fpr_judge'])} | {_cell(m['tpr_judge'])} |")
     if result["skipped"]:
         lines += ["", "Skipped folds: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items())]
     return "\n".join(lines)

@@ -72,6 +72,34 @@ def fit_judge_cut(benign: dict[str, tuple[np.ndarray, np.ndarray]], threshold: f
             "judged": float(len(values) / n), "per_source": per_source}
 
 
+def store_logodds(store, ids: Sequence[str]) -> np.ndarray:
+    """The judge's log-odds of rows `ids` from a store extracted with ``--judge true`` (float64)."""
+    if JUDGE_EXTRA not in store.extra_names():
+        raise LitSahsError(f"store {store.path} has no {JUDGE_EXTRA} extra: extract it with --judge true")
+    position = {str(r["id"]): i for i, r in enumerate(store.index())}
+    missing = [i for i in ids if str(i) not in position]
+    if missing:
+        raise LitSahsError(f"{len(missing)} rows (e.g. {missing[0]}) are not in store {store.path}")
+    return store.read_extra(JUDGE_EXTRA, rows=[position[str(i)] for i in ids]).astype(np.float64).reshape(-1)
+
+
+def held_out_two_stage(record: dict, scores: np.ndarray, labels: np.ndarray, logodds: np.ndarray) -> dict:
+    """The two-stage rule of `record` on scored rows with their judge log-odds: benign FPR and harmful
+    TPR with and without the judge, and the share judged."""
+    from lit_sahs.self_judge import band_decisions, stored_rule
+
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    alone = scores >= record["threshold"]
+    flagged, judged, _ = band_decisions(scores, alone, stored_rule(record), lambda r: np.asarray(logodds)[r])
+
+    def rate(f, label):
+        return float(f[labels == label].mean()) if (labels == label).any() else float("nan")
+
+    return {"band": list(record["band"]), "cut": float(record["cut"]), "promised_fpr": float(record["fpr"]),
+            "judged": float(judged.mean()), "benign_fpr": rate(flagged, 0), "harmful_tpr": rate(flagged, 1),
+            "benign_fpr_detector": rate(alone, 0), "harmful_tpr_detector": rate(alone, 1)}
+
+
 def calibrate_judge(det, cf, store, band: tuple[float, float],
                     judge_fn: Optional[Callable[[Sequence], np.ndarray]] = None, batch_size: int = 8,
                     progress: bool = False) -> dict:
@@ -92,8 +120,7 @@ def calibrate_judge(det, cf, store, band: tuple[float, float],
                            "give the store the detector was cross-fitted on")
     logodds: dict[str, float] = {}
     if wanted and JUDGE_EXTRA in store.extra_names():
-        values = store.read_extra(JUDGE_EXTRA, rows=[position[i] for i in wanted]).reshape(-1)
-        logodds = dict(zip(wanted, values.tolist()))
+        logodds = dict(zip(wanted, store_logodds(store, wanted).tolist()))
     elif wanted:
         if judge_fn is None:
             raise LitSahsError(f"store {store.path} has no {JUDGE_EXTRA} extra and no target was given to run the "
@@ -132,23 +159,9 @@ def live_judge(det, device: str = "auto") -> Callable[[Sequence], np.ndarray]:
 
 
 def split_two_stage(record: dict, scores: np.ndarray, rows: Sequence[dict], store) -> Optional[dict]:
-    """The detector's two-stage rule on one split of `store` (rows with their detector `scores`), with
-    the judge's log-odds from the store: benign FPR and harmful TPR with and without the judge, and the
-    share judged. None when the store does not hold the judge's log-odds."""
-    from lit_sahs.self_judge import band_decisions, stored_rule
-
+    """``held_out_two_stage`` on one split of `store` (rows with their detector `scores`), the judge's
+    log-odds read from the store; None when the store does not hold them."""
     if JUDGE_EXTRA not in store.extra_names():
         return None
-    position = {str(r["id"]): i for i, r in enumerate(store.index())}
-    logodds = store.read_extra(JUDGE_EXTRA, rows=[position[str(r["id"])] for r in rows]).astype(np.float64).reshape(-1)
-    labels = np.array([int(r["label"]) for r in rows])
-    scores = np.asarray(scores, dtype=np.float64)
-    alone = scores >= record["threshold"]
-    flagged, judged, _ = band_decisions(scores, alone, stored_rule(record), lambda r: logodds[r])
-
-    def rate(f, label):
-        return float(f[labels == label].mean()) if (labels == label).any() else float("nan")
-
-    return {"band": list(record["band"]), "cut": float(record["cut"]), "promised_fpr": float(record["fpr"]),
-            "judged": float(judged.mean()), "benign_fpr": rate(flagged, 0), "harmful_tpr": rate(flagged, 1),
-            "benign_fpr_detector": rate(alone, 0), "harmful_tpr_detector": rate(alone, 1)}
+    return held_out_two_stage(record, scores, np.array([int(r["label"]) for r in rows]),
+                              store_logodds(store, [r["id"] for r in rows]))

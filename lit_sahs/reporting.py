@@ -98,13 +98,14 @@ class TestReport(L.Callback):
 
     @staticmethod
     def _two_stage(pl_module, dm, scores: dict, rows: list) -> Optional[dict]:
-        """The detector's calibrated judge band on the test split, when the store holds the judge."""
-        from lit_sahs.data.datamodules import CachedActivationDataModule
+        """The detector's calibrated judge band on the test split, when its store holds the judge (a live
+        DataModule has no store: the judge's answers would need a second prefill per test prompt)."""
         from lit_sahs.judge_cut import split_two_stage
 
-        if not pl_module.judge or not isinstance(dm, CachedActivationDataModule):
+        store = getattr(dm, "store", None)
+        if not pl_module.judge or store is None:
             return None
-        return split_two_stage(pl_module.judge, scores[pl_module.report_name], rows, dm.store)
+        return split_two_stage(pl_module.judge, scores[pl_module.report_name], rows, store)
 
     @staticmethod
     def _two_stage_line(t: dict) -> str:

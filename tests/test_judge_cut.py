@@ -215,3 +215,29 @@ def test_a_fit_config_ships_the_judge_cut_and_reports_the_two_stage_rule_on_held
     # report says so instead of repeating the promise
     assert report["benign_fpr"] > report["promised_fpr"] and report["benign_fpr_detector"] == 0.0
     assert "With the judge deciding scores in [0.01, 0.5]" in out, out
+
+
+def test_the_sources_protocol_measures_the_judge_band_per_fold(tmp_path, cli, monkeypatch):
+    """`evaluate --protocol sources --crossfit true --judge_band`: each fold fits its own cut on its
+    training sources and the table reports the two-stage rule on the held-out ones."""
+    from lit_sahs.judge_cut import held_out_two_stage
+
+    monkeypatch.chdir(tmp_path)
+    judge_store(tmp_path / "s", n_per_source=24)
+    args = ["evaluate", "--store", str(tmp_path / "s"), "--protocol", "sources", "--heads", HEADS, "--relocate",
+            "false", "--max_epochs", "3", "--tracking_uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    code, out, err = cli(args + ["--crossfit", "true", "--judge_band", "0.01,0.5"])
+    assert code == 0, err[-2000:]
+    result = json.loads((tmp_path / "s" / "sources" / "sources.json").read_text())
+    cal = [f["calibration"] for f in result["folds"]]
+    assert len(cal) == 4 and all(np.isfinite(c["judge_cut"]) for c in cal)
+    assert result["calibration"]["fpr_judge"] == pytest.approx(np.mean([c["fpr_judge"] for c in cal]))
+    assert "With the judge deciding detector scores in [0.01, 0.5]" in out
+    # the rule itself: rows inside the band follow the judge, the others the threshold
+    rec = {"band": [0.2, 0.6], "cut": 1.0, "threshold": 0.5, "fpr": 0.05}
+    got = held_out_two_stage(rec, np.array([0.1, 0.3, 0.55, 0.9, 0.3]), np.array([0, 0, 0, 1, 1]),
+                             np.array([9.0, 0.5, 2.0, -1.0, 3.0]))
+    assert got["benign_fpr"] == pytest.approx(1 / 3) and got["harmful_tpr"] == 1.0 and got["judged"] == 0.6
+    assert got["benign_fpr_detector"] == pytest.approx(1 / 3) and got["harmful_tpr_detector"] == 0.5
+    code, _, err = cli(args + ["--judge_band", "0.01,0.5"])  # no cross-fit: refused in one line
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error:") and "--crossfit true" in err
