@@ -92,7 +92,14 @@ def test_study_nests_trials_in_mlflow_refits_and_registers(workdir, cli):
     assert {a.path for a in client.list_artifacts(refit_id, "detector")} == {"detector/detector.json",
                                                                                 "detector/detector.safetensors"}
     plots = {a.path for a in client.list_artifacts(parent, "study")}
-    assert {"study/optimization_history.png", "study/trials.csv", "study/intermediate_values.png"} <= plots
+    assert {"study/optimization_history.png", "study/trials.csv", "study/intermediate_values.png",
+            "study/trials.md"} <= plots
+    # every trial in the local table, best first, with the settings that produced it
+    table = (workdir / "artifacts" / "tune" / "syn" / "trials.md").read_text().splitlines()
+    body = [l.split(" | ") for l in table if l.startswith("| ") and l[2].isdigit()]
+    assert sorted(int(r[0][2:]) for r in body) == list(range(4)) and result["trials_table"].endswith("trials.md")
+    assert int(body[0][0][2:]) == best.number and float(body[0][2]) == pytest.approx(best.value, abs=5e-4)
+    assert f"k {best.params['k']}" in body[0][-1]
     if sum(t.state.name == "COMPLETE" for t in study.trials) >= 2:
         assert "study/param_importances.png" in plots
     parent_run = client.get_run(parent)
@@ -144,6 +151,8 @@ def test_pruned_trials_are_recorded(workdir, cli):
     assert [t.state.name for t in study.trials] == ["PRUNED", "PRUNED"]
     assert all(list(t.intermediate_values) == [0] for t in study.trials)  # stopped after the first fold
     assert json.loads(out.strip().splitlines()[-1])["best"] is None
+    table = (workdir / "artifacts" / "tune" / "syn" / "trials.md").read_text()
+    assert table.count("| pruned |") == 2  # a study with nothing complete still lists what it ran
     mlflow.set_tracking_uri(f"sqlite:///{workdir}/mlruns/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["tune"])
     trials = runs[runs["tags.lit_sahs.kind"] == "trial"]

@@ -74,6 +74,8 @@ def _summary(result: dict) -> str:
     if best:
         lines.append(f"best trial {best['trial']}: mean held-out AUROC {best['value']:.4f}, mean TPR@1%FPR "
                      f"{(best.get('mean_tpr_at_1fpr') or float('nan')):.4f}, params {best['params']}")
+    if result.get("trials_table"):
+        lines.append(f"every trial, best first: {result['trials_table']}")
     refit = result.get("refit")
     if refit:
         lines.append(f"refit run {refit['run_id']}: model {refit.get('model')}, detector {refit['detector']} "

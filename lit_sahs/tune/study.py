@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 from lit_sahs.errors import LitSahsError
@@ -196,6 +197,7 @@ def _optimise(cfg: TuneConfig, study, parent: str, created: bool, folds: Folds, 
     import optuna
 
     from lit_sahs.tune.refit import log_baselines, log_plots, refit_best
+    from lit_sahs.tune.trials import write_trials
 
     if created and cfg.baselines:
         log_baselines(folds, holdouts, cfg, tracker, parent)
@@ -220,6 +222,9 @@ def _optimise(cfg: TuneConfig, study, parent: str, created: bool, folds: Folds, 
                               "parent_run_id": parent, "tracking_uri": redact(tracker.uri)}
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     tracker.log(parent, metrics={f"trials_{k.lower()}": v for k, v in states.items()})
+    table = write_trials(study, Path(cfg.output_dir) / cfg.study_name, cfg.objective)  # every trial, best first
+    tracker.client.log_artifact(parent, str(table), artifact_path="study")
+    result["trials_table"] = str(table)
     if not complete:
         result["best"] = None
         log.warning("no trial of study %s completed: nothing to refit", cfg.study_name)
