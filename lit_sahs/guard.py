@@ -50,8 +50,8 @@ def guard_command(a: GuardOptions) -> int:
     if a.batch_size < 1:
         raise LitSahsError(f"batch_size must be >= 1, got {a.batch_size}")
     det, target = a.load()
-    guard = det.make_guard(target, refusal=a.refusal, fail_closed=a.fail_closed, threshold=a.threshold,
-                           judge_band=a.band())
+    band = {} if a.band() is None else {"judge_band": a.band()}  # a family without a judge stage never sees it
+    guard = det.make_guard(target, refusal=a.refusal, fail_closed=a.fail_closed, threshold=a.threshold, **band)
     out, unscored, reasons = [], 0, []
     from tqdm.auto import tqdm
 

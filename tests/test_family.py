@@ -78,7 +78,9 @@ class PromptLength(ModelFamily, nn.Module):
     def layers_run(self, target):
         return 0
 
-    def make_guard(self, target, refusal=None, threshold=None, fail_closed=True):
+    def make_guard(self, target, refusal=None, threshold=None, fail_closed=True, judge_band=None):
+        if judge_band not in (None, "off"):
+            raise LitSahsError("the prompt-length family has no judge stage")
         return LengthGuard(target, self, refusal, threshold)
 
     def split_scores(self, dm, split):
@@ -150,6 +152,8 @@ def test_a_registered_toy_family_saves_loads_screens_evaluates_and_guards(toy, t
     assert code == 0, err
     rows = [json.loads(x) for x in out.strip().splitlines()]
     assert [r["flagged"] for r in rows] == [False, True] and rows[1]["response"] == "No."
+    code, _, err = cli(["guard", "--detector", str(art), "--data", str(data), "--judge_band", "0.3,0.7"])
+    assert code == 2 and err.strip().splitlines()[-1] == "error: the prompt-length family has no judge stage", err
 
 
 def test_an_artifact_of_an_unknown_family_is_one_error(tmp_path, tiny, cli):
