@@ -151,3 +151,43 @@ def test_judge_band_check_reads_bands_and_refuses_one_upside_down():
     for bad in ("0.9,0.1", "0.2,1.5", ""):
         with pytest.raises(SystemExit, match="^error: --bands"):
             parse(bad)
+
+
+def test_judge_band_check_from_a_store_reports_the_detectors_calibrated_rule(tmp_path):
+    """--scoring store: scores and the judge's log-odds read from a --judge store; the calibrated row is
+    the product's own two-stage rule (judge_cut.held_out_two_stage) on those rows."""
+    import json
+
+    import numpy as np
+
+    from lit_sahs.artifact import load_detector, save_detector
+    from lit_sahs.crossfit import crossfit_detector
+    from lit_sahs.data.holdout import Holdout
+    from lit_sahs.folds import Folds, fit_fold
+    from lit_sahs.judge_cut import calibrate_judge, held_out_two_stage, store_logodds
+    from test_judge_cut import HEADS, judge_store
+
+    store = judge_store(tmp_path / "s")
+    hold = Holdout(sources=("harm2", "ben3"))
+    folds = Folds(tmp_path / "s", ranking=None, heads=HEADS)
+    det = fit_fold(folds, "logistic", {}, 2, hold, max_epochs=3).detector
+    cf = crossfit_detector(det, folds, hold, max_epochs=3)
+    calibrate_judge(det, cf, store, (0.01, 0.5))
+    path = save_detector(det, tmp_path / "det")
+    run = runpy.run_path(str(ROOT / "experiments" / "judge_band_check.py"), run_name="experiment")["run"]
+    assert run(str(path), str(tmp_path / "s"), str(tmp_path / "out"), held_out_sources="harm2,ben3",
+               held_out_families="", scoring="store") == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    rows = [r for r in store.index() if r["source"] in ("harm2", "ben3")]
+    loaded = load_detector(path)
+    from lit_sahs.data.extra_features import read_inputs
+
+    pos = {r["id"]: i for i, r in enumerate(store.index())}
+    scores = loaded.scores(read_inputs(store, loaded.head_set, loaded.feature_spec, loaded.geometry.head_dim,
+                                       rows=[pos[r["id"]] for r in rows]))
+    want = held_out_two_stage(loaded.judge, scores, np.array([r["label"] for r in rows]),
+                              store_logodds(store, [r["id"] for r in rows]))
+    got = report["calibrated"]
+    assert got["cut"] == want["cut"] and got["benign_fpr"] == want["benign_fpr"]
+    assert got["harmful_tpr"] == want["harmful_tpr"] and report["n"] == len(rows) and report["scoring"] == "store"
+    assert "the detector's calibrated rule" in (tmp_path / "out" / "report.md").read_text()
