@@ -137,7 +137,7 @@ def test_calibrate_command_ships_the_cut_and_screening_uses_it(tmp_path, cli):
     assert code == 2 and err.strip().splitlines()[-1].startswith("error:") and "judge_band" in err
 
 
-def test_screen_uses_the_detectors_cut_by_default_and_off_turns_it_off(tmp_path):
+def test_screen_uses_the_detectors_cut_by_default_and_off_turns_it_off(tmp_path, cli):
     import torch
 
     from lit_sahs.data.datamodules import CachedActivationDataModule
@@ -180,6 +180,19 @@ def test_screen_uses_the_detectors_cut_by_default_and_off_turns_it_off(tmp_path)
     service = GuardService(det, tiny)
     assert [r["flagged"] for r in service.moderate(texts)] == res.flagged.tolist()
     assert service.metadata()["judge_band"] == {"band": [0.0, 1.0], "cut": cut}
+    # the command line: the stored rule by default, `off`, and a band it was not calibrated for
+    from lit_sahs.artifact import save_detector
+
+    art = save_detector(det, tmp_path / "det")
+    code, out, err = cli(["screen", "--detector", str(art), "--prompt", texts[0], "--prompt", texts[1]])
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["judged"] == 2, err
+    code, out, err = cli(["screen", "--detector", str(art), "--prompt", texts[0], "--judge_band", "off"])
+    assert code == 0 and "judged" not in json.loads(out.strip().splitlines()[-1]), err
+    for command in ("screen", "guard"):
+        code, _, err = cli([command, "--detector", str(art), "--prompt", texts[0], "--judge_band", "0.2,0.3"])
+        errors = [l for l in err.strip().splitlines() if l.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and "calibrated for the band 0,1" in errors[0], err
+        assert err.strip().splitlines()[-1] == errors[0]
 
 
 def test_a_fit_config_ships_the_judge_cut_and_reports_the_two_stage_rule_on_held_out_sources(tmp_path, cli,
