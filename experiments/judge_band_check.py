@@ -96,14 +96,15 @@ def run(detector: str = "artifacts/guard/detector", store: str = "stores/guard-q
         scores, logodds, thr, det = res.scores, res.judge_logodds, res.threshold, screener.detector
     else:
         from lit_sahs.artifact import load_detector
-        from lit_sahs.data.extra_features import JUDGE_EXTRA, read_inputs
+        from lit_sahs.data.extra_features import read_inputs
+        from lit_sahs.judge_cut import store_logodds
 
         det = load_detector(detector)
         position = {r["id"]: i for i, r in enumerate(st.index())}
         pos = [position[r["id"]] for r in rows]
         scores = np.asarray(det.scores(read_inputs(st, det.head_set, det.feature_spec, det.geometry.head_dim, rows=pos)),
                             dtype=np.float64)
-        logodds = st.read_extra(JUDGE_EXTRA, rows=pos).astype(np.float64).reshape(-1)
+        logodds = store_logodds(st, [r["id"] for r in rows])
         thr = float(det.threshold)
     seconds = time.time() - t
     alone = scores >= thr

@@ -156,11 +156,14 @@ def _calibration(folds, fit, detector, detector_args, top_k, hold, labels, targe
     for name, t in (("validation", out["threshold_validation"]), ("crossfit", cf.threshold)):
         out[f"fpr_{name}"] = float((benign >= t).mean()) if len(benign) else float("nan")
         out[f"tpr_{name}"] = float((harmful >= t).mean()) if len(harmful) else float("nan")
-    if judge_band is not None:
-        record = fit_judge_cut({src: (s, store_logodds(folds.store, ids)) for src, (ids, s) in cf.benign.items()},
+    if judge_band is not None:  # one read of the store's log-odds for the inner benign rows and the test rows
+        test_ids = [r["id"] for r in fit.datamodule.split_rows("test")]
+        inner = [i for ids, _ in cf.benign.values() for i in ids]
+        logodds = store_logodds(folds.store, inner + test_ids)
+        parts = np.split(logodds[:len(inner)], np.cumsum([len(ids) for ids, _ in cf.benign.values()])[:-1])
+        record = fit_judge_cut({src: (s, lo) for (src, (_, s)), lo in zip(cf.benign.items(), parts)},
                                cf.threshold, judge_band, target_fpr)
-        test = held_out_two_stage(record, scores, labels,
-                                  store_logodds(folds.store, [r["id"] for r in fit.datamodule.split_rows("test")]))
+        test = held_out_two_stage(record, scores, labels, logodds[len(inner):])
         out.update({"judge_cut": record["cut"], "fpr_judge": test["benign_fpr"], "tpr_judge": test["harmful_tpr"],
                     "judged": test["judged"]})
     return out

@@ -26,6 +26,7 @@ from lit_sahs.checks import probability, probability_band
 from lit_sahs.data.extra_features import JUDGE_EXTRA
 from lit_sahs.detectors.metrics import budget_threshold
 from lit_sahs.errors import LitSahsError
+from lit_sahs.self_judge import JudgeRule, band_decisions, stored_rule
 
 METHOD = "crossfit_sources"
 
@@ -42,13 +43,12 @@ def fit_judge_cut(benign: dict[str, tuple[np.ndarray, np.ndarray]], threshold: f
               for s, v in benign.items() if len(v[0])}
     if not benign:
         raise LitSahsError("cannot calibrate the judge cut: no benign rows were scored")
-    fixed, values, weights, inside_of = 0.0, [], [], {}
+    fixed, values, weights = 0.0, [], []
     for src, (s, j) in benign.items():
         if len(j) != len(s):
             raise LitSahsError(f"source {src}: {len(j)} judge values for {len(s)} scores")
         w = 1.0 / (len(benign) * len(s))
         inside = (s >= lo) & (s <= hi)
-        inside_of[src] = inside
         fixed += w * float(((s >= threshold) & ~inside).sum())
         values.append(j[inside])
         weights.append(np.full(int(inside.sum()), w))
@@ -60,11 +60,11 @@ def fit_judge_cut(benign: dict[str, tuple[np.ndarray, np.ndarray]], threshold: f
     if not np.isfinite(values).all():
         raise LitSahsError("cannot calibrate the judge cut: a judge log-odds is NaN or infinity")
     cut = budget_threshold(values, weights, target_fpr - fixed)
+    rule = JudgeRule((lo, hi), cut)
     per_source = {}
     for src, (s, j) in sorted(benign.items()):
-        inside = inside_of[src]
-        flagged = np.where(inside, j >= cut, s >= threshold)
-        per_source[src] = {"rows": int(len(s)), "judged": int(inside.sum()), "fpr": float(flagged.mean()),
+        flagged, judged, _ = band_decisions(s, s >= threshold, rule, lambda rows, j=j: j[rows])
+        per_source[src] = {"rows": int(len(s)), "judged": int(judged.sum()), "fpr": float(flagged.mean()),
                            "fpr_detector": float((s >= threshold).mean())}
     mean = lambda key: float(np.mean([v[key] for v in per_source.values()]))  # noqa: E731 - sources weigh the same
     return {"method": METHOD, "band": [lo, hi], "cut": float(cut), "target_fpr": target_fpr,
@@ -86,8 +86,6 @@ def store_logodds(store, ids: Sequence[str]) -> np.ndarray:
 def held_out_two_stage(record: dict, scores: np.ndarray, labels: np.ndarray, logodds: np.ndarray) -> dict:
     """The two-stage rule of `record` on scored rows with their judge log-odds: benign FPR and harmful
     TPR with and without the judge, and the share judged."""
-    from lit_sahs.self_judge import band_decisions, stored_rule
-
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
     alone = scores >= record["threshold"]
     flagged, judged, _ = band_decisions(scores, alone, stored_rule(record), lambda r: np.asarray(logodds)[r])

@@ -127,7 +127,7 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params: Optional[dict] = None) -> pd.DataFrame:
         from lit_sahs.prompts import encode_prompts
-        from lit_sahs.self_judge import band_decisions, judge_logodds, judge_rule
+        from lit_sahs.self_judge import band_decisions, judge_rule, row_judge
         from lit_sahs.targets import prompting
 
         rows = rows_of(model_input)
@@ -160,9 +160,7 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
         rule = judge_rule(None, self.detector.judge)  # the detector's calibrated second stage, if it has one
         if rule is not None:
             prompts = [t if m is None else m for t, m in rows]
-            bs = self.batch_size
-            flagged, judged, _ = band_decisions(scores, flagged, rule, lambda r: np.concatenate(
-                [judge_logodds(self.target, [prompts[i] for i in r[s:s + bs]]).numpy() for s in range(0, len(r), bs)]))
+            flagged, judged, _ = band_decisions(scores, flagged, rule, row_judge(self.target, prompts, self.batch_size))
         out = pd.DataFrame({"score": scores, "flagged": flagged, "threshold": np.full(n, threshold)})
         if rule is not None:
             out["judged"] = judged

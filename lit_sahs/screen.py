@@ -51,7 +51,7 @@ from lit_sahs.loading import load_detector_and_target
 from lit_sahs.options import ScreenOptions
 from lit_sahs.outputs import check_outputs
 from lit_sahs.prompts import encode_prompts, write_jsonl
-from lit_sahs.self_judge import band_decisions, judge_logodds, judge_rule
+from lit_sahs.self_judge import band_decisions, judge_rule, row_judge
 from lit_sahs.targets import Target
 
 
@@ -128,11 +128,9 @@ class Screener:
         if self.judge_rule is None:
             return ScreenResult(ids, scores, flagged, self.threshold)
 
-        def judge(rows: list[int]) -> np.ndarray:  # the judge prefill for the band's rows only, batched
-            return np.concatenate([judge_logodds(self.target, [texts[i] for i in rows[s:s + self.batch_size]]).numpy()
-                                   for s in range(0, len(rows), self.batch_size)])
-
-        flagged, judged, logodds = band_decisions(scores, flagged, self.judge_rule, judge)
+        # the judge prefill for the band's rows only, batched
+        flagged, judged, logodds = band_decisions(scores, flagged, self.judge_rule,
+                                                  row_judge(self.target, texts, self.batch_size))
         return ScreenResult(ids, scores, flagged, self.threshold, judged, logodds)
 
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from lit_sahs.checks import JUDGE_OFF, probability_band
+from lit_sahs.checks import JUDGE_OFF, judge_band_arg, probability_band
 from lit_sahs.errors import LitSahsError
 from lit_sahs.prompts import encode_prompts
 from lit_sahs.refusal import first_token_logits
@@ -138,9 +138,9 @@ def judge_rule(band: Any, record: Optional[dict] = None, cut: Optional[float] = 
     """The second stage to run. `band`: None takes the detector's calibrated rule (`record`) if it has
     one; ``"off"`` runs none; (lo, hi) or "LO,HI" must be the band `record` was calibrated for, unless
     an explicit `cut` (log-odds) is given."""
-    if isinstance(band, str) and band.strip().lower() == JUDGE_OFF:
+    band = judge_band_arg(band)
+    if band == JUDGE_OFF:
         return None
-    band = probability_band(band, "judge_band")
     stored = stored_rule(record)
     if band is None:
         if cut is not None:
@@ -158,6 +158,17 @@ def judge_rule(band: Any, record: Optional[dict] = None, cut: Optional[float] = 
         raise LitSahsError(f"the detector's judge cut was calibrated for the band {slo:g},{shi:g}, not {lo:g},{hi:g}: "
                            f"leave --judge_band out to use it, or calibrate again with --judge_band {lo:g},{hi:g}")
     return stored
+
+
+def row_judge(target, texts: Sequence, batch_size: Optional[int] = None) -> Callable[[list[int]], np.ndarray]:
+    """The `judge` that ``band_decisions`` calls: row positions of `texts` -> the judge prefill's log-odds,
+    `batch_size` prompts per prefill (None: all the rows at once)."""
+    def judge(rows: list[int]) -> np.ndarray:
+        step = batch_size or max(len(rows), 1)
+        return np.concatenate([judge_logodds(target, [texts[i] for i in rows[s:s + step]]).numpy()
+                               for s in range(0, len(rows), step)])
+
+    return judge
 
 
 def band_decisions(scores: np.ndarray, flagged: np.ndarray, rule: Optional[JudgeRule],

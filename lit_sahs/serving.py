@@ -26,7 +26,7 @@ from lit_sahs.choices import DEFAULT_REFUSAL
 from lit_sahs.guarding import eos_token_id
 from lit_sahs.loading import load_detector_and_target
 from lit_sahs.prompts import encode_prompts
-from lit_sahs.self_judge import band_decisions, judge_logodds, judge_rule
+from lit_sahs.self_judge import band_decisions, judge_rule, row_judge
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class GuardService:
         per_cat = self.detector.category_scores(self.target, enc) if self.detector.categories() else None
         flags = ~(scores < self.threshold)  # NaN (not scored) is flagged, as screen does
         flags, _, _ = band_decisions(scores, flags, self.judge_rule,  # the calibrated second stage, if any
-                                     lambda rows: judge_logodds(self.target, [texts[i] for i in rows]).numpy())
+                                     row_judge(self.target, list(texts)))
         out = []
         for i, s in enumerate(scores.tolist()):
             flagged = bool(flags[i])

@@ -7,11 +7,10 @@ import pytest
 
 from lit_sahs.crossfit import crossfit_threshold, weighted_threshold
 from lit_sahs.data.holdout import Holdout
-from lit_sahs.data.samples import Sample
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.errors import LitSahsError
 from lit_sahs.folds import Folds
-from synthetic import FP, GEOM, SIGNAL_HEADS
+from synthetic import SIGNAL_HEADS, shifted_sources_store
 
 HEADS = ",".join(f"{l}.{h}" for l, h in SIGNAL_HEADS)
 # benign sources whose prompts sit closer to the harmful side, by a source-level shift: what a
@@ -20,21 +19,7 @@ SHIFT = {"ben0": 0.0, "ben1": 0.0, "ben2": 1.6, "ben3": 1.6}
 
 
 def shifted_store(path, n_per_source: int = 36, seed: int = 0) -> ActivationStore:
-    rng = np.random.default_rng(seed)
-    rows, acts = [], []
-    sources = [(f"harm{j}", 1) for j in range(3)] + [(b, 0) for b in SHIFT]
-    for src, label in sources:
-        for i in range(n_per_source):
-            s = Sample(id=f"{src}-{i}", text=f"{src} prompt {i}", label=label, source=src, attack="plain",
-                       attack_family="plain", base_id=f"{src}-{i}")
-            rows.append(s.index_row())
-            a = rng.standard_normal(GEOM.shape)
-            for l, h in SIGNAL_HEADS:
-                a[l, h, :3] += 2.5 * (2 * label - 1) + SHIFT.get(src, 0.0)
-            acts.append(a)
-    store = ActivationStore.create_or_open(path, FP, "rule", {"fmt": 1})
-    store.write_block(rows, np.stack(acts))
-    return store
+    return shifted_sources_store(path, SHIFT, n_per_source, seed)
 
 
 def test_weighted_threshold_weighs_every_source_the_same():

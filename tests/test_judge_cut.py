@@ -10,31 +10,15 @@ from lit_sahs.data.samples import Sample
 from lit_sahs.data.store import ActivationStore
 from lit_sahs.errors import LitSahsError
 from lit_sahs.self_judge import JudgeRule, band_decisions, judge_rule
-from synthetic import FP, GEOM, SIGNAL_HEADS
+from synthetic import SIGNAL_HEADS, shifted_sources_store
 
 HEADS = ",".join(f"{l}.{h}" for l, h in SIGNAL_HEADS)
 SHIFT = {"ben0": 0.0, "ben1": 0.0, "ben2": 1.6, "ben3": 1.6}  # two benign sources look half harmful
 
 
 def judge_store(path, n_per_source: int = 36, with_judge: bool = True, seed: int = 0) -> ActivationStore:
-    """Three harmful and four benign sources; the judge's log-odds lean to "unsafe" for every row (all
-    positive) and are higher for harmful ones, as Qwen2.5-Coder-1.5B's do."""
-    rng = np.random.default_rng(seed)
-    rows, acts, judge = [], [], []
-    for src, label in [(f"harm{j}", 1) for j in range(3)] + [(b, 0) for b in SHIFT]:
-        for i in range(n_per_source):
-            s = Sample(id=f"{src}-{i}", text=f"{src} prompt {i}", label=label, source=src, attack="plain",
-                       attack_family="plain", base_id=f"{src}-{i}")
-            rows.append(s.index_row())
-            a = rng.standard_normal(GEOM.shape)
-            for l, h in SIGNAL_HEADS:
-                a[l, h, :3] += 2.5 * (2 * label - 1) + SHIFT.get(src, 0.0)
-            acts.append(a)
-            judge.append(4.0 + 2.0 * label + rng.standard_normal())
-    store = ActivationStore.create_or_open(path, FP, "rule", {"fmt": 1})
-    extras = {"judge_logodds": np.asarray(judge, dtype=np.float32)} if with_judge else None
-    store.write_block(rows, np.stack(acts), extras=extras)
-    return store
+    """Three harmful and four benign sources; the judge's log-odds lean to "unsafe" for every row."""
+    return shifted_sources_store(path, SHIFT, n_per_source, seed, judge=with_judge)
 
 
 def test_the_cut_keeps_the_two_stage_fpr_where_log_odds_zero_flags_the_band():

@@ -183,7 +183,10 @@ def test_screen_and_guard_judge_only_the_band(tiny, judge_detector, monkeypatch)
     order = np.argsort(plain.scores)
     lo, hi = float(plain.scores[order[2]]), float(plain.scores[order[5]])  # 4 of 8 rows inside
     inside = (plain.scores >= lo) & (plain.scores <= hi)
-    monkeypatch.setattr(screen_mod, "judge_logodds", spy)
+    def spying_rows(target, texts, batch_size=None):  # the band's judge, with the spy as its prefill
+        return lambda rows: spy(target, [texts[i] for i in rows]).numpy()
+
+    monkeypatch.setattr(screen_mod, "row_judge", spying_rows)
     res = Screener(tiny, judge_detector, batch_size=3, judge_band=(lo, hi), judge_cut=0.0).score(texts)
     assert sorted(seen) == sorted(t for t, i in zip(texts, inside) if i)
     assert res.judged.tolist() == inside.tolist()
@@ -192,7 +195,7 @@ def test_screen_and_guard_judge_only_the_band(tiny, judge_detector, monkeypatch)
     assert [r.get("judged") for r in res.rows()] == inside.tolist()
     # the guard's gate: the detector reads the judge feature, so the band reuses its values
     seen.clear()
-    monkeypatch.setattr(guard_mod, "judge_logodds", spy)
+    monkeypatch.setattr(guard_mod, "row_judge", spying_rows)
     g = SafetyGuard(tiny, judge_detector, judge_band=(lo, hi), judge_cut=0.0).generate(texts, max_new_tokens=1)
     assert seen == [] and g.judged == inside.tolist()
     assert [r["judged"] for r in g.rows()] == inside.tolist()
@@ -214,13 +217,14 @@ def test_guard_band_runs_a_judge_prefill_for_the_band_rows_only(tiny, judge_stor
     lo, hi = float(np.sort(scores)[1]), float(np.sort(scores)[3])
     inside = (scores >= lo) & (scores <= hi)
     seen = []
-    real = guard_mod.judge_logodds
+    from lit_sahs.self_judge import judge_logodds as real
 
     def spy(target, batch, token_ids=None):
         seen.append(list(batch))
         return real(target, batch, token_ids)
 
-    monkeypatch.setattr(guard_mod, "judge_logodds", spy)
+    monkeypatch.setattr(guard_mod, "row_judge",
+                        lambda target, texts, batch_size=None: lambda rows: spy(target, [texts[i] for i in rows]).numpy())
     cut = 0.05  # any fixed cut: the gate must apply it to the judge prefill's answers
     g = SafetyGuard(tiny, det, judge_band=(lo, hi), judge_cut=cut).generate(texts, max_new_tokens=1)
     assert len(seen) == 1 and sorted(seen[0]) == sorted(t for t, i in zip(texts, inside) if i)

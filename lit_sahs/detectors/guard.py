@@ -45,7 +45,7 @@ from lit_sahs.errors import LitSahsError
 from lit_sahs.choices import DEFAULT_REFUSAL
 from lit_sahs.guarding import UNSUPPORTED_GENERATE, GuardResult, eos_token_id, threshold_override
 from lit_sahs.prompts import encode_prompts
-from lit_sahs.self_judge import JudgeRule, band_decisions, judge_logodds, judge_rule
+from lit_sahs.self_judge import JudgeRule, band_decisions, judge_rule, row_judge
 
 
 # ---------------------------------------------------------------- the logits processor
@@ -185,7 +185,7 @@ class SafetyGuard:
         known = getattr(cap, "judge", None)
         if known is not None:
             return lambda rows: known.reshape(-1)[rows].numpy()
-        return lambda rows: judge_logodds(self.target, [texts[i] for i in rows]).numpy()
+        return row_judge(self.target, texts)
 
     def generate(self, texts: Sequence[str], images: Optional[Sequence[Optional[str]]] = None,
                  ids: Optional[Sequence[str]] = None, max_new_tokens: int = 128, **generate_kwargs) -> GuardResult:
