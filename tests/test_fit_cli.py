@@ -177,6 +177,20 @@ def test_the_recorded_attnpool_guard_config_parses(cli):
     assert cfg["trainer"]["callbacks"][0]["class_path"] == "lit_sahs.crossfit.CrossFitCalibration"
 
 
+def test_the_recorded_judge_band_guard_config_parses(cli):
+    """experiments/results/judge-cut-guard-qwen2.5-coder-1.5b/guard-judge.yaml: the guard recipe with a judge band."""
+    path = (Path(__file__).parents[1] / "experiments" / "results" / "judge-cut-guard-qwen2.5-coder-1.5b"
+            / "guard-judge.yaml")
+    code, out, err = cli(["fit", "--config", str(path), "--print_config"])
+    assert code == 0, err
+    cfg = yaml.safe_load(out)
+    cb = cfg["trainer"]["callbacks"][0]
+    assert cb["class_path"] == "lit_sahs.crossfit.CrossFitCalibration" and cb["init_args"]["judge_band"] == [0.3, 0.9]
+    assert cfg["data"]["init_args"]["store"] == "stores/guard-tokens-judge-qwen2.5-coder-1.5b"
+    assert cfg["data"]["init_args"]["top_k"] == 9 and cfg["model"]["init_args"]["l2"] == 0.9
+    assert cfg["data"]["init_args"]["held_out"] == {"families": ["dan"], "sources": ["past_tense", "sharegpt_instructions"]}
+
+
 def test_the_recorded_largest_store_guard_config_parses(cli):
     """experiments/results/guard-largest-smollm2/guard-largest.yaml: the guard recipe on the largest store."""
     path = Path(__file__).parents[1] / "experiments" / "results" / "guard-largest-smollm2" / "guard-largest.yaml"

@@ -257,3 +257,13 @@ def test_the_recorded_tune_study_config_parses():
     space = SearchSpace.parse(cfg.space, max_heads=270)
     assert space.feature_specs() == [None, "mean", "max", "mean,max", "resid,refusal"]
     assert "logistic.low_fpr_weight" in space.to_dict()
+
+
+def test_the_recorded_attnpool_study_config_parses():
+    """experiments/results/tune-attnpool-qwen2.5-coder-1.5b/tune.yaml: the attention-pooling study docs/results.md reports."""
+    from lit_sahs.tune import SearchSpace, parse_config
+
+    cfg = parse_config(["--config", str(ROOT / "experiments" / "results" / "tune-attnpool-qwen2.5-coder-1.5b" / "tune.yaml")])
+    assert cfg.objective == "sources" and cfg.n_trials == 16 and cfg.store == "stores/guard-tokens-judge-qwen2.5-coder-1.5b"
+    space = SearchSpace.parse(cfg.space, max_heads=32)
+    assert space.feature_specs() == ["tokens", "tokens,judge"] and "attnpool.queries" in space.to_dict()
