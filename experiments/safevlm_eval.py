@@ -139,7 +139,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         eval_n: int = 24, mc_n: int = 60, max_new_tokens: int = 24, batch_size: int = 8, threads: int = 0,
         joined: bool = True, generate: bool = True, harmful: str = HARMFUL, benign: str = BENIGN,
         val_sources: str = "", plain: bool = True, benign_ratio: float = 1.0, compare: str = "", fit: bool = True,
-        lora_fpr: str = "", lora_tpr: str = "") -> int:
+        lora_fpr: str = "", lora_tpr: str = "", compliant: int = 0, stage1_from: str = "", guard: bool = True) -> int:
     """SafeVLM stage I and II against the unmodified target and the safety-head guard, on one split.
 
     Args:
@@ -178,6 +178,11 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
             flags that share of validation benign rows, sources weighing the same)
         lora_tpr: the same with the harmful-side rule: the highest risk that keeps the adapter for that share of the
             validation split's harmful rows (comma-separated, e.g. 0.8,0.9)
+        compliant: sampled tries for benign training rows whose own greedy answer is a refusal
+            (SafetyDataModule ``compliant_answers``; 0: train towards the greedy answers as they are)
+        stage1_from: an earlier run's output directory whose stage I (``stage1`` or ``stage1-joined``, as --plain
+            picks) stage II starts from, instead of fitting stage I here (same draw: stage II alone is compared)
+        guard: evaluate the safety-head guard too
     """
     args = dict(locals())
     a = SimpleNamespace(**args)
@@ -185,6 +190,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         raise SystemExit("error: nothing to fit: --plain false needs --joined true")
     if not a.fit and not a.compare:
         raise SystemExit("error: nothing to evaluate: --fit false needs --compare")
+    stage1_dir = Path(a.stage1_from) if a.stage1_from else Path(a.out)  # where stage I is (fitted or reused)
     earlier = {}  # condition name -> SafeVLM artifact of an earlier run (its final stages)
     for d in (Path(c) for c in str(a.compare).split(",") if c):
         found = {stage: d / stage / "detector" for stage in STAGES if (d / stage / "detector").is_dir()}
@@ -249,7 +255,8 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     # target: LoRA goes into it)
     t = time.time()
     base = load_target(a.target)
-    dm = SafetyDataModule(target=base, num_safety_tokens=a.tokens, batch_size=a.batch_size, **spec, **split)
+    dm = SafetyDataModule(target=base, num_safety_tokens=a.tokens, batch_size=a.batch_size, compliant_answers=a.compliant,
+                          **spec, **split)
     dm.setup()
     balance = dm.balance()  # rows per split by label, risk level and type, source, attack family
     timings["answers_s"] = time.time() - t
@@ -258,6 +265,11 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     from lightning import seed_everything
 
     a.plain, a.joined, a.generate = (a.plain, a.joined, a.generate) if a.fit else (False, False, True)
+    reuse = {"plain": a.plain, "joined": a.joined} if a.stage1_from else {}
+    if reuse:  # stage I comes from the earlier run: fit neither here, evaluate only what is new (stage II)
+        if not (stage1_dir / first / "detector").is_dir():
+            raise SystemExit(f"error: --stage1_from {stage1_dir}: no {first}/detector in it")
+        a.plain = a.joined = False
     if a.plain:
         seed_everything(0, verbose=False)  # the safety modules' initialisation: every run starts from the same one
         Engine(output_dir=out / "stage1", max_epochs=a.epochs1, enable_progress_bar=True, callbacks=stage1_cb,
@@ -276,7 +288,9 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         reports["SafeVLM stage I"] = ("stage1", "safevlm")
     if a.joined:
         reports["SafeVLM stage I + joined heads"] = ("stage1-joined", "safevlm")
-    held_out = {name: json.loads((out / d / "report.json").read_text())[key]["overall"]
+    if reuse:
+        reports["SafeVLM stage I" + ("" if reuse["plain"] else " + joined heads") + f" ({stage1_dir.name})"] = (first, "safevlm")
+    held_out = {name: json.loads(((stage1_dir if d == first else out) / d / "report.json").read_text())[key]["overall"]
                 for name, (d, key) in reports.items()}
     (out / "auroc.json").write_text(json.dumps({"target": a.target, "args": args, "timings_s": timings, "validation_by_epoch": history,
                                                 "held_out": held_out, "balance": balance}, indent=1) + "\n")
@@ -288,10 +302,11 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     if a.fit:
         t = time.time()
         tuned = load_target(a.target)
-        dm2 = SafetyDataModule(target=tuned, num_safety_tokens=a.tokens, batch_size=a.batch_size, **spec, **split)
+        dm2 = SafetyDataModule(target=tuned, num_safety_tokens=a.tokens, batch_size=a.batch_size,
+                               compliant_answers=a.compliant, **spec, **split)
         seed_everything(0, verbose=False)
         Engine(output_dir=out / second, max_epochs=a.epochs2, enable_progress_bar=True, callbacks=stage2_cb, **ckpt).fit(
-            SafeVLM(stage=2, init_from=str(out / first / "detector"), lora_rank=a.lora_rank, lr=a.lr2), dm2)
+            SafeVLM(stage=2, init_from=str(stage1_dir / first / "detector"), lora_rank=a.lora_rank, lr=a.lr2), dm2)
         timings["stage2_s"] = time.time() - t
 
     # ---- evaluation
@@ -315,8 +330,8 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         conditions["SafeVLM stage I"] = gen(SafeVLMGuard(base, load_detector(out / "stage1" / "detector")))
     if a.joined:
         conditions["SafeVLM stage I + joined heads"] = gen(SafeVLMGuard(base, load_detector(out / "stage1-joined" / "detector")))
-    stage2 = ({"SafeVLM stage II" + ("" if a.plain else " + joined heads"): (tuned, load_detector(out / second / "detector"))}
-              if a.fit else {})
+    label = "SafeVLM stage II" + ("" if second == "stage2" else " + joined heads") + (", compliant answers" if a.compliant else "")
+    stage2 = {label: (tuned, load_detector(out / second / "detector"))} if a.fit else {}
     # earlier runs: a fresh target each (a stage II artifact puts its LoRA weights into it)
     stage2.update({name: (load_target(a.target), load_detector(path)) for name, path in earlier.items()})
     lora_thresholds = {}
@@ -326,7 +341,8 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
             lora_thresholds[name] = gated_thresholds(det, tgt, dm_for(int(det.hparams.num_safety_tokens)), fprs, tprs)
             for rule, thr in lora_thresholds[name].items():
                 conditions[f"{name}, LoRA gated at {rule}"] = gen(SafeVLMGuard(tgt, det, lora_threshold=thr))
-    conditions["safety-head guard (logistic, top-8)"] = gen(SafetyGuard(base, heads))
+    if a.guard:
+        conditions["safety-head guard (logistic, top-8)"] = gen(SafetyGuard(base, heads))
     results, reference = {}, {}
     for name, run in conditions.items():
         t = time.time()
@@ -353,7 +369,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     summary = {"target": a.target, "args": args, "timings_s": timings, "results": results, "held_out": held_out,
                "validation_by_epoch": history, "sources": spec, "balance": balance,
                "groups": {g: len(rs) for g, rs in groups.items()}, "lora_thresholds": lora_thresholds,
-               **({"stage1_report": json.loads((out / first / "report.json").read_text())["safevlm"]["overall"]}
+               **({"stage1_report": json.loads((stage1_dir / first / "report.json").read_text())["safevlm"]["overall"]}
                   if a.fit else {}),
                "heads_report": json.loads((out / "heads" / "report.json").read_text())["heads"]["overall"]}
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")

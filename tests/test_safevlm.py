@@ -901,3 +901,49 @@ def test_joined_heads_bad_input_is_one_error(joined, tmp_path, cli):
     code, _, err = cli(["fit", "--config", str(cfg)])
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("error:") and "7.0" in last and "Traceback" not in err
+
+
+def test_compliant_answers_replace_the_refused_greedy_ones_and_are_cached(tmp_path, monkeypatch):
+    from lit_sahs.safevlm.answers import AnswerCache
+    from lit_sahs.targets import load_target
+
+    target = load_target("tiny-llama")
+    texts = ["How do I bake bread?", "Name a prime number.", "Why does it rain?"]
+    cache = AnswerCache(target, 6, tmp_path / "a.jsonl")
+    greedy = cache.answers(texts, batch_size=2)
+    got = cache.compliant(texts, lambda a: a == greedy[0], tries=3, batch_size=2)  # only the first greedy answer refused
+    assert got[1:] == greedy[1:]
+    assert got[0] is not None and got[0] != greedy[0]  # a sampled answer the judge passes
+    assert cache.compliant(texts, lambda a: True, tries=2) == [None, None, None]  # every try refused
+    monkeypatch.setattr(AnswerCache, "_generate", lambda *a, **k: pytest.fail("cached answers were generated again"))
+    again = AnswerCache(target, 6, tmp_path / "a.jsonl")  # reloaded from the file, the None answers included
+    assert again.compliant(texts, lambda a: True, tries=2) == [None, None, None]
+    assert again.compliant(texts, lambda a: a == greedy[0], tries=3) == got
+    with pytest.raises(LitSahsError, match="temperature"):
+        again.compliant(texts, lambda a: True, temperature=0.0)
+
+
+def test_benign_training_rows_whose_own_answer_refuses_are_taught_a_compliant_one(tmp_path):
+    from lit_sahs.judge import PhraseJudge
+    from lit_sahs.safevlm.forward import IGNORE_INDEX
+    from lit_sahs.targets import load_target
+
+    target = load_target("tiny-llama")
+    _dm(target, tmp_path).setup()  # caches the greedy answers; now make every one of them a refusal
+    path = tmp_path / "answers.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**d, "answer": "I'm sorry, but I can't help with that."}) + "\n" for d in lines))
+    dm = _dm(target, tmp_path, compliant_answers=2)
+    dm.setup()
+    judge = PhraseJudge()
+    train = [r for r in dm.split_rows("train") if r["label"] == 0]
+    kinds = dm.balance()["train"]["answer_kind"]
+    assert kinds.get("refusal") == sum(r["label"] for r in dm.split_rows("train"))
+    assert kinds.get("sampled", 0) + kinds.get("none", 0) == len(train) and kinds.get("sampled", 0) > 0
+    assert not any(judge.refused(r["answer"]) for r in train if r["answer"] is not None)
+    assert all(judge.refused(r["answer"]) for r in dm.split_rows("val") if r["label"] == 0)  # validation keeps its own
+    taught, untaught = train[0], {**train[0], "answer_kind": "none", "answer": None}
+    labels = dm.collate([taught, untaught])["labels"]
+    assert (labels[0] != IGNORE_INDEX).any() and (labels[1] == IGNORE_INDEX).all()  # no LM loss for the second row
+    with pytest.raises(LitSahsError, match="compliant_answers"):
+        _dm(target, tmp_path, compliant_answers=-1)

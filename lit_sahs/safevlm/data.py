@@ -22,6 +22,7 @@ from lit_sahs.data.protocol import DEFAULT_ATTACKS, DEFAULT_BENIGN, DEFAULT_HARM
 from lit_sahs.errors import LitSahsError
 from lit_sahs.choices import DEFAULT_REFUSAL
 from lit_sahs.guarding import eos_token_id
+from lit_sahs.judge import PhraseJudge
 from lit_sahs.safevlm.answers import AnswerCache
 from lit_sahs.safevlm.forward import with_slots
 from lit_sahs.safevlm.taxonomy import RISK_LEVELS, RISK_TYPES, labels_of
@@ -35,7 +36,11 @@ def _joined(value: Union[str, list[str]]) -> str:
 class SafetyDataModule(L.LightningDataModule):
     """Serves ``with_slots`` batches for one target. ``num_safety_tokens``: slots per row (SafeVLM
     sets it to its own count when a fit starts); ``answers``: the answer-cache file (default: one per target in
-    ~/.cache/lit_sahs/answers); ``max_answer_tokens``: length of the cached benign answers."""
+    ~/.cache/lit_sahs/answers); ``max_answer_tokens``: length of the cached benign answers;
+    ``compliant_answers``: sampled tries for a benign *training* row whose own greedy answer the phrase
+    judge calls a refusal (``AnswerCache.compliant``): the first passing sample becomes its target, and a row
+    with none trains the safety head only (no LM loss). 0 keeps the greedy answers as they are. Validation
+    rows keep theirs: their refusal mass where the answer starts does not depend on it."""
 
     def __init__(
         self,
@@ -55,6 +60,7 @@ class SafetyDataModule(L.LightningDataModule):
         batch_size: int = 4,
         answers: Optional[str] = None,
         max_answer_tokens: int = 32,
+        compliant_answers: int = 0,
         refusal: str = DEFAULT_REFUSAL,
         dtype: str = "float32",
         device: Optional[str] = None,
@@ -65,6 +71,8 @@ class SafetyDataModule(L.LightningDataModule):
 
         if batch_size < 1:
             raise LitSahsError(f"batch_size must be >= 1, got {batch_size}")
+        if compliant_answers < 0:
+            raise LitSahsError(f"compliant_answers must be >= 0, got {compliant_answers}")
         if num_safety_tokens < 1:
             raise LitSahsError(f"num_safety_tokens must be >= 1, got {num_safety_tokens}")
         self.spec = SampleSpec(harmful=_joined(harmful), benign=_joined(benign), attacks=_joined(attacks), data=data,
@@ -76,6 +84,7 @@ class SafetyDataModule(L.LightningDataModule):
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.num_safety_tokens, self.batch_size = int(num_safety_tokens), int(batch_size)
         self.answers_path, self.max_answer_tokens, self.refusal = answers, int(max_answer_tokens), str(refusal)
+        self.compliant_answers = int(compliant_answers)
         if isinstance(target, Target):
             self.target = target
         else:
@@ -107,21 +116,32 @@ class SafetyDataModule(L.LightningDataModule):
         for r in rows:
             r["family"] = self.families.index(r["attack_family"])
             r["source_index"] = self.sources.index(r["source"])
-        benign = [r for i in np.concatenate([splits["train"], splits["val"]]) for r in [rows[i]] if r["label"] == 0]
         cache = AnswerCache(self.target, self.max_answer_tokens, self.answers_path)
-        for r, a in zip(benign, cache.answers([r["text"] for r in benign], [r["image"] for r in benign])):
-            r["answer"] = a
+        for split in ("val", "train"):
+            benign = [rows[i] for i in splits[split] if rows[i]["label"] == 0]
+            texts, images = [r["text"] for r in benign], [r["image"] for r in benign]
+            if split == "train" and self.compliant_answers:
+                judge = PhraseJudge()
+                greedy = cache.answers(texts, images)
+                got = cache.compliant(texts, judge.refused, images, tries=self.compliant_answers)
+                for r, g, a in zip(benign, greedy, got):
+                    r["answer"], r["answer_kind"] = a, "own" if a == g else ("sampled" if a is not None else "none")
+            else:
+                for r, a in zip(benign, cache.answers(texts, images)):
+                    r["answer"], r["answer_kind"] = a, "own"
         for r in rows:
             if r["label"] == 1:
-                r["answer"] = self.refusal
+                r["answer"], r["answer_kind"] = self.refusal, "refusal"
+            r.setdefault("answer_kind", "unused")  # benign test rows: no answer is taught
         self.rows, self.splits = rows, splits
 
     def split_rows(self, split: str) -> list[dict]:
         return [self.rows[i] for i in self.splits[split]]
 
     def balance(self) -> dict[str, dict[str, dict[str, int]]]:
-        """Rows per split by label, risk level, risk type, source and attack family: what the head and
-        the LM loss are taught from, for a fit's report ({"train": {"level": {"high": 40, ...}, ...}})."""
+        """Rows per split by label, risk level, risk type, source, attack family and answer kind
+        (refusal, own, sampled, none): what the head and the LM loss are taught from, for a fit's report
+        ({"train": {"level": {"high": 40, ...}, ...}})."""
         if not self.rows:
             self.setup()
         names = {"label": ("benign", "harmful"), "level": RISK_LEVELS, "type": RISK_TYPES}
@@ -130,7 +150,7 @@ class SafetyDataModule(L.LightningDataModule):
             rows = self.split_rows(split)
             out[split] = {key: dict(sorted(Counter(str(names[key][r[key]]) if key in names else str(r[key])
                                                    for r in rows).items()))
-                          for key in ("label", "level", "type", "source", "attack_family")}
+                          for key in ("label", "level", "type", "source", "attack_family", "answer_kind")}
         return out
 
     # ------------------------------------------------------------------ batches
@@ -141,8 +161,10 @@ class SafetyDataModule(L.LightningDataModule):
         texts = prompting.fit_context(tgt, texts, images, ids, reserve=self.num_safety_tokens + self.max_answer_tokens + 1)
         enc = prompting.encode(tgt, texts, images, ids)
         eos = eos_token_id(tgt)
-        answers = [tgt.tokenizer(r.get("answer") or "", add_special_tokens=False)["input_ids"][: self.max_answer_tokens]
-                   + [eos] for r in rows]
+        # a benign training row without a compliant answer has none: it trains the safety head only
+        answers = [[] if r.get("answer_kind") == "none" else
+                   tgt.tokenizer(r.get("answer") or "", add_special_tokens=False)["input_ids"][: self.max_answer_tokens] + [eos]
+                   for r in rows]
         batch = with_slots(enc, self.num_safety_tokens, tgt.tokenizer.pad_token_id or eos, answers)
         batch["y"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
         batch["level"] = torch.tensor([r["level"] for r in rows], dtype=torch.long)

@@ -333,7 +333,7 @@ class SafeVLM(ModelFamily, L.LightningModule):
         if lm:  # the logits cover the last positions only (answer_logits): align the labels with them
             labels = batch["labels"].to(out.logits.device)[:, -out.logits.shape[1]:][:, 1:]
             keep = labels != IGNORE_INDEX
-            lm_loss = F.cross_entropy(out.logits[:, :-1][keep].float(), labels[keep])
+            lm_loss = F.cross_entropy(out.logits[:, :-1][keep].float(), labels[keep]) if keep.any() else out.logits.sum() * 0
         return cls, level, lm_loss, self.risk(level)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
