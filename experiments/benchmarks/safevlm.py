@@ -130,7 +130,9 @@ def inference(target_name: str, tokens: int, pairs: int, new_tokens: int, device
 
     plain(), guarded()  # warm-up
     ratios = []
-    for i in range(pairs):
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(pairs), desc=f"{target_name}: generate pairs", unit="pair", dynamic_ncols=True):
         order = (plain, guarded) if i % 2 == 0 else (guarded, plain)
         took = {}
         for f in order:
