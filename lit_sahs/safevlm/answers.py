@@ -3,7 +3,7 @@ target's *own* answer, generated once (greedy) and cached, so that training keep
 behaviour on benign prompts instead of teaching it to refuse everything.
 
 The target's own greedy answer to a benign prompt is itself a refusal often enough (Qwen2.5-Coder-0.5B:
-23% of the cached benign answers, most of them benign prompts in a jailbreak template) that training
+27 of the 132 benign training answers of one draw, plain and PyRIT-wrapped alike) that training
 towards it teaches the over-refusal the safety modules should avoid. ``compliant`` keeps the greedy
 answer where the refusal judge passes it, else samples the target until one passes, else gives None
 (the row then trains the safety head only).
