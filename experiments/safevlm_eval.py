@@ -265,8 +265,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
     from lightning import seed_everything
 
     a.plain, a.joined, a.generate = (a.plain, a.joined, a.generate) if a.fit else (False, False, True)
-    reuse = {"plain": a.plain, "joined": a.joined} if a.stage1_from else {}
-    if reuse:  # stage I comes from the earlier run: fit neither here, evaluate only what is new (stage II)
+    if a.stage1_from:  # stage I comes from the earlier run: fit neither here, evaluate only what is new (stage II)
         if not (stage1_dir / first / "detector").is_dir():
             raise SystemExit(f"error: --stage1_from {stage1_dir}: no {first}/detector in it")
         a.plain = a.joined = False
@@ -288,8 +287,8 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         reports["SafeVLM stage I"] = ("stage1", "safevlm")
     if a.joined:
         reports["SafeVLM stage I + joined heads"] = ("stage1-joined", "safevlm")
-    if reuse:
-        reports["SafeVLM stage I" + ("" if reuse["plain"] else " + joined heads") + f" ({stage1_dir.name})"] = (first, "safevlm")
+    if a.stage1_from:
+        reports["SafeVLM stage I" + ("" if first == "stage1" else " + joined heads") + f" ({stage1_dir.name})"] = (first, "safevlm")
     held_out = {name: json.loads(((stage1_dir if d == first else out) / d / "report.json").read_text())[key]["overall"]
                 for name, (d, key) in reports.items()}
     (out / "auroc.json").write_text(json.dumps({"target": a.target, "args": args, "timings_s": timings, "validation_by_epoch": history,

@@ -947,3 +947,15 @@ def test_benign_training_rows_whose_own_answer_refuses_are_taught_a_compliant_on
     assert (labels[0] != IGNORE_INDEX).any() and (labels[1] == IGNORE_INDEX).all()  # no LM loss for the second row
     with pytest.raises(LitSahsError, match="compliant_answers"):
         _dm(target, tmp_path, compliant_answers=-1)
+
+
+def test_sampling_compliant_answers_leaves_the_global_random_state_alone(tmp_path):
+    from lit_sahs.safevlm.answers import AnswerCache
+    from lit_sahs.targets import load_target
+
+    cache = AnswerCache(load_target("tiny-llama"), 4, tmp_path / "a.jsonl")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    cache.compliant(["Say hi.", "Count to three."], lambda a: True, tries=2, batch_size=1)  # samples, all refused
+    assert torch.equal(torch.rand(3), expected)  # a fit after a cache miss draws what it draws after a hit

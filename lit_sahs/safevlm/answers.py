@@ -62,7 +62,11 @@ class AnswerCache:
 
         model, tok, out_answers = self.target.model, self.target.tokenizer, {}
         sample = {"do_sample": True, "temperature": float(temperature)} if temperature > 0 else {"do_sample": False}
-        with tqdm(total=len(idx), desc=desc, unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
+        device = torch.device(self.target.device)
+        # sampling seeds torch's generator per batch: fork it, so a fit that samples (cache miss) trains from the
+        # same random state as one that does not (cache hit)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=temperature > 0), \
+                tqdm(total=len(idx), desc=desc, unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
             for s in range(0, len(idx), batch_size):
                 part = list(idx[s:s + batch_size])
                 enc = encode_prompts(self.target, [texts[i] for i in part], [images[i] for i in part],
