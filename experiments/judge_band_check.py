@@ -100,8 +100,7 @@ def run(detector: str = "artifacts/guard/detector", store: str = "stores/guard-q
         from lit_sahs.judge_cut import store_logodds
 
         det = load_detector(detector)
-        position = {r["id"]: i for i, r in enumerate(st.index())}
-        pos = [position[r["id"]] for r in rows]
+        pos = st.positions([r["id"] for r in rows])
         scores = np.asarray(det.scores(read_inputs(st, det.head_set, det.feature_spec, det.geometry.head_dim, rows=pos)),
                             dtype=np.float64)
         logodds = store_logodds(st, [r["id"] for r in rows])

@@ -76,11 +76,7 @@ def store_logodds(store, ids: Sequence[str]) -> np.ndarray:
     """The judge's log-odds of rows `ids` from a store extracted with ``--judge true`` (float64)."""
     if JUDGE_EXTRA not in store.extra_names():
         raise LitSahsError(f"store {store.path} has no {JUDGE_EXTRA} extra: extract it with --judge true")
-    position = {str(r["id"]): i for i, r in enumerate(store.index())}
-    missing = [i for i in ids if str(i) not in position]
-    if missing:
-        raise LitSahsError(f"{len(missing)} rows (e.g. {missing[0]}) are not in store {store.path}")
-    return store.read_extra(JUDGE_EXTRA, rows=[position[str(i)] for i in ids]).astype(np.float64).reshape(-1)
+    return store.read_extra(JUDGE_EXTRA, rows=store.positions(ids)).astype(np.float64).reshape(-1)
 
 
 def held_out_two_stage(record: dict, scores: np.ndarray, labels: np.ndarray, logodds: np.ndarray) -> dict:
@@ -110,12 +106,11 @@ def calibrate_judge(det, cf, store, band: tuple[float, float],
     lo, hi = probability_band(band, "judge band")
     if not cf.benign:
         raise LitSahsError("cannot calibrate the judge cut: the cross-fit kept no benign rows")
-    position = {str(r["id"]): i for i, r in enumerate(store.index())}
     wanted = sorted({i for ids, s in cf.benign.values() for i, v in zip(ids, s) if lo <= v <= hi})
-    missing = [i for i in wanted if i not in position]
-    if missing:
-        raise LitSahsError(f"{len(missing)} cross-fitted rows (e.g. {missing[0]}) are not in store {store.path}: "
-                           "give the store the detector was cross-fitted on")
+    try:
+        position = dict(zip(wanted, store.positions(wanted)))
+    except LitSahsError as e:
+        raise LitSahsError(f"cross-fitted {e}: give the store the detector was cross-fitted on") from None
     logodds: dict[str, float] = {}
     if wanted and JUDGE_EXTRA in store.extra_names():
         logodds = dict(zip(wanted, store_logodds(store, wanted).tolist()))

@@ -72,6 +72,11 @@ def test_roundtrip_full_and_headset(tmp_path):
     assert [len(r) for r, _ in streamed] == [6, 4]
     np.testing.assert_array_equal(np.concatenate([a for _, a in streamed]), got)
 
+    ids = [rows[7]["id"], rows[2]["id"]]
+    np.testing.assert_array_equal(reopened.read(heads, rows=reopened.positions(ids)), got[[7, 2]])
+    with pytest.raises(LitSahsError, match="1 rows .* not in store"):
+        reopened.positions([rows[0]["id"], "no-such-id"])
+
 
 def test_manifest_contents(tmp_path):
     store = new_store(tmp_path / "s")

@@ -306,6 +306,14 @@ class ActivationStore:
     def ids(self) -> list[str]:
         return [r["id"] for r in self._index]
 
+    def positions(self, ids: Sequence[str]) -> list[int]:
+        """Reading-order positions of rows `ids` (for `read(rows=...)`); an id the store lacks is an error."""
+        where = {str(r["id"]): i for i, r in enumerate(self._index)}
+        missing = [i for i in ids if str(i) not in where]
+        if missing:
+            raise LitSahsError(f"{len(missing)} rows (e.g. {missing[0]}) are not in store {self.path}")
+        return [where[str(i)] for i in ids]
+
     def labels(self) -> np.ndarray:
         return np.asarray([int(r["label"]) for r in self._index], dtype=np.int64)
 
