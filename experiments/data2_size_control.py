@@ -24,17 +24,6 @@ OLD = "advbench,harmbench,donotanswer,past_tense,truthfulqa,mmlu,healthsearchqa,
 NEW = "rho_refusal,rho_refusal_benign,rho_overrefusal,sharegpt_creative,innocent_alarming"
 
 
-def subset_store(store, keep, path: str) -> None:
-    """A new store holding rows `keep` of `store`, with every extra."""
-    from lit_sahs.data.store import ActivationStore
-
-    m = store.manifest
-    out = ActivationStore.create_or_open(path, store.fingerprint, m["position_rule"], m["prompt_format"])
-    index = store.index()
-    extras = {n: store.read_extra(n)[keep] for n in store.extra_names()}
-    out.write_block([index[i] for i in keep], store.read(rows=keep), extras=extras)
-
-
 def run(store: str, out: str, sources: str = OLD, new: str = NEW, seeds: str = "0,1,2", top_k: int = 8,
         max_epochs: int = 30) -> int:
     """Old + new sources with training rows cut to the control's count, per fold and seed.
@@ -81,7 +70,7 @@ def run(store: str, out: str, sources: str = OLD, new: str = NEW, seeds: str = "
             keep = np.sort(np.concatenate([np.flatnonzero(held)] + kept))
             tmp = tempfile.mkdtemp(prefix="sizematched-")
             try:
-                subset_store(store, keep, os.path.join(tmp, "s"))
+                store.copy_rows(keep, os.path.join(tmp, "s"))
                 sub = Folds(os.path.join(tmp, "s"), seed=seed)  # heads re-ranked inside the fold, as everywhere
                 fit = fit_fold(sub, "logistic", None, top_k, hold, max_epochs=max_epochs)
                 _, scores, y, thr = split_reports(fit.detector, fit.datamodule, "test", ("tfidf", "residual"))

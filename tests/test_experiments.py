@@ -191,3 +191,34 @@ def test_judge_band_check_from_a_store_reports_the_detectors_calibrated_rule(tmp
     assert got["cut"] == want["cut"] and got["benign_fpr"] == want["benign_fpr"]
     assert got["harmful_tpr"] == want["harmful_tpr"] and report["n"] == len(rows) and report["scoring"] == "store"
     assert "the detector's calibrated rule" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_volume_control_scores_both_arms_on_the_same_rows_and_its_full_arm_is_evaluates(tmp_path):
+    """The full arm is `evaluate --protocol sources` on the larger store (same folds, seed, recipe: equal
+    AUROC per fold); the subset arm trains on the smaller store's rows only and is scored on the same rows."""
+    import json
+
+    import numpy as np
+
+    from lit_sahs.generalisation import source_protocol
+    from synthetic import shifted_sources_store
+
+    big = shifted_sources_store(tmp_path / "big", {"ben0": 0.0, "ben1": 0.0, "ben2": 1.6}, n_per_source=30)
+    keep = [i for i, r in enumerate(big.index()) if int(r["id"].rsplit("-", 1)[1]) % 2 == 0]
+    small = big.copy_rows(keep, tmp_path / "small")
+    np.testing.assert_array_equal(small.read(), big.read(rows=keep))
+    assert small.ids() == [big.ids()[i] for i in keep]
+    run = runpy.run_path(str(ROOT / "experiments" / "volume_control.py"), run_name="experiment")["run"]
+    assert run(str(tmp_path / "big"), str(tmp_path / "small"), str(tmp_path / "out"), seeds="0", top_k=2,
+               max_epochs=3) == 0
+    folds = json.loads((tmp_path / "out" / "volume.json").read_text())["seeds"]["0"]["folds"]
+    want = source_protocol(str(tmp_path / "big"), top_k=2, max_epochs=3, seed=0, baselines=("tfidf",),
+                           extra_rows=False, progress=False)["folds"]
+    assert [f["holdout"] for f in folds] == [f["holdout"] for f in want] and len(folds) == 3
+    for got, ref in zip(folds, want):
+        assert got["full"]["methods"]["heads"]["auroc"] == pytest.approx(ref["methods"]["heads"]["auroc"])
+        assert got["subset"]["n_test"] == got["full"]["n_test"] == 60
+        assert got["subset"]["n_train"] < 0.6 * got["full"]["n_train"]
+    other = shifted_sources_store(tmp_path / "other", {"ben0": 0.0, "ben9": 0.0}, n_per_source=4)
+    with pytest.raises(LitSahsError, match="not in store"):
+        run(str(tmp_path / "big"), str(tmp_path / "other"), str(tmp_path / "out2"), seeds="0")

@@ -317,6 +317,16 @@ class ActivationStore:
     def labels(self) -> np.ndarray:
         return np.asarray([int(r["label"]) for r in self._index], dtype=np.int64)
 
+    def copy_rows(self, rows: Sequence[int], path: str | os.PathLike) -> "ActivationStore":
+        """A new store at `path` holding rows `rows` (reading positions) of this one, extras included:
+        a subset to fit on, e.g. a control arm with fewer training rows."""
+        m = self.manifest
+        out = ActivationStore.create_or_open(path, self.fingerprint, m["position_rule"], m["prompt_format"])
+        rows = np.asarray(rows, dtype=np.int64)
+        extras = {n: self.read_extra(n, rows=rows) for n in self.extra_names()}
+        out.write_block([dict(self._index[i]) for i in rows], self.read(rows=rows), extras=extras)
+        return out
+
     def block_names(self) -> list[str]:
         return [b.name for b in self._blocks]
 
