@@ -107,8 +107,23 @@ def run(store: str, subset: str, out: str, seeds: str = "0,1,2", top_k: int = 8,
     text = _markdown(report)
     with open(os.path.join(out, "volume.md"), "w", encoding="utf-8") as f:
         f.write(text)
+    _plot(report, os.path.join(out, "volume_auroc.png"))
     print(text)
     return 0
+
+
+def _plot(report: dict, path: str) -> None:
+    """Per fold, the heads' held-out AUROC of each arm, averaged over the seeds."""
+    import numpy as np
+
+    from lit_sahs.plots import fold_bars
+
+    seeds = list(report["seeds"].values())
+    folds = [" + ".join(f["holdout"]) for f in seeds[0]["folds"]]
+    names = {"subset": f"{os.path.basename(report['subset'])}'s rows", "full": f"all of {os.path.basename(report['store'])}"}
+    values = {names[arm]: [float(np.mean([s["folds"][i][arm]["methods"]["heads"]["auroc"] for s in seeds]))
+                           for i in range(len(folds))] for arm in ARMS}
+    fold_bars(values, folds, path, title=f"held-out AUROC on the same rows, mean of {len(seeds)} seeds")
 
 
 def _markdown(report: dict) -> str:

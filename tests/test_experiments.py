@@ -211,6 +211,7 @@ def test_volume_control_scores_both_arms_on_the_same_rows_and_its_full_arm_is_ev
     run = runpy.run_path(str(ROOT / "experiments" / "volume_control.py"), run_name="experiment")["run"]
     assert run(str(tmp_path / "big"), str(tmp_path / "small"), str(tmp_path / "out"), seeds="0", top_k=2,
                max_epochs=3) == 0
+    assert (tmp_path / "out" / "volume_auroc.png").stat().st_size > 1000
     folds = json.loads((tmp_path / "out" / "volume.json").read_text())["seeds"]["0"]["folds"]
     want = source_protocol(str(tmp_path / "big"), top_k=2, max_epochs=3, seed=0, baselines=("tfidf",),
                            extra_rows=False, progress=False)["folds"]
