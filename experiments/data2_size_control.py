@@ -41,7 +41,6 @@ def run(store: str, out: str, sources: str = OLD, new: str = NEW, seeds: str = "
 
     from lit_sahs.data.protocol import names
     from lit_sahs.data.store import ActivationStore
-    from lit_sahs.detectors import compute_report
     from lit_sahs.evaluate import split_reports
     from lit_sahs.folds import Folds, fit_fold
     from lit_sahs.generalisation import COLUMNS
@@ -73,14 +72,13 @@ def run(store: str, out: str, sources: str = OLD, new: str = NEW, seeds: str = "
                 store.copy_rows(keep, os.path.join(tmp, "s"))
                 sub = Folds(os.path.join(tmp, "s"), seed=seed)  # heads re-ranked inside the fold, as everywhere
                 fit = fit_fold(sub, "logistic", None, top_k, hold, max_epochs=max_epochs)
-                _, scores, y, thr = split_reports(fit.detector, fit.datamodule, "test", ("tfidf", "residual"))
+                reports, _, y, _ = split_reports(fit.detector, fit.datamodule, "test", ("tfidf", "residual"))
                 test = np.array([r["source"] in hold.sources for r in fit.datamodule.split_rows("test")])
                 assert test.all(), "the fold's test split holds rows outside the held-out pair"
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             fold = {"holdout": list(hold.sources), "n_malicious": int(y.sum()), "n_benign": int((y == 0).sum()),
-                    "methods": {m: {c: float(compute_report(sc, y, None, thr[m])["overall"][c]) for c in COLUMNS}
-                                for m, sc in scores.items()}}
+                    "methods": {m: {c: float(rep["overall"][c]) for c in COLUMNS} for m, rep in reports.items()}}
             fold.update({"training_eligible_rows": n, "control_rows": control_n,
                          "new_source_rows_kept": int(sum(np.isin(src[r], list(new)).sum() for r in kept))})
             folds.append(fold)

@@ -45,7 +45,6 @@ def run(store: str, subset: str, out: str, seeds: str = "0,1,2", top_k: int = 8,
     from tqdm.auto import tqdm
 
     from lit_sahs.data.store import ActivationStore
-    from lit_sahs.detectors import compute_report
     from lit_sahs.errors import LitSahsError
     from lit_sahs.evaluate import split_reports
     from lit_sahs.folds import Folds, fit_fold
@@ -75,23 +74,21 @@ def run(store: str, subset: str, out: str, seeds: str = "0,1,2", top_k: int = 8,
                 if key not in subsets:
                     subsets[key] = os.path.join(tmp, f"fold{len(subsets)}")
                     big.copy_rows(np.flatnonzero(np.isin(src, key) | inside), subsets[key])
-                fold = {"holdout": list(hold.sources)}
+                fold, test_ids = {"holdout": list(hold.sources)}, {}
                 for arm, folds_of_arm in zip(ARMS, (Folds(subsets[key], seed=seed), full)):
                     fit = fit_fold(folds_of_arm, detector, detector_args, top_k, hold, max_epochs=max_epochs)
-                    _, scores, y, thr = split_reports(fit.detector, fit.datamodule, "test", ("tfidf",))
+                    reports, _, y, _ = split_reports(fit.detector, fit.datamodule, "test", ("tfidf",))
                     rows = fit.datamodule.split_rows("test")
                     if not all(r["source"] in hold.sources for r in rows):
                         raise LitSahsError(f"fold {hold.sources}: the test split holds rows outside the held-out pair")
-                    fold[arm] = {"n_train": len(fit.datamodule.split_rows("train")),
+                    test_ids[arm] = sorted(r["id"] for r in rows)
+                    fold[arm] = {"n_train": len(fit.datamodule.split_rows("train")), "n_test": len(rows),
                                  "n_malicious": int(y.sum()), "n_benign": int((y == 0).sum()),
-                                 "test_ids": sorted(r["id"] for r in rows),
-                                 "methods": {m: {c: float(compute_report(sc, y, None, thr[m])["overall"][c])
-                                                 for c in COLUMNS} for m, sc in scores.items()}}
+                                 "methods": {m: {c: float(rep["overall"][c]) for c in COLUMNS}
+                                             for m, rep in reports.items()}}
                     bar.update()
-                if fold["subset"]["test_ids"] != fold["full"]["test_ids"]:
+                if test_ids["subset"] != test_ids["full"]:
                     raise LitSahsError(f"fold {hold.sources}: the two arms were scored on different rows")
-                for arm in ARMS:
-                    fold[arm]["n_test"] = len(fold[arm].pop("test_ids"))
                 folds.append(fold)
             mean = {arm: {m: {c: float(np.nanmean([f[arm]["methods"][m][c] for f in folds])) for c in COLUMNS}
                           for m in folds[0][arm]["methods"]} for arm in ARMS}

@@ -220,6 +220,6 @@ def test_volume_control_scores_both_arms_on_the_same_rows_and_its_full_arm_is_ev
         assert got["full"]["methods"]["heads"]["auroc"] == pytest.approx(ref["methods"]["heads"]["auroc"])
         assert got["subset"]["n_test"] == got["full"]["n_test"] == 60
         assert got["subset"]["n_train"] < 0.6 * got["full"]["n_train"]
-    other = shifted_sources_store(tmp_path / "other", {"ben0": 0.0, "ben9": 0.0}, n_per_source=4)
+    shifted_sources_store(tmp_path / "other", {"ben0": 0.0, "ben9": 0.0}, n_per_source=4)
     with pytest.raises(LitSahsError, match="not in store"):
         run(str(tmp_path / "big"), str(tmp_path / "other"), str(tmp_path / "out2"), seeds="0")
