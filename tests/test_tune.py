@@ -267,3 +267,15 @@ def test_the_recorded_attnpool_study_config_parses():
     assert cfg.objective == "sources" and cfg.n_trials == 16 and cfg.store == "stores/guard-tokens-judge-qwen2.5-coder-1.5b"
     space = SearchSpace.parse(cfg.space, max_heads=32)
     assert space.feature_specs() == ["tokens", "tokens,judge"] and "attnpool.queries" in space.to_dict()
+
+
+def test_the_recorded_guard1000_study_config_parses():
+    """experiments/results/tune-guard1000-qwen2.5-coder-1.5b/tune-wide.yaml: the 1000-prompt study docs/results.md reports."""
+    from lit_sahs.tune import SearchSpace, parse_config
+
+    path = ROOT / "experiments" / "results" / "tune-guard1000-qwen2.5-coder-1.5b" / "tune-wide.yaml"
+    cfg = parse_config(["--config", str(path)])
+    assert cfg.objective == "sources" and cfg.n_trials == 40 and cfg.store == "stores/guard1000-qwen2.5-coder-1.5b"
+    space = SearchSpace.parse(cfg.space, max_heads=336)
+    assert space.feature_specs() == [None, "mean", "max", "mean,max", "resid,refusal"]
+    assert {"logistic.low_fpr_weight", "mlp.hidden"} <= set(space.to_dict())
