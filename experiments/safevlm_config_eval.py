@@ -1,0 +1,129 @@
+"""The shipped SafeVLM configs' artifacts in generation: how often the artifacts that
+``fit --config configs/safevlm_heads.yaml / safevlm_stage1.yaml / safevlm_stage2.yaml`` wrote refuse
+the prompts their own fit held out, against the unmodified target, on that fit's own draw and split.
+
+    python experiments/safevlm_config_eval.py --fit_config configs/safevlm_stage2.yaml \\
+        --out experiments/results/safevlm-configs-generation
+
+Groups: the config's test split (its held-out jailbreak family, applied to every source), harmful and
+benign; and, where the config names them, the validation-only sources (never trained on, but the fit chose its checkpoints and
+calibrated its thresholds and LoRA gate on them: read those rows as a check, not a test). Conditions:
+the unmodified target; the safety-head guard; SafeVLM stage I; stage II as shipped (its LoRA adapter
+gated by the artifact's own ``lora_threshold``); stage II with the adapter on for every prompt.
+Refusal: the phrase judge. Utility: OpenBookQA (``--mc_n`` questions). Writes <out>/results.json and
+<out>/results.md.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from lit_sahs.commands import script_main
+from lit_sahs.errors import LitSahsError
+from lit_sahs.safevlm.refusals import (REFERENCE, groups_of, guarded, mc_questions, pick, plain_generate,
+                                       refusal_rates, refusal_table)
+
+
+def data_args(config: str) -> dict:
+    """The SafetyDataModule arguments of a fit config (``data.init_args``), or one error."""
+    import yaml
+
+    path = Path(config)
+    if not path.is_file():
+        raise LitSahsError(f"--fit_config {config}: no such file")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    data = cfg.get("data") or {}
+    if not str(data.get("class_path", "")).endswith("SafetyDataModule"):
+        raise LitSahsError(f"--fit_config {config}: its data is not a SafetyDataModule (a SafeVLM fit config is needed)")
+    return dict(data.get("init_args") or {})
+
+
+def val_groups(rows) -> dict[str, list]:
+    return {"harmful, validation-only sources": [r for r in rows if r["label"] == 1],
+            "benign, validation-only sources": [r for r in rows if r["label"] == 0]}
+
+
+def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts/safevlm-heads/detector",
+        stage1: str = "artifacts/safevlm-stage1/detector", stage2: str = "artifacts/safevlm-stage2/detector",
+        out: str = "experiments/results/safevlm-configs-generation", eval_n: int = 0, mc_n: int = 40,
+        max_new_tokens: int = 20, batch_size: int = 4, threads: int = 0) -> int:
+    """The shipped configs' artifacts against the unmodified target, in generation, on their fit's split.
+
+    Args:
+        fit_config: a SafeVLM fit config (its data section defines the draw and the split)
+        heads: the safety-head detector artifact (safevlm_heads.yaml's output; empty: skip the guard row)
+        stage1: the stage-I SafeVLM artifact
+        stage2: the stage-II SafeVLM artifact
+        out: output directory (results.json, results.md)
+        eval_n: prompts per group (0: every prompt of the group)
+        mc_n: OpenBookQA questions (utility)
+        max_new_tokens: greedy tokens per answer
+        batch_size: prompts per generate call
+        threads: torch CPU threads (0: torch's default)
+    """
+    args = dict(locals())
+    import torch
+
+    from lit_sahs.artifact import load_detector
+    from lit_sahs.data.holdout import Holdout
+    from lit_sahs.judge import PhraseJudge
+    from lit_sahs.safevlm import SafetyDataModule
+    from lit_sahs.safevlm.guard import SafeVLMGuard
+    from lit_sahs.targets import load_target
+
+    if threads:
+        torch.set_num_threads(threads)
+    init = data_args(fit_config)
+    dets = {"stage1": load_detector(stage1), "stage2": load_detector(stage2)}
+    if not dets["stage2"].lora:
+        raise LitSahsError(f"--stage2 {stage2}: a stage-I artifact (no LoRA adapter); pass the stage-II one")
+    if heads:
+        dets["heads"] = load_detector(heads)
+    names = {d.fingerprint.name if d.fingerprint else None for d in dets.values()}
+    if names != {init.get("target")}:
+        raise LitSahsError(f"the artifacts are for {sorted(map(str, names))}, the config's data for {init.get('target')!r}")
+    init["held_out"] = Holdout(**(init.get("held_out") or {}))
+    init["compliant_answers"] = 0  # training targets play no part here: do not sample them
+    families = init["held_out"].families
+    if len(families) != 1 or init["held_out"].sources:
+        raise LitSahsError(f"--fit_config {fit_config}: the test split must hold out one jailbreak family and no source")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    base = load_target(init.pop("target"))
+    dm = SafetyDataModule(target=base, num_safety_tokens=int(dets["stage1"].hparams.num_safety_tokens), **init)
+    dm.setup()
+    test = {g: rs for g, rs in groups_of(dm.split_rows("test"), families[0]).items() if rs}
+    groups = {**test, **(val_groups(dm.split_rows("val")) if init.get("val_sources") else {})}
+    picked = pick(groups, eval_n)
+    mc = mc_questions(mc_n)
+
+    def gen(guard):
+        return lambda texts: guarded(guard, texts, max_new_tokens, batch_size)
+
+    tuned = load_target(base.fingerprint.name)  # stage II puts its LoRA weights into its own copy
+    gate = float(dets["stage2"].lora_threshold)
+    conditions = {REFERENCE: lambda texts: (plain_generate(base, texts, max_new_tokens, batch_size), None)}
+    if heads:
+        conditions["safety-head guard (safevlm_heads.yaml)"] = gen(dets["heads"].make_guard(base))
+    conditions["SafeVLM stage I (safevlm_stage1.yaml)"] = gen(dets["stage1"].make_guard(base))
+    conditions["SafeVLM stage II as shipped (safevlm_stage2.yaml" + (", LoRA gated)" if math.isfinite(gate) else ")")] = \
+        gen(dets["stage2"].make_guard(tuned))
+    if math.isfinite(gate):
+        conditions["SafeVLM stage II, adapter on for every prompt"] = gen(SafeVLMGuard(tuned, dets["stage2"], lora_threshold=0.0))
+    results = refusal_rates(conditions, picked, mc, PhraseJudge(), log=lambda line: print(line, flush=True))
+    summary = {"args": args, "target": base.fingerprint.name, "lora_threshold": gate if math.isfinite(gate) else None,
+               "groups": {g: len(rs) for g, rs in groups.items()}, "seconds": time.time() - t0, "results": results}
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    lines = [f"The shipped SafeVLM configs' artifacts on {base.fingerprint.name}: refused / group size (phrase judge), "
+             f"OpenBookQA accuracy (n={len(mc)}); test = the {families[0]} family over every source, validation-only "
+             "sources = checkpoint and gate choice (not a test).", "", *refusal_table(results, list(groups))]
+    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(script_main(run))
