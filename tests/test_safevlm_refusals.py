@@ -47,7 +47,7 @@ def test_refusal_rates_count_refusals_compare_benign_answers_and_score_the_quest
                for t in texts]
         return out, ["refuse" if o == "no" else "pass" for o in out]
 
-    res = refusal_rates({REFERENCE: unmodified, "guard": guard}, picked, mc, _judge, log=lambda _: None)
+    res = refusal_rates({REFERENCE: unmodified, "guard": guard}, picked, mc, _judge, log=lambda _: None, progress=False)
     assert res[REFERENCE]["harmful, held-out source"]["refused"] == 1
     assert res[REFERENCE]["harmful, held-out source"]["refusal_rate"] == 0.25
     assert res[REFERENCE]["openbookqa_accuracy"] == 1.0

@@ -85,16 +85,20 @@ def mc_accuracy(responses: Sequence[str], answers: Sequence[str]) -> float:
 
 
 def refusal_rates(conditions: dict[str, Condition], picked: dict[str, list], mc: Sequence[tuple[str, str]],
-                  judge, log: Callable[[str], None] = print) -> dict[str, dict]:
+                  judge, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, dict]:
     """{condition: {group: {n, refusal_rate, actions?, same_answer_as_unmodified?}, openbookqa_accuracy,
     seconds}}. Benign answers are compared with those of the condition named ``REFERENCE``, which must
-    come first when present."""
+    come first when present. A progress bar per condition counts its prompts."""
     if REFERENCE in conditions and next(iter(conditions)) != REFERENCE:
         raise LitSahsError(f"the {REFERENCE!r} condition must come first (the others are compared with it)")
+    from tqdm.auto import tqdm
+
     results, reference = {}, {}
+    total = sum(len(rows) for rows in picked.values()) + len(mc)
     for name, run in conditions.items():
         t = time.time()
         res = {}
+        bar = tqdm(total=total, desc=name, unit="prompt", disable=not progress)
         for g, rows in picked.items():
             texts = [r["text"] for r in rows]
             responses, actions = run(texts) if texts else ([], None)
@@ -109,9 +113,12 @@ def refusal_rates(conditions: dict[str, Condition], picked: dict[str, list], mc:
                 elif g in reference:
                     entry["same_answer_as_unmodified"] = sum(x == y for x, y in zip(responses, reference[g])) / len(rows)
             res[g] = entry
+            bar.update(len(rows))
         if mc:
             mc_resp, _ = run([q for q, _ in mc])
             res["openbookqa_accuracy"] = mc_accuracy(mc_resp, [a for _, a in mc])
+            bar.update(len(mc))
+        bar.close()
         res["seconds"] = time.time() - t
         results[name] = res
         log(f"{name} {json.dumps(res)}")
