@@ -64,6 +64,10 @@ class GuardResult:
     extra: dict = field(default_factory=dict)
     judged: Optional[list[bool]] = None  # with a judge band: the rows the target's own verdict decided
 
+    def decisions(self) -> list[str]:
+        """Per prompt, what the guard did ("refuse" or "pass"; a family with more actions says which)."""
+        return ["refuse" if f else "pass" for f in self.flagged]
+
     def rows(self) -> list[dict]:
         rows = [{"id": i, "prompt": p, "flagged": f, "score": s, "response": r}
                 for i, p, f, s, r in zip(self.ids, self.prompts, self.flagged, self.scores, self.responses)]

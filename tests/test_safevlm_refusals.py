@@ -128,3 +128,28 @@ def test_config_eval_scores_the_configs_own_held_out_rows(tmp_path):
                           "--out", str(tmp_path / "other")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "the artifacts are for ['tiny-llama']" in res.stderr
     assert not (tmp_path / "other").exists()
+
+
+def test_guarded_reads_each_guards_own_decisions_batch_by_batch():
+    import torch
+
+    from lit_sahs.guarding import GuardResult
+    from lit_sahs.safevlm.guard import SafeVLMResult
+    from lit_sahs.safevlm.refusals import guarded
+
+    def result(texts, cls, **kw):
+        n = len(texts)
+        return cls(ids=[str(i) for i in range(n)], prompts=list(texts), flagged=[t.startswith("bad") for t in texts],
+                   scores=[0.5] * n, responses=[t.upper() for t in texts], sequences=torch.zeros(n, 1), threshold=0.5, **kw)
+
+    class Plain:
+        def generate(self, texts, max_new_tokens):
+            return result(texts, GuardResult)
+
+    class Hinting:
+        def generate(self, texts, max_new_tokens):
+            return result(texts, SafeVLMResult, actions=["hint" if t.startswith("bad") else "pass" for t in texts])
+
+    texts = ["bad a", "good b", "bad c"]
+    assert guarded(Plain(), texts, 4, 2) == (["BAD A", "GOOD B", "BAD C"], ["refuse", "pass", "refuse"])
+    assert guarded(Hinting(), texts, 4, 2)[1] == ["hint", "pass", "hint"]

@@ -90,6 +90,9 @@ class SafeVLMResult(GuardResult):
     types: Sequence[str] = ()
     lora: Sequence[bool] = ()  # with a lora_threshold: whether the prompt decoded with stage II's adapter
 
+    def decisions(self) -> list[str]:
+        return list(self.actions)
+
     def rows(self) -> list[dict]:
         lora = list(self.lora) or [None] * len(self.actions)
         return [{**r, "action": a, "risk_level": lv, "risk_type": t, **({} if on is None else {"lora": on})}

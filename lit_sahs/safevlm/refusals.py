@@ -59,7 +59,7 @@ def guarded(guard, texts: Sequence[str], max_new_tokens: int, batch_size: int) -
     for i in range(0, len(texts), batch_size):
         res = guard.generate(list(texts[i:i + batch_size]), max_new_tokens=max_new_tokens)
         out += res.responses
-        actions += getattr(res, "actions", None) or ["refuse" if f else "pass" for f in res.flagged]
+        actions += res.decisions()
     return out, actions
 
 
