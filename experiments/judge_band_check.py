@@ -87,12 +87,13 @@ def run(detector: str = "artifacts/guard/detector", store: str = "stores/guard-q
             keep += rng.choice(idx, size=min(len(idx), round(sample * len(idx) / len(rows))), replace=False).tolist()
         rows = [rows[i] for i in sorted(keep)]
     labels = np.array([int(r["label"]) for r in rows])
+    ids = [r["id"] for r in rows]
     if len(set(labels.tolist())) < 2:
         raise SystemExit(f"error: the held-out rows of {store} ({len(rows)}) do not hold both classes")
     t = time.time()
     if scoring == "live":  # every row judged: any band can then be read from this one run
         screener = Screener(None, detector, batch_size=batch_size, judge_band=(0.0, 1.0), judge_cut=0.0)
-        res = screener.score([r["text"] for r in rows], ids=[r["id"] for r in rows], progress=True)
+        res = screener.score([r["text"] for r in rows], ids=ids, progress=True)
         scores, logodds, thr, det = res.scores, res.judge_logodds, res.threshold, screener.detector
     else:
         from lit_sahs.artifact import load_detector
@@ -100,10 +101,10 @@ def run(detector: str = "artifacts/guard/detector", store: str = "stores/guard-q
         from lit_sahs.judge_cut import store_logodds
 
         det = load_detector(detector)
-        pos = st.positions([r["id"] for r in rows])
+        pos = st.positions(ids)
         scores = np.asarray(det.scores(read_inputs(st, det.head_set, det.feature_spec, det.geometry.head_dim, rows=pos)),
                             dtype=np.float64)
-        logodds = store_logodds(st, [r["id"] for r in rows])
+        logodds = store_logodds(st, ids)
         thr = float(det.threshold)
     seconds = time.time() - t
     alone = scores >= thr
