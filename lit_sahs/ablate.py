@@ -35,7 +35,7 @@ from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import HeadSet
 from lit_sahs.hooks import ABLATION_MODES, HeadAblation
 from lit_sahs.judge import Judge, judge_responses, load_judge
-from lit_sahs.prompts import encode_prompts
+from lit_sahs.generation import greedy_answers
 from lit_sahs.targets import Target, prompting
 
 
@@ -102,42 +102,10 @@ def study_configs(ranking, ks: Sequence[int], modes: Sequence[str], seeds: int, 
 
 # ---------------------------------------------------------------- generation and scoring
 
-def _eos_ids(target: Target) -> set[int]:
-    eos = getattr(target.model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = target.tokenizer.eos_token_id
-    eos = eos if isinstance(eos, (list, tuple)) else [eos]
-    return {int(e) for e in eos if e is not None}
-
-
-def trim_answer(ids: Sequence[int], eos: set[int]) -> list[int]:
-    """Generated ids up to and including the first EOS (what follows is padding)."""
-    out = []
-    for t in ids:
-        out.append(int(t))
-        if int(t) in eos:
-            break
-    return out
-
-
-@torch.no_grad()
 def generate_answers(target: Target, texts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 16,
                      ablation: Optional[HeadAblation] = None) -> list[list[int]]:
     """Greedy answers (token ids, trimmed after EOS), under `ablation` when given."""
-    eos = _eos_ids(target)
-    order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
-    answers: list[Optional[list[int]]] = [None] * len(texts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        enc = encode_prompts(target, [texts[i] for i in idx], reserve=max_new_tokens, for_generate=True)
-        enc = {k: v.to(target.device) for k, v in enc.items()}
-        with ablation if ablation is not None else nullcontext():
-            out = target.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=target.tokenizer.pad_token_id)
-        new = out[:, enc["input_ids"].shape[1]:].cpu().tolist()
-        for i, row in zip(idx, new):
-            answers[i] = trim_answer(row, eos)
-    return answers
+    return greedy_answers(target, texts, max_new_tokens, batch_size, by_length=True, during=ablation)
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lit_sahs.ablate import (AblationConfig, agreement, answer_nll, benign_means, generate_answers, random_heads,
-                             run_study, study_configs, summarise, trim_answer)
+                             run_study, study_configs, summarise)
+from lit_sahs.generation import greedy_answers, trim_answer
 from lit_sahs.cli import main
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import HeadSet
@@ -126,6 +127,19 @@ def test_answer_nll_is_the_models_own_loss(smollm2):
         count += len(a)
     assert n == count and math.isclose(total, manual, rel_tol=1e-3)
     assert trim_answer([5, 6, 2, 2, 2], {2}) == [5, 6, 2]
+
+
+def test_greedy_answers_keep_the_order_of_the_prompts(smollm2):
+    """Batched by length, answers still come back in the prompts' order: one prompt a batch (no padding)
+    gives each prompt's own unbatched answer whichever order the batches run in."""
+    from lit_sahs.safevlm.refusals import plain_generate
+
+    texts = [PROMPTS[2], PROMPTS[1] + " Answer in one word.", PROMPTS[0]]
+    alone = [greedy_answers(smollm2, [t], 5, 1)[0] for t in texts]
+    assert greedy_answers(smollm2, texts, 5, 1, by_length=True) == alone
+    assert len({tuple(a) for a in alone}) == 3
+    assert plain_generate(smollm2, texts, 5, 1) == [smollm2.tokenizer.decode(a, skip_special_tokens=True).strip()
+                                                    for a in alone]
     assert agreement([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 6]]) == (0.5, 0.75)
 
 

@@ -37,20 +37,11 @@ def pick(groups: dict[str, list], n: int, seed: int = 0) -> dict[str, list]:
 
 
 def plain_generate(target, texts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers of the target itself (no guard, no safety tokens)."""
-    import torch
+    """Greedy answers of the target itself (no guard, no safety tokens), decoded."""
+    from lit_sahs.generation import greedy_answers
 
-    from lit_sahs.prompts import encode_prompts
-
-    out = []
-    for i in range(0, len(texts), batch_size):
-        enc = encode_prompts(target, list(texts[i:i + batch_size]), reserve=max_new_tokens, for_generate=True,
-                             truncate="left")
-        with torch.no_grad():
-            seq = target.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=target.tokenizer.pad_token_id)
-        out += [target.tokenizer.decode(r, skip_special_tokens=True).strip() for r in seq[:, enc["input_ids"].shape[1]:]]
-    return out
+    ids = greedy_answers(target, texts, max_new_tokens, batch_size, truncate="left")
+    return [target.tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids]
 
 
 def guarded(guard, texts: Sequence[str], max_new_tokens: int, batch_size: int) -> tuple[list[str], list[str]]:
