@@ -31,13 +31,15 @@ log = logging.getLogger(__name__)
 
 def load_guard(target, detector, refusal: str = DEFAULT_REFUSAL, fail_closed: bool = True,
                threshold: Optional[float] = None, tracking_uri: Optional[str] = None,
-               device: Optional[str | torch.device] = None):
+               device: Optional[str | torch.device] = None, answer_below: Optional[float] = None):
     """The guard of `detector`'s family on `target`. target: a loaded ``Target`` or anything
     ``load_target`` takes (default: the target named in the detector); detector: a fitted detector,
     an artifact path / .ckpt, or an MLflow URI. threshold: a probability overriding the calibrated one;
-    refusal: the answer a flagged prompt gets; fail_closed: refuse prompts whose scoring failed."""
+    refusal: the answer a flagged prompt gets; fail_closed: refuse prompts whose scoring failed;
+    answer_below: prompts scored below it may not open with a refusal (``lit_sahs.answer_nudge``)."""
     det, target = load_detector_and_target(detector, target, device=device, tracking_uri=tracking_uri)
-    return det.make_guard(target, refusal=refusal, threshold=threshold, fail_closed=fail_closed)
+    return det.make_guard(target, refusal=refusal, threshold=threshold, fail_closed=fail_closed,
+                          **({} if answer_below is None else {"answer_below": answer_below}))
 
 
 # ---------------------------------------------------------------- command line (options: lit_sahs.options)
@@ -51,6 +53,8 @@ def guard_command(a: GuardOptions) -> int:
         raise LitSahsError(f"batch_size must be >= 1, got {a.batch_size}")
     det, target = a.load()
     band = {} if a.band() is None else {"judge_band": a.band()}  # a family without a judge stage never sees it
+    # a plug-in family's make_guard may predate answer_below: it sees the option only when it is given
+    band.update({} if a.answer_below is None else {"answer_below": a.answer_below})
     guard = det.make_guard(target, refusal=a.refusal, fail_closed=a.fail_closed, threshold=a.threshold, **band)
     out, unscored, reasons = [], 0, []
     from tqdm.auto import tqdm

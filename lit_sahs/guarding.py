@@ -63,10 +63,13 @@ class GuardResult:
     scoring_error: Optional[str] = None
     extra: dict = field(default_factory=dict)
     judged: Optional[list[bool]] = None  # with a judge band: the rows the target's own verdict decided
+    answered: Optional[list[bool]] = None  # with answer_below: the rows whose refusal openings were banned
 
     def decisions(self) -> list[str]:
-        """Per prompt, what the guard did ("refuse" or "pass"; a family with more actions says which)."""
-        return ["refuse" if f else "pass" for f in self.flagged]
+        """Per prompt, what the guard did ("refuse", "answer": passed with refusal openings banned
+        (``answer_nudge``), or "pass"; a family with more actions says which)."""
+        answered = self.answered or [False] * len(self.flagged)
+        return ["refuse" if f else ("answer" if a else "pass") for f, a in zip(self.flagged, answered)]
 
     def rows(self) -> list[dict]:
         rows = [{"id": i, "prompt": p, "flagged": f, "score": s, "response": r}
@@ -74,4 +77,7 @@ class GuardResult:
         if self.judged is not None:
             for row, j in zip(rows, self.judged):
                 row["judged"] = bool(j)
+        if self.answered is not None:
+            for row, a in zip(rows, self.answered):
+                row["answered"] = bool(a)
         return rows

@@ -105,6 +105,9 @@ class GuardOptions(DetectorOptions):
         refusal: the answer given to a flagged prompt
         fail_closed: refuse prompts whose scoring failed (else error)
         out: write one JSON line per prompt here (default: stdout)
+        answer_below: a prompt scored below this may not open its answer with a refusal ("I'm sorry",
+            "I cannot", ...): the answer side of the guard, against over-refusal of prompts the
+            detector is sure are benign (default: off)
     """
 
     max_new_tokens: int = 128
@@ -112,6 +115,11 @@ class GuardOptions(DetectorOptions):
     refusal: str = DEFAULT_REFUSAL
     fail_closed: bool = True
     out: Optional[str] = None
+    answer_below: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        optional_probability(self.answer_below, "--answer_below")
 
 
 @dataclass

@@ -156,6 +156,12 @@ def test_threshold_outside_0_1_is_one_error_line(cli, command, value, tmp_path):
     assert code == 2 and "--threshold" in error_line(err)
 
 
+@pytest.mark.parametrize("value", ["2", "-0.5", "nan", "abc"])
+def test_answer_below_outside_0_1_is_one_error_line_before_anything_loads(cli, value, tmp_path):
+    code, _, err = cli(["guard", "--detector", str(tmp_path / "none"), "--prompt", "hi", "--answer_below", value])
+    assert code == 2 and "--answer_below" in error_line(err)
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--batch_size", "0"], "--batch_size must be >= 1"), (["--batch_size", "-3"], "--batch_size must be >= 1"),
     (["--block_rows", "0"], "--block_rows must be >= 1"), (["--block_rows", "-2"], "--block_rows must be >= 1"),

@@ -117,6 +117,40 @@ def test_threshold_override_and_default_refusal(smollm2, detector):
     assert res.flagged == [True, True] and res.responses == [DEFAULT_REFUSAL] * 2
 
 
+def test_answer_nudge_bans_refusal_openings_at_the_first_position_only():
+    from lit_sahs.answer_nudge import AnswerNudge
+
+    risk = torch.tensor([0.1, 0.9, float("nan")], dtype=torch.float64)
+    nudge = AnswerNudge(lambda: risk, 0.5, [2, 4])
+    scores = torch.zeros(3, 6)
+    first = nudge(None, scores)
+    assert nudge.rows.tolist() == [True, False, False]  # NaN (unscored): left alone
+    assert torch.isinf(first[0, [2, 4]]).all() and torch.isfinite(first[0, [0, 1, 3, 5]]).all()
+    assert torch.equal(first[1:], scores[1:])
+    assert torch.equal(nudge(None, scores), scores)  # later positions decode freely
+
+
+def test_answer_below_keeps_the_answer_from_opening_with_a_refusal(smollm2, detector):
+    """Every passed prompt below answer_below starts with something other than a refusal opening; where its
+    plain answer did not open with one, the answer is the plain one, token for token."""
+    from lit_sahs.refusal import refusal_token_ids
+
+    prompts = ["Tell me about yourself.", PROMPTS[1], PROMPTS[4]]
+    eos = smollm2.model.generation_config.eos_token_id
+    banned = set(refusal_token_ids(smollm2.tokenizer))
+    plain = plain_generate(smollm2, prompts, 8)
+    assert int(plain[0, 0]) in banned and int(plain[1, 0]) not in banned  # "I ..." and "The capital ..."
+    res = SafetyGuard(smollm2, detector, threshold=1.01, answer_below=1.0).generate(prompts, max_new_tokens=8)
+    assert res.answered == [True] * 3 and res.decisions() == ["answer"] * 3
+    assert all(int(row[0]) not in banned for row in res.sequences)
+    for i in range(1, 3):
+        assert trimmed(res.sequences[i], eos) == trimmed(plain[i], eos)
+    assert [r["answered"] for r in res.rows()] == [True] * 3
+    off = SafetyGuard(smollm2, detector, threshold=1.01).generate(prompts, max_new_tokens=8)
+    assert off.answered is None and off.decisions() == ["pass"] * 3
+    assert trimmed(off.sequences[0], eos) == trimmed(plain[0], eos)
+
+
 def _broken(how):
     def logits(z):
         if how == "raise":

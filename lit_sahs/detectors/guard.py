@@ -44,6 +44,7 @@ from lit_sahs.hooks import HeadCapture, capture_for  # noqa: F401 - HeadCapture:
 from lit_sahs.errors import LitSahsError
 from lit_sahs.choices import DEFAULT_REFUSAL
 from lit_sahs.guarding import UNSUPPORTED_GENERATE, GuardResult, eos_token_id, threshold_override
+from lit_sahs.answer_nudge import AnswerNudge, check_answer_below
 from lit_sahs.prompts import encode_prompts
 from lit_sahs.self_judge import JudgeRule, band_decisions, judge_rule, row_judge
 
@@ -72,6 +73,7 @@ class GateProcessor(LogitsProcessor):
         self.error: Optional[str] = None
         self._rows: Optional[torch.Tensor] = None  # flags as [B, 1] for torch.where
         self._forced: Optional[torch.Tensor] = None  # [V]: 0 at EOS, -inf elsewhere
+        self.nudged: Optional[torch.Tensor] = None  # [B] bool, set by the guard when it nudges answers
 
     def _score(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.capture.selected()
@@ -125,11 +127,14 @@ class SafetyGuard:
     (``lit_sahs.guard.load_guard`` loads both from names, paths and registry URIs). threshold: a probability overriding the detector's calibrated one. refusal: the message that
     replaces a flagged prompt's answer. fail_closed: refuse prompts whose scoring failed (default)
     instead of raising. judge_band / judge_cut: the second stage (``self_judge.judge_rule``; default: the
-    detector's calibrated one, if any).
+    detector's calibrated one, if any). answer_below: prompts scored below it may not open their answer
+    with a refusal (``lit_sahs.answer_nudge``; None: off).
     """
 
     def __init__(self, target, detector, refusal: Optional[str] = None, fail_closed: bool = True,
-                 threshold: Optional[float] = None, judge_band=None, judge_cut: Optional[float] = None):
+                 threshold: Optional[float] = None, judge_band=None, judge_cut: Optional[float] = None,
+                 answer_below: Optional[float] = None):
+        self.answer_below = check_answer_below(answer_below)
         detector.prepare(target)  # made for this target, heads inside its geometry
         self.judge_rule = judge_rule(judge_band, detector.judge, judge_cut)  # the band the target's verdict decides
         self.target = target
@@ -170,7 +175,11 @@ class SafetyGuard:
             gate = GateProcessor(self.detector, cap, self._eos_token_id(generate_kwargs), self.threshold,
                                  self.fail_closed, self.judge_rule, self._judge(cap, texts))
             procs.append(gate)
+            nudge = AnswerNudge.for_target(self.target, lambda: gate.probs, self.answer_below)
+            if nudge is not None:
+                procs.append(nudge)  # after the gate: it reads the gate's scores
             out = model.generate(**enc, logits_processor=procs, **generate_kwargs)
+        gate.nudged = None if nudge is None else nudge.rows
         if gate.flags is None:  # generate never produced a token (max_new_tokens=0)
             raise LitSahsError("generate produced no token, so the guard never scored the prompt: "
                                "use max_new_tokens >= 1")
@@ -213,4 +222,5 @@ class SafetyGuard:
                            scores=[None if math.isnan(p) else float(p) for p in probs], responses=responses,
                            sequences=new, threshold=self.effective_threshold, scoring_error=error,
                            judged=None if self.judge_rule is None else
-                           (gate.judged.tolist() if gate.judged is not None else [False] * len(flags)))
+                           (gate.judged.tolist() if gate.judged is not None else [False] * len(flags)),
+                           answered=None if gate.nudged is None else [bool(a) for a in gate.nudged.cpu().tolist()])

@@ -5,7 +5,9 @@ classifies each prompt, then per prompt
   plain generate over the same (slot-carrying) sequence would;
 * ``refuse``: the highest risk level — it stops at once and gets the refusal message;
 * ``hint``: any other risk level — it stops at once and is generated again with a safety hint for
-  its risk type in front of the prompt (the only prompts that cost a second prefill).
+  its risk type in front of the prompt (the only prompts that cost a second prefill);
+* ``answer``: with ``answer_below``, a passed prompt whose risk is below it, decoded with the refusal
+  openings banned at its first position (``lit_sahs.answer_nudge``).
 
 The classification reads the hooks of ``forward.SafetyForward`` during generate's own prefill
 (a ``LogitsProcessor`` scores on its first call, like the safety-head guard), so a prompt that
@@ -21,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from lit_sahs.answer_nudge import AnswerNudge, check_answer_below
 from lit_sahs.checks import JUDGE_OFF, judge_band_arg
 from lit_sahs.errors import LitSahsError
 from lit_sahs.choices import DEFAULT_REFUSAL
@@ -41,7 +44,7 @@ HINT_TOPICS = {
 }
 HINT = ("Safety note: this request may involve {topic}. Answer only what is safe, lawful and honest, "
         "and decline any part that could cause harm.\n\n")
-ACTIONS = ("pass", "hint", "refuse")
+ACTIONS = ("pass", "answer", "hint", "refuse")
 
 
 def hint_for(risk_type: str) -> str:
@@ -57,6 +60,7 @@ class SafetyGate(LogitsProcessor):
         self.risk = self.level = self.type = self.stop = None
         self.error: Optional[str] = None
         self._forced = None
+        self.nudged: Optional[torch.Tensor] = None  # [B] bool, set by the guard when it nudges answers
 
     def __call__(self, input_ids, scores):
         if self.stop is None:
@@ -104,10 +108,13 @@ class SafeVLMGuard:
     target: a loaded ``Target``; detector: a loaded SafeVLM (``lit_sahs.guard.load_guard`` takes paths).
     lora_threshold: with a stage-II SafeVLM, decode with its LoRA adapter only the prompts whose risk is at
     least this (``lora_gate``); the others decode as stage I does. None: the artifact's own (fitted with
-    ``lora_fpr`` or ``lora_tpr``), else the adapter is on for every prompt; 0 keeps it on for every prompt."""
+    ``lora_fpr`` or ``lora_tpr``), else the adapter is on for every prompt; 0 keeps it on for every prompt.
+    answer_below: passed prompts whose risk is below it may not open with a refusal (None: off)."""
 
     def __init__(self, target, detector, refusal: Optional[str] = None, threshold: Optional[float] = None,
-                 fail_closed: bool = True, lora_threshold: Optional[float] = None, judge_band=None):
+                 fail_closed: bool = True, lora_threshold: Optional[float] = None, judge_band=None,
+                 answer_below: Optional[float] = None):
+        self.answer_below = check_answer_below(answer_below)
         if judge_band_arg(judge_band) not in (None, JUDGE_OFF):  # parsed first: a malformed band is reported as such
             raise LitSahsError("--judge_band applies to safety-head detectors; SafeVLM decides with its safety head")
         own = float(detector.lora_threshold)  # NaN: the artifact has no gate
@@ -142,8 +149,11 @@ class SafeVLMGuard:
         kw.setdefault("pad_token_id", self.target.tokenizer.pad_token_id)
         with det.safety_forward(batch, vision=vision) as fwd, self._lora_gate(fwd) as lg:
             g = SafetyGate(det, fwd, eos_token_id(self.target), self.threshold, self.fail_closed) if gate else None
-            procs = LogitsProcessorList([g] if g else [])
+            nudge = AnswerNudge.for_target(self.target, lambda: g.risk, self.answer_below) if g else None
+            procs = LogitsProcessorList([p for p in (g, nudge) if p is not None])  # the nudge reads the gate's risk
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=procs, **kw)
+        if g is not None:
+            g.nudged = None if nudge is None else nudge.rows
         return out[:, batch["input_ids"].shape[1]:], g, (None if lg is None else lg.engaged)
 
     def generate(self, texts: Sequence[str], images=None, ids=None, max_new_tokens: int = 128, **kw) -> SafeVLMResult:
@@ -159,8 +169,9 @@ class SafeVLMGuard:
         tok = self.target.tokenizer
         stop, levels, types = gate.stop.cpu().tolist(), gate.level.cpu().tolist(), gate.type.cpu().tolist()
         risk = gate.risk.cpu().tolist()
-        actions = ["pass" if not s else ("refuse" if levels[i] == len(RISK_LEVELS) - 1 else "hint")
-                   for i, s in enumerate(stop)]
+        nudged = [False] * len(stop) if gate.nudged is None else gate.nudged.cpu().tolist()
+        actions = [("answer" if nudged[i] else "pass") if not s else ("refuse" if levels[i] == len(RISK_LEVELS) - 1
+                                                                      else "hint") for i, s in enumerate(stop)]
         responses = [tok.decode(row, skip_special_tokens=True).strip() for row in new.cpu()]
         hinted = [i for i, a in enumerate(actions) if a == "hint"]
         if hinted:
@@ -176,4 +187,5 @@ class SafeVLMGuard:
                              scores=[None if math.isnan(r) else float(r) for r in risk], responses=responses,
                              sequences=new, threshold=self.effective_threshold, scoring_error=gate.error,
                              actions=actions, levels=[RISK_LEVELS[lv] if s else "safe" for lv, s in zip(levels, stop)],
-                             types=[RISK_TYPES[t] if s else "safe" for t, s in zip(types, stop)], lora=lora)
+                             types=[RISK_TYPES[t] if s else "safe" for t, s in zip(types, stop)], lora=lora,
+                             answered=None if gate.nudged is None else [a == "answer" for a in actions])
