@@ -45,10 +45,27 @@ def val_groups(rows) -> dict[str, list]:
             "benign, validation-only sources": [r for r in rows if r["label"] == 0]}
 
 
+def calibrated_answer_below(det, target, val_rows, share: float, batch_size: int) -> float:
+    """The highest risk that keeps `share` of the validation harmful rows at or above it, every source
+    weighing the same (the rule of stage II's ``lora_tpr`` gate), from the guard's own prefill scores."""
+    from lit_sahs.safevlm.selection import gate_threshold
+
+    if not 0.0 < share < 1.0:
+        raise LitSahsError(f"--answer_tpr: each share must lie in (0, 1), got {share}")
+    guard = det.make_guard(target, threshold=1.01)  # score only: nothing flagged, one token
+    scores = []
+    for i in range(0, len(val_rows), batch_size):
+        scores += guard.generate([r["text"] for r in val_rows[i:i + batch_size]], max_new_tokens=1).scores
+    sources = sorted({r["source"] for r in val_rows})
+    return float(gate_threshold([float("nan") if s is None else s for s in scores], [r["label"] for r in val_rows],
+                                [sources.index(r["source"]) for r in val_rows], lora_tpr=share))
+
+
 def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts/safevlm-heads/detector",
         stage1: str = "artifacts/safevlm-stage1/detector", stage2: str = "artifacts/safevlm-stage2/detector",
         out: str = "experiments/results/safevlm-configs-generation", eval_n: int = 0, mc_n: int = 40,
-        max_new_tokens: int = 20, batch_size: int = 4, threads: int = 0) -> int:
+        max_new_tokens: int = 20, batch_size: int = 4, threads: int = 0, answer_tpr: str = "",
+        conditions: str = "") -> int:
     """The shipped configs' artifacts against the unmodified target, in generation, on their fit's split.
 
     Args:
@@ -62,8 +79,14 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
         max_new_tokens: greedy tokens per answer
         batch_size: prompts per generate call
         threads: torch CPU threads (0: torch's default)
+        answer_tpr: comma-separated shares; each adds the safety-head guard and the shipped stage II with
+            ``answer_below`` set to the highest risk that keeps that share of the validation harmful rows
+            at or above it (every source weighing the same), so at most the rest of them are nudged
+        conditions: comma-separated substrings; only conditions whose name contains one of them run
+            (the unmodified target always runs: the others are compared with it)
     """
     args = dict(locals())
+    conditions_ = conditions
     import torch
 
     from lit_sahs.artifact import load_detector
@@ -113,8 +136,20 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
         gen(dets["stage2"].make_guard(tuned))
     if math.isfinite(gate):
         conditions["SafeVLM stage II, adapter on for every prompt"] = gen(SafeVLMGuard(tuned, dets["stage2"], lora_threshold=0.0))
+    answer_below = {}
+    for share in [float(x) for x in answer_tpr.split(",") if x.strip()]:
+        for name, det, target in ((("safety-head guard", dets["heads"], base),) if heads else ()) + \
+                (("SafeVLM stage II as shipped", dets["stage2"], tuned),):
+            below = calibrated_answer_below(det, target, dm.split_rows("val"), share, batch_size)
+            answer_below[f"{name}, answer_below at {share:g} val harmful"] = below
+            conditions[f"{name}, answers nudged below {below:.3g} ({share:g} of val harmful above)"] = \
+                gen(det.make_guard(target, answer_below=below))
+    if conditions_:
+        wanted = [c.strip() for c in conditions_.split(",") if c.strip()]
+        conditions = {k: v for k, v in conditions.items() if k == REFERENCE or any(w in k for w in wanted)}
     results = refusal_rates(conditions, picked, mc, PhraseJudge(), log=lambda line: print(line, flush=True))
     summary = {"args": args, "target": base.fingerprint.name, "lora_threshold": gate if math.isfinite(gate) else None,
+               "answer_below": answer_below,
                "groups": {g: len(rs) for g, rs in groups.items()}, "seconds": time.time() - t0, "results": results}
     (out_dir / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     lines = [f"The shipped SafeVLM configs' artifacts on {base.fingerprint.name}: refused / group size (phrase judge), "

@@ -53,8 +53,9 @@ def test_refusal_rates_count_refusals_compare_benign_answers_and_score_the_quest
     assert res[REFERENCE]["openbookqa_accuracy"] == 1.0
     g = res["guard"]
     assert g["harmful, held-out source"]["refusal_rate"] == 1.0
-    assert g["benign, held-out sources"] == {"n": 2, "refused": 1, "refusal_rate": 0.5,
+    assert g["benign, held-out sources"] == {"n": 2, "refused": 1, "refusal_rate": 0.5, "refused_each": [False, True],
                                              "actions": {"pass": 1, "refuse": 1}, "same_answer_as_unmodified": 0.5}
+    assert res[REFERENCE]["harmful, held-out source"]["refused_each"] == [True, False, False, False]
     assert g["openbookqa_accuracy"] == 0.5
     lines = refusal_table(res, list(picked))
     assert "| guard | 4/4 (1.00) | 1/2 (0.50) | 0.50 | 0.500 |" in lines

@@ -77,7 +77,7 @@ def mc_accuracy(responses: Sequence[str], answers: Sequence[str]) -> float:
 
 def refusal_rates(conditions: dict[str, Condition], picked: dict[str, list], mc: Sequence[tuple[str, str]],
                   judge, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, dict]:
-    """{condition: {group: {n, refusal_rate, actions?, same_answer_as_unmodified?}, openbookqa_accuracy,
+    """{condition: {group: {n, refused, refusal_rate, refused_each, actions?, same_answer_as_unmodified?}, openbookqa_accuracy,
     seconds}}. Benign answers are compared with those of the condition named ``REFERENCE``, which must
     come first when present. A progress bar per condition counts its prompts."""
     if REFERENCE in conditions and next(iter(conditions)) != REFERENCE:
@@ -98,6 +98,7 @@ def refusal_rates(conditions: dict[str, Condition], picked: dict[str, list], mc:
                      "refusal_rate": sum(map(bool, refused)) / len(rows) if rows else None}
             if actions is not None:
                 entry["actions"] = {k: actions.count(k) for k in sorted(set(actions))}
+            entry["refused_each"] = [bool(r) for r in refused]  # per prompt, in the group's order
             if g.startswith("benign") and texts:
                 if name == REFERENCE:
                     reference[g] = responses
