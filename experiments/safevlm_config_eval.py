@@ -65,7 +65,7 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
         stage1: str = "artifacts/safevlm-stage1/detector", stage2: str = "artifacts/safevlm-stage2/detector",
         out: str = "experiments/results/safevlm-configs-generation", eval_n: int = 0, mc_n: int = 40,
         max_new_tokens: int = 20, batch_size: int = 4, threads: int = 0, answer_tpr: str = "",
-        conditions: str = "") -> int:
+        conditions: str = "", reference: bool = True) -> int:
     """The shipped configs' artifacts against the unmodified target, in generation, on their fit's split.
 
     Args:
@@ -83,7 +83,8 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
             ``answer_below`` set to the highest risk that keeps that share of the validation harmful rows
             at or above it (every source weighing the same), so at most the rest of them are nudged
         conditions: comma-separated substrings; only conditions whose name contains one of them run
-            (the unmodified target always runs: the others are compared with it)
+            (and the unmodified target, which the others are compared with, unless --reference false)
+        reference: run the unmodified target (false: its rows are in an earlier run on the same draw)
     """
     args = dict(locals())
     conditions_ = conditions
@@ -146,7 +147,7 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
                 gen(det.make_guard(target, answer_below=below))
     if conditions_:
         wanted = [c.strip() for c in conditions_.split(",") if c.strip()]
-        conditions = {k: v for k, v in conditions.items() if k == REFERENCE or any(w in k for w in wanted)}
+        conditions = {k: v for k, v in conditions.items() if (k == REFERENCE and reference) or any(w in k for w in wanted)}
     results = refusal_rates(conditions, picked, mc, PhraseJudge(), log=lambda line: print(line, flush=True))
     summary = {"args": args, "target": base.fingerprint.name, "lora_threshold": gate if math.isfinite(gate) else None,
                "answer_below": answer_below,
