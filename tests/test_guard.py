@@ -146,6 +146,8 @@ def test_answer_below_keeps_the_answer_from_opening_with_a_refusal(smollm2, dete
     for i in range(1, 3):
         assert trimmed(res.sequences[i], eos) == trimmed(plain[i], eos)
     assert [r["answered"] for r in res.rows()] == [True] * 3
+    refused = SafetyGuard(smollm2, detector, threshold=0.0, answer_below=1.0).generate(prompts, max_new_tokens=2)
+    assert refused.answered == [False] * 3 and refused.decisions() == ["refuse"] * 3  # refusing wins
     off = SafetyGuard(smollm2, detector, threshold=1.01).generate(prompts, max_new_tokens=8)
     assert off.answered is None and off.decisions() == ["pass"] * 3
     assert trimmed(off.sequences[0], eos) == trimmed(plain[0], eos)

@@ -223,4 +223,5 @@ class SafetyGuard:
                            sequences=new, threshold=self.effective_threshold, scoring_error=error,
                            judged=None if self.judge_rule is None else
                            (gate.judged.tolist() if gate.judged is not None else [False] * len(flags)),
-                           answered=None if gate.nudged is None else [bool(a) for a in gate.nudged.cpu().tolist()])
+                           answered=None if gate.nudged is None else  # a flagged row (judge band) is refused, not nudged
+                           [bool(a) and not f for a, f in zip(gate.nudged.cpu().tolist(), flags)])
