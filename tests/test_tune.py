@@ -269,13 +269,15 @@ def test_the_recorded_attnpool_study_config_parses():
     assert space.feature_specs() == ["tokens", "tokens,judge"] and "attnpool.queries" in space.to_dict()
 
 
-def test_the_recorded_guard1000_study_config_parses():
-    """experiments/results/tune-guard1000-qwen2.5-coder-1.5b/tune-wide.yaml: the 1000-prompt study docs/results.md reports."""
+@pytest.mark.parametrize("size", ["1000", "2000"])
+def test_the_recorded_larger_store_study_configs_parse(size):
+    """experiments/results/tune-guard{1000,2000}-qwen2.5-coder-1.5b/tune-wide.yaml: the studies docs/results.md reports."""
     from lit_sahs.tune import SearchSpace, parse_config
 
-    path = ROOT / "experiments" / "results" / "tune-guard1000-qwen2.5-coder-1.5b" / "tune-wide.yaml"
+    path = ROOT / "experiments" / "results" / f"tune-guard{size}-qwen2.5-coder-1.5b" / "tune-wide.yaml"
     cfg = parse_config(["--config", str(path)])
-    assert cfg.objective == "sources" and cfg.n_trials == 40 and cfg.store == "stores/guard1000-qwen2.5-coder-1.5b"
+    assert cfg.objective == "sources" and cfg.n_trials == 40 and cfg.store == f"stores/guard{size}-qwen2.5-coder-1.5b"
+    assert cfg.study_name == f"guard{size}-qwen2.5-coder-1.5b-wide"
     space = SearchSpace.parse(cfg.space, max_heads=336)
     assert space.feature_specs() == [None, "mean", "max", "mean,max", "resid,refusal"]
     assert {"logistic.low_fpr_weight", "mlp.hidden"} <= set(space.to_dict())
