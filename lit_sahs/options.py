@@ -159,6 +159,8 @@ class ServeOptions:
         dtype: the target's dtype: float32, bfloat16 or float16
         device: where the target runs: auto (a GPU when there is one), cpu, cuda, cuda:N or mps
         tracking_uri: MLflow tracking URI for models:/ and runs:/ detectors
+        answer_below: a chat prompt scored below this may not open its answer with a refusal
+            (against over-refusal of prompts the detector is sure are benign; default: off)
     """
 
     detector: str
@@ -177,9 +179,11 @@ class ServeOptions:
     dtype: Dtype = "float32"
     device: Device = "auto"
     tracking_uri: Optional[str] = None
+    answer_below: Optional[float] = None
 
     def __post_init__(self) -> None:  # bad values fail before anything loads
         optional_probability(self.threshold, "threshold")
+        optional_probability(self.answer_below, "--answer_below")
         at_least({n: getattr(self, n) for n in ("max_batch_size", "max_new_tokens", "max_inputs", "max_body_bytes")}, 1)
         if not 0 <= self.batch_timeout <= 10:
             raise LitSahsError(f"batch_timeout must be between 0 and 10 seconds, got {self.batch_timeout}")

@@ -37,15 +37,19 @@ class GuardService:
     """One detector and its target, answering moderation and guarded chat batches.
 
     detector: an artifact dir, .ckpt, models:/ or runs:/ URI, or a loaded detector; target: override
-    of the target the detector names; threshold: a probability replacing the calibrated threshold."""
+    of the target the detector names; threshold: a probability replacing the calibrated threshold;
+    answer_below: chat prompts scored below it may not open with a refusal (``lit_sahs.answer_nudge``)."""
 
     def __init__(self, detector, target=None, threshold: Optional[float] = None, refusal: str = DEFAULT_REFUSAL,
-                 device: str = "cpu", dtype: Optional[str] = None, tracking_uri: Optional[str] = None):
+                 device: str = "cpu", dtype: Optional[str] = None, tracking_uri: Optional[str] = None,
+                 answer_below: Optional[float] = None):
         override = optional_probability(threshold, "threshold")
+        self.answer_below = optional_probability(answer_below, "--answer_below")
         self.detector, self.target = load_detector_and_target(detector, target, device=device, dtype=dtype,
                                                               tracking_uri=tracking_uri)
         self.threshold = float(self.detector.threshold) if override is None else override
-        self.guard = self.detector.make_guard(self.target, refusal=refusal, threshold=override, fail_closed=True)
+        self.guard = self.detector.make_guard(self.target, refusal=refusal, threshold=override, fail_closed=True,
+                                              **({} if answer_below is None else {"answer_below": self.answer_below}))
         self.categories = list(self.detector.categories()) or [UNSAFE]
         self.judge_rule = judge_rule(None, self.detector.judge)  # what the guard applies too
         self.eos = eos_token_id(self.target)
@@ -56,6 +60,7 @@ class GuardService:
         return {"target": self.target.name, "detector": {**det.describe(), "class": type(det).__name__},
                 "family": det.family, "threshold": self.threshold, "calibrated_threshold": float(det.threshold),
                 "fingerprint": fp.to_dict() if fp is not None else None, "categories": self.categories,
+                "answer_below": self.answer_below,
                 "judge_band": None if self.judge_rule is None else {"band": list(self.judge_rule.band),
                                                                     "cut": self.judge_rule.cut}}
 

@@ -212,7 +212,24 @@ def test_no_prompt_text_in_the_log(server, client):
     assert SECRET not in log and "banana" not in log  # ... without their text
 
 
+def test_the_service_nudges_answers_below_answer_below(smollm2, detector):
+    """A served chat prompt scored below answer_below does not open with a refusal; metadata says the setting."""
+    from lit_sahs.refusal import refusal_token_ids
+    from lit_sahs.serving import GuardService
+
+    conv = [{"role": "user", "content": "Tell me about yourself."}]  # SmolLM2's own answer opens with "I"
+    plain = GuardService(detector, smollm2, threshold=1.0)  # this detector flags the prompt at its own 0.5
+    nudged = GuardService(detector, smollm2, threshold=1.0, answer_below=1.0)
+    assert plain.metadata()["answer_below"] is None and nudged.metadata()["answer_below"] == 1.0
+    banned = set(refusal_token_ids(smollm2.tokenizer))
+    answers = [svc.chat([conv], 6)[0] for svc in (plain, nudged)]
+    assert not any(a["flagged"] for a in answers) and answers[0]["score"] < 1.0
+    first = [smollm2.tokenizer.encode(a["content"], add_special_tokens=False)[0] for a in answers]
+    assert first[0] in banned and first[1] not in banned
+
+
 @pytest.mark.parametrize("args, message", [(["--threshold", "1.5"], "threshold must be a probability in [0, 1]"),
+                                           (["--answer_below", "2"], "--answer_below must be a probability"),
                                            (["--max_batch_size", "0"], "max_batch_size must be >= 1")])
 def test_bad_options_are_one_error_before_anything_loads(cli, args, message):
     code, _, err = cli(["serve", "--detector", "does/not/exist", *args])
