@@ -16,13 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from transformers import LogitsProcessor
 
-from lit_sahs.checks import optional_probability
 from lit_sahs.refusal import refusal_token_ids
-
-
-def check_answer_below(value) -> Optional[float]:
-    """None (off) or a probability in [0, 1]; anything else is one error."""
-    return optional_probability(value, "--answer_below")
 
 
 class AnswerNudge(LogitsProcessor):

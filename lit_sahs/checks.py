@@ -29,6 +29,11 @@ def optional_probability(value: Any, what: str = "--threshold") -> Optional[floa
     return None if value is None else probability(value, what)
 
 
+def answer_below_arg(value: Any) -> Optional[float]:
+    """A guard's ``answer_below`` (``lit_sahs.answer_nudge``): None (off) or a probability in [0, 1]."""
+    return optional_probability(value, "--answer_below")
+
+
 def at_least(values: Mapping[str, Any], minimum: int) -> None:
     """Each named integer (option -> value; None: not given) must be an int >= `minimum`."""
     for what, value in values.items():

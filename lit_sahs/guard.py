@@ -20,6 +20,7 @@ import torch
 
 from lit_sahs.checks import optional_probability
 from lit_sahs.errors import LitSahsError
+from lit_sahs.guarding import optional_guard_args
 from lit_sahs.choices import DEFAULT_REFUSAL
 from lit_sahs.loading import load_detector_and_target
 from lit_sahs.options import GuardOptions
@@ -39,7 +40,7 @@ def load_guard(target, detector, refusal: str = DEFAULT_REFUSAL, fail_closed: bo
     answer_below: prompts scored below it may not open with a refusal (``lit_sahs.answer_nudge``)."""
     det, target = load_detector_and_target(detector, target, device=device, tracking_uri=tracking_uri)
     return det.make_guard(target, refusal=refusal, threshold=threshold, fail_closed=fail_closed,
-                          **({} if answer_below is None else {"answer_below": answer_below}))
+                          **optional_guard_args(answer_below=answer_below))
 
 
 # ---------------------------------------------------------------- command line (options: lit_sahs.options)
@@ -52,10 +53,8 @@ def guard_command(a: GuardOptions) -> int:
     if a.batch_size < 1:
         raise LitSahsError(f"batch_size must be >= 1, got {a.batch_size}")
     det, target = a.load()
-    band = {} if a.band() is None else {"judge_band": a.band()}  # a family without a judge stage never sees it
-    # a plug-in family's make_guard may predate answer_below: it sees the option only when it is given
-    band.update({} if a.answer_below is None else {"answer_below": a.answer_below})
-    guard = det.make_guard(target, refusal=a.refusal, fail_closed=a.fail_closed, threshold=a.threshold, **band)
+    guard = det.make_guard(target, refusal=a.refusal, fail_closed=a.fail_closed, threshold=a.threshold,
+                           **optional_guard_args(judge_band=a.band(), answer_below=a.answer_below))
     out, unscored, reasons = [], 0, []
     from tqdm.auto import tqdm
 

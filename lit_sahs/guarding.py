@@ -29,6 +29,20 @@ def threshold_override(value: Any) -> Optional[float]:
     return float(value)
 
 
+def optional_guard_args(**options) -> dict:
+    """The guard options that are set (not None): a plug-in family's ``make_guard`` written before an
+    option existed sees it only when a user gives it."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def answered_rows(scores, flagged, answer_below: Optional[float]) -> Optional[list[bool]]:
+    """Which rows ``answer_nudge.AnswerNudge`` nudged: scored below `answer_below` and not flagged (a flagged
+    row is refused); None without it. Derived from the same scores the nudge compared."""
+    if answer_below is None:
+        return None
+    return [s is not None and s < answer_below and not f for s, f in zip(scores, flagged)]
+
+
 def eos_token_id(target, override=None) -> int:
     """The token that ends an answer: `override`, else the target's generation config, else its
     tokenizer's (the first of a list)."""

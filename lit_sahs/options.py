@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence, TypeVar
 
-from lit_sahs.checks import at_least, optional_probability, judge_band_arg
+from lit_sahs.checks import answer_below_arg, at_least, optional_probability, judge_band_arg
 from lit_sahs.commands import parse_command
 from lit_sahs.choices import DEFAULT_REFUSAL, Dtype, Truncate, truncate_side
 from lit_sahs.devices import Device
@@ -119,7 +119,7 @@ class GuardOptions(DetectorOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        optional_probability(self.answer_below, "--answer_below")
+        answer_below_arg(self.answer_below)
 
 
 @dataclass
@@ -183,7 +183,7 @@ class ServeOptions:
 
     def __post_init__(self) -> None:  # bad values fail before anything loads
         optional_probability(self.threshold, "threshold")
-        optional_probability(self.answer_below, "--answer_below")
+        answer_below_arg(self.answer_below)
         at_least({n: getattr(self, n) for n in ("max_batch_size", "max_new_tokens", "max_inputs", "max_body_bytes")}, 1)
         if not 0 <= self.batch_timeout <= 10:
             raise LitSahsError(f"batch_timeout must be between 0 and 10 seconds, got {self.batch_timeout}")

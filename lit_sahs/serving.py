@@ -20,10 +20,10 @@ from typing import Any, Callable, Hashable, Optional, Sequence
 
 import numpy as np
 
-from lit_sahs.checks import optional_probability
+from lit_sahs.checks import answer_below_arg, optional_probability
 from lit_sahs.errors import LitSahsError
 from lit_sahs.choices import DEFAULT_REFUSAL
-from lit_sahs.guarding import eos_token_id
+from lit_sahs.guarding import eos_token_id, optional_guard_args
 from lit_sahs.loading import load_detector_and_target
 from lit_sahs.prompts import encode_prompts
 from lit_sahs.self_judge import band_decisions, judge_rule, row_judge
@@ -44,12 +44,12 @@ class GuardService:
                  device: str = "cpu", dtype: Optional[str] = None, tracking_uri: Optional[str] = None,
                  answer_below: Optional[float] = None):
         override = optional_probability(threshold, "threshold")
-        self.answer_below = optional_probability(answer_below, "--answer_below")
+        self.answer_below = answer_below_arg(answer_below)
         self.detector, self.target = load_detector_and_target(detector, target, device=device, dtype=dtype,
                                                               tracking_uri=tracking_uri)
         self.threshold = float(self.detector.threshold) if override is None else override
         self.guard = self.detector.make_guard(self.target, refusal=refusal, threshold=override, fail_closed=True,
-                                              **({} if answer_below is None else {"answer_below": self.answer_below}))
+                                              **optional_guard_args(answer_below=self.answer_below))
         self.categories = list(self.detector.categories()) or [UNSAFE]
         self.judge_rule = judge_rule(None, self.detector.judge)  # what the guard applies too
         self.eos = eos_token_id(self.target)

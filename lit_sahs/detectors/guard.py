@@ -43,8 +43,9 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from lit_sahs.hooks import HeadCapture, capture_for  # noqa: F401 - HeadCapture: GateProcessor's type
 from lit_sahs.errors import LitSahsError
 from lit_sahs.choices import DEFAULT_REFUSAL
-from lit_sahs.guarding import UNSUPPORTED_GENERATE, GuardResult, eos_token_id, threshold_override
-from lit_sahs.answer_nudge import AnswerNudge, check_answer_below
+from lit_sahs.guarding import UNSUPPORTED_GENERATE, GuardResult, answered_rows, eos_token_id, threshold_override
+from lit_sahs.answer_nudge import AnswerNudge
+from lit_sahs.checks import answer_below_arg
 from lit_sahs.prompts import encode_prompts
 from lit_sahs.self_judge import JudgeRule, band_decisions, judge_rule, row_judge
 
@@ -73,7 +74,6 @@ class GateProcessor(LogitsProcessor):
         self.error: Optional[str] = None
         self._rows: Optional[torch.Tensor] = None  # flags as [B, 1] for torch.where
         self._forced: Optional[torch.Tensor] = None  # [V]: 0 at EOS, -inf elsewhere
-        self.nudged: Optional[torch.Tensor] = None  # [B] bool, set by the guard when it nudges answers
 
     def _score(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.capture.selected()
@@ -134,7 +134,7 @@ class SafetyGuard:
     def __init__(self, target, detector, refusal: Optional[str] = None, fail_closed: bool = True,
                  threshold: Optional[float] = None, judge_band=None, judge_cut: Optional[float] = None,
                  answer_below: Optional[float] = None):
-        self.answer_below = check_answer_below(answer_below)
+        self.answer_below = answer_below_arg(answer_below)
         detector.prepare(target)  # made for this target, heads inside its geometry
         self.judge_rule = judge_rule(judge_band, detector.judge, judge_cut)  # the band the target's verdict decides
         self.target = target
@@ -179,7 +179,6 @@ class SafetyGuard:
             if nudge is not None:
                 procs.append(nudge)  # after the gate: it reads the gate's scores
             out = model.generate(**enc, logits_processor=procs, **generate_kwargs)
-        gate.nudged = None if nudge is None else nudge.rows
         if gate.flags is None:  # generate never produced a token (max_new_tokens=0)
             raise LitSahsError("generate produced no token, so the guard never scored the prompt: "
                                "use max_new_tokens >= 1")
@@ -218,10 +217,10 @@ class SafetyGuard:
         tok = self.target.tokenizer
         responses = [self.refusal if f else tok.decode(row, skip_special_tokens=True).strip()
                      for f, row in zip(flags, new.cpu())]
+        scores = [None if math.isnan(p) else float(p) for p in probs]
         return GuardResult(ids=ids, prompts=list(texts), flagged=[bool(f) for f in flags],
-                           scores=[None if math.isnan(p) else float(p) for p in probs], responses=responses,
+                           scores=scores, responses=responses,
                            sequences=new, threshold=self.effective_threshold, scoring_error=error,
                            judged=None if self.judge_rule is None else
                            (gate.judged.tolist() if gate.judged is not None else [False] * len(flags)),
-                           answered=None if gate.nudged is None else  # a flagged row (judge band) is refused, not nudged
-                           [bool(a) and not f for a, f in zip(gate.nudged.cpu().tolist(), flags)])
+                           answered=answered_rows(scores, flags, self.answer_below))

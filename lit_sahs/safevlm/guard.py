@@ -23,11 +23,11 @@ from typing import Optional, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from lit_sahs.answer_nudge import AnswerNudge, check_answer_below
-from lit_sahs.checks import JUDGE_OFF, judge_band_arg
+from lit_sahs.answer_nudge import AnswerNudge
+from lit_sahs.checks import JUDGE_OFF, answer_below_arg, judge_band_arg
 from lit_sahs.errors import LitSahsError
 from lit_sahs.choices import DEFAULT_REFUSAL
-from lit_sahs.guarding import GuardResult, eos_token_id, threshold_override
+from lit_sahs.guarding import GuardResult, answered_rows, eos_token_id, threshold_override
 from lit_sahs.prompts import encode_prompts
 from lit_sahs.safevlm.forward import SafetyForward, model_inputs, with_slots
 from lit_sahs.safevlm.lora_gate import LoRAGate, check_lora_threshold
@@ -60,7 +60,6 @@ class SafetyGate(LogitsProcessor):
         self.risk = self.level = self.type = self.stop = None
         self.error: Optional[str] = None
         self._forced = None
-        self.nudged: Optional[torch.Tensor] = None  # [B] bool, set by the guard when it nudges answers
 
     def __call__(self, input_ids, scores):
         if self.stop is None:
@@ -114,7 +113,7 @@ class SafeVLMGuard:
     def __init__(self, target, detector, refusal: Optional[str] = None, threshold: Optional[float] = None,
                  fail_closed: bool = True, lora_threshold: Optional[float] = None, judge_band=None,
                  answer_below: Optional[float] = None):
-        self.answer_below = check_answer_below(answer_below)
+        self.answer_below = answer_below_arg(answer_below)
         if judge_band_arg(judge_band) not in (None, JUDGE_OFF):  # parsed first: a malformed band is reported as such
             raise LitSahsError("--judge_band applies to safety-head detectors; SafeVLM decides with its safety head")
         own = float(detector.lora_threshold)  # NaN: the artifact has no gate
@@ -152,8 +151,6 @@ class SafeVLMGuard:
             nudge = AnswerNudge.for_target(self.target, lambda: g.risk, self.answer_below) if g else None
             procs = LogitsProcessorList([p for p in (g, nudge) if p is not None])  # the nudge reads the gate's risk
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=procs, **kw)
-        if g is not None:
-            g.nudged = None if nudge is None else nudge.rows
         return out[:, batch["input_ids"].shape[1]:], g, (None if lg is None else lg.engaged)
 
     def generate(self, texts: Sequence[str], images=None, ids=None, max_new_tokens: int = 128, **kw) -> SafeVLMResult:
@@ -168,10 +165,10 @@ class SafeVLMGuard:
         lora = [] if engaged is None else [bool(e) for e in engaged.cpu().tolist()]
         tok = self.target.tokenizer
         stop, levels, types = gate.stop.cpu().tolist(), gate.level.cpu().tolist(), gate.type.cpu().tolist()
-        risk = gate.risk.cpu().tolist()
-        nudged = [False] * len(stop) if gate.nudged is None else gate.nudged.cpu().tolist()
-        actions = [("answer" if nudged[i] else "pass") if not s else ("refuse" if levels[i] == len(RISK_LEVELS) - 1
-                                                                      else "hint") for i, s in enumerate(stop)]
+        scores = [None if math.isnan(r) else float(r) for r in gate.risk.cpu().tolist()]
+        answered = answered_rows(scores, stop, self.answer_below)
+        actions = [("answer" if answered and answered[i] else "pass") if not s else
+                   ("refuse" if levels[i] == len(RISK_LEVELS) - 1 else "hint") for i, s in enumerate(stop)]
         responses = [tok.decode(row, skip_special_tokens=True).strip() for row in new.cpu()]
         hinted = [i for i, a in enumerate(actions) if a == "hint"]
         if hinted:
@@ -184,8 +181,8 @@ class SafeVLMGuard:
             if a == "refuse":
                 responses[i] = self.refusal
         return SafeVLMResult(ids=ids, prompts=texts, flagged=[bool(s) for s in stop],
-                             scores=[None if math.isnan(r) else float(r) for r in risk], responses=responses,
+                             scores=scores, responses=responses,
                              sequences=new, threshold=self.effective_threshold, scoring_error=gate.error,
                              actions=actions, levels=[RISK_LEVELS[lv] if s else "safe" for lv, s in zip(levels, stop)],
                              types=[RISK_TYPES[t] if s else "safe" for t, s in zip(types, stop)], lora=lora,
-                             answered=None if gate.nudged is None else [a == "answer" for a in actions])
+                             answered=answered)
