@@ -109,7 +109,7 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
     if names != {init.get("target")}:
         raise LitSahsError(f"the artifacts are for {sorted(map(str, names))}, the config's data for {init.get('target')!r}")
     init["held_out"] = Holdout(**(init.get("held_out") or {}))
-    init["compliant_answers"] = 0  # training targets play no part here: do not sample them
+    init["compliant_answers"], init["train_wraps"] = 0, []  # training rows play no part here: do not build them
     families = init["held_out"].families
     if len(families) != 1 or init["held_out"].sources:
         raise LitSahsError(f"--fit_config {fit_config}: the test split must hold out one jailbreak family and no source")

@@ -986,3 +986,37 @@ def test_sampling_compliant_answers_leaves_the_global_random_state_alone(tmp_pat
     torch.manual_seed(123)
     cache.compliant(["Say hi.", "Count to three."], lambda a: True, tries=2, batch_size=1)  # samples, all refused
     assert torch.equal(torch.rand(3), expected)  # a fit after a cache miss draws what it draws after a hit
+
+
+def test_train_wraps_add_wrapped_training_rows_only_and_refuse_the_held_out_family(tmp_path):
+    from lit_sahs.data.holdout import Holdout
+    from lit_sahs.judge import PhraseJudge
+    from lit_sahs.targets import load_target
+
+    target = load_target("tiny-llama")
+    args = dict(attacks="plain,dan", held_out=Holdout(families=["dan"]), max_answer_tokens=4)
+    plain = _dm(target, tmp_path, **args)
+    plain.setup()
+    wrapped = _dm(target, tmp_path, train_wraps="inthewild", wrap_max_chars=1500, **args)
+    wrapped.setup()
+    for split in ("val", "test"):  # the rows a fit is scored on do not move
+        assert [r["id"] for r in wrapped.split_rows(split)] == [r["id"] for r in plain.split_rows(split)]
+    base = {r["base_id"]: r for r in plain.split_rows("train")}
+    extra = wrapped.split_rows("train")[len(base):]
+    assert [r["id"] for r in wrapped.split_rows("train")[:len(base)]] == [r["id"] for r in plain.split_rows("train")]
+    assert len(extra) == len(base) and {r["base_id"] for r in extra} == set(base)
+    for r in extra:  # each plain training prompt once more, inside an in-the-wild template that fits
+        b = base[r["base_id"]]
+        assert r["attack_family"] == "in_the_wild" and b["text"] in r["text"] and len(r["text"]) > len(b["text"])
+        assert r["label"] == b["label"] and r["level"] == b["level"] and r["type"] == b["type"]
+        assert (r["answer_kind"], r["answer"]) == (("refusal", b["answer"]) if r["label"] else ("own", r["answer"]))
+    assert len([r for r in extra if len(r["text"]) <= 1500]) == len(extra)
+    assert wrapped.balance()["train"]["attack_family"]["in_the_wild"] == len(extra)
+    batch = wrapped.collate(extra[:2])
+    assert batch["family"].tolist() == [wrapped.families.index("in_the_wild")] * 2
+    with pytest.raises(LitSahsError, match="held-out family 'dan'"):
+        _dm(target, tmp_path, train_wraps="dan", **args)
+    with pytest.raises(LitSahsError, match="add plain"):
+        _dm(target, tmp_path, train_wraps="inthewild", **{**args, "attacks": "dan"})
+    with pytest.raises(LitSahsError, match="nosuch"):
+        _dm(target, tmp_path, train_wraps="nosuch", **args)

@@ -40,7 +40,13 @@ class SafetyDataModule(L.LightningDataModule):
     ``compliant_answers``: sampled tries for a benign *training* row whose own greedy answer the phrase
     judge calls a refusal (``AnswerCache.compliant``): the first passing sample becomes its target, and a row
     with none trains the safety head only (no LM loss). 0 keeps the greedy answers as they are. Validation
-    rows keep theirs: their refusal mass where the answer starts does not depend on it."""
+    rows keep theirs: their refusal mass where the answer starts does not depend on it.
+    ``train_wraps``: attacks whose templates also wrap every plain *training* prompt, as extra training
+    rows with the plain row's label and answer rules (a refusal for harmful rows, the target's own or a
+    compliant answer for benign ones), so the LM loss sees both classes inside jailbreak templates of
+    families other than the held-out ones; ``wrap_max_chars`` keeps to templates whose wrapped prompt
+    fits (CPU budgets; when none fits, every template stays eligible). Validation and test rows are
+    unchanged, so a fit with and without wraps is scored on the same rows."""
 
     def __init__(
         self,
@@ -61,6 +67,8 @@ class SafetyDataModule(L.LightningDataModule):
         answers: Optional[str] = None,
         max_answer_tokens: int = 32,
         compliant_answers: int = 0,
+        train_wraps: Union[str, list[str]] = [],  # noqa: B006
+        wrap_max_chars: Optional[int] = 2000,
         refusal: str = DEFAULT_REFUSAL,
         dtype: str = "float32",
         device: Optional[str] = None,
@@ -85,6 +93,9 @@ class SafetyDataModule(L.LightningDataModule):
         self.num_safety_tokens, self.batch_size = int(num_safety_tokens), int(batch_size)
         self.answers_path, self.max_answer_tokens, self.refusal = answers, int(max_answer_tokens), str(refusal)
         self.compliant_answers = int(compliant_answers)
+        self.train_wraps = [a for a in (_joined(train_wraps).split(",")) if a.strip()]
+        self.wrap_max_chars = wrap_max_chars
+        self._check_wraps(attacks)
         if isinstance(target, Target):
             self.target = target
         else:
@@ -97,20 +108,52 @@ class SafetyDataModule(L.LightningDataModule):
         self.families: list[str] = []
         self.sources: list[str] = []
 
+    def _check_wraps(self, attacks) -> None:
+        """Wraps need the plain prompts to wrap, and must not teach the held-out families."""
+        if not self.train_wraps:
+            return
+        from lit_sahs.data.attacks import get_attack
+
+        if "plain" not in [a.strip() for a in _joined(attacks).split(",")]:
+            raise LitSahsError("train_wraps wraps the plain training prompts: add plain to attacks")
+        if self.wrap_max_chars is not None and self.wrap_max_chars < 1:
+            raise LitSahsError(f"wrap_max_chars must be >= 1, got {self.wrap_max_chars}")
+        for name in self.train_wraps:
+            attack = get_attack(name.strip())  # one error line for an unknown name
+            held = sorted({v.family for v in attack.variants()} & set(self.holdout.families))
+            if held:
+                raise LitSahsError(f"train_wraps {name!r} holds templates of the held-out family {held[0]!r}: "
+                                   "training on them would leak the test split")
+
+    def _wrapped(self, samples: list, train: np.ndarray) -> list:
+        """The plain training samples wrapped in each of ``train_wraps`` (one template per sample)."""
+        from lit_sahs.data.attacks import get_attack
+
+        plain = [samples[i] for i in train if samples[i].attack == "plain"]
+        return [get_attack(name.strip()).apply(s, self.seed, self.wrap_max_chars)
+                for name in self.train_wraps for s in plain]
+
     def setup(self, stage: Optional[str] = None) -> None:
         if self.rows:
             return
         samples = self.spec.build()
         if not samples:
             raise LitSahsError("no prompts: the sources, limit and max_chars leave nothing to train on")
-        rows = []
-        for s in samples:
+
+        def row(s) -> dict:
             level, rtype = labels_of(s)
-            rows.append({"id": s.id, "text": s.text, "image": s.image, "label": int(s.label), "source": s.source,
-                         "attack": s.attack, "attack_family": s.attack_family, "base_id": s.base_id,
-                         "level": level, "type": rtype})
+            return {"id": s.id, "text": s.text, "image": s.image, "label": int(s.label), "source": s.source,
+                    "attack": s.attack, "attack_family": s.attack_family, "base_id": s.base_id,
+                    "level": level, "type": rtype}
+
+        rows = [row(s) for s in samples]
         splits = split_rows(rows, self.holdout.families, self.holdout.sources, self.val_fraction,
                             self.test_fraction, self.seed, val_sources=self.val_sources)
+        if self.train_wraps:  # extra training rows only: validation and test stay the rows above
+            extra = [row(s) for s in self._wrapped(samples, splits["train"])]
+            splits = {**splits, "train": np.concatenate([splits["train"],
+                                                         np.arange(len(rows), len(rows) + len(extra))])}
+            rows += extra
         self.families = sorted({r["attack_family"] for r in rows})
         self.sources = sorted({r["source"] for r in rows})
         for r in rows:
