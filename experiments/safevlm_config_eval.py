@@ -65,7 +65,7 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
         stage1: str = "artifacts/safevlm-stage1/detector", stage2: str = "artifacts/safevlm-stage2/detector",
         out: str = "experiments/results/safevlm-configs-generation", eval_n: int = 0, mc_n: int = 40,
         max_new_tokens: int = 20, batch_size: int = 4, threads: int = 0, answer_tpr: str = "",
-        conditions: str = "", reference: bool = True) -> int:
+        conditions: str = "", reference: bool = True, stage2_label: str = "") -> int:
     """The shipped configs' artifacts against the unmodified target, in generation, on their fit's split.
 
     Args:
@@ -85,6 +85,8 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
         conditions: comma-separated substrings; only conditions whose name contains one of them run
             (and the unmodified target, which the others are compared with, unless --reference false)
         reference: run the unmodified target (false: its rows are in an earlier run on the same draw)
+        stage2_label: what the stage II rows are called when --stage2 is not the shipped config's artifact
+            (e.g. the config that trained it); empty: "as shipped (safevlm_stage2.yaml)"
     """
     args = dict(locals())
     conditions_ = conditions
@@ -133,10 +135,12 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
     if heads:
         conditions["safety-head guard (safevlm_heads.yaml)"] = gen(dets["heads"].make_guard(base))
     conditions["SafeVLM stage I (safevlm_stage1.yaml)"] = gen(dets["stage1"].make_guard(base))
-    conditions["SafeVLM stage II as shipped (safevlm_stage2.yaml" + (", LoRA gated)" if math.isfinite(gate) else ")")] = \
-        gen(dets["stage2"].make_guard(tuned))
+    two = f"SafeVLM stage II ({stage2_label}" if stage2_label else "SafeVLM stage II as shipped (safevlm_stage2.yaml"
+    conditions[two + (", LoRA gated)" if math.isfinite(gate) else ")")] = gen(dets["stage2"].make_guard(tuned))
     if math.isfinite(gate):
-        conditions["SafeVLM stage II, adapter on for every prompt"] = gen(SafeVLMGuard(tuned, dets["stage2"], lora_threshold=0.0))
+        every = f"SafeVLM stage II ({stage2_label}), adapter on for every prompt" if stage2_label else \
+            "SafeVLM stage II, adapter on for every prompt"
+        conditions[every] = gen(SafeVLMGuard(tuned, dets["stage2"], lora_threshold=0.0))
     answer_below = {}
     for share in [float(x) for x in answer_tpr.split(",") if x.strip()]:
         for name, det, target in ((("safety-head guard", dets["heads"], base),) if heads else ()) + \

@@ -990,7 +990,6 @@ def test_sampling_compliant_answers_leaves_the_global_random_state_alone(tmp_pat
 
 def test_train_wraps_add_wrapped_training_rows_only_and_refuse_the_held_out_family(tmp_path):
     from lit_sahs.data.holdout import Holdout
-    from lit_sahs.judge import PhraseJudge
     from lit_sahs.targets import load_target
 
     target = load_target("tiny-llama")

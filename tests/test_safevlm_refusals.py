@@ -122,6 +122,19 @@ def test_config_eval_scores_the_configs_own_held_out_rows(tmp_path):
     for cond in summary["results"].values():
         assert [cond[g]["n"] for g in summary["groups"]] == list(summary["groups"].values())
     assert summary["lora_threshold"] is not None
+    # a stage II trained by another config (its training wraps play no part here) is named as asked, on the same groups
+    wrapped = tmp_path / "wraps.yaml"
+    wrapped.write_text(json.dumps({"data": {"class_path": "lit_sahs.safevlm.SafetyDataModule",
+                                            "init_args": {"target": "tiny-llama", **data, "train_wraps": "inthewild"}}}))
+    res = subprocess.run([sys.executable, "experiments/safevlm_config_eval.py", "--fit_config", str(wrapped), "--heads", "",
+                          "--stage1", str(tmp_path / "one" / "detector"), "--stage2", str(tmp_path / "two" / "detector"),
+                          "--out", str(tmp_path / "labelled"), "--mc_n", "2", "--max_new_tokens", "2", "--reference", "false",
+                          "--conditions", "stage II", "--stage2_label", "wraps.yaml"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    labelled = json.loads((tmp_path / "labelled" / "results.json").read_text())
+    assert labelled["groups"] == summary["groups"]
+    assert list(labelled["results"]) == ["SafeVLM stage II (wraps.yaml, LoRA gated)",
+                                         "SafeVLM stage II (wraps.yaml), adapter on for every prompt"]
     # the draw of another target's artifacts is refused before anything is generated
     cfg.write_text(cfg.read_text().replace("tiny-llama", "smollm2-135m-instruct"))
     res = subprocess.run([sys.executable, "experiments/safevlm_config_eval.py", "--fit_config", str(cfg), "--heads", "",
