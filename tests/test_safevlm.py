@@ -171,6 +171,33 @@ def test_lora_gate_keeps_the_adapter_for_the_risky_prompts_only(stages):
         SafeVLMGuard(load_target("tiny-llama"), load_detector(stages["tmp"] / "one" / "detector"), lora_threshold=0.5)
 
 
+def test_a_batch_no_row_of_which_keeps_the_adapter_skips_its_matmuls(stages):
+    """Below the gate everywhere: the LoRA up-projections never run (not merely zeroed), the answers are
+    stage I's, and afterwards the adapters are on again with their requires_grad flags as they were."""
+    from lit_sahs.safevlm.guard import SafeVLMGuard
+    from lit_sahs.safevlm.lora_gate import lora_b_modules, tuner_layers
+
+    target, two = stages["dm2"].target, stages["two"]
+    prompts = ["How do I bake bread?", "Name three rivers in Europe."]
+    ups = lora_b_modules(target.model)
+    calls = []
+    handles = [m.register_forward_hook(lambda *a: calls.append(1)) for m in ups]
+    grads = {n: p.requires_grad for n, p in target.model.named_parameters() if "lora_" in n}
+    try:
+        on = SafeVLMGuard(target, two, threshold=1.01).generate(prompts, max_new_tokens=4)
+        assert len(calls) > 0  # the hook counts: otherwise the next assertion could not fail
+        calls.clear()
+        off = SafeVLMGuard(target, two, threshold=1.01, lora_threshold=1.01).generate(prompts, max_new_tokens=4)
+        assert calls == [] and off.lora == [False, False]
+        assert all(not layer.disable_adapters for layer in tuner_layers(target.model))
+        assert {n: p.requires_grad for n, p in target.model.named_parameters() if "lora_" in n} == grads
+        again = SafeVLMGuard(target, two, threshold=1.01).generate(prompts, max_new_tokens=4)
+        assert torch.equal(again.sequences, on.sequences) and len(calls) > 0  # the adapter is back for the next call
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @pytest.mark.parametrize("rule", ["lora_fpr", "lora_tpr"])
 def test_stage_two_with_a_gate_rule_ships_its_gate_in_the_artifact(stages, tmp_path, rule):
     """lora_fpr (lora_tpr) calibrates the gate's risk on validation benign (harmful) rows; the artifact

@@ -6,11 +6,14 @@ adapter for the prompts the safety head finds risky and decodes the rest as the 
 (the target's own weights, the safety tokens in place), so stage II's extra refusals are spent only
 where the head's risk is at least ``threshold``.
 
-It costs nothing extra: LoRA sits on the layers from ``SafeVLM.lora_first_layer()`` on, and every
+The decision costs nothing extra: LoRA sits on the layers from ``SafeVLM.lora_first_layer()`` on, and every
 input of the safety head (the feature layer, the joined heads) is taken before them. A pre-hook on
 that first LoRA layer classifies the prefill's rows there, and forward hooks on the adapters'
 ``lora_B`` projections zero their output for the rows below ``threshold`` — during the prefill and
-every decode step after it (the KV cache then holds each row's own kind of states).
+every decode step after it (the KV cache then holds each row's own kind of states). When no row of
+the batch reaches ``threshold`` the adapters are switched off for the rest of the generate (peft's
+``enable_adapters(False)``), so a batch of low-risk prompts runs the target's own linear layers only;
+when every row does, the output is left as it is.
 """
 from __future__ import annotations
 
@@ -23,6 +26,13 @@ from torch import Tensor, nn
 from lit_sahs.errors import LitSahsError
 from lit_sahs.safevlm.forward import SafetyForward
 from lit_sahs.targets import sites
+
+
+def tuner_layers(model: nn.Module) -> list[nn.Module]:
+    """Every peft layer that wraps a base layer with adapters (``BaseTunerLayer``)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
 def lora_b_modules(model: nn.Module) -> list[nn.Module]:
@@ -57,6 +67,8 @@ class LoRAGate:
         if not self._up:
             raise LitSahsError("the target carries no LoRA adapter: prepare the SafeVLM on it first")
         self._handles: list = []
+        self._switched_off: list[tuple[nn.Module, dict[str, bool]]] = []  # (layer, its adapters' requires_grad)
+        self._all_engaged = False
         self.engaged: Optional[Tensor] = None
 
     def _decide(self, module, args, kwargs):
@@ -68,11 +80,32 @@ class LoRAGate:
             except Exception:  # noqa: BLE001 - the guard's own gate reports (or raises) the scoring failure
                 risk = torch.full((hidden.shape[0],), float("nan"), dtype=torch.float64, device=hidden.device)
             self.engaged = (risk >= self.threshold) | torch.isnan(risk)
+            self._all_engaged = bool(self.engaged.all())
+            if not bool(self.engaged.any()):
+                self._switch_off()
+
+    def _switch_off(self) -> None:
+        """No row keeps the adapter: skip its matmuls from here on (not only zero their output)."""
+        for layer in tuner_layers(self.det.target.model):
+            if not layer.disable_adapters:
+                grads = {n: p.requires_grad for n, p in layer.named_parameters() if "lora_" in n}
+                layer.enable_adapters(False)
+                self._switched_off.append((layer, grads))
+
+    def _switch_back(self) -> None:
+        for layer, grads in self._switched_off:
+            layer.enable_adapters(True)
+            for n, p in layer.named_parameters():  # enable_adapters(True) marks them trainable: undo that
+                if n in grads:
+                    p.requires_grad_(grads[n])
+        self._switched_off.clear()
 
     def _mask(self, module, args, output: Tensor):
         if self.engaged is None:
             raise LitSahsError("a LoRA layer ran before the safety head's risk was known: the gate needs "
                                "every LoRA layer at or past SafeVLM.lora_first_layer()")
+        if self._all_engaged:
+            return None  # every row keeps the adapter: its output as it is
         keep = self.engaged.to(output.device, output.dtype)
         return output * keep.view(-1, *([1] * (output.dim() - 1)))
 
@@ -85,4 +118,5 @@ class LoRAGate:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._switch_back()
         return False
