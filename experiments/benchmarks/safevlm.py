@@ -210,7 +210,7 @@ def run(targets: str = "tiny-llama,smollm2-135m-instruct", tokens: int = 16, bat
     lines = [f"SafeVLM cost ({a.device}, {a.dtype}, {a.tokens} safety tokens a set, LoRA rank {a.lora_rank}, "
              f"batch {a.batch_size}, median of {a.steps - 1} steps):", "",
              "| target | stage | trainable params | share of all | step s | seq len | peak RSS GB |", "|---|---|---|---|---|---|---|"] \
-        if rows else [f"SafeVLM inference cost ({a.device}, {a.dtype}, {a.tokens} safety tokens a set)."]
+        if rows else [f"SafeVLM inference cost ({a.device}, {a.dtype}, {inf[0]['slots'] if inf else a.tokens} safety tokens a set)."]
     for r in rows:
         lines.append(f"| {r['target']} | {r['stage']} | {r['trainable']:,} | {r['trainable'] / r['total']:.4%} | "
                      f"{r['step_s']:.3f} | {r['seq_len']} | {r['peak_rss_gb']:.2f} |")
