@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_sahs.data.holdout import Holdout
-from lit_sahs.data.protocol import DEFAULT_ATTACKS, DEFAULT_BENIGN, DEFAULT_HARMFUL, SampleSpec, split_rows
+from lit_sahs.data.protocol import DEFAULT_ATTACKS, DEFAULT_BENIGN, DEFAULT_HARMFUL, SampleSpec, names, split_rows
 from lit_sahs.errors import LitSahsError
 from lit_sahs.choices import DEFAULT_REFUSAL
 from lit_sahs.guarding import eos_token_id
@@ -93,9 +93,8 @@ class SafetyDataModule(L.LightningDataModule):
         self.num_safety_tokens, self.batch_size = int(num_safety_tokens), int(batch_size)
         self.answers_path, self.max_answer_tokens, self.refusal = answers, int(max_answer_tokens), str(refusal)
         self.compliant_answers = int(compliant_answers)
-        self.train_wraps = [a for a in (_joined(train_wraps).split(",")) if a.strip()]
-        self.wrap_max_chars = wrap_max_chars
-        self._check_wraps(attacks)
+        self.train_wraps, self.wrap_max_chars = list(names(train_wraps)), wrap_max_chars
+        self._wrap_attacks = self._checked_wraps()
         if isinstance(target, Target):
             self.target = target
         else:
@@ -108,30 +107,28 @@ class SafetyDataModule(L.LightningDataModule):
         self.families: list[str] = []
         self.sources: list[str] = []
 
-    def _check_wraps(self, attacks) -> None:
-        """Wraps need the plain prompts to wrap, and must not teach the held-out families."""
+    def _checked_wraps(self) -> list:
+        """The ``train_wraps`` attacks; they need the plain prompts to wrap, and must not teach the held-out families."""
         if not self.train_wraps:
-            return
+            return []
         from lit_sahs.data.attacks import get_attack
 
-        if "plain" not in [a.strip() for a in _joined(attacks).split(",")]:
+        if "plain" not in names(self.spec.attacks):
             raise LitSahsError("train_wraps wraps the plain training prompts: add plain to attacks")
         if self.wrap_max_chars is not None and self.wrap_max_chars < 1:
             raise LitSahsError(f"wrap_max_chars must be >= 1, got {self.wrap_max_chars}")
-        for name in self.train_wraps:
-            attack = get_attack(name.strip())  # one error line for an unknown name
+        attacks = [get_attack(name) for name in self.train_wraps]  # one error line for an unknown name
+        for attack in attacks:
             held = sorted({v.family for v in attack.variants()} & set(self.holdout.families))
             if held:
-                raise LitSahsError(f"train_wraps {name!r} holds templates of the held-out family {held[0]!r}: "
+                raise LitSahsError(f"train_wraps {attack.name!r} holds templates of the held-out family {held[0]!r}: "
                                    "training on them would leak the test split")
+        return attacks
 
     def _wrapped(self, samples: list, train: np.ndarray) -> list:
         """The plain training samples wrapped in each of ``train_wraps`` (one template per sample)."""
-        from lit_sahs.data.attacks import get_attack
-
         plain = [samples[i] for i in train if samples[i].attack == "plain"]
-        return [get_attack(name.strip()).apply(s, self.seed, self.wrap_max_chars)
-                for name in self.train_wraps for s in plain]
+        return [attack.apply(s, self.seed, self.wrap_max_chars) for attack in self._wrap_attacks for s in plain]
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.rows:
