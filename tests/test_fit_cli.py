@@ -259,17 +259,21 @@ def test_checkpoints_without_a_dirpath_go_under_the_output_dir(workdir, cli):
     assert "Tip:" not in out + err
 
 
-def test_the_recorded_safevlm_wraps_config_differs_from_the_shipped_stage2_by_the_wraps_only(cli):
-    """experiments/results/safevlm-configs-wraps/stage2.yaml: the shipped stage II plus in-the-wild training wraps."""
+@pytest.mark.parametrize("name,extra", [("wraps", {}), ("wraps-benign", {"wrap_classes": "benign"})])
+def test_the_recorded_safevlm_wraps_configs_differ_from_the_shipped_stage2_by_the_wraps_only(cli, name, extra):
+    """experiments/results/safevlm-configs-wraps*/stage2.yaml: the shipped stage II plus in-the-wild training wraps
+    (of both classes, or of the benign rows only)."""
     root = Path(__file__).parents[1]
     cfgs = []
-    for path in (root / "configs" / "safevlm_stage2.yaml", root / "experiments/results/safevlm-configs-wraps/stage2.yaml"):
+    for path in (root / "configs" / "safevlm_stage2.yaml", root / f"experiments/results/safevlm-configs-{name}/stage2.yaml"):
         code, out, err = cli(["fit", "--config", str(path), "--print_config"])
         assert code == 0, err
         cfgs.append(yaml.safe_load(out))
     shipped, wraps = cfgs
     assert wraps["data"]["init_args"].pop("train_wraps") == "inthewild" and shipped["data"]["init_args"].pop("train_wraps") == []
-    assert wraps["output_dir"] == "artifacts/safevlm-stage2-wraps"
+    for key, value in extra.items():
+        assert wraps["data"]["init_args"].pop(key) == value and shipped["data"]["init_args"].pop(key) != value
+    assert wraps["output_dir"] == f"artifacts/safevlm-stage2-{name}"
     for cfg in cfgs:
         cfg.pop("output_dir"), cfg["trainer"].pop("default_root_dir")
     assert wraps == shipped  # same stage I, draw, held-out family, validation sources and training settings

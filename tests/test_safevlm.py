@@ -1046,3 +1046,13 @@ def test_train_wraps_add_wrapped_training_rows_only_and_refuse_the_held_out_fami
         _dm(target, tmp_path, train_wraps="inthewild", **{**args, "attacks": "dan"})
     with pytest.raises(LitSahsError, match="nosuch"):
         _dm(target, tmp_path, train_wraps="nosuch", **args)
+    benign = _dm(target, tmp_path, train_wraps="inthewild", wrap_max_chars=1500, wrap_classes="benign", **args)
+    benign.setup()  # only the benign plain rows are wrapped: no wrapped refusal targets
+    benign_extra = benign.split_rows("train")[len(base):]
+    assert sorted(r["base_id"] for r in benign_extra) == sorted(k for k, b in base.items() if b["label"] == 0)
+    assert benign_extra and all(r["label"] == 0 and r["answer_kind"] == "own" for r in benign_extra)
+    assert [r["id"] for r in benign.split_rows("test")] == [r["id"] for r in plain.split_rows("test")]
+    with pytest.raises(LitSahsError, match="wrap_classes takes harmful and/or benign, got safe"):
+        _dm(target, tmp_path, train_wraps="inthewild", wrap_classes="safe", **args)
+    with pytest.raises(LitSahsError, match="wrap_max_chars must be >= 1"):
+        _dm(target, tmp_path, train_wraps="inthewild", wrap_max_chars=0, **args)

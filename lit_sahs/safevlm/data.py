@@ -29,6 +29,9 @@ from lit_sahs.safevlm.taxonomy import RISK_LEVELS, RISK_TYPES, labels_of
 from lit_sahs.targets import prompting
 
 
+_CLASSES = ("benign", "harmful")  # by label
+
+
 def _joined(value: Union[str, list[str]]) -> str:
     return value if isinstance(value, str) else ",".join(value)
 
@@ -45,8 +48,10 @@ class SafetyDataModule(L.LightningDataModule):
     rows with the plain row's label and answer rules (a refusal for harmful rows, the target's own or a
     compliant answer for benign ones), so the LM loss sees both classes inside jailbreak templates of
     families other than the held-out ones; ``wrap_max_chars`` keeps to templates whose wrapped prompt
-    fits (CPU budgets; when none fits, every template stays eligible). Validation and test rows are
-    unchanged, so a fit with and without wraps is scored on the same rows."""
+    fits (CPU budgets; when none fits, every template stays eligible); ``wrap_classes`` names which plain
+    rows are wrapped (``benign`` alone teaches "a template is no reason to refuse" without adding wrapped
+    refusal targets). Validation and test rows are unchanged, so a fit with and without wraps is scored on
+    the same rows."""
 
     def __init__(
         self,
@@ -69,6 +74,7 @@ class SafetyDataModule(L.LightningDataModule):
         compliant_answers: int = 0,
         train_wraps: Union[str, list[str]] = [],  # noqa: B006
         wrap_max_chars: Optional[int] = 2000,
+        wrap_classes: Union[str, list[str]] = "harmful,benign",
         refusal: str = DEFAULT_REFUSAL,
         dtype: str = "float32",
         device: Optional[str] = None,
@@ -94,6 +100,7 @@ class SafetyDataModule(L.LightningDataModule):
         self.answers_path, self.max_answer_tokens, self.refusal = answers, int(max_answer_tokens), str(refusal)
         self.compliant_answers = int(compliant_answers)
         self.train_wraps, self.wrap_max_chars = list(names(train_wraps)), wrap_max_chars
+        self.wrap_classes = list(names(wrap_classes))
         self._wrap_attacks = self._checked_wraps()
         if isinstance(target, Target):
             self.target = target
@@ -117,6 +124,9 @@ class SafetyDataModule(L.LightningDataModule):
             raise LitSahsError("train_wraps wraps the plain training prompts: add plain to attacks")
         if self.wrap_max_chars is not None and self.wrap_max_chars < 1:
             raise LitSahsError(f"wrap_max_chars must be >= 1, got {self.wrap_max_chars}")
+        unknown = sorted(set(self.wrap_classes) - set(_CLASSES))
+        if unknown or not self.wrap_classes:
+            raise LitSahsError(f"wrap_classes takes harmful and/or benign, got {','.join(self.wrap_classes) or 'nothing'}")
         attacks = [get_attack(name) for name in self.train_wraps]  # one error line for an unknown name
         for attack in attacks:
             held = sorted({v.family for v in attack.variants()} & set(self.holdout.families))
@@ -127,7 +137,8 @@ class SafetyDataModule(L.LightningDataModule):
 
     def _wrapped(self, samples: list, train: np.ndarray) -> list:
         """The plain training samples wrapped in each of ``train_wraps`` (one template per sample)."""
-        plain = [samples[i] for i in train if samples[i].attack == "plain"]
+        wrapped = {_CLASSES.index(c) for c in self.wrap_classes}
+        plain = [samples[i] for i in train if samples[i].attack == "plain" and int(samples[i].label) in wrapped]
         return [attack.apply(s, self.seed, self.wrap_max_chars) for attack in self._wrap_attacks for s in plain]
 
     def setup(self, stage: Optional[str] = None) -> None:
