@@ -195,7 +195,7 @@ class SafetyDataModule(L.LightningDataModule):
         ({"train": {"level": {"high": 40, ...}, ...}})."""
         if not self.rows:
             self.setup()
-        names = {"label": ("benign", "harmful"), "level": RISK_LEVELS, "type": RISK_TYPES}
+        names = {"label": _CLASSES, "level": RISK_LEVELS, "type": RISK_TYPES}
         out: dict[str, dict[str, dict[str, int]]] = {}
         for split in self.splits:
             rows = self.split_rows(split)
