@@ -195,11 +195,11 @@ class SafetyDataModule(L.LightningDataModule):
         ({"train": {"level": {"high": 40, ...}, ...}})."""
         if not self.rows:
             self.setup()
-        names = {"label": _CLASSES, "level": RISK_LEVELS, "type": RISK_TYPES}
+        coded = {"label": _CLASSES, "level": RISK_LEVELS, "type": RISK_TYPES}  # index -> name
         out: dict[str, dict[str, dict[str, int]]] = {}
         for split in self.splits:
             rows = self.split_rows(split)
-            out[split] = {key: dict(sorted(Counter(str(names[key][r[key]]) if key in names else str(r[key])
+            out[split] = {key: dict(sorted(Counter(str(coded[key][r[key]]) if key in coded else str(r[key])
                                                    for r in rows).items()))
                           for key in ("label", "level", "type", "source", "attack_family", "answer_kind")}
         return out
