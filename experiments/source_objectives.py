@@ -19,7 +19,7 @@ the template is part of what the held-out prompts differ in). Held-out AUROC and
 on average; the erm arm is the seed paper's detector, so its mean is the reference.
 
     python experiments/source_objectives.py --store stores/guard-smollm2 --groups source \\
-        --out experiments/results/objectives-guard-smollm2
+        --seeds 0,1,2 --out experiments/results/objectives-guard-smollm2
 """
 from __future__ import annotations
 
@@ -85,9 +85,48 @@ def nuisance_projection(x, y, groups, rank: int):
     return np.eye(x.shape[1], dtype=np.float32) - basis.T @ basis
 
 
+def score_fold(folds, hold, group_names, arms, top_k: int, l2: float, dro_eta: float, iters: int, project: int) -> dict:
+    """Held-out AUROC and TPR@1%FPR of every arm on one source fold."""
+    import numpy as np
+    import torch
+
+    from lit_sahs.detectors.metrics import auroc, tpr_at_fpr
+
+    split = folds.split(hold)
+    train, test = np.concatenate([split["train"], split["val"]]), split["test"]
+    heads = folds.heads_for(top_k, hold)
+    x_tr = np.asarray(folds.store.read(heads, rows=train), dtype=np.float32).reshape(len(train), -1)
+    x_te = np.asarray(folds.store.read(heads, rows=test), dtype=np.float32).reshape(len(test), -1)
+    mean, std = x_tr.mean(0), x_tr.std(0) + 1e-6
+    x_tr, x_te = (x_tr - mean) / std, torch.as_tensor((x_te - mean) / std)
+    y_tr, y_te = folds.labels[train], torch.as_tensor(folds.labels[test])
+    names_tr = sorted(set(group_names[train]))
+    g_tr = np.array([names_tr.index(n) for n in group_names[train]])
+    scores = {}
+    for arm, objective, eta in ((arms[0], "erm", dro_eta), (arms[1], "balanced", dro_eta),
+                                (arms[2], "group_dro", dro_eta), (arms[3], "group_dro", 4 * dro_eta)):
+        w, b = fit_logistic(x_tr, y_tr, g_tr, objective, l2, eta, iters if objective != "group_dro" else 3 * iters)
+        scores[arm] = x_te @ w + b
+    bag = []
+    for left in range(len(names_tr)):
+        keep = g_tr != left
+        if len(set(y_tr[keep])) < 2:
+            continue
+        w, b = fit_logistic(x_tr[keep], y_tr[keep], np.unique(g_tr[keep], return_inverse=True)[1], "erm", l2,
+                            dro_eta, iters)
+        s = x_te @ w + b
+        bag.append((s - s.mean()) / s.std().clamp_min(1e-9))
+    scores[arms[4]] = torch.stack(bag).mean(0)
+    keep = nuisance_projection(x_tr, y_tr, g_tr, project)
+    w, b = fit_logistic(x_tr @ keep, y_tr, g_tr, "erm", l2, dro_eta, iters)
+    scores[arms[5]] = (x_te @ torch.as_tensor(keep)) @ w + b
+    return {"held_out": list(hold.sources), "test_rows": len(test), "train_groups": len(names_tr),
+            **{arm: {"auroc": auroc(s, y_te), "tpr_at_1fpr": tpr_at_fpr(s, y_te, 0.01)} for arm, s in scores.items()}}
+
+
 def run(store: str, out: str, groups: str = "source", top_k: int = 8, l2: float = 1e-3, dro_eta: float = 0.5,
-        iters: int = 300, project: int = 4, seed: int = 0, min_rows: int = 20) -> int:
-    """Every arm on every source fold (round robin) of `store`.
+        iters: int = 300, project: int = 4, seeds: str = "0", min_rows: int = 20) -> int:
+    """Every arm on every source fold (round robin) of `store`, for each split seed.
 
     Args:
         store: an activation store with several harmful and benign sources
@@ -98,82 +137,65 @@ def run(store: str, out: str, groups: str = "source", top_k: int = 8, l2: float 
         dro_eta: group DRO's step on the group weights (a second arm runs at 4 x this)
         iters: LBFGS iterations (erm, balanced, bagged); group DRO runs 3 x this many Adam steps
         project: directions the `project` arm removes (4: the best of 2, 4, 8, 16 on the SmolLM2 guard
-            store's folds, picked on those folds' held-out rows; fixed before any other store was scored)
-        seed: split seed (the validation rows the fold's head ranking uses)
+            store's folds at seed 0, picked on those folds' held-out rows; fixed before any other store or
+            seed was scored)
+        seeds: comma-separated split seeds (each moves the validation rows the fold's head ranking uses)
         min_rows: smallest source used
     """
     import numpy as np
     import torch
     from tqdm.auto import tqdm
 
-    from lit_sahs.detectors.metrics import auroc, tpr_at_fpr
     from lit_sahs.errors import LitSahsError
     from lit_sahs.folds import Folds
+    from lit_sahs.plots import fold_bars
 
     if groups not in GROUPINGS:
         raise LitSahsError(f"--groups {groups!r}: use {' or '.join(GROUPINGS)}")
     if top_k < 1 or l2 < 0 or dro_eta <= 0 or iters < 1 or project < 1:
         raise LitSahsError("--top_k, --iters and --project must be >= 1, --l2 >= 0 and --dro_eta > 0")
-    torch.manual_seed(seed)
-    folds = Folds(store, seed=seed)
-    rows = folds.index
-    label = lambda r: str(r["source"]) + (f"|{r.get('attack_family', 'plain')}" if groups == "source_family" else "")
-    group_names = np.array([label(r) for r in rows])
+    try:
+        seed_list = [int(x) for x in str(seeds).split(",") if x.strip()]
+    except ValueError:
+        raise LitSahsError(f"--seeds {seeds!r}: give comma-separated integers, e.g. 0,1,2") from None
+    if not seed_list:
+        raise LitSahsError("--seeds: give at least one split seed")
     arms = ("erm", "balanced", "group_dro", f"group_dro_eta{4 * dro_eta:g}", "bagged", f"project{project}")
-    per_fold = []
-    holdouts = folds.holdouts("sources", min_rows=min_rows)
-    for hold in tqdm(holdouts, desc="source folds"):
-        split = folds.split(hold)
-        train, test = np.concatenate([split["train"], split["val"]]), split["test"]
-        heads = folds.heads_for(top_k, hold)
-        x_tr = np.asarray(folds.store.read(heads, rows=train), dtype=np.float32).reshape(len(train), -1)
-        x_te = np.asarray(folds.store.read(heads, rows=test), dtype=np.float32).reshape(len(test), -1)
-        mean, std = x_tr.mean(0), x_tr.std(0) + 1e-6
-        x_tr, x_te = (x_tr - mean) / std, torch.as_tensor((x_te - mean) / std)
-        y_tr, y_te = folds.labels[train], torch.as_tensor(folds.labels[test])
-        names_tr = sorted(set(group_names[train]))
-        g_tr = np.array([names_tr.index(n) for n in group_names[train]])
-        scores = {}
-        for arm, objective, eta in ((arms[0], "erm", dro_eta), (arms[1], "balanced", dro_eta),
-                                    (arms[2], "group_dro", dro_eta), (arms[3], "group_dro", 4 * dro_eta)):
-            w, b = fit_logistic(x_tr, y_tr, g_tr, objective, l2, eta, iters if objective != "group_dro" else 3 * iters)
-            scores[arm] = x_te @ w + b
-        bag = []
-        for left in range(len(names_tr)):
-            keep = g_tr != left
-            if len(set(y_tr[keep])) < 2:
-                continue
-            w, b = fit_logistic(x_tr[keep], y_tr[keep], np.unique(g_tr[keep], return_inverse=True)[1], "erm", l2,
-                                dro_eta, iters)
-            s = x_te @ w + b
-            bag.append((s - s.mean()) / s.std().clamp_min(1e-9))
-        scores["bagged"] = torch.stack(bag).mean(0)
-        keep = nuisance_projection(x_tr, y_tr, g_tr, project)
-        w, b = fit_logistic(x_tr @ keep, y_tr, g_tr, "erm", l2, dro_eta, iters)
-        scores[arms[5]] = (x_te @ torch.as_tensor(keep)) @ w + b
-        per_fold.append({"held_out": list(hold.sources), "test_rows": len(test), "train_groups": len(names_tr),
-                         **{arm: {"auroc": auroc(s, y_te), "tpr_at_1fpr": tpr_at_fpr(s, y_te, 0.01)}
-                            for arm, s in scores.items()}})
-    mean = {arm: {m: float(np.mean([f[arm][m] for f in per_fold])) for m in ("auroc", "tpr_at_1fpr")} for arm in arms}
+    by_seed = {}
+    for seed in seed_list:
+        torch.manual_seed(seed)
+        folds = Folds(store, seed=seed)
+        label = lambda r: str(r["source"]) + (f"|{r.get('attack_family', 'plain')}" if groups == "source_family" else "")
+        group_names = np.array([label(r) for r in folds.index])
+        holdouts = folds.holdouts("sources", min_rows=min_rows)
+        by_seed[seed] = [score_fold(folds, hold, group_names, arms, top_k, l2, dro_eta, iters, project)
+                         for hold in tqdm(holdouts, desc=f"source folds, seed {seed}")]
+    first = by_seed[seed_list[0]]
+    metrics = ("auroc", "tpr_at_1fpr")
+    # per fold, the mean over seeds; overall, the mean over seeds and folds
+    per_fold = [{"held_out": f["held_out"], "test_rows": f["test_rows"],
+                 **{a: {m: float(np.mean([by_seed[s][i][a][m] for s in seed_list])) for m in metrics} for a in arms}}
+                for i, f in enumerate(first)]
+    seed_mean = {s: {a: {m: float(np.mean([f[a][m] for f in by_seed[s]])) for m in metrics} for a in arms}
+                 for s in seed_list}
+    mean = {a: {m: float(np.mean([seed_mean[s][a][m] for s in seed_list])) for m in metrics} for a in arms}
     result = {"store": store, "groups": groups, "top_k": top_k, "l2": l2, "dro_eta": dro_eta, "iters": iters,
-              "seed": seed, "mean": mean, "folds": per_fold}
+              "project": project, "seeds": seed_list, "mean": mean, "seed_mean": seed_mean, "folds": per_fold,
+              "by_seed": by_seed}
+    cell = lambda d, a: f"{d[a]['auroc']:.3f} / {d[a]['tpr_at_1fpr']:.3f}"
     lines = [f"# Source-aware objectives on `{store}` (groups: {groups})", "",
-             f"Logistic on the fold's top {top_k} heads, l2 {l2}; held-out AUROC / TPR@1%FPR. "
-             f"Written by `experiments/source_objectives.py`.", "",
+             f"Logistic on the fold's top {top_k} heads, l2 {l2}; held-out AUROC / TPR@1%FPR, per fold the mean of "
+             f"split seeds {', '.join(map(str, seed_list))}. Written by `experiments/source_objectives.py`.", "",
              "| held out | " + " | ".join(arms) + " |", "|---|" + "---:|" * len(arms)]
-    for f in per_fold:
-        lines.append(f"| {' + '.join(f['held_out'])} | "
-                     + " | ".join(f"{f[a]['auroc']:.3f} / {f[a]['tpr_at_1fpr']:.3f}" for a in arms) + " |")
-    lines.append("| **mean** | " + " | ".join(f"**{mean[a]['auroc']:.3f}** / {mean[a]['tpr_at_1fpr']:.3f}"
-                                               for a in arms) + " |")
+    lines += [f"| {' + '.join(f['held_out'])} | " + " | ".join(cell(f, a) for a in arms) + " |" for f in per_fold]
+    lines += [f"| mean, seed {s} | " + " | ".join(cell(seed_mean[s], a) for a in arms) + " |" for s in seed_list]
+    lines.append("| **mean** | " + " | ".join(f"**{cell(mean, a)}**" for a in arms) + " |")
     os.makedirs(out, exist_ok=True)
     for name, text in (("objectives.json", json.dumps(result, indent=1)), ("objectives.md", "\n".join(lines) + "\n")):
         fd, tmp = tempfile.mkstemp(dir=out)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
         os.replace(tmp, os.path.join(out, name))
-    from lit_sahs.plots import fold_bars
-
     fold_bars({a: [f[a]["auroc"] for f in per_fold] for a in arms}, [" + ".join(f["held_out"]) for f in per_fold],
               os.path.join(out, "objectives.png"), title=f"held-out AUROC by objective (groups: {groups})")
     print("\n".join(lines))

@@ -237,11 +237,12 @@ def test_source_objectives_on_shifted_sources(tmp_path):
 
     shifted_sources_store(tmp_path / "store", {"ben0": 0.0, "ben1": 0.0, "ben2": 1.6}, n_per_source=30)
     mod = runpy.run_path(str(ROOT / "experiments" / "source_objectives.py"), run_name="experiment")
-    assert mod["run"](str(tmp_path / "store"), str(tmp_path / "out"), top_k=2, iters=50) == 0
+    assert mod["run"](str(tmp_path / "store"), str(tmp_path / "out"), top_k=2, iters=50, seeds="0,1") == 0
     report = json.loads((tmp_path / "out" / "objectives.json").read_text())
     assert len(report["folds"]) == 3 and set(report["mean"]) == {"erm", "balanced", "group_dro", "group_dro_eta2",
                                                                  "bagged", "project4"}
-    for fold in report["folds"]:
+    assert sorted(report["by_seed"]) == ["0", "1"]
+    for fold in report["folds"] + report["by_seed"]["1"]:
         assert fold["balanced"] == fold["erm"] and fold["test_rows"] == 60
     assert report["mean"]["erm"]["auroc"] > 0.8  # the signal heads separate the classes on held-out sources
     assert (tmp_path / "out" / "objectives.png").stat().st_size > 1000
@@ -262,4 +263,6 @@ def test_source_objectives_on_shifted_sources(tmp_path):
     assert (z[y == 1, 0].mean() - z[y == 0, 0].mean()) > 1.9
     with pytest.raises(LitSahsError, match="--groups"):
         mod["run"](str(tmp_path / "store"), str(tmp_path / "out2"), groups="attack")
+    with pytest.raises(LitSahsError, match="--seeds"):
+        mod["run"](str(tmp_path / "store"), str(tmp_path / "out2"), seeds="0,x")
     assert not (tmp_path / "out2").exists()
