@@ -65,7 +65,7 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
         stage1: str = "artifacts/safevlm-stage1/detector", stage2: str = "artifacts/safevlm-stage2/detector",
         out: str = "experiments/results/safevlm-configs-generation", eval_n: int = 0, mc_n: int = 40,
         max_new_tokens: int = 20, batch_size: int = 4, threads: int = 0, answer_tpr: str = "",
-        conditions: str = "", reference: bool = True, stage2_label: str = "") -> int:
+        conditions: str = "", reference: bool = True, stage2_label: str = "", groups: str = "") -> int:
     """The shipped configs' artifacts against the unmodified target, in generation, on their fit's split.
 
     Args:
@@ -87,9 +87,11 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
         reference: run the unmodified target (false: its rows are in an earlier run on the same draw)
         stage2_label: what the stage II rows are called when --stage2 is not the shipped config's artifact
             (e.g. the config that trained it); empty: "as shipped (safevlm_stage2.yaml)"
+        groups: comma-separated substrings; only the prompt groups whose name contains one of them run
+            (e.g. "validation-only"); empty: every group
     """
     args = dict(locals())
-    conditions_ = conditions
+    conditions_, groups_ = conditions, groups
     import torch
 
     from lit_sahs.artifact import load_detector
@@ -123,6 +125,11 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
     dm.setup()
     test = {g: rs for g, rs in groups_of(dm.split_rows("test"), families[0]).items() if rs}
     groups = {**test, **(val_groups(dm.split_rows("val")) if init.get("val_sources") else {})}
+    wanted_groups = [g.strip() for g in groups_.split(",") if g.strip()]
+    if wanted_groups:
+        groups = {g: rs for g, rs in groups.items() if any(w in g for w in wanted_groups)}
+        if not groups:
+            raise LitSahsError(f"--groups {groups_!r} matches no prompt group of this split")
     picked = pick(groups, eval_n)
     mc = mc_questions(mc_n)
 

@@ -5,7 +5,8 @@ classifies each prompt, then per prompt
   plain generate over the same (slot-carrying) sequence would;
 * ``refuse``: the highest risk level — it stops at once and gets the refusal message;
 * ``hint``: any other risk level — it stops at once and is generated again with a safety hint for
-  its risk type in front of the prompt (the only prompts that cost a second prefill);
+  its risk type in front of the prompt (the only prompts that cost a second prefill), stage II's LoRA
+  kept or not as the first prefill decided for the prompt;
 * ``answer``: with ``answer_below``, a passed prompt whose risk is below it, decoded with the refusal
   openings banned at its first position (``lit_sahs.answer_nudge``).
 
@@ -133,12 +134,15 @@ class SafeVLMGuard:
         enc = encode_prompts(self.target, texts, images, ids, reserve=max_new_tokens + n, for_generate=True)
         return with_slots(enc, n, self.target.tokenizer.pad_token_id or 0)
 
-    def _lora_gate(self, fwd: SafetyForward):
-        """The LoRA gate for one generate, or nothing without a lora_threshold."""
-        return contextlib.nullcontext() if self.lora_threshold is None else LoRAGate(self.detector, fwd, self.lora_threshold)
+    def _lora_gate(self, fwd: SafetyForward, decided=None):
+        """The LoRA gate for one generate (its rows' decisions `decided`, when known), or nothing without
+        a lora_threshold."""
+        if self.lora_threshold is None:
+            return contextlib.nullcontext()
+        return LoRAGate(self.detector, fwd, self.lora_threshold, decided)
 
     @torch.no_grad()
-    def _generate(self, batch: dict, max_new_tokens: int, gate: bool, **kw):
+    def _generate(self, batch: dict, max_new_tokens: int, gate: bool, lora=None, **kw):
         det, model = self.detector, self.target.model
         model.eval()  # LoRA dropout off: a guard decodes deterministically
         dev = self.target.device
@@ -146,7 +150,7 @@ class SafeVLMGuard:
         inputs = {k: v for k, v in model_inputs(batch).items() if k != "position_ids"}  # generate derives them
         vision = det.safety.vision is not None and "pixel_values" in batch
         kw.setdefault("pad_token_id", self.target.tokenizer.pad_token_id)
-        with det.safety_forward(batch, vision=vision) as fwd, self._lora_gate(fwd) as lg:
+        with det.safety_forward(batch, vision=vision) as fwd, self._lora_gate(fwd, lora) as lg:
             g = SafetyGate(det, fwd, eos_token_id(self.target), self.threshold, self.fail_closed) if gate else None
             nudge = AnswerNudge.for_target(self.target, lambda: g.risk, self.answer_below) if g else None
             procs = LogitsProcessorList([p for p in (g, nudge) if p is not None])  # the nudge reads the gate's risk
@@ -174,7 +178,9 @@ class SafeVLMGuard:
         if hinted:
             again = [prefixed(texts[i], hint_for(RISK_TYPES[types[i]])) for i in hinted]
             batch = self._slots(again, [images[i] for i in hinted], [ids[i] for i in hinted], max_new_tokens)
-            second, _, _ = self._generate(batch, max_new_tokens, False, **kw)
+            # the hint is ours, not the user's: the adapter stays as the first prefill decided for the prompt
+            kept = None if engaged is None else engaged[torch.as_tensor(hinted, device=engaged.device)]
+            second, _, _ = self._generate(batch, max_new_tokens, False, lora=kept, **kw)
             for i, row in zip(hinted, second.cpu()):
                 responses[i] = tok.decode(row, skip_special_tokens=True).strip()
         for i, a in enumerate(actions):

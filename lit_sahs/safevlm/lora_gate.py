@@ -57,10 +57,13 @@ class LoRAGate:
     """A context for one generate over a ``with_slots`` batch (inside the same ``SafetyForward``):
     rows whose safety-head risk is below `threshold` decode without the LoRA adapter. ``engaged`` [B]
     bool says which rows kept it (None until the prefill reached the first LoRA layer). A row whose
-    risk cannot be computed (NaN) keeps the adapter: the gate fails towards refusing."""
+    risk cannot be computed (NaN) keeps the adapter: the gate fails towards refusing. `decided` [B] bool:
+    which rows keep it, already known (a hinted prompt's second generate keeps its first one's decision,
+    which was made on the user's prompt, not on the hint in front of it)."""
 
-    def __init__(self, det, fwd: SafetyForward, threshold: float):
+    def __init__(self, det, fwd: SafetyForward, threshold: float, decided: Optional[Tensor] = None):
         self.det, self.fwd, self.threshold = det, fwd, check_lora_threshold(det, threshold)
+        self.decided = None if decided is None else torch.as_tensor(decided, dtype=torch.bool)
         model = det.target.model
         self._first = sites.decoder_layers(model)[det.lora_first_layer()]
         self._up = lora_b_modules(model)
@@ -75,14 +78,22 @@ class LoRAGate:
         hidden = args[0] if args else kwargs.get("hidden_states")
         if self.engaged is None and hidden is not None and hidden.dim() == 3 \
                 and hidden.shape[1] == self.fwd.slot_mask.shape[1]:  # the prefill, not a decode step
+            if self.decided is not None:
+                if len(self.decided) != hidden.shape[0]:
+                    raise LitSahsError(f"the LoRA gate was given {len(self.decided)} decisions for {hidden.shape[0]} rows")
+                self._engage(self.decided.to(hidden.device))
+                return
             try:
                 risk = self.det.risk(self.det.classify_forward(self.fwd)[0])
             except Exception:  # noqa: BLE001 - the guard's own gate reports (or raises) the scoring failure
                 risk = torch.full((hidden.shape[0],), float("nan"), dtype=torch.float64, device=hidden.device)
-            self.engaged = (risk >= self.threshold) | torch.isnan(risk)
-            self._all_engaged = bool(self.engaged.all())
-            if not bool(self.engaged.any()):
-                self._switch_off()
+            self._engage((risk >= self.threshold) | torch.isnan(risk))
+
+    def _engage(self, engaged: Tensor) -> None:
+        self.engaged = engaged
+        self._all_engaged = bool(engaged.all())
+        if not bool(engaged.any()):
+            self._switch_off()
 
     def _switch_off(self) -> None:
         """No row keeps the adapter: skip its matmuls from here on (not only zero their output)."""
