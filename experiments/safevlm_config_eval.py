@@ -45,13 +45,22 @@ def val_groups(rows) -> dict[str, list]:
             "benign, validation-only sources": [r for r in rows if r["label"] == 0]}
 
 
-def calibrated_answer_below(det, target, val_rows, share: float, batch_size: int) -> float:
+def shares(text: str, option: str) -> list[float]:
+    """Comma-separated shares in (0, 1), or one error naming `option`."""
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LitSahsError(f"{option} {text!r}: give comma-separated shares in (0, 1), e.g. 0.75,0.9") from None
+    if any(not 0.0 < x < 1.0 for x in out):
+        raise LitSahsError(f"{option}: each share must lie in (0, 1), got {text}")
+    return out
+
+
+def calibrated_risk(det, target, val_rows, share: float, batch_size: int) -> float:
     """The highest risk that keeps `share` of the validation harmful rows at or above it, every source
     weighing the same (the rule of stage II's ``lora_tpr`` gate), from the guard's own prefill scores."""
     from lit_sahs.safevlm.selection import gate_threshold
 
-    if not 0.0 < share < 1.0:
-        raise LitSahsError(f"--answer_tpr: each share must lie in (0, 1), got {share}")
     guard = det.make_guard(target, threshold=1.01)  # score only: nothing flagged, one token
     scores = []
     for i in range(0, len(val_rows), batch_size):
@@ -65,7 +74,8 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
         stage1: str = "artifacts/safevlm-stage1/detector", stage2: str = "artifacts/safevlm-stage2/detector",
         out: str = "experiments/results/safevlm-configs-generation", eval_n: int = 0, mc_n: int = 40,
         max_new_tokens: int = 20, batch_size: int = 4, threads: int = 0, answer_tpr: str = "",
-        conditions: str = "", reference: bool = True, stage2_label: str = "", groups: str = "") -> int:
+        conditions: str = "", reference: bool = True, stage2_label: str = "", groups: str = "",
+        lora_tpr: str = "") -> int:
     """The shipped configs' artifacts against the unmodified target, in generation, on their fit's split.
 
     Args:
@@ -87,11 +97,15 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
         reference: run the unmodified target (false: its rows are in an earlier run on the same draw)
         stage2_label: what the stage II rows are called when --stage2 is not the shipped config's artifact
             (e.g. the config that trained it); empty: "as shipped (safevlm_stage2.yaml)"
+        lora_tpr: comma-separated shares; each adds stage II with its LoRA gate moved to the highest risk that
+            keeps that share of the validation harmful rows at or above it (the rule ``lora_tpr`` fits with,
+            here from the guard's own prefill scores), beside the artifact's own gate
         groups: comma-separated substrings; only the prompt groups whose name contains one of them run
             (e.g. "validation-only"); empty: every group
     """
     args = dict(locals())
     conditions_, groups_ = conditions, groups
+    gate_shares, answer_shares = shares(lora_tpr, "--lora_tpr"), shares(answer_tpr, "--answer_tpr")
     import torch
 
     from lit_sahs.artifact import load_detector
@@ -107,6 +121,8 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
     dets = {"stage1": load_detector(stage1), "stage2": load_detector(stage2)}
     if not dets["stage2"].lora:
         raise LitSahsError(f"--stage2 {stage2}: a stage-I artifact (no LoRA adapter); pass the stage-II one")
+    if gate_shares and not math.isfinite(float(dets["stage2"].lora_threshold)):
+        raise LitSahsError(f"--lora_tpr: {stage2} has no LoRA gate to move (its adapter is on for every prompt)")
     if heads:
         dets["heads"] = load_detector(heads)
     names = {d.fingerprint.name if d.fingerprint else None for d in dets.values()}
@@ -148,11 +164,17 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
         every = f"SafeVLM stage II ({stage2_label}), adapter on for every prompt" if stage2_label else \
             "SafeVLM stage II, adapter on for every prompt"
         conditions[every] = gen(SafeVLMGuard(tuned, dets["stage2"], lora_threshold=0.0))
+    gates = {}
+    for share in gate_shares:
+        gates[f"lora_tpr {share:g}"] = t = calibrated_risk(dets["stage2"], tuned, dm.split_rows("val"), share, batch_size)
+        label = f"SafeVLM stage II ({stage2_label}" if stage2_label else "SafeVLM stage II (safevlm_stage2.yaml"
+        conditions[f"{label}, LoRA gated at {t:.3g}: {share:g} of val harmful above)"] = \
+            gen(SafeVLMGuard(tuned, dets["stage2"], lora_threshold=t))
     answer_below = {}
-    for share in [float(x) for x in answer_tpr.split(",") if x.strip()]:
+    for share in answer_shares:
         for name, det, target in ((("safety-head guard", dets["heads"], base),) if heads else ()) + \
                 (("SafeVLM stage II as shipped", dets["stage2"], tuned),):
-            below = calibrated_answer_below(det, target, dm.split_rows("val"), share, batch_size)
+            below = calibrated_risk(det, target, dm.split_rows("val"), share, batch_size)
             answer_below[f"{name}, answer_below at {share:g} val harmful"] = below
             conditions[f"{name}, answers nudged below {below:.3g} ({share:g} of val harmful above)"] = \
                 gen(det.make_guard(target, answer_below=below))
@@ -161,6 +183,7 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
         conditions = {k: v for k, v in conditions.items() if (k == REFERENCE and reference) or any(w in k for w in wanted)}
     results = refusal_rates(conditions, picked, mc, PhraseJudge(), log=lambda line: print(line, flush=True))
     summary = {"args": args, "target": base.fingerprint.name, "lora_threshold": gate if math.isfinite(gate) else None,
+               "lora_gates": gates,
                "answer_below": answer_below,
                "groups": {g: len(rs) for g, rs in groups.items()}, "seconds": time.time() - t0, "results": results}
     (out_dir / "results.json").write_text(json.dumps(summary, indent=1) + "\n")

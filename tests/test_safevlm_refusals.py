@@ -73,13 +73,15 @@ def test_mc_accuracy_reads_the_letter_and_refuses_mismatched_lengths():
         mc_accuracy(["A"], ["A", "B"])
 
 
-@pytest.mark.parametrize("config, message", [
-    ("configs/guard.yaml", "not a SafetyDataModule"),
-    ("configs/no-such.yaml", "no such file"),
+@pytest.mark.parametrize("config, extra, message", [
+    ("configs/guard.yaml", [], "not a SafetyDataModule"),
+    ("configs/no-such.yaml", [], "no such file"),
+    ("configs/safevlm_stage2.yaml", ["--lora_tpr", "0.5,1.5"], "--lora_tpr: each share must lie in (0, 1)"),
+    ("configs/safevlm_stage2.yaml", ["--answer_tpr", "half"], "--answer_tpr 'half': give comma-separated shares"),
 ])
-def test_config_eval_refuses_a_config_it_cannot_read_in_one_line(tmp_path, config, message):
+def test_config_eval_refuses_a_config_it_cannot_read_in_one_line(tmp_path, config, extra, message):
     res = subprocess.run([sys.executable, "experiments/safevlm_config_eval.py", "--fit_config", config,
-                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+                          "--out", str(tmp_path / "out"), *extra], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and message in res.stderr
     assert not (tmp_path / "out").exists()
@@ -129,12 +131,28 @@ def test_config_eval_scores_the_configs_own_held_out_rows(tmp_path):
     res = subprocess.run([sys.executable, "experiments/safevlm_config_eval.py", "--fit_config", str(wrapped), "--heads", "",
                           "--stage1", str(tmp_path / "one" / "detector"), "--stage2", str(tmp_path / "two" / "detector"),
                           "--out", str(tmp_path / "labelled"), "--mc_n", "2", "--max_new_tokens", "2", "--reference", "false",
-                          "--conditions", "stage II", "--stage2_label", "wraps.yaml"], capture_output=True, text=True, timeout=600)
+                          "--conditions", "stage II", "--stage2_label", "wraps.yaml", "--lora_tpr", "0.5"],
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     labelled = json.loads((tmp_path / "labelled" / "results.json").read_text())
     assert labelled["groups"] == summary["groups"]
+    # --lora_tpr at the share the artifact was fitted with recomputes its own gate from the guard's prefill scores
+    moved = labelled["lora_gates"]["lora_tpr 0.5"]
+    assert moved == pytest.approx(summary["lora_threshold"], abs=1e-6)
     assert list(labelled["results"]) == ["SafeVLM stage II (wraps.yaml, LoRA gated)",
-                                         "SafeVLM stage II (wraps.yaml), adapter on for every prompt"]
+                                         "SafeVLM stage II (wraps.yaml), adapter on for every prompt",
+                                         f"SafeVLM stage II (wraps.yaml, LoRA gated at {moved:.3g}: 0.5 of val harmful above)"]
+    # --groups runs only the groups asked for
+    res = subprocess.run([sys.executable, "experiments/safevlm_config_eval.py", "--fit_config", str(cfg), "--heads", "",
+                          "--stage1", str(tmp_path / "one" / "detector"), "--stage2", str(tmp_path / "two" / "detector"),
+                          "--out", str(tmp_path / "harmful"), "--mc_n", "0", "--max_new_tokens", "2", "--reference", "false",
+                          "--conditions", "as shipped", "--groups", "harmful"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    harmful = json.loads((tmp_path / "harmful" / "results.json").read_text())
+    assert harmful["groups"] == {"harmful, held-out jailbreak (dan)": summary["groups"]["harmful, held-out jailbreak (dan)"]}
+    assert harmful["results"]["SafeVLM stage II as shipped (safevlm_stage2.yaml, LoRA gated)"][
+        "harmful, held-out jailbreak (dan)"]["refused_each"] == summary["results"][
+        "SafeVLM stage II as shipped (safevlm_stage2.yaml, LoRA gated)"]["harmful, held-out jailbreak (dan)"]["refused_each"]
     # the draw of another target's artifacts is refused before anything is generated
     cfg.write_text(cfg.read_text().replace("tiny-llama", "smollm2-135m-instruct"))
     res = subprocess.run([sys.executable, "experiments/safevlm_config_eval.py", "--fit_config", str(cfg), "--heads", "",
