@@ -56,18 +56,23 @@ def shares(text: str, option: str) -> list[float]:
     return out
 
 
-def calibrated_risk(det, target, val_rows, share: float, batch_size: int) -> float:
-    """The highest risk that keeps `share` of the validation harmful rows at or above it, every source
-    weighing the same (the rule of stage II's ``lora_tpr`` gate), from the guard's own prefill scores."""
-    from lit_sahs.safevlm.selection import gate_threshold
-
+def val_scores(det, target, val_rows, batch_size: int) -> list[float]:
+    """The guard's own prefill risk of every validation row (NaN where scoring failed)."""
     guard = det.make_guard(target, threshold=1.01)  # score only: nothing flagged, one token
     scores = []
     for i in range(0, len(val_rows), batch_size):
         scores += guard.generate([r["text"] for r in val_rows[i:i + batch_size]], max_new_tokens=1).scores
+    return [float("nan") if s is None else s for s in scores]
+
+
+def calibrated_risk(scores: list[float], val_rows, share: float) -> float:
+    """The highest risk that keeps `share` of the validation harmful rows at or above it, every source
+    weighing the same (the rule of stage II's ``lora_tpr`` gate), from `val_scores`."""
+    from lit_sahs.safevlm.selection import gate_threshold
+
     sources = sorted({r["source"] for r in val_rows})
-    return float(gate_threshold([float("nan") if s is None else s for s in scores], [r["label"] for r in val_rows],
-                                [sources.index(r["source"]) for r in val_rows], lora_tpr=share))
+    return float(gate_threshold(scores, [r["label"] for r in val_rows], [sources.index(r["source"]) for r in val_rows],
+                                lora_tpr=share))
 
 
 def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts/safevlm-heads/detector",
@@ -133,8 +138,6 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
     families = init["held_out"].families
     if len(families) != 1 or init["held_out"].sources:
         raise LitSahsError(f"--fit_config {fit_config}: the test split must hold out one jailbreak family and no source")
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     base = load_target(init.pop("target"))
     dm = SafetyDataModule(target=base, num_safety_tokens=int(dets["stage1"].hparams.num_safety_tokens), **init)
@@ -164,17 +167,23 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
         every = f"SafeVLM stage II ({stage2_label}), adapter on for every prompt" if stage2_label else \
             "SafeVLM stage II, adapter on for every prompt"
         conditions[every] = gen(SafeVLMGuard(tuned, dets["stage2"], lora_threshold=0.0))
+    val_rows = dm.split_rows("val")
+    scored = {}  # each guard's validation risks, scored once for every share that needs them
+    if gate_shares or answer_shares:
+        scored["stage2"] = val_scores(dets["stage2"], tuned, val_rows, batch_size)
+    if answer_shares and heads:
+        scored["heads"] = val_scores(dets["heads"], base, val_rows, batch_size)
     gates = {}
+    label = f"SafeVLM stage II ({stage2_label}" if stage2_label else "SafeVLM stage II (safevlm_stage2.yaml"
     for share in gate_shares:
-        gates[f"lora_tpr {share:g}"] = t = calibrated_risk(dets["stage2"], tuned, dm.split_rows("val"), share, batch_size)
-        label = f"SafeVLM stage II ({stage2_label}" if stage2_label else "SafeVLM stage II (safevlm_stage2.yaml"
+        gates[f"lora_tpr {share:g}"] = t = calibrated_risk(scored["stage2"], val_rows, share)
         conditions[f"{label}, LoRA gated at {t:.3g}: {share:g} of val harmful above)"] = \
             gen(SafeVLMGuard(tuned, dets["stage2"], lora_threshold=t))
     answer_below = {}
     for share in answer_shares:
-        for name, det, target in ((("safety-head guard", dets["heads"], base),) if heads else ()) + \
-                (("SafeVLM stage II as shipped", dets["stage2"], tuned),):
-            below = calibrated_risk(det, target, dm.split_rows("val"), share, batch_size)
+        for name, key, det, target in ((("safety-head guard", "heads", dets["heads"], base),) if heads else ()) + \
+                (("SafeVLM stage II as shipped", "stage2", dets["stage2"], tuned),):
+            below = calibrated_risk(scored[key], val_rows, share)
             answer_below[f"{name}, answer_below at {share:g} val harmful"] = below
             conditions[f"{name}, answers nudged below {below:.3g} ({share:g} of val harmful above)"] = \
                 gen(det.make_guard(target, answer_below=below))
@@ -186,6 +195,8 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
                "lora_gates": gates,
                "answer_below": answer_below,
                "groups": {g: len(rs) for g, rs in groups.items()}, "seconds": time.time() - t0, "results": results}
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     lines = [f"The shipped SafeVLM configs' artifacts on {base.fingerprint.name}: refused / group size (phrase judge), "
              f"OpenBookQA accuracy (n={len(mc)}); test = the {families[0]} family over every source, validation-only "

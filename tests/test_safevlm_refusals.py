@@ -153,6 +153,14 @@ def test_config_eval_scores_the_configs_own_held_out_rows(tmp_path):
     assert harmful["results"]["SafeVLM stage II as shipped (safevlm_stage2.yaml, LoRA gated)"][
         "harmful, held-out jailbreak (dan)"]["refused_each"] == summary["results"][
         "SafeVLM stage II as shipped (safevlm_stage2.yaml, LoRA gated)"]["harmful, held-out jailbreak (dan)"]["refused_each"]
+    # a --groups that matches no group is one error line, and no output directory is left behind
+    res = subprocess.run([sys.executable, "experiments/safevlm_config_eval.py", "--fit_config", str(cfg), "--heads", "",
+                          "--stage1", str(tmp_path / "one" / "detector"), "--stage2", str(tmp_path / "two" / "detector"),
+                          "--out", str(tmp_path / "none"), "--groups", "no such group"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2 and res.stderr.count("error:") == 1  # beside the target's loading bar
+    assert res.stderr.strip().splitlines()[-1].startswith("error: --groups 'no such group' matches no prompt group")
+    assert not (tmp_path / "none").exists()
     # the draw of another target's artifacts is refused before anything is generated
     cfg.write_text(cfg.read_text().replace("tiny-llama", "smollm2-135m-instruct"))
     res = subprocess.run([sys.executable, "experiments/safevlm_config_eval.py", "--fit_config", str(cfg), "--heads", "",
