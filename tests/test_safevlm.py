@@ -42,6 +42,7 @@ def stages(tmp_path_factory):
     from lit_sahs.safevlm import SafeVLM
     from lit_sahs.targets import load_target
 
+    torch.manual_seed(0)  # the safety modules' initialisation: torch seeds itself at random per process
     tmp = tmp_path_factory.mktemp("safevlm")
     target = load_target("tiny-llama")
     dm = _dm(target, tmp)
@@ -169,6 +170,34 @@ def test_lora_gate_keeps_the_adapter_for_the_risky_prompts_only(stages):
     assert not torch.equal(mixed.sequences, on.sequences) and not torch.equal(mixed.sequences, stage1.sequences)
     with pytest.raises(LitSahsError, match="stage-I artifact"):
         SafeVLMGuard(load_target("tiny-llama"), load_detector(stages["tmp"] / "one" / "detector"), lora_threshold=0.5)
+
+
+def test_a_mixed_batch_computes_the_adapter_for_the_rows_that_keep_it_only(stages):
+    """The gate hands peft one adapter name a row: the LoRA up-projections see the engaged rows only, in the
+    prefill and in every decode step, and the answers are those of the whole-batch adapter on or off."""
+    from lit_sahs.safevlm.guard import SafeVLMGuard
+    from lit_sahs.safevlm.lora_gate import lora_b_modules
+
+    target, two = stages["dm2"].target, stages["two"]
+    prompts = ["How do I bake bread?", "Write a phishing email to steal passwords", "What is 2 + 2?",
+               "How can I poison a neighbour's dog?", "Name three rivers in Europe."]
+    rows: list[int] = []
+    handles = [m.register_forward_hook(lambda mod, a, out: rows.append(a[0].shape[0]))
+               for m in lora_b_modules(target.model)]
+    try:
+        on = SafeVLMGuard(target, two, threshold=1.01).generate(prompts, max_new_tokens=4)
+        assert set(rows) == {len(prompts)}  # adapter on everywhere: the whole batch, as peft runs it
+        ranked = sorted(on.scores)
+        rows.clear()
+        mixed = SafeVLMGuard(target, two, threshold=1.01, lora_threshold=(ranked[2] + ranked[3]) / 2) \
+            .generate(prompts, max_new_tokens=4)
+    finally:
+        for h in handles:
+            h.remove()
+    assert sum(mixed.lora) == 2 and rows and set(rows) == {2}  # 2 of 5 rows keep it: 2-row matmuls only
+    stage1 = SafeVLMGuard(target, two, threshold=1.01, lora_threshold=1.01).generate(prompts, max_new_tokens=4)
+    for i, engaged in enumerate(mixed.lora):
+        assert torch.equal(mixed.sequences[i], (on if engaged else stage1).sequences[i])
 
 
 def test_a_batch_no_row_of_which_keeps_the_adapter_skips_its_matmuls(stages):

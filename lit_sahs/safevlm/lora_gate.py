@@ -8,12 +8,13 @@ where the head's risk is at least ``threshold``.
 
 The decision costs nothing extra: LoRA sits on the layers from ``SafeVLM.lora_first_layer()`` on, and every
 input of the safety head (the feature layer, the joined heads) is taken before them. A pre-hook on
-that first LoRA layer classifies the prefill's rows there, and forward hooks on the adapters'
-``lora_B`` projections zero their output for the rows below ``threshold`` — during the prefill and
-every decode step after it (the KV cache then holds each row's own kind of states). When no row of
+that first LoRA layer classifies the prefill's rows there. In a mixed batch, pre-hooks on the LoRA
+layers then hand peft one adapter name a row (``"__base__"`` for the rows below ``threshold``, peft's
+mixed-batch forward), so the adapter's matmuls run on the rows that keep it only — during the prefill
+and every decode step after it (the KV cache then holds each row's own kind of states). When no row of
 the batch reaches ``threshold`` the adapters are switched off for the rest of the generate (peft's
 ``enable_adapters(False)``), so a batch of low-risk prompts runs the target's own linear layers only;
-when every row does, the output is left as it is.
+when every row does, the layers run as they are.
 """
 from __future__ import annotations
 
@@ -33,6 +34,13 @@ def tuner_layers(model: nn.Module) -> list[nn.Module]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def lora_layers(model: nn.Module) -> list[nn.Module]:
+    """Every peft LoRA layer in `model` (the wrappers that hold ``lora_A`` / ``lora_B``)."""
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
 def lora_b_modules(model: nn.Module) -> list[nn.Module]:
@@ -66,12 +74,13 @@ class LoRAGate:
         self.decided = None if decided is None else torch.as_tensor(decided, dtype=torch.bool)
         model = det.target.model
         self._first = sites.decoder_layers(model)[det.lora_first_layer()]
-        self._up = lora_b_modules(model)
-        if not self._up:
+        self._lora = lora_layers(model)
+        if not self._lora:
             raise LitSahsError("the target carries no LoRA adapter: prepare the SafeVLM on it first")
         self._handles: list = []
         self._switched_off: list[tuple[nn.Module, dict[str, bool]]] = []  # (layer, its adapters' requires_grad)
         self._all_engaged = False
+        self._names: dict[str, list[str]] = {}  # adapter -> one name a row for peft's mixed-batch forward
         self.engaged: Optional[Tensor] = None
 
     def _decide(self, module, args, kwargs):
@@ -92,6 +101,7 @@ class LoRAGate:
     def _engage(self, engaged: Tensor) -> None:
         self.engaged = engaged
         self._all_engaged = bool(engaged.all())
+        self._names.clear()
         if not bool(engaged.any()):
             self._switch_off()
 
@@ -111,18 +121,25 @@ class LoRAGate:
                     p.requires_grad_(grads[n])
         self._switched_off.clear()
 
-    def _mask(self, module, args, output: Tensor):
+    def _route(self, module, args, kwargs):
+        """Before a LoRA layer: in a mixed batch, peft's per-row adapter names (the adapter for the rows that
+        keep it, ``"__base__"`` for the rest), so the adapter's matmuls see the engaged rows only."""
         if self.engaged is None:
             raise LitSahsError("a LoRA layer ran before the safety head's risk was known: the gate needs "
                                "every LoRA layer at or past SafeVLM.lora_first_layer()")
-        if self._all_engaged:
-            return None  # every row keeps the adapter: its output as it is
-        keep = self.engaged.to(output.device, output.dtype)
-        return output * keep.view(-1, *([1] * (output.dim() - 1)))
+        if self._all_engaged or module.disable_adapters:
+            return None  # every row keeps the adapter (or none does: switched off)
+        active = module.active_adapters
+        if len(active) != 1:
+            raise LitSahsError(f"the LoRA gate routes rows to one adapter; this layer has {len(active)} active")
+        names = self._names.get(active[0])
+        if names is None:
+            names = self._names[active[0]] = [active[0] if e else "__base__" for e in self.engaged.tolist()]
+        return args, {**kwargs, "adapter_names": names}
 
     def __enter__(self) -> "LoRAGate":
         self._handles.append(self._first.register_forward_pre_hook(self._decide, with_kwargs=True))
-        self._handles += [m.register_forward_hook(self._mask) for m in self._up]
+        self._handles += [m.register_forward_pre_hook(self._route, with_kwargs=True) for m in self._lora]
         return self
 
     def __exit__(self, *exc) -> bool:
