@@ -17,6 +17,7 @@ and the safety modules' inference cost relative to plain generate.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import resource
 import statistics
@@ -107,7 +108,7 @@ def median_interval(values: list, level: float = 0.95) -> tuple:
 
 
 def inference(target_name: str, tokens: int, pairs: int, new_tokens: int, device: str, dtype: str,
-              detector: str = "", prompt_set: str = "mixed") -> dict:
+              detector: str = "", prompt_set: str = "mixed", ungated: bool = False) -> dict:
     from lit_sahs.prompts import encode_prompts
     from lit_sahs.safevlm import SafeVLM
     from lit_sahs.safevlm.guard import SafeVLMGuard
@@ -139,32 +140,49 @@ def inference(target_name: str, tokens: int, pairs: int, new_tokens: int, device
     def guarded():
         return guard.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
 
+    arms = [plain, guarded]
+    if ungated:  # the same guard with the adapter on for every row: what the gate's routing saves
+        if not (detector and det.lora):
+            raise SystemExit("--ungated needs --detector with a stage-II adapter")
+        every_row = SafeVLMGuard(guarded_target, det, threshold=1.01, lora_threshold=0.0)
+
+        def ungated_guard():
+            return every_row.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+
+        arms.append(ungated_guard)
+        ungated_guard()
     plain()
     lora = getattr(guarded(), "lora", [])  # warm-up; which rows kept a gated adapter
-    ratios = []
+    # every order of the arms in turn, so each arm runs first, middle and last equally often
+    orders = list(itertools.permutations(arms))
+    took = {f.__name__: [] for f in arms}
     from tqdm.auto import tqdm
 
     for i in tqdm(range(pairs), desc=f"{target_name}: generate pairs", unit="pair", dynamic_ncols=True):
-        order = (plain, guarded) if i % 2 == 0 else (guarded, plain)
-        took = {}
-        for f in order:
+        for f in orders[i % len(orders)]:
             sync(device)
             t = time.perf_counter()
             f()
             sync(device)
-            took[f.__name__] = time.perf_counter() - t
-        ratios.append(took["guarded"] / took["plain"])
+            took[f.__name__].append(time.perf_counter() - t)
+    ratios = [g / p for g, p in zip(took["guarded"], took["plain"])]
     low, high = median_interval(ratios)
-    return {"target": target_name, "detector": detector or "stage I, random init", "prompts": prompt_set,
-            "lora_rows": sum(map(bool, lora)) if lora else None, "batch": len(prompts), "new_tokens": new_tokens, "slots": tokens,
-            "pairs": pairs, "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
-            "ratio_max": max(ratios), "median_ci95": [low, high], "ratios": ratios}
+    out = {"target": target_name, "detector": detector or "stage I, random init", "prompts": prompt_set,
+           "lora_rows": sum(map(bool, lora)) if lora else None, "batch": len(prompts), "new_tokens": new_tokens, "slots": tokens,
+           "pairs": pairs, "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+           "ratio_max": max(ratios), "median_ci95": [low, high], "ratios": ratios}
+    if ungated:
+        for name, num, den in (("ungated_vs_plain", "ungated_guard", "plain"), ("gated_vs_ungated", "guarded", "ungated_guard")):
+            r = [a / b for a, b in zip(took[num], took[den])]
+            out[name] = {"median": statistics.median(r), "median_ci95": list(median_interval(r)),
+                         "min": min(r), "max": max(r), "ratios": r}
+    return out
 
 
 def run(targets: str = "tiny-llama,smollm2-135m-instruct", tokens: int = 16, batch_size: int = 4, steps: int = 4,
         lora_rank: int = 16, pairs: int = 8, new_tokens: int = 64, device: str = "cpu", dtype: str = "float32",
         threads: int = 0, child: Optional[str] = None, out: Optional[str] = None, train: bool = True,
-        detector: str = "", prompts: str = "mixed") -> int:
+        detector: str = "", prompts: str = "mixed", ungated: bool = False) -> int:
     """SafeVLM's trainable parameters, step time and peak memory per stage, and guarded/plain generate.
 
     Args:
@@ -184,6 +202,8 @@ def run(targets: str = "tiny-llama,smollm2-135m-instruct", tokens: int = 16, bat
         detector: a trained SafeVLM artifact to guard with (e.g. the shipped stage II: joined heads, LoRA gated by
             its own lora_threshold) instead of a freshly built stage I; --targets must be its target
         prompts: mixed (8 prompts, 3 harmful) or benign (the 5 benign ones: a gated adapter stays off)
+        ungated: with a gated stage-II --detector, a third arm: the same guard with the adapter on for every row
+            (each run cycles through every order of the three arms); adds ungated/plain and gated/ungated
     """
     a = SimpleNamespace(**locals())
     if a.threads:
@@ -205,7 +225,8 @@ def run(targets: str = "tiny-llama,smollm2-135m-instruct", tokens: int = 16, bat
                 raise SystemExit(f"stage {stage} on {name} failed:\n{res.stderr[-2000:]}")
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
-        inf.append(inference(name, a.tokens, a.pairs, a.new_tokens, a.device, a.dtype, a.detector, a.prompts))
+        inf.append(inference(name, a.tokens, a.pairs, a.new_tokens, a.device, a.dtype, a.detector, a.prompts,
+                             a.ungated))
         print(json.dumps(inf[-1]), flush=True)
     lines = [f"SafeVLM cost ({a.device}, {a.dtype}, {a.tokens} safety tokens a set, LoRA rank {a.lora_rank}, "
              f"batch {a.batch_size}, median of {a.steps - 1} steps):", "",
@@ -222,6 +243,14 @@ def run(targets: str = "tiny-llama,smollm2-135m-instruct", tokens: int = 16, bat
         lo, hi = r["median_ci95"]
         lines.append(f"| {r['target']} | {r['detector']} | {r['batch']} | {'—' if r['lora_rows'] is None else r['lora_rows']} | "
                      f"{r['pairs']} | {r['ratio_median']:.3f} | {lo:.3f}-{hi:.3f} | {r['ratio_min']:.3f} | {r['ratio_max']:.3f} |")
+    extra = [(r["target"], name, r[name]) for r in inf for name in ("ungated_vs_plain", "gated_vs_ungated") if name in r]
+    if extra:
+        lines += ["", "The same runs, the adapter on for every row (ungated) against plain and against the gated guard:", "",
+                  "| target | ratio | median | 95% interval of the median | min | max |", "|---|---|---|---|---|---|"]
+        for target, name, q in extra:
+            lo, hi = q["median_ci95"]
+            label = {"ungated_vs_plain": "ungated / plain", "gated_vs_ungated": "gated / ungated"}[name]
+            lines.append(f"| {target} | {label} | {q['median']:.3f} | {lo:.3f}-{hi:.3f} | {q['min']:.3f} | {q['max']:.3f} |")
     text = "\n".join(lines)
     print(text)
     if a.out:
