@@ -14,6 +14,30 @@ settings.register_profile("dev", max_examples=60, **_PROPERTY)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 
+def _seed() -> None:
+    import random
+
+    import numpy
+    import torch
+
+    random.seed(0)
+    numpy.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _seeded_module():
+    """torch seeds itself at random in every process: seed before a module's own fixtures (autouse runs first
+    within its scope), so a module-scoped fixture that trains or samples gives the same result every run."""
+    _seed()
+
+
+@pytest.fixture(autouse=True)
+def _seeded_test():
+    """Every test starts from the same random state, whichever tests ran before it."""
+    _seed()
+
+
 @pytest.fixture(autouse=True)
 def _mlflow_uri_restored():
     """mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI into os.environ: without this, a test
