@@ -36,13 +36,17 @@ def _changed(before, module):
     return {n for n, p in before.items() if not torch.equal(p, now[n].detach())}
 
 
+def lora_b_modules(model):
+    """Every LoRA up-projection peft put into `model` (``...lora_B.<adapter>``)."""
+    return [m for n, m in model.named_modules() if ".lora_B." in f".{n}." and isinstance(m, torch.nn.Linear)]
+
+
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
     """Stage I then stage II on tiny-llama; the parameter sets each stage changed."""
     from lit_sahs.safevlm import SafeVLM
     from lit_sahs.targets import load_target
 
-    torch.manual_seed(0)  # the safety modules' initialisation: torch seeds itself at random per process
     tmp = tmp_path_factory.mktemp("safevlm")
     target = load_target("tiny-llama")
     dm = _dm(target, tmp)
@@ -176,7 +180,6 @@ def test_a_mixed_batch_computes_the_adapter_for_the_rows_that_keep_it_only(stage
     """The gate hands peft one adapter name a row: the LoRA up-projections see the engaged rows only, in the
     prefill and in every decode step, and the answers are those of the whole-batch adapter on or off."""
     from lit_sahs.safevlm.guard import SafeVLMGuard
-    from lit_sahs.safevlm.lora_gate import lora_b_modules
 
     target, two = stages["dm2"].target, stages["two"]
     prompts = ["How do I bake bread?", "Write a phishing email to steal passwords", "What is 2 + 2?",
@@ -204,7 +207,7 @@ def test_a_batch_no_row_of_which_keeps_the_adapter_skips_its_matmuls(stages):
     """Below the gate everywhere: the LoRA up-projections never run (not merely zeroed), the answers are
     stage I's, and afterwards the adapters are on again with their requires_grad flags as they were."""
     from lit_sahs.safevlm.guard import SafeVLMGuard
-    from lit_sahs.safevlm.lora_gate import lora_b_modules, tuner_layers
+    from lit_sahs.safevlm.lora_gate import lora_layers
 
     target, two = stages["dm2"].target, stages["two"]
     prompts = ["How do I bake bread?", "Name three rivers in Europe."]
@@ -218,7 +221,7 @@ def test_a_batch_no_row_of_which_keeps_the_adapter_skips_its_matmuls(stages):
         calls.clear()
         off = SafeVLMGuard(target, two, threshold=1.01, lora_threshold=1.01).generate(prompts, max_new_tokens=4)
         assert calls == [] and off.lora == [False, False]
-        assert all(not layer.disable_adapters for layer in tuner_layers(target.model))
+        assert all(not layer.disable_adapters for layer in lora_layers(target.model))
         assert {n: p.requires_grad for n, p in target.model.named_parameters() if "lora_" in n} == grads
         again = SafeVLMGuard(target, two, threshold=1.01).generate(prompts, max_new_tokens=4)
         assert torch.equal(again.sequences, on.sequences) and len(calls) > 0  # the adapter is back for the next call

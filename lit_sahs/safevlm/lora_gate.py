@@ -29,23 +29,11 @@ from lit_sahs.safevlm.forward import SafetyForward
 from lit_sahs.targets import sites
 
 
-def tuner_layers(model: nn.Module) -> list[nn.Module]:
-    """Every peft layer that wraps a base layer with adapters (``BaseTunerLayer``)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-
-
 def lora_layers(model: nn.Module) -> list[nn.Module]:
     """Every peft LoRA layer in `model` (the wrappers that hold ``lora_A`` / ``lora_B``)."""
     from peft.tuners.lora import LoraLayer
 
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
-
-
-def lora_b_modules(model: nn.Module) -> list[nn.Module]:
-    """Every LoRA up-projection peft put into `model` (``...lora_B.<adapter>``)."""
-    return [m for n, m in model.named_modules() if ".lora_B." in f".{n}." and isinstance(m, nn.Linear)]
 
 
 def check_lora_threshold(det, threshold: Optional[float]) -> Optional[float]:
@@ -107,7 +95,7 @@ class LoRAGate:
 
     def _switch_off(self) -> None:
         """No row keeps the adapter: skip its matmuls from here on (not only zero their output)."""
-        for layer in tuner_layers(self.det.target.model):
+        for layer in self._lora:
             if not layer.disable_adapters:
                 grads = {n: p.requires_grad for n, p in layer.named_parameters() if "lora_" in n}
                 layer.enable_adapters(False)
