@@ -857,7 +857,7 @@ def test_shipped_configs_choose_the_checkpoint_by_held_out_margin(tmp_path, monk
         assert code == 0, err[-2000:]
         ckpt = torch.load(f"artifacts/safevlm-stage{stage}/checkpoints/best.ckpt", weights_only=True)
         cb = next(v for k, v in ckpt["callbacks"].items() if k.startswith("InitialCheckpoint"))
-        assert cb["monitor"] == ("val/margin" if stage == 1 else "val/answer_margin")
+        assert cb["monitor"] == ("val/margin" if stage == 1 else "val/gated_answer_margin")
         assert -1.0 <= float(cb["best_model_score"]) <= 1.0
     lora = ckpt["safevlm_lora"]
     exported = load_file("artifacts/safevlm-stage2/detector/detector.safetensors")
@@ -1126,3 +1126,35 @@ def test_train_wraps_add_wrapped_training_rows_only_and_refuse_the_held_out_fami
         _dm(target, tmp_path, train_wraps="inthewild", wrap_classes="safe", **args)
     with pytest.raises(LitSahsError, match="wrap_max_chars must be >= 1"):
         _dm(target, tmp_path, train_wraps="inthewild", wrap_max_chars=0, **args)
+
+
+def test_the_gated_answer_margin_takes_rows_below_the_gate_from_the_adapter_off_model(stages):
+    """val/gated_answer_margin: rows at or above the LoRA gate answer with the adapter, the rest as stage I's
+    model (adapter off), which is what the gated guard decodes; the ungated val/answer_margin is unchanged."""
+    import lightning as L
+
+    from lit_sahs.safevlm.lora_gate import adapters_off
+    from lit_sahs.safevlm.selection import gated_answer_margin
+
+    two, dm = stages["two"], stages["dm2"]
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    runs = {}
+    try:
+        for name, gate in (("none", 2.0), ("all", -1.0)):
+            two.lora_threshold.fill_(gate)
+            runs[name] = trainer.validate(two, dm, verbose=False)[0]
+        with adapters_off(dm.target.model):
+            runs["off"] = trainer.validate(two, dm, verbose=False)[0]
+    finally:
+        two.lora_threshold.fill_(float("nan"))
+    # a random tiny target puts ~1e-6 of its mass on refusal openings: compare relatively
+    assert runs["off"]["val/answer_margin"] != pytest.approx(runs["all"]["val/answer_margin"], rel=0.1)  # LoRA moved it
+    assert runs["all"]["val/gated_answer_margin"] == pytest.approx(runs["all"]["val/answer_margin"], rel=1e-4, abs=0)
+    assert runs["none"]["val/gated_answer_margin"] == pytest.approx(runs["off"]["val/answer_margin"], rel=1e-4, abs=0)
+    assert runs["none"]["val/answer_margin"] == pytest.approx(runs["all"]["val/answer_margin"], rel=1e-4, abs=0)
+    assert "val/gated_answer_margin" not in trainer.validate(two, dm, verbose=False)[0]  # no gate, no gated margin
+    # the mix: harmful rows 1, 2 (risk 0.9, NaN) keep the adapter, benign row 4 (0.8) too, the rest do not
+    on, off = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5]), torch.tensor([0.1, 0.2, 0.3, 0.4, float("nan")])
+    m = gated_answer_margin(on, off, torch.tensor([0.9, float("nan"), 0.1, 0.8, 0.9]), torch.tensor([1, 1, 1, 0, 0]), 0.5)
+    assert m["gated_answer_refusal_harmful"] == pytest.approx((0.9 + 0.8 + 0.3) / 3)
+    assert m["gated_answer_refusal_benign"] == pytest.approx((0.6 + 0.5) / 2)

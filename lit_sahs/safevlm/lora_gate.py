@@ -18,8 +18,9 @@ when every row does, the layers run as they are.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +35,35 @@ def lora_layers(model: nn.Module) -> list[nn.Module]:
     from peft.tuners.lora import LoraLayer
 
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def switch_off(layers: list[nn.Module]) -> list[tuple[nn.Module, dict[str, bool]]]:
+    """Switch the adapters of `layers` off (peft skips their matmuls); returns what ``switch_back`` restores."""
+    switched = []
+    for layer in layers:
+        if not layer.disable_adapters:
+            grads = {n: p.requires_grad for n, p in layer.named_parameters() if "lora_" in n}
+            layer.enable_adapters(False)
+            switched.append((layer, grads))
+    return switched
+
+
+def switch_back(switched: list[tuple[nn.Module, dict[str, bool]]]) -> None:
+    for layer, grads in switched:
+        layer.enable_adapters(True)
+        for n, p in layer.named_parameters():  # enable_adapters(True) marks them trainable: undo that
+            if n in grads:
+                p.requires_grad_(grads[n])
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Run `model` as stage I does: every LoRA adapter off inside the block, as it was after it."""
+    switched = switch_off(lora_layers(model))
+    try:
+        yield
+    finally:
+        switch_back(switched)
 
 
 def check_lora_threshold(det, threshold: Optional[float]) -> Optional[float]:
@@ -95,18 +125,10 @@ class LoRAGate:
 
     def _switch_off(self) -> None:
         """No row keeps the adapter: skip its matmuls from here on (not only zero their output)."""
-        for layer in self._lora:
-            if not layer.disable_adapters:
-                grads = {n: p.requires_grad for n, p in layer.named_parameters() if "lora_" in n}
-                layer.enable_adapters(False)
-                self._switched_off.append((layer, grads))
+        self._switched_off += switch_off(self._lora)
 
     def _switch_back(self) -> None:
-        for layer, grads in self._switched_off:
-            layer.enable_adapters(True)
-            for n, p in layer.named_parameters():  # enable_adapters(True) marks them trainable: undo that
-                if n in grads:
-                    p.requires_grad_(grads[n])
+        switch_back(self._switched_off)
         self._switched_off.clear()
 
     def _route(self, module, args, kwargs):

@@ -41,9 +41,11 @@ from lit_sahs.safevlm.artifact import LORA_PREFIX, SAFETY_PREFIX, load_stage_one
 from lit_sahs.safevlm.forward import IGNORE_INDEX, SafetyForward, answer_logits, model_inputs, with_slots
 from lit_sahs.safevlm.joined import load_head_detector
 from lit_sahs.safevlm.lora import inject_lora, load_lora, lora_module_names, lora_parameters, target_dims
+from lit_sahs.safevlm.lora_gate import adapters_off
 from lit_sahs.safevlm.modules import JoinedHeads, SafetyModules
 from lit_sahs.refusal import refusal_token_ids
 from lit_sahs.safevlm.selection import (answer_margin, answer_refusal, check_gate_shares, finite, gate_threshold,
+                                        gated_answer_margin,
                                        per_source_threshold, selection_margin)
 from lit_sahs.safevlm.taxonomy import RISK_LEVELS, RISK_TYPES
 from lit_sahs.targets import sites
@@ -361,11 +363,13 @@ class SafeVLM(ModelFamily, L.LightningModule):
             datamodule.setup("fit")
             self.attach(datamodule.target)
 
-    def on_fit_start(self) -> None:
+    def on_validation_start(self) -> None:
+        """Fresh collectors for a validation run (a fit's, or ``Trainer.validate``'s)."""
         self.val_metrics = detection_metrics().to(self.threshold.device)
         self._val_scores = ScoreCollector().to(self.threshold.device)
         self._val_sources = CatMetric().to(self.threshold.device)  # gathered in the same order as the scores
         self._val_refusal = CatMetric(nan_strategy="disable").to(self.threshold.device)  # NaN rows stay aligned
+        self._val_refusal_off = CatMetric(nan_strategy="disable").to(self.threshold.device)  # the same, adapter off
         self._refusal_ids = refusal_token_ids(self.target.tokenizer)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -373,6 +377,10 @@ class SafeVLM(ModelFamily, L.LightningModule):
         out, level, rtype = self.run(batch)
         cls, _, lm_loss, risk = self.loss_terms(batch, out, level, rtype, lm=True)
         self._val_refusal.update(answer_refusal(out.logits, batch, self._refusal_ids).to(risk.device))
+        if self.gated_validation:  # what stage I's model answers: the rows below the gate decode with it
+            with torch.no_grad(), adapters_off(self.target.model):
+                off = self.run(batch)[0]
+            self._val_refusal_off.update(answer_refusal(off.logits, batch, self._refusal_ids).to(risk.device))
         n = batch["input_ids"].shape[0]
         self.log("val/lm_loss", lm_loss, on_epoch=True, batch_size=n)
         self.log("val/cls_loss", cls, on_epoch=True, batch_size=n)
@@ -395,15 +403,27 @@ class SafeVLM(ModelFamily, L.LightningModule):
                 gate = gate_threshold(preds, target, sources, self.hparams.get("lora_fpr"), self.hparams.get("lora_tpr"))
                 self.lora_threshold.fill_(float("nan") if gate is None else gate)
             picked = selection_margin(preds, target, sources, float(self.hparams.target_fpr))
-            picked.update(answer_margin(self._val_refusal.compute(), target))
+            refusal = self._val_refusal.compute()
+            picked.update(answer_margin(refusal, target))
+            if self._val_refusal_off.update_called and bool(torch.isfinite(self.lora_threshold)):
+                picked.update(gated_answer_margin(refusal, self._val_refusal_off.compute(), preds, target,
+                                                  float(self.lora_threshold)))
             self.log_dict({f"val/{k}": float(v) for k, v in finite(picked).items()})
-        for metric in (self._val_scores, self._val_sources, self._val_refusal):
+        for metric in (self._val_scores, self._val_sources, self._val_refusal, self._val_refusal_off):
             metric.reset()
         if self.val_metrics["auroc"].update_called:
             set_threshold(self.val_metrics, float(self.threshold))
             self.log_dict({f"val/{k}": v.float() for k, v in self.val_metrics.compute().items()})
         self.val_metrics.reset()
         self.log("val/threshold", float(self.threshold))
+
+    @property
+    def gated_validation(self) -> bool:
+        """Stage II with a LoRA gate (a rule to calibrate it, or a calibrated one): validation also runs the
+        batch adapter-off and logs ``val/gated_answer_margin``, the answers of the model the gate ships."""
+        rule = self.hparams.get("lora_fpr") is not None or self.hparams.get("lora_tpr") is not None
+        return self.hparams.stage == 2 and bool(self.lora_parameters()) and \
+            (rule or bool(torch.isfinite(self.lora_threshold)))
 
     def on_fit_end(self) -> None:
         if self.hparams.stage not in self.trained_stages:

@@ -16,6 +16,9 @@ rate at the target FPR minus that FPR.
 Stage II freezes the head, so ``selection_margin`` cannot move there; what moves is the language
 model's own answer. ``answer_margin`` measures it from the validation forward the LM loss runs
 anyway: the refusal-opening mass where the answer starts, harmful minus benign.
+With a LoRA gate (``lora_tpr`` / ``lora_fpr``) ``gated_answer_margin`` takes each row's mass from the
+model the gate ships (the adapter for rows at or above the gate, stage I's model for the rest; the
+latter from a second, adapter-off forward).
 """
 from __future__ import annotations
 
@@ -128,3 +131,15 @@ def answer_margin(refusal: Tensor, labels: Tensor) -> dict[str, float]:
     ok = ~torch.isnan(refusal)
     h, b = (float(refusal[ok & (labels == c)].mean()) for c in (1, 0))  # the mean of no rows is NaN
     return {"answer_margin": h - b, "answer_refusal_harmful": h, "answer_refusal_benign": b}
+
+
+def gated_answer_margin(on: Tensor, off: Tensor, scores: Tensor, labels: Tensor, gate: float) -> dict[str, float]:
+    """``answer_margin`` of the model the gate ships: each row's refusal mass with the adapter (`on`) where
+    its risk is at least `gate` (or unknown: the gate fails towards the adapter), else without it (`off`),
+    as ``lora_gate.LoRAGate`` decodes. Keys prefixed ``gated_``. An ungated margin charges the adapter for
+    every benign row it moves, though the gate keeps most of them from it."""
+    on, off = (torch.as_tensor(t, dtype=torch.float64).flatten() for t in (on, off))
+    scores = torch.as_tensor(scores, dtype=torch.float64).flatten().to(on.device)
+    keep = (scores >= float(gate)) | torch.isnan(scores)
+    picked = answer_margin(torch.where(keep, on, off.to(on.device)), labels)
+    return {f"gated_{k}": v for k, v in picked.items()}
