@@ -64,7 +64,7 @@ def test_early_stopping_counts_the_start_as_the_score_to_beat(tmp_path):
 
 
 def test_resumed_and_debug_fits_validate_as_lightning_does(tmp_path):
-    t, ckpt = _fit(tmp_path, Drift(start=3.0, pull=1.0), epochs=1)
+    _, ckpt = _fit(tmp_path, Drift(start=3.0, pull=1.0), epochs=1)
     resumed = Drift(start=3.0, pull=1.0)
     t2 = L.Trainer(max_epochs=2, callbacks=[InitialCheckpoint(monitor="val/score", mode="max", dirpath=tmp_path / "r")],
                    logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
