@@ -856,7 +856,8 @@ def test_shipped_configs_choose_the_checkpoint_by_held_out_margin(tmp_path, monk
         code, out, err = cli(["fit", "--config", str(root / f"configs/safevlm_stage{stage}.yaml"), *small, *extra])
         assert code == 0, err[-2000:]
         ckpt = torch.load(f"artifacts/safevlm-stage{stage}/checkpoints/best.ckpt", weights_only=True)
-        cb = next(v for k, v in ckpt["callbacks"].items() if k.startswith("InitialCheckpoint"))
+        kind = "ModelCheckpoint" if stage == 1 else "InitialCheckpoint"  # stage II's start (no adapter) competes
+        cb = next(v for k, v in ckpt["callbacks"].items() if k.startswith(kind))
         assert cb["monitor"] == ("val/margin" if stage == 1 else "val/gated_answer_margin")
         assert -1.0 <= float(cb["best_model_score"]) <= 1.0
     lora = ckpt["safevlm_lora"]
