@@ -7,7 +7,9 @@ answers.py    the LM loss's answers: a refusal, or the target's own cached answe
 data.py       SafetyDataModule (the product's sources and splits)
 module.py     SafeVLM LightningModule (stage 1: safety modules; stage 2: LoRA via peft)
 joined.py     joined heads: the logistic safety-head detector they start from, loaded and checked
-selection.py  val/margin: held-out harmful minus benign flagged rate, the checkpoint-choice metric
+selection.py  val/margin, val/answer_margin, val/gated_answer_margin: the checkpoint-choice metrics
+validation.py ValidationRows: what a validation run collects row by row, and the metrics logged from it
+lora_gate.py  LoRAGate (stage II's adapter per prompt, by the head's risk), adapters_off
 artifact.py   safetensors + JSON artifacts, loaded by load_detector / the registry
 guard.py      SafeVLMGuard: refuse, add a safety hint, or pass, decided at the prefill
 refusals.py   refusal rates in generation by evaluation group and OpenBookQA utility, one way for every condition

@@ -29,10 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.aggregation import CatMetric
 
 import lit_sahs
-from lit_sahs.detectors.metrics import ScoreCollector, detection_metrics, set_threshold
 from lit_sahs.artifact_format import init_args
 from lit_sahs.errors import LitSahsError
 from lit_sahs.family import ModelFamily, register_family
@@ -44,10 +42,9 @@ from lit_sahs.safevlm.lora import inject_lora, load_lora, lora_module_names, lor
 from lit_sahs.safevlm.lora_gate import adapters_off
 from lit_sahs.safevlm.modules import JoinedHeads, SafetyModules
 from lit_sahs.refusal import refusal_token_ids
-from lit_sahs.safevlm.selection import (answer_margin, answer_refusal, check_gate_shares, finite, gate_threshold,
-                                        gated_answer_margin,
-                                       per_source_threshold, selection_margin)
+from lit_sahs.safevlm.selection import check_gate_shares, gate_threshold, per_source_threshold
 from lit_sahs.safevlm.taxonomy import RISK_LEVELS, RISK_TYPES
+from lit_sahs.safevlm.validation import ValidationRows
 from lit_sahs.targets import sites
 
 log = logging.getLogger(__name__)
@@ -365,56 +362,37 @@ class SafeVLM(ModelFamily, L.LightningModule):
 
     def on_validation_start(self) -> None:
         """Fresh collectors for a validation run (a fit's, or ``Trainer.validate``'s)."""
-        self.val_metrics = detection_metrics().to(self.threshold.device)
-        self._val_scores = ScoreCollector().to(self.threshold.device)
-        self._val_sources = CatMetric().to(self.threshold.device)  # gathered in the same order as the scores
-        self._val_refusal = CatMetric(nan_strategy="disable").to(self.threshold.device)  # NaN rows stay aligned
-        self._val_refusal_off = CatMetric(nan_strategy="disable").to(self.threshold.device)  # the same, adapter off
-        self._refusal_ids = refusal_token_ids(self.target.tokenizer)
+        self._val = ValidationRows(self.threshold.device, refusal_token_ids(self.target.tokenizer))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.target.model.eval()
         out, level, rtype = self.run(batch)
         cls, _, lm_loss, risk = self.loss_terms(batch, out, level, rtype, lm=True)
-        self._val_refusal.update(answer_refusal(out.logits, batch, self._refusal_ids).to(risk.device))
+        off = None
         if self.gated_validation:  # what stage I's model answers: the rows below the gate decode with it
             with torch.no_grad(), adapters_off(self.target.model):
                 off = self.run(batch)[0]
-            self._val_refusal_off.update(answer_refusal(off.logits, batch, self._refusal_ids).to(risk.device))
+        self._val.update(batch, risk, out, off)
         n = batch["input_ids"].shape[0]
         self.log("val/lm_loss", lm_loss, on_epoch=True, batch_size=n)
         self.log("val/cls_loss", cls, on_epoch=True, batch_size=n)
-        y = batch["y"].to(risk.device)
-        self.val_metrics.update(risk, y)
-        self._val_scores.update(risk, y)
-        src = batch.get("source")
-        self._val_sources.update((src if src is not None else torch.zeros_like(y)).to(risk.device).double())
 
     def on_validation_epoch_end(self) -> None:
-        """Recalibrate the threshold (during a fit) and log the selection metric, ``val/margin``
-        (``safevlm.selection``: harmful minus benign flagged rate, benign sources cross-fitted) that stage
-        I's ModelCheckpoint and EarlyStopping monitor, and ``val/answer_margin`` (the answers' refusal
-        mass, harmful minus benign) that stage II's monitor."""
-        if self._val_scores.update_called:
-            preds, target = self._val_scores.compute()
-            sources = self._val_sources.compute().to(preds.device)
+        """Recalibrate the threshold and the LoRA gate (during a fit) and log the selection metrics
+        (``safevlm.selection``): ``val/margin`` (harmful minus benign flagged rate, benign sources
+        cross-fitted) that stage I's callbacks monitor, ``val/answer_margin`` (the answers' refusal mass,
+        harmful minus benign) and ``val/gated_answer_margin`` (the same as the gate ships them), stage II's."""
+        rows = self._val
+        if rows.scored:
+            preds, target, sources = rows.scores_labels_sources()
             if not self.trainer.sanity_checking and self.trainer.state.fn == "fit" and bool((target == 0).any()):
                 self.threshold.fill_(per_source_threshold(preds, target, sources, self.hparams.target_fpr))
                 gate = gate_threshold(preds, target, sources, self.hparams.get("lora_fpr"), self.hparams.get("lora_tpr"))
                 self.lora_threshold.fill_(float("nan") if gate is None else gate)
-            picked = selection_margin(preds, target, sources, float(self.hparams.target_fpr))
-            refusal = self._val_refusal.compute()
-            picked.update(answer_margin(refusal, target))
-            if self._val_refusal_off.update_called and bool(torch.isfinite(self.lora_threshold)):
-                picked.update(gated_answer_margin(refusal, self._val_refusal_off.compute(), preds, target,
-                                                  float(self.lora_threshold)))
-            self.log_dict({f"val/{k}": float(v) for k, v in finite(picked).items()})
-        for metric in (self._val_scores, self._val_sources, self._val_refusal, self._val_refusal_off):
-            metric.reset()
-        if self.val_metrics["auroc"].update_called:
-            set_threshold(self.val_metrics, float(self.threshold))
-            self.log_dict({f"val/{k}": v.float() for k, v in self.val_metrics.compute().items()})
-        self.val_metrics.reset()
+            self.log_dict(rows.margins(float(self.hparams.target_fpr), float(self.lora_threshold)))
+        detection = rows.detection(float(self.threshold))
+        if detection:
+            self.log_dict(detection)
         self.log("val/threshold", float(self.threshold))
 
     @property
