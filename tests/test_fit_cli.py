@@ -280,3 +280,23 @@ def test_the_recorded_safevlm_wraps_configs_differ_from_the_shipped_stage2_by_th
     for cfg in cfgs:
         cfg.pop("output_dir"), cfg["trainer"].pop("default_root_dir")
     assert wraps == shipped  # same stage I, draw, held-out family, validation sources and training settings
+
+
+def test_the_stage1_start_config_only_makes_the_start_a_checkpoint_candidate(cli):
+    """experiments/configs/safevlm_stage1_start.yaml, layered over configs/safevlm_stage1.yaml: the same fit with
+    InitialCheckpoint (same monitor) in place of ModelCheckpoint, into its own output directory."""
+    root = Path(__file__).parents[1]
+    shipped_path = root / "configs" / "safevlm_stage1.yaml"
+    cfgs = []
+    for extra in ([], ["--config", str(root / "experiments/configs/safevlm_stage1_start.yaml")]):
+        code, out, err = cli(["fit", "--config", str(shipped_path), *extra, "--print_config"])
+        assert code == 0, err
+        cfgs.append(yaml.safe_load(out))
+    shipped, start = cfgs
+    assert start["output_dir"] == start["trainer"]["default_root_dir"] == "artifacts/safevlm-stage1-start"
+    callbacks = [(c["class_path"].rsplit(".", 1)[1], c["init_args"]["monitor"]) for c in start["trainer"].pop("callbacks")]
+    assert callbacks == [("InitialCheckpoint", "val/margin"), ("EarlyStopping", "val/margin")]
+    assert [c["class_path"].rsplit(".", 1)[1] for c in shipped["trainer"].pop("callbacks")] == ["ModelCheckpoint", "EarlyStopping"]
+    for cfg in cfgs:
+        cfg.pop("output_dir"), cfg["trainer"].pop("default_root_dir")
+    assert start == shipped

@@ -362,14 +362,14 @@ class SafeVLM(ModelFamily, L.LightningModule):
 
     def on_validation_start(self) -> None:
         """Fresh collectors for a validation run (a fit's, or ``Trainer.validate``'s)."""
-        self._val = ValidationRows(self.threshold.device, refusal_token_ids(self.target.tokenizer))
+        self._val = ValidationRows(self.threshold.device, refusal_token_ids(self.target.tokenizer), self.gated_validation)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.target.model.eval()
         out, level, rtype = self.run(batch)
         cls, _, lm_loss, risk = self.loss_terms(batch, out, level, rtype, lm=True)
         off = None
-        if self.gated_validation:  # what stage I's model answers: the rows below the gate decode with it
+        if self._val.gated:  # what stage I's model answers: the rows below the gate decode with it
             with torch.no_grad(), adapters_off(self.target.model):
                 off = self.run(batch)[0]
         self._val.update(batch, risk, out, off)
@@ -389,7 +389,7 @@ class SafeVLM(ModelFamily, L.LightningModule):
                 self.threshold.fill_(per_source_threshold(preds, target, sources, self.hparams.target_fpr))
                 gate = gate_threshold(preds, target, sources, self.hparams.get("lora_fpr"), self.hparams.get("lora_tpr"))
                 self.lora_threshold.fill_(float("nan") if gate is None else gate)
-            self.log_dict(rows.margins(float(self.hparams.target_fpr), float(self.lora_threshold)))
+            self.log_dict(rows.margins(preds, target, sources, float(self.hparams.target_fpr), float(self.lora_threshold)))
         detection = rows.detection(float(self.threshold))
         if detection:
             self.log_dict(detection)

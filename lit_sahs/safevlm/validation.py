@@ -14,12 +14,15 @@ from torch import Tensor
 from torchmetrics.aggregation import CatMetric
 
 from lit_sahs.detectors.metrics import ScoreCollector, detection_metrics, set_threshold
+from lit_sahs.errors import LitSahsError
 from lit_sahs.safevlm.selection import answer_margin, answer_refusal, finite, gated_answer_margin, selection_margin
 
 
 class ValidationRows:
-    def __init__(self, device: torch.device, refusal_ids: Sequence[int]):
-        self.refusal_ids = refusal_ids
+    """`gated`: the run also collects each row's adapter-off refusal mass (stage II with a LoRA gate)."""
+
+    def __init__(self, device: torch.device, refusal_ids: Sequence[int], gated: bool = False):
+        self.refusal_ids, self.gated = refusal_ids, bool(gated)
         self.metrics = detection_metrics().to(device)
         self.scores = ScoreCollector().to(device)
         self.sources = CatMetric().to(device)  # gathered in the same order as the scores
@@ -34,7 +37,9 @@ class ValidationRows:
         src = batch.get("source")
         self.sources.update((src if src is not None else torch.zeros_like(y)).to(risk.device).double())
         self.refusal.update(answer_refusal(out.logits, batch, self.refusal_ids).to(risk.device))
-        if off is not None:
+        if self.gated:
+            if off is None:
+                raise LitSahsError("a gated validation run needs the adapter-off forward of every batch")
             self.refusal_off.update(answer_refusal(off.logits, batch, self.refusal_ids).to(risk.device))
 
     @property
@@ -45,10 +50,11 @@ class ValidationRows:
         preds, target = self.scores.compute()
         return preds, target, self.sources.compute().to(preds.device)
 
-    def margins(self, target_fpr: float, gate: Optional[float]) -> dict[str, float]:
+    def margins(self, preds: Tensor, target: Tensor, sources: Tensor, target_fpr: float,
+                gate: Optional[float]) -> dict[str, float]:
         """``val/margin`` (the head), ``val/answer_margin`` (the answers) and, with a gate and adapter-off
-        rows, ``val/gated_answer_margin``, with their parts; NaN values left out."""
-        preds, target, sources = self.scores_labels_sources()
+        rows, ``val/gated_answer_margin``, with their parts; NaN values left out. `preds`, `target`,
+        `sources`: ``scores_labels_sources()``, gathered once by the caller."""
         picked = selection_margin(preds, target, sources, target_fpr)
         refusal = self.refusal.compute()
         picked.update(answer_margin(refusal, target))
