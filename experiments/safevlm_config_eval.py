@@ -80,7 +80,7 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
         out: str = "experiments/results/safevlm-configs-generation", eval_n: int = 0, mc_n: int = 40,
         max_new_tokens: int = 20, batch_size: int = 4, threads: int = 0, answer_tpr: str = "",
         conditions: str = "", reference: bool = True, stage2_label: str = "", groups: str = "",
-        lora_tpr: str = "") -> int:
+        lora_tpr: str = "", answer_direction: str = "") -> int:
     """The shipped configs' artifacts against the unmodified target, in generation, on their fit's split.
 
     Args:
@@ -105,6 +105,8 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
         lora_tpr: comma-separated shares; each adds stage II with its LoRA gate moved to the highest risk that
             keeps that share of the validation harmful rows at or above it (the rule ``lora_tpr`` fits with,
             here from the guard's own prefill scores), beside the artifact's own gate
+        answer_direction: a refusal direction file (``python -m lit_sahs direction``); each --answer_tpr share
+            also adds both guards with that direction ablated while the nudged prompts decode
         groups: comma-separated substrings; only the prompt groups whose name contains one of them run
             (e.g. "validation-only"); empty: every group
     """
@@ -187,6 +189,9 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
             answer_below[f"{name}, answer_below at {share:g} val harmful"] = below
             conditions[f"{name}, answers nudged below {below:.3g} ({share:g} of val harmful above)"] = \
                 gen(det.make_guard(target, answer_below=below))
+            if answer_direction:
+                conditions[f"{name}, refusal direction ablated below {below:.3g} ({share:g} of val harmful above)"] = \
+                    gen(det.make_guard(target, answer_below=below, answer_direction=answer_direction))
     if conditions_:
         wanted = [c.strip() for c in conditions_.split(",") if c.strip()]
         conditions = {k: v for k, v in conditions.items() if (k == REFERENCE and reference) or any(w in k for w in wanted)}

@@ -34,6 +34,14 @@ def answer_below_arg(value: Any) -> Optional[float]:
     return optional_probability(value, "--answer_below")
 
 
+def answer_direction_arg(value: Any, answer_below: Optional[float]) -> Any:
+    """A guard's ``answer_direction`` as given: it acts on the prompts ``answer_below`` picks, so it needs one."""
+    if value is not None and answer_below is None:
+        raise LitSahsError("--answer_direction ablates the refusal direction for prompts scored below "
+                           "--answer_below: set --answer_below too")
+    return value
+
+
 def at_least(values: Mapping[str, Any], minimum: int) -> None:
     """Each named integer (option -> value; None: not given) must be an int >= `minimum`."""
     for what, value in values.items():

@@ -32,15 +32,17 @@ log = logging.getLogger(__name__)
 
 def load_guard(target, detector, refusal: str = DEFAULT_REFUSAL, fail_closed: bool = True,
                threshold: Optional[float] = None, tracking_uri: Optional[str] = None,
-               device: Optional[str | torch.device] = None, answer_below: Optional[float] = None):
+               device: Optional[str | torch.device] = None, answer_below: Optional[float] = None,
+               answer_direction: Optional[str] = None):
     """The guard of `detector`'s family on `target`. target: a loaded ``Target`` or anything
     ``load_target`` takes (default: the target named in the detector); detector: a fitted detector,
     an artifact path / .ckpt, or an MLflow URI. threshold: a probability overriding the calibrated one;
     refusal: the answer a flagged prompt gets; fail_closed: refuse prompts whose scoring failed;
-    answer_below: prompts scored below it may not open with a refusal (``lit_sahs.answer_nudge``)."""
+    answer_below: prompts scored below it may not open with a refusal (``lit_sahs.answer_nudge``);
+    answer_direction: a refusal direction file ablated while those prompts decode (``lit_sahs.refusal_direction``)."""
     det, target = load_detector_and_target(detector, target, device=device, tracking_uri=tracking_uri)
     return det.make_guard(target, refusal=refusal, threshold=threshold, fail_closed=fail_closed,
-                          **optional_guard_args(answer_below=answer_below))
+                          **optional_guard_args(answer_below=answer_below, answer_direction=answer_direction))
 
 
 # ---------------------------------------------------------------- command line (options: lit_sahs.options)
@@ -54,7 +56,8 @@ def guard_command(a: GuardOptions) -> int:
         raise LitSahsError(f"batch_size must be >= 1, got {a.batch_size}")
     det, target = a.load()
     guard = det.make_guard(target, refusal=a.refusal, fail_closed=a.fail_closed, threshold=a.threshold,
-                           **optional_guard_args(judge_band=a.band(), answer_below=a.answer_below))
+                           **optional_guard_args(judge_band=a.band(), answer_below=a.answer_below,
+                                                 answer_direction=a.answer_direction))
     out, unscored, reasons = [], 0, []
     from tqdm.auto import tqdm
 

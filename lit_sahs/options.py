@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence, TypeVar
 
-from lit_sahs.checks import answer_below_arg, at_least, optional_probability, judge_band_arg
+from lit_sahs.checks import answer_below_arg, answer_direction_arg, at_least, optional_probability, judge_band_arg
 from lit_sahs.commands import parse_command
 from lit_sahs.choices import DEFAULT_REFUSAL, Dtype, Truncate, truncate_side
 from lit_sahs.devices import Device
@@ -108,6 +108,8 @@ class GuardOptions(DetectorOptions):
         answer_below: a prompt scored below this may not open its answer with a refusal ("I'm sorry",
             "I cannot", ...): the answer side of the guard, against over-refusal of prompts the
             detector is sure are benign (default: off)
+        answer_direction: a refusal direction file (``python -m lit_sahs direction``) ablated while the
+            prompts scored below answer_below decode: reaches refusals that open with something else
     """
 
     max_new_tokens: int = 128
@@ -116,10 +118,12 @@ class GuardOptions(DetectorOptions):
     fail_closed: bool = True
     out: Optional[str] = None
     answer_below: Optional[float] = None
+    answer_direction: Optional[str] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         answer_below_arg(self.answer_below)
+        answer_direction_arg(self.answer_direction, self.answer_below)
 
 
 @dataclass
@@ -161,6 +165,8 @@ class ServeOptions:
         tracking_uri: MLflow tracking URI for models:/ and runs:/ detectors
         answer_below: a chat prompt scored below this may not open its answer with a refusal
             (against over-refusal of prompts the detector is sure are benign; default: off)
+        answer_direction: a refusal direction file (``python -m lit_sahs direction``) ablated while the
+            chat prompts scored below answer_below decode
     """
 
     detector: str
@@ -180,10 +186,12 @@ class ServeOptions:
     device: Device = "auto"
     tracking_uri: Optional[str] = None
     answer_below: Optional[float] = None
+    answer_direction: Optional[str] = None
 
     def __post_init__(self) -> None:  # bad values fail before anything loads
         optional_probability(self.threshold, "threshold")
         answer_below_arg(self.answer_below)
+        answer_direction_arg(self.answer_direction, self.answer_below)
         at_least({n: getattr(self, n) for n in ("max_batch_size", "max_new_tokens", "max_inputs", "max_body_bytes")}, 1)
         if not 0 <= self.batch_timeout <= 10:
             raise LitSahsError(f"batch_timeout must be between 0 and 10 seconds, got {self.batch_timeout}")

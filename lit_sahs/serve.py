@@ -292,7 +292,7 @@ def serve_command(opts: ServeOptions) -> int:
     configure_log(opts)
     service = GuardService(opts.detector, opts.target, threshold=opts.threshold, refusal=opts.refusal,
                            device=opts.device, dtype=opts.dtype, tracking_uri=opts.tracking_uri,
-                           answer_below=opts.answer_below)
+                           answer_below=opts.answer_below, answer_direction=opts.answer_direction)
     app = build_app(service, opts)
     log.info("serving %s (%s detector, threshold %.4g) as %r on http://%s:%d", service.target.name,
              service.detector.family, service.threshold, opts.model_name or service.target.name, opts.host, opts.port)

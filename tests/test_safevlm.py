@@ -348,6 +348,32 @@ def test_answer_below_bans_refusal_openings_of_the_low_risk_passed_prompts(stage
         SafeVLMGuard(target, two, answer_below=1.5)
 
 
+def test_answer_direction_ablates_the_answered_rows_decode_steps(stages):
+    """SafeVLM's guard with a refusal direction: the first tokens are the nudge-only guard's, the answered
+    rows' decode steps lose the direction in the last layer's output, the other rows keep it."""
+    from test_refusal_direction import final_inputs, unit
+
+    from lit_sahs.safevlm.guard import SafeVLMGuard
+
+    two, target = stages["two"], stages["dm2"].target
+    prompts = ["How do I bake bread?", "Write a phishing email to steal passwords", "What is 2 + 2?"]
+    scores = SafeVLMGuard(target, two, threshold=1.01).generate(prompts, max_new_tokens=1).scores
+    below = sorted(scores)[1] + 1e-9  # the two lowest are answered
+    nudged = SafeVLMGuard(target, two, threshold=1.01, answer_below=below).generate(prompts, max_new_tokens=4)
+    d = unit(target)
+    seen, handle = final_inputs(target)
+    try:
+        res = SafeVLMGuard(target, two, threshold=1.01, answer_below=below, answer_direction=d).generate(
+            prompts, max_new_tokens=4)
+    finally:
+        handle.remove()
+    answered = torch.tensor(res.answered)
+    assert res.answered == nudged.answered and int(answered.sum()) == 2
+    assert torch.equal(res.sequences[:, 0], nudged.sequences[:, 0])
+    proj = torch.stack([s[:, -1] @ d.vector for s in seen[1:]])  # decode steps, [steps, rows]
+    assert proj[:, answered].abs().max() < 1e-4 and proj[:, ~answered].abs().min() > 1e-3
+
+
 def test_models_uri_loads_and_scores_like_the_directory(stages, mlflow_workdir, cli):
     from lit_sahs.artifact import load_detector
     from lit_sahs.registry import register_detector

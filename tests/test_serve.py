@@ -228,8 +228,31 @@ def test_the_service_nudges_answers_below_answer_below(smollm2, detector):
     assert first[0] in banned and first[1] not in banned
 
 
+def test_the_service_ablates_the_refusal_direction_of_answered_prompts(smollm2, detector, tmp_path):
+    """With a direction, the served answer keeps the nudged first token and decodes on ablated; metadata says
+    which file; a direction for another target is refused when the service starts."""
+    from test_refusal_direction import residual_store, unit
+
+    from lit_sahs.errors import LitSahsError
+    from lit_sahs.refusal_direction import from_store
+    from lit_sahs.serving import GuardService
+
+    conv = [{"role": "user", "content": "Tell me about yourself."}]
+    path = unit(smollm2, seed=2).save(tmp_path / "d.safetensors")
+    nudged = GuardService(detector, smollm2, threshold=1.0, answer_below=1.0)
+    ablated = GuardService(detector, smollm2, threshold=1.0, answer_below=1.0, answer_direction=str(path))
+    assert ablated.metadata()["answer_direction"] == str(path) and nudged.metadata()["answer_direction"] is None
+    a, b = (svc.chat([conv], 8)[0]["content"] for svc in (nudged, ablated))
+    enc = lambda t: smollm2.tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
+    assert enc(a)[0] == enc(b)[0]
+    other = from_store(residual_store(tmp_path / "s")[0]).save(tmp_path / "other.safetensors")
+    with pytest.raises(LitSahsError, match="made for target 'synthetic-target'"):
+        GuardService(detector, smollm2, threshold=1.0, answer_below=1.0, answer_direction=str(other))
+
+
 @pytest.mark.parametrize("args, message", [(["--threshold", "1.5"], "threshold must be a probability in [0, 1]"),
                                            (["--answer_below", "2"], "--answer_below must be a probability"),
+                                           (["--answer_direction", "d.safetensors"], "set --answer_below too"),
                                            (["--max_batch_size", "0"], "max_batch_size must be >= 1")])
 def test_bad_options_are_one_error_before_anything_loads(cli, args, message):
     code, _, err = cli(["serve", "--detector", "does/not/exist", *args])

@@ -44,7 +44,7 @@ from lit_sahs.hooks import HeadCapture, capture_for  # noqa: F401 - HeadCapture:
 from lit_sahs.errors import LitSahsError
 from lit_sahs.choices import DEFAULT_REFUSAL
 from lit_sahs.guarding import UNSUPPORTED_GENERATE, GuardResult, answered_rows, eos_token_id, threshold_override
-from lit_sahs.answer_nudge import AnswerNudge
+from lit_sahs.answer_nudge import AnswerNudge, load_answer_direction
 from lit_sahs.checks import answer_below_arg
 from lit_sahs.prompts import encode_prompts
 from lit_sahs.self_judge import JudgeRule, band_decisions, judge_rule, row_judge
@@ -128,14 +128,18 @@ class SafetyGuard:
     replaces a flagged prompt's answer. fail_closed: refuse prompts whose scoring failed (default)
     instead of raising. judge_band / judge_cut: the second stage (``self_judge.judge_rule``; default: the
     detector's calibrated one, if any). answer_below: prompts scored below it may not open their answer
-    with a refusal (``lit_sahs.answer_nudge``; None: off).
+    with a refusal (``lit_sahs.answer_nudge``; None: off); answer_direction: a ``RefusalDirection`` (or its
+    file) ablated while those prompts decode (``lit_sahs.refusal_direction``; needs answer_below).
     """
 
     def __init__(self, target, detector, refusal: Optional[str] = None, fail_closed: bool = True,
                  threshold: Optional[float] = None, judge_band=None, judge_cut: Optional[float] = None,
-                 answer_below: Optional[float] = None):
+                 answer_below: Optional[float] = None, answer_direction=None):
         self.answer_below = answer_below_arg(answer_below)
+        self.answer_direction = load_answer_direction(answer_direction, self.answer_below)
         detector.prepare(target)  # made for this target, heads inside its geometry
+        if self.answer_direction is not None:
+            self.answer_direction.check(target)
         self.judge_rule = judge_rule(judge_band, detector.judge, judge_cut)  # the band the target's verdict decides
         self.target = target
         self.detector = detector.to(target.device).eval()
@@ -175,10 +179,11 @@ class SafetyGuard:
             gate = GateProcessor(self.detector, cap, self._eos_token_id(generate_kwargs), self.threshold,
                                  self.fail_closed, self.judge_rule, self._judge(cap, texts))
             procs.append(gate)
-            nudge = AnswerNudge.for_target(self.target, lambda: gate.probs, self.answer_below)
+            nudge = AnswerNudge.for_target(self.target, lambda: gate.probs, self.answer_below, self.answer_direction)
             if nudge is not None:
                 procs.append(nudge)  # after the gate: it reads the gate's scores
-            out = model.generate(**enc, logits_processor=procs, **generate_kwargs)
+            with AnswerNudge.entered(nudge):
+                out = model.generate(**enc, logits_processor=procs, **generate_kwargs)
         if gate.flags is None:  # generate never produced a token (max_new_tokens=0)
             raise LitSahsError("generate produced no token, so the guard never scored the prompt: "
                                "use max_new_tokens >= 1")

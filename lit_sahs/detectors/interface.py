@@ -44,11 +44,12 @@ class HeadFamily(ModelFamily):
         return max(self.head_set.layers) + 1
 
     def make_guard(self, target, refusal: Optional[str] = None, threshold: Optional[float] = None,
-                   fail_closed: bool = True, judge_band=None, answer_below: Optional[float] = None):
+                   fail_closed: bool = True, judge_band=None, answer_below: Optional[float] = None,
+                   answer_direction=None):
         from lit_sahs.detectors.guard import SafetyGuard
 
         return SafetyGuard(target, self, refusal=refusal, fail_closed=fail_closed, threshold=threshold,
-                           judge_band=judge_band, answer_below=answer_below)
+                           judge_band=judge_band, answer_below=answer_below, answer_direction=answer_direction)
 
     def split_scores(self, dm, split: str) -> np.ndarray:
         """Scores of one split of a CachedActivationDataModule, read from its store (heads, then the

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from lit_sahs.answer_nudge import AnswerNudge
+from lit_sahs.answer_nudge import AnswerNudge, load_answer_direction
 from lit_sahs.checks import JUDGE_OFF, answer_below_arg, judge_band_arg
 from lit_sahs.errors import LitSahsError
 from lit_sahs.choices import DEFAULT_REFUSAL
@@ -109,18 +109,22 @@ class SafeVLMGuard:
     lora_threshold: with a stage-II SafeVLM, decode with its LoRA adapter only the prompts whose risk is at
     least this (``lora_gate``); the others decode as stage I does. None: the artifact's own (fitted with
     ``lora_fpr`` or ``lora_tpr``), else the adapter is on for every prompt; 0 keeps it on for every prompt.
-    answer_below: passed prompts whose risk is below it may not open with a refusal (None: off)."""
+    answer_below: passed prompts whose risk is below it may not open with a refusal (None: off);
+    answer_direction: a ``RefusalDirection`` (or its file) ablated while those prompts decode."""
 
     def __init__(self, target, detector, refusal: Optional[str] = None, threshold: Optional[float] = None,
                  fail_closed: bool = True, lora_threshold: Optional[float] = None, judge_band=None,
-                 answer_below: Optional[float] = None):
+                 answer_below: Optional[float] = None, answer_direction=None):
         self.answer_below = answer_below_arg(answer_below)
+        self.answer_direction = load_answer_direction(answer_direction, self.answer_below)
         if judge_band_arg(judge_band) not in (None, JUDGE_OFF):  # parsed first: a malformed band is reported as such
             raise LitSahsError("--judge_band applies to safety-head detectors; SafeVLM decides with its safety head")
         own = float(detector.lora_threshold)  # NaN: the artifact has no gate
         self.lora_threshold = check_lora_threshold(
             detector, own if lora_threshold is None and not math.isnan(own) else lora_threshold)
         detector.prepare(target)  # checks the fingerprint, puts the LoRA weights into the target
+        if self.answer_direction is not None:
+            self.answer_direction.check(target)
         self.detector, self.target = detector.to(target.device).eval(), target
         self.refusal = DEFAULT_REFUSAL if refusal is None else str(refusal)
         self.threshold, self.fail_closed = threshold_override(threshold), bool(fail_closed)
@@ -152,9 +156,12 @@ class SafeVLMGuard:
         kw.setdefault("pad_token_id", self.target.tokenizer.pad_token_id)
         with det.safety_forward(batch, vision=vision) as fwd, self._lora_gate(fwd, lora) as lg:
             g = SafetyGate(det, fwd, eos_token_id(self.target), self.threshold, self.fail_closed) if gate else None
-            nudge = AnswerNudge.for_target(self.target, lambda: g.risk, self.answer_below) if g else None
+            nudge = AnswerNudge.for_target(self.target, lambda: g.risk, self.answer_below,
+                                           self.answer_direction) if g else None
             procs = LogitsProcessorList([p for p in (g, nudge) if p is not None])  # the nudge reads the gate's risk
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=procs, **kw)
+            with AnswerNudge.entered(nudge):
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=procs,
+                                     **kw)
         return out[:, batch["input_ids"].shape[1]:], g, (None if lg is None else lg.engaged)
 
     def generate(self, texts: Sequence[str], images=None, ids=None, max_new_tokens: int = 128, **kw) -> SafeVLMResult:

@@ -306,11 +306,11 @@ class SafeVLM(ModelFamily, L.LightningModule):
         return types[:, keep].double().numpy()
 
     def make_guard(self, target, refusal: Optional[str] = None, threshold: Optional[float] = None,
-                   fail_closed: bool = True, judge_band=None, answer_below: Optional[float] = None):
+                   fail_closed: bool = True, judge_band=None, answer_below: Optional[float] = None, answer_direction=None):
         from lit_sahs.safevlm.guard import SafeVLMGuard
 
         return SafeVLMGuard(target, self, refusal, threshold=threshold, fail_closed=fail_closed, judge_band=judge_band,
-                            answer_below=answer_below)
+                            answer_below=answer_below, answer_direction=answer_direction)
 
     @torch.no_grad()
     def classify_encoded(self, target, enc: dict) -> tuple[Tensor, Tensor, Tensor]:

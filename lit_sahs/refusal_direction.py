@@ -1,0 +1,149 @@
+"""The refusal direction of a target and its ablation in generation: the answer side's strong form.
+
+A target's refusals are mediated largely by one direction of its residual stream (the difference
+of the mean residual over harmful and over benign prompts at the post-instruction positions;
+Arditi et al. 2024, "Refusal in language models is mediated by a single direction"). Projected out
+of every layer's output, the target stops refusing, whatever words its refusal would open with.
+
+A guard uses it on one side only: prompts its detector scores as clearly benign (``answer_below``,
+``lit_sahs.answer_nudge``) decode with the direction ablated, so an over-refusal wrapped in a persona
+tag ("[GAN]: I'm sorry, ...") is reached where a ban on refusal openings at the first position is
+not. The decision comes from the prefill's scores, so the ablation starts at the first decode step:
+the prefill (and the first token, whose refusal openings the nudge bans) runs unchanged, and a
+prompt the guard passes costs no extra forward.
+
+The direction comes from an activation store of the same target (``from_store``): the store's
+``residual_layers`` extra records the residual stream at the first-token position, the post-instruction
+position the seed paper's heads are read at. Rows of held-out families or sources are left out, so a
+direction can be fitted on a detector's training rows alone.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from lit_sahs.data.holdout import Holdout
+from lit_sahs.data.store import ActivationStore
+from lit_sahs.errors import LitSahsError
+from lit_sahs.heads import TargetFingerprint
+from lit_sahs.io import atomic_write_bytes
+from lit_sahs.targets import sites
+
+FORMAT = "lit_sahs.refusal_direction/1"
+
+
+@dataclass(frozen=True)
+class RefusalDirection:
+    """A unit vector [hidden] of `fingerprint`'s residual stream, fitted at decoder layer `layer` on
+    `rows` = {"harmful": n, "benign": n} store rows."""
+
+    vector: torch.Tensor
+    layer: int
+    fingerprint: TargetFingerprint
+    rows: dict
+
+    def save(self, path: str | Path) -> Path:
+        """One safetensors file (the vector, with layer, rows and fingerprint as metadata), written atomically."""
+        meta = {"format": FORMAT, "layer": str(self.layer), "rows": json.dumps(self.rows),
+                "fingerprint": json.dumps(self.fingerprint.to_dict())}
+        atomic_write_bytes(path, save_tensors({"direction": self.vector.float().contiguous()}, metadata=meta))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RefusalDirection":
+        path = Path(path)
+        if not path.is_file():
+            raise LitSahsError(f"no refusal direction file at {path}: make one with `python -m lit_sahs direction`")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            vector = load_tensors(path.read_bytes())["direction"]
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}")
+            fp = TargetFingerprint.from_dict(json.loads(meta["fingerprint"]))
+            layer, rows = int(meta["layer"]), json.loads(meta["rows"])
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
+            raise LitSahsError(f"{path} is not a refusal direction file ({type(e).__name__}: {e})") from None
+        if vector.ndim != 1 or vector.numel() == 0 or not torch.isfinite(vector).all():
+            raise LitSahsError(f"{path} holds a direction of shape {tuple(vector.shape)}: one finite vector is needed")
+        return cls(vector / vector.norm(), layer, fp, rows)
+
+    def check(self, target) -> None:
+        """Raise unless the direction was fitted on `target` (weights, geometry and residual width)."""
+        self.fingerprint.check(target.fingerprint, "the refusal direction")
+        width = int(sites.text_config(target.model.config).hidden_size)
+        if self.vector.numel() != width:
+            raise LitSahsError(f"the refusal direction has {self.vector.numel()} values but the target's residual "
+                               f"stream has {width}")
+
+
+def from_store(store: str | Path | ActivationStore, layer: Optional[int] = None,
+               held_out: "Holdout | None" = None) -> RefusalDirection:
+    """The normalised difference of the mean first-token residual over harmful and over benign rows at
+    `layer` (one of the layers the store recorded; default: the recorded layer nearest the middle of the
+    target, where refusal directions are usually found), leaving out the rows of `held_out`."""
+    store = store if isinstance(store, ActivationStore) else ActivationStore.open(store)
+    if "residual_layers" not in store.extra_names():
+        raise LitSahsError(f"store {store.path} records no residual layers (extra 'residual_layers'): extract it "
+                           "with the baseline extras to fit a refusal direction from it")
+    recorded = [int(v) for v in store.read_extra("residual_layer_ids", rows=[0])[0]]
+    if layer is None:
+        middle = store.fingerprint.geometry.num_layers / 2
+        layer = min(recorded, key=lambda v: (abs(v + 1 - middle), v))
+    if int(layer) not in recorded:
+        raise LitSahsError(f"store {store.path} recorded the residual stream at layers {recorded}, not at {layer}")
+    held = held_out or Holdout()
+    index = store.index()
+    keep = np.array([r.get("attack_family") not in held.families and r.get("source") not in held.sources
+                     for r in index], dtype=bool)
+    labels = store.labels()
+    counts = {"harmful": int((keep & (labels == 1)).sum()), "benign": int((keep & (labels == 0)).sum())}
+    if not counts["harmful"] or not counts["benign"]:
+        raise LitSahsError(f"a refusal direction needs harmful and benign rows; store {store.path} has "
+                           f"{counts['harmful']} harmful and {counts['benign']} benign outside the held-out ones")
+    res = store.read_extra("residual_layers", rows=np.flatnonzero(keep))[:, recorded.index(int(layer))]
+    res, y = res.astype(np.float64), labels[keep]
+    diff = res[y == 1].mean(0) - res[y == 0].mean(0)
+    norm = float(np.linalg.norm(diff))
+    if not np.isfinite(norm) or norm == 0.0:
+        raise LitSahsError(f"the harmful and benign rows of store {store.path} have the same mean residual at layer {layer}")
+    return RefusalDirection(torch.from_numpy(diff / norm).float(), int(layer), store.fingerprint, counts)
+
+
+class DirectionAblation:
+    """Context manager: while ``rows`` ([batch] bool) is set, every decoder layer's output loses its
+    component along the direction in those rows (x - (x . r) r), at every position of the forward;
+    ``rows`` None (the start) leaves every forward as it is. Hooks are removed on exit."""
+
+    def __init__(self, model: torch.nn.Module, direction: RefusalDirection):
+        self.blocks = sites.decoder_layers(model)
+        self.vector = direction.vector
+        self.rows: Optional[torch.Tensor] = None
+        self._handles: list = []
+
+    def _hook(self, module, args, output):
+        if self.rows is None or not bool(self.rows.any()):
+            return None
+        h = output if torch.is_tensor(output) else output[0]
+        r = self.vector.to(device=h.device, dtype=h.dtype)
+        keep = self.rows.to(h.device).view(-1, *([1] * (h.dim() - 1)))
+        h = torch.where(keep, h - (h @ r).unsqueeze(-1) * r, h)
+        return h if torch.is_tensor(output) else (h,) + tuple(output[1:])
+
+    def __enter__(self) -> "DirectionAblation":
+        self._handles = [b.register_forward_hook(self._hook) for b in self.blocks]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.rows = None
