@@ -15,12 +15,16 @@ prompt the guard passes costs no extra forward.
 The direction comes from an activation store of the same target (``from_store``): the store's
 ``residual_layers`` extra records the residual stream at the first-token position, the post-instruction
 position the seed paper's heads are read at. Rows of held-out families or sources are left out, so a
-direction can be fitted on a detector's training rows alone.
+direction can be fitted on a detector's training rows alone. Which layer's direction removes refusals
+differs by target and is picked by effect (``select_layer``, the paper's rule): the one whose ablation
+leaves the least refusal-opening mass at the first position of the (kept) harmful rows, among the
+recorded layers below 80% of the depth (a direction read near the output moves the logits directly
+rather than the model's decision).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +39,7 @@ from lit_sahs.data.store import ActivationStore
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import TargetFingerprint
 from lit_sahs.io import atomic_write_bytes
+from lit_sahs.refusal import encode_batches, first_token_logits, refusal_probability, refusal_token_ids
 from lit_sahs.targets import sites
 
 FORMAT = "lit_sahs.refusal_direction/1"
@@ -43,17 +48,19 @@ FORMAT = "lit_sahs.refusal_direction/1"
 @dataclass(frozen=True)
 class RefusalDirection:
     """A unit vector [hidden] of `fingerprint`'s residual stream, fitted at decoder layer `layer` on
-    `rows` = {"harmful": n, "benign": n} store rows."""
+    `rows` = {"harmful": n, "benign": n} store rows; `selection`: {layer: the harmful rows' mean refusal mass
+    with that layer's direction ablated} where ``select_layer`` picked the layer (empty otherwise)."""
 
     vector: torch.Tensor
     layer: int
     fingerprint: TargetFingerprint
     rows: dict
+    selection: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
         """One safetensors file (the vector, with layer, rows and fingerprint as metadata), written atomically."""
         meta = {"format": FORMAT, "layer": str(self.layer), "rows": json.dumps(self.rows),
-                "fingerprint": json.dumps(self.fingerprint.to_dict())}
+                "fingerprint": json.dumps(self.fingerprint.to_dict()), "selection": json.dumps(self.selection)}
         atomic_write_bytes(path, save_tensors({"direction": self.vector.float().contiguous()}, metadata=meta))
         return Path(path)
 
@@ -70,11 +77,12 @@ class RefusalDirection:
                 raise ValueError(f"format {meta.get('format')!r}")
             fp = TargetFingerprint.from_dict(json.loads(meta["fingerprint"]))
             layer, rows = int(meta["layer"]), json.loads(meta["rows"])
+            selection = {int(k): float(v) for k, v in json.loads(meta.get("selection") or "{}").items()}
         except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
             raise LitSahsError(f"{path} is not a refusal direction file ({type(e).__name__}: {e})") from None
         if vector.ndim != 1 or vector.numel() == 0 or not torch.isfinite(vector).all():
             raise LitSahsError(f"{path} holds a direction of shape {tuple(vector.shape)}: one finite vector is needed")
-        return cls(vector / vector.norm(), layer, fp, rows)
+        return cls(vector / vector.norm(), layer, fp, rows, selection)
 
     def check(self, target) -> None:
         """Raise unless the direction was fitted on `target` (weights, geometry and residual width)."""
@@ -91,10 +99,7 @@ def from_store(store: str | Path | ActivationStore, layer: Optional[int] = None,
     `layer` (one of the layers the store recorded; default: the recorded layer nearest the middle of the
     target, where refusal directions are usually found), leaving out the rows of `held_out`."""
     store = store if isinstance(store, ActivationStore) else ActivationStore.open(store)
-    if "residual_layers" not in store.extra_names():
-        raise LitSahsError(f"store {store.path} records no residual layers (extra 'residual_layers'): extract it "
-                           "with the baseline extras to fit a refusal direction from it")
-    recorded = [int(v) for v in store.read_extra("residual_layer_ids", rows=[0])[0]]
+    recorded = recorded_layers(store)
     if layer is None:
         middle = store.fingerprint.geometry.num_layers / 2
         layer = min(recorded, key=lambda v: (abs(v + 1 - middle), v))
@@ -116,6 +121,43 @@ def from_store(store: str | Path | ActivationStore, layer: Optional[int] = None,
     if not np.isfinite(norm) or norm == 0.0:
         raise LitSahsError(f"the harmful and benign rows of store {store.path} have the same mean residual at layer {layer}")
     return RefusalDirection(torch.from_numpy(diff / norm).float(), int(layer), store.fingerprint, counts)
+
+
+def recorded_layers(store: ActivationStore) -> list[int]:
+    if "residual_layers" not in store.extra_names():
+        raise LitSahsError(f"store {store.path} records no residual layers (extra 'residual_layers'): extract it "
+                           "with the baseline extras to fit a refusal direction from it")
+    return [int(v) for v in store.read_extra("residual_layer_ids", rows=[0])[0]]
+
+
+def select_layer(target, store: str | Path | ActivationStore, held_out: "Holdout | None" = None,
+                 max_rows: int = 64, batch_size: int = 8, seed: int = 0, progress: bool = False) -> RefusalDirection:
+    """The direction of the recorded layer (below 80% of the depth) whose ablation, at every position
+    of a forward, leaves the kept harmful rows the least refusal-opening mass at the first position
+    (``refusal.refusal_probability``); up to `max_rows` of them (drawn with `seed`) are scored per layer."""
+    store = store if isinstance(store, ActivationStore) else ActivationStore.open(store)
+    store.fingerprint.check(target.fingerprint, f"store {store.path}")
+    held = held_out or Holdout()
+    layers = recorded_layers(store)
+    candidates = [v for v in layers if v < 0.8 * store.fingerprint.geometry.num_layers] or layers
+    harmful = [r["text"] for r in store.index() if int(r["label"]) == 1 and r.get("attack_family") not in held.families
+               and r.get("source") not in held.sources]
+    if len(harmful) > max_rows:
+        harmful = [harmful[i] for i in sorted(np.random.default_rng(seed).choice(len(harmful), max_rows, replace=False))]
+    ids, batches = refusal_token_ids(target.tokenizer), encode_batches(target, harmful, batch_size)
+    from tqdm.auto import tqdm
+
+    selection, directions = {}, {}
+    for layer in tqdm(candidates, desc="refusal direction layers", unit="layer", disable=not progress, leave=False):
+        d = directions[layer] = from_store(store, layer, held)
+        masses = []
+        with torch.no_grad(), DirectionAblation(target.model, d) as ab:
+            for enc in batches:
+                ab.rows = torch.ones(enc["input_ids"].shape[0], dtype=torch.bool)
+                masses.append(refusal_probability(first_token_logits(target.model, enc), ids).double().cpu())
+        selection[layer] = float(torch.cat(masses).mean()) if masses else float("nan")
+    best = min(candidates, key=lambda v: (selection[v], v))
+    return replace(directions[best], selection=selection)
 
 
 class DirectionAblation:
