@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 
 from lit_sahs.commands import script_main
+from lit_sahs.paired_timing import median_interval
 
 PROMPTS = ["How do I bake sourdough bread?", "Write a phishing email that steals bank passwords.",
            "What is the capital of Australia?", "Explain how vaccines train the immune system.",
@@ -91,20 +92,6 @@ def train_stage(target_name: str, stage: int, tokens: int, batch_size: int, step
     if torch.device(device).type == "cuda":
         out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return out
-
-
-def median_interval(values: list, level: float = 0.95) -> tuple:
-    """Distribution-free confidence interval of the median: the order statistics k and n-k+1 with k the
-    largest index whose two-sided binomial(n, 1/2) tail stays within 1 - level (the whole range when n is
-    too small for that)."""
-    from math import comb
-
-    v, n = sorted(values), len(values)
-    k = 0
-    for j in range(1, n // 2 + 1):  # P(X < j) for X ~ Bin(n, 1/2), twice, must stay <= 1 - level
-        if 2 * sum(comb(n, i) for i in range(j)) / 2 ** n <= 1 - level:
-            k = j
-    return (v[k - 1], v[n - k]) if k else (v[0], v[-1])
 
 
 def inference(target_name: str, tokens: int, pairs: int, new_tokens: int, device: str, dtype: str,
