@@ -29,12 +29,14 @@ from lit_sahs.refusal_direction import DirectionAblation, RefusalDirection
 Direction = Union[None, str, Path, RefusalDirection]
 
 
-def load_answer_direction(direction: Direction, answer_below: Optional[float]) -> Optional[RefusalDirection]:
-    """A guard's ``answer_direction``: None, or a ``RefusalDirection`` (a path is loaded); it acts on the
-    rows ``answer_below`` picks, so it needs one."""
+def load_answer_direction(direction: Direction, answer_below: Optional[float], target) -> Optional[RefusalDirection]:
+    """A guard's ``answer_direction``: None, or a ``RefusalDirection`` (a path is loaded) fitted on `target`;
+    it acts on the rows ``answer_below`` picks, so it needs one."""
     if answer_direction_arg(direction, answer_below) is None:
         return None
-    return direction if isinstance(direction, RefusalDirection) else RefusalDirection.load(direction)
+    loaded = direction if isinstance(direction, RefusalDirection) else RefusalDirection.load(direction)
+    loaded.check(target)
+    return loaded
 
 
 class AnswerNudge(LogitsProcessor):

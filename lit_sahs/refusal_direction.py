@@ -168,15 +168,24 @@ class DirectionAblation:
     def __init__(self, model: torch.nn.Module, direction: RefusalDirection):
         self.blocks = sites.decoder_layers(model)
         self.vector = direction.vector
-        self.rows: Optional[torch.Tensor] = None
+        self._rows: Optional[torch.Tensor] = None
         self._handles: list = []
 
+    @property
+    def rows(self) -> Optional[torch.Tensor]:
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows: Optional[torch.Tensor]) -> None:
+        # decided once per generate: no host sync per layer and step, and no-op hooks when no row is chosen
+        self._rows = rows if rows is not None and bool(rows.any()) else None
+
     def _hook(self, module, args, output):
-        if self.rows is None or not bool(self.rows.any()):
+        if self._rows is None:
             return None
         h = output if torch.is_tensor(output) else output[0]
         r = self.vector.to(device=h.device, dtype=h.dtype)
-        keep = self.rows.to(h.device).view(-1, *([1] * (h.dim() - 1)))
+        keep = self._rows.to(h.device).view(-1, *([1] * (h.dim() - 1)))
         h = torch.where(keep, h - (h @ r).unsqueeze(-1) * r, h)
         return h if torch.is_tensor(output) else (h,) + tuple(output[1:])
 

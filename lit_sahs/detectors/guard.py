@@ -136,10 +136,8 @@ class SafetyGuard:
                  threshold: Optional[float] = None, judge_band=None, judge_cut: Optional[float] = None,
                  answer_below: Optional[float] = None, answer_direction=None):
         self.answer_below = answer_below_arg(answer_below)
-        self.answer_direction = load_answer_direction(answer_direction, self.answer_below)
         detector.prepare(target)  # made for this target, heads inside its geometry
-        if self.answer_direction is not None:
-            self.answer_direction.check(target)
+        self.answer_direction = load_answer_direction(answer_direction, self.answer_below, target)
         self.judge_rule = judge_rule(judge_band, detector.judge, judge_cut)  # the band the target's verdict decides
         self.target = target
         self.detector = detector.to(target.device).eval()

@@ -116,15 +116,13 @@ class SafeVLMGuard:
                  fail_closed: bool = True, lora_threshold: Optional[float] = None, judge_band=None,
                  answer_below: Optional[float] = None, answer_direction=None):
         self.answer_below = answer_below_arg(answer_below)
-        self.answer_direction = load_answer_direction(answer_direction, self.answer_below)
         if judge_band_arg(judge_band) not in (None, JUDGE_OFF):  # parsed first: a malformed band is reported as such
             raise LitSahsError("--judge_band applies to safety-head detectors; SafeVLM decides with its safety head")
         own = float(detector.lora_threshold)  # NaN: the artifact has no gate
         self.lora_threshold = check_lora_threshold(
             detector, own if lora_threshold is None and not math.isnan(own) else lora_threshold)
         detector.prepare(target)  # checks the fingerprint, puts the LoRA weights into the target
-        if self.answer_direction is not None:
-            self.answer_direction.check(target)
+        self.answer_direction = load_answer_direction(answer_direction, self.answer_below, target)
         self.detector, self.target = detector.to(target.device).eval(), target
         self.refusal = DEFAULT_REFUSAL if refusal is None else str(refusal)
         self.threshold, self.fail_closed = threshold_override(threshold), bool(fail_closed)
