@@ -99,28 +99,10 @@ def from_store(store: str | Path | ActivationStore, layer: Optional[int] = None,
     `layer` (one of the layers the store recorded; default: the recorded layer nearest the middle of the
     target, where refusal directions are usually found), leaving out the rows of `held_out`."""
     store = store if isinstance(store, ActivationStore) else ActivationStore.open(store)
-    recorded = recorded_layers(store)
     if layer is None:
         middle = store.fingerprint.geometry.num_layers / 2
-        layer = min(recorded, key=lambda v: (abs(v + 1 - middle), v))
-    if int(layer) not in recorded:
-        raise LitSahsError(f"store {store.path} recorded the residual stream at layers {recorded}, not at {layer}")
-    held = held_out or Holdout()
-    index = store.index()
-    keep = np.array([r.get("attack_family") not in held.families and r.get("source") not in held.sources
-                     for r in index], dtype=bool)
-    labels = store.labels()
-    counts = {"harmful": int((keep & (labels == 1)).sum()), "benign": int((keep & (labels == 0)).sum())}
-    if not counts["harmful"] or not counts["benign"]:
-        raise LitSahsError(f"a refusal direction needs harmful and benign rows; store {store.path} has "
-                           f"{counts['harmful']} harmful and {counts['benign']} benign outside the held-out ones")
-    res = store.read_extra("residual_layers", rows=np.flatnonzero(keep))[:, recorded.index(int(layer))]
-    res, y = res.astype(np.float64), labels[keep]
-    diff = res[y == 1].mean(0) - res[y == 0].mean(0)
-    norm = float(np.linalg.norm(diff))
-    if not np.isfinite(norm) or norm == 0.0:
-        raise LitSahsError(f"the harmful and benign rows of store {store.path} have the same mean residual at layer {layer}")
-    return RefusalDirection(torch.from_numpy(diff / norm).float(), int(layer), store.fingerprint, counts)
+        layer = min(recorded_layers(store), key=lambda v: (abs(v + 1 - middle), v))
+    return directions(store, [int(layer)], held_out)[int(layer)]
 
 
 def recorded_layers(store: ActivationStore) -> list[int]:
@@ -130,6 +112,30 @@ def recorded_layers(store: ActivationStore) -> list[int]:
     return [int(v) for v in store.read_extra("residual_layer_ids", rows=[0])[0]]
 
 
+def directions(store: ActivationStore, layers: list[int], held_out: "Holdout | None" = None) -> dict[int, RefusalDirection]:
+    """``from_store``'s direction at each of `layers`, from one read of the kept rows' residuals."""
+    recorded = recorded_layers(store)
+    missing = [v for v in layers if v not in recorded]
+    if missing:
+        raise LitSahsError(f"store {store.path} recorded the residual stream at layers {recorded}, not at {missing[0]}")
+    keep = np.array((held_out or Holdout()).keeps(store.index()), dtype=bool)
+    labels = store.labels()
+    counts = {"harmful": int((keep & (labels == 1)).sum()), "benign": int((keep & (labels == 0)).sum())}
+    if not counts["harmful"] or not counts["benign"]:
+        raise LitSahsError(f"a refusal direction needs harmful and benign rows; store {store.path} has "
+                           f"{counts['harmful']} harmful and {counts['benign']} benign outside the held-out ones")
+    res, y = store.read_extra("residual_layers", rows=np.flatnonzero(keep)).astype(np.float64), labels[keep]
+    out = {}
+    for layer in layers:
+        at = res[:, recorded.index(layer)]
+        diff = at[y == 1].mean(0) - at[y == 0].mean(0)
+        norm = float(np.linalg.norm(diff))
+        if not np.isfinite(norm) or norm == 0.0:
+            raise LitSahsError(f"the harmful and benign rows of store {store.path} have the same mean residual at layer {layer}")
+        out[layer] = RefusalDirection(torch.from_numpy(diff / norm).float(), int(layer), store.fingerprint, dict(counts))
+    return out
+
+
 def select_layer(target, store: str | Path | ActivationStore, held_out: "Holdout | None" = None,
                  max_rows: int = 64, batch_size: int = 8, seed: int = 0, progress: bool = False) -> RefusalDirection:
     """The direction of the recorded layer (below 80% of the depth) whose ablation, at every position
@@ -137,27 +143,27 @@ def select_layer(target, store: str | Path | ActivationStore, held_out: "Holdout
     (``refusal.refusal_probability``); up to `max_rows` of them (drawn with `seed`) are scored per layer."""
     store = store if isinstance(store, ActivationStore) else ActivationStore.open(store)
     store.fingerprint.check(target.fingerprint, f"store {store.path}")
-    held = held_out or Holdout()
     layers = recorded_layers(store)
     candidates = [v for v in layers if v < 0.8 * store.fingerprint.geometry.num_layers] or layers
-    harmful = [r["text"] for r in store.index() if int(r["label"]) == 1 and r.get("attack_family") not in held.families
-               and r.get("source") not in held.sources]
+    fitted = directions(store, candidates, held_out)
+    index = store.index()
+    keep = (held_out or Holdout()).keeps(index)
+    harmful = [r["text"] for r, k in zip(index, keep) if k and int(r["label"]) == 1]
     if len(harmful) > max_rows:
         harmful = [harmful[i] for i in sorted(np.random.default_rng(seed).choice(len(harmful), max_rows, replace=False))]
     ids, batches = refusal_token_ids(target.tokenizer), encode_batches(target, harmful, batch_size)
     from tqdm.auto import tqdm
 
-    selection, directions = {}, {}
+    selection = {}
     for layer in tqdm(candidates, desc="refusal direction layers", unit="layer", disable=not progress, leave=False):
-        d = directions[layer] = from_store(store, layer, held)
         masses = []
-        with torch.no_grad(), DirectionAblation(target.model, d) as ab:
+        with torch.no_grad(), DirectionAblation(target.model, fitted[layer]) as ab:
             for enc in batches:
                 ab.rows = torch.ones(enc["input_ids"].shape[0], dtype=torch.bool)
                 masses.append(refusal_probability(first_token_logits(target.model, enc), ids).double().cpu())
-        selection[layer] = float(torch.cat(masses).mean()) if masses else float("nan")
+        selection[layer] = float(torch.cat(masses).mean())
     best = min(candidates, key=lambda v: (selection[v], v))
-    return replace(directions[best], selection=selection)
+    return replace(fitted[best], selection=selection)
 
 
 class DirectionAblation:

@@ -61,6 +61,7 @@ def test_from_store_is_the_normalised_difference_of_class_means_without_the_held
 @pytest.mark.parametrize("kwargs, match", [
     ({"layer": 2}, r"recorded the residual stream at layers \[1, 3\], not at 2"),
     ({"held_out": Holdout(sources="h1,h2")}, "needs harmful and benign rows"),
+    ({"held_out": Holdout(families="dna")}, "held-out attack family 'dna' has no rows"),
 ])
 def test_from_store_refuses_a_layer_it_did_not_record_and_one_class(tmp_path, kwargs, match):
     store, _, _ = residual_store(tmp_path / "s")

@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Sequence, Union
 
+from lit_sahs.errors import LitSahsError
+
 
 def _names(value) -> tuple[str, ...]:
     if value is None:
@@ -31,6 +33,18 @@ class Holdout:
     def of(cls, value: "Holdout | Sequence[str] | str | None") -> "Holdout":
         """A Holdout as it is, or held-out attack families given by name."""
         return value if isinstance(value, Holdout) else cls(families=_names(value))
+
+    def keeps(self, rows: Sequence[dict]) -> list[bool]:
+        """Per row: outside every held-out family and source (a row without a family is ``plain``). A name
+        no row carries is an error, as in ``protocol.split_rows``: a typo would otherwise hold out nothing."""
+        families = {r.get("attack_family", "plain") for r in rows}
+        sources = {r.get("source", "") for r in rows}
+        for name, known, what in [(f, families, "attack family") for f in self.families] + \
+                                 [(s, sources, "source") for s in self.sources]:
+            if name not in known:
+                raise LitSahsError(f"held-out {what} {name!r} has no rows in this data; present: {sorted(known)}")
+        return [r.get("attack_family", "plain") not in self.families and r.get("source", "") not in self.sources
+                for r in rows]
 
     @property
     def name(self) -> str:
