@@ -22,21 +22,37 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from transformers import LogitsProcessor
 
-from lit_sahs.checks import answer_direction_arg
+from lit_sahs.checks import ANSWER_OFF, answer_below_arg, answer_direction_arg
+from lit_sahs.errors import LitSahsError
 from lit_sahs.refusal import refusal_token_ids
 from lit_sahs.refusal_direction import DirectionAblation, RefusalDirection
 
 Direction = Union[None, str, Path, RefusalDirection]
 
 
-def load_answer_direction(direction: Direction, answer_below: Optional[float], target) -> Optional[RefusalDirection]:
-    """A guard's ``answer_direction``: None, or a ``RefusalDirection`` (a path is loaded) fitted on `target`;
-    it acts on the rows ``answer_below`` picks, so it needs one."""
-    if answer_direction_arg(direction, answer_below) is None:
-        return None
+def answer_settings(detector, answer_below=None, direction: Direction = None,
+                    target=None) -> tuple[Optional[float], Optional[RefusalDirection]]:
+    """A guard's answer side: (answer_below, refusal direction), each as given, else the detector's
+    calibrated one (``lit_sahs.answer_cut``: ``detector.answer`` / ``detector.answer_direction``);
+    ``"off"`` leaves the detector's unused. A direction acts on the rows ``answer_below`` picks, so it
+    needs one; a path is loaded, and the direction must be `target`'s."""
+    below = answer_below_arg(answer_below)
+    direction = answer_direction_arg(direction, below)
+    if below is None:
+        below = (detector.answer or {}).get("answer_below")
+    elif below == ANSWER_OFF:
+        below = None
+    if direction is None and below is not None:
+        direction = detector.answer_direction
+    if direction is None or direction == ANSWER_OFF:
+        return below, None
+    if below is None:
+        raise LitSahsError("--answer_direction ablates the refusal direction for prompts scored below --answer_below: "
+                           "set --answer_below too (or ship a calibrated cut: calibrate --answer_tpr)")
     loaded = direction if isinstance(direction, RefusalDirection) else RefusalDirection.load(direction)
-    loaded.check(target)
-    return loaded
+    if target is not None:
+        loaded.check(target)
+    return float(below), loaded
 
 
 class AnswerNudge(LogitsProcessor):

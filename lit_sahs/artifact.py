@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from lit_sahs.artifact_format import META_FILE, WEIGHTS_FILE, check_threshold, read_artifact, write_artifact
+from lit_sahs.answer_cut import DIRECTION_TENSOR, answer_from_artifact, answer_to_artifact, stored_answer
+from lit_sahs.artifact_format import META_FILE, SIDE_PREFIX, WEIGHTS_FILE, check_threshold, family_tensors, read_meta, read_tensors, write_artifact
 from lit_sahs.errors import LitSahsError
 from lit_sahs.families import family_class
 from lit_sahs.family import CHECKPOINT_KEY, ModelFamily, require_family
@@ -31,13 +32,25 @@ def save_detector(detector: ModelFamily, directory: str | os.PathLike, overwrite
     det = require_family(detector)
     meta = dict(det.artifact_metadata())
     meta["threshold"] = check_threshold(det.threshold, type(det).__name__)
-    return write_artifact(directory, det.family, meta, det.artifact_tensors(), overwrite=overwrite)
+    tensors = dict(det.artifact_tensors())
+    answer, extra = answer_to_artifact(det.answer, det.answer_direction)  # the answer side (lit_sahs.answer_cut)
+    if answer is not None:
+        meta["answer"] = answer
+    clash = sorted(k for k in tensors if k.startswith(SIDE_PREFIX))
+    if clash:
+        raise LitSahsError(f"{type(det).__name__} writes a tensor named {clash[0]!r}: names starting with "
+                           f"{SIDE_PREFIX!r} are the artifact's own (the answer side), rename it")
+    return write_artifact(directory, det.family, meta, {**tensors, **extra}, overwrite=overwrite)
 
 
 def _from_directory(directory: Path, map_location) -> ModelFamily:
-    meta, tensors = read_artifact(directory)
+    meta, tensors = read_meta(directory), read_tensors(directory)
     cls = family_class(str(meta.get("detector")))
-    det = cls.from_artifact(meta, tensors, str(directory))
+    answer = stored_answer(meta.get("answer"), directory / META_FILE)  # checked before the family's work
+    vector = tensors.get(DIRECTION_TENSOR)
+    det = cls.from_artifact(meta, family_tensors(tensors), str(directory))
+    det.answer, det.answer_direction = answer_from_artifact(
+        answer, vector, det.fingerprint, directory)
     thr = meta.get("threshold")
     if thr is not None and not math.isclose(check_threshold(thr, directory / META_FILE), float(det.threshold),
                                             rel_tol=0, abs_tol=1e-9):

@@ -25,6 +25,9 @@ WEIGHTS_FILE = "detector.safetensors"
 META_FILE = "detector.json"
 FORMAT = "lit_sahs.detector"
 FORMAT_VERSION = 1
+# tensors an artifact carries beside the family's own (the answer side's refusal direction,
+# ``lit_sahs.answer_cut``): a family's loader never sees them
+SIDE_PREFIX = "answer_side."
 # a probability; calibrate_threshold returns the float just above 1.0 to flag nothing when benign scores reach 1.0
 MAX_THRESHOLD = math.nextafter(1.0, math.inf)
 
@@ -123,8 +126,13 @@ def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def read_artifact(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(detector.json, tensors) of an artifact directory, format checked; which family reads them is
-    the loader's business (``meta["detector"]``)."""
+    """(detector.json, the family's tensors) of an artifact directory, format checked; which family reads
+    them is the loader's business (``meta["detector"]``)."""
     directory = Path(directory)
     meta = read_meta(directory)
-    return meta, read_tensors(directory)
+    return meta, family_tensors(read_tensors(directory))
+
+
+def family_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An artifact's tensors without those beside the family's own (``SIDE_PREFIX``)."""
+    return {k: v for k, v in tensors.items() if not k.startswith(SIDE_PREFIX)}

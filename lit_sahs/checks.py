@@ -29,16 +29,27 @@ def optional_probability(value: Any, what: str = "--threshold") -> Optional[floa
     return None if value is None else probability(value, what)
 
 
-def answer_below_arg(value: Any) -> Optional[float]:
-    """A guard's ``answer_below`` (``lit_sahs.answer_nudge``): None (off) or a probability in [0, 1]."""
-    return optional_probability(value, "--answer_below")
+ANSWER_OFF = "off"  # --answer_below / --answer_direction: leave the artifact's calibrated answer side unused
 
 
-def answer_direction_arg(value: Any, answer_below: Optional[float]) -> Any:
-    """A guard's ``answer_direction`` as given: it acts on the prompts ``answer_below`` picks, so it needs one."""
-    if value is not None and answer_below is None:
-        raise LitSahsError("--answer_direction ablates the refusal direction for prompts scored below "
-                           "--answer_below: set --answer_below too")
+def _off(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() == ANSWER_OFF
+
+
+def answer_below_arg(value: Any) -> Any:
+    """A guard's ``answer_below`` (``lit_sahs.answer_nudge``): None (the detector's calibrated one, if
+    any), ``"off"``, or a probability in [0, 1]."""
+    return ANSWER_OFF if _off(value) else optional_probability(value, "--answer_below")
+
+
+def answer_direction_arg(value: Any, answer_below: Any) -> Any:
+    """A guard's ``answer_direction`` as given (None: the detector's own, if any; ``"off"``: none): it acts
+    on the prompts ``answer_below`` picks, so the answer side must not be turned off."""
+    if _off(value):
+        return ANSWER_OFF
+    if value is not None and answer_below_arg(answer_below) == ANSWER_OFF:
+        raise LitSahsError("--answer_direction acts on the prompts below --answer_below, and --answer_below off "
+                           "turns the answer side off: drop one of them")
     return value
 
 

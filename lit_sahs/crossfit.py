@@ -43,13 +43,15 @@ class CrossFitThreshold:
     """A threshold cross-fitted over source folds. `per_source`: each benign source's rows and the
     share of them flagged at `threshold` (scored by the fold fit that left the source out). `benign`:
     each source's (row ids, out-of-source scores), what the judge band's cut is fitted on
-    (``lit_sahs.judge_cut``); kept in memory only."""
+    (``lit_sahs.judge_cut``); `harmful`: each harmful source's out-of-source scores, what the answer side's
+    cut is fitted on (``lit_sahs.answer_cut``); both kept in memory only."""
 
     threshold: float
     target_fpr: float
     folds: list[str]
     per_source: dict[str, dict] = field(default_factory=dict)
     benign: dict[str, tuple[list[str], np.ndarray]] = field(default_factory=dict, repr=False)
+    harmful: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # for the answer cut (answer_cut)
 
     def metadata(self) -> dict:
         """What an artifact records about its threshold (JSON-safe)."""
@@ -72,6 +74,7 @@ def crossfit_threshold(folds: Folds, family: str, hparams: Optional[dict], k: in
     except LitSahsError as e:
         raise LitSahsError(f"cannot cross-fit the threshold over the training sources: {e}") from None
     scores: dict[str, list[np.ndarray]] = {}
+    harmful: dict[str, list[np.ndarray]] = {}
     ids: dict[str, list[str]] = {}
     for hold in tqdm(inner, desc="cross-fitting the threshold", unit="fold", disable=not progress, leave=False):
         fit = fit_fold(folds, family, hparams, k, Holdout(held_out.families, held_out.sources + hold.sources),
@@ -79,16 +82,21 @@ def crossfit_threshold(folds: Folds, family: str, hparams: Optional[dict], k: in
         test = fit.datamodule.split_rows("test")
         s = np.asarray(fit.scores("test"), dtype=np.float64)
         for src in hold.sources:
-            mask = np.array([str(r.get("source", "")) == src and int(r["label"]) == 0
-                             and r.get("attack_family", "plain") not in held_out.families for r in test])
+            mine = np.array([str(r.get("source", "")) == src and r.get("attack_family", "plain") not in held_out.families
+                             for r in test], dtype=bool)
+            label = np.array([int(r["label"]) for r in test])
+            mask = mine & (label == 0)
             if mask.any():
                 scores.setdefault(src, []).append(s[mask])
                 ids.setdefault(src, []).extend(str(r["id"]) for r, m in zip(test, mask) if m)
+            if (mine & (label == 1)).any():
+                harmful.setdefault(src, []).append(s[mine & (label == 1)])
     pooled = {src: np.concatenate(v) for src, v in scores.items()}
     t = weighted_threshold(pooled, target_fpr)
     per_source = {src: {"rows": int(len(v)), "fpr": float((v >= t).mean())} for src, v in sorted(pooled.items())}
     return CrossFitThreshold(t, float(target_fpr), [h.name for h in inner], per_source,
-                             {src: (ids[src], v) for src, v in pooled.items()})
+                             {src: (ids[src], v) for src, v in pooled.items()},
+                             {src: np.concatenate(v) for src, v in sorted(harmful.items())})
 
 
 def crossfit_detector(det: ModelFamily, folds: Folds, held_out: Holdout = Holdout(), target_fpr: Optional[float] = None,

@@ -54,6 +54,9 @@ class ModelFamily(abc.ABC):
     calibration: Optional[dict] = None
     # the judge band's calibrated cut, when the detector has one (``lit_sahs.judge_cut``)
     judge: Optional[dict] = None
+    # the answer side's calibrated cut and refusal direction, shipped in the artifact (``lit_sahs.answer_cut``)
+    answer: Optional[dict] = None
+    answer_direction: Any = None
 
     # ------------------------------------------------------------------ identity and target
 

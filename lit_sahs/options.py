@@ -107,9 +107,11 @@ class GuardOptions(DetectorOptions):
         out: write one JSON line per prompt here (default: stdout)
         answer_below: a prompt scored below this may not open its answer with a refusal ("I'm sorry",
             "I cannot", ...): the answer side of the guard, against over-refusal of prompts the
-            detector is sure are benign (default: off)
+            detector is sure are benign (default: the cut `calibrate --answer_tpr` shipped in the
+            detector, else none; off: none)
         answer_direction: a refusal direction file (``python -m lit_sahs direction``) ablated while the
             prompts scored below answer_below decode: reaches refusals that open with something else
+            (default: the one `calibrate --answer_direction` shipped in the detector, if any; off: none)
     """
 
     max_new_tokens: int = 128
@@ -117,7 +119,7 @@ class GuardOptions(DetectorOptions):
     refusal: str = DEFAULT_REFUSAL
     fail_closed: bool = True
     out: Optional[str] = None
-    answer_below: Optional[float] = None
+    answer_below: Optional[str] = None
     answer_direction: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -164,9 +166,10 @@ class ServeOptions:
         device: where the target runs: auto (a GPU when there is one), cpu, cuda, cuda:N or mps
         tracking_uri: MLflow tracking URI for models:/ and runs:/ detectors
         answer_below: a chat prompt scored below this may not open its answer with a refusal
-            (against over-refusal of prompts the detector is sure are benign; default: off)
+            (against over-refusal of prompts the detector is sure are benign; default: the detector's
+            calibrated cut, if any; off: none)
         answer_direction: a refusal direction file (``python -m lit_sahs direction``) ablated while the
-            chat prompts scored below answer_below decode
+            chat prompts scored below answer_below decode (default: the detector's own, if any; off: none)
     """
 
     detector: str
@@ -185,7 +188,7 @@ class ServeOptions:
     dtype: Dtype = "float32"
     device: Device = "auto"
     tracking_uri: Optional[str] = None
-    answer_below: Optional[float] = None
+    answer_below: Optional[str] = None
     answer_direction: Optional[str] = None
 
     def __post_init__(self) -> None:  # bad values fail before anything loads

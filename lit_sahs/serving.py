@@ -20,10 +20,11 @@ from typing import Any, Callable, Hashable, Optional, Sequence
 
 import numpy as np
 
-from lit_sahs.checks import answer_below_arg, answer_direction_arg, optional_probability
+from lit_sahs.answer_nudge import answer_settings
+from lit_sahs.checks import ANSWER_OFF, answer_below_arg, answer_direction_arg, optional_probability
 from lit_sahs.errors import LitSahsError
 from lit_sahs.choices import DEFAULT_REFUSAL
-from lit_sahs.guarding import eos_token_id, optional_guard_args
+from lit_sahs.guarding import eos_token_id
 from lit_sahs.loading import load_detector_and_target
 from lit_sahs.prompts import encode_prompts
 from lit_sahs.self_judge import band_decisions, judge_rule, row_judge
@@ -38,21 +39,26 @@ class GuardService:
 
     detector: an artifact dir, .ckpt, models:/ or runs:/ URI, or a loaded detector; target: override
     of the target the detector names; threshold: a probability replacing the calibrated threshold;
-    answer_below: chat prompts scored below it may not open with a refusal (``lit_sahs.answer_nudge``);
-    answer_direction: a refusal direction file ablated while those prompts decode (``lit_sahs.refusal_direction``)."""
+    answer_below: chat prompts scored below it may not open with a refusal (``lit_sahs.answer_nudge``; None:
+    the detector's calibrated cut, if any; "off": none); answer_direction: a refusal direction file ablated
+    while those prompts decode (``lit_sahs.refusal_direction``; None: the detector's own, if any; "off": none)."""
 
     def __init__(self, detector, target=None, threshold: Optional[float] = None, refusal: str = DEFAULT_REFUSAL,
                  device: str = "cpu", dtype: Optional[str] = None, tracking_uri: Optional[str] = None,
-                 answer_below: Optional[float] = None, answer_direction: Optional[str] = None):
+                 answer_below=None, answer_direction=None):
         override = optional_probability(threshold, "threshold")
-        self.answer_below = answer_below_arg(answer_below)
-        self.answer_direction = answer_direction_arg(answer_direction, self.answer_below)
+        answer_direction_arg(answer_direction, answer_below_arg(answer_below))  # bad values fail before loading
         self.detector, self.target = load_detector_and_target(detector, target, device=device, dtype=dtype,
                                                               tracking_uri=tracking_uri)
         self.threshold = float(self.detector.threshold) if override is None else override
+        # the answer side as the guard applies it (given, else the artifact's calibrated one), for metadata
+        self.answer_below, self.answer_direction = answer_settings(self.detector, answer_below, answer_direction,
+                                                                   self.target)
+        side = {} if self.answer_below is None and not self.detector.answer else {
+            "answer_below": ANSWER_OFF if self.answer_below is None else self.answer_below,
+            "answer_direction": ANSWER_OFF if self.answer_direction is None else self.answer_direction}
         self.guard = self.detector.make_guard(self.target, refusal=refusal, threshold=override, fail_closed=True,
-                                              **optional_guard_args(answer_below=self.answer_below,
-                                                                    answer_direction=self.answer_direction))
+                                              **side)
         self.categories = list(self.detector.categories()) or [UNSAFE]
         self.judge_rule = judge_rule(None, self.detector.judge)  # what the guard applies too
         self.eos = eos_token_id(self.target)
@@ -64,7 +70,8 @@ class GuardService:
                 "family": det.family, "threshold": self.threshold, "calibrated_threshold": float(det.threshold),
                 "fingerprint": fp.to_dict() if fp is not None else None, "categories": self.categories,
                 "answer_below": self.answer_below,
-                "answer_direction": None if self.answer_direction is None else str(self.answer_direction),
+                "answer_direction": None if self.answer_direction is None else {
+                    "layer": self.answer_direction.layer, "rows": self.answer_direction.rows},
                 "judge_band": None if self.judge_rule is None else {"band": list(self.judge_rule.band),
                                                                     "cut": self.judge_rule.cut}}
 

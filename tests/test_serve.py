@@ -230,7 +230,7 @@ def test_the_service_nudges_answers_below_answer_below(smollm2, detector):
 
 def test_the_service_ablates_the_refusal_direction_of_answered_prompts(smollm2, detector, tmp_path):
     """With a direction, the served answer keeps the nudged first token and decodes on ablated; metadata says
-    which file; a direction for another target is refused when the service starts."""
+    which direction; a direction for another target is refused when the service starts."""
     from test_refusal_direction import residual_store, unit
 
     from lit_sahs.errors import LitSahsError
@@ -241,7 +241,8 @@ def test_the_service_ablates_the_refusal_direction_of_answered_prompts(smollm2, 
     path = unit(smollm2, seed=2).save(tmp_path / "d.safetensors")
     nudged = GuardService(detector, smollm2, threshold=1.0, answer_below=1.0)
     ablated = GuardService(detector, smollm2, threshold=1.0, answer_below=1.0, answer_direction=str(path))
-    assert ablated.metadata()["answer_direction"] == str(path) and nudged.metadata()["answer_direction"] is None
+    assert ablated.metadata()["answer_direction"] == {"layer": 3, "rows": {"harmful": 1, "benign": 1}}
+    assert nudged.metadata()["answer_direction"] is None
     a, b = (svc.chat([conv], 8)[0]["content"] for svc in (nudged, ablated))
     enc = lambda t: smollm2.tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
     assert enc(a)[0] == enc(b)[0]
@@ -252,7 +253,8 @@ def test_the_service_ablates_the_refusal_direction_of_answered_prompts(smollm2, 
 
 @pytest.mark.parametrize("args, message", [(["--threshold", "1.5"], "threshold must be a probability in [0, 1]"),
                                            (["--answer_below", "2"], "--answer_below must be a probability"),
-                                           (["--answer_direction", "d.safetensors"], "set --answer_below too"),
+                                           (["--answer_below", "off", "--answer_direction", "d.safetensors"],
+                                            "turns the answer side off"),
                                            (["--max_batch_size", "0"], "max_batch_size must be >= 1")])
 def test_bad_options_are_one_error_before_anything_loads(cli, args, message):
     code, _, err = cli(["serve", "--detector", "does/not/exist", *args])

@@ -7,6 +7,16 @@ calibrated to holds better on benign prompts from collections it never read.
 With ``--judge_band LO,HI`` it also fits the cut of the judge's second stage for that band on the same
 out-of-source benign scores (``lit_sahs.judge_cut``): guard and screen then let the target's own verdict
 decide the prompts whose score lies in the band, and the two stages together keep the target FPR.
+
+With ``--answer_tpr S`` it also ships the answer side's cut (``lit_sahs.answer_cut``): prompts scored
+below it are answered for sure (no refusal openings; with ``--answer_direction F`` also the refusal
+direction ablated), placed so that S of the harmful prompts of unseen sources stay above it. Their
+scores are the cross-fitted ones of ``--store``, or the detector's own scores of ``--answer_sources``
+(packaged sources or file:PATH the detector never trained on): the way for a family that trains on no
+store (SafeVLM), which takes no ``--store``.
+
+    python -m lit_sahs calibrate --detector artifacts/safevlm-stage2/detector --answer_tpr 0.9 \
+        --answer_sources future_tense,rho_overrefusal --answer_direction refusal-direction.safetensors
 """
 from __future__ import annotations
 
@@ -18,52 +28,140 @@ from lit_sahs.commands import run_command
 from lit_sahs.errors import LitSahsError
 
 
-def calibrate_command(detector: str, store: str, out: Optional[str] = None, target_fpr: Optional[float] = None,
-                      pairing: Pairing = "round_robin", min_rows: int = 10, max_epochs: Optional[int] = None,
-                      relocate: bool = True, seed: int = 0, tracking_uri: Optional[str] = None,
-                      judge_band: Optional[str] = None, batch_size: int = 8, device: str = "auto") -> int:
-    """Cross-fit a detector's threshold over the sources of its store and write the detector with it.
+def calibrate_command(detector: str, store: Optional[str] = None, out: Optional[str] = None,
+                      target_fpr: Optional[float] = None, pairing: Pairing = "round_robin", min_rows: int = 10,
+                      max_epochs: Optional[int] = None, relocate: bool = True, seed: int = 0,
+                      tracking_uri: Optional[str] = None, judge_band: Optional[str] = None, batch_size: int = 8,
+                      device: str = "auto", answer_tpr: Optional[float] = None, answer_sources: Optional[str] = None,
+                      answer_limit: int = 200, answer_direction: Optional[str] = None, held_out_families: str = "",
+                      held_out_sources: str = "") -> int:
+    """Cross-fit a detector's threshold over the sources of its store, and/or place its answer side's cut,
+    and write the detector with them.
 
     Args:
         detector: detector artifact dir, .ckpt or MLflow URI
-        store: the activation store the detector was trained on (its sources are the folds)
+        store: the activation store the detector was trained on (its sources are the folds); without it
+            the threshold is left as it is
         out: where to write the recalibrated detector (default: over --detector, a directory)
         target_fpr: share of benign prompts of an unseen source to flag (default: the detector's own)
         pairing: source folds: round_robin (every source left out once) or all_pairs
         min_rows: smallest source fold used
         max_epochs: epochs per fold fit (default: the family's own)
         relocate: locate the heads again inside each fold (else every fold uses the detector's heads)
-        seed: split seed of the fold fits
+        seed: split seed of the fold fits (and of the --answer_limit draw)
         tracking_uri: MLflow tracking URI for models:/ and runs:/ detectors
         judge_band: LO,HI: also fit the judge's cut for this band of detector scores (the judge's
             log-odds come from the store's judge extra, else from a judge prefill on the target)
-        batch_size: prompts per judge prefill
-        device: where the target runs for the judge prefill: auto, cpu, cuda, cuda:N or mps
+        batch_size: prompts per judge prefill or --answer_sources forward
+        device: where the target runs for the judge prefill and --answer_sources: auto, cpu, cuda, cuda:N or mps
+        answer_tpr: ship the answer side's cut: the highest score that keeps this share of the harmful prompts
+            of unseen sources at or above it (prompts below it are answered without refusal openings)
+        answer_sources: comma-separated sources (packaged names or file:PATH) the detector never trained on,
+            whose harmful prompts it scores live for --answer_tpr (default: the store's cross-fitted scores)
+        answer_limit: most prompts read from each of --answer_sources
+        answer_direction: a refusal direction file (``python -m lit_sahs direction``) to ship with the cut:
+            guards ablate it while the prompts below the cut decode
+        held_out_families: comma-separated attack families of the store left out of every fold (e.g. the
+            family a report tests on)
+        held_out_sources: comma-separated sources of the store left out of every fold
     """
+    from lit_sahs.answer_cut import fit_answer_cut, summary
     from lit_sahs.artifact import load_detector, save_detector
-    from lit_sahs.crossfit import crossfit_detector
-    from lit_sahs.folds import PER_FOLD, Folds
-    from lit_sahs.model_uri import is_uri
     from lit_sahs.checks import at_least, probability_band
+    from lit_sahs.model_uri import is_uri
     from lit_sahs.outputs import check_outputs
+    from lit_sahs.refusal_direction import RefusalDirection
 
     if out is None and (is_uri(detector) or str(detector).endswith(".ckpt")):
         raise LitSahsError("--out is needed when --detector is an MLflow URI or a checkpoint")
     check_outputs(dirs={"--out": out})
-    band = probability_band(judge_band)  # a bad band fails before hours of fitting
-    at_least({"--batch_size": batch_size}, 1)
+    band = probability_band(judge_band)  # bad options fail before hours of fitting
+    at_least({"--batch_size": batch_size, "--answer_limit": answer_limit}, 1)
+    sources = [s.strip() for s in (answer_sources or "").split(",") if s.strip()]
+    _check_plan(store, band, answer_tpr, sources, answer_direction)
     det = load_detector(detector, tracking_uri=tracking_uri)
+    direction = None
+    if answer_direction:
+        direction = RefusalDirection.load(answer_direction)
+        direction.fingerprint.check(det.fingerprint, "--answer_direction")
+    before, cf, judge = float(det.threshold), None, None
+    if store is not None:
+        from lit_sahs.data.holdout import Holdout
+
+        held = Holdout(families=held_out_families, sources=held_out_sources)
+        cf, judge = _crossfit(det, store, held, band, target_fpr, pairing, min_rows, max_epochs, relocate, seed,
+                              batch_size, device)
+    if answer_tpr is not None:
+        if sources:
+            harmful, benign = _live_scores(det, sources, answer_limit, seed, batch_size, device)
+            det.answer = fit_answer_cut(harmful, answer_tpr, benign, method="held_out_sources")
+        else:
+            det.answer = fit_answer_cut(cf.harmful, answer_tpr, {s: v for s, (_, v) in cf.benign.items()})
+    if direction is not None:
+        if det.answer is None:
+            raise LitSahsError("--answer_direction acts on the prompts below the answer cut, and the detector has "
+                               "none: calibrate with --answer_tpr too")
+        det.answer_direction = direction
+    path = save_detector(det, out or detector, overwrite=True)
+    report = {"detector": str(path), "threshold_before": before, "threshold": float(det.threshold)}
+    if cf is not None:
+        report.update(target_fpr=cf.target_fpr, folds=cf.folds, per_source=cf.per_source)
+    print(json.dumps({**report, **({"judge": judge} if judge else {}),
+                      **({"answer": summary(det.answer, det.answer_direction)} if det.answer else {})}))
+    return 0
+
+
+def _check_plan(store, band, answer_tpr, sources, answer_direction) -> None:
+    """What the options ask for must be doable, before anything loads."""
+    if sources and answer_tpr is None:
+        raise LitSahsError("--answer_sources are scored for the answer cut: give --answer_tpr too")
+    if store is None and answer_tpr is None and answer_direction is None:
+        raise LitSahsError("nothing to calibrate: give --store (the threshold), --answer_tpr or --answer_direction")
+    if band is not None and store is None:
+        raise LitSahsError("--judge_band is fitted on the store's cross-fitted scores: give --store")
+    if answer_tpr is not None:
+        from lit_sahs.checks import probability
+
+        if probability(answer_tpr, "--answer_tpr") == 0.0:
+            raise LitSahsError("--answer_tpr must be above 0: it is the share of harmful prompts kept above the cut")
+        if store is None and not sources:
+            raise LitSahsError("--answer_tpr needs harmful scores of sources the detector never read: give --store "
+                               "(cross-fitted) or --answer_sources")
+
+
+def _crossfit(det, store, held, band, target_fpr, pairing, min_rows, max_epochs, relocate, seed, batch_size, device):
+    """The cross-fitted threshold (given to `det`) and, with a band, the judge cut; `held`'s rows stay out."""
+    from lit_sahs.crossfit import crossfit_detector
+    from lit_sahs.folds import PER_FOLD, Folds
+
     folds = Folds(store, ranking=PER_FOLD if relocate else None, heads=None if relocate else det.head_set.spec(),
                   seed=seed)
-    before = float(det.threshold)
-    cf = crossfit_detector(det, folds, target_fpr=target_fpr, pairing=pairing, min_rows=min_rows,
+    held.keeps(folds.index)  # a held-out name no row carries is a typo: refused before the fits
+    cf = crossfit_detector(det, folds, held, target_fpr=target_fpr, pairing=pairing, min_rows=min_rows,
                            max_epochs=max_epochs, progress=True)
     judge = None if band is None else _calibrate_judge(det, cf, folds.store, band, batch_size, device)
-    path = save_detector(det, out or detector, overwrite=True)
-    print(json.dumps({"detector": str(path), "threshold_before": before, "threshold": cf.threshold,
-                      "target_fpr": cf.target_fpr, "folds": cf.folds, "per_source": cf.per_source,
-                      **({"judge": judge} if judge else {})}))
-    return 0
+    return cf, judge
+
+
+def _live_scores(det, sources: list[str], limit: int, seed: int, batch_size: int, device: str):
+    """The detector's scores of the sources' harmful and benign prompts, by source."""
+    import numpy as np
+
+    from lit_sahs.data.sources import load_source
+    from lit_sahs.screen import Screener
+
+    rows = [s for name in sources for s in load_source(name, limit=limit, seed=seed)]
+    if not any(r.label == 1 for r in rows):
+        raise LitSahsError(f"--answer_sources {','.join(sources)} hold no harmful prompt: the cut is placed on harmful ones")
+    scores = Screener(None, det, batch_size=batch_size, device=device).score(
+        [r.text for r in rows], [r.image for r in rows], [r.id for r in rows], progress=True).scores
+    by = {0: {}, 1: {}}
+    for r, v in zip(rows, scores):
+        by[int(r.label)].setdefault(r.source, []).append(v)
+    nan = [s for s in by[1] if not np.isfinite(by[1][s]).all()]
+    if nan:
+        raise LitSahsError(f"the detector could not score every harmful prompt of {nan[0]}")
+    return by[1], by[0]
 
 
 def _calibrate_judge(det, cf, store, band, batch_size: int, device: str) -> dict:

@@ -44,8 +44,7 @@ from lit_sahs.hooks import HeadCapture, capture_for  # noqa: F401 - HeadCapture:
 from lit_sahs.errors import LitSahsError
 from lit_sahs.choices import DEFAULT_REFUSAL
 from lit_sahs.guarding import UNSUPPORTED_GENERATE, GuardResult, answered_rows, eos_token_id, threshold_override
-from lit_sahs.answer_nudge import AnswerNudge, load_answer_direction
-from lit_sahs.checks import answer_below_arg
+from lit_sahs.answer_nudge import AnswerNudge, answer_settings
 from lit_sahs.prompts import encode_prompts
 from lit_sahs.self_judge import JudgeRule, band_decisions, judge_rule, row_judge
 
@@ -128,16 +127,16 @@ class SafetyGuard:
     replaces a flagged prompt's answer. fail_closed: refuse prompts whose scoring failed (default)
     instead of raising. judge_band / judge_cut: the second stage (``self_judge.judge_rule``; default: the
     detector's calibrated one, if any). answer_below: prompts scored below it may not open their answer
-    with a refusal (``lit_sahs.answer_nudge``; None: off); answer_direction: a ``RefusalDirection`` (or its
-    file) ablated while those prompts decode (``lit_sahs.refusal_direction``; needs answer_below).
+    with a refusal (``lit_sahs.answer_nudge``; None: the detector's calibrated cut, if any; "off": none);
+    answer_direction: a ``RefusalDirection`` (or its file) ablated while those prompts decode
+    (``lit_sahs.refusal_direction``; None: the detector's own, if any; "off": none).
     """
 
     def __init__(self, target, detector, refusal: Optional[str] = None, fail_closed: bool = True,
                  threshold: Optional[float] = None, judge_band=None, judge_cut: Optional[float] = None,
-                 answer_below: Optional[float] = None, answer_direction=None):
-        self.answer_below = answer_below_arg(answer_below)
+                 answer_below=None, answer_direction=None):
         detector.prepare(target)  # made for this target, heads inside its geometry
-        self.answer_direction = load_answer_direction(answer_direction, self.answer_below, target)
+        self.answer_below, self.answer_direction = answer_settings(detector, answer_below, answer_direction, target)
         self.judge_rule = judge_rule(judge_band, detector.judge, judge_cut)  # the band the target's verdict decides
         self.target = target
         self.detector = detector.to(target.device).eval()

@@ -142,6 +142,24 @@ def weighted_threshold(scores: dict, target_fpr: float) -> float:
     return budget_threshold(values, weights, target_fpr, ceiling=1.0)
 
 
+def keep_share_threshold(scores: dict, share: float) -> float:
+    """The highest value that keeps at least `share` of the (harmful) scores at or above it when every
+    source weighs the same: the rule of SafeVLM's ``lora_tpr`` gate and of a guard's ``answer_below``
+    (``lit_sahs.answer_cut``). ``budget_threshold`` on the negated scores (at most 1 - share of the
+    weight may fall below), so it sits halfway between two scores, or halfway to 0 when all are kept."""
+    if not 0.0 < share <= 1.0:
+        raise LitSahsError(f"the share of harmful rows to keep must lie in (0, 1], got {share}")
+    scores = {s: np.asarray(torch.as_tensor(v).detach().cpu().double()) for s, v in scores.items() if len(v)}
+    if not scores:
+        raise LitSahsError("cannot place the cut: no harmful rows were scored")
+    values = -np.concatenate(list(scores.values()))
+    if not np.isfinite(values).all():
+        raise LitSahsError("cannot place the cut: a harmful score is NaN or infinity")
+    weights = np.concatenate([np.full(len(v), 1.0 / (len(scores) * len(v))) for v in scores.values()])
+    # rows with -score >= t fall below the cut (score <= -t); the first score kept is just above -t
+    return math.nextafter(-budget_threshold(values, weights, 1.0 - float(share), ceiling=0.0), math.inf)
+
+
 def budget_threshold(values: np.ndarray, weights: np.ndarray, budget: float, ceiling: Optional[float] = None) -> float:
     """The lowest threshold t (flag = value >= t) whose flagged `weights` sum to at most `budget`,
     halfway between the highest value left unflagged and the next higher one, or just above the

@@ -24,8 +24,8 @@ from typing import Optional, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from lit_sahs.answer_nudge import AnswerNudge, load_answer_direction
-from lit_sahs.checks import JUDGE_OFF, answer_below_arg, judge_band_arg
+from lit_sahs.answer_nudge import AnswerNudge, answer_settings
+from lit_sahs.checks import JUDGE_OFF, judge_band_arg
 from lit_sahs.errors import LitSahsError
 from lit_sahs.choices import DEFAULT_REFUSAL
 from lit_sahs.guarding import GuardResult, answered_rows, eos_token_id, threshold_override
@@ -109,20 +109,20 @@ class SafeVLMGuard:
     lora_threshold: with a stage-II SafeVLM, decode with its LoRA adapter only the prompts whose risk is at
     least this (``lora_gate``); the others decode as stage I does. None: the artifact's own (fitted with
     ``lora_fpr`` or ``lora_tpr``), else the adapter is on for every prompt; 0 keeps it on for every prompt.
-    answer_below: passed prompts whose risk is below it may not open with a refusal (None: off);
-    answer_direction: a ``RefusalDirection`` (or its file) ablated while those prompts decode."""
+    answer_below: passed prompts whose risk is below it may not open with a refusal (None: the artifact's
+    calibrated cut, if any; "off": none); answer_direction: a ``RefusalDirection`` (or its file) ablated
+    while those prompts decode (None: the artifact's own, if any; "off": none)."""
 
     def __init__(self, target, detector, refusal: Optional[str] = None, threshold: Optional[float] = None,
                  fail_closed: bool = True, lora_threshold: Optional[float] = None, judge_band=None,
-                 answer_below: Optional[float] = None, answer_direction=None):
-        self.answer_below = answer_below_arg(answer_below)
+                 answer_below=None, answer_direction=None):
         if judge_band_arg(judge_band) not in (None, JUDGE_OFF):  # parsed first: a malformed band is reported as such
             raise LitSahsError("--judge_band applies to safety-head detectors; SafeVLM decides with its safety head")
         own = float(detector.lora_threshold)  # NaN: the artifact has no gate
         self.lora_threshold = check_lora_threshold(
             detector, own if lora_threshold is None and not math.isnan(own) else lora_threshold)
+        self.answer_below, self.answer_direction = answer_settings(detector, answer_below, answer_direction, target)  # before the target changes
         detector.prepare(target)  # checks the fingerprint, puts the LoRA weights into the target
-        self.answer_direction = load_answer_direction(answer_direction, self.answer_below, target)
         self.detector, self.target = detector.to(target.device).eval(), target
         self.refusal = DEFAULT_REFUSAL if refusal is None else str(refusal)
         self.threshold, self.fail_closed = threshold_override(threshold), bool(fail_closed)

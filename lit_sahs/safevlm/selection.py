@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from lit_sahs.detectors.metrics import weighted_threshold
+from lit_sahs.detectors.metrics import keep_share_threshold, weighted_threshold
 from lit_sahs.errors import LitSahsError
 from lit_sahs.refusal import refusal_probability
 from lit_sahs.safevlm.forward import IGNORE_INDEX
@@ -99,11 +99,10 @@ def gate_threshold(scores: Tensor, labels: Tensor, sources: Tensor, lora_fpr: Op
     labels, sources = torch.as_tensor(labels).flatten().long(), torch.as_tensor(sources).flatten().long()
     if lora_fpr is not None:
         return per_source_threshold(scores, labels, sources, float(lora_fpr))
-    harmful = _by_source(-scores, labels, sources, label=1)  # negated: "flag" the lowest risks
+    harmful = _by_source(scores, labels, sources, label=1)
     if not harmful:
         raise LitSahsError("lora_tpr calibrates the LoRA gate on harmful validation rows, and the validation split has none")
-    # at most 1 - lora_tpr of the harmful weight has -risk >= t, i.e. risk <= -t: those lose the adapter
-    return math.nextafter(-weighted_threshold(harmful, 1.0 - float(lora_tpr)), math.inf)
+    return keep_share_threshold(harmful, float(lora_tpr))  # the harmful rows below it lose the adapter
 
 
 def finite(values: dict[str, float]) -> dict[str, float]:
