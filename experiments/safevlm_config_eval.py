@@ -80,7 +80,7 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
         out: str = "experiments/results/safevlm-configs-generation", eval_n: int = 0, mc_n: int = 40,
         max_new_tokens: int = 20, batch_size: int = 4, threads: int = 0, answer_tpr: str = "",
         conditions: str = "", reference: bool = True, stage2_label: str = "", groups: str = "",
-        lora_tpr: str = "", answer_direction: str = "") -> int:
+        lora_tpr: str = "", answer_direction: str = "", heads_label: str = "") -> int:
     """The shipped configs' artifacts against the unmodified target, in generation, on their fit's split.
 
     Args:
@@ -109,6 +109,8 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
             also adds both guards with that direction ablated while the nudged prompts decode
         groups: comma-separated substrings; only the prompt groups whose name contains one of them run
             (e.g. "validation-only"); empty: every group
+        heads_label: what the safety-head guard row is called when --heads is not the shipped config's
+            artifact (e.g. "calibrated answer side"); empty: "safevlm_heads.yaml"
     """
     args = dict(locals())
     conditions_, groups_ = conditions, groups
@@ -161,7 +163,7 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
     gate = float(dets["stage2"].lora_threshold)
     conditions = {REFERENCE: lambda texts: (plain_generate(base, texts, max_new_tokens, batch_size), None)}
     if heads:
-        conditions["safety-head guard (safevlm_heads.yaml)"] = gen(dets["heads"].make_guard(base))
+        conditions[f"safety-head guard ({heads_label or 'safevlm_heads.yaml'})"] = gen(dets["heads"].make_guard(base))
     conditions["SafeVLM stage I (safevlm_stage1.yaml)"] = gen(dets["stage1"].make_guard(base))
     two = f"SafeVLM stage II ({stage2_label}" if stage2_label else "SafeVLM stage II as shipped (safevlm_stage2.yaml"
     conditions[two + (", LoRA gated)" if math.isfinite(gate) else ")")] = gen(dets["stage2"].make_guard(tuned))
@@ -188,7 +190,7 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
             below = calibrated_risk(scored[key], val_rows, share)
             answer_below[f"{name}, answer_below at {share:g} val harmful"] = below
             conditions[f"{name}, answers nudged below {below:.3g} ({share:g} of val harmful above)"] = \
-                gen(det.make_guard(target, answer_below=below))
+                gen(det.make_guard(target, answer_below=below, answer_direction="off"))  # not an artifact's own
             if answer_direction:
                 conditions[f"{name}, refusal direction ablated below {below:.3g} ({share:g} of val harmful above)"] = \
                     gen(det.make_guard(target, answer_below=below, answer_direction=answer_direction))

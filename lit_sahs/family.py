@@ -158,7 +158,8 @@ class ModelFamily(abc.ABC):
         """A short summary for metadata endpoints and registry tags."""
         fp = self.fingerprint
         return {"family": self.family, "target": fp.name if fp is not None else None,
-                "threshold": float(self.threshold), "categories": list(self.categories())}
+                "threshold": float(self.threshold), "categories": list(self.categories()),
+                "answer_below": (self.answer or {}).get("answer_below")}
 
 
 # ---------------------------------------------------------------- the registry

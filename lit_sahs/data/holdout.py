@@ -37,12 +37,7 @@ class Holdout:
     def keeps(self, rows: Sequence[dict]) -> list[bool]:
         """Per row: outside every held-out family and source (a row without a family is ``plain``). A name
         no row carries is an error, as in ``protocol.split_rows``: a typo would otherwise hold out nothing."""
-        families = {r.get("attack_family", "plain") for r in rows}
-        sources = {r.get("source", "") for r in rows}
-        for name, known, what in [(f, families, "attack family") for f in self.families] + \
-                                 [(s, sources, "source") for s in self.sources]:
-            if name not in known:
-                raise LitSahsError(f"held-out {what} {name!r} has no rows in this data; present: {sorted(known)}")
+        check_names(rows, self.families, self.sources)
         return [r.get("attack_family", "plain") not in self.families and r.get("source", "") not in self.sources
                 for r in rows]
 
@@ -56,3 +51,14 @@ class Holdout:
     def label(self) -> str:
         """For people: every held-out family and source, comma-separated ("random" when none)."""
         return ", ".join(list(self.families) + list(self.sources)) or "random"
+
+
+def check_names(rows: Sequence[dict], families: Sequence[str] = (), sources: Sequence[str] = ()) -> None:
+    """Every named attack family and source must be carried by some row (a row without a family is
+    ``plain``): a typo would otherwise hold out, or validate on, nothing."""
+    present_families = {r.get("attack_family", "plain") for r in rows}
+    present_sources = {r.get("source", "") for r in rows}
+    for name, known, what in [(f, present_families, "attack family") for f in families] + \
+                             [(s, present_sources, "source") for s in sources]:
+        if name not in known:
+            raise LitSahsError(f"held-out {what} {name!r} has no rows in this data; present: {sorted(known)}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from lit_sahs.checks import at_least
+from lit_sahs.data.holdout import check_names
 from lit_sahs.data.attacks import apply_attacks, get_attack, spread_attacks
 from lit_sahs.data.samples import BENIGN, MALICIOUS, Sample, dedupe
 from lit_sahs.data.sources import load_source, source_label
@@ -215,15 +216,10 @@ def split_rows(rows: Sequence[dict], held_out_families: Sequence[str] = (), held
 
     held_out_families, held_out_sources = _as_tuple(held_out_families), _as_tuple(held_out_sources)
     train_families, val_sources = _as_tuple(train_families), _as_tuple(val_sources)
-    families = {r.get("attack_family", "plain") for r in rows}
-    sources = {r.get("source", "") for r in rows}
     both = set(val_sources) & set(held_out_sources)
     if both:
         raise LitSahsError(f"sources {sorted(both)} are both held out (test) and validation sources: pick one")
-    for name, known, what in [(f, families, "attack family") for f in held_out_families + train_families] + \
-                             [(s, sources, "source") for s in held_out_sources + val_sources]:
-        if name not in known:
-            raise LitSahsError(f"held-out {what} {name!r} has no rows in this data; present: {sorted(known)}")
+    check_names(rows, held_out_families + train_families, held_out_sources + val_sources)
 
     def bucket(key: str, salt: str) -> float:
         return random.Random(f"{seed}|{salt}|{key}").random()
