@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from lit_sahs.answer_cut import DIRECTION_TENSOR, answer_from_artifact, answer_to_artifact, stored_answer
-from lit_sahs.artifact_format import META_FILE, SIDE_PREFIX, WEIGHTS_FILE, check_threshold, family_tensors, read_meta, read_tensors, write_artifact
+from lit_sahs.artifact_format import (META_FILE, SIDE_PREFIX, WEIGHTS_FILE, check_threshold, family_tensors, read_meta,
+                                      read_tensors, write_artifact)
 from lit_sahs.errors import LitSahsError
 from lit_sahs.families import family_class
 from lit_sahs.family import CHECKPOINT_KEY, ModelFamily, require_family
@@ -49,8 +50,7 @@ def _from_directory(directory: Path, map_location) -> ModelFamily:
     answer = stored_answer(meta.get("answer"), directory / META_FILE)  # checked before the family's work
     vector = tensors.get(DIRECTION_TENSOR)
     det = cls.from_artifact(meta, family_tensors(tensors), str(directory))
-    det.answer, det.answer_direction = answer_from_artifact(
-        answer, vector, det.fingerprint, directory)
+    det.answer, det.answer_direction = answer_from_artifact(answer, vector, det.fingerprint, directory)
     thr = meta.get("threshold")
     if thr is not None and not math.isclose(check_threshold(thr, directory / META_FILE), float(det.threshold),
                                             rel_tol=0, abs_tol=1e-9):

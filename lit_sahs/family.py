@@ -124,7 +124,7 @@ class ModelFamily(abc.ABC):
 
     @abc.abstractmethod
     def make_guard(self, target, refusal: Optional[str] = None, threshold: Optional[float] = None,
-                   fail_closed: bool = True, judge_band=None, answer_below: Optional[float] = None,
+                   fail_closed: bool = True, judge_band=None, answer_below=None,
                    answer_direction=None):
         """A guard for generation on `target`: an object with ``generate(texts, images=None, ids=None,
         max_new_tokens=128, **generate_kwargs)`` returning a ``lit_sahs.guarding.GuardResult``. Each of
@@ -132,8 +132,10 @@ class ModelFamily(abc.ABC):
         user's turn), encoded by ``prompts.encode_prompts``. `judge_band`: the uncertain band the
         target's own verdict decides (``lit_sahs.self_judge.judge_rule``: None = the detector's
         calibrated one, if any; "off" = none); a family without that second stage refuses a band.
-        `answer_below`: prompts scored below it may not open with a refusal (``lit_sahs.answer_nudge``);
-        `answer_direction`: a ``RefusalDirection`` (or its file) ablated while those prompts decode."""
+        `answer_below`: prompts scored below it may not open with a refusal (``lit_sahs.answer_nudge``; None:
+        the detector's calibrated cut, ``answer``, if any; "off": none); `answer_direction`: a
+        ``RefusalDirection`` (or its file) ablated while those prompts decode (None: ``answer_direction``,
+        if any; "off": none). ``answer_nudge.answer_settings`` resolves both."""
 
     # ------------------------------------------------------------------ reports
 

@@ -32,14 +32,15 @@ log = logging.getLogger(__name__)
 
 def load_guard(target, detector, refusal: str = DEFAULT_REFUSAL, fail_closed: bool = True,
                threshold: Optional[float] = None, tracking_uri: Optional[str] = None,
-               device: Optional[str | torch.device] = None, answer_below: Optional[float] = None,
-               answer_direction: Optional[str] = None):
+               device: Optional[str | torch.device] = None, answer_below=None, answer_direction=None):
     """The guard of `detector`'s family on `target`. target: a loaded ``Target`` or anything
     ``load_target`` takes (default: the target named in the detector); detector: a fitted detector,
     an artifact path / .ckpt, or an MLflow URI. threshold: a probability overriding the calibrated one;
     refusal: the answer a flagged prompt gets; fail_closed: refuse prompts whose scoring failed;
-    answer_below: prompts scored below it may not open with a refusal (``lit_sahs.answer_nudge``);
-    answer_direction: a refusal direction file ablated while those prompts decode (``lit_sahs.refusal_direction``)."""
+    answer_below: prompts scored below it may not open with a refusal (``lit_sahs.answer_nudge``; None: the
+    cut ``calibrate --answer_tpr`` shipped in the detector, if any; "off": none); answer_direction: a refusal
+    direction file ablated while those prompts decode (``lit_sahs.refusal_direction``; None: the detector's
+    own, if any; "off": none)."""
     det, target = load_detector_and_target(detector, target, device=device, tracking_uri=tracking_uri)
     return det.make_guard(target, refusal=refusal, threshold=threshold, fail_closed=fail_closed,
                           **optional_guard_args(answer_below=answer_below, answer_direction=answer_direction))

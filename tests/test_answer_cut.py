@@ -153,3 +153,26 @@ def test_calibrate_refuses_a_direction_of_another_target_and_one_without_a_cut(s
     code, _, err = cli(["calibrate", "--detector", str(path), "--answer_direction", str(mine)])
     assert code == 2 and "calibrate with --answer_tpr too" in err.strip().splitlines()[-1]
     assert (path / "detector.safetensors").read_bytes() == before  # nothing half-written
+
+
+def test_calibrate_leaves_held_out_sources_out_of_every_fold(tmp_path, cli):
+    from test_judge_cut import HEADS, judge_store
+
+    from lit_sahs.artifact import load_detector, save_detector
+    from lit_sahs.folds import Folds, fit_fold
+
+    judge_store(tmp_path / "s", with_judge=False)
+    det = fit_fold(Folds(tmp_path / "s", ranking=None, heads=HEADS), "logistic", {}, 2, max_epochs=3).detector
+    path = save_detector(det, tmp_path / "det")
+    base = ["calibrate", "--detector", str(path), "--store", str(tmp_path / "s"), "--relocate", "false",
+            "--max_epochs", "3", "--answer_tpr", "0.8"]
+    code, out, err = cli(base + ["--held_out_sources", "harm2,ben3"])
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    answer = load_detector(path).answer
+    assert sorted(answer["harmful"]) == ["harm0", "harm1"] and sorted(answer["benign"]) == ["ben0", "ben1", "ben2"]
+    assert "ben3" not in summary["per_source"] and all("harm2" not in f for f in summary["folds"])
+    before = (path / "detector.json").read_text()
+    code, _, err = cli(base + ["--held_out_sources", "harm9"])
+    assert code == 2 and "held-out source 'harm9' has no rows" in err.strip().splitlines()[-1]
+    assert (path / "detector.json").read_text() == before

@@ -65,7 +65,7 @@ def calibrate_command(detector: str, store: Optional[str] = None, out: Optional[
             family a report tests on)
         held_out_sources: comma-separated sources of the store left out of every fold
     """
-    from lit_sahs.answer_cut import fit_answer_cut, summary
+    from lit_sahs.answer_cut import LIVE, fit_answer_cut, summary
     from lit_sahs.artifact import load_detector, save_detector
     from lit_sahs.checks import at_least, probability_band
     from lit_sahs.model_uri import is_uri
@@ -94,7 +94,7 @@ def calibrate_command(detector: str, store: Optional[str] = None, out: Optional[
     if answer_tpr is not None:
         if sources:
             harmful, benign = _live_scores(det, sources, answer_limit, seed, batch_size, device)
-            det.answer = fit_answer_cut(harmful, answer_tpr, benign, method="held_out_sources")
+            det.answer = fit_answer_cut(harmful, answer_tpr, benign, method=LIVE)
         else:
             det.answer = fit_answer_cut(cf.harmful, answer_tpr, {s: v for s, (_, v) in cf.benign.items()})
     if direction is not None:

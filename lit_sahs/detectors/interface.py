@@ -44,7 +44,7 @@ class HeadFamily(ModelFamily):
         return max(self.head_set.layers) + 1
 
     def make_guard(self, target, refusal: Optional[str] = None, threshold: Optional[float] = None,
-                   fail_closed: bool = True, judge_band=None, answer_below: Optional[float] = None,
+                   fail_closed: bool = True, judge_band=None, answer_below=None,
                    answer_direction=None):
         from lit_sahs.detectors.guard import SafetyGuard
 

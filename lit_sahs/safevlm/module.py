@@ -306,7 +306,7 @@ class SafeVLM(ModelFamily, L.LightningModule):
         return types[:, keep].double().numpy()
 
     def make_guard(self, target, refusal: Optional[str] = None, threshold: Optional[float] = None,
-                   fail_closed: bool = True, judge_band=None, answer_below: Optional[float] = None, answer_direction=None):
+                   fail_closed: bool = True, judge_band=None, answer_below=None, answer_direction=None):
         from lit_sahs.safevlm.guard import SafeVLMGuard
 
         return SafeVLMGuard(target, self, refusal, threshold=threshold, fail_closed=fail_closed, judge_band=judge_band,
