@@ -57,7 +57,8 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
                     ranking: Optional[str] = PER_FOLD, heads: Optional[str] = None, progress: bool = True,
                     feature_sets: Optional[dict] = None, sparse_all: Optional[bool] = None,
                     crossfit: bool = False, target_fpr: float = 0.05, extra_rows: bool = True,
-                    features: Optional[str] = None, judge_band: Optional[tuple[float, float]] = None) -> dict:
+                    features: Optional[str] = None, judge_band: Optional[tuple[float, float]] = None,
+                    answer_tpr: Optional[float] = None) -> dict:
     """Fit and score every source fold. Returns {"folds": [{"holdout", "n_malicious", "n_benign",
     "methods": {method: {column: value}}}], "mean": {method: {column: mean}}, "skipped": {fold: reason}}.
     `feature_sets` ({method: 'resid,refusal'}; None: FEATURE_SETS when the store records the extra
@@ -71,7 +72,10 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
     `features`: what the `heads` row's detector reads after its heads (e.g. 'tokens' for attnpool).
     `judge_band` (with `crossfit`, on a store extracted with --judge): also fit the judge's cut for that
     band on each fold's cross-fitted benign rows (``lit_sahs.judge_cut``) and report the two-stage rule's
-    held-out benign FPR and harmful TPR beside the cross-fitted threshold's."""
+    held-out benign FPR and harmful TPR beside the cross-fitted threshold's. `answer_tpr` (with
+    `crossfit`): also place the answer side's cut on each fold's cross-fitted harmful rows
+    (``lit_sahs.answer_cut``) and report the share of held-out harmful prompts it keeps above it (the
+    promise: `answer_tpr`) and of held-out benign ones below it, beside the cross-fit's prediction."""
     from tqdm import tqdm
 
     from lit_sahs.evaluate import split_reports
@@ -80,6 +84,8 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
     if judge_band is not None and not (crossfit and JUDGE_EXTRA in set(folds.store.extra_names())):
         raise LitSahsError("a judge band is calibrated on cross-fitted benign scores with the judge's log-odds: "
                            "use --crossfit true on a store extracted with --judge true")
+    if answer_tpr is not None and not crossfit:
+        raise LitSahsError("the answer cut is placed on cross-fitted harmful scores: use --crossfit true")
     holdouts, skipped = folds.source_holdouts(pairing, min_rows, sources)
     stored = set(folds.store.extra_names())
     has_extras = {RESIDUAL_EXTRA, REFUSAL_EXTRA} <= stored
@@ -99,7 +105,7 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
                        features=features)
         reports, _, labels, thresholds = split_reports(fit.detector, fit.datamodule, "test", baselines)
         calibration = _calibration(folds, fit, detector, detector_args, top_k, hold, labels, target_fpr,
-                                   max_epochs, features, judge_band) if crossfit else None
+                                   max_epochs, features, judge_band, answer_tpr) if crossfit else None
         extra_fits = {m: fit_fold(folds, detector, detector_args, top_k, hold, max_epochs=max_epochs, features=f)
                       for m, f in feature_sets.items()}
         if sparse_all:
@@ -126,9 +132,11 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
     mean = {m: {c: float(np.nanmean([f["methods"][m][c] for f in out])) for c in COLUMNS} for m in methods}
     result = {"protocol": "sources", "pairing": pairing, "detector": detector, "top_k": top_k, "folds": out,
               "mean": mean, "skipped": skipped, "relocate": folds.per_fold, "target_fpr": target_fpr,
-              **({"judge_band": list(judge_band)} if judge_band is not None else {})}
+              **({"judge_band": list(judge_band)} if judge_band is not None else {}),
+              **({"answer_tpr": float(answer_tpr)} if answer_tpr is not None else {})}
     if crossfit:
-        keys = CALIBRATION + (JUDGE_CALIBRATION if judge_band is not None else ())
+        keys = CALIBRATION + (JUDGE_CALIBRATION if judge_band is not None else ()) + \
+            (ANSWER_CALIBRATION if answer_tpr is not None else ())
         result["calibration"] = {k: float(np.nanmean([f["calibration"][k] for f in out])) for k in keys}
     return result
 
@@ -137,10 +145,12 @@ def source_protocol(store: str, top_k: int = 8, detector: str = "logistic", dete
 CALIBRATION = ("fpr_validation", "fpr_crossfit", "tpr_validation", "tpr_crossfit")
 # and with the judge deciding a band of scores at a cut fitted on the same cross-fitted benign rows
 JUDGE_CALIBRATION = ("fpr_judge", "tpr_judge", "judged")
+# and the answer side's cut: held-out harmful kept above it, held-out benign below it (and its prediction)
+ANSWER_CALIBRATION = ("answer_kept", "answer_answered", "answer_answered_predicted")
 
 
 def _calibration(folds, fit, detector, detector_args, top_k, hold, labels, target_fpr, max_epochs,
-                 features=None, judge_band=None) -> dict:
+                 features=None, judge_band=None, answer_tpr=None) -> dict:
     """The fold detector's held-out benign FPR and harmful TPR at its validation threshold, at the
     threshold cross-fitted over the fold's training sources and, with `judge_band`, with the judge
     deciding that band at a cut fitted on the same cross-fitted benign rows."""
@@ -166,6 +176,15 @@ def _calibration(folds, fit, detector, detector_args, top_k, hold, labels, targe
         test = held_out_two_stage(record, scores, labels, logodds[len(inner):])
         out.update({"judge_cut": record["cut"], "fpr_judge": test["benign_fpr"], "tpr_judge": test["harmful_tpr"],
                     "judged": test["judged"]})
+    if answer_tpr is not None:
+        from lit_sahs.answer_cut import fit_answer_cut
+
+        cut = fit_answer_cut(cf.harmful, answer_tpr, {s: v for s, (_, v) in cf.benign.items()})
+        nan = float("nan")
+        out.update({"answer_below": cut["answer_below"],
+                    "answer_kept": float((harmful >= cut["answer_below"]).mean()) if len(harmful) else nan,
+                    "answer_answered": float((benign < cut["answer_below"]).mean()) if len(benign) else nan,
+                    "answer_answered_predicted": cut.get("answered", nan)})
     return out
 
 
@@ -230,6 +249,19 @@ def format_source_tables(result: dict) -> str:
                 lines.append(f"| {' + '.join(f['holdout'])} | {c['judge_cut']:.2f} | {_cell(c['judged'])} | "
                              f"{_cell(c['fpr_judge'])} | {_cell(c['tpr_judge'])} |")
             lines.append(f"| **mean** | | {_cell(m['judged'])} | {_cell(m['fpr_judge'])} | {_cell(m['tpr_judge'])} |")
+    if "answer_tpr" in result:
+        m = result["calibration"]
+        lines += ["", f"The answer side's cut (`calibrate --answer_tpr {result['answer_tpr']:g}`), placed on each fold's "
+                  "cross-fitted harmful rows: held-out harmful prompts kept at or above it (the promise: "
+                  f"{result['answer_tpr']:.0%}), held-out benign prompts below it (answered without refusal openings) "
+                  "and the share the cross-fit predicted:", "",
+                  "| held out | answer_below | harmful kept | benign answered | benign answered, predicted |",
+                  "|---|---|---|---|---|"]
+        for f in result["folds"]:
+            c = f["calibration"]
+            lines.append(f"| {' + '.join(f['holdout'])} | {c['answer_below']:.3g} | "
+                         + " | ".join(_cell(c[k]) for k in ANSWER_CALIBRATION) + " |")
+        lines.append("| **mean** | | " + " | ".join(_cell(m[k]) for k in ANSWER_CALIBRATION) + " |")
     if result["skipped"]:
         lines += ["", "Skipped folds: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items())]
     return "\n".join(lines)

@@ -176,3 +176,39 @@ def test_calibrate_leaves_held_out_sources_out_of_every_fold(tmp_path, cli):
     code, _, err = cli(base + ["--held_out_sources", "harm9"])
     assert code == 2 and "held-out source 'harm9' has no rows" in err.strip().splitlines()[-1]
     assert (path / "detector.json").read_text() == before
+
+
+def test_the_source_protocol_checks_the_cut_on_each_held_out_pair(tmp_path, cli, monkeypatch):
+    """evaluate --crossfit --answer_tpr: each fold's cut is the one its own cross-fit gives, and the shares
+    it reports are those of the fold's held-out harmful and benign prompts on either side of it."""
+    from test_crossfit import HEADS, shifted_store
+
+    from lit_sahs.answer_cut import fit_answer_cut
+    from lit_sahs.crossfit import crossfit_threshold
+    from lit_sahs.data.holdout import Holdout
+    from lit_sahs.folds import Folds, fit_fold
+
+    monkeypatch.chdir(tmp_path)
+    shifted_store(tmp_path / "s")
+    base = ["evaluate", "--store", str(tmp_path / "s"), "--protocol", "sources", "--heads", HEADS, "--relocate", "false",
+            "--max_epochs", "3", "--tracking_uri", f"sqlite:///{tmp_path}/mlflow.db", "--answer_tpr", "0.9"]
+    code, _, err = cli(base)
+    assert code == 2 and "--answer_tpr is measured with --protocol sources --crossfit true" in err
+    code, _, err = cli(base + ["--crossfit", "true"])
+    assert code == 0, err[-2000:]
+    result = json.loads((tmp_path / "s" / "sources" / "sources.json").read_text())
+    fold = result["folds"][0]
+    folds = Folds(tmp_path / "s", ranking=None, heads=HEADS)
+    hold = Holdout(sources=fold["holdout"])
+    fit = fit_fold(folds, "logistic", None, 2, hold, max_epochs=3)
+    cf = crossfit_threshold(folds, "logistic", None, 2, hold, max_epochs=3)
+    cut = fit_answer_cut(cf.harmful, 0.9, {s: v for s, (_, v) in cf.benign.items()})["answer_below"]
+    scores = np.asarray(fit.scores("test"))
+    labels = np.array([r["label"] for r in fit.datamodule.split_rows("test")])
+    c = fold["calibration"]
+    assert c["answer_below"] == pytest.approx(cut)
+    assert c["answer_kept"] == pytest.approx(float((scores[labels == 1] >= cut).mean()))
+    assert c["answer_answered"] == pytest.approx(float((scores[labels == 0] < cut).mean()))
+    assert result["calibration"]["answer_kept"] == pytest.approx(np.mean([f["calibration"]["answer_kept"]
+                                                                          for f in result["folds"]]))
+    assert "harmful kept" in (tmp_path / "s" / "sources" / "sources.md").read_text()

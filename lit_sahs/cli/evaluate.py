@@ -23,7 +23,7 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
              scores: Optional[str] = None, batch_size: int = 8, device: Device = "auto",
              truncate: Truncate = None, crossfit: bool = False, target_fpr: float = 0.05,
              extra_rows: bool = True, detector_args: Optional[dict] = None, features: Optional[str] = None,
-             judge_band: Optional[str] = None) -> int:
+             judge_band: Optional[str] = None, answer_tpr: Optional[float] = None) -> int:
     """Held-out reports on a store — attack families (zero-shot matrix) or prompt sources never seen —
     or score a user file with a trained detector.
 
@@ -68,6 +68,9 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
         judge_band: LO,HI: with --protocol sources --crossfit true on a store extracted with --judge
             true, also fit the judge's cut for this band on each fold's cross-fitted benign rows and
             report the two-stage rule's held-out benign FPR and harmful TPR
+        answer_tpr: with --protocol sources --crossfit true, also place the answer side's cut on each fold's
+            cross-fitted harmful rows (as `calibrate --answer_tpr`) and report the held-out harmful prompts it
+            keeps above it and the held-out benign ones below it
     """
 
     from lit_sahs import evaluate as ev
@@ -85,16 +88,20 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
         raise LitSahsError(f"unknown protocol {protocol!r}: use families or sources")
     from lit_sahs.outputs import check_outputs
 
-    from lit_sahs.checks import probability_band
+    from lit_sahs.checks import probability, probability_band
 
     check_outputs(dirs={"--out": out or os.path.join(store, "zero_shot" if protocol == "families" else "sources")})
     band = probability_band(judge_band)
     if band is not None and protocol != "sources":
         raise LitSahsError("--judge_band is measured with --protocol sources --crossfit true")
+    if answer_tpr is not None and (protocol != "sources" or not crossfit):
+        raise LitSahsError("--answer_tpr is measured with --protocol sources --crossfit true")
+    if answer_tpr is not None and not 0.0 < probability(answer_tpr, "--answer_tpr"):
+        raise LitSahsError("--answer_tpr must be above 0: it is the share of harmful prompts kept above the cut")
     if protocol == "sources":
         return _source_report(store, ranking if not relocate else None, heads, top_k, detector_family, pairing,
                               sources, min_rows, max_epochs, seed, out, tracking_uri, experiment, crossfit,
-                              target_fpr, extra_rows, detector_args, features, band)
+                              target_fpr, extra_rows, detector_args, features, band, answer_tpr)
     from lit_sahs.folds import matrix_csv, zero_shot
     from lit_sahs.plots import family_matrix
 
@@ -125,7 +132,7 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
 
 def _source_report(store, ranking, heads, top_k, detector_family, pairing, sources, min_rows, max_epochs, seed,
                    out, tracking_uri, experiment, crossfit=False, target_fpr=0.05, extra_rows=True,
-                   detector_args=None, features=None, judge_band=None) -> int:
+                   detector_args=None, features=None, judge_band=None, answer_tpr=None) -> int:
     """`evaluate --protocol sources`: the source-level table, written as sources.md/json and a plot."""
 
     from lit_sahs.folds import PER_FOLD
@@ -137,7 +144,7 @@ def _source_report(store, ranking, heads, top_k, detector_family, pairing, sourc
                              min_rows=min_rows, max_epochs=max_epochs, seed=seed, heads=heads,
                              ranking=ranking or PER_FOLD, crossfit=crossfit, target_fpr=target_fpr,
                              detector_args=detector_args, features=features,
-                             extra_rows=extra_rows, judge_band=judge_band)
+                             extra_rows=extra_rows, judge_band=judge_band, answer_tpr=answer_tpr)
     out = out or os.path.join(store, "sources")
     table = format_source_tables(result)
     folds = [" + ".join(f["holdout"]) for f in result["folds"]]
@@ -152,17 +159,21 @@ def _source_report(store, ranking, heads, top_k, detector_family, pairing, sourc
                 "benign FPR, cross-fitted": [c["fpr_crossfit"] for c in cal],
                 "harmful TPR, validation threshold": [c["tpr_validation"] for c in cal],
                 "harmful TPR, cross-fitted": [c["tpr_crossfit"] for c in cal]}
+        if answer_tpr is not None:
+            bars.update({"harmful kept above the answer cut": [c["answer_kept"] for c in cal],
+                         "benign answered below the answer cut": [c["answer_answered"] for c in cal]})
         if judge_band is not None:
             bars.update({"benign FPR, cross-fitted + judge band": [c["fpr_judge"] for c in cal],
                          "harmful TPR, cross-fitted + judge band": [c["tpr_judge"] for c in cal]})
         paths.append(fold_bars(bars, folds,
-                               os.path.join(out, "sources_calibration.png"), ylabel="share flagged",
+                               os.path.join(out, "sources_calibration.png"), ylabel="share of held-out prompts",
                                title=f"held-out sources at each threshold (target FPR {target_fpr:.0%})"))
     with start_run(experiment, tracking_uri, run_name="sources") as run:
         run.log_params({"store": store, "protocol": "sources", "pairing": pairing, "top_k": top_k,
                         "detector": detector_family, "detector_args": json.dumps(detector_args or {}),
                         "crossfit": crossfit, "target_fpr": target_fpr,
-                        "judge_band": None if judge_band is None else ",".join(map(str, judge_band))})
+                        "judge_band": None if judge_band is None else ",".join(map(str, judge_band)),
+                        "answer_tpr": answer_tpr})
         for method, cols in result["mean"].items():
             for col, v in cols.items():
                 if v == v:
