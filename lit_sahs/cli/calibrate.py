@@ -33,7 +33,8 @@ def calibrate_command(detector: str, store: Optional[str] = None, out: Optional[
                       max_epochs: Optional[int] = None, relocate: bool = True, seed: int = 0,
                       tracking_uri: Optional[str] = None, judge_band: Optional[str] = None, batch_size: int = 8,
                       device: str = "auto", answer_tpr: Optional[float] = None, answer_sources: Optional[str] = None,
-                      answer_limit: int = 200, answer_direction: Optional[str] = None, held_out_families: str = "",
+                      answer_limit: int = 200, answer_attacks: str = "plain", answer_direction: Optional[str] = None,
+                      held_out_families: str = "",
                       held_out_sources: str = "") -> int:
     """Cross-fit a detector's threshold over the sources of its store, and/or place its answer side's cut,
     and write the detector with them.
@@ -59,6 +60,10 @@ def calibrate_command(detector: str, store: Optional[str] = None, out: Optional[
         answer_sources: comma-separated sources (packaged names or file:PATH) the detector never trained on,
             whose harmful prompts it scores live for --answer_tpr (default: the store's cross-fitted scores)
         answer_limit: most prompts read from each of --answer_sources
+        answer_attacks: comma-separated attacks (jailbreak templates, as ``extract --attacks``) each of
+            --answer_sources' prompts is scored in; each (source, attack family) weighs the same. Templates
+            of families the detector trained on (never the family a report tests on) make the cut hold on
+            wrapped traffic, whose harmful scores sit lower than plain prompts'
         answer_direction: a refusal direction file (``python -m lit_sahs direction``) to ship with the cut:
             guards ablate it while the prompts below the cut decode
         held_out_families: comma-separated attack families of the store left out of every fold (e.g. the
@@ -78,6 +83,12 @@ def calibrate_command(detector: str, store: Optional[str] = None, out: Optional[
     band = probability_band(judge_band)  # bad options fail before hours of fitting
     at_least({"--batch_size": batch_size, "--answer_limit": answer_limit}, 1)
     sources = [s.strip() for s in (answer_sources or "").split(",") if s.strip()]
+    attacks = [a.strip() for a in (answer_attacks or "").split(",") if a.strip()] or ["plain"]
+    if sources:
+        from lit_sahs.data.attacks import get_attack
+
+        for name in attacks:  # a typo fails before the detector and target load
+            get_attack(name)
     _check_plan(store, band, answer_tpr, sources, answer_direction)
     det = load_detector(detector, tracking_uri=tracking_uri)
     direction = None
@@ -93,7 +104,7 @@ def calibrate_command(detector: str, store: Optional[str] = None, out: Optional[
                               batch_size, device)
     if answer_tpr is not None:
         if sources:
-            harmful, benign = _live_scores(det, sources, answer_limit, seed, batch_size, device)
+            harmful, benign = _live_scores(det, sources, answer_limit, attacks, seed, batch_size, device)
             det.answer = fit_answer_cut(harmful, answer_tpr, benign, method=LIVE)
         else:
             det.answer = fit_answer_cut(cf.harmful, answer_tpr, {s: v for s, (_, v) in cf.benign.items()})
@@ -143,21 +154,24 @@ def _crossfit(det, store, held, band, target_fpr, pairing, min_rows, max_epochs,
     return cf, judge
 
 
-def _live_scores(det, sources: list[str], limit: int, seed: int, batch_size: int, device: str):
-    """The detector's scores of the sources' harmful and benign prompts, by source."""
+def _live_scores(det, sources: list[str], limit: int, attacks: list[str], seed: int, batch_size: int, device: str):
+    """The detector's scores of the sources' harmful and benign prompts in each of `attacks`, by source
+    (and attack family, when one is not plain)."""
     import numpy as np
 
+    from lit_sahs.data.attacks import apply_attacks
     from lit_sahs.data.sources import load_source
     from lit_sahs.screen import Screener
 
-    rows = [s for name in sources for s in load_source(name, limit=limit, seed=seed)]
+    rows = apply_attacks([s for name in sources for s in load_source(name, limit=limit, seed=seed)], attacks, seed)
     if not any(r.label == 1 for r in rows):
         raise LitSahsError(f"--answer_sources {','.join(sources)} hold no harmful prompt: the cut is placed on harmful ones")
     scores = Screener(None, det, batch_size=batch_size, device=device).score(
         [r.text for r in rows], [r.image for r in rows], [r.id for r in rows], progress=True).scores
     by = {0: {}, 1: {}}
     for r, v in zip(rows, scores):
-        by[int(r.label)].setdefault(r.source, []).append(v)
+        key = r.source if r.attack_family == "plain" else f"{r.source} ({r.attack_family})"
+        by[int(r.label)].setdefault(key, []).append(v)
     nan = [s for s in by[1] if not np.isfinite(by[1][s]).all()]
     if nan:
         raise LitSahsError(f"the detector could not score every harmful prompt of {nan[0]}")
