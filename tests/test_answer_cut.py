@@ -132,6 +132,8 @@ def test_calibrate_places_the_cut_on_cross_fitted_harmful_scores_and_keeps_it(tm
     (["--answer_tpr", "0.9"], "give --store (cross-fitted) or --answer_sources"),
     (["--answer_tpr", "0"], "must be above 0"),
     (["--judge_band", "0.2,0.8", "--answer_tpr", "0.9", "--answer_sources", "future_tense"], "give --store"),
+    (["--answer_tpr", "0.9", "--answer_sources", "future_tense", "--answer_attacks", "plain,nosuch"],
+     "unknown attack 'nosuch'"),
 ])
 def test_calibrate_refuses_a_plan_it_cannot_carry_out_before_loading(tmp_path, cli, args, message):
     code, _, err = cli(["calibrate", "--detector", str(tmp_path / "missing"), *args])

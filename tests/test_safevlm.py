@@ -406,6 +406,12 @@ def test_calibrate_ships_an_answer_cut_from_held_out_sources_and_the_guard_uses_
     assert stored.answered == explicit.answered and any(stored.answered)
     assert torch.equal(stored.sequences, explicit.sequences)
     assert SafeVLMGuard(t1, det, threshold=1.01, answer_below="off").generate(prompts, max_new_tokens=1).answered is None
+    # inside jailbreak templates too: every prompt once per attack, each (source, attack family) its own group
+    code, out, err = cli(["calibrate", "--detector", str(art), "--out", str(tmp_path / "wrapped"), "--answer_tpr", "0.75",
+                          "--answer_sources", f"file:{path}", "--answer_attacks", "plain,dan", "--device", "cpu"])
+    assert code == 0, err
+    harmful = load_detector(tmp_path / "wrapped").answer["harmful"]
+    assert sorted(harmful) == ["file:p.jsonl", "file:p.jsonl (dan)"] and {v["rows"] for v in harmful.values()} == {4}
 
 
 def test_models_uri_loads_and_scores_like_the_directory(stages, mlflow_workdir, cli):

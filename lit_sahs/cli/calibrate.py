@@ -61,7 +61,7 @@ def calibrate_command(detector: str, store: Optional[str] = None, out: Optional[
             whose harmful prompts it scores live for --answer_tpr (default: the store's cross-fitted scores)
         answer_limit: most prompts read from each of --answer_sources
         answer_attacks: comma-separated attacks (jailbreak templates, as ``extract --attacks``) each of
-            --answer_sources' prompts is scored in; each (source, attack family) weighs the same. Templates
+            --answer_sources' prompts is scored in; each (source, attack) weighs the same. Templates
             of families the detector trained on (never the family a report tests on) make the cut hold on
             wrapped traffic, whose harmful scores sit lower than plain prompts'
         answer_direction: a refusal direction file (``python -m lit_sahs direction``) to ship with the cut:
@@ -156,7 +156,7 @@ def _crossfit(det, store, held, band, target_fpr, pairing, min_rows, max_epochs,
 
 def _live_scores(det, sources: list[str], limit: int, attacks: list[str], seed: int, batch_size: int, device: str):
     """The detector's scores of the sources' harmful and benign prompts in each of `attacks`, by source
-    (and attack family, when one is not plain)."""
+    (and attack, when not plain: one attack may draw templates of several families)."""
     import numpy as np
 
     from lit_sahs.data.attacks import apply_attacks
@@ -170,7 +170,7 @@ def _live_scores(det, sources: list[str], limit: int, attacks: list[str], seed: 
         [r.text for r in rows], [r.image for r in rows], [r.id for r in rows], progress=True).scores
     by = {0: {}, 1: {}}
     for r, v in zip(rows, scores):
-        key = r.source if r.attack_family == "plain" else f"{r.source} ({r.attack_family})"
+        key = r.source if r.attack == "plain" else f"{r.source} ({r.attack})"
         by[int(r.label)].setdefault(key, []).append(v)
     nan = [s for s in by[1] if not np.isfinite(by[1][s]).all()]
     if nan:
