@@ -12,11 +12,13 @@ With ``--answer_tpr S`` it also ships the answer side's cut (``lit_sahs.answer_c
 below it are answered for sure (no refusal openings; with ``--answer_direction F`` also the refusal
 direction ablated), placed so that S of the harmful prompts of unseen sources stay above it. Their
 scores are the cross-fitted ones of ``--store``, or the detector's own scores of ``--answer_sources``
-(packaged sources or file:PATH the detector never trained on): the way for a family that trains on no
-store (SafeVLM), which takes no ``--store``.
+(packaged sources or file:PATH the detector never trained on), scored inside each of ``--answer_attacks``
+(wrapped prompts score lower than plain ones: a cut placed on plain prompts alone does not hold on wrapped
+traffic): the way for a family that trains on no store (SafeVLM), which takes no ``--store``.
 
     python -m lit_sahs calibrate --detector artifacts/safevlm-stage2/detector --answer_tpr 0.9 \
-        --answer_sources future_tense,rho_overrefusal --answer_direction refusal-direction.safetensors
+        --answer_sources future_tense,rho_overrefusal --answer_attacks plain,pyrit \
+        --answer_direction refusal-direction.safetensors
 """
 from __future__ import annotations
 
