@@ -142,16 +142,23 @@ class CrossFitCalibration(L.Callback):
         judge_band: [LO, HI]: also fit the cut of the judge's second stage for this band of scores on
             the same out-of-source benign rows (``lit_sahs.judge_cut``; the store's judge extra, else
             a judge prefill on the target), shipped with the detector
+        answer_tpr: also place the answer side's cut so that this share of the out-of-source harmful
+            rows stays at or above it (``lit_sahs.answer_cut``), shipped with the detector: its guards
+            answer the prompts below it without refusal openings
     """
 
     def __init__(self, pairing: Pairing = "round_robin", min_rows: int = 10, max_epochs: Optional[int] = None,
                  relocate: bool = True, target_fpr: Optional[float] = None,
-                 judge_band: Optional[list[float]] = None):
+                 judge_band: Optional[list[float]] = None, answer_tpr: Optional[float] = None):
         self.pairing, self.min_rows, self.max_epochs = pairing, min_rows, max_epochs
         self.relocate, self.target_fpr = relocate, target_fpr
         self.judge_band = probability_band(judge_band, "judge_band")
+        if answer_tpr is not None and probability(answer_tpr, "answer_tpr") == 0.0:
+            raise LitSahsError("answer_tpr must be above 0: it is the share of harmful prompts kept above the cut")
+        self.answer_tpr = answer_tpr
         self.result: Optional[CrossFitThreshold] = None
         self.judge: Optional[dict] = None
+        self.answer: Optional[dict] = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lit_sahs.data.datamodules import CachedActivationDataModule
@@ -184,9 +191,18 @@ class CrossFitCalibration(L.Callback):
             print(f"judge cut for the band {self.judge_band[0]:g}-{self.judge_band[1]:g}: {self.judge['cut']:.3f} "
                   f"log-odds ({self.judge['judged']:.0%} of cross-fitted benign rows judged; benign FPR "
                   f"{self.judge['fpr_detector']:.3f} detector alone, {self.judge['fpr']:.3f} with the judge)")
+        if self.answer_tpr is not None:
+            from lit_sahs.answer_cut import fit_answer_cut
+
+            self.answer = fit_answer_cut(self.result.harmful, self.answer_tpr,
+                                         {src: v for src, (_, v) in self.result.benign.items()})
+            print(f"answer cut: {self.answer['answer_below']:.4g} (out-of-source harmful rows kept above it "
+                  f"{self.answer['kept']:.2f}, benign rows below it {self.answer.get('answered', float('nan')):.2f})")
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.result is not None:  # the best checkpoint restored its own (validation) threshold
             pl_module.threshold.fill_(self.result.threshold)
             pl_module.calibration = self.result.metadata()
             pl_module.judge = self.judge
+            if self.answer is not None:
+                pl_module.answer = self.answer

@@ -101,7 +101,8 @@ def test_a_fit_config_with_the_callback_ships_the_cross_fitted_threshold(tmp_pat
         "mlflow": {"experiment": "unit", "tracking_uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db"},
         "output_dir": str(tmp_path / "out"),
         "trainer": {"accelerator": "cpu", "max_epochs": 3, "enable_progress_bar": False, "logger": False,
-                    "callbacks": [{"class_path": "lit_sahs.crossfit.CrossFitCalibration"},
+                    "callbacks": [{"class_path": "lit_sahs.crossfit.CrossFitCalibration",
+                                   "init_args": {"answer_tpr": 0.9}},
                                   {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                    "init_args": {"monitor": "val/auroc", "mode": "max"}}]},
         "model": {"class_path": "lit_sahs.detectors.LogisticDetector"},
@@ -117,6 +118,9 @@ def test_a_fit_config_with_the_callback_ships_the_cross_fitted_threshold(tmp_pat
     assert cal["method"] == "crossfit_sources" and meta["threshold"] == pytest.approx(cal["threshold"])
     assert set(cal["per_source"]) == {"ben0", "ben1", "ben2"}  # ben3 is the report's, never the calibration's
     assert not any("harm2" in f or "ben3" in f for f in cal["folds"])
+    answer = meta["answer"]  # the answer cut on the same out-of-source rows, shipped with the threshold
+    assert sorted(answer["harmful"]) == ["harm0", "harm1"] and answer["kept"] >= 0.9 and answer["answer_tpr"] == 0.9
+    assert "answer cut:" in out
 
 
 def test_low_fpr_loss_ranks_harmful_prompts_above_the_top_benign_ones_only():
