@@ -134,6 +134,7 @@ def test_calibrate_places_the_cut_on_cross_fitted_harmful_scores_and_keeps_it(tm
     (["--judge_band", "0.2,0.8", "--answer_tpr", "0.9", "--answer_sources", "future_tense"], "give --store"),
     (["--answer_tpr", "0.9", "--answer_sources", "future_tense", "--answer_attacks", "plain,nosuch"],
      "unknown attack 'nosuch'"),
+    (["--answer_tpr", "0.9", "--answer_sources", "future_tense", "--held_out_families", "dan"], "give --store"),
 ])
 def test_calibrate_refuses_a_plan_it_cannot_carry_out_before_loading(tmp_path, cli, args, message):
     code, _, err = cli(["calibrate", "--detector", str(tmp_path / "missing"), *args])

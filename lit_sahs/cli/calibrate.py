@@ -91,12 +91,15 @@ def calibrate_command(detector: str, store: Optional[str] = None, out: Optional[
 
         for name in attacks:  # a typo fails before the detector and target load
             get_attack(name)
-    _check_plan(store, band, answer_tpr, sources, answer_direction)
+    _check_plan(store, band, answer_tpr, sources, answer_direction, held_out_families or held_out_sources)
     det = load_detector(detector, tracking_uri=tracking_uri)
     direction = None
     if answer_direction:
         direction = RefusalDirection.load(answer_direction)
         direction.fingerprint.check(det.fingerprint, "--answer_direction")
+        if answer_tpr is None and det.answer is None:  # before minutes of fold fits
+            raise LitSahsError("--answer_direction acts on the prompts below the answer cut, and the detector has "
+                               "none: calibrate with --answer_tpr too")
     before, cf, judge = float(det.threshold), None, None
     if store is not None:
         from lit_sahs.data.holdout import Holdout
@@ -111,9 +114,6 @@ def calibrate_command(detector: str, store: Optional[str] = None, out: Optional[
         else:
             det.answer = fit_answer_cut(cf.harmful, answer_tpr, {s: v for s, (_, v) in cf.benign.items()})
     if direction is not None:
-        if det.answer is None:
-            raise LitSahsError("--answer_direction acts on the prompts below the answer cut, and the detector has "
-                               "none: calibrate with --answer_tpr too")
         det.answer_direction = direction
     path = save_detector(det, out or detector, overwrite=True)
     report = {"detector": str(path), "threshold_before": before, "threshold": float(det.threshold)}
@@ -124,8 +124,10 @@ def calibrate_command(detector: str, store: Optional[str] = None, out: Optional[
     return 0
 
 
-def _check_plan(store, band, answer_tpr, sources, answer_direction) -> None:
+def _check_plan(store, band, answer_tpr, sources, answer_direction, held_out) -> None:
     """What the options ask for must be doable, before anything loads."""
+    if held_out and store is None:
+        raise LitSahsError("--held_out_families / --held_out_sources leave store rows out of the folds: give --store")
     if sources and answer_tpr is None:
         raise LitSahsError("--answer_sources are scored for the answer cut: give --answer_tpr too")
     if store is None and answer_tpr is None and answer_direction is None:
