@@ -111,7 +111,7 @@ def answer_from_artifact(record: Optional[dict], vector, fingerprint: Optional[T
         fp = TargetFingerprint.from_dict(spec["fingerprint"])
         rows = dict(spec.get("rows") or {})
         selection = {int(k): float(v) for k, v in (spec.get("selection") or {}).items()}
-    except (KeyError, TypeError, ValueError, LitSahsError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError, LitSahsError) as e:
         raise LitSahsError(f"{source}: the answer-side refusal direction's description is corrupt ({e})") from None
     if vector.ndim != 1 or not vector.numel() or not math.isfinite(float(vector.norm())) or float(vector.norm()) == 0:
         raise LitSahsError(f"{source}: the answer-side refusal direction is not one finite non-zero vector")

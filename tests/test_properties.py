@@ -231,6 +231,18 @@ def test_format_version_that_is_not_a_number(workdir, artifact):
             load_detector(write_artifact(workdir, dict(meta, format_version=version), weights))
 
 
+def test_infinite_numbers_in_the_description(workdir, artifact):
+    """found: OverflowError from int(inf) in a head or the fingerprint's geometry, not one error line"""
+    meta, weights = artifact
+    heads = json.loads(json.dumps(meta))
+    heads["head_set"][0][0] = float("inf")
+    layers = json.loads(json.dumps(meta))
+    layers["fingerprint"]["geometry"]["num_layers"] = float("inf")
+    for damaged in (heads, layers):
+        with pytest.raises(LitSahsError, match="corrupt"):
+            load_detector(write_artifact(workdir, damaged, weights))
+
+
 @SETTINGS
 @given(data=st.data())
 def test_detector_with_foreign_tensors(workdir, artifact, data):

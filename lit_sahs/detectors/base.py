@@ -440,7 +440,7 @@ class SafetyDetector(HeadFamily, L.LightningModule):
             fingerprint = TargetFingerprint.from_dict(meta["fingerprint"])
             families = list(meta.get("families", []))
             features = FeatureSpec.from_dict(meta.get("features"))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # OverflowError: int(inf)
             raise LitSahsError(f"detector metadata is incomplete or corrupt ({e!r}): re-save the detector") from e
         if self.is_bound:
             if (tuple(head_set) != tuple(self.head_set) or not fingerprint.matches(self.fingerprint)

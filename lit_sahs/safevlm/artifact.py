@@ -57,7 +57,7 @@ def rebuild(cls, meta: Mapping[str, Any], state: Mapping[str, torch.Tensor], sou
         dims = {k: int(v) for k, v in dict(meta["dims"]).items()}
         levels, types = list(meta["levels"]), list(meta["types"])
         lora, stages = meta.get("lora"), [int(s) for s in meta.get("stages", [])]
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:  # OverflowError: int(inf)
         raise LitSahsError(f"{source}: SafeVLM description is incomplete or corrupt ({e!r}): re-save it") from None
     if (levels, types) != (list(RISK_LEVELS), list(RISK_TYPES)):
         raise LitSahsError(f"{source} was built for risk levels {levels} and types {types}; this lit_sahs uses "
