@@ -145,20 +145,25 @@ class CrossFitCalibration(L.Callback):
         answer_tpr: also place the answer side's cut so that this share of the out-of-source harmful
             rows stays at or above it (``lit_sahs.answer_cut``), shipped with the detector: its guards
             answer the prompts below it without refusal openings
+        answer_direction: a refusal direction file (``python -m lit_sahs direction``) shipped with that cut
     """
 
     def __init__(self, pairing: Pairing = "round_robin", min_rows: int = 10, max_epochs: Optional[int] = None,
                  relocate: bool = True, target_fpr: Optional[float] = None,
-                 judge_band: Optional[list[float]] = None, answer_tpr: Optional[float] = None):
+                 judge_band: Optional[list[float]] = None, answer_tpr: Optional[float] = None,
+                 answer_direction: Optional[str] = None):
         self.pairing, self.min_rows, self.max_epochs = pairing, min_rows, max_epochs
         self.relocate, self.target_fpr = relocate, target_fpr
         self.judge_band = probability_band(judge_band, "judge_band")
         if answer_tpr is not None and probability(answer_tpr, "answer_tpr") == 0.0:
             raise LitSahsError("answer_tpr must be above 0: it is the share of harmful prompts kept above the cut")
-        self.answer_tpr = answer_tpr
+        if answer_direction is not None and answer_tpr is None:
+            raise LitSahsError("answer_direction acts on the prompts below the answer cut: set answer_tpr too")
+        self.answer_tpr, self.answer_direction = answer_tpr, answer_direction
         self.result: Optional[CrossFitThreshold] = None
         self.judge: Optional[dict] = None
         self.answer: Optional[dict] = None
+        self.direction = None  # the loaded answer_direction, shipped with the cut
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lit_sahs.data.datamodules import CachedActivationDataModule
@@ -169,6 +174,12 @@ class CrossFitCalibration(L.Callback):
         if not isinstance(dm, CachedActivationDataModule):
             raise LitSahsError("CrossFitCalibration re-fits the detector on the sources of an activation store: "
                                "use it with lit_sahs.data.datamodules.CachedActivationDataModule")
+        direction = None
+        if self.answer_direction is not None:  # checked before the fold fits
+            from lit_sahs.refusal_direction import RefusalDirection
+
+            direction = RefusalDirection.load(self.answer_direction)
+            direction.fingerprint.check(pl_module.fingerprint, "answer_direction")
         g = dm.geometry
         if dm.ranking_path and self.relocate:
             ranking, heads = PER_FOLD, None
@@ -196,6 +207,7 @@ class CrossFitCalibration(L.Callback):
 
             self.answer = fit_answer_cut(self.result.harmful, self.answer_tpr,
                                          {src: v for src, (_, v) in self.result.benign.items()})
+            self.direction = direction
             print(f"answer cut: {self.answer['answer_below']:.4g} (out-of-source harmful rows kept above it "
                   f"{self.answer['kept']:.2f}, benign rows below it {self.answer.get('answered', float('nan')):.2f})")
 
@@ -205,4 +217,4 @@ class CrossFitCalibration(L.Callback):
             pl_module.calibration = self.result.metadata()
             pl_module.judge = self.judge
             if self.answer is not None:
-                pl_module.answer = self.answer
+                pl_module.answer, pl_module.answer_direction = self.answer, self.direction

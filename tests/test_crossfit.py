@@ -94,15 +94,21 @@ def test_a_fit_config_with_the_callback_ships_the_cross_fitted_threshold(tmp_pat
     report and the exported artifact both use its threshold (not the best checkpoint's)."""
     import yaml
 
+    from test_refusal_direction import residual_store
+
+    from lit_sahs.artifact import load_detector
+    from lit_sahs.refusal_direction import from_store
+
     monkeypatch.chdir(tmp_path)
     shifted_store(tmp_path / "s")
+    direction = from_store(residual_store(tmp_path / "r")[0]).save(tmp_path / "d.safetensors")  # same target
     cfg = {
         "seed_everything": 0,
         "mlflow": {"experiment": "unit", "tracking_uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db"},
         "output_dir": str(tmp_path / "out"),
         "trainer": {"accelerator": "cpu", "max_epochs": 3, "enable_progress_bar": False, "logger": False,
                     "callbacks": [{"class_path": "lit_sahs.crossfit.CrossFitCalibration",
-                                   "init_args": {"answer_tpr": 0.9}},
+                                   "init_args": {"answer_tpr": 0.9, "answer_direction": str(direction)}},
                                   {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                    "init_args": {"monitor": "val/auroc", "mode": "max"}}]},
         "model": {"class_path": "lit_sahs.detectors.LogisticDetector"},
@@ -121,6 +127,9 @@ def test_a_fit_config_with_the_callback_ships_the_cross_fitted_threshold(tmp_pat
     answer = meta["answer"]  # the answer cut on the same out-of-source rows, shipped with the threshold
     assert sorted(answer["harmful"]) == ["harm0", "harm1"] and answer["kept"] >= 0.9 and answer["answer_tpr"] == 0.9
     assert "answer cut:" in out
+    shipped, fitted = load_detector(tmp_path / "out" / "detector").answer_direction, from_store(tmp_path / "r")
+    assert shipped.layer == fitted.layer and shipped.rows == fitted.rows == {"harmful": 32, "benign": 24}
+    assert np.allclose(shipped.vector.numpy(), fitted.vector.numpy(), atol=1e-6)
 
 
 def test_low_fpr_loss_ranks_harmful_prompts_above_the_top_benign_ones_only():
