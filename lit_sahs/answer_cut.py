@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from lit_sahs.artifact_format import SIDE_PREFIX
-from lit_sahs.checks import probability
+from lit_sahs.checks import answer_tpr_arg
 from lit_sahs.detectors.metrics import keep_share_threshold
 from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import TargetFingerprint
@@ -41,15 +41,9 @@ def fit_answer_cut(harmful: Mapping[str, Any], answer_tpr: float, benign: Option
     """The calibration record: ``answer_below`` keeps `answer_tpr` of the `harmful` scores (source -> scores)
     at or above it, sources weighing the same; per source the share of harmful rows kept and, with
     `benign`, the share of benign rows below the cut (answered for sure); their means over sources."""
-    share = probability(answer_tpr, "--answer_tpr")
-    if share <= 0.0:
-        raise LitSahsError("--answer_tpr must be above 0: it is the share of harmful prompts kept above the cut")
+    share = answer_tpr_arg(answer_tpr)
     harmful = {s: np.asarray(v, dtype=np.float64) for s, v in harmful.items() if len(v)}
-    if not harmful:
-        raise LitSahsError("cannot place answer_below: no harmful rows of an unseen source were scored")
-    if not all(np.isfinite(v).all() for v in harmful.values()):
-        raise LitSahsError("cannot place answer_below: a harmful score is NaN or infinity")
-    cut = min(1.0, max(0.0, keep_share_threshold(harmful, share)))
+    cut = min(1.0, max(0.0, keep_share_threshold(harmful, share)))  # refuses no rows and NaN scores
     kept = {s: {"rows": int(len(v)), "kept": float((v >= cut).mean())} for s, v in sorted(harmful.items())}
     record = {"method": method, "answer_tpr": share, "answer_below": float(cut), "harmful": kept,
               "kept": float(np.mean([v["kept"] for v in kept.values()]))}

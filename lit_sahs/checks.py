@@ -42,6 +42,14 @@ def answer_below_arg(value: Any) -> Any:
     return ANSWER_OFF if _off(value) else optional_probability(value, "--answer_below")
 
 
+def answer_tpr_arg(value: Any, what: str = "--answer_tpr") -> float:
+    """The share of harmful prompts an answer cut keeps at or above it (``lit_sahs.answer_cut``): in (0, 1]."""
+    share = probability(value, what)
+    if share == 0.0:
+        raise LitSahsError(f"{what} must be above 0: it is the share of harmful prompts kept above the cut")
+    return share
+
+
 def answer_direction_arg(value: Any, answer_below: Any) -> Any:
     """A guard's ``answer_direction`` as given (None: the detector's own, if any; ``"off"``: none): it acts
     on the prompts ``answer_below`` picks, so the answer side must not be turned off."""

@@ -27,7 +27,7 @@ from typing import Optional
 import lightning as L
 import numpy as np
 
-from lit_sahs.checks import probability, probability_band
+from lit_sahs.checks import answer_tpr_arg, probability, probability_band
 from lit_sahs.choices import Pairing
 from lit_sahs.data.holdout import Holdout
 from lit_sahs.detectors.metrics import weighted_threshold
@@ -52,6 +52,13 @@ class CrossFitThreshold:
     per_source: dict[str, dict] = field(default_factory=dict)
     benign: dict[str, tuple[list[str], np.ndarray]] = field(default_factory=dict, repr=False)
     harmful: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # for the answer cut (answer_cut)
+
+    def answer_cut(self, answer_tpr: float) -> dict:
+        """The answer side's cut placed on these out-of-source harmful scores (``answer_cut.fit_answer_cut``),
+        with the benign share below it per source."""
+        from lit_sahs.answer_cut import fit_answer_cut
+
+        return fit_answer_cut(self.harmful, answer_tpr, {src: v for src, (_, v) in self.benign.items()})
 
     def metadata(self) -> dict:
         """What an artifact records about its threshold (JSON-safe)."""
@@ -81,10 +88,10 @@ def crossfit_threshold(folds: Folds, family: str, hparams: Optional[dict], k: in
                        max_epochs=max_epochs, target_fpr=target_fpr, features=features, all_heads=all_heads)
         test = fit.datamodule.split_rows("test")
         s = np.asarray(fit.scores("test"), dtype=np.float64)
+        label = np.array([int(r["label"]) for r in test])
         for src in hold.sources:
             mine = np.array([str(r.get("source", "")) == src and r.get("attack_family", "plain") not in held_out.families
                              for r in test], dtype=bool)
-            label = np.array([int(r["label"]) for r in test])
             mask = mine & (label == 0)
             if mask.any():
                 scores.setdefault(src, []).append(s[mask])
@@ -155,8 +162,8 @@ class CrossFitCalibration(L.Callback):
         self.pairing, self.min_rows, self.max_epochs = pairing, min_rows, max_epochs
         self.relocate, self.target_fpr = relocate, target_fpr
         self.judge_band = probability_band(judge_band, "judge_band")
-        if answer_tpr is not None and probability(answer_tpr, "answer_tpr") == 0.0:
-            raise LitSahsError("answer_tpr must be above 0: it is the share of harmful prompts kept above the cut")
+        if answer_tpr is not None:
+            answer_tpr_arg(answer_tpr, "answer_tpr")
         if answer_direction is not None and answer_tpr is None:
             raise LitSahsError("answer_direction acts on the prompts below the answer cut: set answer_tpr too")
         self.answer_tpr, self.answer_direction = answer_tpr, answer_direction
@@ -203,10 +210,7 @@ class CrossFitCalibration(L.Callback):
                   f"log-odds ({self.judge['judged']:.0%} of cross-fitted benign rows judged; benign FPR "
                   f"{self.judge['fpr_detector']:.3f} detector alone, {self.judge['fpr']:.3f} with the judge)")
         if self.answer_tpr is not None:
-            from lit_sahs.answer_cut import fit_answer_cut
-
-            self.answer = fit_answer_cut(self.result.harmful, self.answer_tpr,
-                                         {src: v for src, (_, v) in self.result.benign.items()})
+            self.answer = self.result.answer_cut(self.answer_tpr)
             self.direction = direction
             print(f"answer cut: {self.answer['answer_below']:.4g} (out-of-source harmful rows kept above it "
                   f"{self.answer['kept']:.2f}, benign rows below it {self.answer.get('answered', float('nan')):.2f})")

@@ -177,9 +177,7 @@ def _calibration(folds, fit, detector, detector_args, top_k, hold, labels, targe
         out.update({"judge_cut": record["cut"], "fpr_judge": test["benign_fpr"], "tpr_judge": test["harmful_tpr"],
                     "judged": test["judged"]})
     if answer_tpr is not None:
-        from lit_sahs.answer_cut import fit_answer_cut
-
-        cut = fit_answer_cut(cf.harmful, answer_tpr, {s: v for s, (_, v) in cf.benign.items()})
+        cut = cf.answer_cut(answer_tpr)
         nan = float("nan")
         out.update({"answer_below": cut["answer_below"],
                     "answer_kept": float((harmful >= cut["answer_below"]).mean()) if len(harmful) else nan,

@@ -112,7 +112,7 @@ def calibrate_command(detector: str, store: Optional[str] = None, out: Optional[
             harmful, benign = _live_scores(det, sources, answer_limit, attacks, seed, batch_size, device)
             det.answer = fit_answer_cut(harmful, answer_tpr, benign, method=LIVE)
         else:
-            det.answer = fit_answer_cut(cf.harmful, answer_tpr, {s: v for s, (_, v) in cf.benign.items()})
+            det.answer = cf.answer_cut(answer_tpr)
     if direction is not None:
         det.answer_direction = direction
     path = save_detector(det, out or detector, overwrite=True)
@@ -135,10 +135,9 @@ def _check_plan(store, band, answer_tpr, sources, answer_direction, held_out) ->
     if band is not None and store is None:
         raise LitSahsError("--judge_band is fitted on the store's cross-fitted scores: give --store")
     if answer_tpr is not None:
-        from lit_sahs.checks import probability
+        from lit_sahs.checks import answer_tpr_arg
 
-        if probability(answer_tpr, "--answer_tpr") == 0.0:
-            raise LitSahsError("--answer_tpr must be above 0: it is the share of harmful prompts kept above the cut")
+        answer_tpr_arg(answer_tpr)
         if store is None and not sources:
             raise LitSahsError("--answer_tpr needs harmful scores of sources the detector never read: give --store "
                                "(cross-fitted) or --answer_sources")

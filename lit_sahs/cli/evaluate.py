@@ -88,7 +88,7 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
         raise LitSahsError(f"unknown protocol {protocol!r}: use families or sources")
     from lit_sahs.outputs import check_outputs
 
-    from lit_sahs.checks import probability, probability_band
+    from lit_sahs.checks import answer_tpr_arg, probability_band
 
     check_outputs(dirs={"--out": out or os.path.join(store, "zero_shot" if protocol == "families" else "sources")})
     band = probability_band(judge_band)
@@ -96,8 +96,8 @@ def evaluate(detector: Optional[str] = None, data: Optional[str] = None, json_ou
         raise LitSahsError("--judge_band is measured with --protocol sources --crossfit true")
     if answer_tpr is not None and (protocol != "sources" or not crossfit):
         raise LitSahsError("--answer_tpr is measured with --protocol sources --crossfit true")
-    if answer_tpr is not None and not 0.0 < probability(answer_tpr, "--answer_tpr"):
-        raise LitSahsError("--answer_tpr must be above 0: it is the share of harmful prompts kept above the cut")
+    if answer_tpr is not None:
+        answer_tpr_arg(answer_tpr)
     if protocol == "sources":
         return _source_report(store, ranking if not relocate else None, heads, top_k, detector_family, pairing,
                               sources, min_rows, max_epochs, seed, out, tracking_uri, experiment, crossfit,
