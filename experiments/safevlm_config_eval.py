@@ -75,6 +75,24 @@ def calibrated_risk(scores: list[float], val_rows, share: float) -> float:
                                 lora_tpr=share))
 
 
+def stage_conditions(conditions: dict, dets: dict, base, stage2_label: str, gen):
+    """Add stage I's and stage II's rows (gated as shipped and, with a gate, the adapter on for every prompt)
+    to `conditions`; returns stage II's own copy of the target."""
+    from lit_sahs.safevlm.guard import SafeVLMGuard
+    from lit_sahs.targets import load_target
+
+    tuned = load_target(base.fingerprint.name)  # stage II puts its LoRA weights into its own copy
+    gate = float(dets["stage2"].lora_threshold)
+    conditions["SafeVLM stage I (safevlm_stage1.yaml)"] = gen(dets["stage1"].make_guard(base))
+    two = f"SafeVLM stage II ({stage2_label}" if stage2_label else "SafeVLM stage II as shipped (safevlm_stage2.yaml"
+    conditions[two + (", LoRA gated)" if math.isfinite(gate) else ")")] = gen(dets["stage2"].make_guard(tuned))
+    if math.isfinite(gate):
+        every = f"SafeVLM stage II ({stage2_label}), adapter on for every prompt" if stage2_label else \
+            "SafeVLM stage II, adapter on for every prompt"
+        conditions[every] = gen(SafeVLMGuard(tuned, dets["stage2"], lora_threshold=0.0))
+    return tuned
+
+
 def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts/safevlm-heads/detector",
         stage1: str = "artifacts/safevlm-stage1/detector", stage2: str = "artifacts/safevlm-stage2/detector",
         out: str = "experiments/results/safevlm-configs-generation", eval_n: int = 0, mc_n: int = 40,
@@ -127,8 +145,14 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
     if threads:
         torch.set_num_threads(threads)
     init = data_args(fit_config)
-    dets = {"stage1": load_detector(stage1), "stage2": load_detector(stage2)}
-    if not dets["stage2"].lora:
+    if bool(stage1) != bool(stage2):
+        raise LitSahsError("give --stage1 and --stage2, or neither (empty: the safety-head guard's rows only)")
+    if not (stage2 or heads):
+        raise LitSahsError("nothing to evaluate: give --heads or --stage1 and --stage2")
+    if not stage2 and (gate_shares or "stage" in conditions_):
+        raise LitSahsError("--lora_tpr and the stage conditions need --stage1 and --stage2")
+    dets = {"stage1": load_detector(stage1), "stage2": load_detector(stage2)} if stage2 else {}
+    if stage2 and not dets["stage2"].lora:
         raise LitSahsError(f"--stage2 {stage2}: a stage-I artifact (no LoRA adapter); pass the stage-II one")
     if gate_shares and not math.isfinite(float(dets["stage2"].lora_threshold)):
         raise LitSahsError(f"--lora_tpr: {stage2} has no LoRA gate to move (its adapter is on for every prompt)")
@@ -144,7 +168,8 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
         raise LitSahsError(f"--fit_config {fit_config}: the test split must hold out one jailbreak family and no source")
     t0 = time.time()
     base = load_target(init.pop("target"))
-    dm = SafetyDataModule(target=base, num_safety_tokens=int(dets["stage1"].hparams.num_safety_tokens), **init)
+    slots = int(dets["stage1"].hparams.num_safety_tokens) if stage2 else 1  # the draw and split do not depend on it
+    dm = SafetyDataModule(target=base, num_safety_tokens=slots, **init)
     dm.setup()
     test = {g: rs for g, rs in groups_of(dm.split_rows("test"), families[0]).items() if rs}
     groups = {**test, **(val_groups(dm.split_rows("val")) if init.get("val_sources") else {})}
@@ -159,18 +184,11 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
     def gen(guard):
         return lambda texts: guarded(guard, texts, max_new_tokens, batch_size)
 
-    tuned = load_target(base.fingerprint.name)  # stage II puts its LoRA weights into its own copy
-    gate = float(dets["stage2"].lora_threshold)
     conditions = {REFERENCE: lambda texts: (plain_generate(base, texts, max_new_tokens, batch_size), None)}
     if heads:
         conditions[f"safety-head guard ({heads_label or 'safevlm_heads.yaml'})"] = gen(dets["heads"].make_guard(base))
-    conditions["SafeVLM stage I (safevlm_stage1.yaml)"] = gen(dets["stage1"].make_guard(base))
-    two = f"SafeVLM stage II ({stage2_label}" if stage2_label else "SafeVLM stage II as shipped (safevlm_stage2.yaml"
-    conditions[two + (", LoRA gated)" if math.isfinite(gate) else ")")] = gen(dets["stage2"].make_guard(tuned))
-    if math.isfinite(gate):
-        every = f"SafeVLM stage II ({stage2_label}), adapter on for every prompt" if stage2_label else \
-            "SafeVLM stage II, adapter on for every prompt"
-        conditions[every] = gen(SafeVLMGuard(tuned, dets["stage2"], lora_threshold=0.0))
+    tuned = stage_conditions(conditions, dets, base, stage2_label, gen) if stage2 else None
+    gate = float(dets["stage2"].lora_threshold) if stage2 else math.inf
     val_rows = dm.split_rows("val")
     scored = {}  # each guard's validation risks, scored once for every share that needs them
     if gate_shares or answer_shares:
@@ -186,7 +204,7 @@ def run(fit_config: str = "configs/safevlm_stage2.yaml", heads: str = "artifacts
     answer_below = {}
     for share in answer_shares:
         for name, key, det, target in ((("safety-head guard", "heads", dets["heads"], base),) if heads else ()) + \
-                (("SafeVLM stage II as shipped", "stage2", dets["stage2"], tuned),):
+                ((("SafeVLM stage II as shipped", "stage2", dets["stage2"], tuned),) if stage2 else ()):
             below = calibrated_risk(scored[key], val_rows, share)
             answer_below[f"{name}, answer_below at {share:g} val harmful"] = below
             conditions[f"{name}, answers nudged below {below:.3g} ({share:g} of val harmful above)"] = \

@@ -31,6 +31,7 @@ from lit_sahs.errors import LitSahsError
 from lit_sahs.heads import TargetFingerprint
 from lit_sahs.refusal_direction import RefusalDirection
 
+FROM_STORE = "from_store"          # the direction fitted on the store's training rows (``shipped_direction``)
 CROSSFIT = "crossfit_sources"      # out-of-source scores of the cross-fitted fold fits
 LIVE = "held_out_sources"          # the shipped detector's scores of sources the user names
 DIRECTION_TENSOR = SIDE_PREFIX + "refusal_direction"  # the direction's key in detector.safetensors
@@ -53,6 +54,29 @@ def fit_answer_cut(harmful: Mapping[str, Any], answer_tpr: float, benign: Option
         record["benign"] = answered
         record["answered"] = float(np.mean([v["answered"] for v in answered.values()]))
     return record
+
+
+def shipped_direction(spec: str, det, store=None, held_out=None, device: str = "auto",
+                      option: str = "--answer_direction") -> RefusalDirection:
+    """The refusal direction shipped with the answer cut: the file `spec` (checked against `det`'s target), or
+    ``from_store``: fitted on `store`'s rows outside `held_out`, its layer picked by effect on `det`'s target
+    (loaded here; ``refusal_direction.select_layer``), so a recipe needs no direction file made beforehand."""
+    if spec != FROM_STORE:
+        direction = RefusalDirection.load(spec)
+        direction.fingerprint.check(det.fingerprint, option)
+        return direction
+    if store is None:
+        raise LitSahsError(f"{option} {FROM_STORE} fits the direction on the training rows of a store: give the store")
+    from lit_sahs.data.store import ActivationStore
+    from lit_sahs.devices import resolve_device
+    from lit_sahs.refusal_direction import recorded_layers, select_layer
+    from lit_sahs.targets import load_target
+
+    opened = store if isinstance(store, ActivationStore) else ActivationStore.open(store)
+    opened.fingerprint.check(det.fingerprint, f"store {opened.path}")
+    recorded_layers(opened)  # a store without residual layers fails before the target loads
+    target = load_target(det.fingerprint.name, device=resolve_device(device))
+    return select_layer(target, opened, held_out, progress=True)
 
 
 def stored_answer(record: Any, source: Any) -> Optional[dict]:

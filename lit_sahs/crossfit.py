@@ -132,7 +132,8 @@ def crossfit_detector(det: ModelFamily, folds: Folds, held_out: Holdout = Holdou
 class CrossFitCalibration(L.Callback):
     """Give the fitted detector the threshold cross-fitted over its store's training sources, before
     the test report and the export read it (after the best checkpoint is restored). The sources the
-    DataModule holds out stay out of every inner fit, so the test report still describes unseen ones.
+    DataModule holds out stay out of every inner fit, so the test report still describes unseen ones;
+    so do its validation-only sources (``val_sources``: never trained on, by the fit or by an inner fit).
 
     In a fit config::
 
@@ -152,7 +153,9 @@ class CrossFitCalibration(L.Callback):
         answer_tpr: also place the answer side's cut so that this share of the out-of-source harmful
             rows stays at or above it (``lit_sahs.answer_cut``), shipped with the detector: its guards
             answer the prompts below it without refusal openings
-        answer_direction: a refusal direction file (``python -m lit_sahs direction``) shipped with that cut
+        answer_direction: the refusal direction shipped with that cut: a file (``python -m lit_sahs direction``),
+            or ``from_store``: fitted on the store's training rows, its layer picked by effect on the target
+            (``refusal_direction.select_layer``; loads the target)
     """
 
     def __init__(self, pairing: Pairing = "round_robin", min_rows: int = 10, max_epochs: Optional[int] = None,
@@ -181,12 +184,13 @@ class CrossFitCalibration(L.Callback):
         if not isinstance(dm, CachedActivationDataModule):
             raise LitSahsError("CrossFitCalibration re-fits the detector on the sources of an activation store: "
                                "use it with lit_sahs.data.datamodules.CachedActivationDataModule")
+        held = Holdout(dm.holdout.families, tuple(dm.holdout.sources) + tuple(dm.val_sources))
         direction = None
-        if self.answer_direction is not None:  # checked before the fold fits
-            from lit_sahs.refusal_direction import RefusalDirection
+        if self.answer_direction is not None:  # a file is checked before the fold fits
+            from lit_sahs.answer_cut import shipped_direction
 
-            direction = RefusalDirection.load(self.answer_direction)
-            direction.fingerprint.check(pl_module.fingerprint, "answer_direction")
+            direction = shipped_direction(self.answer_direction, pl_module, dm.store, held, str(pl_module.device),
+                                          "answer_direction")
         g = dm.geometry
         if dm.ranking_path and self.relocate:
             ranking, heads = PER_FOLD, None
@@ -196,7 +200,7 @@ class CrossFitCalibration(L.Callback):
             ranking, heads = None, dm.head_set.spec() if len(dm.head_set) < g.num_layers * g.num_heads else None
         folds = Folds(dm.store_path, ranking=ranking, heads=heads, seed=dm.seed, val_fraction=dm.val_fraction,
                       test_fraction=dm.test_fraction)
-        self.result = crossfit_detector(pl_module, folds, dm.holdout, self.target_fpr, self.pairing, self.min_rows,
+        self.result = crossfit_detector(pl_module, folds, held, self.target_fpr, self.pairing, self.min_rows,
                                         self.max_epochs or trainer.max_epochs, progress=True)
         ps = ", ".join(f"{s} {v['fpr']:.2f}" for s, v in self.result.per_source.items())
         print(f"threshold cross-fitted over {len(self.result.folds)} source folds: {self.result.threshold:.4f} "
@@ -214,9 +218,13 @@ class CrossFitCalibration(L.Callback):
             self.direction = direction
             print(f"answer cut: {self.answer['answer_below']:.4g} (out-of-source harmful rows kept above it "
                   f"{self.answer['kept']:.2f}, benign rows below it {self.answer.get('answered', float('nan')):.2f})")
+        self._apply(pl_module)  # a fit that is not tested (no output_dir) ends with them too
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.result is not None:  # the best checkpoint restored its own (validation) threshold
+        self._apply(pl_module)  # the best checkpoint restored its own (validation) threshold
+
+    def _apply(self, pl_module: L.LightningModule) -> None:
+        if self.result is not None:
             pl_module.threshold.fill_(self.result.threshold)
             pl_module.calibration = self.result.metadata()
             pl_module.judge = self.judge

@@ -135,6 +135,7 @@ def test_calibrate_places_the_cut_on_cross_fitted_harmful_scores_and_keeps_it(tm
     (["--answer_tpr", "0.9", "--answer_sources", "future_tense", "--answer_attacks", "plain,nosuch"],
      "unknown attack 'nosuch'"),
     (["--answer_tpr", "0.9", "--answer_sources", "future_tense", "--held_out_families", "dan"], "give --store"),
+    (["--answer_tpr", "0.9", "--answer_sources", "future_tense", "--answer_direction", "from_store"], "give --store"),
 ])
 def test_calibrate_refuses_a_plan_it_cannot_carry_out_before_loading(tmp_path, cli, args, message):
     code, _, err = cli(["calibrate", "--detector", str(tmp_path / "missing"), *args])
@@ -215,3 +216,23 @@ def test_the_source_protocol_checks_the_cut_on_each_held_out_pair(tmp_path, cli,
     assert result["calibration"]["answer_kept"] == pytest.approx(np.mean([f["calibration"]["answer_kept"]
                                                                           for f in result["folds"]]))
     assert "harmful kept" in (tmp_path / "s" / "sources" / "sources.md").read_text()
+
+
+def test_a_direction_from_the_store_is_the_one_picked_by_effect_on_its_kept_rows(smollm2, flagging, tmp_path):
+    """``from_store``: the recipe needs no direction file; what it ships is ``select_layer``'s pick on the
+    store's rows outside the held-out ones, the target loaded from the detector's fingerprint."""
+    from test_refusal_direction import residual_store, smollm2_store
+
+    from lit_sahs.answer_cut import shipped_direction
+    from lit_sahs.data.holdout import Holdout
+    from lit_sahs.refusal_direction import select_layer
+
+    store = smollm2_store(smollm2, tmp_path / "s", real_layer=12, noise_layer=4)
+    got = shipped_direction("from_store", flagging, store, Holdout(), "cpu")
+    want = select_layer(smollm2, store)
+    assert got.layer == want.layer and got.rows == want.rows == {"harmful": 6, "benign": 6}
+    assert torch.allclose(got.vector, want.vector) and got.selection == pytest.approx(want.selection, rel=1e-4)
+    with pytest.raises(LitSahsError, match="give the store"):
+        shipped_direction("from_store", flagging, None)
+    with pytest.raises(LitSahsError, match="made for target 'synthetic-target'"):  # before the target loads
+        shipped_direction("from_store", flagging, residual_store(tmp_path / "other")[0])

@@ -208,3 +208,20 @@ def test_val_sources_validate_on_collections_never_trained_on(tmp_path):
         benign = np.array([r["label"] == 0 for r in test])
         fpr[name] = float((s[benign] >= float(det.threshold)).mean())
     assert fpr["sources"] <= 0.05 < fpr["random"], fpr
+
+
+def test_the_callback_keeps_validation_sources_out_of_its_inner_fits(tmp_path):
+    """val_sources are never trained on by the fit; the cross-fit's inner fits do not train on them either,
+    and neither the threshold nor the answer cut is placed on their rows."""
+    from lit_sahs.crossfit import CrossFitCalibration
+    from lit_sahs.data.datamodules import CachedActivationDataModule
+    from lit_sahs.detectors import LogisticDetector
+    from lit_sahs.engine import Engine
+
+    shifted_store(tmp_path / "s")
+    dm = CachedActivationDataModule(str(tmp_path / "s"), heads=HEADS, val_sources=["harm2", "ben3"])
+    callback = CrossFitCalibration(answer_tpr=0.9)
+    det = Engine(validate_once=True, max_epochs=3, callbacks=[callback]).fit(LogisticDetector(), dm).detector
+    assert set(det.calibration["per_source"]) == {"ben0", "ben1", "ben2"}
+    assert not any(name in fold for fold in det.calibration["folds"] for name in ("harm2", "ben3"))
+    assert sorted(det.answer["harmful"]) == ["harm0", "harm1"] and sorted(det.answer["benign"]) == ["ben0", "ben1", "ben2"]

@@ -67,17 +67,18 @@ def calibrate_command(detector: str, store: Optional[str] = None, out: Optional[
             of families the detector trained on (never the family a report tests on) make the cut hold on
             wrapped traffic, whose harmful scores sit lower than plain prompts'
         answer_direction: a refusal direction file (``python -m lit_sahs direction``) to ship with the cut:
-            guards ablate it while the prompts below the cut decode
+            guards ablate it while the prompts below the cut decode; ``from_store``: fitted here on --store's
+            rows outside the held-out ones, its layer picked by effect on the target
         held_out_families: comma-separated attack families of the store left out of every fold (e.g. the
             family a report tests on)
         held_out_sources: comma-separated sources of the store left out of every fold
     """
-    from lit_sahs.answer_cut import LIVE, fit_answer_cut, summary
+    from lit_sahs.answer_cut import FROM_STORE, LIVE, fit_answer_cut, shipped_direction, summary
     from lit_sahs.artifact import load_detector, save_detector
     from lit_sahs.checks import at_least, probability_band
     from lit_sahs.model_uri import is_uri
     from lit_sahs.outputs import check_outputs
-    from lit_sahs.refusal_direction import RefusalDirection
+    from lit_sahs.data.holdout import Holdout
 
     if out is None and (is_uri(detector) or str(detector).endswith(".ckpt")):
         raise LitSahsError("--out is needed when --detector is an MLflow URI or a checkpoint")
@@ -93,18 +94,17 @@ def calibrate_command(detector: str, store: Optional[str] = None, out: Optional[
             get_attack(name)
     _check_plan(store, band, answer_tpr, sources, answer_direction, held_out_families or held_out_sources)
     det = load_detector(detector, tracking_uri=tracking_uri)
+    held = Holdout(families=held_out_families, sources=held_out_sources)
     direction = None
     if answer_direction:
-        direction = RefusalDirection.load(answer_direction)
-        direction.fingerprint.check(det.fingerprint, "--answer_direction")
+        if answer_direction != FROM_STORE:  # a file is checked first: it costs nothing
+            direction = shipped_direction(answer_direction, det)
         if answer_tpr is None and det.answer is None:  # before minutes of fold fits
             raise LitSahsError("--answer_direction acts on the prompts below the answer cut, and the detector has "
                                "none: calibrate with --answer_tpr too")
+        direction = direction or shipped_direction(answer_direction, det, store, held, device)
     before, cf, judge = float(det.threshold), None, None
     if store is not None:
-        from lit_sahs.data.holdout import Holdout
-
-        held = Holdout(families=held_out_families, sources=held_out_sources)
         cf, judge = _crossfit(det, store, held, band, target_fpr, pairing, min_rows, max_epochs, relocate, seed,
                               batch_size, device)
     if answer_tpr is not None:
@@ -126,6 +126,8 @@ def calibrate_command(detector: str, store: Optional[str] = None, out: Optional[
 
 def _check_plan(store, band, answer_tpr, sources, answer_direction, held_out) -> None:
     """What the options ask for must be doable, before anything loads."""
+    from lit_sahs.answer_cut import FROM_STORE
+
     if held_out and store is None:
         raise LitSahsError("--held_out_families / --held_out_sources leave store rows out of the folds: give --store")
     if sources and answer_tpr is None:
@@ -134,6 +136,8 @@ def _check_plan(store, band, answer_tpr, sources, answer_direction, held_out) ->
         raise LitSahsError("nothing to calibrate: give --store (the threshold), --answer_tpr or --answer_direction")
     if band is not None and store is None:
         raise LitSahsError("--judge_band is fitted on the store's cross-fitted scores: give --store")
+    if answer_direction == FROM_STORE and store is None:
+        raise LitSahsError(f"--answer_direction {FROM_STORE} fits the direction on the training rows of a store: give --store")
     if answer_tpr is not None:
         from lit_sahs.checks import answer_tpr_arg
 
