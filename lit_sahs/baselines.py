@@ -1,6 +1,9 @@
 """Baselines every report shows next to the head detectors, on the same rows:
 
 - `tfidf`: TF-IDF word and character n-grams + logistic regression on the prompt text;
+- `text_embedding`: logistic regression on a sentence encoder's embedding of the prompt text
+  (all-MiniLM-L6-v2 from an installed package, ``lit_sahs.text_embedding``): a semantic text
+  classifier that never runs the target; left out where the package is not installed;
 - `residual`: logistic regression on the last-layer residual stream at the first-token position;
 - `perplexity`: the prompt's mean token NLL under the target (a perplexity filter's score);
 - `harm_direction`: one "harm direction" per residual layer (difference of the class means of the
@@ -21,10 +24,11 @@ from typing import Sequence
 import numpy as np
 
 from lit_sahs.data.store import ActivationStore
+from lit_sahs import text_embedding
 from lit_sahs.errors import LitSahsError
 
-BASELINES = ("tfidf", "residual", "perplexity", "harm_direction", "resid_layers", "refusal", "judge")
-# the store extra each column needs (tfidf reads the index text)
+BASELINES = ("tfidf", "text_embedding", "residual", "perplexity", "harm_direction", "resid_layers", "refusal", "judge")
+# the store extra each column needs (the TEXT columns read the index text)
 NEEDS = {"residual": "residual", "perplexity": "prompt_nll", "harm_direction": "residual_layers",
          "resid_layers": "residual_layers", "refusal": "refusal_prob", "judge": "judge_logodds"}
 
@@ -39,6 +43,17 @@ def tfidf_scores(train_texts: Sequence[str], y_train: np.ndarray, eval_texts: Se
     clf = make_pipeline(features, LogisticRegression(C=10.0, max_iter=2000, random_state=seed))
     clf.fit(list(train_texts), y_train)
     return clf.predict_proba(list(eval_texts))[:, 1]
+
+
+def text_embedding_scores(train_texts: Sequence[str], y_train: np.ndarray, eval_texts: Sequence[str],
+                          seed: int = 0) -> np.ndarray:
+    from sklearn.linear_model import LogisticRegression
+
+    from lit_sahs.text_embedding import embed
+
+    clf = LogisticRegression(C=1.0, max_iter=3000, random_state=seed)  # unit vectors: no scaling needed
+    clf.fit(embed(train_texts), y_train)
+    return clf.predict_proba(embed(eval_texts))[:, 1]
 
 
 def residual_scores(r_train: np.ndarray, y_train: np.ndarray, r_eval: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -90,6 +105,16 @@ def harm_direction_scores(r_train: np.ndarray, y_train: np.ndarray, r_eval: np.n
     return r_eval[:, j].astype(np.float64) @ harm_direction(r_train[:, j], y_train)
 
 
+TEXT = {"tfidf": tfidf_scores, "text_embedding": text_embedding_scores}  # columns that read the prompt text only
+
+
+def text_baseline_scores(train_texts: Sequence[str], y_train: np.ndarray, eval_texts: Sequence[str],
+                         names: Sequence[str], seed: int = 0) -> dict[str, np.ndarray]:
+    """The columns of `names` that read the prompt text only (the encoder's column where its package is installed)."""
+    return {name: TEXT[name](train_texts, y_train, eval_texts, seed) for name in names
+            if name in TEXT and (name != "text_embedding" or text_embedding.available())}
+
+
 def baseline_scores(store: ActivationStore, train_rows: np.ndarray, eval_rows: np.ndarray,
                     names: Sequence[str] = BASELINES, seed: int = 0) -> dict[str, np.ndarray]:
     """Scores (higher = more malicious) of each baseline for `eval_rows`, trained on `train_rows`."""
@@ -102,9 +127,9 @@ def baseline_scores(store: ActivationStore, train_rows: np.ndarray, eval_rows: n
         raise LitSahsError("baseline training rows hold a single class: a classifier needs both")
     out = {}
     for name in names:
-        if name == "tfidf":
-            out[name] = tfidf_scores([index[i]["text"] for i in train_rows], y[train_rows],
-                                     [index[i]["text"] for i in eval_rows], seed)
+        if name in TEXT:
+            out.update(text_baseline_scores([index[i]["text"] for i in train_rows], y[train_rows],
+                                            [index[i]["text"] for i in eval_rows], [name], seed))
         else:
             if NEEDS[name] not in store.extra_names():
                 continue  # a store extracted without this extra: the report says which are missing

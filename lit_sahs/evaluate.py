@@ -34,8 +34,8 @@ def split_reports(detector: ModelFamily, dm, split: str = "test", baselines: Seq
     baseline, trained on the same train rows. Each baseline's threshold is calibrated like the
     detector's (its validation benign scores, the detector's target FPR), so the at-threshold TPR/FPR
     of all methods compare. Baselines that read stored activations need a DataModule with a store;
-    the text baseline (TF-IDF) needs only the rows."""
-    from lit_sahs.baselines import tfidf_scores
+    the text baselines (TF-IDF, sentence embedding) need only the rows."""
+    from lit_sahs.baselines import text_baseline_scores
     from lit_sahs.detectors.metrics import calibrate_threshold
 
     index, val_rows, train_rows = dm.split_rows(split), dm.split_rows("val"), dm.split_rows("train")
@@ -52,11 +52,9 @@ def split_reports(detector: ModelFamily, dm, split: str = "test", baselines: Seq
     if store is not None:
         both_by = baseline_scores(store, dm.splits["train"], np.concatenate([dm.splits["val"], dm.splits[split]]),
                                   baselines, seed=dm.seed)
-    elif "tfidf" in baselines:  # a DataModule of prompts, not stored activations: the text baseline only
-        both_by = {"tfidf": tfidf_scores([r["text"] for r in train_rows], np.array([r["label"] for r in train_rows]),
-                                         [r["text"] for r in val_rows + index], seed=getattr(dm, "seed", 0))}
-    else:
-        both_by = {}
+    else:  # a DataModule of prompts, not stored activations: the text baselines only
+        both_by = text_baseline_scores([r["text"] for r in train_rows], np.array([r["label"] for r in train_rows]),
+                                       [r["text"] for r in val_rows + index], baselines, getattr(dm, "seed", 0))
     for name, both in both_by.items():
         scores[name] = both[len(val_rows):]
         thresholds[name] = calibrate_threshold(torch.as_tensor(both[:len(val_rows)][y_val == 0]), target_fpr)

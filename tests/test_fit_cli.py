@@ -43,7 +43,7 @@ def test_fit_locates_fits_tests_and_tracks(workdir, cli):
     assert {(s["layer"], s["head"]) for s in ranking["scores"][:2]} == set(SIGNAL_HEADS)
     assert (workdir / "store" / "heads.png").exists()
     report = json.loads((workdir / "out" / "report.json").read_text())
-    assert set(report) == {"heads", "tfidf", "residual", "perplexity"}
+    assert set(report) == {"heads", "tfidf", "text_embedding", "residual", "perplexity"}
     assert report["heads"]["overall"]["auroc"] > 0.95  # planted signal in the held-out family too
     assert set(report["heads"]) == {"overall", "pliny"}  # only the held-out family is tested
     assert "| pliny |" in out and "heads auroc" in out
