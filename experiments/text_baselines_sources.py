@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Optional
 
 from lit_sahs.commands import script_main
@@ -78,6 +77,7 @@ def run(out: str, store: Optional[str] = None, harmful: str = GUARD_HARMFUL, ben
     from lit_sahs.baselines import TEXT
     from lit_sahs.errors import LitSahsError
     from lit_sahs.folds import source_holdouts
+    from lit_sahs.io import atomic_write_text
     from lit_sahs.plots import fold_bars
 
     names = [n.strip() for n in baselines.split(",") if n.strip()]
@@ -118,11 +118,8 @@ def run(out: str, store: Optional[str] = None, harmful: str = GUARD_HARMFUL, ben
     result = {"rows": len(rows), "origin": origin, "split_seed": split_seed, "mean": mean, "folds": folds,
               "skipped": skipped}
     os.makedirs(out, exist_ok=True)
-    for name, text in (("sources_text.json", json.dumps(result, indent=1)), ("sources_text.md", "\n".join(lines) + "\n")):
-        fd, tmp = tempfile.mkstemp(dir=out)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, os.path.join(out, name))
+    atomic_write_text(os.path.join(out, "sources_text.json"), json.dumps(result, indent=1))
+    atomic_write_text(os.path.join(out, "sources_text.md"), "\n".join(lines) + "\n")
     fold_bars({n: [f[n]["auroc"] for f in folds] for n in present}, [" + ".join(f["held_out"]) for f in folds],
               os.path.join(out, "sources_text.png"), title="held-out AUROC of the text baselines")
     print("\n".join(lines))
