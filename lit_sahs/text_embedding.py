@@ -53,11 +53,14 @@ def embed(texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
     """[n, 384] unit vectors, one per text (mean of the encoder's last hidden states over its tokens)."""
     import torch
 
+    from tqdm.auto import tqdm
+
     texts = [str(t) for t in texts]
     todo = list(dict.fromkeys(t for t in texts if t not in _cache))
     if todo:
         tokenizer, model = _encoder()
-        for i in range(0, len(todo), batch_size):
+        steps = range(0, len(todo), batch_size)
+        for i in tqdm(steps, desc="sentence embeddings", unit="batch", leave=False, disable=len(steps) < 8):
             chunk = todo[i:i + batch_size]
             enc = tokenizer(chunk, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
             with torch.no_grad():
