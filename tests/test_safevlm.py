@@ -548,6 +548,13 @@ def test_the_shipped_joined_recipe_runs_from_its_three_configs(tmp_path, monkeyp
                           "--prepare.limit", "96", "--data.init_args.store", str(tmp_path / "store"),
                           "--data.init_args.ranking", "null", "--data.init_args.heads", "0.1,1.0", "--trainer.logger", "false"])
     assert code == 0, err[-2000:]
+    heads = json.loads((tmp_path / "artifacts/safevlm-heads/detector/detector.json").read_text())
+    # the config's callback ships the cross-fitted threshold, the answer cut and a direction fitted on the store,
+    # the validation-only sources kept out of every inner fold
+    assert heads["calibration"]["method"] == "crossfit_sources" and heads["threshold"] == heads["calibration"]["threshold"]
+    assert heads["answer"]["answer_tpr"] == 0.9 and isinstance(heads["answer"]["direction"]["layer"], int)
+    assert not any(v in fold for fold in heads["calibration"]["folds"]
+                   for v in ("future_tense", "rho_overrefusal", "innocent_alarming"))
     small = ["--data.init_args.target", "tiny-llama", "--data.init_args.limit", "96", "--data.init_args.answers",
              str(tmp_path / "a.jsonl"), "--data.init_args.max_answer_tokens", "6", "--trainer.max_epochs", "1",
              "--trainer.logger", "false"]
