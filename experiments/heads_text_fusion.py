@@ -22,7 +22,7 @@ from typing import Optional
 
 from lit_sahs.commands import script_main
 
-METHODS = ("heads", "text_embedding", "mean", "stacked")
+METHODS = ("heads", "text_embedding", "mean", "stacked", "crossfit", "crossfit_len")
 
 
 def logit(p):
@@ -32,36 +32,87 @@ def logit(p):
     return np.log(p / (1 - p))
 
 
-def fold_reports(folds, hold, top_k: int, max_epochs: Optional[int], target_fpr: float) -> dict:
-    """{method: held-out report} for one fold."""
+def both_scores(folds, fit, rows_of: dict) -> dict:
+    """{part: (heads log-odds, encoder log-odds, labels, sources, log length)} for the row positions of each
+    part, the encoder trained on `fit`'s training rows (the rows the heads detector trained on)."""
+    import numpy as np
+
+    from lit_sahs.baselines import text_baseline_scores
+
+    train = fit.datamodule.splits["train"]
+    text = lambda rows: [folds.index[i]["text"] for i in rows]
+    every = np.concatenate(list(rows_of.values()))
+    t = logit(text_baseline_scores(text(train), folds.labels[train], text(every), ["text_embedding"],
+                                   folds.seed)["text_embedding"])
+    out, at = {}, 0
+    for part, rows in rows_of.items():
+        h = logit(fit.scores(part)) if part in fit.datamodule.splits else None
+        out[part] = (h, t[at:at + len(rows)], folds.labels[rows], np.array([str(folds.index[i].get("source", ""))
+                     for i in rows]), np.log1p([len(folds.index[i]["text"]) for i in rows]))
+        at += len(rows)
+    return out
+
+
+def out_of_source(folds, hold, top_k: int, max_epochs: Optional[int], min_rows: int):
+    """Heads and encoder log-odds of every training-source row from fits that left its source out (inner
+    source folds of the outer fold's training sources, as ``lit_sahs.crossfit`` cross-fits a threshold)."""
+    import numpy as np
+
+    from lit_sahs.data.holdout import Holdout
+    from lit_sahs.folds import fit_fold, source_holdouts
+
+    rows = [r for r in folds.index if str(r.get("source", "")) not in hold.sources]
+    inner, _ = source_holdouts(rows, "round_robin", min_rows)
+    parts = []
+    for fold in inner:
+        fit = fit_fold(folds, "logistic", {}, top_k, Holdout(sources=hold.sources + fold.sources), max_epochs=max_epochs)
+        test = fit.datamodule.splits["test"]
+        mine = np.array([str(folds.index[i].get("source", "")) in fold.sources for i in test])
+        s = both_scores(folds, fit, {"test": test})["test"]
+        parts.append(tuple(v[mine] for v in s))
+    return tuple(np.concatenate([p[j] for p in parts]) for j in range(5))
+
+
+def fold_reports(folds, hold, top_k: int, max_epochs: Optional[int], target_fpr: float, min_rows: int = 10) -> dict:
+    """{method: held-out report} for one fold, each method at two thresholds: calibrated to `target_fpr`
+    on the validation benign rows (``fpr``, ``tpr``) and cross-fitted over the training sources
+    (``fpr_cf``, ``tpr_cf``: every source's out-of-source benign rows weighing the same)."""
     import numpy as np
     import torch
     from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
-    from lit_sahs.baselines import text_baseline_scores
-    from lit_sahs.detectors.metrics import calibrate_threshold, compute_report
+    from lit_sahs.detectors.metrics import calibrate_threshold, compute_report, weighted_threshold
     from lit_sahs.folds import fit_fold
 
     fit = fit_fold(folds, "logistic", {}, top_k, hold, max_epochs=max_epochs)
     split = fit.datamodule.splits
-    text = lambda part: [folds.index[i]["text"] for i in split[part]]
-    y = {part: folds.labels[split[part]] for part in ("train", "val", "test")}
-    both = text_baseline_scores(text("train"), y["train"], text("val") + text("test"), ["text_embedding"],
-                                folds.seed)["text_embedding"]
-    n_val = len(split["val"])
-    val = {"heads": logit(fit.scores("val")), "text_embedding": logit(both[:n_val])}
-    test = {"heads": logit(fit.scores("test")), "text_embedding": logit(both[n_val:])}
-    z = {m: (val[m].mean(), val[m].std() + 1e-9) for m in val}
-    standard = lambda d, m: (d[m] - z[m][0]) / z[m][1]
-    val["mean"] = (standard(val, "heads") + standard(val, "text_embedding")) / 2
-    test["mean"] = (standard(test, "heads") + standard(test, "text_embedding")) / 2
-    stack = LogisticRegression(max_iter=1000).fit(np.c_[val["heads"], val["text_embedding"]], y["val"])
-    val["stacked"] = stack.decision_function(np.c_[val["heads"], val["text_embedding"]])
-    test["stacked"] = stack.decision_function(np.c_[test["heads"], test["text_embedding"]])
-    out = {"stack_weights": [float(w) for w in stack.coef_[0]]}
+    s = both_scores(folds, fit, {"val": split["val"], "test": split["test"]})
+    oos = out_of_source(folds, hold, top_k, max_epochs, min_rows)
+    val_h, val_t, y_val = s["val"][:3]
+    z = {"h": (val_h.mean(), val_h.std() + 1e-9), "t": (val_t.mean(), val_t.std() + 1e-9)}
+    pair = lambda h, t, L: np.c_[h, t]
+    with_len = lambda h, t, L: np.c_[h, t, L, h * L, t * L]  # how far to trust each, by the prompt's length
+    stack = LogisticRegression(max_iter=1000).fit(pair(val_h, val_t, None), y_val)
+    score = {"heads": lambda h, t, L: h, "text_embedding": lambda h, t, L: t,
+             "mean": lambda h, t, L: ((h - z["h"][0]) / z["h"][1] + (t - z["t"][0]) / z["t"][1]) / 2,
+             "stacked": lambda h, t, L: stack.decision_function(pair(h, t, L))}
+    out = {"stack_weights": [float(w) for w in stack.coef_[0]], "inner_rows": int(len(oos[2]))}
+    for name, x in (("crossfit", pair), ("crossfit_len", with_len)):
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x(oos[0], oos[1], oos[4]), oos[2])
+        score[name] = lambda h, t, L, model=model, x=x: model.decision_function(x(h, t, L))
+        out[f"{name}_weights"] = [float(w) for w in model[-1].coef_[0]]
+    h, t, y, _, L = s["test"]
+    oh, ot, oy, osrc, oL = oos
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))  # weighted_threshold reads probabilities; flags are the same
     for m in METHODS:
-        threshold = calibrate_threshold(torch.as_tensor(val[m][y["val"] == 0]), target_fpr)
-        out[m] = compute_report(test[m], y["test"], threshold=threshold)["overall"]
+        test, val, inner = score[m](h, t, L), score[m](val_h, val_t, s["val"][4]), score[m](oh, ot, oL)
+        report = compute_report(test, y, threshold=calibrate_threshold(torch.as_tensor(val[y_val == 0]), target_fpr))
+        cf = weighted_threshold({src: sigmoid(inner[(osrc == src) & (oy == 0)]) for src in set(osrc[oy == 0])},
+                                target_fpr)
+        out[m] = {**report["overall"], "fpr_cf": float((sigmoid(test[y == 0]) >= cf).mean()),
+                  "tpr_cf": float((sigmoid(test[y == 1]) >= cf).mean())}
     return out
 
 
@@ -93,21 +144,27 @@ def run(store: str, out: str, top_k: int = 8, seed: int = 0, min_rows: int = 20,
     holdouts, skipped = folds.source_holdouts("round_robin", min_rows)
     per_fold = [{"held_out": list(h.sources), **fold_reports(folds, h, top_k, max_epochs, target_fpr)}
                 for h in tqdm(holdouts, desc="source folds")]
-    metrics = ("auroc", "tpr_at_1fpr", "fpr", "tpr")
+    metrics = ("auroc", "tpr_at_1fpr", "fpr", "tpr", "fpr_cf", "tpr_cf")
     mean = {m: {k: float(np.mean([f[m][k] for f in per_fold])) for k in metrics} for m in METHODS}
-    cell = lambda d: f"{d['auroc']:.3f} / {d['tpr_at_1fpr']:.3f} / {d['fpr']:.3f}"
+    cell = lambda d: f"{d['auroc']:.3f} / {d['tpr_at_1fpr']:.3f}"
+    weights = lambda w: ", ".join(f"{v:.2f}" for v in w)
     lines = [f"# Heads and a sentence encoder, fused, on the source folds of `{store}` ({len(folds.index)} rows)", "",
              f"Logistic on the fold's top {top_k} heads; the text embedding (all-MiniLM-L6-v2, logistic); `mean`: the mean "
              "of their log-odds standardised on validation rows; `stacked`: logistic on both log-odds fitted on validation "
-             f"rows. Held-out AUROC / TPR@1%FPR / held-out benign FPR at the threshold calibrated to {target_fpr:.0%} on "
-             f"validation benign rows; split seed {seed}. Written by `experiments/heads_text_fusion.py`.", "",
-             "| held out | " + " | ".join(METHODS) + " | stacked weights (heads, text) |",
+             "rows; `crossfit`: the same fitted on out-of-source log-odds of the training sources (inner source folds); "
+             "`crossfit_len`: that with the prompt's log length and its products with both log-odds. Held-out AUROC / "
+             f"TPR@1%FPR, split seed {seed}. Written by `experiments/heads_text_fusion.py`.", "",
+             "| held out | " + " | ".join(METHODS) + " | weights: stacked (heads, text); crossfit (heads, text) |",
              "|---|" + "---:|" * len(METHODS) + "---|"]
     lines += [f"| {' + '.join(f['held_out'])} | " + " | ".join(cell(f[m]) for m in METHODS)
-              + f" | {f['stack_weights'][0]:.2f}, {f['stack_weights'][1]:.2f} |" for f in per_fold]
+              + f" | {weights(f['stack_weights'])}; {weights(f['crossfit_weights'])} |" for f in per_fold]
     lines.append("| **mean** | " + " | ".join(f"**{cell(mean[m])}**" for m in METHODS) + " | |")
-    lines += ["", "Held-out harmful TPR at those thresholds (mean): "
-              + ", ".join(f"{m} {mean[m]['tpr']:.3f}" for m in METHODS) + "."]
+    lines += ["", f"Held-out benign FPR / harmful TPR (mean over folds) at a threshold aimed at {target_fpr:.0%}, calibrated on "
+              "validation benign rows and cross-fitted over the training sources (every source's out-of-source benign "
+              "rows weighing the same):", "",
+              "| threshold | " + " | ".join(METHODS) + " |", "|---|" + "---:|" * len(METHODS)]
+    lines += [f"| {name} | " + " | ".join(f"{mean[m][fpr]:.3f} / {mean[m][tpr]:.3f}" for m in METHODS) + " |"
+              for name, fpr, tpr in (("validation", "fpr", "tpr"), ("cross-fitted", "fpr_cf", "tpr_cf"))]
     if skipped:
         lines += ["", f"Skipped folds: {skipped}"]
     result = {"store": store, "top_k": top_k, "seed": seed, "mean": mean, "folds": per_fold, "skipped": skipped}

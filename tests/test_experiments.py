@@ -270,10 +270,13 @@ def test_source_objectives_on_shifted_sources(tmp_path):
 
 def test_heads_text_fusion_reproduces_evaluates_heads_row_and_scores_both_fusions(tmp_path):
     """The heads row is `evaluate --protocol sources`'s on the same store (same folds and fits); the text
-    column and both fusions score every fold; a store whose encoder package is missing is one error."""
+    column and every fusion score every fold; the cross-fitted arms see out-of-source scores of every training row."""
     import json
 
     from lit_sahs import text_embedding
+    from lit_sahs.crossfit import crossfit_threshold
+    from lit_sahs.data.holdout import Holdout
+    from lit_sahs.folds import Folds, fit_fold
     from lit_sahs.generalisation import source_protocol
     from synthetic import shifted_sources_store
 
@@ -290,4 +293,14 @@ def test_heads_text_fusion_reproduces_evaluates_heads_row_and_scores_both_fusion
         assert got["heads"]["auroc"] == pytest.approx(ref["methods"]["heads"]["auroc"])
         assert got["text_embedding"]["auroc"] == pytest.approx(ref["methods"]["text_embedding"]["auroc"])
         assert {"mean", "stacked"} <= set(got) and len(got["stack_weights"]) == 2
+    # the cross-fitted arms: every row of the 2 + 2 training sources scored once by a fit that left its source out
+    # (2 inner folds of 60), and the heads' cross-fitted threshold is the product's (lit_sahs.crossfit)
+    folds = Folds(str(tmp_path / "store"))
+    for got in report["folds"]:
+        assert got["inner_rows"] == 120 and len(got["crossfit_weights"]) == 2 and len(got["crossfit_len_weights"]) == 5
+        hold = Holdout(sources=tuple(got["held_out"]))
+        cf = crossfit_threshold(folds, "logistic", {}, 2, hold, target_fpr=0.05, max_epochs=3)
+        fit = fit_fold(folds, "logistic", {}, 2, hold, max_epochs=3)
+        benign = fit.scores("test")[folds.labels[fit.rows("test")] == 0]
+        assert got["heads"]["fpr_cf"] == pytest.approx(float((benign >= cf.threshold).mean()))
     assert (tmp_path / "out" / "fusion.png").stat().st_size > 1000
