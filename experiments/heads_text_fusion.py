@@ -7,9 +7,15 @@ the fold's training rows, and two fusions of their scores are scored on the held
 
 - ``mean``: the mean of the two log-odds, each standardised on the fold's validation rows (nothing fitted);
 - ``stacked``: a logistic regression on the two log-odds, fitted on the fold's validation rows (rows of
-  the training sources the detectors did not train on; two weights and a bias).
+  the training sources the detectors did not train on; two weights and a bias);
+- ``crossfit``: the same fitted on out-of-source log-odds: the fold's training sources are split into inner
+  source folds, both are fitted again without each inner fold's sources and score them (validation rows
+  come from sources both trained on, so they cannot tell which will hold on an unseen source);
+- ``crossfit_len``: that with the prompt's log length and its products with both log-odds (a per-prompt
+  rule for how far to trust each: jailbreak templates make prompts long).
 
-Thresholds are calibrated like the detectors' (5% of the validation benign rows). The heads row reproduces
+Every method gets two thresholds: calibrated like the detectors' (5% of the validation benign rows) and
+cross-fitted on the out-of-source benign scores (``lit_sahs.crossfit``'s rule). The heads row reproduces
 `evaluate`'s on the same store (the check that the folds are the same).
 
     python experiments/heads_text_fusion.py --store stores/guard-smollm2 --out experiments/results/fusion-guard-smollm2
