@@ -236,3 +236,64 @@ def test_a_direction_from_the_store_is_the_one_picked_by_effect_on_its_kept_rows
         shipped_direction("from_store", flagging, None)
     with pytest.raises(LitSahsError, match="made for target 'synthetic-target'"):  # before the target loads
         shipped_direction("from_store", flagging, residual_store(tmp_path / "other")[0])
+
+
+# ---------------------------------------------------------------- the live cut inside a fit (LiveAnswerCut)
+
+def test_the_live_cut_refuses_a_source_the_fit_trains_on_before_training(tmp_path):
+    """Its promise is about prompts of sources the detector never read: a trained-on source ends the fit
+    at its start, with nothing fitted."""
+    from test_crossfit import HEADS, shifted_store
+
+    from lit_sahs.data.datamodules import CachedActivationDataModule
+    from lit_sahs.detectors import LogisticDetector
+    from lit_sahs.engine import Engine
+    from lit_sahs.live_answer_cut import LiveAnswerCut
+
+    shifted_store(tmp_path / "s")
+    dm = CachedActivationDataModule(str(tmp_path / "s"), heads=HEADS, val_sources=["harm2", "ben3"])
+    import lightning as L
+
+    class Steps(L.Callback):
+        n = 0
+
+        def on_train_batch_start(self, *args):
+            Steps.n += 1
+
+    det = LogisticDetector()
+    with pytest.raises(LitSahsError, match="this fit trains on harm0"):
+        Engine(validate_once=True, max_epochs=3, callbacks=[LiveAnswerCut(0.9, ["harm0", "harm2"]), Steps()]).fit(det, dm)
+    assert Steps.n == 0  # not one training step
+    # the validation-only sources are never trained on: the check lets them through
+    LiveAnswerCut(0.9, ["harm2", "ben3"]).on_fit_start(type("T", (), {"datamodule": dm})(), det)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"sources": []}, "needs the sources"),
+    ({"attacks": ["plain", "nosuch"]}, "unknown attack 'nosuch'"),
+    ({"answer_tpr": 0}, "must be above 0"),
+    ({"limit": 0}, "limit must be >= 1"),
+    ({"answer_direction": "missing.safetensors"}, "does not exist"),
+])
+def test_the_live_cut_refuses_bad_settings_when_built(kwargs, match):
+    from lit_sahs.live_answer_cut import LiveAnswerCut
+
+    with pytest.raises(LitSahsError, match=match):
+        LiveAnswerCut(**{"answer_tpr": 0.9, "sources": ["future_tense"], **kwargs})
+
+
+def test_a_direction_is_read_from_a_file_or_a_detector_that_ships_one(smollm2, flagging, tmp_path):
+    from test_refusal_direction import unit
+
+    from lit_sahs.artifact import save_detector
+    from lit_sahs.live_answer_cut import direction_of
+
+    bare = save_detector(flagging, tmp_path / "bare")
+    with pytest.raises(LitSahsError, match="ships no refusal direction"):
+        direction_of(str(bare), flagging)
+    d = unit(smollm2, seed=2)
+    flagging.answer, flagging.answer_direction = {"method": "crossfit_sources", "answer_tpr": 0.9, "answer_below": 0.2}, d
+    shipped = save_detector(flagging, tmp_path / "shipped")
+    for spec in (str(shipped), str(d.save(tmp_path / "d.safetensors"))):
+        got = direction_of(spec, flagging)
+        assert got.layer == d.layer and torch.allclose(got.vector, d.vector)

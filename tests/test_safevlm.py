@@ -567,6 +567,17 @@ def test_the_shipped_joined_recipe_runs_from_its_three_configs(tmp_path, monkeyp
     assert meta["stages"] == [1, 2] and meta["hparams"]["feature_layer"] == 2 and meta["lora"]["rank"] == 16
     assert meta["hparams"]["head_keys"] == "0.1,1.0" and meta["hparams"]["lora_tpr"] == 0.75 and meta["hparams"]["lora_fpr"] is None
     gate = float(load_file("artifacts/safevlm-stage2/detector/detector.safetensors")["lora_threshold"])
+    # stage II ships its answer cut, placed on the shipped checkpoint's risks of the validation-only sources in
+    # plain and PyRIT templates (what calibrate places on the saved artifact), with the heads detector's direction
+    answer = meta["answer"]
+    assert answer["method"] == "held_out_sources" and answer["answer_tpr"] == 0.9
+    assert {"future_tense", "future_tense (pyrit)"} <= set(answer["harmful"]) and answer["kept"] >= 0.9 - 1e-9
+    assert answer["direction"]["layer"] == heads["answer"]["direction"]["layer"]
+    code, out, err = cli(["calibrate", "--detector", "artifacts/safevlm-stage2/detector", "--out", str(tmp_path / "cal"),
+                          "--answer_tpr", "0.9", "--answer_sources", "future_tense,rho_overrefusal,innocent_alarming",
+                          "--answer_attacks", "plain,pyrit", "--answer_limit", "60", "--device", "cpu"])
+    assert code == 0, err[-2000:]
+    assert json.loads(out.strip().splitlines()[-1])["answer"]["answer_below"] == pytest.approx(answer["answer_below"], abs=1e-6)
     code, out, err = cli(["guard", "--detector", "artifacts/safevlm-stage2/detector", "--prompt", "Name a river",
                           "--max_new_tokens", "3"])
     row = json.loads(out.strip().splitlines()[-1])

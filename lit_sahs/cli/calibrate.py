@@ -66,8 +66,8 @@ def calibrate_command(detector: str, store: Optional[str] = None, out: Optional[
             --answer_sources' prompts is scored in; each (source, attack) weighs the same. Templates
             of families the detector trained on (never the family a report tests on) make the cut hold on
             wrapped traffic, whose harmful scores sit lower than plain prompts'
-        answer_direction: a refusal direction file (``python -m lit_sahs direction``) to ship with the cut:
-            guards ablate it while the prompts below the cut decode; ``from_store``: fitted here on --store's
+        answer_direction: a refusal direction file (``python -m lit_sahs direction``), or a detector artifact
+            that ships one, to ship with the cut: guards ablate it while the prompts below the cut decode; ``from_store``: fitted here on --store's
             rows outside the held-out ones, its layer picked by effect on the target
         held_out_families: comma-separated attack families of the store left out of every fold (e.g. the
             family a report tests on)
@@ -97,8 +97,10 @@ def calibrate_command(detector: str, store: Optional[str] = None, out: Optional[
     held = Holdout(families=held_out_families, sources=held_out_sources)
     direction = None
     if answer_direction:
-        if answer_direction != FROM_STORE:  # a file is checked first: it costs nothing
-            direction = shipped_direction(answer_direction, det)
+        if answer_direction != FROM_STORE:  # a file (or a detector that ships one) is checked first: it costs nothing
+            from lit_sahs.live_answer_cut import direction_of
+
+            direction = direction_of(answer_direction, det, "--answer_direction")
         if answer_tpr is None and det.answer is None:  # before minutes of fold fits
             raise LitSahsError("--answer_direction acts on the prompts below the answer cut, and the detector has "
                                "none: calibrate with --answer_tpr too")
@@ -109,7 +111,9 @@ def calibrate_command(detector: str, store: Optional[str] = None, out: Optional[
                               batch_size, device)
     if answer_tpr is not None:
         if sources:
-            harmful, benign = _live_scores(det, sources, answer_limit, attacks, seed, batch_size, device)
+            from lit_sahs.live_answer_cut import live_scores
+
+            harmful, benign = live_scores(det, sources, answer_limit, attacks, seed, batch_size, device)
             det.answer = fit_answer_cut(harmful, answer_tpr, benign, method=LIVE)
         else:
             det.answer = cf.answer_cut(answer_tpr)
@@ -159,30 +163,6 @@ def _crossfit(det, store, held, band, target_fpr, pairing, min_rows, max_epochs,
                            max_epochs=max_epochs, progress=True)
     judge = None if band is None else _calibrate_judge(det, cf, folds.store, band, batch_size, device)
     return cf, judge
-
-
-def _live_scores(det, sources: list[str], limit: int, attacks: list[str], seed: int, batch_size: int, device: str):
-    """The detector's scores of the sources' harmful and benign prompts in each of `attacks`, by source
-    (and attack, when not plain: one attack may draw templates of several families)."""
-    import numpy as np
-
-    from lit_sahs.data.attacks import apply_attacks
-    from lit_sahs.data.sources import load_source
-    from lit_sahs.screen import Screener
-
-    rows = apply_attacks([s for name in sources for s in load_source(name, limit=limit, seed=seed)], attacks, seed)
-    if not any(r.label == 1 for r in rows):
-        raise LitSahsError(f"--answer_sources {','.join(sources)} hold no harmful prompt: the cut is placed on harmful ones")
-    scores = Screener(None, det, batch_size=batch_size, device=device).score(
-        [r.text for r in rows], [r.image for r in rows], [r.id for r in rows], progress=True).scores
-    by = {0: {}, 1: {}}
-    for r, v in zip(rows, scores):
-        key = r.source if r.attack == "plain" else f"{r.source} ({r.attack})"
-        by[int(r.label)].setdefault(key, []).append(v)
-    nan = [s for s in by[1] if not np.isfinite(by[1][s]).all()]
-    if nan:
-        raise LitSahsError(f"the detector could not score every harmful prompt of {nan[0]}")
-    return by[1], by[0]
 
 
 def _calibrate_judge(det, cf, store, band, batch_size: int, device: str) -> dict:
