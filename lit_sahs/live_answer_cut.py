@@ -72,8 +72,9 @@ def direction_of(spec: str, det, option: str = "answer_direction") -> RefusalDir
 class LiveAnswerCut(L.Callback):
     """Place the answer side's cut on the fitted detector's scores of `sources` (packaged names or file:PATH,
     none of them trained on), each scored inside every one of `attacks`, and ship it with the detector:
-    after the best checkpoint is restored for the test report and the export (at the end of the fit when
-    no checkpoint is restored). A source the fit trains on ends the fit before training, with one error.
+    after the best checkpoint is restored for the test report and the export (a fit with a checkpoint
+    callback places it only when that checkpoint is tested: the fit command's ``output_dir``), or at the end
+    of the fit when no checkpoint is kept. A source the fit trains on ends the fit before training.
 
     Args:
         answer_tpr: the share of the sources' harmful prompts kept at or above the cut
