@@ -38,23 +38,24 @@ def logit(p):
     return np.log(p / (1 - p))
 
 
-def both_scores(folds, fit, rows_of: dict) -> dict:
-    """{part: (heads log-odds, encoder log-odds, labels, sources, log length)} for the row positions of each
-    part, the encoder trained on `fit`'s training rows (the rows the heads detector trained on)."""
+def both_scores(folds, fit, parts=("val", "test")) -> dict:
+    """{part: (heads log-odds, encoder log-odds, labels, sources, log length)} for the rows of each of `fit`'s
+    splits in `parts`, the encoder trained on the rows the heads detector trained on."""
     import numpy as np
 
     from lit_sahs.baselines import text_baseline_scores
 
-    train = fit.datamodule.splits["train"]
+    splits = fit.datamodule.splits
     text = lambda rows: [folds.index[i]["text"] for i in rows]
-    every = np.concatenate(list(rows_of.values()))
-    t = logit(text_baseline_scores(text(train), folds.labels[train], text(every), ["text_embedding"],
-                                   folds.seed)["text_embedding"])
+    every = np.concatenate([splits[p] for p in parts])
+    t = logit(text_baseline_scores(text(splits["train"]), folds.labels[splits["train"]], text(every),
+                                   ["text_embedding"], folds.seed)["text_embedding"])
     out, at = {}, 0
-    for part, rows in rows_of.items():
-        h = logit(fit.scores(part)) if part in fit.datamodule.splits else None
-        out[part] = (h, t[at:at + len(rows)], folds.labels[rows], np.array([str(folds.index[i].get("source", ""))
-                     for i in rows]), np.log1p([len(folds.index[i]["text"]) for i in rows]))
+    for part in parts:
+        rows = splits[part]
+        out[part] = (logit(fit.scores(part)), t[at:at + len(rows)], folds.labels[rows],
+                     np.array([str(folds.index[i].get("source", "")) for i in rows]),
+                     np.log1p([len(folds.index[i]["text"]) for i in rows]))
         at += len(rows)
     return out
 
@@ -74,7 +75,7 @@ def out_of_source(folds, hold, top_k: int, max_epochs: Optional[int], min_rows: 
         fit = fit_fold(folds, "logistic", {}, top_k, Holdout(sources=hold.sources + fold.sources), max_epochs=max_epochs)
         test = fit.datamodule.splits["test"]
         mine = np.array([str(folds.index[i].get("source", "")) in fold.sources for i in test])
-        s = both_scores(folds, fit, {"test": test})["test"]
+        s = both_scores(folds, fit, ("test",))["test"]
         parts.append(tuple(v[mine] for v in s))
     return tuple(np.concatenate([p[j] for p in parts]) for j in range(5))
 
@@ -93,8 +94,7 @@ def fold_reports(folds, hold, top_k: int, max_epochs: Optional[int], target_fpr:
     from lit_sahs.folds import fit_fold
 
     fit = fit_fold(folds, "logistic", {}, top_k, hold, max_epochs=max_epochs)
-    split = fit.datamodule.splits
-    s = both_scores(folds, fit, {"val": split["val"], "test": split["test"]})
+    s = both_scores(folds, fit)
     oos = out_of_source(folds, hold, top_k, max_epochs, min_rows)
     val_h, val_t, y_val = s["val"][:3]
     z = {"h": (val_h.mean(), val_h.std() + 1e-9), "t": (val_t.mean(), val_t.std() + 1e-9)}
