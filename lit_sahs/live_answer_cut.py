@@ -99,21 +99,26 @@ class LiveAnswerCut(L.Callback):
         for name in self.attacks:  # a typo fails before the fit
             get_attack(name)
         at_least({"limit": limit, "batch_size": batch_size}, 1)
-        if answer_direction is not None and not Path(answer_direction).exists():
-            raise LitSahsError(f"answer_direction {answer_direction} does not exist: give a refusal direction file "
-                               "or a detector artifact directory that ships one")
         self.limit, self.seed, self.batch_size, self.answer_direction = int(limit), int(seed), int(batch_size), answer_direction
         self.answer: Optional[dict] = None
         self.direction: Optional[RefusalDirection] = None
         self._pending = False
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """What would fail after training fails before it (a debugging run places no cut: nothing is checked)."""
+        if trainer.fast_dev_run:
+            return
         dm = trainer.datamodule
         trained = {str(r.get("source", "")) for r in dm.split_rows("train")} if dm is not None else set()
         overlap = sorted(set(self.sources) & trained)
         if overlap:
             raise LitSahsError(f"LiveAnswerCut places the cut on sources the detector never trained on; this fit trains "
                                f"on {', '.join(overlap)}: name validation-only or other sources")
+        if self.answer_direction is not None:
+            if not Path(self.answer_direction).exists():
+                raise LitSahsError(f"answer_direction {self.answer_direction} does not exist: give a refusal direction "
+                                   "file or a detector artifact directory that ships one")
+            self.direction = direction_of(self.answer_direction, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.fast_dev_run:
@@ -130,7 +135,7 @@ class LiveAnswerCut(L.Callback):
             pl_module.answer, pl_module.answer_direction = self.answer, self.direction
 
     def _place(self, pl_module: L.LightningModule) -> None:
-        if self.answer_direction is not None:
+        if self.answer_direction is not None and self.direction is None:
             self.direction = direction_of(self.answer_direction, pl_module)
         harmful, benign = live_scores(pl_module, self.sources, self.limit, self.attacks, self.seed, self.batch_size,
                                       str(pl_module.device))

@@ -264,8 +264,14 @@ def test_the_live_cut_refuses_a_source_the_fit_trains_on_before_training(tmp_pat
     with pytest.raises(LitSahsError, match="this fit trains on harm0"):
         Engine(validate_once=True, max_epochs=3, callbacks=[LiveAnswerCut(0.9, ["harm0", "harm2"]), Steps()]).fit(det, dm)
     assert Steps.n == 0  # not one training step
-    # the validation-only sources are never trained on: the check lets them through
-    LiveAnswerCut(0.9, ["harm2", "ben3"]).on_fit_start(type("T", (), {"datamodule": dm})(), det)
+    # the validation-only sources are never trained on: the check lets them through; a missing direction is
+    # refused at the same point, not after training; a debugging run (fast_dev_run) places no cut and checks nothing
+    trainer = type("T", (), {"datamodule": dm, "fast_dev_run": False})()
+    LiveAnswerCut(0.9, ["harm2", "ben3"]).on_fit_start(trainer, det)
+    with pytest.raises(LitSahsError, match="answer_direction missing.safetensors does not exist"):
+        LiveAnswerCut(0.9, ["harm2"], answer_direction="missing.safetensors").on_fit_start(trainer, det)
+    trainer.fast_dev_run = True
+    LiveAnswerCut(0.9, ["harm0"], answer_direction="missing.safetensors").on_fit_start(trainer, det)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -273,7 +279,6 @@ def test_the_live_cut_refuses_a_source_the_fit_trains_on_before_training(tmp_pat
     ({"attacks": ["plain", "nosuch"]}, "unknown attack 'nosuch'"),
     ({"answer_tpr": 0}, "must be above 0"),
     ({"limit": 0}, "limit must be >= 1"),
-    ({"answer_direction": "missing.safetensors"}, "does not exist"),
 ])
 def test_the_live_cut_refuses_bad_settings_when_built(kwargs, match):
     from lit_sahs.live_answer_cut import LiveAnswerCut
