@@ -75,6 +75,12 @@ class ModelFamily(abc.ABC):
         """Tie a loaded detector to the `target` it will score on (checked against the fingerprint)."""
         self.check_target(target.fingerprint)
 
+    @property
+    def bound_target(self):
+        """The loaded target this detector runs inside, for a family whose weights live in it (SafeVLM's LoRA),
+        else None. Whoever scores a fitted detector uses it: a second copy of the target would not carry them."""
+        return None
+
     # ------------------------------------------------------------------ artifacts (safetensors + JSON, no pickle)
 
     @abc.abstractmethod

@@ -41,7 +41,8 @@ def live_scores(det, sources: Sequence[str], limit: int, attacks: Sequence[str],
     if not any(r.label == 1 for r in rows):
         raise LitSahsError(f"the answer cut's sources {','.join(sources)} hold no harmful prompt: "
                            "the cut is placed on harmful ones")
-    scores = Screener(None, det, batch_size=batch_size, device=device).score(
+    # a fitted SafeVLM scores inside its own target (its trained LoRA is there); a second copy would reset it
+    scores = Screener(det.bound_target, det, batch_size=batch_size, device=device).score(
         [r.text for r in rows], [r.image for r in rows], [r.id for r in rows], progress=True).scores
     by: dict[int, dict[str, list]] = {0: {}, 1: {}}
     for r, v in zip(rows, scores):

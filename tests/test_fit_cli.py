@@ -274,9 +274,12 @@ def test_the_recorded_safevlm_wraps_configs_differ_from_the_shipped_stage2_by_th
     for key, value in extra.items():
         assert wraps["data"]["init_args"].pop(key) == value and shipped["data"]["init_args"].pop(key) != value
     assert wraps["output_dir"] == f"artifacts/safevlm-stage2-{name}"
-    # the recorded runs predate the gated answer margin: they chose among their epochs by val/answer_margin
+    # the recorded runs predate the gated answer margin (they chose among their epochs by val/answer_margin) and
+    # the answer cut the shipped config places at the end of its fit
     assert {c["init_args"]["monitor"] for c in wraps["trainer"].pop("callbacks")} == {"val/answer_margin"}
-    assert {c["init_args"]["monitor"] for c in shipped["trainer"].pop("callbacks")} == {"val/gated_answer_margin"}
+    callbacks = shipped["trainer"].pop("callbacks")
+    assert [c["class_path"] for c in callbacks if "monitor" not in c["init_args"]] == ["lit_sahs.live_answer_cut.LiveAnswerCut"]
+    assert {c["init_args"]["monitor"] for c in callbacks if "monitor" in c["init_args"]} == {"val/gated_answer_margin"}
     for cfg in cfgs:
         cfg.pop("output_dir"), cfg["trainer"].pop("default_root_dir")
     assert wraps == shipped  # same stage I, draw, held-out family, validation sources and training settings

@@ -935,9 +935,18 @@ def test_shipped_configs_choose_the_checkpoint_by_held_out_margin(tmp_path, monk
     small = ["--data.init_args.target", "tiny-llama", "--data.init_args.limit", "96", "--data.init_args.answers",
              str(tmp_path / "a.jsonl"), "--data.init_args.max_answer_tokens", "4", "--trainer.max_epochs", "2",
              "--trainer.logger", "false"]
+    import yaml
+
+    # no safety-head detector here (head_keys_init null): stage II's answer cut ships without its refusal direction
+    stage2 = yaml.safe_load((root / "configs/safevlm_stage2.yaml").read_text())
+    for cb in stage2["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("LiveAnswerCut"):
+            cb["init_args"]["answer_direction"] = None
+    (tmp_path / "stage2.yaml").write_text(yaml.safe_dump(stage2))
     for stage, extra in ((1, ["--model.init_args.feature_layer", "2", "--model.init_args.head_heads", "2",
                               "--model.init_args.head_keys_init", "null"]), (2, [])):
-        code, out, err = cli(["fit", "--config", str(root / f"configs/safevlm_stage{stage}.yaml"), *small, *extra])
+        config = root / "configs/safevlm_stage1.yaml" if stage == 1 else tmp_path / "stage2.yaml"
+        code, out, err = cli(["fit", "--config", str(config), *small, *extra])
         assert code == 0, err[-2000:]
         ckpt = torch.load(f"artifacts/safevlm-stage{stage}/checkpoints/best.ckpt", weights_only=True)
         kind = "ModelCheckpoint" if stage == 1 else "InitialCheckpoint"  # stage II's start (no adapter) competes
@@ -947,8 +956,8 @@ def test_shipped_configs_choose_the_checkpoint_by_held_out_margin(tmp_path, monk
     lora = ckpt["safevlm_lora"]
     exported = load_file("artifacts/safevlm-stage2/detector/detector.safetensors")
     assert lora and all(torch.equal(exported["lora." + n], t) for n, t in lora.items())
-    import yaml
-
+    # with the answer cut placed on the fitted module's live scores first: they ran inside its own target
+    assert json.loads(Path("artifacts/safevlm-stage2/detector/detector.json").read_text())["answer"]["answer_tpr"] == 0.9
     for stage in (1, 2):
         data = yaml.safe_load((root / f"configs/safevlm_stage{stage}.yaml").read_text())["data"]["init_args"]
         held = set(data["val_sources"])

@@ -115,6 +115,8 @@ class SafeVLM(ModelFamily, L.LightningModule):
     def target(self):
         return self.__dict__["_target"]
 
+    bound_target = target  # its LoRA lives in this target's layers (ModelFamily.bound_target)
+
     def check_target(self, fingerprint: TargetFingerprint) -> None:
         if not self.is_bound:
             raise LitSahsError("SafeVLM is not fitted: fit it or load a saved one")
