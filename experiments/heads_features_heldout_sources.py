@@ -38,9 +38,10 @@ def run(store: str, out: str, held_out_families: str = "", held_out_sources: str
     import numpy as np
     from tqdm.auto import tqdm
 
+    from lit_sahs.crossfit import left_out_fit
     from lit_sahs.data.holdout import Holdout
     from lit_sahs.detectors.metrics import compute_report
-    from lit_sahs.folds import Folds, fit_fold, source_holdouts
+    from lit_sahs.folds import Folds, source_holdouts
     from lit_sahs.io import atomic_write_text
 
     sets = list(dict.fromkeys(f.strip() for f in features.split(";")))
@@ -52,11 +53,8 @@ def run(store: str, out: str, held_out_families: str = "", held_out_sources: str
     result = {name or "heads": [] for name in sets}
     for name in sets:
         for hold in tqdm(inner, desc=f"heads + {name}" if name else "heads", unit="fold"):
-            fit = fit_fold(folds, "logistic", {}, top_k, Holdout(held.families, held.sources + hold.sources),
-                           max_epochs=max_epochs, features=name or None)
-            test = fit.datamodule.split_rows("test")
-            mine = np.array([str(r.get("source", "")) in hold.sources and r.get("attack_family", "plain")
-                             not in held.families for r in test])
+            fit, test, mine = left_out_fit(folds, hold, held, "logistic", {}, top_k, max_epochs=max_epochs,
+                                           features=name or None)
             y = np.array([int(r["label"]) for r in test])[mine]
             rep = compute_report(np.asarray(fit.scores("test"))[mine], y)["overall"]
             result[name or "heads"].append({"held_out": hold.name, "n": int(mine.sum()), "auroc": rep["auroc"],

@@ -65,16 +65,11 @@ def out_of_source(folds, hold, top_k: int, max_epochs: Optional[int], min_rows: 
     source folds of the outer fold's training sources, as ``lit_sahs.crossfit`` cross-fits a threshold)."""
     import numpy as np
 
-    from lit_sahs.data.holdout import Holdout
-    from lit_sahs.folds import fit_fold, source_holdouts
+    from lit_sahs.crossfit import inner_source_folds, left_out_fit
 
-    rows = [r for r in folds.index if str(r.get("source", "")) not in hold.sources]
-    inner, _ = source_holdouts(rows, "round_robin", min_rows)
     parts = []
-    for fold in inner:
-        fit = fit_fold(folds, "logistic", {}, top_k, Holdout(sources=hold.sources + fold.sources), max_epochs=max_epochs)
-        test = fit.datamodule.splits["test"]
-        mine = np.array([str(folds.index[i].get("source", "")) in fold.sources for i in test])
+    for fold in inner_source_folds(folds, hold, min_rows=min_rows):
+        fit, _, mine = left_out_fit(folds, fold, hold, "logistic", {}, top_k, max_epochs=max_epochs)
         s = both_scores(folds, fit, ("test",))["test"]
         parts.append(tuple(v[mine] for v in s))
     return tuple(np.concatenate([p[j] for p in parts]) for j in range(5))

@@ -66,6 +66,25 @@ class CrossFitThreshold:
                 "folds": list(self.folds), "per_source": {s: dict(v) for s, v in self.per_source.items()}}
 
 
+def inner_source_folds(folds: Folds, held_out: Holdout = Holdout(), pairing: str = "round_robin",
+                       min_rows: int = 10) -> list[Holdout]:
+    """The source folds of the rows `held_out` leaves (its sources and attack families out of every fold)."""
+    rows = [r for r in folds.index if str(r.get("source", "")) not in held_out.sources
+            and r.get("attack_family", "plain") not in held_out.families]
+    return source_holdouts(rows, pairing, min_rows)[0]
+
+
+def left_out_fit(folds: Folds, fold: Holdout, held_out: Holdout, family: str, hparams: Optional[dict], k: int,
+                 **fit_args):
+    """(fit, its test rows, mask of those rows from `fold`'s sources outside `held_out`'s families): a detector
+    fitted without `fold`'s sources (and without `held_out`), and which of its test rows it never saw the like of."""
+    fit = fit_fold(folds, family, hparams, k, Holdout(held_out.families, held_out.sources + fold.sources), **fit_args)
+    test = fit.datamodule.split_rows("test")
+    mine = np.array([str(r.get("source", "")) in fold.sources and r.get("attack_family", "plain") not in held_out.families
+                     for r in test], dtype=bool)
+    return fit, test, mine
+
+
 def crossfit_threshold(folds: Folds, family: str, hparams: Optional[dict], k: int,
                        held_out: Holdout = Holdout(), target_fpr: float = 0.05, pairing: str = "round_robin",
                        min_rows: int = 10, max_epochs: Optional[int] = None, features: Optional[str] = None,
@@ -74,19 +93,16 @@ def crossfit_threshold(folds: Folds, family: str, hparams: Optional[dict], k: in
     for training (an outer fold's held-out sources and families stay out of every inner fit)."""
     from tqdm.auto import tqdm
 
-    rows = [r for r in folds.index if str(r.get("source", "")) not in held_out.sources
-            and r.get("attack_family", "plain") not in held_out.families]
     try:
-        inner, _ = source_holdouts(rows, pairing, min_rows)
+        inner = inner_source_folds(folds, held_out, pairing, min_rows)
     except LitSahsError as e:
         raise LitSahsError(f"cannot cross-fit the threshold over the training sources: {e}") from None
     scores: dict[str, list[np.ndarray]] = {}
     harmful: dict[str, list[np.ndarray]] = {}
     ids: dict[str, list[str]] = {}
     for hold in tqdm(inner, desc="cross-fitting the threshold", unit="fold", disable=not progress, leave=False):
-        fit = fit_fold(folds, family, hparams, k, Holdout(held_out.families, held_out.sources + hold.sources),
-                       max_epochs=max_epochs, target_fpr=target_fpr, features=features, all_heads=all_heads)
-        test = fit.datamodule.split_rows("test")
+        fit, test, _ = left_out_fit(folds, hold, held_out, family, hparams, k, max_epochs=max_epochs,
+                                    target_fpr=target_fpr, features=features, all_heads=all_heads)
         s = np.asarray(fit.scores("test"), dtype=np.float64)
         label = np.array([int(r["label"]) for r in test])
         for src in hold.sources:

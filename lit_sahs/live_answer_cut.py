@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import lightning as L
 import numpy as np
 
-from lit_sahs.answer_cut import LIVE, fit_answer_cut, summary
+from lit_sahs.answer_cut import LIVE, fit_answer_cut, shipped_direction, summary
 from lit_sahs.checks import answer_tpr_arg, at_least
 from lit_sahs.errors import LitSahsError
 from lit_sahs.refusal_direction import RefusalDirection
@@ -57,15 +57,14 @@ def live_scores(det, sources: Sequence[str], limit: int, attacks: Sequence[str],
 def direction_of(spec: str, det, option: str = "answer_direction") -> RefusalDirection:
     """A refusal direction file, or a detector artifact directory that ships one (a safety-head detector
     calibrated with ``answer_direction: from_store``), checked against `det`'s target."""
-    if Path(spec).is_dir():
-        from lit_sahs.artifact import load_detector
+    if not Path(spec).is_dir():
+        return shipped_direction(spec, det, option=option)
+    from lit_sahs.artifact import load_detector
 
-        direction = load_detector(spec).answer_direction
-        if direction is None:
-            raise LitSahsError(f"{option}: the detector at {spec} ships no refusal direction: give a direction file "
-                               "(python -m lit_sahs direction) or a detector calibrated with one")
-    else:
-        direction = RefusalDirection.load(spec)
+    direction = load_detector(spec).answer_direction
+    if direction is None:
+        raise LitSahsError(f"{option}: the detector at {spec} ships no refusal direction: give a direction file "
+                           "(python -m lit_sahs direction) or a detector calibrated with one")
     direction.fingerprint.check(det.fingerprint, option)
     return direction
 
@@ -135,9 +134,7 @@ class LiveAnswerCut(L.Callback):
         if self.answer is not None:
             pl_module.answer, pl_module.answer_direction = self.answer, self.direction
 
-    def _place(self, pl_module: L.LightningModule) -> None:
-        if self.answer_direction is not None and self.direction is None:
-            self.direction = direction_of(self.answer_direction, pl_module)
+    def _place(self, pl_module: L.LightningModule) -> None:  # the direction was loaded when the fit started
         harmful, benign = live_scores(pl_module, self.sources, self.limit, self.attacks, self.seed, self.batch_size,
                                       str(pl_module.device))
         self.answer = fit_answer_cut(harmful, self.answer_tpr, benign, method=LIVE)
