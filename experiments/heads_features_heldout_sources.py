@@ -39,12 +39,15 @@ def run(store: str, out: str, held_out_families: str = "", held_out_sources: str
     from tqdm.auto import tqdm
 
     from lit_sahs.crossfit import left_out_fit
+    from lit_sahs.data.extra_features import parse_names
     from lit_sahs.data.holdout import Holdout
     from lit_sahs.detectors.metrics import compute_report
     from lit_sahs.folds import Folds, source_holdouts
     from lit_sahs.io import atomic_write_text
 
     sets = list(dict.fromkeys(f.strip() for f in features.split(";")))
+    for name in sets:  # an unknown name fails before any fold is fitted
+        parse_names(name)
     held = Holdout(families=held_out_families, sources=held_out_sources)
     folds = Folds(store, seed=seed)
     rows = [r for r in folds.index if str(r.get("source", "")) not in held.sources
