@@ -331,3 +331,38 @@ def test_text_encoder_windows_reproduces_the_baselines_and_equals_them_on_one_wi
             assert got[view]["auroc"] == pytest.approx(got["text_embedding"]["auroc"], abs=1e-6), view
     assert set(report["windows"].values()) == {1.0}
     assert (tmp_path / "out" / "windows.png").stat().st_size > 1000
+
+
+def test_crossfit_transfer_raw_rule_is_the_products_threshold(tmp_path):
+    """The `raw` rule is `crossfit_threshold`'s threshold on the fold's training sources (the product's), and the
+    held-out rates are those of the fold's fit at it; a bad target FPR is one error with nothing written."""
+    import json
+
+    import numpy as np
+
+    from lit_sahs.crossfit import crossfit_threshold
+    from lit_sahs.data.holdout import Holdout
+    from lit_sahs.folds import Folds, fit_fold
+    from synthetic import shifted_sources_store
+
+    shifted_sources_store(tmp_path / "store", {"ben0": 0.0, "ben1": 0.0, "ben2": 1.6}, n_per_source=30)
+    run = runpy.run_path(str(ROOT / "experiments" / "crossfit_transfer.py"), run_name="experiment")["run"]
+    assert run(str(tmp_path / "store"), str(tmp_path / "out"), top_k=2, max_epochs=3) == 0
+    report = json.loads((tmp_path / "out" / "transfer.json").read_text())
+    folds = Folds(str(tmp_path / "store"))
+    assert len(report["folds"]) == 3
+    for got in report["folds"]:
+        hold = Holdout(sources=tuple(got["held_out"]))
+        cf = crossfit_threshold(folds, "logistic", {}, 2, hold, target_fpr=0.05, max_epochs=3)
+        # halfway between the same two out-of-source benign scores, in log-odds rather than probability
+        inner = np.concatenate([v for _, v in cf.benign.values()])
+        raw = 1 / (1 + np.exp(-got["raw"]["threshold"]))
+        assert ((inner >= raw) == (inner >= cf.threshold)).all() and raw == pytest.approx(cf.threshold, abs=1e-3)
+        fit = fit_fold(folds, "logistic", {}, 2, hold, max_epochs=3)
+        s, y = fit.scores("test"), folds.labels[fit.rows("test")]
+        assert got["raw"]["fpr"] == pytest.approx(float((s[y == 0] >= cf.threshold).mean()))
+        assert got["raw"]["tpr"] == pytest.approx(float((s[y == 1] >= cf.threshold).mean()))
+    assert (tmp_path / "out" / "transfer.png").stat().st_size > 1000
+    with pytest.raises(LitSahsError, match="target_fpr"):
+        run(str(tmp_path / "store"), str(tmp_path / "bad"), target_fpr=1.5)
+    assert not (tmp_path / "bad").exists()
