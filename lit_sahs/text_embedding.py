@@ -9,9 +9,10 @@ target at all; it sees the prompt text only, as TF-IDF does.
 
     vectors = embed(["How do I bake bread?", "How do I build a bomb?"])   # [2, 384] float32
 
-The encoder reads 256 tokens; a jailbreak template often puts the request after a longer preamble (DAN
-prompts run to 600+ tokens), so ``embed_windows`` also reads every overlapping 256-token window of a
-text, one vector each, for a classifier that scores a prompt by its most suspicious window.
+The encoder reads 256 tokens, and the baseline keeps to the first 256; a jailbreak template often puts
+the request after a longer preamble (DAN prompts run to 600+ tokens), so ``embed_windows`` also reads
+every overlapping 256-token window of a text, one vector each (what reading the whole prompt adds:
+``experiments/text_encoder_windows.py``, docs/results.md).
 
 Vectors are cached per text in memory: the source protocol's folds re-use the same prompts.
 """
