@@ -49,7 +49,7 @@ def fold_thresholds(folds, hold, top_k: int, target_fpr: float, max_epochs: Opti
     import numpy as np
 
     from lit_sahs.crossfit import inner_source_folds, left_out_fit
-    from lit_sahs.detectors.metrics import budget_threshold
+    from lit_sahs.detectors.metrics import weighted_threshold
     from lit_sahs.folds import fit_fold
 
     fit = fit_fold(folds, "logistic", {}, top_k, hold, max_epochs=max_epochs, target_fpr=target_fpr)
@@ -67,10 +67,8 @@ def fold_thresholds(folds, hold, top_k: int, target_fpr: float, max_epochs: Opti
                     benign[rule].setdefault(src, []).append((s[keep] - offset) / unit)
     shipped = scales(fit)
     out = {}
-    for rule, by_source in benign.items():
-        pooled = [np.concatenate(v) for v in by_source.values()]
-        weights = np.concatenate([np.full(len(v), 1.0 / (len(pooled) * len(v))) for v in pooled])
-        t = budget_threshold(np.concatenate(pooled), weights, target_fpr)  # every source weighing the same
+    for rule, by_source in benign.items():  # every source weighing the same; log-odds have no ceiling
+        t = weighted_threshold({src: np.concatenate(v) for src, v in by_source.items()}, target_fpr, ceiling=None)
         offset, unit = shipped[rule]
         out[rule] = offset + t * unit
     return fit, out

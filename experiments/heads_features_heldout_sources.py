@@ -50,8 +50,7 @@ def run(store: str, out: str, held_out_families: str = "", held_out_sources: str
         parse_names(name)
     held = Holdout(families=held_out_families, sources=held_out_sources)
     folds = Folds(store, seed=seed)
-    rows = [r for r in folds.index if str(r.get("source", "")) not in held.sources
-            and r.get("attack_family", "plain") not in held.families]
+    rows = [r for r, keep in zip(folds.index, held.keeps(folds.index)) if keep]  # a misspelt name is an error
     inner, skipped = source_holdouts(rows, "round_robin", min_rows)
     result = {name or "heads": [] for name in sets}
     for name in sets:

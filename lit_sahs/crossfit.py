@@ -69,9 +69,7 @@ class CrossFitThreshold:
 def inner_source_folds(folds: Folds, held_out: Holdout = Holdout(), pairing: str = "round_robin",
                        min_rows: int = 10) -> list[Holdout]:
     """The source folds of the rows `held_out` leaves (its sources and attack families out of every fold)."""
-    rows = [r for r in folds.index if str(r.get("source", "")) not in held_out.sources
-            and r.get("attack_family", "plain") not in held_out.families]
-    return source_holdouts(rows, pairing, min_rows)[0]
+    return source_holdouts([r for r, keep in zip(folds.index, held_out.keeps(folds.index)) if keep], pairing, min_rows)[0]
 
 
 def left_out_fit(folds: Folds, fold: Holdout, held_out: Holdout, family: str, hparams: Optional[dict], k: int,

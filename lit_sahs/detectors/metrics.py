@@ -126,10 +126,11 @@ def calibrate_threshold(benign_scores: Tensor, target_fpr: float) -> float:
     return t
 
 
-def weighted_threshold(scores: dict, target_fpr: float) -> float:
+def weighted_threshold(scores: dict, target_fpr: float, ceiling: Optional[float] = 1.0) -> float:
     """The threshold (flag = score >= t) that flags at most `target_fpr` of the benign scores when
     every source weighs the same, halfway between the highest score left unflagged and the next
-    higher one (as ``detectors.metrics.calibrate_threshold`` does for one pool)."""
+    higher one (as ``detectors.metrics.calibrate_threshold`` does for one pool). `ceiling`: the
+    highest score possible (1.0 for probabilities; None for unbounded scores such as log-odds)."""
     if not 0.0 <= target_fpr < 1.0:
         raise LitSahsError(f"target_fpr must lie in [0, 1), got {target_fpr}")
     scores = {s: np.asarray(torch.as_tensor(v).detach().cpu().double()) for s, v in scores.items() if len(v)}
@@ -139,7 +140,7 @@ def weighted_threshold(scores: dict, target_fpr: float) -> float:
     if not np.isfinite(values).all():
         raise LitSahsError("cannot calibrate a threshold: a benign score is NaN or infinity")
     weights = np.concatenate([np.full(len(v), 1.0 / (len(scores) * len(v))) for v in scores.values()])
-    return budget_threshold(values, weights, target_fpr, ceiling=1.0)
+    return budget_threshold(values, weights, target_fpr, ceiling=ceiling)
 
 
 def keep_share_threshold(scores: dict, share: float) -> float:
