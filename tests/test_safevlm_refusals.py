@@ -193,3 +193,18 @@ def test_guarded_reads_each_guards_own_decisions_batch_by_batch():
     texts = ["bad a", "good b", "bad c"]
     assert guarded(Plain(), texts, 4, 2) == (["BAD A", "GOOD B", "BAD C"], ["refuse", "pass", "refuse"])
     assert guarded(Hinting(), texts, 4, 2)[1] == ["hint", "pass", "hint"]
+
+
+def test_the_larger_target_split_config_is_the_shipped_split_with_the_1_5b_target():
+    """experiments/configs/safevlm_split_qwen1.5b.yaml (docs/results.md, "The safety-head guard on the larger target")
+    loads through the generation script's reader and differs from configs/safevlm_stage2.yaml's draw and split in the
+    target only, so its rows stay comparable with the 0.5B ones."""
+    import runpy
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    data_args = runpy.run_path(str(root / "experiments" / "safevlm_config_eval.py"), run_name="experiment")["data_args"]
+    larger = data_args(str(root / "experiments" / "configs" / "safevlm_split_qwen1.5b.yaml"))
+    shipped = data_args(str(root / "configs" / "safevlm_stage2.yaml"))
+    assert larger.pop("target") == "qwen2.5-coder-1.5b-instruct" and shipped.pop("target") == "qwen2.5-coder-0.5b-instruct"
+    assert larger == shipped
